@@ -28,6 +28,10 @@ struct FlashContext {
   int64_t mask_strides[4] = {0, 0, 0, 0};
   const BlockSparseTables* sparse = nullptr;  // block-sparse attention: the tiles to visit
   int64_t rows_padded = 0;  // row length of a transposed tile mask: rows rounded to vectors
+  // The logits GEMM (see LogitsGemm): bf16 pairs or float32, its inner length (pairs or
+  // floats) and the row length of its packed rows.
+  bool pairs = false;
+  int64_t dot_k = 0, dot_ld = 0;
 };
 
 static inline int64_t BroadcastOffset(const Broadcast4& x, const int64_t* strides, int64_t b,
@@ -53,6 +57,9 @@ static FlashContext MakeContext(const AttentionProblem& p) {
   c.positions_per_tile = MaxI(1, kRowsPerTile / c.group);
   c.num_q_tiles = CeilDiv(p.q_len, c.positions_per_tile);
   c.rows_padded = RoundUp(c.positions_per_tile * c.group, kVL);
+  c.pairs = kHasBF16Pairs && p.dtype == DType::kBF16;
+  c.dot_k = c.pairs ? CeilDiv(p.head_dim, 2) : p.head_dim;
+  c.dot_ld = RoundUp(c.dot_k, kVL);
   StridesOf(p.bias, c.bias_strides);
   StridesOf(p.mask, c.mask_strides);
   return c;
@@ -295,6 +302,143 @@ static void PackColumns(DType dtype, const void* base, const int64_t* offsets,
   }
 }
 
+// ------------------------------------------------------------ logits and P V products
+// With bfloat16 inputs on AVX512-BF16 the two products of the forward multiply the inputs'
+// own bf16 pairs (vdpbf16ps: exact products, float32 sums, twice the FMA's rate, half the
+// packing); otherwise they are float32 GEMMs with the queries pre-scaled. Forward and backward
+// pack and multiply the logits through the same functions, so the backward recomputes
+// bitwise the logits whose lse the forward saved.
+
+#if JAXATTN_VL == 16
+// Row r's bf16 pairs: dst[r * ld + w] = elements (2w, 2w + 1), zero past n and up to ld.
+static void PackPairRows(const void* base, const int64_t* offsets, int64_t num_rows, int64_t n,
+                         uint32_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < num_rows; ++r) {
+    uint32_t* d = dst + r * ld;
+    __builtin_memset(d, 0, ld * 4);
+    __builtin_memcpy(d, Offset(base, DType::kBF16, offsets[r]), n * 2);
+  }
+}
+
+// The pairs of row r as column r: dst[w * ld + r], columns num_rows..ld zero.
+static void PackPairColumns(const void* base, const int64_t* offsets, int64_t num_rows,
+                            int64_t n, uint32_t* dst, int64_t ld) {
+  const int64_t words = CeilDiv(n, 2), whole = n / 2;
+  for (int64_t r = 0; r < num_rows; ++r) {
+    const uint16_t* src = static_cast<const uint16_t*>(Offset(base, DType::kBF16, offsets[r]));
+    for (int64_t w = 0; w < whole; ++w) {
+      uint32_t x;
+      __builtin_memcpy(&x, src + 2 * w, 4);
+      dst[w * ld + r] = x;
+    }
+    if (whole < words) dst[whole * ld + r] = src[n - 1];
+  }
+  for (int64_t w = 0; w < words; ++w) {
+    for (int64_t r = num_rows; r < ld; ++r) dst[w * ld + r] = 0;
+  }
+}
+
+// Rows 2i and 2i + 1 interleaved: dst[i * ld + h] = (row 2i [h], row 2i+1 [h]), a missing
+// odd row and h >= n zero.
+static void PackRowPairs(const void* base, const int64_t* offsets, int64_t num_rows, int64_t n,
+                         uint32_t* dst, int64_t ld) {
+  for (int64_t i = 0; 2 * i < num_rows; ++i) {
+    const uint16_t* lo =
+        static_cast<const uint16_t*>(Offset(base, DType::kBF16, offsets[2 * i]));
+    const uint16_t* hi = 2 * i + 1 < num_rows
+        ? static_cast<const uint16_t*>(Offset(base, DType::kBF16, offsets[2 * i + 1]))
+        : nullptr;
+    uint32_t* d = dst + i * ld;
+    if (hi != nullptr) {
+      for (int64_t h = 0; h < n; ++h) d[h] = lo[h] | static_cast<uint32_t>(hi[h]) << 16;
+    } else {
+      for (int64_t h = 0; h < n; ++h) d[h] = lo[h];
+    }
+    for (int64_t h = n; h < ld; ++h) d[h] = 0;
+  }
+}
+
+// n floats (a multiple of kVL) rounded to bf16 (nearest even, NaN kept) as n / 2 pairs.
+static inline void RoundToPairs(const float* x, int64_t n, uint32_t* dst) {
+  for (int64_t j = 0; j < n; j += kVL) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + j));
+    __builtin_memcpy(dst + j / 2, &h, sizeof(h));
+  }
+}
+#endif
+
+// Rows of the logits GEMM's left operand (dst[r * c.dot_ld ...]); float32 rows are
+// multiplied by mult (the scale, for queries), bf16 pairs are not.
+static void PackDotRows(const FlashContext& c, const void* base, const int64_t* offsets,
+                        int64_t num_rows, float mult, float* dst) {
+#if JAXATTN_VL == 16
+  if (c.pairs) {
+    PackPairRows(base, offsets, num_rows, c.p->head_dim, reinterpret_cast<uint32_t*>(dst),
+                 c.dot_ld);
+    return;
+  }
+#endif
+  PackRows(c.p->dtype, base, offsets, num_rows, c.p->head_dim, mult, dst, c.dot_ld);
+}
+
+// The same rows as columns of the right operand ([c.dot_k, ld]). tmp holds a row of floats.
+static void PackDotColumns(const FlashContext& c, const void* base, const int64_t* offsets,
+                           int64_t num_rows, float mult, float* dst, int64_t ld, float* tmp) {
+#if JAXATTN_VL == 16
+  if (c.pairs) {
+    PackPairColumns(base, offsets, num_rows, c.p->head_dim, reinterpret_cast<uint32_t*>(dst),
+                    ld);
+    return;
+  }
+#endif
+  PackColumns(c.p->dtype, base, offsets, num_rows, c.p->head_dim, mult, dst, ld, tmp);
+}
+
+// out[m, n] = scaled logits of the packed rows a against the packed columns b (ld n).
+static void LogitsGemm(const FlashContext& c, int64_t m, int64_t n, const float* a,
+                       const float* b, float* out, int64_t ldo) {
+#if JAXATTN_VL == 16
+  if (c.pairs) {
+    Gemm<BF16Pairs>(m, n, c.dot_k, reinterpret_cast<const uint32_t*>(a), c.dot_ld,
+                    reinterpret_cast<const uint32_t*>(b), n, out, ldo, false);
+    const VF scale = Splat(c.p->scale);
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < n; j += kVL) Store(out + i * ldo + j, Load(out + i * ldo + j) * scale);
+    }
+    return;
+  }
+#endif
+  Gemm(m, n, c.dot_k, a, c.dot_ld, b, n, out, ldo, false);
+}
+
+// The forward's value tile (nk rows at offsets) as PVGemm's right operand.
+static void PackValues(const FlashContext& c, const int64_t* offsets, int64_t nk, float* dst) {
+#if JAXATTN_VL == 16
+  if (c.pairs) {
+    PackRowPairs(c.p->value, offsets, nk, c.p->value_dim, reinterpret_cast<uint32_t*>(dst),
+                 c.hvp);
+    return;
+  }
+#endif
+  PackRows(c.p->dtype, c.p->value, offsets, nk, c.p->value_dim, 1.0f, dst, c.hvp);
+}
+
+// o[m, hvp] += P[m, nk] (row length nkp) V; bf16 pairs round P to bf16 in pairs (nkp / 2
+// words a row), as a bf16 computation would.
+static void PVGemm(const FlashContext& c, int64_t m, int64_t nk, const float* prob,
+                   int64_t nkp, const float* v, float* o, uint32_t* pairs) {
+#if JAXATTN_VL == 16
+  if (c.pairs) {
+    for (int64_t i = 0; i < m; ++i) RoundToPairs(prob + i * nkp, nkp, pairs + i * (nkp / 2));
+    Gemm<BF16Pairs>(m, c.hvp, CeilDiv(nk, 2), pairs, nkp / 2,
+                    reinterpret_cast<const uint32_t*>(v), c.hvp, o, c.hvp, true);
+    return;
+  }
+#endif
+  (void)pairs;
+  Gemm(m, c.hvp, nk, prob, nkp, v, c.hvp, o, c.hvp, true);
+}
+
 // Element offsets of the rows of a query tile: positions [t0, t1) x the group's heads.
 static int64_t QueryTileRows(const FlashContext& c, int64_t kv_head, int64_t t0, int64_t t1,
                              RowInfo* rows) {
@@ -415,8 +559,8 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   const int64_t bk = kKeysPerTile, bkp = RoundUp(bk, kVL);
 
   Carver carve{tls_scratch.Get(kScratchSlack +
-      16 * 12 + max_rows * (c.hp + c.hvp + bkp + 6) + c.hp * bkp + bk * c.hvp + c.hp +
-      bk + 64)};
+      16 * 13 + max_rows * (c.hp + c.hvp + bkp + bkp / 2 + 6) + c.hp * bkp + bk * c.hvp +
+      c.hp + bk + 64)};
   RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
   int64_t* offsets = reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
   float* q = carve.Take(max_rows * c.hp);
@@ -427,6 +571,7 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   float* kt = carve.Take(c.hp * bkp);
   float* v = carve.Take(bk * c.hvp);
   float* tmp = carve.Take(c.hp);
+  uint32_t* prob_pairs = reinterpret_cast<uint32_t*>(carve.Take(max_rows * bkp / 2));
 
   const int64_t num_rows = QueryTileRows(c, kv_head, t0, tv1, rows);
   {
@@ -441,7 +586,7 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   if (num_rows == 0) return;
 
   RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
-  PackRows(p.dtype, p.query, offsets, num_rows, p.head_dim, p.scale, q, c.hp);
+  PackDotRows(c, p.query, offsets, num_rows, p.scale, q);
   for (int64_t r = 0; r < num_rows; ++r) {
     m[r] = -kInf;
     l[r] = 0.0f;
@@ -453,11 +598,11 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   for (Tile tile; NextTile(&tiles, &tile);) {
     const int64_t s0 = tile.start, nk = tile.count, nkp = RoundUp(nk, kVL);
     KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
-    PackColumns(p.dtype, p.key, offsets, nk, p.head_dim, 1.0f, kt, nkp, tmp);
+    PackDotColumns(c, p.key, offsets, nk, 1.0f, kt, nkp, tmp);
     KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
-    PackRows(p.dtype, p.value, offsets, nk, p.value_dim, 1.0f, v, c.hvp);
+    PackValues(c, offsets, nk, v);
 
-    Gemm(num_rows, nkp, p.head_dim, q, c.hp, kt, nkp, s, nkp, false);
+    LogitsGemm(c, num_rows, nkp, q, kt, s, nkp);
     const bool full = TileFullyVisible(p, t0, tv1, s0, s0 + nk, kv_len);
     TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, full, tile.mask, s, nkp,
                            nullptr);
@@ -467,7 +612,7 @@ static void ForwardTask(void* job_ptr, int64_t task) {
       for (int64_t j = nk; j < nkp; ++j) sr[j] = -kInf;
       OnlineSoftmaxStep(sr, nk, nkp, &m[r], &l[r], o + r * c.hvp, c.hvp);
     }
-    Gemm(num_rows, c.hvp, nk, s, nkp, v, c.hvp, o, c.hvp, true);
+    PVGemm(c, num_rows, nk, s, nkp, v, o, prob_pairs);
   }
 
   for (int64_t r = 0; r < num_rows; ++r) {
@@ -604,7 +749,7 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   if (a.dq == nullptr && a.dlogits == nullptr && !key_pass) return;
 
   RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
-  PackRows(p.dtype, p.query, offsets, num_rows, p.head_dim, p.scale, q, c.hp);
+  PackDotRows(c, p.query, offsets, num_rows, p.scale, q);
   __builtin_memset(dq, 0, num_rows * c.hp * sizeof(float));
   for (int64_t r = 0; r < num_rows; ++r) psum[r] = 0.0f;
 
@@ -613,12 +758,12 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   for (Tile tile; NextTile(&tiles, &tile);) {
     const int64_t s0 = tile.start, nk = tile.count, nkp = RoundUp(nk, kVL);
     KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
-    PackColumns(p.dtype, p.key, offsets, nk, p.head_dim, 1.0f, kt, nkp, tmp);
+    PackDotColumns(c, p.key, offsets, nk, 1.0f, kt, nkp, tmp);
     if (a.dq != nullptr) PackRows(p.dtype, p.key, offsets, nk, p.head_dim, 1.0f, k, c.hp);
     KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
     PackColumns(p.dtype, p.value, offsets, nk, p.value_dim, 1.0f, vt, nkp, tmp);
 
-    Gemm(num_rows, nkp, p.head_dim, q, c.hp, kt, nkp, s, nkp, false);
+    LogitsGemm(c, num_rows, nkp, q, kt, s, nkp);
     const bool full = TileFullyVisible(p, t0, tv1, s0, s0 + nk, kv_len);
     TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, full, tile.mask, s, nkp,
                            has_cap ? th : nullptr);
@@ -711,7 +856,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
     // Unscaled keys and scaled queries, as in the forward pass: the logits recomputed here
     // are then bitwise those whose lse the forward saved (scaling the keys instead rounds
     // differently, and with logits ~1e4 P = exp(s - lse) was off by ~1e-3 relative).
-    PackRows(p.dtype, p.key, offsets, nk, p.head_dim, 1.0f, k, c.hp);
+    PackDotRows(c, p.key, offsets, nk, 1.0f, k);
     KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
     PackRows(p.dtype, p.value, offsets, nk, p.value_dim, 1.0f, v, c.hvp);
     TileCursor tiles = QueryTilesOf(c, kv_head, k_tile, s0, sv1, q_len);
@@ -721,7 +866,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
       const int64_t nrp = RoundUp(num_rows, kVL);
       RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
       PackRows(p.dtype, p.query, offsets, num_rows, p.head_dim, 1.0f, qr, c.hp);
-      PackColumns(p.dtype, p.query, offsets, num_rows, p.head_dim, p.scale, qt, nrp, tmp);
+      PackDotColumns(c, p.query, offsets, num_rows, p.scale, qt, nrp, tmp);
       RowOffsets(rows, num_rows, b, p.q_len, p.num_heads, p.value_dim, offsets);
       PackRows(p.dtype, a.dout, offsets, num_rows, p.value_dim, 1.0f, dor, c.hvp);
       PackColumns(p.dtype, a.dout, offsets, num_rows, p.value_dim, 1.0f, dot, nrp, tmp);
@@ -738,7 +883,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
         }
       }
 
-      Gemm(nk, nrp, p.head_dim, k, c.hp, qt, nrp, st, nrp, false);
+      LogitsGemm(c, nk, nrp, k, qt, st, nrp);
       const bool full = TileFullyVisible(p, t0, t1, s0, sv1, kv_len);
       TransformLogits<true>(c, b, rows, num_rows, s0, nk, kv_len, full, tile.mask, st, nrp,
                             has_cap ? tht : nullptr);

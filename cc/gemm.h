@@ -1,6 +1,8 @@
-// C[m, n] (+)= A[m, k] B[k, n] in float32, the one GEMM shape every attention product is
-// written as (B is a packed panel: row-major, n a multiple of kVL). Register-blocked:
-// kMR rows of A are broadcast against kNV vectors of a B row, kMR * kNV accumulators.
+// C[m, n] (+)= A[m, k] B[k, n], the one GEMM shape every attention product is written as
+// (B is a packed panel: row-major, n a multiple of kVL). Register-blocked: kMR rows of A are
+// broadcast against kNV vectors of a B row, kMR * kNV accumulators. The multiply-add is a
+// policy: float32 FMAs (F32Fma), or on AVX512-BF16 pairs of bf16 per 32-bit element
+// (BF16Pairs: one vdpbf16ps does two products per lane, twice the FMA's work).
 // Part of the per-ISA kernel source (see simd.h).
 
 #if JAXATTN_VL >= 16
@@ -11,9 +13,33 @@ constexpr int kMR = 4, kNV = 3;   // 12 of 16 ymm registers
 constexpr int kMR = 4, kNV = 2;   // 8 of 16 xmm registers
 #endif
 
-template <int MR, int NV>
-static inline void MicroKernel(int64_t k, const float* a, int64_t lda, const float* b,
-                               int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+struct F32Fma {
+  typedef float Elem;
+  static inline VF Broadcast(const float* a) { return Splat(*a); }
+  static inline VF LoadB(const float* b) { return Load(b); }
+  static inline VF MulAdd(VF acc, VF a, VF b) { return acc + a * b; }
+};
+
+#if JAXATTN_VL == 16
+// The avx512 kernels are only chosen on CPUs with AVX512-BF16 (dispatch.cc).
+constexpr bool kHasBF16Pairs = true;
+// Elements are two bf16 (low half first) in 32 bits: acc += a.lo * b.lo + a.hi * b.hi, the
+// products exact, rounded once into the float32 accumulator per pair.
+struct BF16Pairs {
+  typedef uint32_t Elem;
+  static inline VF Broadcast(const uint32_t* a) { return (VF)_mm512_set1_epi32(*a); }
+  static inline VF LoadB(const uint32_t* b) { return (VF)_mm512_loadu_si512(b); }
+  static inline VF MulAdd(VF acc, VF a, VF b) {
+    return (VF)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+  }
+};
+#else
+constexpr bool kHasBF16Pairs = false;
+#endif
+
+template <class Op, int MR, int NV, class E = typename Op::Elem>
+static inline void MicroKernel(int64_t k, const E* a, int64_t lda, const E* b, int64_t ldb,
+                               float* c, int64_t ldc, bool accumulate) {
   VF acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
@@ -23,12 +49,12 @@ static inline void MicroKernel(int64_t k, const float* a, int64_t lda, const flo
   for (int64_t p = 0; p < k; ++p) {
     VF bv[NV];
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) bv[j] = Load(b + p * ldb + j * kVL);
+    for (int j = 0; j < NV; ++j) bv[j] = Op::LoadB(b + p * ldb + j * kVL);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const float av = a[i * lda + p];
+      const VF av = Op::Broadcast(a + i * lda + p);
 #pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
+      for (int j = 0; j < NV; ++j) acc[i][j] = Op::MulAdd(acc[i][j], av, bv[j]);
     }
   }
 #pragma GCC unroll 8
@@ -38,29 +64,31 @@ static inline void MicroKernel(int64_t k, const float* a, int64_t lda, const flo
   }
 }
 
-template <int NV>
-static inline void RowPanel(int64_t m, int64_t k, const float* a, int64_t lda, const float* b,
+template <class Op, int NV, class E = typename Op::Elem>
+static inline void RowPanel(int64_t m, int64_t k, const E* a, int64_t lda, const E* b,
                             int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   int64_t i = 0;
   for (; i + kMR <= m; i += kMR) {
-    MicroKernel<kMR, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate);
+    MicroKernel<Op, kMR, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate);
   }
-  const float* ai = a + i * lda;
+  const E* ai = a + i * lda;
   float* ci = c + i * ldc;
   switch (m - i) {
     case 0: break;
-    case 1: MicroKernel<1, NV>(k, ai, lda, b, ldb, ci, ldc, accumulate); break;
-    case 2: MicroKernel<2, NV>(k, ai, lda, b, ldb, ci, ldc, accumulate); break;
-    case 3: MicroKernel<3, NV>(k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+    case 1: MicroKernel<Op, 1, NV>(k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+    case 2: MicroKernel<Op, 2, NV>(k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+    case 3: MicroKernel<Op, 3, NV>(k, ai, lda, b, ldb, ci, ldc, accumulate); break;
 #if JAXATTN_VL >= 16
-    case 4: MicroKernel<4, NV>(k, ai, lda, b, ldb, ci, ldc, accumulate); break;
-    case 5: MicroKernel<5, NV>(k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+    case 4: MicroKernel<Op, 4, NV>(k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+    case 5: MicroKernel<Op, 5, NV>(k, ai, lda, b, ldb, ci, ldc, accumulate); break;
 #endif
   }
 }
 
-// n must be a multiple of kVL; a, c row-major with leading dims lda, ldc.
-static void Gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+// n must be a multiple of kVL; a, c row-major with leading dims lda, ldc; k, lda, ldb count
+// Op's elements (pairs, for BF16Pairs).
+template <class Op = F32Fma, class E = typename Op::Elem>
+static void Gemm(int64_t m, int64_t n, int64_t k, const E* a, int64_t lda, const E* b,
                  int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   if (m <= 0 || n <= 0) return;
   if (k <= 0) {
@@ -72,10 +100,10 @@ static void Gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
   for (int64_t j = 0; j < n;) {
     const int64_t nv = MinI(kNV, (n - j) / kVL);
     switch (nv) {
-      case 1: RowPanel<1>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate); break;
-      case 2: RowPanel<2>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate); break;
-      case 3: RowPanel<3>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate); break;
-      case 4: RowPanel<4>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate); break;
+      case 1: RowPanel<Op, 1>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate); break;
+      case 2: RowPanel<Op, 2>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate); break;
+      case 3: RowPanel<Op, 3>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate); break;
+      case 4: RowPanel<Op, 4>(m, k, a, lda, b + j, ldb, c + j, ldc, accumulate); break;
     }
     j += nv * kVL;
   }
