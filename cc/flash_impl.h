@@ -289,17 +289,38 @@ static void PackRows(DType dtype, const void* base, const int64_t* offsets, int6
   }
 }
 
-// dst[h * ld + r] = mult * row r (h < n), columns num_rows..ld zero. tmp holds n floats.
+// dst[j * ld + r] = element j of row r, for rows r < ld (ld a multiple of kVL) and j < width
+// (a multiple of kVL): fill_row(r, row) writes row r's width elements (zeros past its end),
+// kVL rows at a time into block (kVL * width floats), which are then transposed a kVL x kVL
+// block at a time. Rows num_rows..ld are zero.
+template <class FillRow>
+static void TransposeRows(int64_t num_rows, int64_t width, float* dst, int64_t ld,
+                          float* block, FillRow fill_row) {
+  for (int64_t r0 = 0; r0 < ld; r0 += kVL) {
+    for (int64_t i = 0; i < kVL; ++i) {
+      float* row = block + i * width;
+      if (r0 + i < num_rows) {
+        fill_row(r0 + i, row);
+      } else {
+        __builtin_memset(row, 0, width * sizeof(float));
+      }
+    }
+    for (int64_t j = 0; j < width; j += kVL) {
+      TransposeBlock(block + j, width, dst + j * ld + r0, ld);
+    }
+  }
+}
+
+// dst[h * ld + r] = mult * row r, h < RoundUp(n, kVL) (zero from n), columns num_rows..ld
+// zero; ld a multiple of kVL. block holds kVL * RoundUp(n, kVL) floats.
 static void PackColumns(DType dtype, const void* base, const int64_t* offsets,
                         int64_t num_rows, int64_t n, float mult, float* dst, int64_t ld,
-                        float* tmp) {
-  for (int64_t r = 0; r < num_rows; ++r) {
-    LoadRow(dtype, Offset(base, dtype, offsets[r]), n, mult, tmp);
-    for (int64_t h = 0; h < n; ++h) dst[h * ld + r] = tmp[h];
-  }
-  for (int64_t h = 0; h < n; ++h) {
-    for (int64_t r = num_rows; r < ld; ++r) dst[h * ld + r] = 0.0f;
-  }
+                        float* block) {
+  const int64_t width = RoundUp(n, kVL);
+  TransposeRows(num_rows, width, dst, ld, block, [&](int64_t r, float* row) {
+    LoadRow(dtype, Offset(base, dtype, offsets[r]), n, mult, row);
+    for (int64_t h = n; h < width; ++h) row[h] = 0.0f;
+  });
 }
 
 // ------------------------------------------------------------ logits and P V products
@@ -320,22 +341,16 @@ static void PackPairRows(const void* base, const int64_t* offsets, int64_t num_r
   }
 }
 
-// The pairs of row r as column r: dst[w * ld + r], columns num_rows..ld zero.
+// The pairs of row r as column r: dst[w * ld + r] for w < RoundUp(CeilDiv(n, 2), kVL), zero
+// past the row's pairs and in columns num_rows..ld; ld a multiple of kVL. block holds
+// kVL * RoundUp(CeilDiv(n, 2), kVL) words.
 static void PackPairColumns(const void* base, const int64_t* offsets, int64_t num_rows,
-                            int64_t n, uint32_t* dst, int64_t ld) {
-  const int64_t words = CeilDiv(n, 2), whole = n / 2;
-  for (int64_t r = 0; r < num_rows; ++r) {
-    const uint16_t* src = static_cast<const uint16_t*>(Offset(base, DType::kBF16, offsets[r]));
-    for (int64_t w = 0; w < whole; ++w) {
-      uint32_t x;
-      __builtin_memcpy(&x, src + 2 * w, 4);
-      dst[w * ld + r] = x;
-    }
-    if (whole < words) dst[whole * ld + r] = src[n - 1];
-  }
-  for (int64_t w = 0; w < words; ++w) {
-    for (int64_t r = num_rows; r < ld; ++r) dst[w * ld + r] = 0;
-  }
+                            int64_t n, float* dst, int64_t ld, float* block) {
+  const int64_t width = RoundUp(CeilDiv(n, 2), kVL);
+  TransposeRows(num_rows, width, dst, ld, block, [&](int64_t r, float* row) {
+    __builtin_memset(row, 0, width * sizeof(float));
+    __builtin_memcpy(row, Offset(base, DType::kBF16, offsets[r]), n * 2);
+  });
 }
 
 // Rows 2i and 2i + 1 interleaved: dst[i * ld + h] = (row 2i [h], row 2i+1 [h]), a missing
@@ -381,17 +396,18 @@ static void PackDotRows(const FlashContext& c, const void* base, const int64_t* 
   PackRows(c.p->dtype, base, offsets, num_rows, c.p->head_dim, mult, dst, c.dot_ld);
 }
 
-// The same rows as columns of the right operand ([c.dot_k, ld]). tmp holds a row of floats.
+// The same rows as columns of the right operand ([c.dot_k, ld], rows written up to c.hp).
+// block holds kVL * c.hp floats.
 static void PackDotColumns(const FlashContext& c, const void* base, const int64_t* offsets,
-                           int64_t num_rows, float mult, float* dst, int64_t ld, float* tmp) {
+                           int64_t num_rows, float mult, float* dst, int64_t ld,
+                           float* block) {
 #if JAXATTN_VL == 16
   if (c.pairs) {
-    PackPairColumns(base, offsets, num_rows, c.p->head_dim, reinterpret_cast<uint32_t*>(dst),
-                    ld);
+    PackPairColumns(base, offsets, num_rows, c.p->head_dim, dst, ld, block);
     return;
   }
 #endif
-  PackColumns(c.p->dtype, base, offsets, num_rows, c.p->head_dim, mult, dst, ld, tmp);
+  PackColumns(c.p->dtype, base, offsets, num_rows, c.p->head_dim, mult, dst, ld, block);
 }
 
 // out[m, n] = scaled logits of the packed rows a against the packed columns b (ld n).
@@ -403,7 +419,8 @@ static void LogitsGemm(const FlashContext& c, int64_t m, int64_t n, const float*
                     reinterpret_cast<const uint32_t*>(b), n, out, ldo, false);
     const VF scale = Splat(c.p->scale);
     for (int64_t i = 0; i < m; ++i) {
-      for (int64_t j = 0; j < n; j += kVL) Store(out + i * ldo + j, Load(out + i * ldo + j) * scale);
+      float* row = out + i * ldo;
+      for (int64_t j = 0; j < n; j += kVL) Store(row + j, Load(row + j) * scale);
     }
     return;
   }
@@ -560,7 +577,7 @@ static void ForwardTask(void* job_ptr, int64_t task) {
 
   Carver carve{tls_scratch.Get(kScratchSlack +
       16 * 13 + max_rows * (c.hp + c.hvp + bkp + bkp / 2 + 6) + c.hp * bkp + bk * c.hvp +
-      c.hp + bk + 64)};
+      kVL * c.hp + bk + 64)};
   RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
   int64_t* offsets = reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
   float* q = carve.Take(max_rows * c.hp);
@@ -570,7 +587,7 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   float* l = carve.Take(max_rows);
   float* kt = carve.Take(c.hp * bkp);
   float* v = carve.Take(bk * c.hvp);
-  float* tmp = carve.Take(c.hp);
+  float* block = carve.Take(kVL * c.hp);
   uint32_t* prob_pairs = reinterpret_cast<uint32_t*>(carve.Take(max_rows * bkp / 2));
 
   const int64_t num_rows = QueryTileRows(c, kv_head, t0, tv1, rows);
@@ -598,7 +615,7 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   for (Tile tile; NextTile(&tiles, &tile);) {
     const int64_t s0 = tile.start, nk = tile.count, nkp = RoundUp(nk, kVL);
     KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
-    PackDotColumns(c, p.key, offsets, nk, 1.0f, kt, nkp, tmp);
+    PackDotColumns(c, p.key, offsets, nk, 1.0f, kt, nkp, block);
     KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
     PackValues(c, offsets, nk, v);
 
@@ -692,7 +709,7 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
 
   Carver carve{tls_scratch.Get(kScratchSlack + 16 * 17 +
                                max_rows * (2 * c.hp + c.hvp + 3 * bkp + 9) + c.hp * bkp +
-                               bk * c.hp + c.hvp * bkp + c.hp + c.hvp + bk * 2)};
+                               bk * c.hp + c.hvp * bkp + kVL * MaxI(c.hp, c.hvp) + bk * 2)};
   RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
   int64_t* offsets = reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
   float* q = carve.Take(max_rows * c.hp);
@@ -707,7 +724,7 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   float* kt = carve.Take(c.hp * bkp);
   float* k = carve.Take(bk * c.hp);
   float* vt = carve.Take(c.hvp * bkp);
-  float* tmp = carve.Take(c.hp + c.hvp);
+  float* block = carve.Take(kVL * MaxI(c.hp, c.hvp));
 
   // Rows past q_len: zero gradients, D = 0; dlogits rows are zeroed for the whole tile.
   for (int64_t t = t0; t < t1; ++t) {
@@ -735,10 +752,11 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   RowOffsets(rows, num_rows, b, p.q_len, p.num_heads, p.value_dim, offsets);
   PackRows(p.dtype, a.dout, offsets, num_rows, p.value_dim, 1.0f, dout, c.hvp);
   for (int64_t r = 0; r < num_rows; ++r) {
-    LoadRow(p.dtype, Offset(a.out, p.dtype, offsets[r]), p.value_dim, 1.0f, tmp);
+    float* out_row = block;
+    LoadRow(p.dtype, Offset(a.out, p.dtype, offsets[r]), p.value_dim, 1.0f, out_row);
     // Rounded like dP = dO V^T (a Gemm): for a one-hot row dP - D is then exactly 0, as it
     // is in the exact gradient (otherwise an ulp here, times the scale, is the gradient).
-    float d = GemmDot(dout + r * c.hvp, tmp, p.value_dim);
+    float d = GemmDot(dout + r * c.hvp, out_row, p.value_dim);
     const int64_t row = (b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;
     if (a.dlse != nullptr) d -= a.dlse[row];
     delta[r] = d;
@@ -758,10 +776,10 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   for (Tile tile; NextTile(&tiles, &tile);) {
     const int64_t s0 = tile.start, nk = tile.count, nkp = RoundUp(nk, kVL);
     KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
-    PackDotColumns(c, p.key, offsets, nk, 1.0f, kt, nkp, tmp);
+    PackDotColumns(c, p.key, offsets, nk, 1.0f, kt, nkp, block);
     if (a.dq != nullptr) PackRows(p.dtype, p.key, offsets, nk, p.head_dim, 1.0f, k, c.hp);
     KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
-    PackColumns(p.dtype, p.value, offsets, nk, p.value_dim, 1.0f, vt, nkp, tmp);
+    PackColumns(p.dtype, p.value, offsets, nk, p.value_dim, 1.0f, vt, nkp, block);
 
     LogitsGemm(c, num_rows, nkp, q, kt, s, nkp);
     const bool full = TileFullyVisible(p, t0, tv1, s0, s0 + nk, kv_len);
@@ -828,7 +846,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
 
   Carver carve{tls_scratch.Get(kScratchSlack +
       16 * 21 + kKeysPerTile * (2 * c.hp + 2 * c.hvp + 3 * rp + 2) + c.hp * rp + c.hvp * rp +
-      max_rows * (c.hp + c.hvp + 6) + rp * 3 + c.hp + c.hvp)};
+      max_rows * (c.hp + c.hvp + 6) + rp * 3 + kVL * MaxI(c.hp, c.hvp))};
   RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
   int64_t* offsets =
       reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, kKeysPerTile) * 2));
@@ -846,7 +864,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   float* lse = carve.Take(rp);
   float* delta = carve.Take(rp);
   float* norm = carve.Take(rp);
-  float* tmp = carve.Take(c.hp + c.hvp);
+  float* block = carve.Take(kVL * MaxI(c.hp, c.hvp));
 
   __builtin_memset(dk, 0, kKeysPerTile * c.hp * sizeof(float));
   __builtin_memset(dv, 0, kKeysPerTile * c.hvp * sizeof(float));
@@ -866,10 +884,10 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
       const int64_t nrp = RoundUp(num_rows, kVL);
       RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
       PackRows(p.dtype, p.query, offsets, num_rows, p.head_dim, 1.0f, qr, c.hp);
-      PackDotColumns(c, p.query, offsets, num_rows, p.scale, qt, nrp, tmp);
+      PackDotColumns(c, p.query, offsets, num_rows, p.scale, qt, nrp, block);
       RowOffsets(rows, num_rows, b, p.q_len, p.num_heads, p.value_dim, offsets);
       PackRows(p.dtype, a.dout, offsets, num_rows, p.value_dim, 1.0f, dor, c.hvp);
-      PackColumns(p.dtype, a.dout, offsets, num_rows, p.value_dim, 1.0f, dot, nrp, tmp);
+      PackColumns(p.dtype, a.dout, offsets, num_rows, p.value_dim, 1.0f, dot, nrp, block);
       for (int64_t r = 0; r < nrp; ++r) {
         if (r < num_rows) {
           const int64_t row = (b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;

@@ -55,6 +55,39 @@ static inline VF Exp(VF x) {
   return is_tiny ? VF{} : y;
 }
 
+// Transposes a kVL x kVL block of 32-bit elements held as floats (rows r[0..kVL)) in
+// log2(kVL) rounds; round kHalf swaps the off-diagonal kHalf x kHalf blocks of every
+// 2kHalf x 2kHalf block with two-source lane shuffles (constant masks: vpermt2ps/vshufps).
+template <int kHalf>
+static inline void ExchangeHalves(VF* r) {
+  VI lo, hi;
+#pragma GCC unroll 16
+  for (int l = 0; l < kVL; ++l) {
+    lo[l] = (l & kHalf) ? l - kHalf + kVL : l;
+    hi[l] = (l & kHalf) ? l + kVL : l + kHalf;
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kVL; ++i) {
+    if (i & kHalf) continue;
+    const VF a = r[i], b = r[i + kHalf];
+    r[i] = __builtin_shuffle(a, b, lo);
+    r[i + kHalf] = __builtin_shuffle(a, b, hi);
+  }
+}
+
+// dst[j * ldd + i] = src[i * lds + j] for i, j < kVL.
+static inline void TransposeBlock(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  VF r[kVL];
+#pragma GCC unroll 16
+  for (int i = 0; i < kVL; ++i) r[i] = Load(src + i * lds);
+  if constexpr (kVL >= 16) ExchangeHalves<8>(r);
+  if constexpr (kVL >= 8) ExchangeHalves<4>(r);
+  ExchangeHalves<2>(r);
+  ExchangeHalves<1>(r);
+#pragma GCC unroll 16
+  for (int i = 0; i < kVL; ++i) Store(dst + i * ldd, r[i]);
+}
+
 static inline float BF16ToFloat(uint16_t h) {
   const uint32_t bits = static_cast<uint32_t>(h) << 16;
   float f;
