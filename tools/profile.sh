@@ -74,7 +74,10 @@ if [[ $do_perf == 1 ]]; then
     echo
     if perf record -q -g -e cpu-clock -o "$out/perf.$c.data" \
          "$bin" --cases "$c" --reps 3 --min-seconds "$perf_seconds" > /dev/null 2>&1; then
-      python3 tools/profile/attribute.py perf "$bin" "$out/perf.$c.data"
+      require=()
+      # The backward cases run the forward once first (for out and lse): leave it out.
+      if [[ $c == bwd* ]]; then require=(--require BackwardImpl); fi
+      python3 tools/profile/attribute.py perf "$bin" "$out/perf.$c.data" "${require[@]}"
     else
       echo "(perf record failed: not installed, or perf_event_paranoid forbids it)"
       echo
@@ -90,10 +93,14 @@ if [[ $do_callgrind == 1 ]]; then
   for c in "${case_list[@]}"; do
     echo "### $c (reduced)"
     echo
-    # Collect only inside the public kernel calls (not the driver's data setup).
-    valgrind --tool=callgrind --dump-instr=yes --dump-line=no \
-      --toggle-collect='jaxattn::FlashForward*' --toggle-collect='jaxattn::FlashBackward*' \
-      --toggle-collect='jaxattn::DecodeForward*' \
+    # Collect only inside the public kernel calls (not the driver's data setup, nor the
+    # forward run that gives a backward case its out and lse).
+    case $c in
+      bwd*) toggles=(--toggle-collect='jaxattn::FlashBackward*') ;;
+      *) toggles=(--toggle-collect='jaxattn::FlashForward*'
+                  --toggle-collect='jaxattn::DecodeForward*') ;;
+    esac
+    valgrind --tool=callgrind --dump-instr=yes --dump-line=no "${toggles[@]}" \
       --callgrind-out-file="$out/callgrind.$c.out" \
       "$bin" --cases "$c" --reduced --reps 1 > "$out/callgrind.$c.table.txt" 2> "$out/callgrind.$c.log"
     grep '^|' "$out/callgrind.$c.table.txt" | tail -1 | awk -F'|' '{print "isa under callgrind:" $4 "\n"}'

@@ -14,7 +14,7 @@ Addresses are resolved with `addr2line -i` (the binary is built without PIE, see
 tools/profile/CMakeLists.txt). Only the standard library; run by tools/profile.sh:
 
     attribute.py callgrind BINARY callgrind.out [--top N]
-    attribute.py perf BINARY perf.data [--top N]
+    attribute.py perf BINARY perf.data [--top N] [--require FUNCTION]
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def elf_exec_bias(binary: str) -> int:
     return 0
 
 
-def attribute_perf(binary: str, path: str):
+def attribute_perf(binary: str, path: str, require: str | None = None):
     out = subprocess.run(["perf", "script", "-i", path, "-F", "ip,dso"],
                          capture_output=True, text=True, check=True).stdout
     bias = elf_exec_bias(binary)
@@ -275,6 +275,8 @@ def attribute_perf(binary: str, path: str):
             frames += resolver[a if i == 0 else a - 1] if a is not None else [("(other dso)", "", 0)]
         # Only samples inside a kernel call count (not the driver's data setup).
         if not any(in_kernel(f[0]) for f in frames):
+            continue
+        if require and not any(f[0] == require for f in frames):
             continue
         measured += 1
         inner[innermost(frames)] += 1
@@ -327,6 +329,8 @@ def main() -> int:
     ap.add_argument("data")
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--min-share", type=float, default=0.5, help="percent")
+    ap.add_argument("--require", help="perf: count only samples under this function "
+                    "(e.g. BackwardImpl, to leave out the forward run that precedes it)")
     args = ap.parse_args()
     if args.tool == "callgrind":
         inner, by_task, measured, total = attribute_callgrind(args.binary, args.data)
@@ -334,7 +338,7 @@ def main() -> int:
             print(f"warning: parsed {measured} Ir, file says {total}", file=sys.stderr)
         print_tables(inner, by_task, measured, "instructions", args.top, args.min_share)
     else:
-        inner, by_task, measured, _ = attribute_perf(args.binary, args.data)
+        inner, by_task, measured, _ = attribute_perf(args.binary, args.data, args.require)
         print_tables(inner, by_task, measured, "cpu-clock samples", args.top, args.min_share)
     return 0
 
