@@ -13,7 +13,13 @@
 // by the analytic masks) or one row of a block-sparse table (sparse_impl.h), so that one
 // routine does the work of both.
 
-constexpr int64_t kRowsPerTile = 64;  // query rows (positions x group heads) per tile
+// Query rows (positions x group heads) per tile: block-sparse tables are cut at
+// kRowsPerTile; flash attention takes kLargeRowsPerTile when that leaves enough tasks (each
+// K/V tile is then packed and streamed once per 128 rows: ~10% faster at long T). The
+// results are bitwise the same either way: every row's arithmetic is independent of which
+// rows share its tile, and the extra fully masked tiles a larger tile visits add exact zeros.
+constexpr int64_t kRowsPerTile = 64;
+constexpr int64_t kLargeRowsPerTile = 128;
 constexpr int64_t kKeysPerTile = 64;
 constexpr float kInf = __builtin_inff();
 
@@ -48,13 +54,13 @@ static void StridesOf(const Broadcast4& x, int64_t* strides) {
   strides[3] = x.dims[3] == 1 ? 0 : s3;
 }
 
-static FlashContext MakeContext(const AttentionProblem& p) {
+static FlashContext MakeContext(const AttentionProblem& p, int64_t rows_per_tile) {
   FlashContext c;
   c.p = &p;
   c.group = p.num_heads / p.num_kv_heads;
   c.hp = RoundUp(p.head_dim, kVL);
   c.hvp = RoundUp(p.value_dim, kVL);
-  c.positions_per_tile = MaxI(1, kRowsPerTile / c.group);
+  c.positions_per_tile = MaxI(1, rows_per_tile / c.group);
   c.num_q_tiles = CeilDiv(p.q_len, c.positions_per_tile);
   c.rows_padded = RoundUp(c.positions_per_tile * c.group, kVL);
   c.pairs = kHasBF16Pairs && p.dtype == DType::kBF16;
@@ -364,12 +370,17 @@ static void PackRowPairs(const void* base, const int64_t* offsets, int64_t num_r
         ? static_cast<const uint16_t*>(Offset(base, DType::kBF16, offsets[2 * i + 1]))
         : nullptr;
     uint32_t* d = dst + i * ld;
-    if (hi != nullptr) {
-      for (int64_t h = 0; h < n; ++h) d[h] = lo[h] | static_cast<uint32_t>(hi[h]) << 16;
-    } else {
-      for (int64_t h = 0; h < n; ++h) d[h] = lo[h];
+    int64_t h = 0;
+    typedef uint16_t VH __attribute__((vector_size(kVL * 2)));
+    for (; h + kVL <= n; h += kVL) {
+      VH l, u = VH{};
+      __builtin_memcpy(&l, lo + h, sizeof(l));
+      if (hi != nullptr) __builtin_memcpy(&u, hi + h, sizeof(u));
+      const VI w = __builtin_convertvector(l, VI) | __builtin_convertvector(u, VI) << 16;
+      __builtin_memcpy(d + h, &w, sizeof(w));
     }
-    for (int64_t h = n; h < ld; ++h) d[h] = 0;
+    for (; h < n; ++h) d[h] = lo[h] | (hi == nullptr ? 0u : static_cast<uint32_t>(hi[h]) << 16);
+    for (; h < ld; ++h) d[h] = 0;
   }
 }
 
@@ -645,11 +656,25 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   }
 }
 
+// The context of a flash (sparse == nullptr) or block-sparse call.
+static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTables* sparse,
+                               const Parallel& parallel) {
+  int64_t rows = kRowsPerTile;
+  if (sparse == nullptr) {
+    const int64_t group = p.num_heads / p.num_kv_heads;
+    const int64_t positions = MaxI(1, kLargeRowsPerTile / group);
+    const int64_t tasks = p.batch * p.num_kv_heads * CeilDiv(p.q_len, positions);
+    if (tasks >= 4 * parallel.num_threads()) rows = kLargeRowsPerTile;
+  }
+  FlashContext c = MakeContext(p, rows);
+  c.sparse = sparse;
+  return c;
+}
+
 // sparse: nullptr for flash attention, else the block-sparse tiles to visit.
 static void RunForward(const AttentionProblem& p, const BlockSparseTables* sparse,
                        const FlashForwardResult& res, const Parallel& parallel) {
-  ForwardJob job{MakeContext(p), res};
-  job.c.sparse = sparse;
+  ForwardJob job{ContextFor(p, sparse, parallel), res};
   const int64_t tasks = p.batch * p.num_kv_heads * job.c.num_q_tiles;
   parallel.For(tasks, ForwardTask, &job);
 }
@@ -931,8 +956,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
 
 static void RunBackward(const AttentionProblem& p, const BlockSparseTables* sparse,
                         const FlashBackwardArgs& args, const Parallel& parallel) {
-  BackwardJob job{MakeContext(p), args, nullptr, nullptr};
-  job.c.sparse = sparse;
+  BackwardJob job{ContextFor(p, sparse, parallel), args, nullptr, nullptr};
   const int64_t rows = p.batch * p.q_len * p.num_heads;
   job.delta = static_cast<float*>(__builtin_malloc(MaxI(rows, 1) * sizeof(float)));
   job.norm = static_cast<float*>(__builtin_malloc(MaxI(rows, 1) * sizeof(float)));

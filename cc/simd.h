@@ -19,15 +19,27 @@ static inline int64_t MaxI(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 static inline int64_t CeilDiv(int64_t x, int64_t m) { return (x + m - 1) / m; }
 
+// Horizontal reductions by halving: log2(kVL) shuffles, not kVL - 1 dependent scalar steps.
+template <int kWidth>
+static inline VF UpperHalfDown(VF v) {
+  VI idx;
+#pragma GCC unroll 16
+  for (int l = 0; l < kVL; ++l) idx[l] = (l + kWidth) % kVL;
+  return __builtin_shuffle(v, idx);
+}
 static inline float HorizontalMax(VF v) {
-  float m = v[0];
-  for (int i = 1; i < kVL; ++i) m = MaxF(m, v[i]);
-  return m;
+  if constexpr (kVL >= 16) v = v > UpperHalfDown<8>(v) ? v : UpperHalfDown<8>(v);
+  if constexpr (kVL >= 8) v = v > UpperHalfDown<4>(v) ? v : UpperHalfDown<4>(v);
+  v = v > UpperHalfDown<2>(v) ? v : UpperHalfDown<2>(v);
+  v = v > UpperHalfDown<1>(v) ? v : UpperHalfDown<1>(v);
+  return v[0];
 }
 static inline float HorizontalSum(VF v) {
-  float s = 0.0f;
-  for (int i = 0; i < kVL; ++i) s += v[i];
-  return s;
+  if constexpr (kVL >= 16) v += UpperHalfDown<8>(v);
+  if constexpr (kVL >= 8) v += UpperHalfDown<4>(v);
+  v += UpperHalfDown<2>(v);
+  v += UpperHalfDown<1>(v);
+  return v[0];
 }
 
 // exp(x) with ~2 ulp error; exactly 0 for x below -87.3 (and for -inf), as masked logits need.
