@@ -14,12 +14,14 @@
 // routine does the work of both.
 
 // Query rows (positions x group heads) per tile: block-sparse tables are cut at
-// kRowsPerTile; flash attention takes kLargeRowsPerTile when that leaves enough tasks (each
-// K/V tile is then packed and streamed once per 128 rows: ~10% faster at long T). The
-// results are bitwise the same either way: every row's arithmetic is independent of which
-// rows share its tile, and the extra fully masked tiles a larger tile visits add exact zeros.
+// kRowsPerTile; flash attention takes kLargeRowsPerTile when that still leaves
+// kLargeTileMinTasks tasks (each K/V tile is then packed and streamed once per 128 rows:
+// ~10% faster at long T). The choice depends on the shape only, never on the thread count,
+// so that results are bitwise the same for any number of threads (a larger tile visits
+// fully masked tiles, whose zeros can carry the other sign).
 constexpr int64_t kRowsPerTile = 64;
 constexpr int64_t kLargeRowsPerTile = 128;
+constexpr int64_t kLargeTileMinTasks = 64;  // 4 per thread on 16 cores
 constexpr int64_t kKeysPerTile = 64;
 constexpr float kInf = __builtin_inff();
 
@@ -34,10 +36,8 @@ struct FlashContext {
   int64_t mask_strides[4] = {0, 0, 0, 0};
   const BlockSparseTables* sparse = nullptr;  // block-sparse attention: the tiles to visit
   int64_t rows_padded = 0;  // row length of a transposed tile mask: rows rounded to vectors
-  // The logits GEMM (see LogitsGemm): bf16 pairs or float32, its inner length (pairs or
-  // floats) and the row length of its packed rows.
+  // Products on bf16 pairs (vdpbf16ps) rather than float32 (see ProductGemm).
   bool pairs = false;
-  int64_t dot_k = 0, dot_ld = 0;
 };
 
 static inline int64_t BroadcastOffset(const Broadcast4& x, const int64_t* strides, int64_t b,
@@ -64,8 +64,6 @@ static FlashContext MakeContext(const AttentionProblem& p, int64_t rows_per_tile
   c.num_q_tiles = CeilDiv(p.q_len, c.positions_per_tile);
   c.rows_padded = RoundUp(c.positions_per_tile * c.group, kVL);
   c.pairs = kHasBF16Pairs && p.dtype == DType::kBF16;
-  c.dot_k = c.pairs ? CeilDiv(p.head_dim, 2) : p.head_dim;
-  c.dot_ld = RoundUp(c.dot_k, kVL);
   StridesOf(p.bias, c.bias_strides);
   StridesOf(p.mask, c.mask_strides);
   return c;
@@ -393,78 +391,125 @@ static inline void RoundToPairs(const float* x, int64_t n, uint32_t* dst) {
 }
 #endif
 
-// Rows of the logits GEMM's left operand (dst[r * c.dot_ld ...]); float32 rows are
-// multiplied by mult (the scale, for queries), bf16 pairs are not.
+// Every product below is ProductGemm(a, b) with its operands packed by role: the inner
+// dimension runs along input rows (Q K^T, dO V^T and their transposes: PackDotRows for the
+// left operand, PackDotColumns for the right) or across rows (P V, dS K, P^T dO, dS^T Q:
+// a computed left operand, ComputedOperand, and PackAcrossRows for the right). In pairs mode
+// packed rows hold words (two bf16), in float32 mode floats.
+
+// Storage per packed row of n elements (floats or words), rounded to whole vectors.
+static inline int64_t DotLd(const FlashContext& c, int64_t n) {
+  return RoundUp(c.pairs ? CeilDiv(n, 2) : n, kVL);
+}
+
+// Rows (n elements each) as a left operand: row r at dst + r * DotLd(c, n). Float32 rows are
+// multiplied by mult (the scale, for queries), bf16 pairs are not (LogitsGemm scales).
 static void PackDotRows(const FlashContext& c, const void* base, const int64_t* offsets,
-                        int64_t num_rows, float mult, float* dst) {
+                        int64_t num_rows, int64_t n, float mult, float* dst) {
 #if JAXATTN_VL == 16
   if (c.pairs) {
-    PackPairRows(base, offsets, num_rows, c.p->head_dim, reinterpret_cast<uint32_t*>(dst),
-                 c.dot_ld);
+    PackPairRows(base, offsets, num_rows, n, reinterpret_cast<uint32_t*>(dst), DotLd(c, n));
     return;
   }
 #endif
-  PackRows(c.p->dtype, base, offsets, num_rows, c.p->head_dim, mult, dst, c.dot_ld);
+  PackRows(c.p->dtype, base, offsets, num_rows, n, mult, dst, DotLd(c, n));
 }
 
-// The same rows as columns of the right operand ([c.dot_k, ld], rows written up to c.hp).
-// block holds kVL * c.hp floats.
+// The same rows as the columns of a right operand (ld columns, a multiple of kVL; storage
+// rows written up to RoundUp(n, kVL)). block holds kVL * RoundUp(n, kVL) floats.
 static void PackDotColumns(const FlashContext& c, const void* base, const int64_t* offsets,
-                           int64_t num_rows, float mult, float* dst, int64_t ld,
+                           int64_t num_rows, int64_t n, float mult, float* dst, int64_t ld,
                            float* block) {
 #if JAXATTN_VL == 16
   if (c.pairs) {
-    PackPairColumns(base, offsets, num_rows, c.p->head_dim, dst, ld, block);
+    PackPairColumns(base, offsets, num_rows, n, dst, ld, block);
     return;
   }
 #endif
-  PackColumns(c.p->dtype, base, offsets, num_rows, c.p->head_dim, mult, dst, ld, block);
+  PackColumns(c.p->dtype, base, offsets, num_rows, n, mult, dst, ld, block);
 }
 
-// out[m, n] = scaled logits of the packed rows a against the packed columns b (ld n).
+// Rows (n elements each) as a right operand whose inner dimension runs across them: float32
+// rows, or rows 2i and 2i + 1 interleaved in pairs; row length RoundUp(n, kVL) either way.
+static void PackAcrossRows(const FlashContext& c, const void* base, const int64_t* offsets,
+                           int64_t num_rows, int64_t n, float* dst) {
+#if JAXATTN_VL == 16
+  if (c.pairs) {
+    PackRowPairs(base, offsets, num_rows, n, reinterpret_cast<uint32_t*>(dst),
+                 RoundUp(n, kVL));
+    return;
+  }
+#endif
+  PackRows(c.p->dtype, base, offsets, num_rows, n, 1.0f, dst, RoundUp(n, kVL));
+}
+
+// A computed left operand (P or dS: m rows of ld floats, ld a multiple of kVL, of which the
+// first n are valid): itself, or rounded to bf16 pairs into `pairs` (ld / 2 words a row,
+// the element past an odd n zero: products over n read it), as a bf16 computation would.
+// *lda receives its row length in storage units.
+static const float* ComputedOperand(const FlashContext& c, const float* x, int64_t m,
+                                    int64_t n, int64_t ld, float* pairs, int64_t* lda) {
+#if JAXATTN_VL == 16
+  if (c.pairs) {
+    uint32_t* words = reinterpret_cast<uint32_t*>(pairs);
+    for (int64_t i = 0; i < m; ++i) {
+      uint32_t* row = words + i * (ld / 2);
+      RoundToPairs(x + i * ld, ld, row);
+      if (n % 2 != 0) row[n / 2] &= 0xffffu;
+    }
+    *lda = ld / 2;
+    return pairs;
+  }
+#endif
+  (void)c, (void)m, (void)n, (void)pairs;
+  *lda = ld;
+  return x;
+}
+
+// out[m, n] (+)= a b over `inner` elements, with the operands packed as above.
+static void ProductGemm(const FlashContext& c, int64_t m, int64_t n, int64_t inner,
+                        const float* a, int64_t lda, const float* b, int64_t ldb, float* out,
+                        int64_t ldo, bool accumulate) {
+#if JAXATTN_VL == 16
+  if (c.pairs) {
+    Gemm<BF16Pairs>(m, n, CeilDiv(inner, 2), reinterpret_cast<const uint32_t*>(a), lda,
+                    reinterpret_cast<const uint32_t*>(b), ldb, out, ldo, accumulate);
+    return;
+  }
+#endif
+  (void)c;
+  Gemm(m, n, inner, a, lda, b, ldb, out, ldo, accumulate);
+}
+
+// out[m, n] = scaled logits of packed query (or key) rows a against packed key (or query)
+// columns b (n columns).
 static void LogitsGemm(const FlashContext& c, int64_t m, int64_t n, const float* a,
                        const float* b, float* out, int64_t ldo) {
+  ProductGemm(c, m, n, c.p->head_dim, a, DotLd(c, c.p->head_dim), b, n, out, ldo, false);
+  if (!c.pairs) return;  // the float32 queries were scaled when packed
+  const VF scale = Splat(c.p->scale);
+  for (int64_t i = 0; i < m; ++i) {
+    float* row = out + i * ldo;
+    for (int64_t j = 0; j < n; j += kVL) Store(row + j, Load(row + j) * scale);
+  }
+}
+
+// One element of a PackDotRows x PackDotColumns product of n-element rows a and b, rounded
+// bitwise as ProductGemm rounds it (the backward's D must cancel against dP exactly).
+static inline float RowDot(const FlashContext& c, const float* a, const float* b, int64_t n) {
 #if JAXATTN_VL == 16
   if (c.pairs) {
-    Gemm<BF16Pairs>(m, n, c.dot_k, reinterpret_cast<const uint32_t*>(a), c.dot_ld,
-                    reinterpret_cast<const uint32_t*>(b), n, out, ldo, false);
-    const VF scale = Splat(c.p->scale);
-    for (int64_t i = 0; i < m; ++i) {
-      float* row = out + i * ldo;
-      for (int64_t j = 0; j < n; j += kVL) Store(row + j, Load(row + j) * scale);
+    const uint32_t* wa = reinterpret_cast<const uint32_t*>(a);
+    const uint32_t* wb = reinterpret_cast<const uint32_t*>(b);
+    VF acc = VF{};
+    for (int64_t w = 0; w < CeilDiv(n, 2); ++w) {
+      acc = BF16Pairs::MulAdd(acc, BF16Pairs::Broadcast(wa + w), BF16Pairs::Broadcast(wb + w));
     }
-    return;
+    return acc[0];
   }
 #endif
-  Gemm(m, n, c.dot_k, a, c.dot_ld, b, n, out, ldo, false);
-}
-
-// The forward's value tile (nk rows at offsets) as PVGemm's right operand.
-static void PackValues(const FlashContext& c, const int64_t* offsets, int64_t nk, float* dst) {
-#if JAXATTN_VL == 16
-  if (c.pairs) {
-    PackRowPairs(c.p->value, offsets, nk, c.p->value_dim, reinterpret_cast<uint32_t*>(dst),
-                 c.hvp);
-    return;
-  }
-#endif
-  PackRows(c.p->dtype, c.p->value, offsets, nk, c.p->value_dim, 1.0f, dst, c.hvp);
-}
-
-// o[m, hvp] += P[m, nk] (row length nkp) V; bf16 pairs round P to bf16 in pairs (nkp / 2
-// words a row), as a bf16 computation would.
-static void PVGemm(const FlashContext& c, int64_t m, int64_t nk, const float* prob,
-                   int64_t nkp, const float* v, float* o, uint32_t* pairs) {
-#if JAXATTN_VL == 16
-  if (c.pairs) {
-    for (int64_t i = 0; i < m; ++i) RoundToPairs(prob + i * nkp, nkp, pairs + i * (nkp / 2));
-    Gemm<BF16Pairs>(m, c.hvp, CeilDiv(nk, 2), pairs, nkp / 2,
-                    reinterpret_cast<const uint32_t*>(v), c.hvp, o, c.hvp, true);
-    return;
-  }
-#endif
-  (void)pairs;
-  Gemm(m, c.hvp, nk, prob, nkp, v, c.hvp, o, c.hvp, true);
+  (void)c;
+  return GemmDot(a, b, n);
 }
 
 // Element offsets of the rows of a query tile: positions [t0, t1) x the group's heads.
@@ -599,7 +644,7 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   float* kt = carve.Take(c.hp * bkp);
   float* v = carve.Take(bk * c.hvp);
   float* block = carve.Take(kVL * c.hp);
-  uint32_t* prob_pairs = reinterpret_cast<uint32_t*>(carve.Take(max_rows * bkp / 2));
+  float* prob_pairs = carve.Take(max_rows * bkp / 2);
 
   const int64_t num_rows = QueryTileRows(c, kv_head, t0, tv1, rows);
   {
@@ -614,7 +659,7 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   if (num_rows == 0) return;
 
   RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
-  PackDotRows(c, p.query, offsets, num_rows, p.scale, q);
+  PackDotRows(c, p.query, offsets, num_rows, p.head_dim, p.scale, q);
   for (int64_t r = 0; r < num_rows; ++r) {
     m[r] = -kInf;
     l[r] = 0.0f;
@@ -626,9 +671,9 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   for (Tile tile; NextTile(&tiles, &tile);) {
     const int64_t s0 = tile.start, nk = tile.count, nkp = RoundUp(nk, kVL);
     KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
-    PackDotColumns(c, p.key, offsets, nk, 1.0f, kt, nkp, block);
+    PackDotColumns(c, p.key, offsets, nk, p.head_dim, 1.0f, kt, nkp, block);
     KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
-    PackValues(c, offsets, nk, v);
+    PackAcrossRows(c, p.value, offsets, nk, p.value_dim, v);
 
     LogitsGemm(c, num_rows, nkp, q, kt, s, nkp);
     const bool full = TileFullyVisible(p, t0, tv1, s0, s0 + nk, kv_len);
@@ -640,7 +685,9 @@ static void ForwardTask(void* job_ptr, int64_t task) {
       for (int64_t j = nk; j < nkp; ++j) sr[j] = -kInf;
       OnlineSoftmaxStep(sr, nk, nkp, &m[r], &l[r], o + r * c.hvp, c.hvp);
     }
-    PVGemm(c, num_rows, nk, s, nkp, v, o, prob_pairs);
+    int64_t ldp;
+    const float* prob = ComputedOperand(c, s, num_rows, nk, nkp, prob_pairs, &ldp);
+    ProductGemm(c, num_rows, c.hvp, nk, prob, ldp, v, c.hvp, o, c.hvp, true);
   }
 
   for (int64_t r = 0; r < num_rows; ++r) {
@@ -657,14 +704,13 @@ static void ForwardTask(void* job_ptr, int64_t task) {
 }
 
 // The context of a flash (sparse == nullptr) or block-sparse call.
-static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTables* sparse,
-                               const Parallel& parallel) {
+static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTables* sparse) {
   int64_t rows = kRowsPerTile;
   if (sparse == nullptr) {
     const int64_t group = p.num_heads / p.num_kv_heads;
     const int64_t positions = MaxI(1, kLargeRowsPerTile / group);
     const int64_t tasks = p.batch * p.num_kv_heads * CeilDiv(p.q_len, positions);
-    if (tasks >= 4 * parallel.num_threads()) rows = kLargeRowsPerTile;
+    if (tasks >= kLargeTileMinTasks) rows = kLargeRowsPerTile;
   }
   FlashContext c = MakeContext(p, rows);
   c.sparse = sparse;
@@ -674,7 +720,7 @@ static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTable
 // sparse: nullptr for flash attention, else the block-sparse tiles to visit.
 static void RunForward(const AttentionProblem& p, const BlockSparseTables* sparse,
                        const FlashForwardResult& res, const Parallel& parallel) {
-  ForwardJob job{ContextFor(p, sparse, parallel), res};
+  ForwardJob job{ContextFor(p, sparse), res};
   const int64_t tasks = p.batch * p.num_kv_heads * job.c.num_q_tiles;
   parallel.For(tasks, ForwardTask, &job);
 }
@@ -732,8 +778,8 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   const int64_t bk = kKeysPerTile, bkp = RoundUp(bk, kVL);
   const bool has_cap = p.soft_cap > 0.0f;
 
-  Carver carve{tls_scratch.Get(kScratchSlack + 16 * 17 +
-                               max_rows * (2 * c.hp + c.hvp + 3 * bkp + 9) + c.hp * bkp +
+  Carver carve{tls_scratch.Get(kScratchSlack + 16 * 18 +
+                               max_rows * (2 * c.hp + c.hvp + 4 * bkp + 9) + c.hp * bkp +
                                bk * c.hp + c.hvp * bkp + kVL * MaxI(c.hp, c.hvp) + bk * 2)};
   RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
   int64_t* offsets = reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
@@ -750,6 +796,7 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   float* k = carve.Take(bk * c.hp);
   float* vt = carve.Take(c.hvp * bkp);
   float* block = carve.Take(kVL * MaxI(c.hp, c.hvp));
+  float* ds_pairs = carve.Take(max_rows * bkp / 2);
 
   // Rows past q_len: zero gradients, D = 0; dlogits rows are zeroed for the whole tile.
   for (int64_t t = t0; t < t1; ++t) {
@@ -775,13 +822,14 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
 
   // D = rowsum(dO * O) - dlse, from the rounded output as autodiff of the forward would.
   RowOffsets(rows, num_rows, b, p.q_len, p.num_heads, p.value_dim, offsets);
-  PackRows(p.dtype, a.dout, offsets, num_rows, p.value_dim, 1.0f, dout, c.hvp);
+  const int64_t ld_dout = DotLd(c, p.value_dim);
+  PackDotRows(c, a.dout, offsets, num_rows, p.value_dim, 1.0f, dout);
   for (int64_t r = 0; r < num_rows; ++r) {
     float* out_row = block;
-    LoadRow(p.dtype, Offset(a.out, p.dtype, offsets[r]), p.value_dim, 1.0f, out_row);
-    // Rounded like dP = dO V^T (a Gemm): for a one-hot row dP - D is then exactly 0, as it
-    // is in the exact gradient (otherwise an ulp here, times the scale, is the gradient).
-    float d = GemmDot(dout + r * c.hvp, out_row, p.value_dim);
+    PackDotRows(c, a.out, offsets + r, 1, p.value_dim, 1.0f, out_row);
+    // Rounded like dP = dO V^T: for a one-hot row dP - D is then exactly 0, as it is in the
+    // exact gradient (otherwise an ulp here, times the scale, is the gradient).
+    float d = RowDot(c, dout + r * ld_dout, out_row, p.value_dim);
     const int64_t row = (b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;
     if (a.dlse != nullptr) d -= a.dlse[row];
     delta[r] = d;
@@ -792,7 +840,7 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   if (a.dq == nullptr && a.dlogits == nullptr && !key_pass) return;
 
   RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
-  PackDotRows(c, p.query, offsets, num_rows, p.scale, q);
+  PackDotRows(c, p.query, offsets, num_rows, p.head_dim, p.scale, q);
   __builtin_memset(dq, 0, num_rows * c.hp * sizeof(float));
   for (int64_t r = 0; r < num_rows; ++r) psum[r] = 0.0f;
 
@@ -801,16 +849,16 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   for (Tile tile; NextTile(&tiles, &tile);) {
     const int64_t s0 = tile.start, nk = tile.count, nkp = RoundUp(nk, kVL);
     KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
-    PackDotColumns(c, p.key, offsets, nk, 1.0f, kt, nkp, block);
-    if (a.dq != nullptr) PackRows(p.dtype, p.key, offsets, nk, p.head_dim, 1.0f, k, c.hp);
+    PackDotColumns(c, p.key, offsets, nk, p.head_dim, 1.0f, kt, nkp, block);
+    if (a.dq != nullptr) PackAcrossRows(c, p.key, offsets, nk, p.head_dim, k);
     KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
-    PackColumns(p.dtype, p.value, offsets, nk, p.value_dim, 1.0f, vt, nkp, block);
+    PackDotColumns(c, p.value, offsets, nk, p.value_dim, 1.0f, vt, nkp, block);
 
     LogitsGemm(c, num_rows, nkp, q, kt, s, nkp);
     const bool full = TileFullyVisible(p, t0, tv1, s0, s0 + nk, kv_len);
     TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, full, tile.mask, s, nkp,
                            has_cap ? th : nullptr);
-    Gemm(num_rows, nkp, p.value_dim, dout, c.hvp, vt, nkp, dp, nkp, false);
+    ProductGemm(c, num_rows, nkp, p.value_dim, dout, ld_dout, vt, nkp, dp, nkp, false);
     for (int64_t r = 0; r < num_rows; ++r) {
       float* sr = s + r * nkp;
       for (int64_t j = nk; j < nkp; ++j) sr[j] = -kInf;
@@ -830,7 +878,11 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
         for (int64_t j = 0; j < nk; ++j) dst[j] = dp[r * nkp + j];
       }
     }
-    if (a.dq != nullptr) Gemm(num_rows, c.hp, nk, dp, nkp, k, c.hp, dq, c.hp, true);
+    if (a.dq != nullptr) {
+      int64_t ldds;
+      const float* ds = ComputedOperand(c, dp, num_rows, nk, nkp, ds_pairs, &ldds);
+      ProductGemm(c, num_rows, c.hp, nk, ds, ldds, k, c.hp, dq, c.hp, true);
+    }
   }
   // The probabilities above were exp(s - lse) = l' P; divide the results by l'.
   for (int64_t r = 0; r < num_rows; ++r) {
@@ -870,7 +922,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   const bool has_cap = p.soft_cap > 0.0f;
 
   Carver carve{tls_scratch.Get(kScratchSlack +
-      16 * 21 + kKeysPerTile * (2 * c.hp + 2 * c.hvp + 3 * rp + 2) + c.hp * rp + c.hvp * rp +
+      16 * 22 + kKeysPerTile * (2 * c.hp + 2 * c.hvp + 4 * rp + 2) + c.hp * rp + c.hvp * rp +
       max_rows * (c.hp + c.hvp + 6) + rp * 3 + kVL * MaxI(c.hp, c.hvp))};
   RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
   int64_t* offsets =
@@ -890,6 +942,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   float* delta = carve.Take(rp);
   float* norm = carve.Take(rp);
   float* block = carve.Take(kVL * MaxI(c.hp, c.hvp));
+  float* pairs = carve.Take(kKeysPerTile * rp / 2);
 
   __builtin_memset(dk, 0, kKeysPerTile * c.hp * sizeof(float));
   __builtin_memset(dv, 0, kKeysPerTile * c.hvp * sizeof(float));
@@ -899,20 +952,20 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
     // Unscaled keys and scaled queries, as in the forward pass: the logits recomputed here
     // are then bitwise those whose lse the forward saved (scaling the keys instead rounds
     // differently, and with logits ~1e4 P = exp(s - lse) was off by ~1e-3 relative).
-    PackDotRows(c, p.key, offsets, nk, 1.0f, k);
+    PackDotRows(c, p.key, offsets, nk, p.head_dim, 1.0f, k);
     KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
-    PackRows(p.dtype, p.value, offsets, nk, p.value_dim, 1.0f, v, c.hvp);
+    PackDotRows(c, p.value, offsets, nk, p.value_dim, 1.0f, v);
     TileCursor tiles = QueryTilesOf(c, kv_head, k_tile, s0, sv1, q_len);
     for (Tile tile; NextTile(&tiles, &tile);) {
       const int64_t t0 = tile.start, t1 = t0 + tile.count;
       const int64_t num_rows = QueryTileRows(c, kv_head, t0, t1, rows);
       const int64_t nrp = RoundUp(num_rows, kVL);
       RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
-      PackRows(p.dtype, p.query, offsets, num_rows, p.head_dim, 1.0f, qr, c.hp);
-      PackDotColumns(c, p.query, offsets, num_rows, p.scale, qt, nrp, block);
+      PackAcrossRows(c, p.query, offsets, num_rows, p.head_dim, qr);
+      PackDotColumns(c, p.query, offsets, num_rows, p.head_dim, p.scale, qt, nrp, block);
       RowOffsets(rows, num_rows, b, p.q_len, p.num_heads, p.value_dim, offsets);
-      PackRows(p.dtype, a.dout, offsets, num_rows, p.value_dim, 1.0f, dor, c.hvp);
-      PackColumns(p.dtype, a.dout, offsets, num_rows, p.value_dim, 1.0f, dot, nrp, block);
+      PackAcrossRows(c, a.dout, offsets, num_rows, p.value_dim, dor);
+      PackDotColumns(c, a.dout, offsets, num_rows, p.value_dim, 1.0f, dot, nrp, block);
       for (int64_t r = 0; r < nrp; ++r) {
         if (r < num_rows) {
           const int64_t row = (b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;
@@ -936,13 +989,17 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
           Store(si + j, Exp(Load(si + j) - Load(lse + j) - Load(norm + j)));
         }
       }
-      Gemm(nk, c.hvp, num_rows, st, nrp, dor, c.hvp, dv, c.hvp, true);
-      Gemm(nk, nrp, p.value_dim, v, c.hvp, dot, nrp, dpt, nrp, false);
+      int64_t lda;
+      const float* prob_t = ComputedOperand(c, st, nk, num_rows, nrp, pairs, &lda);
+      ProductGemm(c, nk, c.hvp, num_rows, prob_t, lda, dor, c.hvp, dv, c.hvp, true);
+      ProductGemm(c, nk, nrp, p.value_dim, v, DotLd(c, p.value_dim), dot, nrp, dpt, nrp,
+                  false);
       for (int64_t i = 0; i < nk; ++i) {
         LogitsGradRow(st + i * nrp, dpt + i * nrp, has_cap ? tht + i * nrp : nullptr, nrp,
                       0.0f, delta);
       }
-      Gemm(nk, c.hp, num_rows, dpt, nrp, qr, c.hp, dk, c.hp, true);
+      const float* ds_t = ComputedOperand(c, dpt, nk, num_rows, nrp, pairs, &lda);
+      ProductGemm(c, nk, c.hp, num_rows, ds_t, lda, qr, c.hp, dk, c.hp, true);
     }
   }
   for (int64_t j = 0; j < s1 - s0; ++j) {
@@ -956,7 +1013,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
 
 static void RunBackward(const AttentionProblem& p, const BlockSparseTables* sparse,
                         const FlashBackwardArgs& args, const Parallel& parallel) {
-  BackwardJob job{ContextFor(p, sparse, parallel), args, nullptr, nullptr};
+  BackwardJob job{ContextFor(p, sparse), args, nullptr, nullptr};
   const int64_t rows = p.batch * p.q_len * p.num_heads;
   job.delta = static_cast<float*>(__builtin_malloc(MaxI(rows, 1) * sizeof(float)));
   job.norm = static_cast<float*>(__builtin_malloc(MaxI(rows, 1) * sizeof(float)));

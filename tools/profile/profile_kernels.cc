@@ -81,6 +81,7 @@ const Case kCases[] = {
     {"fwd_bf16_causal", Kind::kForward, DType::kBF16, true, {1, 2048, 2048, 8, 8, 128}, {1, 512, 512, 2, 2, 128}},
     {"bwd_f32", Kind::kBackward, DType::kF32, false, {1, 2048, 2048, 8, 8, 128}, {1, 256, 256, 2, 2, 128}},
     {"bwd_f32_causal", Kind::kBackward, DType::kF32, true, {1, 2048, 2048, 8, 8, 128}, {1, 256, 256, 2, 2, 128}},
+    {"bwd_bf16", Kind::kBackward, DType::kBF16, false, {1, 2048, 2048, 8, 8, 128}, {1, 256, 256, 2, 2, 128}},
     {"decode_f32", Kind::kDecode, DType::kF32, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}},
     {"decode_bf16", Kind::kDecode, DType::kBF16, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}},
 };
