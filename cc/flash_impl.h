@@ -602,7 +602,8 @@ static inline void OnlineSoftmaxStep(float* sr, int64_t nk, int64_t nkp, float* 
     Store(sr + j, e);
     sum += e;
   }
-  const float correction = __builtin_expf(*m - m_new);
+  // exp(0) is exactly 1: skip the libm call when the max stays (most tiles after the first).
+  const float correction = m_new == *m ? 1.0f : __builtin_expf(*m - m_new);
   *l = *l * correction + HorizontalSum(sum);
   *m = m_new;
   if (correction != 1.0f) {
