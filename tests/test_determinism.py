@@ -123,3 +123,37 @@ def test_forced_isa_runs_other_kernels() -> None:
     b = worker_cases("default", ALL_CPUS)["outputs"]
     assert any(a[n][k].tobytes() != b[n][k].tobytes() for n in a for k in a[n]), (
         "generic and default kernels gave bitwise equal results everywhere")
+
+
+# --------------------------------------------------------------------------------------------
+# Tile size
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_query_tile_size_does_not_change_results(dtype: str, causal: bool) -> None:
+    """cc/flash_impl.h cuts flash attention into 128-row query tiles when the shape leaves
+    >= 64 tasks, else 64-row tiles; every row's result must be bitwise the same either way.
+    One batch element alone (2 tasks: 64-row tiles) against the same element inside a batch
+    of 40 (80 tasks: 128-row tiles), forward and gradients."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxattn
+
+    rng = np.random.default_rng(0)
+    shape = (40, 200, 1, 72)  # T off the tile sizes; H off the vector width
+    q, k, v, dout = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(4))
+
+    @jax.jit
+    def forward_and_grads(q, k, v, dout):
+        out, vjp = jax.vjp(lambda *a: jaxattn.flash_attention(*a, is_causal=causal), q, k, v)
+        return (out, *vjp(dout))
+
+    batched = forward_and_grads(q, k, v, dout)
+    alone = forward_and_grads(q[:1], k[:1], v[:1], dout[:1])
+    for name, x, y in zip(("out", "dq", "dk", "dv"), batched, alone):
+        assert_bitwise_equal({name: np.asarray(x[:1])}, {name: np.asarray(y)},
+                             f"{dtype} causal={causal}: batch of 40 vs alone")
