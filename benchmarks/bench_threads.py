@@ -38,6 +38,13 @@ g = jax.jit(jax.grad(lambda q, k, v: jaxattn.flash_attention(q, k, v, is_causal=
 fn = lambda: g(q, k, v)
 work = (3.5 * 4 * 16 * 2048 * 2049 / 2 * 128 / 1e9, "GFLOP/s")
 """,
+    "fwd+bwd bf16 B=1 T=2048 N=16 H=128 causal": """
+q, k, v = (rand((1, 2048, 16, 128), jnp.bfloat16) for _ in range(3))
+g = jax.jit(jax.grad(lambda q, k, v: jaxattn.flash_attention(q, k, v, is_causal=True)
+                     .astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+fn = lambda: g(q, k, v)
+work = (3.5 * 4 * 16 * 2048 * 2049 / 2 * 128 / 1e9, "GFLOP/s")
+""",
 }
 DECODE = """
 q = rand((1, 1, 32, 128), DT)
