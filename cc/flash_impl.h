@@ -63,7 +63,6 @@ static FlashContext MakeContext(const AttentionProblem& p, int64_t rows_per_tile
   c.positions_per_tile = MaxI(1, rows_per_tile / c.group);
   c.num_q_tiles = CeilDiv(p.q_len, c.positions_per_tile);
   c.rows_padded = RoundUp(c.positions_per_tile * c.group, kVL);
-  c.pairs = kHasBF16Pairs && p.dtype == DType::kBF16;
   StridesOf(p.bias, c.bias_strides);
   StridesOf(p.mask, c.mask_strides);
   return c;
@@ -704,8 +703,10 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   }
 }
 
-// The context of a flash (sparse == nullptr) or block-sparse call.
-static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTables* sparse) {
+// The context of a flash (sparse == nullptr) or block-sparse call. bf16_products: multiply
+// bf16 inputs as bf16 pairs (where the kernel table says the CPU does that faster).
+static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTables* sparse,
+                               bool bf16_products) {
   int64_t rows = kRowsPerTile;
   if (sparse == nullptr) {
     const int64_t group = p.num_heads / p.num_kv_heads;
@@ -715,20 +716,23 @@ static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTable
   }
   FlashContext c = MakeContext(p, rows);
   c.sparse = sparse;
+  c.pairs = kHasBF16Pairs && bf16_products && p.dtype == DType::kBF16;
   return c;
 }
 
 // sparse: nullptr for flash attention, else the block-sparse tiles to visit.
 static void RunForward(const AttentionProblem& p, const BlockSparseTables* sparse,
-                       const FlashForwardResult& res, const Parallel& parallel) {
-  ForwardJob job{ContextFor(p, sparse), res};
+                       bool bf16_products, const FlashForwardResult& res,
+                       const Parallel& parallel) {
+  ForwardJob job{ContextFor(p, sparse, bf16_products), res};
   const int64_t tasks = p.batch * p.num_kv_heads * job.c.num_q_tiles;
   parallel.For(tasks, ForwardTask, &job);
 }
 
+template <bool kBF16Products>
 static void ForwardImpl(const AttentionProblem& p, const FlashForwardResult& res,
                         const Parallel& parallel) {
-  RunForward(p, nullptr, res, parallel);
+  RunForward(p, nullptr, kBF16Products, res, parallel);
 }
 
 // ---------------------------------------------------------------------------- backward
@@ -1013,8 +1017,9 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
 }
 
 static void RunBackward(const AttentionProblem& p, const BlockSparseTables* sparse,
-                        const FlashBackwardArgs& args, const Parallel& parallel) {
-  BackwardJob job{ContextFor(p, sparse), args, nullptr, nullptr};
+                        bool bf16_products, const FlashBackwardArgs& args,
+                        const Parallel& parallel) {
+  BackwardJob job{ContextFor(p, sparse, bf16_products), args, nullptr, nullptr};
   const int64_t rows = p.batch * p.q_len * p.num_heads;
   job.delta = static_cast<float*>(__builtin_malloc(MaxI(rows, 1) * sizeof(float)));
   job.norm = static_cast<float*>(__builtin_malloc(MaxI(rows, 1) * sizeof(float)));
@@ -1027,7 +1032,8 @@ static void RunBackward(const AttentionProblem& p, const BlockSparseTables* spar
   __builtin_free(job.norm);
 }
 
+template <bool kBF16Products>
 static void BackwardImpl(const AttentionProblem& p, const FlashBackwardArgs& args,
                          const Parallel& parallel) {
-  RunBackward(p, nullptr, args, parallel);
+  RunBackward(p, nullptr, kBF16Products, args, parallel);
 }

@@ -4,7 +4,7 @@
 #include "kernels_impl.h"
 
 namespace jaxattn {
-const KernelTable kAvx2Kernels = {"avx2", avx2::ForwardImpl, avx2::BackwardImpl,
-    avx2::SparseTilingImpl, avx2::SparseForwardImpl, avx2::SparseBackwardImpl,
+const KernelTable kAvx2Kernels = {"avx2", avx2::ForwardImpl<false>, avx2::BackwardImpl<false>,
+    avx2::SparseTilingImpl, avx2::SparseForwardImpl<false>, avx2::SparseBackwardImpl<false>,
                                     avx2::DecodeImpl, avx2::DecodePartitionSizeImpl};
 }  // namespace jaxattn

@@ -4,7 +4,12 @@
 #include "kernels_impl.h"
 
 namespace jaxattn {
-const KernelTable kAvx512Kernels = {"avx512", avx512::ForwardImpl, avx512::BackwardImpl,
-    avx512::SparseTilingImpl, avx512::SparseForwardImpl, avx512::SparseBackwardImpl,
-                                    avx512::DecodeImpl, avx512::DecodePartitionSizeImpl};
+// Two tables: bf16 inputs multiplied widened to float32, or as bf16 pairs by vdpbf16ps
+// (dispatch.cc picks the one that is faster on the CPU).
+const KernelTable kAvx512Kernels = {"avx512", avx512::ForwardImpl<false>,
+    avx512::BackwardImpl<false>, avx512::SparseTilingImpl, avx512::SparseForwardImpl<false>,
+    avx512::SparseBackwardImpl<false>, avx512::DecodeImpl, avx512::DecodePartitionSizeImpl};
+const KernelTable kAvx512BF16Kernels = {"avx512bf16", avx512::ForwardImpl<true>,
+    avx512::BackwardImpl<true>, avx512::SparseTilingImpl, avx512::SparseForwardImpl<true>,
+    avx512::SparseBackwardImpl<true>, avx512::DecodeImpl, avx512::DecodePartitionSizeImpl};
 }  // namespace jaxattn

@@ -4,7 +4,7 @@
 #include "kernels_impl.h"
 
 namespace jaxattn {
-const KernelTable kGenericKernels = {"generic", generic::ForwardImpl, generic::BackwardImpl,
-    generic::SparseTilingImpl, generic::SparseForwardImpl, generic::SparseBackwardImpl,
+const KernelTable kGenericKernels = {"generic", generic::ForwardImpl<false>, generic::BackwardImpl<false>,
+    generic::SparseTilingImpl, generic::SparseForwardImpl<false>, generic::SparseBackwardImpl<false>,
                                     generic::DecodeImpl, generic::DecodePartitionSizeImpl};
 }  // namespace jaxattn

@@ -21,5 +21,6 @@ struct KernelTable {
 extern const KernelTable kGenericKernels;
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;
+extern const KernelTable kAvx512BF16Kernels;  // avx512 with bf16 products on bf16 pairs
 
 }  // namespace jaxattn

@@ -15,12 +15,14 @@ static BlockSparseTiling SparseTilingImpl(int64_t group) {
   return tiling;
 }
 
+template <bool kBF16Products>
 static void SparseForwardImpl(const AttentionProblem& p, const BlockSparseTables& tables,
                               const FlashForwardResult& res, const Parallel& parallel) {
-  RunForward(p, &tables, res, parallel);
+  RunForward(p, &tables, kBF16Products, res, parallel);
 }
 
+template <bool kBF16Products>
 static void SparseBackwardImpl(const AttentionProblem& p, const BlockSparseTables& tables,
                                const FlashBackwardArgs& args, const Parallel& parallel) {
-  RunBackward(p, &tables, args, parallel);
+  RunBackward(p, &tables, kBF16Products, args, parallel);
 }

@@ -69,7 +69,7 @@ def harness() -> Path:
     return binary
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "default"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "default"])
 def test_kernel_harness_under_asan_ubsan(harness: Path, isa: str) -> None:
     env = dict(os.environ)
     env.pop("JAXATTN_ISA", None)

@@ -2,14 +2,15 @@
 # The kernels under AddressSanitizer + UndefinedBehaviorSanitizer (and ThreadSanitizer):
 # builds tests/cc/kernel_harness (no Python needed) and runs every suite (one per kernel
 # family, tests/cc/*_suite.cc) over its shape grid once per instruction set the CPU has
-# (JAXATTN_ISA=generic, avx2, and the default, avx512 where present). Any sanitizer report,
+# (JAXATTN_ISA=generic, avx2, avx512 and the default, avx512bf16 on AMD CPUs with
+# AVX512-BF16). Any sanitizer report,
 # wrong result, NaN leak, serial/threaded mismatch or deadlock fails.
 #
 #   tools/sanitize.sh                 # ~1-2 min on 2 cores
 #   tools/sanitize.sh --cases 2000    # a larger random grid (default 400 per ISA)
 #   tools/sanitize.sh --seed 7        # another grid
 #   tools/sanitize.sh --no-tsan       # skip the ThreadSanitizer build
-#   tools/sanitize.sh --isa avx2      # one instruction set only (generic|avx2|default)
+#   tools/sanitize.sh --isa avx2      # one kernel set only (generic|avx2|avx512|default)
 #   tools/sanitize.sh --suite flash   # one kernel family (tests/cc/<name>_suite.cc)
 #
 # Build directories: build/sanitize (ASan+UBSan) and build/tsan. Needs cmake and g++ or clang++.
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 cases=400
 seed=1
 tsan=1
-isas=(generic avx2 default)
+isas=(generic avx2 avx512 default)
 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
