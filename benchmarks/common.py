@@ -33,7 +33,8 @@ def torch_or_none():
         import torch
     except ImportError:
         return None
-    torch.set_num_threads(os.cpu_count() or 1)
+    # The process's affinity, not os.cpu_count(): a child pinned with taskset gets its cores.
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     return torch
 
 
@@ -47,6 +48,57 @@ def machine_figures() -> dict[str, float]:
     dst = np.empty_like(src)
     tc = median_seconds(lambda: np.copyto(dst, src), min_runs=5)
     return {"matmul_gflops": 2 * n**3 / t / 1e9, "copy_gbs": 2 * src.nbytes / tc / 1e9}
+
+
+def interleaved_seconds(fns: dict[str, Callable[[], object]], *, min_seconds: float = 1.0,
+                        min_runs: int = 3, max_runs: int = 50,
+                        slow_seconds: float = 3.0, warmup: bool = True) -> dict[str, float]:
+    """Median wall time of each ``fns[name]()``, the callables timed in turns (ABAB...).
+
+    On a shared machine, load that comes and goes then hits every alternative alike, so
+    their ratios stay meaningful. Each is called once untimed first (compilation). A
+    callable stops taking turns after ``min_runs`` calls and ``min_seconds`` of them, or
+    ``max_runs``, or (for slow ones) after one call once ``slow_seconds`` are spent on it.
+    """
+    for fn in fns.values() if warmup else ():
+        jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+
+    def wants_more(name: str) -> bool:
+        ts, spent = times[name], sum(times[name])
+        if not ts:
+            return True
+        if len(ts) >= max_runs or spent >= max(slow_seconds, min_seconds):
+            return False
+        return len(ts) < min_runs or spent < min_seconds
+
+    while any(wants_more(name) for name in fns):
+        for name, fn in fns.items():
+            if wants_more(name):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn())
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bf16_matmul_peak(torch=None, n: int = 4096) -> tuple[float, str]:
+    """The best bf16 matmul GFLOP/s of an n^3 product here, and which library reached it.
+
+    Candidates: XLA with bf16 output, XLA accumulating into f32 output, and PyTorch
+    (torch.matmul on bf16, oneDNN/MKL; uses AVX512-BF16 / AMX where the CPU has them).
+    """
+    best = (0.0, "none")
+    a = jax.numpy.ones((n, n), jax.numpy.bfloat16)
+    for name, f in (("XLA bf16->bf16", lambda x: x @ x),
+                    ("XLA bf16->f32", lambda x: jax.numpy.dot(
+                        x, x, preferred_element_type=jax.numpy.float32))):
+        mm = jax.jit(f)
+        best = max(best, (2 * n**3 / median_seconds(lambda: mm(a)) / 1e9, name))
+    if torch is not None:
+        ta = torch.randn(n, n).to(torch.bfloat16)
+        t = median_seconds(lambda: torch.matmul(ta, ta))
+        best = max(best, (2 * n**3 / t / 1e9, f"torch.matmul bf16 (torch {torch.__version__})"))
+    return best
 
 
 def describe_machine() -> str:

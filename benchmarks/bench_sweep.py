@@ -1,0 +1,432 @@
+"""Sweep: jaxattn vs XLA, PyTorch SDPA and tokamax along one axis at a time, with plots.
+
+Each axis varies one parameter around a base point (B=1 T=S=2048 N=K=8 H=128 causal, float32,
+forward): sequence length (forward and forward+backward), head dim, dtype, GQA ratio N/K,
+threads (a fresh process per count, pinned with taskset), and a decode-like axis (one query
+token against a KV cache of S tokens, where bandwidth is what counts). The implementations of
+one point are timed in turns (ABAB..., medians) in one process, so a shared machine's load
+hits them alike. GFLOP/s count useful work (4*B*N*T*S*H, causal: the visible half; backward:
+2.5x forward); GB/s count Q, K, V, O (and for backward dO, dQ, dK, dV) each touched once.
+Peaks are measured here: f32 matmul (XLA), bf16 matmul (best of XLA and PyTorch) and copy
+bandwidth. Writes sweep.md, sweep.json and sweep_<axis>.png into --out.
+
+    python benchmarks/bench_sweep.py [--quick] [--axes seq headdim dtype gqa threads decode]
+                                     [--out benchmarks/results] [--threads-max N]
+
+PyTorch and tokamax are optional (pip install .[bench]); when missing their columns are '-'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_decode  # noqa: E402
+from bench_flash import Shape, inputs, jax_runner, torch_runner, xla_attention  # noqa: E402
+from common import (bf16_matmul_peak, describe_machine, interleaved_seconds,  # noqa: E402
+                    machine_figures, markdown_table, torch_or_none)
+
+import jaxattn  # noqa: E402
+
+IMPLS = ("jaxattn", "XLA", "torch", "tokamax")
+AXES = ("seq", "headdim", "dtype", "gqa", "threads", "decode")
+GBS_AXES = ("seq", "decode")  # axes whose plot gets a GB/s panel (bandwidth matters there)
+NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measurement: a flash shape (or a decode shape when ``decode``) and how to run it."""
+    axis: str
+    value: int | str
+    shape: Shape | bench_decode.Shape
+    dtype: str = "float32"
+    backward: bool = False
+    threads: int | None = None  # run in a child pinned to this many cores
+    decode: bool = False
+
+    @property
+    def pass_name(self) -> str:
+        return "fwd+bwd" if self.backward else "fwd"
+
+    def flops(self) -> float:
+        if self.decode:
+            s = self.shape
+            return 4.0 * s.b * s.n * s.t * s.s * s.h
+        return self.shape.flops(self.backward)
+
+    def bytes(self) -> float:
+        itemsize = jnp.dtype(self.dtype).itemsize
+        if self.decode:
+            s = self.shape
+            return float(s.kv_bytes(itemsize) + 2 * s.b * s.t * s.n * s.h * itemsize)
+        return self.shape.bytes(itemsize, self.backward)
+
+
+def base_shape(quick: bool) -> Shape:
+    """The point every axis varies one parameter of (smaller for --quick)."""
+    return Shape(1, 512, 8, 8, 64, True) if quick else Shape(1, 2048, 8, 8, 128, True)
+
+
+def points(axis: str, quick: bool, threads_max: int) -> list[Point]:
+    """The points of one axis, each the base point with one parameter changed."""
+    base = base_shape(quick)
+    rep = dataclasses.replace
+    if axis == "seq":
+        seqs = (256, 512, 1024) if quick else (256, 512, 1024, 2048, 4096, 8192)
+        return [Point(axis, t, rep(base, t=t), backward=bwd)
+                for bwd in (False, True) for t in seqs]
+    if axis == "headdim":
+        return [Point(axis, h, rep(base, h=h)) for h in ((64, 80, 128) if quick else
+                                                         (64, 80, 128, 256))]
+    if axis == "dtype":
+        return [Point(axis, f"{dt} {'fwd+bwd' if bwd else 'fwd'}", base, dtype=dt, backward=bwd)
+                for dt in ("float32", "bfloat16") for bwd in (False, True)]
+    if axis == "gqa":
+        return [Point(axis, r, rep(base, k=base.n // r)) for r in (1, 4, 8)]
+    if axis == "threads":
+        counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n < threads_max] + [threads_max]
+        if quick:
+            counts = sorted({1, threads_max})
+        return [Point(axis, n, base, threads=n) for n in counts]
+    if axis == "decode":
+        lengths = (2048, 8192) if quick else (2048, 8192, 32768)
+        return [Point(axis, s, bench_decode.Shape(1, s, 32, 8, 128, 1), decode=True)
+                for s in lengths]
+    raise ValueError(f"unknown axis {axis!r}; pick from {AXES}")
+
+
+def tokamax_or_none() -> tuple[object | None, str]:
+    """tokamax (optional) and a description of the implementation its default picks here."""
+    try:
+        import tokamax
+    except Exception as e:  # not installed, or it fails to import with this jax
+        return None, f"not available ({type(e).__name__})"
+    # tokamax reads its config from absl flags and, at first use, parses sys.argv for them,
+    # which rejects this script's own options; parse just the program name instead.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(sys.argv[:1])
+    # implementation=None tries its default order and takes the first one that does not raise
+    # NotImplementedError; find which one that is on this backend.
+    chosen, order = "?", "?"
+    try:
+        from tokamax._src.ops.attention import api
+        order = api._DEFAULT_IMPLEMENTATION
+        q = jnp.zeros((1, 16, 1, 16), jnp.float32)
+        for impl in order:
+            try:
+                tokamax.dot_product_attention(q, q, q, implementation=impl)
+                chosen = impl
+                break
+            except NotImplementedError:
+                continue
+    except Exception:  # private module layout changed: the description just stays vague
+        pass
+    return tokamax, (f"tokamax {tokamax.__version__}, implementation=None (default order "
+                     f"{order}) runs {chosen!r} on {jax.default_backend()}")
+
+
+def runners(p: Point, torch, tokamax) -> dict[str, Callable[[], object]]:
+    """No-argument callables for each available implementation at ``p``."""
+    dtype = jnp.dtype(p.dtype)
+    fns: dict[str, Callable[[], object]] = {}
+    if p.decode:
+        q, kc, vc, lengths = bench_decode.inputs(p.shape, dtype)
+        ours = jax.jit(jaxattn.decode_attention)
+        fns["jaxattn"] = lambda: ours(q, kc, vc, lengths)
+        xla = jax.jit(bench_decode.xla_decode)
+        fns["XLA"] = lambda: xla(q, kc, vc, lengths)
+        if torch is not None:
+            fns["torch"] = bench_decode.torch_runner(torch, p.shape, p.dtype)
+        if tokamax is not None:
+            tk = jax.jit(lambda q, k, v, n: tokamax.dot_product_attention(
+                q, k, v, key_value_seq_lengths=n))
+            fns["tokamax"] = lambda: tk(q, kc, vc, lengths)
+        return fns
+    q, k, v = inputs(p.shape, dtype)
+    for name, attention in (("jaxattn", jaxattn.flash_attention), ("XLA", xla_attention)):
+        f = jax_runner(attention, p.shape, p.backward)
+        fns[name] = lambda f=f: f(q, k, v)
+    if torch is not None:
+        fns["torch"] = torch_runner(torch, p.shape, p.dtype, p.backward)
+    if tokamax is not None:
+        tk = jax_runner(lambda q, k, v, is_causal: tokamax.dot_product_attention(
+            q, k, v, is_causal=is_causal), p.shape, p.backward)
+        fns["tokamax"] = lambda: tk(q, k, v)
+    return fns
+
+
+def measure(p: Point, torch, tokamax, *, min_seconds: float, skip: dict[str, str]
+            ) -> tuple[dict[str, float], dict[str, str]]:
+    """Seconds per call of each implementation at ``p`` (NaN where skipped or failed), and
+    notes saying why."""
+    notes = dict(skip)
+    fns = {name: fn for name, fn in runners(p, torch, tokamax).items() if name not in skip}
+    warm = {}
+    for name, fn in fns.items():  # compile and run once; one failing must not sink the rest
+        try:
+            jax.block_until_ready(fn())
+            warm[name] = fn
+        except Exception as e:  # e.g. out of memory for XLA's T x S logits
+            notes[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    seconds = interleaved_seconds(warm, min_seconds=min_seconds, warmup=False) if warm else {}
+    return {name: seconds.get(name, NAN) for name in IMPLS}, notes
+
+
+def run_child(p: Point, args) -> dict:
+    """Measures ``p`` in a fresh process pinned to its first ``p.threads`` cores (XLA sizes its
+    pool from the affinity at start; PyTorch's count is set from it too)."""
+    cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:p.threads])
+    cmd = ["taskset", "-c", cores, sys.executable, os.path.abspath(__file__), "--child",
+           json.dumps({"value": p.value, "threads": p.threads, "quick": args.quick,
+                       "min_seconds": args.min_seconds, "no_torch": args.no_torch,
+                       "no_tokamax": args.no_tokamax, "threads_max": args.threads_max})]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child_main(spec: dict) -> None:
+    """Entry point of a --child process: one threads-axis point, result as JSON on stdout."""
+    torch = None if spec["no_torch"] else torch_or_none()
+    tokamax = None if spec["no_tokamax"] else tokamax_or_none()[0]
+    p = next(q for q in points("threads", spec["quick"], spec["threads_max"])
+             if q.value == spec["value"])
+    seconds, notes = measure(p, torch, tokamax, min_seconds=spec["min_seconds"], skip={})
+    peak = machine_figures()["matmul_gflops"]  # the f32 matmul peak on these cores
+    print(json.dumps({"seconds": seconds, "notes": notes, "peak": peak,
+                      "threads": len(os.sched_getaffinity(0))}))
+
+
+def run_axis(axis: str, args, torch, tokamax, machine: dict) -> list[dict]:
+    """Measures every point of ``axis``; returns one record per point."""
+    records = []
+    last: dict[tuple[bool, str], tuple[float, float]] = {}  # (backward, impl) -> (s, work)
+    for p in points(axis, args.quick, args.threads_max):
+        work = p.bytes() if p.decode else p.flops()
+        # Skip what would be too slow, predicted from the previous point of this pass (the
+        # quadratic-memory implementations at long S on few cores), or what already failed.
+        skip = {}
+        for name in IMPLS:
+            prev = last.get((p.backward, name))
+            if prev is not None and math.isnan(prev[0]):
+                skip[name] = "skipped: failed or skipped at a smaller size"
+            elif prev is not None and prev[0] * work / prev[1] > args.max_call_seconds:
+                skip[name] = (f"skipped: predicted {prev[0] * work / prev[1]:.0f} s per call "
+                              f"> --max-call-seconds {args.max_call_seconds:g}")
+        t0 = time.perf_counter()
+        if p.threads is not None:
+            child = run_child(p, args)
+            seconds = {k: (NAN if v is None else v) for k, v in child["seconds"].items()}
+            notes, peak = child["notes"], child["peak"]
+        else:
+            seconds, notes = measure(p, torch, tokamax, min_seconds=args.min_seconds,
+                                     skip=skip)
+            peak = machine["bf16_gflops"] if p.dtype == "bfloat16" else machine["f32_gflops"]
+        for name in IMPLS:
+            last[(p.backward, name)] = (seconds[name], work)
+        records.append({"axis": axis, "value": p.value, "shape": str(p.shape),
+                        "pass": p.pass_name, "dtype": p.dtype, "threads": p.threads,
+                        "flops": p.flops(), "bytes": p.bytes(), "seconds": seconds,
+                        "notes": notes, "peak_gflops": peak, "copy_gbs": machine["copy_gbs"]})
+        print(f"  {axis}={p.value} {p.pass_name} {p.dtype}: " + ", ".join(
+            f"{k} {v * 1e3:.1f} ms" for k, v in seconds.items() if v == v)
+            + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    return records
+
+
+def axis_table(records: list[dict]) -> str:
+    headers = ["value", "shape", "pass", "dtype"]
+    for name in IMPLS:
+        headers += [f"{name} ms", f"{name} GFLOP/s", f"{name} GB/s"]
+    headers += ["jaxattn % matmul peak", "jaxattn % copy BW"] + [f"x {n}" for n in IMPLS[1:]]
+    rows = []
+    for r in records:
+        s = r["seconds"]
+        row = [r["value"], r["shape"], r["pass"], r["dtype"]]
+        for name in IMPLS:
+            row += [s[name] * 1e3, r["flops"] / s[name] / 1e9, r["bytes"] / s[name] / 1e9]
+        ours = s["jaxattn"]
+        row += [100 * r["flops"] / ours / 1e9 / r["peak_gflops"],
+                100 * r["bytes"] / ours / 1e9 / r["copy_gbs"]]
+        row += [s[name] / ours for name in IMPLS[1:]]
+        rows.append(row)
+    return markdown_table(headers, rows)
+
+
+AXIS_TITLES = {"seq": "sequence length T=S", "headdim": "head dim H", "dtype": "dtype, pass",
+               "gqa": "GQA ratio N/K (N=8)", "threads": "threads (cores)",
+               "decode": "KV cache length S (decode: T=1, N=32, K=8, H=128)"}
+COLORS = {"jaxattn": "tab:blue", "XLA": "tab:orange", "torch": "tab:green",
+          "tokamax": "tab:red"}
+
+
+def plot_axis(axis: str, records: list[dict], path: str, machine: dict, base: str) -> None:
+    """GFLOP/s (and for GBS_AXES, GB/s) against the axis, one line per implementation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = ["GFLOP/s", "GB/s"] if axis in GBS_AXES else ["GFLOP/s"]
+    if axis == "decode":
+        panels = ["GB/s", "GFLOP/s"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    rate = {"GFLOP/s": lambda r, s: r["flops"] / s / 1e9, "GB/s": lambda r, s: r["bytes"] / s / 1e9}
+    categorical = axis == "dtype"
+    for ax, unit in zip(axes[0], panels):
+        if categorical:  # grouped bars, each group with its own peak
+            width = 0.8 / len(IMPLS)
+            for i, name in enumerate(IMPLS):
+                ys = [rate[unit](r, r["seconds"][name]) for r in records]
+                ax.bar([j + (i - (len(IMPLS) - 1) / 2) * width for j in range(len(records))],
+                       [0 if math.isnan(y) else y for y in ys], width, label=name,
+                       color=COLORS[name])
+            for j, r in enumerate(records):
+                ref = r["peak_gflops"] if unit == "GFLOP/s" else r["copy_gbs"]
+                ax.hlines(ref, j - 0.45, j + 0.45, colors="k", linestyles="--",
+                          label="peak" if j == 0 else None)
+            ax.set_xticks(range(len(records)), [str(r["value"]) for r in records])
+        else:
+            for bwd in sorted({r["pass"] for r in records}):
+                rs = [r for r in records if r["pass"] == bwd]
+                xs = [r["value"] for r in rs]
+                style = "o-" if bwd == "fwd" else "s:"
+                for name in IMPLS:
+                    ys = [rate[unit](r, r["seconds"][name]) for r in rs]
+                    if all(math.isnan(y) for y in ys):
+                        continue
+                    ax.plot(xs, ys, style, color=COLORS[name],
+                            label=f"{name} {bwd}" if len(set(r["pass"] for r in records)) > 1
+                            else name)
+            xs = [r["value"] for r in records if r["pass"] == "fwd"]
+            if unit == "GFLOP/s":
+                peaks = [r["peak_gflops"] for r in records if r["pass"] == "fwd"]
+                label = ("f32 matmul peak (XLA)" if records[0]["dtype"] == "float32"
+                         else "bf16 matmul peak")
+                if axis == "threads":  # measured on each core count
+                    ax.plot(xs, peaks, "kx--", label=label + " on these cores")
+                else:
+                    ax.axhline(peaks[0], color="k", linestyle="--", label=label)
+            else:
+                ax.axhline(machine["copy_gbs"], color="k", linestyle="--",
+                           label="copy bandwidth (numpy)")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.minorticks_off()
+        ax.set_yscale("log")
+        ax.set_xlabel(AXIS_TITLES[axis])
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{AXIS_TITLES[axis]}; the rest as in {base} float32 fwd"
+                 if axis != "decode" else AXIS_TITLES[axis], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(out: str, header: str, results: dict[str, list[dict]],
+                  machine: dict, base: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    parts = [header]
+    for axis, records in results.items():
+        png = f"sweep_{axis}.png"
+        plot_axis(axis, records, os.path.join(out, png), machine, base)
+        notes = sorted({f"{r['value']} {r['pass']} {k}: {v}" for r in records
+                        for k, v in r["notes"].items()})
+        parts.append(f"## {AXIS_TITLES[axis]}\n\n![{axis}]({png})\n\n{axis_table(records)}")
+        if notes:
+            parts.append("\n".join(f"- {n}" for n in notes))
+    with open(os.path.join(out, "sweep.md"), "w") as f:
+        f.write("\n\n".join(parts) + "\n")
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump({"machine": machine, "results": results}, f, indent=1, default=str)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
+    parser.add_argument("--axes", nargs="+", choices=AXES, default=list(AXES))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--threads-max", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--min-seconds", type=float, default=None,
+                        help="time each implementation at least this long per point")
+    parser.add_argument("--max-call-seconds", type=float, default=10.0,
+                        help="skip an implementation whose call is predicted to take longer")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-tokamax", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(json.loads(args.child))
+        return
+    if args.min_seconds is None:
+        args.min_seconds = 0.2 if args.quick else 1.0
+    start = time.perf_counter()
+    load_at_start = os.getloadavg()[0]  # > 0 before we start: others share the cores
+    torch = None if args.no_torch else torch_or_none()
+    tokamax, tokamax_desc = (None, "disabled") if args.no_tokamax else tokamax_or_none()
+    fig = machine_figures()
+    bf16, bf16_src = bf16_matmul_peak(torch)
+    machine = {"description": describe_machine(), "f32_gflops": fig["matmul_gflops"],
+               "bf16_gflops": bf16, "bf16_source": bf16_src, "copy_gbs": fig["copy_gbs"],
+               "torch": torch.__version__ if torch else "not installed",
+               "tokamax": tokamax_desc}
+    print(json.dumps(machine, indent=1), file=sys.stderr)
+    results: dict[str, list[dict]] = {}
+
+    def header() -> str:
+        cmd = " ".join(["python benchmarks/bench_sweep.py"] + sys.argv[1:])
+        return "\n".join([
+            "# Attention sweep: jaxattn vs XLA, PyTorch SDPA, tokamax", "",
+            f"`{cmd}` — {time.strftime('%Y-%m-%d')}, "
+            f"{(time.perf_counter() - start) / 60:.1f} min; 1-min load average before it "
+            f"started {load_at_start:.1f}, at the end {os.getloadavg()[0]:.1f} "
+            f"(on {len(os.sched_getaffinity(0))} cores).", "",
+            f"- Machine: {machine['description']}",
+            f"- Peaks measured here: f32 matmul {machine['f32_gflops']:.0f} GFLOP/s (XLA, "
+            f"2048^3); bf16 matmul {machine['bf16_gflops']:.0f} GFLOP/s ({bf16_src}, 4096^3); "
+            f"copy {machine['copy_gbs']:.1f} GB/s (numpy, read+write, one thread)",
+            f"- PyTorch: {machine['torch']} (`scaled_dot_product_attention`, [B, heads, T, H] "
+            "layout, enable_gqa)",
+            f"- tokamax: {machine['tokamax']} — `tokamax.dot_product_attention` as a user gets "
+            "it on the CPU: on this backend its Pallas kernels (Mosaic, Triton) raise "
+            "NotImplementedError and it falls back to its XLA reference (einsum, f32 softmax, "
+            "T x S logits materialized, K/V broadcast to N heads for GQA)",
+            "- XLA: `jax.nn.dot_product_attention(implementation=\"xla\")`; decode: with "
+            "key_value_seq_lengths (bench_decode.xla_decode); jaxattn decode: "
+            "`jaxattn.decode_attention`",
+            f"- Base point: {base_shape(args.quick)}, float32, forward; each axis changes one "
+            "parameter. The threads axis runs each count in a fresh process pinned with "
+            "taskset (its peak line is the f32 matmul measured on those cores).",
+            "- Implementations of a point are timed in turns in one process (medians). "
+            "GFLOP/s: 4*B*N*T*S*H (causal: visible half), fwd+bwd = 3.5x fwd; GB/s: Q, K, V, "
+            "O read/written once (fwd+bwd: also dO, dQ, dK, dV; decode: the KV cache). "
+            "'x impl' = impl's time / jaxattn's (> 1: jaxattn faster). '-': not installed, "
+            "skipped or failed (see notes).",
+        ])
+
+    for axis in args.axes:
+        print(f"axis {axis}", file=sys.stderr, flush=True)
+        results[axis] = run_axis(axis, args, torch, tokamax, machine)
+        # after each axis, so that partial results survive
+        write_outputs(args.out, header(), results, machine, str(base_shape(args.quick)))
+    print(f"done in {(time.perf_counter() - start) / 60:.1f} min; wrote "
+          f"{os.path.join(args.out, 'sweep.md')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
