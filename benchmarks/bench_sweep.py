@@ -35,8 +35,8 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_decode  # noqa: E402
 from bench_flash import Shape, inputs, jax_runner, torch_runner, xla_attention  # noqa: E402
-from common import (bf16_matmul_peak, describe_machine, interleaved_seconds,  # noqa: E402
-                    machine_figures, markdown_table, torch_or_none)
+from common import (copy_bandwidth, describe_machine, interleaved_seconds,  # noqa: E402
+                    markdown_table, matmul_peak, torch_or_none)
 
 import jaxattn  # noqa: E402
 
@@ -186,6 +186,11 @@ def measure(p: Point, torch, tokamax, *, min_seconds: float, skip: dict[str, str
     return {name: seconds.get(name, NAN) for name in IMPLS}, notes
 
 
+def peak_options(quick: bool) -> dict:
+    """Matmul sizes and timing for the peaks (--quick: small, as a smoke test)."""
+    return {"sizes": (1024,), "min_seconds": 0.2} if quick else {"sizes": (2048, 4096)}
+
+
 def run_child(p: Point, args) -> dict:
     """Measures ``p`` in a fresh process pinned to its first ``p.threads`` cores (XLA sizes its
     pool from the affinity at start; PyTorch's count is set from it too)."""
@@ -207,7 +212,7 @@ def child_main(spec: dict) -> None:
     p = next(q for q in points("threads", spec["quick"], spec["threads_max"])
              if q.value == spec["value"])
     seconds, notes = measure(p, torch, tokamax, min_seconds=spec["min_seconds"], skip={})
-    peak = machine_figures()["matmul_gflops"]  # the f32 matmul peak on these cores
+    peak = matmul_peak("float32", torch, **peak_options(spec["quick"]))[0]  # on these cores
     print(json.dumps({"seconds": seconds, "notes": notes, "peak": peak,
                       "threads": len(os.sched_getaffinity(0))}))
 
@@ -314,7 +319,7 @@ def plot_axis(axis: str, records: list[dict], path: str, machine: dict, base: st
             xs = [r["value"] for r in records if r["pass"] == "fwd"]
             if unit == "GFLOP/s":
                 peaks = [r["peak_gflops"] for r in records if r["pass"] == "fwd"]
-                label = ("f32 matmul peak (XLA)" if records[0]["dtype"] == "float32"
+                label = ("f32 matmul peak" if records[0]["dtype"] == "float32"
                          else "bf16 matmul peak")
                 if axis == "threads":  # measured on each core count
                     ax.plot(xs, peaks, "kx--", label=label + " on these cores")
@@ -374,15 +379,15 @@ def main() -> None:
         child_main(json.loads(args.child))
         return
     if args.min_seconds is None:
-        args.min_seconds = 0.2 if args.quick else 1.0
+        args.min_seconds = 0.2 if args.quick else 2.0
     start = time.perf_counter()
     load_at_start = os.getloadavg()[0]  # > 0 before we start: others share the cores
     torch = None if args.no_torch else torch_or_none()
     tokamax, tokamax_desc = (None, "disabled") if args.no_tokamax else tokamax_or_none()
-    fig = machine_figures()
-    bf16, bf16_src = bf16_matmul_peak(torch)
-    machine = {"description": describe_machine(), "f32_gflops": fig["matmul_gflops"],
-               "bf16_gflops": bf16, "bf16_source": bf16_src, "copy_gbs": fig["copy_gbs"],
+    f32, f32_src = matmul_peak("float32", torch, **peak_options(args.quick))
+    bf16, bf16_src = matmul_peak("bfloat16", torch, **peak_options(args.quick))
+    machine = {"description": describe_machine(), "f32_gflops": f32, "f32_source": f32_src,
+               "bf16_gflops": bf16, "bf16_source": bf16_src, "copy_gbs": copy_bandwidth(),
                "torch": torch.__version__ if torch else "not installed",
                "tokamax": tokamax_desc}
     print(json.dumps(machine, indent=1), file=sys.stderr)
@@ -397,9 +402,10 @@ def main() -> None:
             f"started {load_at_start:.1f}, at the end {os.getloadavg()[0]:.1f} "
             f"(on {len(os.sched_getaffinity(0))} cores).", "",
             f"- Machine: {machine['description']}",
-            f"- Peaks measured here: f32 matmul {machine['f32_gflops']:.0f} GFLOP/s (XLA, "
-            f"2048^3); bf16 matmul {machine['bf16_gflops']:.0f} GFLOP/s ({bf16_src}, 4096^3); "
-            f"copy {machine['copy_gbs']:.1f} GB/s (numpy, read+write, one thread)",
+            f"- Peaks measured here (fastest run of XLA and PyTorch matmuls, sizes "
+            f"{peak_options(args.quick)['sizes']}): f32 matmul {machine['f32_gflops']:.0f} GFLOP/s ({f32_src}); bf16 matmul "
+            f"{machine['bf16_gflops']:.0f} GFLOP/s ({bf16_src}); copy "
+            f"{machine['copy_gbs']:.1f} GB/s (numpy, 256 MiB, read+write, one thread)",
             f"- PyTorch: {machine['torch']} (`scaled_dot_product_attention`, [B, heads, T, H] "
             "layout, enable_gqa)",
             f"- tokamax: {machine['tokamax']} — `tokamax.dot_product_attention` as a user gets "

@@ -81,24 +81,53 @@ def interleaved_seconds(fns: dict[str, Callable[[], object]], *, min_seconds: fl
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def bf16_matmul_peak(torch=None, n: int = 4096) -> tuple[float, str]:
-    """The best bf16 matmul GFLOP/s of an n^3 product here, and which library reached it.
+def best_seconds(fn: Callable[[], object], *, min_runs: int = 5,
+                 min_seconds: float = 1.0) -> float:
+    """Fastest wall time of ``fn()`` after one warm-up call: for peaks, where the best run
+    is the figure wanted and others' load on a shared machine only ever slows a run down."""
+    jax.block_until_ready(fn())
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
-    Candidates: XLA with bf16 output, XLA accumulating into f32 output, and PyTorch
-    (torch.matmul on bf16, oneDNN/MKL; uses AVX512-BF16 / AMX where the CPU has them).
+
+def matmul_peak(dtype: str = "float32", torch=None, sizes: Sequence[int] = (2048, 4096),
+                min_seconds: float = 1.0) -> tuple[float, str]:
+    """The best square-matmul GFLOP/s reached here in ``dtype``, and by what.
+
+    Candidates: XLA (output in ``dtype``; for bfloat16 also accumulating into f32 output)
+    and, when given, PyTorch's torch.matmul (MKL / oneDNN; uses AVX512-BF16 / AMX where the
+    CPU has them), at each size in ``sizes``; the fastest single run counts.
     """
+    jdt = jax.numpy.dtype(dtype)
     best = (0.0, "none")
-    a = jax.numpy.ones((n, n), jax.numpy.bfloat16)
-    for name, f in (("XLA bf16->bf16", lambda x: x @ x),
-                    ("XLA bf16->f32", lambda x: jax.numpy.dot(
-                        x, x, preferred_element_type=jax.numpy.float32))):
-        mm = jax.jit(f)
-        best = max(best, (2 * n**3 / median_seconds(lambda: mm(a)) / 1e9, name))
-    if torch is not None:
-        ta = torch.randn(n, n).to(torch.bfloat16)
-        t = median_seconds(lambda: torch.matmul(ta, ta))
-        best = max(best, (2 * n**3 / t / 1e9, f"torch.matmul bf16 (torch {torch.__version__})"))
+    for n in sizes:
+        a = jax.numpy.ones((n, n), jdt)
+        candidates = [(f"XLA {dtype}", lambda x: x @ x)]
+        if dtype == "bfloat16":
+            candidates.append(("XLA bf16->f32", lambda x: jax.numpy.dot(
+                x, x, preferred_element_type=jax.numpy.float32)))
+        for name, f in candidates:
+            mm = jax.jit(f)
+            t = best_seconds(lambda: mm(a), min_seconds=min_seconds)
+            best = max(best, (2 * n**3 / t / 1e9, f"{name}, {n}^3"))
+        if torch is not None:
+            ta = torch.randn(n, n).to(getattr(torch, dtype))
+            t = best_seconds(lambda: torch.matmul(ta, ta), min_seconds=min_seconds)
+            best = max(best, (2 * n**3 / t / 1e9,
+                              f"torch.matmul {dtype} (torch {torch.__version__}), {n}^3"))
     return best
+
+
+def copy_bandwidth() -> float:
+    """Best numpy copy GB/s (read + write bytes) of 256 MiB, far beyond the caches."""
+    src = np.ones(256 * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    return 2 * src.nbytes / best_seconds(lambda: np.copyto(dst, src)) / 1e9
 
 
 def describe_machine() -> str:
