@@ -5,10 +5,12 @@ forward): sequence length (forward and forward+backward), head dim, dtype, GQA r
 threads (a fresh process per count, pinned with taskset), and a decode-like axis (one query
 token against a KV cache of S tokens, where bandwidth is what counts). The implementations of
 one point are timed in turns (ABAB..., medians) in one process, so a shared machine's load
-hits them alike. GFLOP/s count useful work (4*B*N*T*S*H, causal: the visible half; backward:
-2.5x forward); GB/s count Q, K, V, O (and for backward dO, dQ, dK, dV) each touched once.
-Peaks are measured here: f32 matmul (XLA), bf16 matmul (best of XLA and PyTorch) and copy
-bandwidth. Writes sweep.md, sweep.json and sweep_<axis>.png into --out.
+hits them alike; a matmul and a memory copy take the same turns, so each point also has the
+matmul GFLOP/s and copy GB/s the machine gave at that moment ("% of matmul" and "% of copy"
+divide by those). GFLOP/s count useful work (4*B*N*T*S*H, causal: the visible half;
+backward: 2.5x forward); GB/s count Q, K, V, O (and for backward dO, dQ, dK, dV) each touched
+once. The machine's peaks (fastest matmul of XLA and PyTorch in f32 and bf16, fastest copy)
+are measured at the start. Writes sweep.md, sweep.json and sweep_<axis>.png into --out.
 
     python benchmarks/bench_sweep.py [--quick] [--axes seq headdim dtype gqa threads decode]
                                      [--out benchmarks/results] [--threads-max N]
@@ -35,12 +37,14 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_decode  # noqa: E402
 from bench_flash import Shape, inputs, jax_runner, torch_runner, xla_attention  # noqa: E402
-from common import (copy_bandwidth, describe_machine, interleaved_seconds,  # noqa: E402
-                    markdown_table, matmul_peak, torch_or_none)
+from common import (best_seconds, copy_workload, describe_machine,  # noqa: E402
+                    interleaved_seconds, markdown_table, matmul_candidates, matmul_peak,
+                    torch_or_none)
 
 import jaxattn  # noqa: E402
 
 IMPLS = ("jaxattn", "XLA", "torch", "tokamax")
+REFS = ("matmul", "copy")  # reference workloads timed in the same turns as the IMPLS
 AXES = ("seq", "headdim", "dtype", "gqa", "threads", "decode")
 GBS_AXES = ("seq", "decode")  # axes whose plot gets a GB/s panel (bandwidth matters there)
 NAN = float("nan")
@@ -169,12 +173,26 @@ def runners(p: Point, torch, tokamax) -> dict[str, Callable[[], object]]:
     return fns
 
 
-def measure(p: Point, torch, tokamax, *, min_seconds: float, skip: dict[str, str]
-            ) -> tuple[dict[str, float], dict[str, str]]:
-    """Seconds per call of each implementation at ``p`` (NaN where skipped or failed), and
-    notes saying why."""
+def references(torch, matmul_labels: dict[str, str]) -> dict[str, tuple[Callable, float]]:
+    """The reference workloads: per dtype the matmul named in ``matmul_labels`` (the fastest
+    one found at the start), and the memory copy, each as (callable, flops or bytes)."""
+    refs = {}
+    for dtype, label in matmul_labels.items():
+        n = int(label.rsplit(", ", 1)[1].split("^")[0])  # labels end in ", {n}^3"
+        refs[f"matmul {dtype}"] = next((fn, flops) for name, fn, flops in
+                                       matmul_candidates(dtype, torch, (n,)) if name == label)
+    refs["copy"] = copy_workload()
+    return refs
+
+
+def measure(p: Point, torch, tokamax, refs: dict, *, min_seconds: float,
+            skip: dict[str, str]) -> tuple[dict[str, float], dict[str, str]]:
+    """Seconds per call at ``p`` of each implementation and of the matmul and copy references
+    (NaN where skipped or failed), and notes saying why."""
     notes = dict(skip)
     fns = {name: fn for name, fn in runners(p, torch, tokamax).items() if name not in skip}
+    fns["matmul"] = refs[f"matmul {p.dtype}"][0]
+    fns["copy"] = refs["copy"][0]
     warm = {}
     for name, fn in fns.items():  # compile and run once; one failing must not sink the rest
         try:
@@ -183,7 +201,7 @@ def measure(p: Point, torch, tokamax, *, min_seconds: float, skip: dict[str, str
         except Exception as e:  # e.g. out of memory for XLA's T x S logits
             notes[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
     seconds = interleaved_seconds(warm, min_seconds=min_seconds, warmup=False) if warm else {}
-    return {name: seconds.get(name, NAN) for name in IMPLS}, notes
+    return {name: seconds.get(name, NAN) for name in IMPLS + REFS}, notes
 
 
 def peak_options(quick: bool) -> dict:
@@ -191,18 +209,20 @@ def peak_options(quick: bool) -> dict:
     return {"sizes": (1024,), "min_seconds": 0.2} if quick else {"sizes": (2048, 4096)}
 
 
-def run_child(p: Point, args) -> dict:
+def run_child(p: Point, args, matmul_labels: dict[str, str]) -> dict:
     """Measures ``p`` in a fresh process pinned to its first ``p.threads`` cores (XLA sizes its
     pool from the affinity at start; PyTorch's count is set from it too)."""
     cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:p.threads])
     cmd = ["taskset", "-c", cores, sys.executable, os.path.abspath(__file__), "--child",
-           json.dumps({"value": p.value, "threads": p.threads, "quick": args.quick,
-                       "min_seconds": args.min_seconds, "no_torch": args.no_torch,
-                       "no_tokamax": args.no_tokamax, "threads_max": args.threads_max})]
+           json.dumps({"value": p.value, "quick": args.quick, "min_seconds": args.min_seconds,
+                       "no_torch": args.no_torch, "no_tokamax": args.no_tokamax,
+                       "threads_max": args.threads_max, "matmul_labels": matmul_labels})]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["seconds"] = {k: (NAN if v is None else v) for k, v in result["seconds"].items()}
+    return result
 
 
 def child_main(spec: dict) -> None:
@@ -211,13 +231,16 @@ def child_main(spec: dict) -> None:
     tokamax = None if spec["no_tokamax"] else tokamax_or_none()[0]
     p = next(q for q in points("threads", spec["quick"], spec["threads_max"])
              if q.value == spec["value"])
-    seconds, notes = measure(p, torch, tokamax, min_seconds=spec["min_seconds"], skip={})
-    peak = matmul_peak("float32", torch, **peak_options(spec["quick"]))[0]  # on these cores
-    print(json.dumps({"seconds": seconds, "notes": notes, "peak": peak,
-                      "threads": len(os.sched_getaffinity(0))}))
+    refs = references(torch, {"float32": spec["matmul_labels"]["float32"]})
+    seconds, notes = measure(p, torch, tokamax, refs, min_seconds=spec["min_seconds"],
+                             skip={})
+    # json has no NaN; None stands for it
+    print(json.dumps({"seconds": {k: (None if v != v else v) for k, v in seconds.items()},
+                      "notes": notes}))
 
 
-def run_axis(axis: str, args, torch, tokamax, machine: dict) -> list[dict]:
+def run_axis(axis: str, args, torch, tokamax, refs: dict, matmul_labels: dict[str, str]
+             ) -> list[dict]:
     """Measures every point of ``axis``; returns one record per point."""
     records = []
     last: dict[tuple[bool, str], tuple[float, float]] = {}  # (backward, impl) -> (s, work)
@@ -235,19 +258,20 @@ def run_axis(axis: str, args, torch, tokamax, machine: dict) -> list[dict]:
                               f"> --max-call-seconds {args.max_call_seconds:g}")
         t0 = time.perf_counter()
         if p.threads is not None:
-            child = run_child(p, args)
-            seconds = {k: (NAN if v is None else v) for k, v in child["seconds"].items()}
-            notes, peak = child["notes"], child["peak"]
+            child = run_child(p, args, matmul_labels)
+            seconds, notes = child["seconds"], child["notes"]
         else:
-            seconds, notes = measure(p, torch, tokamax, min_seconds=args.min_seconds,
+            seconds, notes = measure(p, torch, tokamax, refs, min_seconds=args.min_seconds,
                                      skip=skip)
-            peak = machine["bf16_gflops"] if p.dtype == "bfloat16" else machine["f32_gflops"]
         for name in IMPLS:
             last[(p.backward, name)] = (seconds[name], work)
-        records.append({"axis": axis, "value": p.value, "shape": str(p.shape),
-                        "pass": p.pass_name, "dtype": p.dtype, "threads": p.threads,
-                        "flops": p.flops(), "bytes": p.bytes(), "seconds": seconds,
-                        "notes": notes, "peak_gflops": peak, "copy_gbs": machine["copy_gbs"]})
+        records.append({
+            "axis": axis, "value": p.value, "shape": str(p.shape), "pass": p.pass_name,
+            "dtype": p.dtype, "threads": p.threads, "flops": p.flops(), "bytes": p.bytes(),
+            "seconds": seconds, "notes": notes,
+            # what the machine gave a matmul and a copy in the same turns
+            "matmul_gflops": refs[f"matmul {p.dtype}"][1] / seconds["matmul"] / 1e9,
+            "copy_gbs": refs["copy"][1] / seconds["copy"] / 1e9})
         print(f"  {axis}={p.value} {p.pass_name} {p.dtype}: " + ", ".join(
             f"{k} {v * 1e3:.1f} ms" for k, v in seconds.items() if v == v)
             + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
@@ -258,7 +282,8 @@ def axis_table(records: list[dict]) -> str:
     headers = ["value", "shape", "pass", "dtype"]
     for name in IMPLS:
         headers += [f"{name} ms", f"{name} GFLOP/s", f"{name} GB/s"]
-    headers += ["jaxattn % matmul peak", "jaxattn % copy BW"] + [f"x {n}" for n in IMPLS[1:]]
+    headers += ["matmul GFLOP/s", "copy GB/s", "jaxattn % of matmul", "jaxattn % of copy"]
+    headers += [f"x {n}" for n in IMPLS[1:]]
     rows = []
     for r in records:
         s = r["seconds"]
@@ -266,7 +291,8 @@ def axis_table(records: list[dict]) -> str:
         for name in IMPLS:
             row += [s[name] * 1e3, r["flops"] / s[name] / 1e9, r["bytes"] / s[name] / 1e9]
         ours = s["jaxattn"]
-        row += [100 * r["flops"] / ours / 1e9 / r["peak_gflops"],
+        row += [r["matmul_gflops"], r["copy_gbs"],
+                100 * r["flops"] / ours / 1e9 / r["matmul_gflops"],
                 100 * r["bytes"] / ours / 1e9 / r["copy_gbs"]]
         row += [s[name] / ours for name in IMPLS[1:]]
         rows.append(row)
@@ -281,18 +307,27 @@ COLORS = {"jaxattn": "tab:blue", "XLA": "tab:orange", "torch": "tab:green",
 
 
 def plot_axis(axis: str, records: list[dict], path: str, machine: dict, base: str) -> None:
-    """GFLOP/s (and for GBS_AXES, GB/s) against the axis, one line per implementation."""
+    """GFLOP/s (and for GBS_AXES, GB/s) against the axis, one line per implementation; black
+    dashed: the matmul (copy) rate in the same turns, grey dotted: the machine's peak."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = ["GFLOP/s", "GB/s"] if axis in GBS_AXES else ["GFLOP/s"]
     if axis == "decode":
         panels = ["GB/s", "GFLOP/s"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
-    rate = {"GFLOP/s": lambda r, s: r["flops"] / s / 1e9, "GB/s": lambda r, s: r["bytes"] / s / 1e9}
-    categorical = axis == "dtype"
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 4.5), squeeze=False)
+    rate = {"GFLOP/s": lambda r, s: r["flops"] / s / 1e9,
+            "GB/s": lambda r, s: r["bytes"] / s / 1e9}
+
+    def refs(unit: str, r: dict) -> tuple[float, float, str]:
+        """(rate in the same turns, the machine's peak, what it is) for ``r``."""
+        if unit == "GB/s":
+            return r["copy_gbs"], machine["copy_gbs"], "copy"
+        short = "bf16" if r["dtype"] == "bfloat16" else "f32"
+        return r["matmul_gflops"], machine[f"{short}_gflops"], f"{short} matmul"
+
     for ax, unit in zip(axes[0], panels):
-        if categorical:  # grouped bars, each group with its own peak
+        if axis == "dtype":  # categorical: grouped bars, each group with its own references
             width = 0.8 / len(IMPLS)
             for i, name in enumerate(IMPLS):
                 ys = [rate[unit](r, r["seconds"][name]) for r in records]
@@ -300,34 +335,32 @@ def plot_axis(axis: str, records: list[dict], path: str, machine: dict, base: st
                        [0 if math.isnan(y) else y for y in ys], width, label=name,
                        color=COLORS[name])
             for j, r in enumerate(records):
-                ref = r["peak_gflops"] if unit == "GFLOP/s" else r["copy_gbs"]
-                ax.hlines(ref, j - 0.45, j + 0.45, colors="k", linestyles="--",
-                          label="peak" if j == 0 else None)
+                now, peak, what = refs(unit, r)
+                ax.hlines(now, j - 0.45, j + 0.45, colors="k", linestyles="--",
+                          label="matmul, same turns" if j == 0 else None)
+                ax.hlines(peak, j - 0.45, j + 0.45, colors="grey", linestyles=":",
+                          label="peak (fastest run)" if j == 0 else None)
             ax.set_xticks(range(len(records)), [str(r["value"]) for r in records])
         else:
-            for bwd in sorted({r["pass"] for r in records}):
-                rs = [r for r in records if r["pass"] == bwd]
+            passes = sorted({r["pass"] for r in records}, key=len)
+            for pass_name in passes:
+                rs = [r for r in records if r["pass"] == pass_name]
                 xs = [r["value"] for r in rs]
-                style = "o-" if bwd == "fwd" else "s:"
+                style = "o-" if pass_name == "fwd" else "s:"
                 for name in IMPLS:
                     ys = [rate[unit](r, r["seconds"][name]) for r in rs]
                     if all(math.isnan(y) for y in ys):
                         continue
                     ax.plot(xs, ys, style, color=COLORS[name],
-                            label=f"{name} {bwd}" if len(set(r["pass"] for r in records)) > 1
-                            else name)
-            xs = [r["value"] for r in records if r["pass"] == "fwd"]
-            if unit == "GFLOP/s":
-                peaks = [r["peak_gflops"] for r in records if r["pass"] == "fwd"]
-                label = ("f32 matmul peak" if records[0]["dtype"] == "float32"
-                         else "bf16 matmul peak")
-                if axis == "threads":  # measured on each core count
-                    ax.plot(xs, peaks, "kx--", label=label + " on these cores")
-                else:
-                    ax.axhline(peaks[0], color="k", linestyle="--", label=label)
-            else:
-                ax.axhline(machine["copy_gbs"], color="k", linestyle="--",
-                           label="copy bandwidth (numpy)")
+                            label=f"{name} {pass_name}" if len(passes) > 1 else name)
+            rs = [r for r in records if r["pass"] == passes[0]]
+            xs = [r["value"] for r in rs]
+            what = refs(unit, rs[0])[2]
+            ax.plot(xs, [refs(unit, r)[0] for r in rs], "kx--",
+                    label=f"{what}, same turns" + (" (on these cores)"
+                                                   if axis == "threads" else ""))
+            ax.axhline(refs(unit, rs[0])[1], color="grey", linestyle=":",
+                       label=f"{what} peak (fastest run, all cores)")
             ax.set_xscale("log", base=2)
             ax.set_xticks(xs, [str(x) for x in xs])
             ax.minorticks_off()
@@ -335,7 +368,7 @@ def plot_axis(axis: str, records: list[dict], path: str, machine: dict, base: st
         ax.set_xlabel(AXIS_TITLES[axis])
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"{AXIS_TITLES[axis]}; the rest as in {base} float32 fwd"
                  if axis != "decode" else AXIS_TITLES[axis], fontsize=9)
     fig.tight_layout()
@@ -386,8 +419,11 @@ def main() -> None:
     tokamax, tokamax_desc = (None, "disabled") if args.no_tokamax else tokamax_or_none()
     f32, f32_src = matmul_peak("float32", torch, **peak_options(args.quick))
     bf16, bf16_src = matmul_peak("bfloat16", torch, **peak_options(args.quick))
+    matmul_labels = {"float32": f32_src, "bfloat16": bf16_src}
+    refs = references(torch, matmul_labels)
+    copy_gbs = refs["copy"][1] / best_seconds(refs["copy"][0]) / 1e9
     machine = {"description": describe_machine(), "f32_gflops": f32, "f32_source": f32_src,
-               "bf16_gflops": bf16, "bf16_source": bf16_src, "copy_gbs": copy_bandwidth(),
+               "bf16_gflops": bf16, "bf16_source": bf16_src, "copy_gbs": copy_gbs,
                "torch": torch.__version__ if torch else "not installed",
                "tokamax": tokamax_desc}
     print(json.dumps(machine, indent=1), file=sys.stderr)
@@ -402,10 +438,15 @@ def main() -> None:
             f"started {load_at_start:.1f}, at the end {os.getloadavg()[0]:.1f} "
             f"(on {len(os.sched_getaffinity(0))} cores).", "",
             f"- Machine: {machine['description']}",
-            f"- Peaks measured here (fastest run of XLA and PyTorch matmuls, sizes "
-            f"{peak_options(args.quick)['sizes']}): f32 matmul {machine['f32_gflops']:.0f} GFLOP/s ({f32_src}); bf16 matmul "
+            "- Peaks measured at the start (fastest run of XLA's and PyTorch's matmuls, "
+            f"sizes {peak_options(args.quick)['sizes']}): f32 matmul "
+            f"{machine['f32_gflops']:.0f} GFLOP/s ({f32_src}); bf16 matmul "
             f"{machine['bf16_gflops']:.0f} GFLOP/s ({bf16_src}); copy "
-            f"{machine['copy_gbs']:.1f} GB/s (numpy, 256 MiB, read+write, one thread)",
+            f"{machine['copy_gbs']:.1f} GB/s (numpy, 256 MiB, read+write, one thread). The "
+            "fastest matmul of the point's dtype and the copy are also timed in the same "
+            "turns as the implementations at every point: columns 'matmul GFLOP/s' and "
+            "'copy GB/s' (what the machine gave them then), which '% of matmul' and "
+            "'% of copy' divide by.",
             f"- PyTorch: {machine['torch']} (`scaled_dot_product_attention`, [B, heads, T, H] "
             "layout, enable_gqa)",
             f"- tokamax: {machine['tokamax']} — `tokamax.dot_product_attention` as a user gets "
@@ -417,7 +458,7 @@ def main() -> None:
             "`jaxattn.decode_attention`",
             f"- Base point: {base_shape(args.quick)}, float32, forward; each axis changes one "
             "parameter. The threads axis runs each count in a fresh process pinned with "
-            "taskset (its peak line is the f32 matmul measured on those cores).",
+            "taskset (its matmul and copy on the same cores).",
             "- Implementations of a point are timed in turns in one process (medians). "
             "GFLOP/s: 4*B*N*T*S*H (causal: visible half), fwd+bwd = 3.5x fwd; GB/s: Q, K, V, "
             "O read/written once (fwd+bwd: also dO, dQ, dK, dV; decode: the KV cache). "
@@ -427,7 +468,7 @@ def main() -> None:
 
     for axis in args.axes:
         print(f"axis {axis}", file=sys.stderr, flush=True)
-        results[axis] = run_axis(axis, args, torch, tokamax, machine)
+        results[axis] = run_axis(axis, args, torch, tokamax, refs, matmul_labels)
         # after each axis, so that partial results survive
         write_outputs(args.out, header(), results, machine, str(base_shape(args.quick)))
     print(f"done in {(time.perf_counter() - start) / 60:.1f} min; wrote "

@@ -95,39 +95,51 @@ def best_seconds(fn: Callable[[], object], *, min_runs: int = 5,
     return min(times)
 
 
-def matmul_peak(dtype: str = "float32", torch=None, sizes: Sequence[int] = (2048, 4096),
-                min_seconds: float = 1.0) -> tuple[float, str]:
-    """The best square-matmul GFLOP/s reached here in ``dtype``, and by what.
+def matmul_candidates(dtype: str = "float32", torch=None,
+                      sizes: Sequence[int] = (2048, 4096)
+                      ) -> list[tuple[str, Callable[[], object], float]]:
+    """Square matmuls in ``dtype`` as (label, no-argument callable, flops per call).
 
-    Candidates: XLA (output in ``dtype``; for bfloat16 also accumulating into f32 output)
-    and, when given, PyTorch's torch.matmul (MKL / oneDNN; uses AVX512-BF16 / AMX where the
-    CPU has them), at each size in ``sizes``; the fastest single run counts.
+    XLA (output in ``dtype``; for bfloat16 also accumulating into an f32 output) and, when
+    given, PyTorch's torch.matmul (MKL / oneDNN; uses AVX512-BF16 / AMX where the CPU has
+    them), at each size in ``sizes``.
     """
-    jdt = jax.numpy.dtype(dtype)
-    best = (0.0, "none")
+    out: list[tuple[str, Callable[[], object], float]] = []
     for n in sizes:
-        a = jax.numpy.ones((n, n), jdt)
-        candidates = [(f"XLA {dtype}", lambda x: x @ x)]
+        a = jax.numpy.ones((n, n), jax.numpy.dtype(dtype))
+        fns = [(f"XLA {dtype}", lambda x: x @ x)]
         if dtype == "bfloat16":
-            candidates.append(("XLA bf16->f32", lambda x: jax.numpy.dot(
+            fns.append(("XLA bf16->f32", lambda x: jax.numpy.dot(
                 x, x, preferred_element_type=jax.numpy.float32)))
-        for name, f in candidates:
+        for name, f in fns:
             mm = jax.jit(f)
-            t = best_seconds(lambda: mm(a), min_seconds=min_seconds)
-            best = max(best, (2 * n**3 / t / 1e9, f"{name}, {n}^3"))
+            out.append((f"{name}, {n}^3", lambda mm=mm, a=a: mm(a), 2.0 * n**3))
         if torch is not None:
             ta = torch.randn(n, n).to(getattr(torch, dtype))
-            t = best_seconds(lambda: torch.matmul(ta, ta), min_seconds=min_seconds)
-            best = max(best, (2 * n**3 / t / 1e9,
-                              f"torch.matmul {dtype} (torch {torch.__version__}), {n}^3"))
-    return best
+            out.append((f"torch.matmul {dtype} (torch {torch.__version__}), {n}^3",
+                        lambda ta=ta: torch.matmul(ta, ta), 2.0 * n**3))
+    return out
+
+
+def matmul_peak(dtype: str = "float32", torch=None, sizes: Sequence[int] = (2048, 4096),
+                min_seconds: float = 1.0) -> tuple[float, str]:
+    """The best matmul GFLOP/s of :func:`matmul_candidates` here (fastest single run), and
+    the label of the candidate that reached it."""
+    return max((flops / best_seconds(fn, min_seconds=min_seconds) / 1e9, label)
+               for label, fn, flops in matmul_candidates(dtype, torch, sizes))
+
+
+def copy_workload(mib: int = 256) -> tuple[Callable[[], object], float]:
+    """A numpy copy of ``mib`` MiB, far beyond the caches, and its bytes (read + write)."""
+    src = np.ones(mib * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    return (lambda: np.copyto(dst, src)), 2.0 * src.nbytes
 
 
 def copy_bandwidth() -> float:
-    """Best numpy copy GB/s (read + write bytes) of 256 MiB, far beyond the caches."""
-    src = np.ones(256 * 2**20 // 4, np.float32)
-    dst = np.empty_like(src)
-    return 2 * src.nbytes / best_seconds(lambda: np.copyto(dst, src)) / 1e9
+    """Best numpy copy GB/s (read + write bytes) of 256 MiB."""
+    fn, nbytes = copy_workload()
+    return nbytes / best_seconds(fn) / 1e9
 
 
 def describe_machine() -> str:
