@@ -339,7 +339,7 @@ def plot_axis(axis: str, records: list[dict], path: str, machine: dict, base: st
                 ax.hlines(now, j - 0.45, j + 0.45, colors="k", linestyles="--",
                           label="matmul, same turns" if j == 0 else None)
                 ax.hlines(peak, j - 0.45, j + 0.45, colors="grey", linestyles=":",
-                          label="peak (fastest run)" if j == 0 else None)
+                          label="peak (fastest seen)" if j == 0 else None)
             ax.set_xticks(range(len(records)), [str(r["value"]) for r in records])
         else:
             passes = sorted({r["pass"] for r in records}, key=len)
@@ -360,7 +360,7 @@ def plot_axis(axis: str, records: list[dict], path: str, machine: dict, base: st
                     label=f"{what}, same turns" + (" (on these cores)"
                                                    if axis == "threads" else ""))
             ax.axhline(refs(unit, rs[0])[1], color="grey", linestyle=":",
-                       label=f"{what} peak (fastest run, all cores)")
+                       label=f"{what} peak (fastest seen, all cores)")
             ax.set_xscale("log", base=2)
             ax.set_xticks(xs, [str(x) for x in xs])
             ax.minorticks_off()
@@ -376,13 +376,30 @@ def plot_axis(axis: str, records: list[dict], path: str, machine: dict, base: st
     plt.close(fig)
 
 
-def write_outputs(out: str, header: str, results: dict[str, list[dict]],
-                  machine: dict, base: str) -> None:
+def peaks_seen(machine: dict, results: dict[str, list[dict]]) -> dict:
+    """``machine`` with its peaks raised to the fastest matmul and copy seen at any point: on
+    a shared machine the start may have been a busy moment."""
+    seen = dict(machine)
+    records = [r for rs in results.values() for r in rs]
+    for short, dtype in (("f32", "float32"), ("bf16", "bfloat16")):
+        seen[f"{short}_gflops"] = max([machine[f"{short}_gflops_at_start"]] + [
+            r["matmul_gflops"] for r in records if r["dtype"] == dtype
+            and r["matmul_gflops"] == r["matmul_gflops"]])
+    seen["copy_gbs"] = max([machine["copy_gbs_at_start"]] + [
+        r["copy_gbs"] for r in records if r["copy_gbs"] == r["copy_gbs"]])
+    return seen
+
+
+def write_outputs(out: str, run: dict, results: dict[str, list[dict]], machine: dict
+                  ) -> None:
+    """sweep.md, sweep_<axis>.png and sweep.json (everything, for --replot) into ``out``."""
     os.makedirs(out, exist_ok=True)
-    parts = [header]
+    base = str(base_shape(run["quick"]))
+    seen = peaks_seen(machine, results)
+    parts = [header_text(seen, run)]
     for axis, records in results.items():
         png = f"sweep_{axis}.png"
-        plot_axis(axis, records, os.path.join(out, png), machine, base)
+        plot_axis(axis, records, os.path.join(out, png), seen, base)
         notes = sorted({f"{r['value']} {r['pass']} {k}: {v}" for r in records
                         for k, v in r["notes"].items()})
         parts.append(f"## {AXIS_TITLES[axis]}\n\n![{axis}]({png})\n\n{axis_table(records)}")
@@ -391,7 +408,48 @@ def write_outputs(out: str, header: str, results: dict[str, list[dict]],
     with open(os.path.join(out, "sweep.md"), "w") as f:
         f.write("\n\n".join(parts) + "\n")
     with open(os.path.join(out, "sweep.json"), "w") as f:
-        json.dump({"machine": machine, "results": results}, f, indent=1, default=str)
+        json.dump({"run": run, "machine": machine, "results": results}, f, indent=1,
+                  default=str)
+
+
+def header_text(machine: dict, run: dict) -> str:
+    """The head of sweep.md: how it was run, the machine and its peaks, what was compared."""
+    return "\n".join([
+        "# Attention sweep: jaxattn vs XLA, PyTorch SDPA, tokamax", "",
+        f"`{run['command']}` — {run['date']}, {run['minutes']:.1f} min; 1-min load average "
+        f"before it started {run['load_start']:.1f}, at the end {run['load_end']:.1f} "
+        f"(on {run['cores']} cores).", "",
+        f"- Machine: {machine['description']}",
+        f"- Peaks, the fastest seen in this run: f32 matmul "
+        f"{machine['f32_gflops']:.0f} GFLOP/s ({machine['f32_source']}); bf16 matmul "
+        f"{machine['bf16_gflops']:.0f} GFLOP/s ({machine['bf16_source']}); copy "
+        f"{machine['copy_gbs']:.1f} GB/s (numpy, 256 MiB, read+write, one thread). "
+        "At the start the fastest run of XLA's and PyTorch's matmuls (sizes "
+        f"{peak_options(run['quick'])['sizes']}) picked the matmul per dtype and gave "
+        f"{machine['f32_gflops_at_start']:.0f} / {machine['bf16_gflops_at_start']:.0f} "
+        f"GFLOP/s and {machine['copy_gbs_at_start']:.1f} GB/s. That matmul and the copy "
+        "are then timed in the same turns as the implementations at every point: "
+        "columns 'matmul GFLOP/s' and 'copy GB/s' (what the machine gave them at that "
+        "moment), which '% of matmul' and '% of copy' divide by.",
+        f"- PyTorch: {machine['torch']} (`scaled_dot_product_attention`, [B, heads, T, H] "
+        "layout, enable_gqa)",
+        f"- tokamax: {machine['tokamax']}" + (
+            " — `tokamax.dot_product_attention` as a user gets it on the CPU: its Pallas "
+            "kernels (Mosaic, Triton) raise NotImplementedError here and it falls back to its "
+            "XLA reference (einsum, f32 softmax, T x S logits materialized, K/V broadcast to "
+            "N heads for GQA)" if "runs 'xla'" in machine["tokamax"] else ""),
+        "- XLA: `jax.nn.dot_product_attention(implementation=\"xla\")`; decode: with "
+        "key_value_seq_lengths (bench_decode.xla_decode); jaxattn decode: "
+        "`jaxattn.decode_attention`",
+        f"- Base point: {base_shape(run['quick'])}, float32, forward; each axis changes one "
+        "parameter. The threads axis runs each count in a fresh process pinned with "
+        "taskset (its matmul and copy on the same cores).",
+        "- Implementations of a point are timed in turns in one process (medians). "
+        "GFLOP/s: 4*B*N*T*S*H (causal: visible half), fwd+bwd = 3.5x fwd; GB/s: Q, K, V, "
+        "O read/written once (fwd+bwd: also dO, dQ, dK, dV; decode: the KV cache). "
+        "'x impl' = impl's time / jaxattn's (> 1: jaxattn faster). '-': not installed, "
+        "skipped or failed (see notes).",
+    ])
 
 
 def main() -> None:
@@ -406,10 +464,20 @@ def main() -> None:
                         help="skip an implementation whose call is predicted to take longer")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-tokamax", action="store_true")
+    parser.add_argument("--replot", metavar="SWEEP_JSON",
+                        help="rewrite sweep.md and the PNGs into --out from a saved sweep.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child_main(json.loads(args.child))
+        return
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        for records in saved["results"].values():  # json has no NaN: null stands for it
+            for r in records:
+                r["seconds"] = {k: (NAN if v is None else v) for k, v in r["seconds"].items()}
+        write_outputs(args.out, saved["run"], saved["results"], saved["machine"])
         return
     if args.min_seconds is None:
         args.min_seconds = 0.2 if args.quick else 2.0
@@ -422,55 +490,23 @@ def main() -> None:
     matmul_labels = {"float32": f32_src, "bfloat16": bf16_src}
     refs = references(torch, matmul_labels)
     copy_gbs = refs["copy"][1] / best_seconds(refs["copy"][0]) / 1e9
-    machine = {"description": describe_machine(), "f32_gflops": f32, "f32_source": f32_src,
-               "bf16_gflops": bf16, "bf16_source": bf16_src, "copy_gbs": copy_gbs,
+    machine = {"description": describe_machine(), "f32_gflops_at_start": f32,
+               "f32_source": f32_src, "bf16_gflops_at_start": bf16, "bf16_source": bf16_src,
+               "copy_gbs_at_start": copy_gbs,
                "torch": torch.__version__ if torch else "not installed",
                "tokamax": tokamax_desc}
     print(json.dumps(machine, indent=1), file=sys.stderr)
     results: dict[str, list[dict]] = {}
 
-    def header() -> str:
-        cmd = " ".join(["python benchmarks/bench_sweep.py"] + sys.argv[1:])
-        return "\n".join([
-            "# Attention sweep: jaxattn vs XLA, PyTorch SDPA, tokamax", "",
-            f"`{cmd}` — {time.strftime('%Y-%m-%d')}, "
-            f"{(time.perf_counter() - start) / 60:.1f} min; 1-min load average before it "
-            f"started {load_at_start:.1f}, at the end {os.getloadavg()[0]:.1f} "
-            f"(on {len(os.sched_getaffinity(0))} cores).", "",
-            f"- Machine: {machine['description']}",
-            "- Peaks measured at the start (fastest run of XLA's and PyTorch's matmuls, "
-            f"sizes {peak_options(args.quick)['sizes']}): f32 matmul "
-            f"{machine['f32_gflops']:.0f} GFLOP/s ({f32_src}); bf16 matmul "
-            f"{machine['bf16_gflops']:.0f} GFLOP/s ({bf16_src}); copy "
-            f"{machine['copy_gbs']:.1f} GB/s (numpy, 256 MiB, read+write, one thread). The "
-            "fastest matmul of the point's dtype and the copy are also timed in the same "
-            "turns as the implementations at every point: columns 'matmul GFLOP/s' and "
-            "'copy GB/s' (what the machine gave them then), which '% of matmul' and "
-            "'% of copy' divide by.",
-            f"- PyTorch: {machine['torch']} (`scaled_dot_product_attention`, [B, heads, T, H] "
-            "layout, enable_gqa)",
-            f"- tokamax: {machine['tokamax']} — `tokamax.dot_product_attention` as a user gets "
-            "it on the CPU: on this backend its Pallas kernels (Mosaic, Triton) raise "
-            "NotImplementedError and it falls back to its XLA reference (einsum, f32 softmax, "
-            "T x S logits materialized, K/V broadcast to N heads for GQA)",
-            "- XLA: `jax.nn.dot_product_attention(implementation=\"xla\")`; decode: with "
-            "key_value_seq_lengths (bench_decode.xla_decode); jaxattn decode: "
-            "`jaxattn.decode_attention`",
-            f"- Base point: {base_shape(args.quick)}, float32, forward; each axis changes one "
-            "parameter. The threads axis runs each count in a fresh process pinned with "
-            "taskset (its matmul and copy on the same cores).",
-            "- Implementations of a point are timed in turns in one process (medians). "
-            "GFLOP/s: 4*B*N*T*S*H (causal: visible half), fwd+bwd = 3.5x fwd; GB/s: Q, K, V, "
-            "O read/written once (fwd+bwd: also dO, dQ, dK, dV; decode: the KV cache). "
-            "'x impl' = impl's time / jaxattn's (> 1: jaxattn faster). '-': not installed, "
-            "skipped or failed (see notes).",
-        ])
-
+    run = {"command": " ".join(["python benchmarks/bench_sweep.py"] + sys.argv[1:]),
+           "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "load_start": load_at_start,
+           "cores": len(os.sched_getaffinity(0))}
     for axis in args.axes:
         print(f"axis {axis}", file=sys.stderr, flush=True)
         results[axis] = run_axis(axis, args, torch, tokamax, refs, matmul_labels)
         # after each axis, so that partial results survive
-        write_outputs(args.out, header(), results, machine, str(base_shape(args.quick)))
+        run.update(minutes=(time.perf_counter() - start) / 60, load_end=os.getloadavg()[0])
+        write_outputs(args.out, run, results, machine)
     print(f"done in {(time.perf_counter() - start) / 60:.1f} min; wrote "
           f"{os.path.join(args.out, 'sweep.md')}", file=sys.stderr)
 
