@@ -312,6 +312,7 @@ def plot_axis(axis: str, records: list[dict], path: str, machine: dict, base: st
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     panels = ["GFLOP/s", "GB/s"] if axis in GBS_AXES else ["GFLOP/s"]
     if axis == "decode":
         panels = ["GB/s", "GFLOP/s"]
@@ -365,6 +366,10 @@ def plot_axis(axis: str, records: list[dict], path: str, machine: dict, base: st
             ax.set_xticks(xs, [str(x) for x in xs])
             ax.minorticks_off()
         ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}")  # 300, not 3x10^2
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+            lambda y, _: f"{y:g}" if f"{y:g}"[0] in "25" else ""))
         ax.set_xlabel(AXIS_TITLES[axis])
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3, which="both")
