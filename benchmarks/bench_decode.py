@@ -94,8 +94,9 @@ def paged(key_cache, value_cache):
             value_cache.reshape(b * per, PAGE_SIZE, k, h), tables)
 
 
-def time_torch(torch, shape: Shape, dtype_name: str) -> float:
-    """PyTorch SDPA given its preferred layout ([B, heads, S, H], contiguous), GQA enabled."""
+def torch_runner(torch, shape: Shape, dtype_name: str):
+    """PyTorch SDPA given its preferred layout ([B, heads, S, H], contiguous), GQA enabled,
+    as a no-argument callable."""
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
               "float16": torch.float16}[dtype_name]
     g = torch.Generator().manual_seed(0)
@@ -107,7 +108,11 @@ def time_torch(torch, shape: Shape, dtype_name: str) -> float:
     def run():
         with torch.no_grad():
             return sdpa(q, k, v, is_causal=False, enable_gqa=True)
-    return median_seconds(run)
+    return run
+
+
+def time_torch(torch, shape: Shape, dtype_name: str) -> float:
+    return median_seconds(torch_runner(torch, shape, dtype_name))
 
 
 def run_speed(shapes, dtypes, torch, copy_gbs: float) -> tuple[str, dict]:

@@ -46,6 +46,14 @@ class Shape:
         fwd = 4.0 * self.b * self.n * self.t * self.t * self.h * visible
         return fwd * (3.5 if backward else 1.0)
 
+    def bytes(self, itemsize: int, backward: bool) -> float:
+        """Bytes of the operands each touched once: fwd reads Q, K, V and writes O; bwd also
+        reads Q, K, V, O, dO and writes dQ, dK, dV (the per-row softmax statistics are
+        negligible)."""
+        q = self.b * self.t * self.n * self.h
+        kv = self.b * self.t * self.k * self.h
+        return float(itemsize * ((6 * q + 6 * kv) if backward else (2 * q + 2 * kv)))
+
 
 SHAPES = (Shape(1, 2048, 16, 16, 128, True), Shape(4, 512, 12, 12, 64, False),
           Shape(1, 4096, 8, 2, 128, True))
@@ -72,7 +80,8 @@ def xla_attention(q, k, v, is_causal):
     return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="xla")
 
 
-def time_torch(torch, shape: Shape, dtype_name: str, backward: bool) -> float:
+def torch_runner(torch, shape: Shape, dtype_name: str, backward: bool):
+    """A no-argument callable running PyTorch SDPA on ``shape`` in its preferred layout."""
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     g = torch.Generator().manual_seed(0)
     mk = lambda heads: torch.randn(shape.b, heads, shape.t, shape.h, generator=g).to(tdtype)
@@ -87,7 +96,11 @@ def time_torch(torch, shape: Shape, dtype_name: str, backward: bool) -> float:
             return None
         with torch.no_grad():
             return sdpa(q, k, v, is_causal=shape.causal, enable_gqa=gqa)
-    return median_seconds(run)
+    return run
+
+
+def time_torch(torch, shape: Shape, dtype_name: str, backward: bool) -> float:
+    return median_seconds(torch_runner(torch, shape, dtype_name, backward))
 
 
 def run_speed(shapes, dtypes, torch) -> tuple[str, dict]:

@@ -33,7 +33,8 @@ def torch_or_none():
         import torch
     except ImportError:
         return None
-    torch.set_num_threads(os.cpu_count() or 1)
+    # The process's affinity, not os.cpu_count(): a child pinned with taskset gets its cores.
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     return torch
 
 
@@ -47,6 +48,98 @@ def machine_figures() -> dict[str, float]:
     dst = np.empty_like(src)
     tc = median_seconds(lambda: np.copyto(dst, src), min_runs=5)
     return {"matmul_gflops": 2 * n**3 / t / 1e9, "copy_gbs": 2 * src.nbytes / tc / 1e9}
+
+
+def interleaved_seconds(fns: dict[str, Callable[[], object]], *, min_seconds: float = 1.0,
+                        min_runs: int = 3, max_runs: int = 50,
+                        slow_seconds: float = 3.0, warmup: bool = True) -> dict[str, float]:
+    """Median wall time of each ``fns[name]()``, the callables timed in turns (ABAB...).
+
+    On a shared machine, load that comes and goes then hits every alternative alike, so
+    their ratios stay meaningful. Each is called once untimed first (compilation). A
+    callable stops taking turns after ``min_runs`` calls and ``min_seconds`` of them, or
+    ``max_runs``, or (for slow ones) after one call once ``slow_seconds`` are spent on it.
+    """
+    for fn in fns.values() if warmup else ():
+        jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+
+    def wants_more(name: str) -> bool:
+        ts, spent = times[name], sum(times[name])
+        if not ts:
+            return True
+        if len(ts) >= max_runs or spent >= max(slow_seconds, min_seconds):
+            return False
+        return len(ts) < min_runs or spent < min_seconds
+
+    while any(wants_more(name) for name in fns):
+        for name, fn in fns.items():
+            if wants_more(name):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn())
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def best_seconds(fn: Callable[[], object], *, min_runs: int = 5,
+                 min_seconds: float = 1.0) -> float:
+    """Fastest wall time of ``fn()`` after one warm-up call: for peaks, where the best run
+    is the figure wanted and others' load on a shared machine only ever slows a run down."""
+    jax.block_until_ready(fn())
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_candidates(dtype: str = "float32", torch=None,
+                      sizes: Sequence[int] = (2048, 4096)
+                      ) -> list[tuple[str, Callable[[], object], float]]:
+    """Square matmuls in ``dtype`` as (label, no-argument callable, flops per call).
+
+    XLA (output in ``dtype``; for bfloat16 also accumulating into an f32 output) and, when
+    given, PyTorch's torch.matmul (MKL / oneDNN; uses AVX512-BF16 / AMX where the CPU has
+    them), at each size in ``sizes``.
+    """
+    out: list[tuple[str, Callable[[], object], float]] = []
+    for n in sizes:
+        a = jax.numpy.ones((n, n), jax.numpy.dtype(dtype))
+        fns = [(f"XLA {dtype}", lambda x: x @ x)]
+        if dtype == "bfloat16":
+            fns.append(("XLA bf16->f32", lambda x: jax.numpy.dot(
+                x, x, preferred_element_type=jax.numpy.float32)))
+        for name, f in fns:
+            mm = jax.jit(f)
+            out.append((f"{name}, {n}^3", lambda mm=mm, a=a: mm(a), 2.0 * n**3))
+        if torch is not None:
+            ta = torch.randn(n, n).to(getattr(torch, dtype))
+            out.append((f"torch.matmul {dtype} (torch {torch.__version__}), {n}^3",
+                        lambda ta=ta: torch.matmul(ta, ta), 2.0 * n**3))
+    return out
+
+
+def matmul_peak(dtype: str = "float32", torch=None, sizes: Sequence[int] = (2048, 4096),
+                min_seconds: float = 1.0) -> tuple[float, str]:
+    """The best matmul GFLOP/s of :func:`matmul_candidates` here (fastest single run), and
+    the label of the candidate that reached it."""
+    return max((flops / best_seconds(fn, min_seconds=min_seconds) / 1e9, label)
+               for label, fn, flops in matmul_candidates(dtype, torch, sizes))
+
+
+def copy_workload(mib: int = 256) -> tuple[Callable[[], object], float]:
+    """A numpy copy of ``mib`` MiB, far beyond the caches, and its bytes (read + write)."""
+    src = np.ones(mib * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    return (lambda: np.copyto(dst, src)), 2.0 * src.nbytes
+
+
+def copy_bandwidth() -> float:
+    """Best numpy copy GB/s (read + write bytes) of 256 MiB."""
+    fn, nbytes = copy_workload()
+    return nbytes / best_seconds(fn) / 1e9
 
 
 def describe_machine() -> str:
