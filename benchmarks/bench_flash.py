@@ -148,7 +148,11 @@ with open("/proc/self/statm") as f:  # current resident set, pages
     base = int(f.read().split()[1]) * resource.getpagesize() // 1024
 g = jax.jit(jax.grad(lambda q, k, v: attn(q, k, v, is_causal=True).sum(), argnums=(0, 1, 2)))
 jax.block_until_ready(g(q, k, v))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+# VmHWM: this process image's own peak (ru_maxrss would also count the parent's resident set
+# at fork, which Linux carries across exec).
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+print(peak - base)
 """
 
 
