@@ -610,6 +610,20 @@ static inline void OnlineSoftmaxStep(float* sr, int64_t nk, int64_t nkp, float* 
   }
 }
 
+// Tasks go head by head (consecutive tasks share K/V tiles in cache), and within a head the
+// costliest tiles first: under a causal mask the last query tiles see the most keys (and the
+// first key tiles the most queries). Claimed from a shared counter in that order, the threads
+// end on the short tiles of the last head and finish together.
+struct TaskTile {
+  int64_t tile, kv_head, b;
+};
+static inline TaskTile TileOfTask(const AttentionProblem& p, int64_t task, int64_t num_tiles,
+                                  bool costliest_last) {
+  const int64_t rank = task % num_tiles, head = task / num_tiles;
+  return TaskTile{costliest_last ? num_tiles - 1 - rank : rank, head % p.num_kv_heads,
+                  head / p.num_kv_heads};
+}
+
 // ---------------------------------------------------------------------------- forward
 
 struct ForwardJob {
@@ -621,9 +635,8 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   const ForwardJob& job = *static_cast<const ForwardJob*>(job_ptr);
   const FlashContext& c = job.c;
   const AttentionProblem& p = *c.p;
-  const int64_t q_tile = task % c.num_q_tiles;
-  const int64_t kv_head = (task / c.num_q_tiles) % p.num_kv_heads;
-  const int64_t b = task / c.num_q_tiles / p.num_kv_heads;
+  const TaskTile tt = TileOfTask(p, task, c.num_q_tiles, /*costliest_last=*/true);
+  const int64_t q_tile = tt.tile, kv_head = tt.kv_head, b = tt.b;
   const int64_t t0 = q_tile * c.positions_per_tile;
   const int64_t t1 = MinI(p.q_len, t0 + c.positions_per_tile);
   const int64_t q_len = QueryLength(p, b), kv_len = KeyLength(p, b);
@@ -772,9 +785,8 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   const FlashContext& c = job.c;
   const AttentionProblem& p = *c.p;
   const FlashBackwardArgs& a = job.args;
-  const int64_t q_tile = task % c.num_q_tiles;
-  const int64_t kv_head = (task / c.num_q_tiles) % p.num_kv_heads;
-  const int64_t b = task / c.num_q_tiles / p.num_kv_heads;
+  const TaskTile tt = TileOfTask(p, task, c.num_q_tiles, /*costliest_last=*/true);
+  const int64_t q_tile = tt.tile, kv_head = tt.kv_head, b = tt.b;
   const int64_t t0 = q_tile * c.positions_per_tile;
   const int64_t t1 = MinI(p.q_len, t0 + c.positions_per_tile);
   const int64_t q_len = QueryLength(p, b), kv_len = KeyLength(p, b);
@@ -915,9 +927,8 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   const AttentionProblem& p = *c.p;
   const FlashBackwardArgs& a = job.args;
   const int64_t num_k_tiles = CeilDiv(p.kv_len, kKeysPerTile);
-  const int64_t k_tile = task % num_k_tiles;
-  const int64_t kv_head = (task / num_k_tiles) % p.num_kv_heads;
-  const int64_t b = task / num_k_tiles / p.num_kv_heads;
+  const TaskTile tt = TileOfTask(p, task, num_k_tiles, /*costliest_last=*/false);
+  const int64_t k_tile = tt.tile, kv_head = tt.kv_head, b = tt.b;
   const int64_t s0 = k_tile * kKeysPerTile;
   const int64_t s1 = MinI(p.kv_len, s0 + kKeysPerTile);
   const int64_t q_len = QueryLength(p, b), kv_len = KeyLength(p, b);
