@@ -76,7 +76,7 @@ if [[ $do_perf == 1 ]]; then
          "$bin" --cases "$c" --reps 3 --min-seconds "$perf_seconds" > /dev/null 2>&1; then
       require=()
       # The backward cases run the forward once first (for out and lse): leave it out.
-      if [[ $c == bwd* ]]; then require=(--require RunBackward); fi
+      if [[ $c == bwd* ]]; then require=(--require 'RunBackward|BackwardImpl'); fi
       python3 tools/profile/attribute.py perf "$bin" "$out/perf.$c.data" "${require[@]}"
     else
       echo "(perf record failed: not installed, or perf_event_paranoid forbids it)"

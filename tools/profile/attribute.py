@@ -276,7 +276,7 @@ def attribute_perf(binary: str, path: str, require: str | None = None):
         # Only samples inside a kernel call count (not the driver's data setup).
         if not any(in_kernel(f[0]) for f in frames):
             continue
-        if require and not any(f[0] == require for f in frames):
+        if require and not any(f[0] in require.split("|") for f in frames):
             continue
         measured += 1
         inner[innermost(frames)] += 1
@@ -329,8 +329,9 @@ def main() -> int:
     ap.add_argument("data")
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--min-share", type=float, default=0.5, help="percent")
-    ap.add_argument("--require", help="perf: count only samples under this function "
-                    "(e.g. BackwardImpl, to leave out the forward run that precedes it)")
+    ap.add_argument("--require", help="perf: count only samples under one of these functions "
+                    "('|'-separated, e.g. 'RunBackward|BackwardImpl', to leave out the "
+                    "forward run that precedes it)")
     args = ap.parse_args()
     if args.tool == "callgrind":
         inner, by_task, measured, total = attribute_callgrind(args.binary, args.data)
