@@ -327,11 +327,12 @@ static void PackColumns(DType dtype, const void* base, const int64_t* offsets,
 }
 
 // ------------------------------------------------------------ logits and P V products
-// With bfloat16 inputs on AVX512-BF16 the two products of the forward multiply the inputs'
-// own bf16 pairs (vdpbf16ps: exact products, float32 sums, twice the FMA's rate, half the
-// packing); otherwise they are float32 GEMMs with the queries pre-scaled. Forward and backward
-// pack and multiply the logits through the same functions, so the backward recomputes
-// bitwise the logits whose lse the forward saved.
+// With bfloat16 inputs and the avx512bf16 kernel set (CPUs where vdpbf16ps outruns FMAs, see
+// dispatch.cc) every product multiplies the inputs' own bf16 pairs (exact products, float32
+// sums, twice the FMA's work per instruction, half the packing); otherwise products are
+// float32 GEMMs with the queries pre-scaled. Forward and backward pack and multiply the
+// logits through the same functions, so the backward recomputes bitwise the logits whose lse
+// the forward saved.
 
 #if JAXATTN_VL == 16
 // Row r's bf16 pairs: dst[r * ld + w] = elements (2w, 2w + 1), zero past n and up to ld.
