@@ -37,61 +37,47 @@ double MeasureGHz() {
   return best;
 }
 
-// f32 FMA throughput in GFLOP/s (2 flops per lane): 12 independent zmm accumulators cover
-// the FMA latency times the number of FMA pipes.
-double FmaGflops() {
+// Throughput of one zmm multiply-add instruction in GFLOP/s: kAcc independent accumulators
+// (enough to cover its latency times its pipes), best of 3 runs.
+template <int kAcc, class Operand, class Step>
+double PeakGflops(double flops_per_instruction, Operand a, Operand b, Step step) {
   const int64_t iters = 20000000;
   double best = 0;
   for (int rep = 0; rep < 3; ++rep) {
-    __m512 acc[12];
-    for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i));
-    __m512 a = _mm512_set1_ps(0.999f), b = _mm512_set1_ps(1e-3f);
+    __m512 acc[kAcc];
+    for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_set1_ps(float(i));
     asm volatile("" : "+v"(a), "+v"(b));
     const double t0 = Now();
     for (int64_t it = 0; it < iters; ++it) {
-#pragma GCC unroll 12
-      for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+#pragma GCC unroll 24
+      for (int i = 0; i < kAcc; ++i) acc[i] = step(acc[i], a, b);
     }
     const double s = Now() - t0;
     __m512 sum = acc[0];
-    for (int i = 1; i < 12; ++i) sum = _mm512_add_ps(sum, acc[i]);
+    for (int i = 1; i < kAcc; ++i) sum = _mm512_add_ps(sum, acc[i]);
     alignas(64) float lanes[16];
     _mm512_store_ps(lanes, sum);
     volatile float sink = lanes[0];
     (void)sink;
-    const double g = 12.0 * 32 * iters / s / 1e9;
+    const double g = kAcc * flops_per_instruction * iters / s / 1e9;
     if (g > best) best = g;
   }
   return best;
 }
 
-// vdpbf16ps throughput in GFLOP/s: per instruction 16 lanes x 2 products x (mul + add);
-// 24 accumulators, in case its latency x pipes exceeds that of the FMA.
+// f32 FMA: 16 lanes x (mul + add); 12 accumulators.
+double FmaGflops() {
+  return PeakGflops<12>(32.0, _mm512_set1_ps(0.999f), _mm512_set1_ps(1e-3f),
+                        [](__m512 c, __m512 a, __m512 b) { return _mm512_fmadd_ps(c, a, b); });
+}
+
+// vdpbf16ps: 16 lanes x 2 products x (mul + add); 24 accumulators, in case its latency x
+// pipes exceeds that of the FMA.
 double Dpbf16Gflops() {
-  const int64_t iters = 20000000;
-  double best = 0;
-  for (int rep = 0; rep < 3; ++rep) {
-    __m512 acc[24];
-    for (int i = 0; i < 24; ++i) acc[i] = _mm512_set1_ps(float(i));
-    __m512bh a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(2e-3f));
-    __m512bh b = a;
-    asm volatile("" : "+v"(a), "+v"(b));
-    const double t0 = Now();
-    for (int64_t it = 0; it < iters; ++it) {
-#pragma GCC unroll 24
-      for (int i = 0; i < 24; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
-    }
-    const double s = Now() - t0;
-    __m512 sum = acc[0];
-    for (int i = 1; i < 24; ++i) sum = _mm512_add_ps(sum, acc[i]);
-    alignas(64) float lanes[16];
-    _mm512_store_ps(lanes, sum);
-    volatile float sink = lanes[0];
-    (void)sink;
-    const double g = 24.0 * 64 * iters / s / 1e9;
-    if (g > best) best = g;
-  }
-  return best;
+  const __m512bh a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(2e-3f));
+  return PeakGflops<24>(64.0, a, a, [](__m512 c, __m512bh x, __m512bh y) {
+    return _mm512_dpbf16_ps(c, x, y);
+  });
 }
 
 // Single-thread read bandwidth from DRAM in GB/s: summing a buffer far larger than L3.
