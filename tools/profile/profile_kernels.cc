@@ -122,10 +122,11 @@ Result RunCase(const Case& c, bool reduced, int reps, double min_seconds) {
     }
   };
 
+  // The same operands for every kind: decode reads the K/V as a full contiguous cache.
+  Buffer q(c.dtype, B * T * N * H, &gen), k(c.dtype, B * S * K * H, &gen),
+      v(c.dtype, B * S * K * H, &gen), out(c.dtype, B * T * N * H, &gen);
+  std::vector<float> lse(B * T * N);
   if (c.kind == Kind::kDecode) {
-    Buffer q(c.dtype, B * T * N * H, &gen), k(c.dtype, B * S * K * H, &gen),
-        v(c.dtype, B * S * K * H, &gen), out(c.dtype, B * T * N * H, &gen);
-    std::vector<float> lse(B * T * N);
     std::vector<int32_t> lengths(B, int32_t(S));
     jaxattn::DecodeAttentionProblem p;
     p.dtype = c.dtype;
@@ -152,9 +153,6 @@ Result RunCase(const Case& c, bool reduced, int reps, double min_seconds) {
     r.flops = 4.0 * B * T * N * S * H;
     r.bytes = 2.0 * B * S * K * H * (c.dtype == DType::kF32 ? 4 : 2);
   } else {
-    Buffer q(c.dtype, B * T * N * H, &gen), k(c.dtype, B * S * K * H, &gen),
-        v(c.dtype, B * S * K * H, &gen), out(c.dtype, B * T * N * H, &gen);
-    std::vector<float> lse(B * T * N);
     jaxattn::AttentionProblem p;
     p.dtype = c.dtype;
     p.batch = B;
