@@ -3,12 +3,16 @@
 All in one process, medians. Ratios > 1 mean jaxattn is faster. GFLOP/s count the useful
 work (causal: only the visible half), with fwd = 4*B*N*T*S*H and fwd+bwd = 3.5x that.
 
-    python benchmarks/bench_flash.py [--quick] [--dtypes float32 bfloat16] [--memory]
+    python benchmarks/bench_flash.py [--quick] [--dtypes float32 bfloat16] [--memory] [--soft-cap]
+
+``--soft-cap`` adds the cost of a logit soft cap (Gemma 2's, cap 50): jaxattn with and without
+it on Gemma-like shapes, forward and forward+backward, timed in alternating turns.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -135,6 +139,31 @@ def run_speed(shapes, dtypes, torch) -> tuple[str, dict]:
     return markdown_table(headers, rows), summary
 
 
+CAP_SHAPES = (Shape(1, 2048, 8, 4, 256, True), Shape(1, 2048, 16, 16, 128, True))
+
+
+def run_soft_cap(dtypes, cap: float = 50.0) -> str:
+    """The overhead of ``logits_soft_cap=cap`` over the same call without it."""
+    rows = []
+    for backward in (False, True):
+        for dtype_name in dtypes:
+            for shape in CAP_SHAPES:
+                q, k, v = inputs(shape, jnp.dtype(dtype_name))
+                capped = functools.partial(jaxattn.flash_attention, logits_soft_cap=cap)
+                plain = jax_runner(jaxattn.flash_attention, shape, backward)
+                with_cap = jax_runner(capped, shape, backward)
+                # Alternate the two so that both see the same machine state.
+                t_plain, t_cap = [], []
+                for _ in range(3):
+                    t_plain.append(median_seconds(lambda: plain(q, k, v)))
+                    t_cap.append(median_seconds(lambda: with_cap(q, k, v)))
+                t_plain, t_cap = float(np.median(t_plain)), float(np.median(t_cap))
+                rows.append([("fwd+bwd" if backward else "fwd"), dtype_name, str(shape),
+                             t_plain * 1e3, t_cap * 1e3, 100.0 * (t_cap / t_plain - 1.0)])
+    return markdown_table(["pass", "dtype", "shape", "no cap ms", f"cap {cap:g} ms",
+                           "overhead %"], rows)
+
+
 _MEMORY_CHILD = r"""
 import resource, sys, jax, jax.numpy as jnp, numpy as np, jaxattn
 impl, t = sys.argv[1], int(sys.argv[2])
@@ -173,6 +202,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller shapes")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--memory", action="store_true", help="also peak memory at T=8192")
+    parser.add_argument("--soft-cap", action="store_true", help="also the soft cap's overhead")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--json", help="write the summary here")
     args = parser.parse_args()
@@ -184,6 +214,8 @@ def main() -> None:
           f"{torch.__version__ if torch else 'not installed'}\n")
     table, summary = run_speed(QUICK_SHAPES if args.quick else SHAPES, args.dtypes, torch)
     print(table)
+    if args.soft_cap:
+        print("\n" + run_soft_cap(args.dtypes))
     if args.memory:
         print("\n" + run_memory(8192))
     if args.json:
