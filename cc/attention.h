@@ -58,6 +58,22 @@ struct FlashBackwardArgs {
   float* dlogits = nullptr;     // [B,N,T,S] or nullptr: d loss / d (logits after bias)
 };
 
+// Tangents for the forward-mode derivative (FlashJvp): dq like the query, dk like the key,
+// dv like the value, each read at batch index b % its own batch (a vmapped tangent may have a
+// batch of its own), and an optional bias tangent broadcastable like the bias.
+struct FlashTangents {
+  const void* dq = nullptr;  // [dq_batch, T, N, H], dtype
+  const void* dk = nullptr;  // [dk_batch, S, K, H]
+  const void* dv = nullptr;  // [dv_batch, S, K, Hv]
+  int64_t dq_batch = 1, dk_batch = 1, dv_batch = 1;
+  Broadcast4 dbias;  // data nullptr: no bias tangent
+};
+
+struct FlashJvpResult {
+  void* dout = nullptr;   // [B,T,N,Hv], dtype: the output's tangent
+  float* dlse = nullptr;  // [B,T,N]: the lse's tangent
+};
+
 // Block-sparse attention: which tiles of the kernels' tiling (BlockSparseTilingFor) to visit,
 // compiled on the host once per mask. A table group is shared by all heads (groups == 1) or
 // by the query heads of one kv head (groups == K). Query tile i covers positions
@@ -145,6 +161,11 @@ void FlashForward(const AttentionProblem& problem, const FlashForwardResult& res
                   const Parallel& parallel);
 void FlashBackward(const AttentionProblem& problem, const FlashBackwardArgs& args,
                    const Parallel& parallel);
+// The forward-mode derivative of FlashForward at the problem's inputs, in the direction of
+// the tangents, from the forward's out [B,T,N,Hv] and lse [B,T,N] (linear in the tangents;
+// its transpose is FlashBackward).
+void FlashJvp(const AttentionProblem& problem, const FlashTangents& tangents, const void* out,
+              const float* lse, const FlashJvpResult& result, const Parallel& parallel);
 
 BlockSparseTiling BlockSparseTilingFor(int64_t group);
 // Checks the tables against the problem (sizes, ranges, order); nullptr or a message.

@@ -230,4 +230,9 @@ void FlashBackward(const AttentionProblem& problem, const FlashBackwardArgs& arg
   Kernels().flash_backward(problem, args, parallel);
 }
 
+void FlashJvp(const AttentionProblem& problem, const FlashTangents& tangents, const void* out,
+              const float* lse, const FlashJvpResult& result, const Parallel& parallel) {
+  Kernels().flash_jvp(problem, tangents, out, lse, result, parallel);
+}
+
 }  // namespace jaxattn

@@ -273,6 +273,62 @@ ffi::Error FlashLogitsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
   return ffi::Error::Success();
 }
 
+// The tangent of (out, lse) in the direction of (dq, dk, dv, dbias), for forward-mode AD.
+ffi::Error FlashJvpImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                        ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
+                        S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
+                        F32Buffer lse, ffi::AnyBuffer dq, ffi::AnyBuffer dk, ffi::AnyBuffer dv,
+                        ffi::AnyBuffer dbias, ffi::Result<ffi::AnyBuffer> dout, F32Result dlse,
+                        float scale, float soft_cap, bool is_causal, int64_t window_left,
+                        int64_t window_right) {
+  AttentionProblem p;
+  const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
+  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths};
+  const auto od = dout->dimensions();
+  if (od.size() != 4) return InvalidArgument("the output tangent must have rank 4");
+  if (auto e = DecodeProblem(in, attrs, od[0], &p); e.failure()) return e;
+  const int64_t B = p.batch, T = p.q_len, N = p.num_heads, S = p.kv_len, K = p.num_kv_heads;
+  const ffi::DataType dtype = query.element_type();
+  // A tangent's batch divides B (vmap over tangents only folds into theirs).
+  const auto tangent_ok = [&](const ffi::AnyBuffer& x, int64_t d1, int64_t d2, int64_t d3) {
+    const auto d = x.dimensions();
+    return x.element_type() == dtype && d.size() == 4 && d[0] > 0 && B % d[0] == 0 &&
+           d[1] == d1 && d[2] == d2 && d[3] == d3;
+  };
+  if (!tangent_ok(dq, T, N, p.head_dim) || !tangent_ok(dk, S, K, p.head_dim) ||
+      !tangent_ok(dv, S, K, p.value_dim) || out.element_type() != dtype ||
+      !HasShape(out.dimensions(), {B, T, N, p.value_dim}) ||
+      !HasShape(lse.dimensions(), {B, T, N}) || dout->element_type() != dtype ||
+      !HasShape(od, {B, T, N, p.value_dim}) || !HasShape(dlse->dimensions(), {B, T, N})) {
+    return InvalidArgument("jvp operand shapes do not match the inputs");
+  }
+  FlashTangents tangents;
+  tangents.dq = dq.untyped_data();
+  tangents.dk = dk.untyped_data();
+  tangents.dv = dv.untyped_data();
+  tangents.dq_batch = dq.dimensions()[0];
+  tangents.dk_batch = dk.dimensions()[0];
+  tangents.dv_batch = dv.dimensions()[0];
+  if (auto e = DecodeBroadcast(dbias, "bias tangent", &tangents.dbias); e.failure()) return e;
+  if (tangents.dbias.data != nullptr) {
+    if (!ToDType(dbias.element_type(), &tangents.dbias.dtype)) {
+      return InvalidArgument("the bias tangent must be float32, bfloat16 or float16");
+    }
+    const int64_t full[4] = {B, N, T, S};
+    if (tangents.dbias.dims[0] <= 0 || B % tangents.dbias.dims[0] != 0) {
+      return InvalidArgument("the bias tangent's batch must divide B");
+    }
+    for (int i = 1; i < 4; ++i) {
+      if (tangents.dbias.dims[i] != 1 && tangents.dbias.dims[i] != full[i]) {
+        return InvalidArgument("the bias tangent must be broadcastable to [B, N, T, S]");
+      }
+    }
+  }
+  FlashJvp(p, tangents, out.untyped_data(), lse.typed_data(),
+           FlashJvpResult{dout->untyped_data(), dlse->typed_data()}, XlaParallel(pool));
+  return ffi::Error::Success();
+}
+
 // Block-sparse tables from their operands: q_indptr [groups * num_q_tiles + 1], q_entries
 // [nnz, 2], k_indptr/k_entries the same transposed (or absent: nullptr), masks [M, rows, keys].
 ffi::Error DecodeBlockSparse(const AttentionProblem& p, const S32Buffer& q_indptr,
@@ -536,6 +592,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                   .Ret<ffi::Buffer<ffi::F32>>()));   // dlogits
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FlashJvpHandler, FlashJvpImpl,
+    BindAttrs(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                  .Arg<ffi::AnyBuffer>()             // out
+                  .Arg<ffi::Buffer<ffi::F32>>()      // lse
+                  .Arg<ffi::AnyBuffer>()             // dq (tangent)
+                  .Arg<ffi::AnyBuffer>()             // dk
+                  .Arg<ffi::AnyBuffer>()             // dv
+                  .Arg<ffi::AnyBuffer>()             // dbias (0 elements: none)
+                  .Ret<ffi::AnyBuffer>()             // dout
+                  .Ret<ffi::Buffer<ffi::F32>>()));   // dlse
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
     SparseForwardHandler, SparseForwardImpl,
     ffi::Ffi::Bind()
         .Ctx<ffi::ThreadPool>()
@@ -601,6 +669,7 @@ std::vector<FfiTarget> FfiTargets() {
       {"jaxattn_flash_fwd_v1", reinterpret_cast<void*>(FlashForwardHandler)},
       {"jaxattn_flash_bwd_v1", reinterpret_cast<void*>(FlashBackwardHandler)},
       {"jaxattn_flash_dlogits_v1", reinterpret_cast<void*>(FlashLogitsGradHandler)},
+      {"jaxattn_flash_jvp_v1", reinterpret_cast<void*>(FlashJvpHandler)},
       {"jaxattn_decode_fwd_v1", reinterpret_cast<void*>(DecodeForwardHandler)},
       {"jaxattn_paged_decode_fwd_v1", reinterpret_cast<void*>(PagedDecodeForwardHandler)},
       {"jaxattn_sparse_fwd_v1", reinterpret_cast<void*>(SparseForwardHandler)},

@@ -204,6 +204,19 @@ static inline int32_t ClampToI32(int64_t x) {
                               : x > (int64_t{1} << 31) - 1 ? (int64_t{1} << 31) - 1 : x);
 }
 
+// Elements [s0, s0 + length) of row (b, n, t) of a [B, N, T, S]-broadcastable float operand,
+// as float32.
+static void LoadBroadcastRow(const Broadcast4& x, const int64_t* strides, int64_t b, int64_t n,
+                             int64_t t, int64_t s0, int64_t length, float* dst) {
+  const int64_t at = BroadcastOffset(x, strides, b, n, t);
+  if (strides[3] != 0) {
+    LoadRow(x.dtype, Offset(x.data, x.dtype, at + s0), length, 1.0f, dst);
+  } else {
+    const float v = LoadOne(x.dtype, x.data, at);
+    for (int64_t j = 0; j < length; ++j) dst[j] = v;
+  }
+}
+
 // The soft cap of one vector of logits, cap * tanh(v / cap); *th receives the tanh. One
 // function for every layout, so that the backward recomputes the forward's logits bitwise.
 static inline VF SoftCap(VF v, float inv_cap, float cap, VF* th) {
@@ -274,9 +287,7 @@ static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* row
   if (kKeysMajor) {
     for (int64_t r = 0; r < padded; ++r) row_t[r] = r < num_rows ? rows[r].t : -1;
   }
-  VI lane;
-#pragma GCC unroll 16
-  for (int l = 0; l < kVL; ++l) lane[l] = l;
+  const VI lane = LaneIndices();
   const VF minus_inf = Splat(-kInf);
   const int64_t unbounded = int64_t{1} << 62;
 
@@ -302,15 +313,8 @@ static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* row
 
     if (has_bias || has_mask) {
       const int64_t n = kKeysMajor ? 0 : rows[i].n, t = kKeysMajor ? 0 : rows[i].t;
-      const DType bias_dtype = p.bias.dtype;
       if (has_bias && !kKeysMajor) {
-        const int64_t at = BroadcastOffset(p.bias, c.bias_strides, b, n, t);
-        if (c.bias_strides[3] != 0) {
-          LoadRow(bias_dtype, Offset(p.bias.data, bias_dtype, at + s0), length, 1.0f, bias_line);
-        } else {
-          const float v = LoadOne(bias_dtype, p.bias.data, at);
-          for (int64_t j = 0; j < length; ++j) bias_line[j] = v;
-        }
+        LoadBroadcastRow(p.bias, c.bias_strides, b, n, t, s0, length, bias_line);
       }
       if (has_mask && !kKeysMajor) {
         const int64_t at = BroadcastOffset(p.mask, c.mask_strides, b, n, t);
@@ -324,7 +328,7 @@ static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* row
         const int64_t s = s0 + i;
         for (int64_t r = 0; r < length; ++r) {
           if (has_bias) {
-            bias_line[r] = LoadOne(bias_dtype, p.bias.data,
+            bias_line[r] = LoadOne(p.bias.dtype, p.bias.data,
                                    BroadcastOffset(p.bias, c.bias_strides, b, rows[r].n,
                                                    rows[r].t) + s * c.bias_strides[3]);
           }

@@ -16,6 +16,8 @@ struct KernelTable {
                           const FlashBackwardArgs&, const Parallel&);
   void (*decode_forward)(const DecodeAttentionProblem&, const DecodeResult&, const Parallel&);
   int64_t (*decode_partition_size)(const DecodeAttentionProblem&);
+  void (*flash_jvp)(const AttentionProblem&, const FlashTangents&, const void*, const float*,
+                    const FlashJvpResult&, const Parallel&);
 };
 
 extern const KernelTable kGenericKernels;

@@ -196,6 +196,22 @@ flash_dlogits_p = _define("jaxattn_flash_dlogits", "jaxattn_flash_dlogits_v1",
                           axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn->bnts")
 
 
+def _flash_jvp_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dq, dk, dv,
+                        dbias, **_):
+    _expect_qkv("jaxattn_flash_jvp", q, k, v)
+    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dq, dk, dv, dbias)
+    _, t, n, _ = q.shape
+    return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
+            q.update(shape=(b, t, n), dtype=jnp.float32))
+
+
+# ... plus out, lse and the tangents dq, dk, dv, dbias (empty: none) -> the tangents of out
+# and lse (forward-mode AD; linear in the tangents, transposed by flash_bwd_p/flash_dlogits_p)
+flash_jvp_p = _define("jaxattn_flash_jvp", "jaxattn_flash_jvp_v1", _flash_jvp_abstract,
+                      full_batch=(7, 8),
+                      axes=f"{_FLASH_OPERANDS},btnd,btn,btnh,bskh,bskd,bnts->btnd,btn")
+
+
 def _decode_abstract(q, k, v, kv_lengths, **_):
     b = _output_batch(q, k, v, kv_lengths)
     _, t, n, _ = q.shape

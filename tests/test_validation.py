@@ -517,7 +517,7 @@ FLASH_FFI_BAD_BINDS = [
             r"jaxattn: bias/mask must be broadcastable"),
     BadBind("mask_rank2", bind_fwd(mask=ones(T, S, dtype=bool)), r"jaxattn: mask must have rank 4"),
     BadBind("mask_float", bind_fwd(mask=ones(1, 1, T, S)), r"jaxattn: mask must be boolean"),
-    BadBind("bias_dtype", bind_fwd(bias=ones(1, 1, T, S, dtype=BF16)), r"jaxattn: bias must have the dtype"),
+    BadBind("bias_dtype", bind_fwd(bias=ones(1, 1, T, S, dtype=np.int32)), r"jaxattn: bias must be float32, bfloat16 or float16"),
     BadBind("bias_rank3", bind_fwd(bias=ones(1, T, S)), r"jaxattn: bias must have rank 4"),
     BadBind("lengths_float", bind_fwd(kv_lengths=ones(B)), r"S32"),
     BadBind("lengths_batch", bind_fwd(q_lengths=np.ones(3, np.int32)), r"jaxattn: operand batch sizes must divide"),
