@@ -41,6 +41,13 @@ struct FlashContext {
   const BlockSparseTables* sparse = nullptr;  // block-sparse attention: the tiles to visit
   int64_t rows_padded = 0;  // row length of a transposed tile mask: rows rounded to vectors
   ProductMode mode = ProductMode::kFloat32;  // of this call's products
+  // Keys per tile of the forward pass (the backward and block-sparse tables: kKeysPerTile).
+  int64_t keys_per_tile = kKeysPerTile;
+  // AMX forward: K and V packed once per call, block by block of keys_per_tile keys on the
+  // grid from key 0 (PackKeyValueBlocks); nullptr where every task packs its own tiles.
+  const float* packed_keys = nullptr;    // [kv_batch, K, blocks] x key_block_floats
+  const float* packed_values = nullptr;  // [value_batch, K, blocks] x value_block_floats
+  int64_t key_block_floats = 0, value_block_floats = 0;
 };
 
 // Whether products multiply bf16 pairs (vdpbf16ps or AMX): packed rows then hold words.
@@ -526,10 +533,10 @@ static void ProductGemm(const FlashContext& c, int64_t m, int64_t n, int64_t inn
 }
 
 // out[m, n] = scaled logits of packed query (or key) rows a against packed key (or query)
-// columns b (n columns).
+// columns b (n columns of ldb).
 static void LogitsGemm(const FlashContext& c, int64_t m, int64_t n, const float* a,
-                       const float* b, float* out, int64_t ldo) {
-  ProductGemm(c, m, n, c.p->head_dim, a, DotLd(c, c.p->head_dim), b, n, out, ldo, false);
+                       const float* b, int64_t ldb, float* out, int64_t ldo) {
+  ProductGemm(c, m, n, c.p->head_dim, a, DotLd(c, c.p->head_dim), b, ldb, out, ldo, false);
   if (!Pairs(c)) return;  // the float32 queries were scaled when packed
   const VF scale = Splat(c.p->scale);
   for (int64_t i = 0; i < m; ++i) {
@@ -631,7 +638,9 @@ static inline TileCursor KeyTilesOf(const FlashContext& c, int64_t kv_head, int6
   }
   int64_t lo, hi;
   KeyRange(*c.p, t0, t1, kv_len, &lo, &hi);
-  return DenseTiles(lo, hi, kKeysPerTile);
+  // AMX: on the grid of the packed blocks (a window's first tile then starts masked).
+  if (c.mode == ProductMode::kAmxTiles) lo -= lo % c.keys_per_tile;
+  return DenseTiles(lo, hi, c.keys_per_tile);
 }
 
 // The query tiles key tile k_tile (keys [s0, s1)) is seen by, likewise.
@@ -716,7 +725,7 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   const int64_t q_len = QueryLength(p, b), kv_len = KeyLength(p, b);
   const int64_t tv1 = MaxI(t0, MinI(t1, q_len));  // rows at or past q_len output zero
   const int64_t max_rows = (t1 - t0) * c.group, mrp = PaddedRows(c, max_rows);
-  const int64_t bk = kKeysPerTile, bkp = PaddedInner(c, bk);
+  const int64_t bk = c.keys_per_tile, bkp = PaddedInner(c, bk);
   AmxTaskTiles amx_tiles(c.mode == ProductMode::kAmxTiles);
 
   Carver carve{tls_scratch.Get(kScratchSlack +
@@ -759,12 +768,26 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   TileCursor tiles = KeyTilesOf(c, kv_head, q_tile, t0, tv1, kv_len);
   for (Tile tile; NextTile(&tiles, &tile);) {
     const int64_t s0 = tile.start, nk = tile.count, nkp = PaddedInner(c, nk);
-    KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
-    PackDotColumns(c, p.key, offsets, nk, p.head_dim, 1.0f, kt, nkp, block);
-    KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
-    PackAcrossRows(c, p.value, offsets, nk, p.value_dim, v);
+    // A packed block holds the keys up to the sequence's end, zeros past it: usable unless
+    // key lengths cut the tile shorter (the values past them may be anything, even NaN).
+    const float* key_columns = kt;
+    const float* value_pairs = v;
+    int64_t ld_keys = nkp;
+    if (c.packed_keys != nullptr && s0 % bk == 0 && nk == MinI(bk, p.kv_len - s0)) {
+      const int64_t blocks = CeilDiv(p.kv_len, bk), block = s0 / bk;
+      key_columns = c.packed_keys +
+          ((kb * p.num_kv_heads + kv_head) * blocks + block) * c.key_block_floats;
+      value_pairs = c.packed_values +
+          ((vb * p.num_kv_heads + kv_head) * blocks + block) * c.value_block_floats;
+      ld_keys = bk;
+    } else {
+      KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
+      PackDotColumns(c, p.key, offsets, nk, p.head_dim, 1.0f, kt, nkp, block);
+      KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
+      PackAcrossRows(c, p.value, offsets, nk, p.value_dim, v);
+    }
 
-    LogitsGemm(c, num_rows, nkp, q, kt, s, nkp);
+    LogitsGemm(c, num_rows, nkp, q, key_columns, ld_keys, s, nkp);
     const bool full = TileFullyVisible(p, t0, tv1, s0, s0 + nk, kv_len);
     TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, full, tile.mask, s, nkp,
                            nullptr);
@@ -776,7 +799,7 @@ static void ForwardTask(void* job_ptr, int64_t task) {
     }
     int64_t ldp;
     const float* prob = ComputedOperand(c, s, num_rows, nk, nkp, prob_pairs, &ldp);
-    ProductGemm(c, num_rows, c.hvp, nk, prob, ldp, v, c.hvp, o, c.hvp, true);
+    ProductGemm(c, num_rows, c.hvp, nk, prob, ldp, value_pairs, c.hvp, o, c.hvp, true);
   }
 
   for (int64_t r = 0; r < num_rows; ++r) {
@@ -813,13 +836,63 @@ static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTable
   return c;
 }
 
+// Packs K and V block by block (c.keys_per_tile keys from key 0; a block past the sequence's
+// end zero there) into the buffers c.packed_keys / c.packed_values point to: the forward's
+// operand layouts (PackDotColumns, PackAcrossRows), once per call instead of once per query
+// tile. Tasks: the key blocks of every (kv batch, kv head), then the value blocks.
+static void PackKeyValueTask(void* job_ptr, int64_t task) {
+  const FlashContext& c = *static_cast<const FlashContext*>(job_ptr);
+  const AttentionProblem& p = *c.p;
+  const int64_t bk = c.keys_per_tile, blocks = CeilDiv(p.kv_len, bk);
+  const int64_t key_tasks = p.kv_batch * p.num_kv_heads * blocks;
+  const bool keys = task < key_tasks;
+  const int64_t index = keys ? task : task - key_tasks;
+  const int64_t block = index % blocks, head = index / blocks;
+  const int64_t kv_head = head % p.num_kv_heads, batch = head / p.num_kv_heads;
+  const int64_t s0 = block * bk, nk = MinI(bk, p.kv_len - s0);
+  const int64_t dim = keys ? p.head_dim : p.value_dim;
+  Carver carve{tls_scratch.Get(kScratchSlack + 16 * 2 + bk * 2 + kVL * RoundUp(dim, kVL))};
+  int64_t* offsets = reinterpret_cast<int64_t*>(carve.Take(bk * 2));
+  float* transpose_block = carve.Take(kVL * RoundUp(dim, kVL));
+  KeyOffsets(s0, nk, batch, p.kv_len, kv_head, p.num_kv_heads, dim, offsets);
+  if (keys) {
+    float* dst = const_cast<float*>(c.packed_keys) + index * c.key_block_floats;
+    PackDotColumns(c, p.key, offsets, nk, dim, 1.0f, dst, bk, transpose_block);
+  } else {
+    float* dst = const_cast<float*>(c.packed_values) + index * c.value_block_floats;
+    PackAcrossRows(c, p.value, offsets, nk, dim, dst);
+  }
+}
+
+// AMX forward tiles: keys per tile, chosen by measurement (tools/profile.sh, bench_flash.py):
+// each P V product then accumulates this many keys into its output tiles per load and store.
+constexpr int64_t kAmxKeysPerTile = 256;
+
 // sparse: nullptr for flash attention, else the block-sparse tiles to visit.
 static void RunForward(const AttentionProblem& p, const BlockSparseTables* sparse,
                        ProductMode bf16_mode, const FlashForwardResult& res,
                        const Parallel& parallel) {
   ForwardJob job{ContextFor(p, sparse, bf16_mode), res};
-  const int64_t tasks = p.batch * p.num_kv_heads * job.c.num_q_tiles;
+  FlashContext& c = job.c;
+  float* packed = nullptr;
+  if (c.mode == ProductMode::kAmxTiles) {
+    if (sparse == nullptr) c.keys_per_tile = kAmxKeysPerTile;
+    const int64_t bk = c.keys_per_tile, blocks = CeilDiv(p.kv_len, bk);
+    c.key_block_floats = DotLd(c, p.head_dim) * bk;
+    c.value_block_floats = bk / 2 * RoundUp(p.value_dim, kVL);
+    const int64_t key_floats = p.kv_batch * p.num_kv_heads * blocks * c.key_block_floats;
+    const int64_t value_floats = p.value_batch * p.num_kv_heads * blocks * c.value_block_floats;
+    packed = static_cast<float*>(__builtin_malloc((key_floats + value_floats) * sizeof(float)));
+    if (packed != nullptr) {  // else every task packs its own tiles
+      c.packed_keys = packed;
+      c.packed_values = packed + key_floats;
+      parallel.For((p.kv_batch + p.value_batch) * p.num_kv_heads * blocks, PackKeyValueTask,
+                   &c);
+    }
+  }
+  const int64_t tasks = p.batch * p.num_kv_heads * c.num_q_tiles;
   parallel.For(tasks, ForwardTask, &job);
+  __builtin_free(packed);
 }
 
 template <ProductMode kBF16Mode>
@@ -957,7 +1030,7 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
     KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
     PackDotColumns(c, p.value, offsets, nk, p.value_dim, 1.0f, vt, nkp, block);
 
-    LogitsGemm(c, num_rows, nkp, q, kt, s, nkp);
+    LogitsGemm(c, num_rows, nkp, q, kt, nkp, s, nkp);
     const bool full = TileFullyVisible(p, t0, tv1, s0, s0 + nk, kv_len);
     TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, full, tile.mask, s, nkp,
                            has_cap ? th : nullptr);
@@ -1084,7 +1157,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
         }
       }
 
-      LogitsGemm(c, nk, nrp, k, qt, st, nrp);
+      LogitsGemm(c, nk, nrp, k, qt, nrp, st, nrp);
       const bool full = TileFullyVisible(p, t0, t1, s0, sv1, kv_len);
       TransformLogits<true>(c, b, rows, num_rows, s0, nk, kv_len, full, tile.mask, st, nrp,
                             has_cap ? tht : nullptr);
