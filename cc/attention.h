@@ -18,6 +18,7 @@ enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 struct Broadcast4 {
   const void* data = nullptr;  // nullptr: absent
   int64_t dims[4] = {1, 1, 1, 1};
+  DType dtype = DType::kF32;  // the bias's own element type (a mask is bytes)
 };
 
 struct AttentionProblem {
@@ -29,7 +30,7 @@ struct AttentionProblem {
   const void* query = nullptr;
   const void* key = nullptr;
   const void* value = nullptr;
-  Broadcast4 bias;  // same dtype as the query
+  Broadcast4 bias;  // any float dtype, added to the float32 logits at float32 precision
   Broadcast4 mask;  // bool bytes, nonzero = attend
   const int32_t* q_lengths = nullptr;  // [q_lengths_batch]; nullptr: all rows
   int64_t q_lengths_batch = 1;

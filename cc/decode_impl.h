@@ -147,28 +147,6 @@ static inline VF TransposeSum(VF* v) {
   return v[0];
 }
 
-// tanh to ~7 ulp: Eigen's rational approximation (odd degree 13 over even degree 6).
-static inline VF Tanh(VF x) {
-  const VF c = Splat(7.90531110763549805f);
-  const VF xc = x > c ? c : (x < -c ? -c : x);
-  const VF x2 = xc * xc;
-  VF p = Splat(-2.76076847742355e-16f);
-  p = p * x2 + 2.00018790482477e-13f;
-  p = p * x2 + -8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  p = p * xc;
-  VF q = Splat(1.19825839466702e-06f);
-  q = q * x2 + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  const VF y = p / q;
-  const VF ax = x < 0.0f ? -x : x;
-  return ax < 0.0004f ? x : y;
-}
-
 // ---------------------------------------------------------------------- micro-kernels
 
 // Adds the partial sums of the last n < kPair elements of a key row (see QkPartials).

@@ -86,6 +86,10 @@ const char* ValidateProblem(const AttentionProblem& p) {
       p.num_kv_heads <= 0 || p.head_dim <= 0 || p.value_dim <= 0) {
     return "every dimension must be positive";
   }
+  // Positions are compared as int32 vectors (TransformLogits).
+  if (p.q_len >= (int64_t{1} << 31) || p.kv_len >= (int64_t{1} << 31)) {
+    return "sequence lengths must be below 2^31";
+  }
   if (p.num_heads % p.num_kv_heads != 0) {
     return "the number of query heads must be a multiple of the number of kv heads";
   }

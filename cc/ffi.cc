@@ -137,8 +137,8 @@ ffi::Error DecodeProblem(const ProblemOperands& in, const ProblemAttrs& attrs, i
   }
   if (auto e = DecodeBroadcast(in.bias, "bias", &p->bias); e.failure()) return e;
   if (auto e = DecodeBroadcast(in.mask, "mask", &p->mask); e.failure()) return e;
-  if (p->bias.data != nullptr && in.bias.element_type() != in.query.element_type()) {
-    return InvalidArgument("bias must have the dtype of the query");
+  if (p->bias.data != nullptr && !ToDType(in.bias.element_type(), &p->bias.dtype)) {
+    return InvalidArgument("bias must be float32, bfloat16 or float16");
   }
   if (p->mask.data != nullptr && in.mask.element_type() != ffi::DataType::PRED &&
       in.mask.element_type() != ffi::DataType::U8) {

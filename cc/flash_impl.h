@@ -228,50 +228,18 @@ static void ApplyTileMask(const FlashContext& c, const uint8_t* tile_mask, int64
   }
 }
 
-// Applies bias, soft cap and the masks to a tile of scaled logits. Stored element (i, j) is
-// x[i * ld + j]; it is query row rows[i] and key s0 + j, or with kKeysMajor key s0 + i and
-// query row rows[j]. Masked logits become -inf. With a soft cap, tanh(logit / cap) is kept in
-// tanh_out (same layout) for the backward pass. tile_mask (or nullptr) is the element mask of
-// a partial block-sparse tile, in the layout of the logits (see Tile).
-template <bool kKeysMajor>
-static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* rows,
-                            int64_t num_rows, int64_t s0, int64_t num_keys, int64_t kv_len,
-                            bool analytic_full, const uint8_t* tile_mask, float* x,
-                            int64_t ld, float* tanh_out) {
-  const AttentionProblem& p = *c.p;
-  const bool has_bias = p.bias.data != nullptr, has_mask = p.mask.data != nullptr;
-  const bool has_cap = p.soft_cap > 0.0f;
-  if (!has_bias && !has_mask && !has_cap && analytic_full) {
-    if (tile_mask != nullptr) ApplyTileMask<kKeysMajor>(c, tile_mask, num_rows, num_keys, x, ld);
-    return;
-  }
-  const float cap = p.soft_cap, inv_cap = has_cap ? 1.0f / p.soft_cap : 0.0f;
-  const uint8_t* mask = static_cast<const uint8_t*>(p.mask.data);
-  for (int64_t r = 0; r < num_rows; ++r) {
-    const int64_t t = rows[r].t, n = rows[r].n;
-    const int64_t bias_row = has_bias ? BroadcastOffset(p.bias, c.bias_strides, b, n, t) : 0;
-    const int64_t mask_row = has_mask ? BroadcastOffset(p.mask, c.mask_strides, b, n, t) : 0;
-    for (int64_t j = 0; j < num_keys; ++j) {
-      const int64_t s = s0 + j;
-      const int64_t at = kKeysMajor ? j * ld + r : r * ld + j;
-      bool visible = analytic_full || Visible(p, t, s, kv_len);
-      if (has_mask) visible = visible && mask[mask_row + s * c.mask_strides[3]] != 0;
-      if (tile_mask != nullptr) {
-        visible = visible && tile_mask[kKeysMajor ? j * c.rows_padded + r
-                                                  : r * kKeysPerTile + j] != 0;
-      }
-      float v = x[at];
-      if (has_bias) v += LoadOne(p.dtype, p.bias.data, bias_row + s * c.bias_strides[3]);
-      if (has_cap) {
-        const float th = __builtin_tanhf(v * inv_cap);
-        v = cap * th;
-        // 0 where masked: the backward multiplies by 1 - tanh^2, and a NaN or inf from a
-        // masked bias entry must not turn the (zero) gradient there into NaN.
-        if (tanh_out != nullptr) tanh_out[at] = visible ? th : 0.0f;
-      }
-      x[at] = visible ? v : -kInf;
-    }
-  }
+// Clamps an int64 bound into the int32 range of the vector comparisons (positions are
+// below 2^31, ValidateProblem checks it).
+static inline int32_t ClampToI32(int64_t x) {
+  return static_cast<int32_t>(x < -(int64_t{1} << 31) ? -(int64_t{1} << 31)
+                              : x > (int64_t{1} << 31) - 1 ? (int64_t{1} << 31) - 1 : x);
+}
+
+// The soft cap of one vector of logits, cap * tanh(v / cap); *th receives the tanh. One
+// function for every layout, so that the backward recomputes the forward's logits bitwise.
+static inline VF SoftCap(VF v, float inv_cap, float cap, VF* th) {
+  *th = Tanh(v * inv_cap);
+  return *th * cap;
 }
 
 // Grow-only per-thread scratch; tasks carve their buffers from it.
@@ -297,6 +265,148 @@ struct Scratch {
   }
 };
 static thread_local Scratch tls_scratch;
+// TransformLogits' line buffers, apart from the tasks' scratch (which they carve up).
+static thread_local Scratch tls_line_scratch;
+
+// Applies bias, soft cap and the masks to a tile of scaled logits. Stored element (i, j) is
+// x[i * ld + j]; it is query row rows[i] and key s0 + j, or with kKeysMajor key s0 + i and
+// query row rows[j]. Masked logits become -inf. With a soft cap, tanh(logit / cap) is kept in
+// tanh_out (same layout) for the backward pass. tile_mask (or nullptr) is the element mask of
+// a partial block-sparse tile, in the layout of the logits (see Tile).
+//
+// Line by line (a row of x): the bias and mask entries of the line are gathered into line
+// buffers at their own dtype, the analytic masks become a range of positions, and then bias,
+// soft cap and every mask are applied a vector at a time, up to the line's padded length
+// (ld, whole vectors; padding elements are transformed too and stay harmless).
+template <bool kKeysMajor>
+static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* rows,
+                            int64_t num_rows, int64_t s0, int64_t num_keys, int64_t kv_len,
+                            bool analytic_full, const uint8_t* tile_mask, float* x,
+                            int64_t ld, float* tanh_out) {
+  const AttentionProblem& p = *c.p;
+  const bool has_bias = p.bias.data != nullptr, has_mask = p.mask.data != nullptr;
+  const bool has_cap = p.soft_cap > 0.0f;
+  if (!has_bias && !has_mask && !has_cap && analytic_full) {
+    if (tile_mask != nullptr) ApplyTileMask<kKeysMajor>(c, tile_mask, num_rows, num_keys, x, ld);
+    return;
+  }
+  const int64_t lines = kKeysMajor ? num_keys : num_rows;
+  const int64_t length = kKeysMajor ? num_rows : num_keys;
+  const int64_t padded = RoundUp(length, kVL);  // <= ld
+  const int64_t tile_mask_ld = kKeysMajor ? c.rows_padded : kKeysPerTile;
+  const float cap = p.soft_cap, inv_cap = has_cap ? 1.0f / p.soft_cap : 0.0f;
+  const uint8_t* mask = static_cast<const uint8_t*>(p.mask.data);
+
+  // Line buffers: bias values (floats), mask bytes, and key-major the rows' positions.
+  float* scratch = tls_line_scratch.Get(3 * padded + 48);
+  float* bias_line = scratch;
+  uint8_t* mask_line = reinterpret_cast<uint8_t*>(scratch + padded + 16);
+  int32_t* row_t = reinterpret_cast<int32_t*>(scratch + 2 * padded + 32);
+  if (kKeysMajor) {
+    for (int64_t r = 0; r < padded; ++r) row_t[r] = r < num_rows ? rows[r].t : -1;
+  }
+  VI lane;
+#pragma GCC unroll 16
+  for (int l = 0; l < kVL; ++l) lane[l] = l;
+  const VF minus_inf = Splat(-kInf);
+  const int64_t unbounded = int64_t{1} << 62;
+
+  for (int64_t i = 0; i < lines; ++i) {
+    float* xl = x + i * ld;
+    float* thl = tanh_out != nullptr ? tanh_out + i * ld : nullptr;
+    // Visible positions [lo, hi): key offsets j (query-major) or query positions (key-major).
+    int64_t lo = 0, hi = unbounded;
+    if (!kKeysMajor) {
+      const int64_t t = rows[i].t;
+      if (p.window_left >= 0) lo = t - p.window_left - s0;
+      hi = kv_len - s0;
+      if (p.causal) hi = MinI(hi, t + 1 - s0);
+      if (p.window_right >= 0) hi = MinI(hi, t + p.window_right + 1 - s0);
+    } else {
+      const int64_t s = s0 + i;
+      lo = p.causal ? s : -unbounded;
+      if (p.window_right >= 0) lo = MaxI(lo, s - p.window_right);
+      if (p.window_left >= 0) hi = s + p.window_left + 1;
+      if (s >= kv_len) hi = lo;
+    }
+    const VI lo_v = VI{} + ClampToI32(lo), hi_v = VI{} + ClampToI32(hi);
+
+    if (has_bias || has_mask) {
+      const int64_t n = kKeysMajor ? 0 : rows[i].n, t = kKeysMajor ? 0 : rows[i].t;
+      const DType bias_dtype = p.bias.dtype;
+      if (has_bias && !kKeysMajor) {
+        const int64_t at = BroadcastOffset(p.bias, c.bias_strides, b, n, t);
+        if (c.bias_strides[3] != 0) {
+          LoadRow(bias_dtype, Offset(p.bias.data, bias_dtype, at + s0), length, 1.0f, bias_line);
+        } else {
+          const float v = LoadOne(bias_dtype, p.bias.data, at);
+          for (int64_t j = 0; j < length; ++j) bias_line[j] = v;
+        }
+      }
+      if (has_mask && !kKeysMajor) {
+        const int64_t at = BroadcastOffset(p.mask, c.mask_strides, b, n, t);
+        if (c.mask_strides[3] != 0) {
+          __builtin_memcpy(mask_line, mask + at + s0, length);
+        } else {
+          __builtin_memset(mask_line, mask[at], length);
+        }
+      }
+      if (kKeysMajor) {
+        const int64_t s = s0 + i;
+        for (int64_t r = 0; r < length; ++r) {
+          if (has_bias) {
+            bias_line[r] = LoadOne(bias_dtype, p.bias.data,
+                                   BroadcastOffset(p.bias, c.bias_strides, b, rows[r].n,
+                                                   rows[r].t) + s * c.bias_strides[3]);
+          }
+          if (has_mask) {
+            mask_line[r] = mask[BroadcastOffset(p.mask, c.mask_strides, b, rows[r].n,
+                                                rows[r].t) + s * c.mask_strides[3]];
+          }
+        }
+      }
+      for (int64_t j = length; j < padded; ++j) {
+        bias_line[j] = 0.0f;
+        mask_line[j] = 0;
+      }
+    }
+
+    const uint8_t* tile_line = tile_mask != nullptr ? tile_mask + i * tile_mask_ld : nullptr;
+    for (int64_t j = 0; j < padded; j += kVL) {
+      VF v = Load(xl + j);
+      if (has_bias) v += Load(bias_line + j);
+      VI visible = VI{} - 1;
+      if (!analytic_full) {
+        VI position;
+        if (kKeysMajor) {
+          __builtin_memcpy(&position, row_t + j, sizeof(position));
+        } else {
+          position = lane + static_cast<int32_t>(j);
+        }
+        visible = (position >= lo_v) & (position < hi_v);
+      }
+      if (has_mask) {
+        VB mb;
+        __builtin_memcpy(&mb, mask_line + j, sizeof(mb));
+        visible &= __builtin_convertvector(mb, VI) != 0;
+      }
+      if (tile_line != nullptr) {
+        VB mb;
+        __builtin_memcpy(&mb, tile_line + j, sizeof(mb));
+        visible &= __builtin_convertvector(mb, VI) != 0;
+      }
+      if (has_cap) {
+        VF th;
+        v = SoftCap(v, inv_cap, cap, &th);
+        // 0 where masked: the backward multiplies by 1 - tanh^2, and a NaN or inf from a
+        // masked bias entry must not turn the (zero) gradient there into NaN.
+        if (thl != nullptr) Store(thl + j, visible != 0 ? th : VF{});
+      }
+      Store(xl + j, visible != 0 ? v : minus_inf);
+    }
+  }
+}
+
 // Added to every task's scratch request as a safety margin, except in sanitizer builds, where
 // requests are exact so that AddressSanitizer catches a task carving more than it asked for.
 #ifdef JAXATTN_EXACT_SCRATCH

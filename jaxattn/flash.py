@@ -61,14 +61,32 @@ def _flash_bwd(options, residuals, cotangents):
     dq, dk, dv = _ffi.flash_bwd_p.bind(*operands, **options.attrs())
     if bias.size:
         (dlogits,) = _ffi.flash_dlogits_p.bind(*operands, **options.attrs())
-        broadcast_axes = tuple(i for i in range(4) if bias.shape[i] == 1 and dlogits.shape[i] != 1)
-        dbias = dlogits.sum(axis=broadcast_axes, keepdims=True).astype(bias.dtype)
+        dbias = _sum_to_shape(dlogits, bias.shape).astype(bias.dtype)
     else:
         dbias = jnp.zeros_like(bias)
     return dq, dk, dv, dbias, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _sum_to_shape(x: Array, shape: tuple[int, ...]) -> Array:
+    """Sums ``x`` over the axes where ``shape`` is 1 (and ``x`` is not), in a fixed order.
+
+    A pairwise tree of elementwise adds over the summed axes (flattened into one), so that
+    every element is rounded the same way whatever the thread count: XLA's own reductions
+    may split their work by threads and round differently on 1 and 2 cores.
+    """
+    axes = tuple(i for i, (got, want) in enumerate(zip(x.shape, shape)) if want == 1 and got != 1)
+    if not axes:
+        return x
+    kept = tuple(i for i in range(x.ndim) if i not in axes)
+    parts = jnp.transpose(x, axes + kept).reshape((-1,) + tuple(x.shape[i] for i in kept))
+    while parts.shape[0] > 1:
+        half = parts.shape[0] // 2
+        paired = parts[:half] + parts[half:2 * half]
+        parts = jnp.concatenate([paired, parts[2 * half:]]) if parts.shape[0] % 2 else paired
+    return parts[0].reshape(shape)
 
 
 def _to_rank4(x: Array, name: str, full_shape: tuple[int, int, int, int]) -> Array:
@@ -107,7 +125,9 @@ def flash_attention(
       query: ``[B, T, N, H]`` (or unbatched ``[T, N, H]``), float32, bfloat16 or float16.
       key: ``[B, S, K, H]`` with ``N % K == 0``; query head ``n`` uses kv head ``n // (N // K)``.
       value: ``[B, S, K, Hv]``; ``Hv`` may differ from ``H``.
-      bias: optional, broadcastable to ``[B, N, T, S]``; added to the scaled logits.
+      bias: optional, broadcastable to ``[B, N, T, S]``, float32, bfloat16 or float16 (its
+        own dtype, independent of the inputs'); added to the scaled float32 logits in float32.
+        Its gradient is summed over the broadcast axes in float32, in a fixed order.
       mask: optional bool, broadcastable to ``[B, N, T, S]``; True means attend.
       scale: logit scale, default ``1 / sqrt(H)``.
       is_causal: query ``i`` sees keys ``j <= i`` (top-left aligned, as ``jax.nn``).
@@ -143,7 +163,11 @@ def flash_attention(
         bias = as_array(bias, "bias")
         if not jnp.issubdtype(bias.dtype, jnp.floating):
             raise TypeError(f"bias must be a floating array, got dtype {bias.dtype}")
-        bias = _to_rank4(bias.astype(query.dtype), "bias", full)
+        if bias.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+            bias = bias.astype(jnp.float32)  # float64 (x64), float8: added in float32 anyway
+        # The bias keeps its own dtype: the kernels add it to the float32 logits in float32
+        # (as jax.nn does), so a float32 bias on bf16 inputs loses nothing.
+        bias = _to_rank4(bias, "bias", full)
     else:
         bias = _empty(query.dtype)
     if mask is not None:

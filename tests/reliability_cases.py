@@ -248,6 +248,10 @@ CASES: list[OpCase] = [
                logits_soft_cap=5.0, query_seq_lengths=_lengths(50),
                key_value_seq_lengths=_lengths(180), seed=2),
     flash_case("flash_f32_mqa_h256", Shape(1, 70, 129, 4, 1, 256), F32, bias="11TS", seed=3),
+    # The gradient of a bias broadcast over batch and heads is a sum over them: its order must
+    # not depend on the thread count either.
+    flash_case("flash_f32_broadcast_bias_grad", Shape(2, 96, 80, 6, 3, 32), F32, bias="11TS",
+               is_causal=True, seed=9),
     # Long caches: many partitions, merged in a fixed order whatever the thread count.
     decode_case("decode_f32_gqa_long", Shape(2, 1, 4096, 8, 2, 64), F32, _lengths(4096, 1500),
                 seed=4),

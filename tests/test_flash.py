@@ -332,6 +332,48 @@ def test_logits_soft_cap(rng: np.random.Generator, cap: float, dtype: np.dtype) 
     check_case(rng, SHAPE, dtype, bias="BNTS", scale=1.0, logits_soft_cap=cap)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["float32", "bfloat16", "float16"])
+def test_soft_cap_applies_to_every_layout(rng: np.random.Generator, dtype: np.dtype) -> None:
+    """The vectorised cap on query- and key-major tiles (forward, both backward passes) with
+    masks cutting tiles at odd places, and the GQA group folded into the rows."""
+    shape = Shape(batch=2, q_len=131, kv_len=77, num_heads=6, num_kv_heads=2, head_dim=24)
+    check_case(rng, shape, dtype, mask="B1TS", scale=1.0, logits_soft_cap=2.0,
+               is_causal=True, local_window_size=(40, 3),
+               key_value_seq_lengths=lengths(77, 45))
+
+
+@pytest.mark.parametrize("dtype, bias_value", [(BF16, 1000.0), (F16, 7e4)],
+                         ids=["bfloat16_large_bias", "float16_bias_past_f16_max"])
+def test_float32_bias_keeps_its_precision(rng: np.random.Generator, dtype: np.dtype,
+                                          bias_value: float) -> None:
+    """A float32 bias is added to the float32 logits in float32, not rounded to the inputs'
+    dtype first: bias_value - 0.5|i - j| rounded to bf16 moves by up to 4 (the softmax then
+    picks other keys), and 7e4 is infinite in float16."""
+    shape = Shape(batch=1, q_len=33, kv_len=45, num_heads=2, num_kv_heads=2, head_dim=16)
+    inputs = random_inputs(rng, shape, dtype)
+    i, j = np.arange(shape.q_len)[:, None], np.arange(shape.kv_len)[None, :]
+    bias = (bias_value - 0.5 * np.abs(i - j)).astype(np.float32)
+    q, k, v = inputs["query"], inputs["key"], inputs["value"]
+    dout = rng.standard_normal(shape.out).astype(dtype)
+
+    def loss(q, k, v, bias):
+        return jnp.sum(jaxattn.flash_attention(q, k, v, bias).astype(jnp.float32) * dout)
+
+    out = jaxattn.flash_attention(q, k, v, bias)
+    assert out.dtype == dtype
+    reference, _ = attention_reference(q, k, v, bias)
+    # Logits near 7e4 have float32 ulps of 2^-7: allow twice a float32 computation's error.
+    naive_f32, _ = naive_low_precision(q, k, v, F32, bias)
+    assert_close_to_oracle(out, reference, naive_f32, dtype=dtype, name="out")
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+    assert grads[3].dtype == np.float32
+    reference_grads = attention_reference_grad(q, k, v, dout, bias)
+    naive_grads = naive_low_precision_grad(q, k, v, dout, F32, bias)
+    for name, got, want, naive in zip(DIFFERENTIABLE, grads, reference_grads, naive_grads):
+        # Within the inputs' dtype's rounding (the backward reads the rounded output).
+        assert_close_to_oracle(got, want, naive, dtype=dtype, name=f"d{name}")
+
+
 COMBINATIONS: dict[str, dict[str, Any]] = {
     "causal_window_lengths": {
         "is_causal": True,

@@ -23,6 +23,7 @@ struct Case {
   int64_t B = 1, T = 1, S = 1, N = 1, K = 1, H = 1, Hv = 1;
   int64_t q_batch = 1, kv_batch = 1;
   bool has_bias = false, has_mask = false;
+  DType bias_dtype = DType::kF32;  // the bias keeps its own dtype (any float type)
   int64_t bias_dims[4] = {1, 1, 1, 1}, mask_dims[4] = {1, 1, 1, 1};
   std::vector<int32_t> q_lengths, kv_lengths;  // empty: absent
   double scale = 1.0, soft_cap = 0.0;
@@ -106,7 +107,10 @@ Case RandomCase(Random& rng) {
   c.q_batch = rng.Chance(0.2) ? 1 : c.B;
   c.kv_batch = rng.Chance(0.2) ? 1 : c.B;
   c.has_bias = rng.Chance(0.35);
-  if (c.has_bias) RandomBroadcast(rng, c, c.bias_dims);
+  if (c.has_bias) {
+    RandomBroadcast(rng, c, c.bias_dims);
+    c.bias_dtype = rng.Chance(0.5) ? c.dtype : DType::kF32;
+  }
   c.has_mask = rng.Chance(0.35);
   if (c.has_mask) {
     RandomBroadcast(rng, c, c.mask_dims);
@@ -253,7 +257,7 @@ void MakeInputs(const Case& c, Random& rng, Buffers* x) {
   }
   if (c.has_bias) {
     const int64_t* d = c.bias_dims;
-    x->bias = Tensor(c.dtype, {d[0], d[1], d[2], d[3]});
+    x->bias = Tensor(c.bias_dtype, {d[0], d[1], d[2], d[3]});
     std::vector<bool> read(x->bias.count(), false);
     for (int64_t b = 0; b < c.B; ++b) {
       for (int64_t n = 0; n < c.N; ++n) {
@@ -301,6 +305,7 @@ AttentionProblem MakeProblem(const Case& c, Buffers& x) {
   p.value = x.v.data();
   if (c.has_bias) {
     p.bias.data = x.bias.data();
+    p.bias.dtype = x.bias.dtype;
     for (int i = 0; i < 4; ++i) p.bias.dims[i] = c.bias_dims[i];
   }
   if (c.has_mask) {
