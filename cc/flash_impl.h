@@ -643,17 +643,22 @@ static void ProductGemm(const FlashContext& c, int64_t m, int64_t n, int64_t inn
 }
 
 // out[m, n] = scaled logits of packed query (or key) rows a against packed key (or query)
-// columns b (n columns of ldb).
+// columns b (n columns of ldb). With scaled = false bf16 pairs are left unscaled: the caller
+// multiplies by PairsScale(c) itself.
 static void LogitsGemm(const FlashContext& c, int64_t m, int64_t n, const float* a,
-                       const float* b, int64_t ldb, float* out, int64_t ldo) {
+                       const float* b, int64_t ldb, float* out, int64_t ldo,
+                       bool scaled = true) {
   ProductGemm(c, m, n, c.p->head_dim, a, DotLd(c, c.p->head_dim), b, ldb, out, ldo, false);
-  if (!Pairs(c)) return;  // the float32 queries were scaled when packed
+  if (!Pairs(c) || !scaled) return;  // the float32 queries were scaled when packed
   const VF scale = Splat(c.p->scale);
   for (int64_t i = 0; i < m; ++i) {
     float* row = out + i * ldo;
     for (int64_t j = 0; j < n; j += kVL) Store(row + j, Load(row + j) * scale);
   }
 }
+
+// What LogitsGemm(..., scaled = false) leaves for its caller to multiply the logits by.
+static inline float PairsScale(const FlashContext& c) { return Pairs(c) ? c.p->scale : 1.0f; }
 
 // One element of a PackDotRows x PackDotColumns product of n-element rows a and b, rounded
 // bitwise as ProductGemm rounds it (the backward's D must cancel against dP exactly).
@@ -767,16 +772,28 @@ static inline TileCursor QueryTilesOf(const FlashContext& c, int64_t kv_head, in
   return DenseTiles(lo, hi, c.positions_per_tile);
 }
 
-// One online-softmax step for a row of logits sr[0, nkp) (columns from nk on are -inf):
-// exponentiates them in place against the new running max, updates the running max *m and
-// sum *l, and rescales the output row accumulated so far when the max grows. A row whose
-// logits are all -inf becomes zeros; a NaN among them (the max skips NaN) poisons the sum,
-// so that it reaches the output instead of the row being taken as fully masked.
+// One online-softmax step for a row of logits sr[0, nk) (stored to nkp, a multiple of kVL;
+// the columns from nk on become -inf): multiplies them by prescale (the scale, where the
+// products left it out: one pass fewer over the row), exponentiates them against the new
+// running max, updates the running max *m and sum *l, and rescales the output row
+// accumulated so far when the max grows. The probabilities replace the logits in sr, or
+// with pairs_out (avx512 only) go there rounded to bf16 pairs (nkp / 2 words, zero past nk)
+// as the P V product takes them. A row whose logits are all -inf becomes zeros; a NaN among
+// them (the max skips NaN) poisons the sum, so that it reaches the output instead of the row
+// being taken as fully masked.
 static inline void OnlineSoftmaxStep(float* sr, int64_t nk, int64_t nkp, float* m, float* l,
-                                     float* orow, int64_t hvp) {
+                                     float* orow, int64_t hvp, float prescale = 1.0f,
+                                     uint32_t* pairs_out = nullptr) {
+  VI lane;
+#pragma GCC unroll 16
+  for (int i = 0; i < kVL; ++i) lane[i] = i;
   VF mv = Splat(-kInf);
   for (int64_t j = 0; j < nkp; j += kVL) {
-    const VF x = Load(sr + j);
+    VF x = Load(sr + j);
+    const bool tail = j + kVL > nk;
+    if (prescale != 1.0f) x = x * prescale;
+    if (tail) x = lane + static_cast<int32_t>(j) < static_cast<int32_t>(nk) ? x : Splat(-kInf);
+    if (prescale != 1.0f || tail) Store(sr + j, x);
     mv = x > mv ? x : mv;
   }
   const float m_new = MaxF(*m, HorizontalMax(mv));
@@ -785,13 +802,22 @@ static inline void OnlineSoftmaxStep(float* sr, int64_t nk, int64_t nkp, float* 
       if (sr[j] != sr[j]) *l = sr[j];
     }
     __builtin_memset(sr, 0, nkp * sizeof(float));
+    if (pairs_out != nullptr) __builtin_memset(pairs_out, 0, nkp / 2 * sizeof(uint32_t));
     return;
   }
   const VF mnv = Splat(m_new);
   VF sum = VF{};
   for (int64_t j = 0; j < nkp; j += kVL) {
     const VF e = Exp(Load(sr + j) - mnv);
+#if JAXATTN_VL == 16
+    if (pairs_out != nullptr) {
+      RoundToPairs(reinterpret_cast<const float*>(&e), kVL, pairs_out + j / 2);
+    } else {
+      Store(sr + j, e);
+    }
+#else
     Store(sr + j, e);
+#endif
     sum += e;
   }
   // exp(0) is exactly 1: skip the libm call when the max stays (most tiles after the first).
@@ -897,19 +923,39 @@ static void ForwardTask(void* job_ptr, int64_t task) {
       PackAcrossRows(c, p.value, offsets, nk, p.value_dim, v);
     }
 
-    LogitsGemm(c, num_rows, nkp, q, key_columns, ld_keys, s, nkp);
     const bool full = TileFullyVisible(p, t0, tv1, s0, s0 + nk, kv_len);
-    TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, full, tile.mask, s, nkp,
-                           nullptr);
-
-    for (int64_t r = 0; r < num_rows; ++r) {
-      float* sr = s + r * nkp;
-      for (int64_t j = nk; j < nkp; ++j) sr[j] = -kInf;
-      OnlineSoftmaxStep(sr, nk, nkp, &m[r], &l[r], o + r * c.hvp, c.hvp);
+    // Without bias, masks or cap the softmax scales the logits itself (pairs: one pass less).
+    const bool transform = p.bias.data != nullptr || p.mask.data != nullptr ||
+                           p.soft_cap > 0.0f || !full || tile.mask != nullptr;
+    // Bf16 pairs: P is rounded to pairs as it is computed (the rows past num_rows, which
+    // AMX multiplies, are zero). Float32: P in place of the logits.
+    uint32_t* prob_words = Pairs(c) ? reinterpret_cast<uint32_t*>(prob_pairs) : nullptr;
+    if (prob_words != nullptr) {
+      __builtin_memset(prob_words + num_rows * (nkp / 2), 0,
+                       (PaddedRows(c, num_rows) - num_rows) * (nkp / 2) * sizeof(uint32_t));
     }
-    int64_t ldp;
-    const float* prob = ComputedOperand(c, s, num_rows, nk, nkp, prob_pairs, &ldp);
-    ProductGemm(c, num_rows, c.hvp, nk, prob, ldp, value_pairs, c.hvp, o, c.hvp, true);
+    // AMX: 32 rows at a time (two row tiles), so that a slab's logits stay in the L1 cache
+    // from the product through the softmax to the P V product. Results do not depend on it.
+    const int64_t slab = c.mode == ProductMode::kAmxTiles ? 32 : num_rows;
+    for (int64_t r0 = 0; r0 < num_rows; r0 += slab) {
+      const int64_t nr = MinI(slab, num_rows - r0);
+      float* ss = s + r0 * nkp;
+      LogitsGemm(c, nr, nkp, q + r0 * DotLd(c, p.head_dim), key_columns, ld_keys, ss, nkp,
+                 /*scaled=*/transform);
+      if (transform) {
+        TransformLogits<false>(c, b, rows + r0, nr, s0, nk, kv_len, full,
+                               tile.mask != nullptr ? tile.mask + r0 * kKeysPerTile : nullptr,
+                               ss, nkp, nullptr);
+      }
+      for (int64_t r = r0; r < r0 + nr; ++r) {
+        OnlineSoftmaxStep(s + r * nkp, nk, nkp, &m[r], &l[r], o + r * c.hvp, c.hvp,
+                          transform ? 1.0f : PairsScale(c),
+                          prob_words != nullptr ? prob_words + r * (nkp / 2) : nullptr);
+      }
+      const float* prob = prob_words != nullptr ? prob_pairs + r0 * (nkp / 2) : ss;
+      ProductGemm(c, nr, c.hvp, nk, prob, prob_words != nullptr ? nkp / 2 : nkp, value_pairs,
+                  c.hvp, o + r0 * c.hvp, c.hvp, true);
+    }
   }
 
   for (int64_t r = 0; r < num_rows; ++r) {
@@ -986,7 +1032,9 @@ static void RunForward(const AttentionProblem& p, const BlockSparseTables* spars
   FlashContext& c = job.c;
   float* packed = nullptr;
   if (c.mode == ProductMode::kAmxTiles) {
-    if (sparse == nullptr) c.keys_per_tile = kAmxKeysPerTile;
+    // A dense mask keeps the block-sparse tables' grid: block-sparse attention then stays
+    // bitwise equal to flash attention with its mask materialised (sparse_impl.h).
+    if (sparse == nullptr && p.mask.data == nullptr) c.keys_per_tile = kAmxKeysPerTile;
     const int64_t bk = c.keys_per_tile, blocks = CeilDiv(p.kv_len, bk);
     c.key_block_floats = DotLd(c, p.head_dim) * bk;
     c.value_block_floats = bk / 2 * RoundUp(p.value_dim, kVL);
