@@ -41,7 +41,7 @@ struct FlashContext {
   const BlockSparseTables* sparse = nullptr;  // block-sparse attention: the tiles to visit
   int64_t rows_padded = 0;  // row length of a transposed tile mask: rows rounded to vectors
   ProductMode mode = ProductMode::kFloat32;  // of this call's products
-  // Keys per tile of the forward pass (the backward and block-sparse tables: kKeysPerTile).
+  // Keys per tile (AMX without a dense mask: kAmxKeysPerTile; block-sparse: the tables' grid).
   int64_t keys_per_tile = kKeysPerTile;
   // AMX forward: K and V packed once per call, block by block of keys_per_tile keys on the
   // grid from key 0 (PackKeyValueBlocks); nullptr where every task packs its own tiles.
@@ -936,7 +936,7 @@ static void ForwardTask(void* job_ptr, int64_t task) {
     }
     // AMX: 32 rows at a time (two row tiles), so that a slab's logits stay in the L1 cache
     // from the product through the softmax to the P V product. Results do not depend on it.
-    const int64_t slab = c.mode == ProductMode::kAmxTiles ? 32 : num_rows;
+    int64_t slab = c.mode == ProductMode::kAmxTiles ? 32 : num_rows;
     for (int64_t r0 = 0; r0 < num_rows; r0 += slab) {
       const int64_t nr = MinI(slab, num_rows - r0);
       float* ss = s + r0 * nkp;
@@ -971,6 +971,11 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   }
 }
 
+// AMX tiles: keys per tile, chosen by measurement (bench_flash.py): each P V product then
+// accumulates this many keys into its output tiles per load and store, and the backward's
+// key pass packs each query tile once per this many keys.
+constexpr int64_t kAmxKeysPerTile = 256;
+
 // The context of a flash (sparse == nullptr) or block-sparse call. bf16_mode: how bf16
 // inputs are multiplied (the kernel table picks what the CPU does fastest).
 static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTables* sparse,
@@ -988,6 +993,11 @@ static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTable
       ((bf16_mode == ProductMode::kBF16Pairs && kHasBF16Pairs) ||
        (bf16_mode == ProductMode::kAmxTiles && kHasAmxTiles))) {
     c.mode = bf16_mode;
+  }
+  // A dense mask keeps the block-sparse tables' grid: block-sparse attention then stays
+  // bitwise equal to flash attention with its mask materialised (sparse_impl.h).
+  if (c.mode == ProductMode::kAmxTiles && sparse == nullptr && p.mask.data == nullptr) {
+    c.keys_per_tile = kAmxKeysPerTile;
   }
   return c;
 }
@@ -1020,10 +1030,6 @@ static void PackKeyValueTask(void* job_ptr, int64_t task) {
   }
 }
 
-// AMX forward tiles: keys per tile, chosen by measurement (tools/profile.sh, bench_flash.py):
-// each P V product then accumulates this many keys into its output tiles per load and store.
-constexpr int64_t kAmxKeysPerTile = 256;
-
 // sparse: nullptr for flash attention, else the block-sparse tiles to visit.
 static void RunForward(const AttentionProblem& p, const BlockSparseTables* sparse,
                        ProductMode bf16_mode, const FlashForwardResult& res,
@@ -1032,9 +1038,6 @@ static void RunForward(const AttentionProblem& p, const BlockSparseTables* spars
   FlashContext& c = job.c;
   float* packed = nullptr;
   if (c.mode == ProductMode::kAmxTiles) {
-    // A dense mask keeps the block-sparse tables' grid: block-sparse attention then stays
-    // bitwise equal to flash attention with its mask materialised (sparse_impl.h).
-    if (sparse == nullptr && p.mask.data == nullptr) c.keys_per_tile = kAmxKeysPerTile;
     const int64_t bk = c.keys_per_tile, blocks = CeilDiv(p.kv_len, bk);
     c.key_block_floats = DotLd(c, p.head_dim) * bk;
     c.value_block_floats = bk / 2 * RoundUp(p.value_dim, kVL);
@@ -1103,7 +1106,7 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   const int64_t q_len = QueryLength(p, b), kv_len = KeyLength(p, b);
   const int64_t tv1 = MaxI(t0, MinI(t1, q_len));
   const int64_t max_rows = (t1 - t0) * c.group, mrp = PaddedRows(c, max_rows);
-  const int64_t bk = kKeysPerTile, bkp = PaddedInner(c, bk);
+  const int64_t bk = c.keys_per_tile, bkp = PaddedInner(c, bk);
   const bool has_cap = p.soft_cap > 0.0f;
   const bool amx = c.mode == ProductMode::kAmxTiles;
   AmxTaskTiles amx_tiles(amx);
@@ -1243,11 +1246,11 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   const FlashContext& c = job.c;
   const AttentionProblem& p = *c.p;
   const FlashBackwardArgs& a = job.args;
-  const int64_t num_k_tiles = CeilDiv(p.kv_len, kKeysPerTile);
+  const int64_t bk = c.keys_per_tile, num_k_tiles = CeilDiv(p.kv_len, bk);
   const TaskTile tt = TileOfTask(p, task, num_k_tiles, /*costliest_last=*/false);
   const int64_t k_tile = tt.tile, kv_head = tt.kv_head, b = tt.b;
-  const int64_t s0 = k_tile * kKeysPerTile;
-  const int64_t s1 = MinI(p.kv_len, s0 + kKeysPerTile);
+  const int64_t s0 = k_tile * bk;
+  const int64_t s1 = MinI(p.kv_len, s0 + bk);
   const int64_t q_len = QueryLength(p, b), kv_len = KeyLength(p, b);
   const int64_t sv1 = MaxI(s0, MinI(s1, kv_len));
   const int64_t nk = sv1 - s0;
@@ -1256,18 +1259,18 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   AmxTaskTiles amx_tiles(c.mode == ProductMode::kAmxTiles);
 
   Carver carve{tls_scratch.Get(kScratchSlack +
-      16 * 22 + kKeysPerTile * (2 * c.hp + 2 * c.hvp + 4 * rp + 2) + c.hp * rp + c.hvp * rp +
+      16 * 22 + bk * (2 * c.hp + 2 * c.hvp + 4 * rp + 2) + c.hp * rp + c.hvp * rp +
       rp * (c.hp + c.hvp) + max_rows * 6 + rp * 3 + kVL * MaxI(c.hp, c.hvp))};
   RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
   int64_t* offsets =
-      reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, kKeysPerTile) * 2));
-  float* k = carve.Take(kKeysPerTile * c.hp);
-  float* v = carve.Take(kKeysPerTile * c.hvp);
-  float* dk = carve.Take(kKeysPerTile * c.hp);
-  float* dv = carve.Take(kKeysPerTile * c.hvp);
-  float* st = carve.Take(kKeysPerTile * rp);
-  float* dpt = carve.Take(kKeysPerTile * rp);
-  float* tht = carve.Take(kKeysPerTile * rp);
+      reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
+  float* k = carve.Take(bk * c.hp);
+  float* v = carve.Take(bk * c.hvp);
+  float* dk = carve.Take(bk * c.hp);
+  float* dv = carve.Take(bk * c.hvp);
+  float* st = carve.Take(bk * rp);
+  float* dpt = carve.Take(bk * rp);
+  float* tht = carve.Take(bk * rp);
   float* qt = carve.Take(c.hp * rp);
   float* dot = carve.Take(c.hvp * rp);
   float* qr = carve.Take(rp * c.hp);
@@ -1276,10 +1279,10 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   float* delta = carve.Take(rp);
   float* norm = carve.Take(rp);
   float* block = carve.Take(kVL * MaxI(c.hp, c.hvp));
-  float* pairs = carve.Take(kKeysPerTile * rp / 2);
+  float* pairs = carve.Take(bk * rp / 2);
 
-  __builtin_memset(dk, 0, kKeysPerTile * c.hp * sizeof(float));
-  __builtin_memset(dv, 0, kKeysPerTile * c.hvp * sizeof(float));
+  __builtin_memset(dk, 0, bk * c.hp * sizeof(float));
+  __builtin_memset(dv, 0, bk * c.hvp * sizeof(float));
   const int64_t kb = b % p.kv_batch, vb = b % p.value_batch;
   if (nk > 0) {
     KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
@@ -1356,7 +1359,7 @@ static void RunBackward(const AttentionProblem& p, const BlockSparseTables* spar
   job.norm = static_cast<float*>(__builtin_malloc(MaxI(rows, 1) * sizeof(float)));
   parallel.For(p.batch * p.num_kv_heads * job.c.num_q_tiles, QueryGradTask, &job);
   if (args.dk != nullptr && args.dv != nullptr) {
-    const int64_t k_tiles = CeilDiv(p.kv_len, kKeysPerTile);
+    const int64_t k_tiles = CeilDiv(p.kv_len, job.c.keys_per_tile);
     parallel.For(p.batch * p.num_kv_heads * k_tiles, KeyValueGradTask, &job);
   }
   __builtin_free(job.delta);
