@@ -158,7 +158,7 @@ static void RunJvp(const AttentionProblem& p, const BlockSparseTables* sparse,
                    const FlashTangents& tangents, const void* out, const float* lse,
                    const FlashJvpResult& res, const Parallel& parallel) {
   JvpJob job;
-  job.c = ContextFor(p, sparse, /*bf16_products=*/false);
+  job.c = ContextFor(p, sparse, ProductMode::kFloat32);
   job.tangents = tangents;
   StridesOf(tangents.dbias, job.dbias_strides);
   job.out = out;

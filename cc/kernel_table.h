@@ -24,5 +24,6 @@ extern const KernelTable kGenericKernels;
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;
 extern const KernelTable kAvx512BF16Kernels;  // avx512 with bf16 products on bf16 pairs
+extern const KernelTable kAmxKernels;  // avx512 with bf16 products on AMX tiles
 
 }  // namespace jaxattn

@@ -8,6 +8,7 @@ call and leaves unmapped operands as they are (shared K/V are never copied).
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Callable, Sequence
 
@@ -27,8 +28,17 @@ for _name, _capsule in TARGETS.items():
 
 
 def kernel_isa() -> str:
-    """The instruction set the kernels use on this CPU: ``avx512``, ``avx2`` or ``generic``."""
+    """The kernel set used on this CPU: ``amx`` (bf16 products on AMX tiles), ``avx512bf16``
+    (bf16 products as bf16 pairs), ``avx512``, ``avx2`` or ``generic``."""
     return _jaxattn.kernel_isa()
+
+
+if os.environ.get("JAXATTN_ISA") == "amx" and kernel_isa() != "amx":
+    raise RuntimeError(
+        "JAXATTN_ISA=amx, but the amx kernels cannot run here: the CPU lacks AMX-BF16 "
+        "(amx_tile, amx_bf16) or AVX-512 with BF16, or Linux refused this process the AMX tile "
+        "state (arch_prctl ARCH_REQ_XCOMP_PERM). Unset JAXATTN_ISA to use the best kernel set "
+        f"this CPU has ({kernel_isa()}).")
 
 
 def _leading_batch(aval) -> int:

@@ -17,6 +17,7 @@ import pytest
 
 import jaxattn
 from _subprocess import CWD, python_env
+from isa_support import skip_reason as isa_skip_reason
 from jaxattn import masks
 from jaxattn.masks import BlockSparseMask
 from oracle import (
@@ -557,15 +558,13 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"])
 def test_other_instruction_sets(isa):
-    """The avx512 (bf16 widened to f32), avx2 and generic kernels (another vector width in
-    the mask code) in a subprocess."""
-    import jaxattn._ffi as ffi_module
-    if isa == "avx2" and ffi_module.kernel_isa() == "generic":
-        pytest.skip("no AVX2 on this CPU")
-    if isa == "avx512" and not ffi_module.kernel_isa().startswith("avx512"):
-        pytest.skip("no AVX-512 with BF16 on this CPU")
+    """The amx (bf16 on AMX tiles), avx512bf16 (bf16 pairs), avx512 (bf16 widened to f32),
+    avx2 and generic kernels (another vector width in the mask code) in a subprocess."""
+    reason = isa_skip_reason(isa)
+    if reason:
+        pytest.skip(reason)
     result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.replace("{isa}", isa)],
                             env=python_env(JAXATTN_ISA=isa), cwd=CWD, capture_output=True,
                             text=True, timeout=600)
