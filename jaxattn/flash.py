@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxattn import _ffi
 from jaxattn._sharding import match_varying
 from jaxattn._validation import (
+    any_zero,
     as_array,
     check_attention_inputs,
     check_bool,
@@ -84,6 +85,22 @@ def _to_rank4(x: Array, name: str, full_shape: tuple[int, int, int, int]) -> Arr
     return x4
 
 
+def _batch_mask_to_rank4(mask: Array, full_shape: tuple[int, int, int, int]) -> Array:
+    """A rank-3 mask ``[X, T, S]`` of a batched call: ``[B, T, S]`` shared over heads (what
+    Flax and gemma pass) when X is the batch, ``[N, T, S]`` (NumPy broadcasting, as jax.nn)
+    when X is the number of heads; an error when it could be either."""
+    b, n = full_shape[:2]
+    x = mask.shape[0]
+    if x == b and x != n:
+        return mask[:, None]
+    if x == b == n and x > 1:
+        raise ValueError(
+            f"mask of shape {mask.shape} is ambiguous: its leading axis {x} is both the batch B "
+            f"and the number of heads N. Pass mask[:, None] for [B, 1, T, S] (shared over "
+            f"heads) or mask[None] for [1, N, T, S] (shared over the batch)")
+    return mask
+
+
 def flash_attention(
     query: Any,
     key: Any,
@@ -108,7 +125,10 @@ def flash_attention(
       key: ``[B, S, K, H]`` with ``N % K == 0``; query head ``n`` uses kv head ``n // (N // K)``.
       value: ``[B, S, K, Hv]``; ``Hv`` may differ from ``H``.
       bias: optional, broadcastable to ``[B, N, T, S]``; added to the scaled logits.
-      mask: optional bool, broadcastable to ``[B, N, T, S]``; True means attend.
+      mask: optional bool, broadcastable to ``[B, N, T, S]``; True means attend. A rank-3
+        mask ``[B, T, S]`` is shared over heads (as Flax and gemma pass it); ``[N, T, S]``
+        (NumPy broadcasting) is shared over the batch; when ``B == N > 1`` a rank-3 mask is
+        ambiguous and raises ValueError (add the axis: ``mask[:, None]`` or ``mask[None]``).
       scale: logit scale, default ``1 / sqrt(H)``.
       is_causal: query ``i`` sees keys ``j <= i`` (top-left aligned, as ``jax.nn``).
       query_seq_lengths: optional int ``[B]``; rows ``i >= len`` output 0.
@@ -150,13 +170,15 @@ def flash_attention(
         mask = as_array(mask, "mask")
         if mask.dtype != jnp.bool_:
             raise TypeError(f"mask must be a bool array (True = attend), got dtype {mask.dtype}")
+        if mask.ndim == 3 and not unbatched:
+            mask = _batch_mask_to_rank4(mask, full)
         mask = _to_rank4(mask, "mask", full)
     else:
         mask = _empty(jnp.bool_)
     q_lengths = check_lengths(query_seq_lengths, "query_seq_lengths", b, unbatched)
     kv_lengths = check_lengths(key_value_seq_lengths, "key_value_seq_lengths", b, unbatched)
 
-    if min(b, t, n, s) == 0:  # nothing to compute or nothing to attend to
+    if any_zero(b, t, n, s):  # nothing to compute or nothing to attend to
         out = jnp.zeros((b, t, n, hv), query.dtype)
         lse = jnp.full((b, t, n), -jnp.inf, jnp.float32)
     else:

@@ -12,7 +12,13 @@ import numpy as np
 
 from jaxattn import _ffi
 from jaxattn._sharding import match_varying
-from jaxattn._validation import as_array, check_attention_inputs, check_scale, check_soft_cap
+from jaxattn._validation import (
+    any_zero,
+    as_array,
+    check_attention_inputs,
+    check_scale,
+    check_soft_cap,
+)
 from jaxattn.masks import BlockSparseMask
 
 Array = jax.Array
@@ -109,7 +115,7 @@ def block_sparse_attention(
     scale = check_scale(scale, h)
     soft_cap = check_soft_cap(logits_soft_cap)
 
-    if min(b, n, hv) == 0:  # nothing to compute
+    if any_zero(b, n, hv):  # nothing to compute
         out = jnp.zeros((b, t, n, hv), query.dtype)
         lse = jnp.full((b, t, n), -jnp.inf, jnp.float32)
     else:
