@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn import _ffi
+from jaxattn._autodiff import check_reverse_mode_only, forbid_forward_mode
 from jaxattn._validation import (
     any_zero,
     as_array,
@@ -87,6 +88,8 @@ def _paged_decode_bwd(options, residuals, cotangents):
 
 
 _paged_decode.defvjp(_paged_decode_fwd, _paged_decode_bwd)
+forbid_forward_mode(_ffi.decode_fwd_p, "jaxattn.decode_attention")
+forbid_forward_mode(_ffi.paged_decode_fwd_p, "jaxattn.paged_decode_attention")
 
 
 def _check_query(query: Array) -> None:
@@ -211,6 +214,8 @@ def decode_attention(
       no visible key outputs 0 and lse ``-inf``. The result is bitwise identical for any
       thread count. Not differentiable (raises NotImplementedError under ``jax.grad``).
     """
+    check_reverse_mode_only("jaxattn.decode_attention", query, key_cache, value_cache,
+                            message=_NOT_DIFFERENTIABLE.format(name="jaxattn.decode_attention"))
     query = as_array(query, "query")
     key_cache = as_array(key_cache, "key_cache")
     value_cache = as_array(value_cache, "value_cache")
@@ -263,6 +268,9 @@ def paged_decode_attention(
     Returns:
       As ``decode_attention``: equal to it on the same data laid out contiguously.
     """
+    check_reverse_mode_only(
+        "jaxattn.paged_decode_attention", query, key_pages, value_pages,
+        message=_NOT_DIFFERENTIABLE.format(name="jaxattn.paged_decode_attention"))
     query = as_array(query, "query")
     key_pages = as_array(key_pages, "key_pages")
     value_pages = as_array(value_pages, "value_pages")

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn import _ffi
+from jaxattn._autodiff import check_reverse_mode_only, forbid_forward_mode
 from jaxattn._sharding import match_varying
 from jaxattn._validation import (
     any_zero,
@@ -70,6 +71,8 @@ def _flash_bwd(options, residuals, cotangents):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+for _primitive in (_ffi.flash_fwd_p, _ffi.flash_bwd_p, _ffi.flash_dlogits_p):
+    forbid_forward_mode(_primitive, "jaxattn.flash_attention")
 
 
 def _to_rank4(x: Array, name: str, full_shape: tuple[int, int, int, int]) -> Array:
@@ -143,6 +146,7 @@ def flash_attention(
       ``[B, T, N, Hv]`` in the input dtype (and the lse when ``return_residual``). A row that
       sees no key outputs 0 with lse ``-inf`` and gets zero gradients.
     """
+    check_reverse_mode_only("jaxattn.flash_attention", query, key, value, bias, mask)
     query, key, value = (as_array(x, name) for x, name in
                          ((query, "query"), (key, "key"), (value, "value")))
     unbatched = query.ndim == 3
