@@ -89,19 +89,12 @@ def _to_rank4(x: Array, name: str, full_shape: tuple[int, int, int, int]) -> Arr
 
 
 def _batch_mask_to_rank4(mask: Array, full_shape: tuple[int, int, int, int]) -> Array:
-    """A rank-3 mask ``[X, T, S]`` of a batched call: ``[B, T, S]`` shared over heads (what
-    Flax and gemma pass) when X is the batch, ``[N, T, S]`` (NumPy broadcasting, as jax.nn)
-    when X is the number of heads; an error when it could be either."""
+    """A rank-3 mask ``[X, T, S]`` of a batched call: ``[N, T, S]`` (NumPy broadcasting, as
+    jax.nn and ``BlockSparseMask.to_dense()``) when X is N or 1, else ``[B, T, S]`` shared over
+    heads (what Flax and gemma pass) when X is the batch B."""
     b, n = full_shape[:2]
     x = mask.shape[0]
-    if x == b and x != n:
-        return mask[:, None]
-    if x == b == n and x > 1:
-        raise ValueError(
-            f"mask of shape {mask.shape} is ambiguous: its leading axis {x} is both the batch B "
-            f"and the number of heads N. Pass mask[:, None] for [B, 1, T, S] (shared over "
-            f"heads) or mask[None] for [1, N, T, S] (shared over the batch)")
-    return mask
+    return mask[:, None] if x == b and x not in (n, 1) else mask
 
 
 def flash_attention(
@@ -129,9 +122,10 @@ def flash_attention(
       value: ``[B, S, K, Hv]``; ``Hv`` may differ from ``H``.
       bias: optional, broadcastable to ``[B, N, T, S]``; added to the scaled logits.
       mask: optional bool, broadcastable to ``[B, N, T, S]``; True means attend. A rank-3
-        mask ``[B, T, S]`` is shared over heads (as Flax and gemma pass it); ``[N, T, S]``
-        (NumPy broadcasting) is shared over the batch; when ``B == N > 1`` a rank-3 mask is
-        ambiguous and raises ValueError (add the axis: ``mask[:, None]`` or ``mask[None]``).
+        mask ``[X, T, S]`` is ``[N, T, S]`` (NumPy broadcasting, shared over the batch) when
+        ``X`` is N or 1, and ``[B, T, S]`` shared over heads (as Flax and gemma pass it) when
+        ``X`` is the batch B != N. When ``B == N`` write the heads axis (``mask[:, None]``)
+        to share a ``[B, T, S]`` mask over heads.
       scale: logit scale, default ``1 / sqrt(H)``.
       is_causal: query ``i`` sees keys ``j <= i`` (top-left aligned, as ``jax.nn``).
       query_seq_lengths: optional int ``[B]``; rows ``i >= len`` output 0.
