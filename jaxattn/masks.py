@@ -42,6 +42,7 @@ DEFAULT_BLOCK = 64
 _FULL = -1  # block id of a full block; ids >= 0 index the pool of partial element masks
 _STRIPE_ELEMENTS = 1 << 22  # dense elements materialised at a time while building masks
 _LOOKUP_ELEMENTS = 1 << 20  # elements looked up at a time while compiling kernel tables
+_TABLE_BLOCKS_PER_BAND = 1 << 16  # blocks whose tiles are worked out at a time
 # Compile kernel tables through the dense mask when it has at most this many elements per
 # block (tiny blocks, where per-block bookkeeping would outweigh the dense mask).
 _DENSE_TABLES_RATIO = 32
@@ -653,8 +654,58 @@ def _compile_tables(mask: BlockSparseMask, positions: int, keys_per_tile: int, g
         # (e.g. 1x1 blocks): cut the dense mask into kernel tiles instead.
         return _compile_tables_from_dense(mask, positions, keys_per_tile, group, groups)
 
+    # Steps 1-3 a band of query tile rows at a time, so that the per-block bookkeeping (a few
+    # dozen int64 per block) stays bounded; element masks are deduplicated over all bands.
+    nbq, nbk = mask.grid
+    per_tile_row = max(1, mask._keys.size // max(1, nqt))
+    band = max(1, _TABLE_BLOCKS_PER_BAND // per_tile_row)
+    parts, patterns = [], [np.zeros((0, rows_per_tile * tk), np.uint8)]
+    for a_start in range(0, nqt, band):
+        tile_rows = (a_start, min(nqt, a_start + band))
+        i_lo = tile_rows[0] * tq // r
+        i_hi = min(nbq, (tile_rows[1] * tq - 1) // r + 1)
+        head_base = np.arange(mask.num_heads, dtype=np.int64) * nbq * nbk
+        lo = np.searchsorted(mask._keys, head_base + i_lo * nbk)
+        hi = np.searchsorted(mask._keys, head_base + i_hi * nbk)
+        sel = np.concatenate([np.arange(x, y) for x, y in zip(lo, hi)])
+        if not sel.size:
+            continue
+        g_of, a_of, b_of, ids, found = _tables_of_tile_rows(
+            mask, mask._keys[sel], mask._ids[sel], tile_rows, positions, keys_per_tile, group,
+            per_head)
+        ids = np.where(ids >= 0, ids + sum(x.shape[0] for x in patterns), ids)
+        parts.append((g_of, a_of, b_of, ids))
+        patterns.append(found)
+    if not parts:
+        return _csr_tables(*(np.zeros(0, np.int64),) * 4, np.zeros((0, rows_per_tile, tk), bool),
+                           groups, nqt, nkt)
+    g_of, a_of, b_of, ids = (np.concatenate(x) for x in zip(*parts))
+    order = np.lexsort((b_of, a_of, g_of))
+    g_of, a_of, b_of, ids = g_of[order], a_of[order], b_of[order], ids[order]
+    masks = np.zeros((0, rows_per_tile, tk), bool)
+    patterns = np.concatenate(patterns)
+    if patterns.shape[0]:
+        unique, inverse = np.unique(patterns, axis=0, return_inverse=True)
+        masks = unique.reshape(-1, rows_per_tile, tk).astype(bool)
+        partial = ids >= 0
+        ids[partial] = inverse.reshape(-1)[ids[partial]]
+    return _csr_tables(g_of, a_of, b_of, ids, masks, groups, nqt, nkt)
+
+
+def _tables_of_tile_rows(mask: BlockSparseMask, block_keys: np.ndarray, block_ids: np.ndarray,
+                         tile_rows: tuple[int, int], positions: int, keys_per_tile: int,
+                         group: int, per_head: bool) -> tuple[np.ndarray, ...]:
+    """The non-empty tiles of query tile rows [tile_rows[0], tile_rows[1]) from the blocks
+    that overlap them: (group, query tile, key tile, id) sorted by (group, query tile, key
+    tile), id _FULL or an index into the returned element masks (uint8 rows, deduplicated)."""
+    q_len, kv_len = mask.q_len, mask.kv_len
+    r, c = mask.block_q, mask.block_kv
+    tq, tk = positions, keys_per_tile
+    nqt, nkt = -(-q_len // tq), -(-kv_len // tk)
+    rows_per_tile = tq * group
+
     # 1. Every (head, kernel tile) a non-empty block overlaps, and the area full blocks cover.
-    h, i, j = mask._unravel(mask._keys)
+    h, i, j = mask._unravel(block_keys)
     t_lo, t_hi = i * r, np.minimum(q_len, (i + 1) * r)
     s_lo, s_hi = j * c, np.minimum(kv_len, (j + 1) * c)
     a0, a1 = t_lo // tq, (t_hi - 1) // tq
@@ -665,11 +716,13 @@ def _compile_tables(mask: BlockSparseMask, positions: int, keys_per_tile: int, g
     offset = np.arange(int(pairs.sum())) - np.repeat(np.cumsum(pairs) - pairs, pairs)
     a = a0[owner] + offset // nb[owner]
     b = b0[owner] + offset % nb[owner]
+    inside_rows = (a >= tile_rows[0]) & (a < tile_rows[1])  # this chunk's query tiles
+    owner, a, b = owner[inside_rows], a[inside_rows], b[inside_rows]
     rows_in = np.minimum(t_hi[owner], np.minimum(q_len, (a + 1) * tq)) - np.maximum(
         t_lo[owner], a * tq)
     cols_in = np.minimum(s_hi[owner], np.minimum(kv_len, (b + 1) * tk)) - np.maximum(
         s_lo[owner], b * tk)
-    full_area = np.where(mask._ids[owner] == _FULL, rows_in * cols_in, 0)
+    full_area = np.where(block_ids[owner] == _FULL, rows_in * cols_in, 0)
     head_tile = (h[owner] * nqt + a) * nkt + b
     head_tiles, inverse = np.unique(head_tile, return_inverse=True)
     covered = np.bincount(inverse.reshape(-1), weights=full_area, minlength=head_tiles.size)
@@ -706,7 +759,7 @@ def _compile_tables(mask: BlockSparseMask, positions: int, keys_per_tile: int, g
         pos, by = pos[need], owner[need]
         columns = (h[by] % group if per_head else np.zeros_like(by),
                    t_lo[by] - a[need] * tq, s_lo[by] - b[need] * tk,
-                   mask._ids[by].astype(np.int64))
+                   block_ids[by].astype(np.int64))
         order = np.lexsort(columns[::-1] + (pos,))
         slot = np.full(tiles.size, -1, np.int64)
         slot[todo] = np.arange(todo.size)
@@ -753,8 +806,9 @@ def _compile_tables(mask: BlockSparseMask, positions: int, keys_per_tile: int, g
         keep[todo[ids == -3]] = False
         mask_id[todo] = ids
 
-    return _csr_tables(g_of[keep], a_of[keep], b_of[keep], mask_id[keep], masks, groups, nqt,
-                       nkt)
+    found = masks.reshape(masks.shape[0], rows_per_tile * tk).view(np.uint8)
+    return g_of[keep], a_of[keep], b_of[keep], mask_id[keep], found
+
 
 
 def _compile_tables_from_dense(mask: BlockSparseMask, positions: int, keys_per_tile: int,

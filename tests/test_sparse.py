@@ -626,8 +626,8 @@ def test_structured_builders_match_their_definitions_on_random_shapes(rng):
 
 
 def test_kernel_tables_from_blocks_and_from_dense_agree(rng, monkeypatch):
-    """Tables compiled per block (pattern signatures looked up once) and through the dense
-    mask (tiny blocks) are identical."""
+    """Tables compiled per block (in bands of query tile rows, pattern signatures looked up
+    once) and through the dense mask (tiny blocks) are identical."""
     for it in range(60):
         n = int(rng.choice([1, 2, 4]))
         t, s = int(rng.integers(1, 80)), int(rng.integers(1, 80))
@@ -637,6 +637,8 @@ def test_kernel_tables_from_blocks_and_from_dense_agree(rng, monkeypatch):
                                        block_kv=int(rng.integers(1, 9)))
         group, groups = (int(rng.integers(1, 4)), 1) if n == 1 else (n // 2, 2)
         tq, tk = int(rng.integers(1, 20)), int(rng.integers(1, 20))
+        # per block: a band of query tile rows at a time (tiny bands here, to cross them)
+        monkeypatch.setattr(masks, "_TABLE_BLOCKS_PER_BAND", int(rng.choice([3, 1 << 16])))
         monkeypatch.setattr(masks, "_DENSE_TABLES_RATIO", 0)
         by_blocks = masks._compile_tables(m, tq, tk, group, groups)
         monkeypatch.setattr(masks, "_DENSE_TABLES_RATIO", 10**9)
