@@ -22,7 +22,7 @@ import sys
 CASES = {
     "causal": "masks.causal(T, block_q=R, block_kv=R)",
     "local(256)": "masks.local(T, window=256, block_q=R, block_kv=R)",
-    "local((255,0))": "masks.local(T, window=(255, 0), block_q=R, block_kv=R)",
+    "causal_local(256)": "masks.local(T, window=(255, 0), block_q=R, block_kv=R)",
     "global_local": ("masks.global_local(T, window=256, global_tokens=64, is_causal=True, "
                      "block_q=R, block_kv=R)"),
     "strided(256)": "masks.strided(T, stride=256, block_q=R, block_kv=R)",

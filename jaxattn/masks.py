@@ -617,21 +617,46 @@ def _combine(a: BlockSparseMask, b: BlockSparseMask, union: bool) -> BlockSparse
     bid_a, bid_b = side(ka, ia), side(kb, ib)
     full_a, full_b = bid_a == _FULL, bid_b == _FULL
     full = (full_a | full_b) if union else (full_a & full_b)
-    # Element masks only for the blocks that are not full (full and empty sides as constants).
+    # A non-full block's elements follow from its two sides' block ids and, for a block at a
+    # sequence end, its clipping: combine each distinct (id a, id b, clipping) once.
+    shape = (a.q_len, a.kv_len, a.block_q, a.block_kv, num_heads)
+    nbq, nbk = a.grid
     rest = np.nonzero(~full)[0]
+    i, j = (keys[rest] // nbk) % nbq, keys[rest] % nbk
+    clip = (i == nbq - 1) * 2 + (j == nbk - 1)
+    combos, inverse = np.unique(np.stack([bid_a[rest], bid_b[rest], clip], axis=1), axis=0,
+                                return_inverse=True)
+    inverse = inverse.reshape(-1)
 
     def elements(bid: np.ndarray, pool: np.ndarray) -> np.ndarray:
-        out = np.zeros((rest.size, a.block_q, a.block_kv), bool)
-        b_rest = bid[rest]
-        out[b_rest == _FULL] = True
-        part = b_rest >= 0
-        out[part] = pool[b_rest[part]]
+        out = np.zeros((bid.size, a.block_q, a.block_kv), bool)
+        out[bid == _FULL] = True
+        out[bid >= 0] = pool[bid[bid >= 0]]
         return out
 
-    ea, eb = elements(bid_a, a._pool), elements(bid_b, b._pool)
+    ea, eb = elements(combos[:, 0], a._pool), elements(combos[:, 1], b._pool)
     elems = (ea | eb) if union else (ea & eb)
-    shape = (a.q_len, a.kv_len, a.block_q, a.block_kv, num_heads)
-    return _canonical(shape, keys, full, elems)
+    # The clipping of a combination: the valid region of a block with that clipping.
+    edge_i = np.where(combos[:, 2] >= 2, nbq - 1, 0)
+    edge_j = np.where(combos[:, 2] % 2 == 1, nbk - 1, 0)
+    valid = _valid_region(shape, edge_i, edge_j)
+    elems &= valid
+    count = elems.reshape(len(combos), a.block_q * a.block_kv).sum(axis=1)
+    area = valid.reshape(len(combos), a.block_q * a.block_kv).sum(axis=1)
+    combo_id = np.full(len(combos), -3, np.int64)  # -3: empty
+    combo_id[(count == area) & (count > 0)] = _FULL
+    mixed = np.nonzero((count > 0) & (count < area))[0]
+    pool = np.zeros((0, a.block_q, a.block_kv), bool)
+    if mixed.size:
+        rows = elems[mixed].reshape(mixed.size, -1)
+        pool_flat, pool_index = np.unique(rows.view(np.uint8), axis=0, return_inverse=True)
+        pool = pool_flat.reshape(-1, a.block_q, a.block_kv).astype(bool)
+        combo_id[mixed] = pool_index.reshape(-1)
+    ids = np.full(keys.shape, _FULL, np.int64)
+    ids[rest] = combo_id[inverse]
+    keep = ids != -3
+    return BlockSparseMask(_shape=shape, _keys=keys[keep], _ids=ids[keep].astype(np.int32),
+                           _pool=pool)
 
 
 # ---------------------------------------------------------------------------- kernel tables

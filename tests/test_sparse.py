@@ -723,3 +723,20 @@ def test_random_blocks_cost_follows_the_blocks_drawn():
     assert peak < 32 * 2**20, f"{peak / 2**20:.0f} MiB"
     indptr, indices = m.block_indices()
     assert (np.diff(indptr[0]) == 3).all()
+
+
+def test_or_and_on_random_masks_equal_the_dense_combination(rng):
+    """| and & combine each distinct pair of block patterns once (clipping included), and
+    give the canonical mask of the combined dense masks."""
+    for it in range(120):
+        t, s = int(rng.integers(1, 60)), int(rng.integers(1, 60))
+        r, c = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        na, nb = (int(x) for x in rng.choice([1, 3], 2))
+        da = rng.random((na, t, s)) < rng.choice([0.1, 0.5, 0.95])
+        db = rng.random((nb, t, s)) < rng.choice([0.1, 0.5, 0.95])
+        da |= np.tri(t, s, dtype=bool) & bool(rng.integers(0, 2))
+        a = BlockSparseMask.from_dense(da, block_q=r, block_kv=c)
+        b = BlockSparseMask.from_dense(db, block_q=r, block_kv=c)
+        for got, want in ((a | b, da | db), (a & b, da & db)):
+            want = want if want.shape[0] > 1 else want[0]
+            assert got == BlockSparseMask.from_dense(want, block_q=r, block_kv=c), it
