@@ -26,6 +26,7 @@ CASES = {
     "global_local": ("masks.global_local(T, window=256, global_tokens=64, is_causal=True, "
                      "block_q=R, block_kv=R)"),
     "strided(256)": "masks.strided(T, stride=256, block_q=R, block_kv=R)",
+    "strided(4096)": "masks.strided(T, stride=4096, block_q=R, block_kv=R)",
     "random(3)": "masks.random(T, num_blocks=3, seed=0, block_q=R, block_kv=R)",
     "local|random": ("masks.local(T, window=256, block_q=R, block_kv=R) | "
                      "masks.random(T, num_blocks=3, seed=0, block_q=R, block_kv=R)"),
