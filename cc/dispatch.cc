@@ -209,6 +209,11 @@ const char* ValidateDecodeProblem(const DecodeAttentionProblem& p) {
     if (p.max_pages != 1 || p.batch % p.num_pages != 0) {
       return "the cache batch must divide the batch";
     }
+    if (p.value_num_pages < 0 || (p.value_num_pages > 0 && p.batch % p.value_num_pages != 0)) {
+      return "the value cache batch must divide the batch";
+    }
+  } else if (p.value_num_pages != 0) {
+    return "a paged cache has one page pool for keys and values";
   } else if (p.block_tables_batch <= 0 || p.batch % p.block_tables_batch != 0) {
     return "block_tables must have one row per batch element";
   }
@@ -243,9 +248,9 @@ int64_t DecodePartitionSize(const DecodeAttentionProblem& problem) {
   return Kernels().decode_partition_size(problem);
 }
 
-void DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
-                   const Parallel& parallel) {
-  Kernels().decode_forward(problem, result, parallel);
+int64_t DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
+                      const Parallel& parallel) {
+  return Kernels().decode_forward(problem, result, parallel);
 }
 
 void FlashForward(const AttentionProblem& problem, const FlashForwardResult& result,

@@ -454,7 +454,7 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
                      const ffi::AnyBuffer& key, const ffi::AnyBuffer& value,
                      const S32Buffer* block_tables, const S32Buffer& kv_lengths,
                      ffi::Result<ffi::AnyBuffer>& out, F32Result& lse, float scale,
-                     float soft_cap, int64_t window_left) {
+                     float soft_cap, int64_t window_left, bool strict_lengths) {
   const auto q = query.dimensions(), k = key.dimensions(), v = value.dimensions();
   const auto od = out->dimensions();
   if (q.size() != 4 || k.size() != 4 || v.size() != 4 || od.size() != 4) {
@@ -468,7 +468,9 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
     return InvalidArgument("decode: query and caches must share one of float32, bfloat16, "
                            "float16");
   }
-  if (k[0] != v[0] || k[1] != v[1] || k[2] != v[2] || q[3] != k[3]) {
+  // A contiguous value cache may have its own batch (a vmap mapping one cache only).
+  const bool value_batch_differs = block_tables == nullptr && k[0] != v[0];
+  if ((k[0] != v[0] && !value_batch_differs) || k[1] != v[1] || k[2] != v[2] || q[3] != k[3]) {
     return InvalidArgument("decode: inconsistent shapes: query " + ShapeString(q) + ", key " +
                            ShapeString(k) + ", value " + ShapeString(v));
   }
@@ -481,6 +483,7 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
   p.page_size = k[1];
   p.num_kv_heads = k[2];
   p.value_dim = v[3];
+  p.value_num_pages = value_batch_differs ? v[0] : 0;
   p.query = query.untyped_data();
   p.key = key.untyped_data();
   p.value = value.untyped_data();
@@ -509,10 +512,29 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
       !HasShape(lse->dimensions(), {p.batch, p.q_len, p.num_heads})) {
     return InvalidArgument("decode: output shapes do not match the inputs");
   }
+  if (strict_lengths) {
+    // Opt-in: a length past the cache (e.g. a KV cache stepped past its end under jit) is an
+    // error rather than clamped.
+    const int64_t capacity = p.max_pages * p.page_size;
+    for (int64_t b = 0; b < p.kv_lengths_batch; ++b) {
+      if (p.kv_lengths[b] < 0 || p.kv_lengths[b] > capacity) {
+        return InvalidArgument("decode: kv_lengths[" + std::to_string(b) + "] = " +
+                               std::to_string(p.kv_lengths[b]) + " is outside [0, " +
+                               std::to_string(capacity) + "], the cache length (the KV cache "
+                               "overflowed: a step past its max_length?)");
+      }
+    }
+  }
   if (const char* message = ValidateDecodePages(p)) {
     return InvalidArgument(std::string("paged decode: ") + message);
   }
-  DecodeForward(p, DecodeResult{out->untyped_data(), lse->typed_data()}, XlaParallel(pool));
+  const int64_t failed_bytes =
+      DecodeForward(p, DecodeResult{out->untyped_data(), lse->typed_data()}, XlaParallel(pool));
+  if (failed_bytes != 0) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "jaxattn: decode: could not allocate " + std::to_string(failed_bytes) +
+                          " bytes of scratch memory");
+  }
   return ffi::Error::Success();
 }
 
@@ -521,7 +543,7 @@ ffi::Error DecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
                              ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
                              float soft_cap, int64_t window_left) {
   return DecodeRun(pool, query, key, value, nullptr, kv_lengths, out, lse, scale, soft_cap,
-                   window_left);
+                   window_left, false);
 }
 
 ffi::Error PagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
@@ -530,7 +552,26 @@ ffi::Error PagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                   ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
                                   float soft_cap, int64_t window_left) {
   return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, out, lse,
-                   scale, soft_cap, window_left);
+                   scale, soft_cap, window_left, false);
+}
+
+// _v2: the _v1 targets plus the strict_lengths attribute (the _v1 layout keeps working).
+ffi::Error DecodeForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                               ffi::AnyBuffer value, S32Buffer kv_lengths,
+                               ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
+                               float soft_cap, int64_t window_left, bool strict_lengths) {
+  return DecodeRun(pool, query, key, value, nullptr, kv_lengths, out, lse, scale, soft_cap,
+                   window_left, strict_lengths);
+}
+
+ffi::Error PagedDecodeForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query,
+                                    ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
+                                    S32Buffer block_tables, S32Buffer kv_lengths,
+                                    ffi::Result<ffi::AnyBuffer> out, F32Result lse,
+                                    float scale, float soft_cap, int64_t window_left,
+                                    bool strict_lengths) {
+  return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, out, lse,
+                   scale, soft_cap, window_left, strict_lengths);
 }
 
 template <typename Binding>
@@ -561,6 +602,16 @@ auto BindAttrs(Binding binding) {
       .template Attr<bool>("is_causal")
       .template Attr<int64_t>("window_left")
       .template Attr<int64_t>("window_right");
+}
+
+template <typename Binding>
+auto BindDecodeResultsV2(Binding binding) {
+  return std::move(binding).template Ret<ffi::AnyBuffer>()  // out
+      .template Ret<ffi::Buffer<ffi::F32>>()                // lse
+      .template Attr<float>("scale")
+      .template Attr<float>("soft_cap")
+      .template Attr<int64_t>("window_left")
+      .template Attr<bool>("strict_lengths");
 }
 
 }  // namespace
@@ -660,6 +711,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<S32Buffer>()          // block_tables
                           .Arg<S32Buffer>()));       // kv_lengths
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DecodeForwardV2Handler, DecodeForwardV2Impl,
+    BindDecodeResultsV2(ffi::Ffi::Bind()
+                            .Ctx<ffi::ThreadPool>()
+                            .Arg<ffi::AnyBuffer>()     // query
+                            .Arg<ffi::AnyBuffer>()     // key_cache
+                            .Arg<ffi::AnyBuffer>()     // value_cache
+                            .Arg<S32Buffer>()));       // kv_lengths
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PagedDecodeForwardV2Handler, PagedDecodeForwardV2Impl,
+    BindDecodeResultsV2(ffi::Ffi::Bind()
+                            .Ctx<ffi::ThreadPool>()
+                            .Arg<ffi::AnyBuffer>()     // query
+                            .Arg<ffi::AnyBuffer>()     // key_pages
+                            .Arg<ffi::AnyBuffer>()     // value_pages
+                            .Arg<S32Buffer>()          // block_tables
+                            .Arg<S32Buffer>()));       // kv_lengths
+
 }  // namespace jaxattn
 
 namespace jaxattn {
@@ -672,6 +742,8 @@ std::vector<FfiTarget> FfiTargets() {
       {"jaxattn_flash_jvp_v1", reinterpret_cast<void*>(FlashJvpHandler)},
       {"jaxattn_decode_fwd_v1", reinterpret_cast<void*>(DecodeForwardHandler)},
       {"jaxattn_paged_decode_fwd_v1", reinterpret_cast<void*>(PagedDecodeForwardHandler)},
+      {"jaxattn_decode_fwd_v2", reinterpret_cast<void*>(DecodeForwardV2Handler)},
+      {"jaxattn_paged_decode_fwd_v2", reinterpret_cast<void*>(PagedDecodeForwardV2Handler)},
       {"jaxattn_sparse_fwd_v1", reinterpret_cast<void*>(SparseForwardHandler)},
       {"jaxattn_sparse_bwd_v1", reinterpret_cast<void*>(SparseBackwardHandler)},
   };

@@ -273,6 +273,7 @@ struct Scratch {
       __builtin_free(data);
       capacity = RoundUp(floats, 4096);
       data = static_cast<float*>(__builtin_aligned_alloc(64, capacity * sizeof(float)));
+      if (data == nullptr) capacity = 0;  // the caller sees nullptr; a later call retries
     }
     return data;
   }

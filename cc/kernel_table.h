@@ -14,7 +14,7 @@ struct KernelTable {
                          const FlashForwardResult&, const Parallel&);
   void (*sparse_backward)(const AttentionProblem&, const BlockSparseTables&,
                           const FlashBackwardArgs&, const Parallel&);
-  void (*decode_forward)(const DecodeAttentionProblem&, const DecodeResult&, const Parallel&);
+  int64_t (*decode_forward)(const DecodeAttentionProblem&, const DecodeResult&, const Parallel&);
   int64_t (*decode_partition_size)(const DecodeAttentionProblem&);
   void (*flash_jvp)(const AttentionProblem&, const FlashTangents&, const void*, const float*,
                     const FlashJvpResult&, const Parallel&);

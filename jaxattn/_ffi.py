@@ -267,21 +267,24 @@ def _paged_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
     return _unfold_results(prim.multiple_results, outs, size)
 
 
-# Operands: query [B,T,N,H], key_cache [B,Smax,K,H], value_cache [B,Smax,K,Hv], kv_lengths [B]
-# int32; attributes: scale, soft_cap, window_left. Results: out [B,T,N,Hv], lse [B,T,N] f32.
-decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v1", _decode_abstract,
+# Operands: query [B,T,N,H], key_cache [B,Smax,K,H], value_cache [B,Smax,K,Hv] (key and value
+# caches may differ in batch: a vmap mapping one of them), kv_lengths [B] int32; attributes:
+# scale, soft_cap, window_left, strict_lengths. Results: out [B,T,N,Hv], lse [B,T,N] f32.
+decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v2", _decode_abstract,
                        axes="btnh,bskh,bskd,b->btnd,btn")
 # Operands: query, key_pages [P,page,K,H], value_pages [P,page,K,Hv], block_tables
 # [B,max_pages] int32, kv_lengths [B] int32; attributes and results as decode_fwd_p.
-paged_decode_fwd_p = _define("jaxattn_paged_decode_fwd", "jaxattn_paged_decode_fwd_v1",
+paged_decode_fwd_p = _define("jaxattn_paged_decode_fwd", "jaxattn_paged_decode_fwd_v2",
                              _paged_decode_abstract, batch_rule=_paged_decode_batch_rule,
                              axes="btnh,pskh,pskd,bm,b->btnd,btn", partition="h")  # P is no batch
 
 
-def decode_attrs(scale: float, soft_cap: float | None, window_left: int | None) -> dict:
+def decode_attrs(scale: float, soft_cap: float | None, window_left: int | None,
+                 strict_lengths: bool = False) -> dict:
     """The FFI attributes of the decode targets, typed as the C++ handlers expect."""
     return dict(scale=np.float32(scale), soft_cap=np.float32(soft_cap or 0.0),
-                window_left=np.int64(-1 if window_left is None else window_left))
+                window_left=np.int64(-1 if window_left is None else window_left),
+                strict_lengths=bool(strict_lengths))
 
 
 def attention_attrs(scale: float, soft_cap: float | None, is_causal: bool,
