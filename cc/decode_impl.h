@@ -2,11 +2,13 @@
 //
 // The T query tokens times the G query heads of one kv head form the rows of a tile, so every
 // K/V element is loaded once per group. The KV sequence is cut into fixed-size partitions whose
-// size depends on the shape only (PartitionSize). Phase 1 computes, in parallel over
-// batch x partition x kv-head group, an unnormalised (o, max, sum) per (batch, kv head,
-// partition) with an online softmax over blocks of kDecodeBlock keys; phase 2 merges the
-// partitions of each (batch, kv head) in partition order. No result depends on which thread
-// computed it, so the output is bitwise identical for any thread count.
+// size depends on the shape and the longest length only (PartitionSize), and each sequence
+// has the partitions its length reaches (scratch follows the lengths, never the capacity of a
+// padded block table). Phase 1 computes, in parallel over the partitions x kv-head groups, an
+// unnormalised (o, max, sum) per (batch, kv head, partition) with an online softmax over
+// blocks of kDecodeBlock keys; phase 2 merges the partitions of each (batch, kv head) in
+// partition order. No result depends on which thread computed it, so the output is bitwise
+// identical for any thread count.
 //
 // The step is bound by memory bandwidth, and on the machines measured the bandwidth a core
 // gets depends on reading memory in order: a task therefore covers every kv head of its keys
