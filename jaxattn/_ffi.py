@@ -27,8 +27,27 @@ for _name, _capsule in TARGETS.items():
 
 
 def kernel_isa() -> str:
-    """The instruction set the kernels use on this CPU: ``avx512``, ``avx2`` or ``generic``."""
+    """The kernel set the kernels run with in this process.
+
+    One of ``available_kernel_isas()``: the best one for this CPU, or the one that the
+    environment variable ``JAXATTN_ISA`` names when this CPU can run it (read once, when the
+    kernels first run). ``kernel_isas()`` lists every kernel set compiled in.
+    """
     return _jaxattn.kernel_isa()
+
+
+def kernel_isas() -> tuple[str, ...]:
+    """Every kernel set compiled into this build, whether or not this CPU can run it.
+
+    The names ``JAXATTN_ISA`` accepts; the list comes from the kernel tables in
+    ``cc/dispatch.cc``, so it is never out of date.
+    """
+    return tuple(_jaxattn.kernel_isas())
+
+
+def available_kernel_isas() -> tuple[str, ...]:
+    """The kernel sets this CPU can run (a subset of ``kernel_isas()``, in the same order)."""
+    return tuple(name for name, runs in _jaxattn.kernel_isas().items() if runs)
 
 
 def _leading_batch(aval) -> int:

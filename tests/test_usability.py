@@ -1,0 +1,73 @@
+"""What a new user meets: the version, the kernel-set list, and importing a clone's source folder.
+
+The README's code blocks are run by tests/test_readme.py.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import jaxattn
+from _subprocess import CWD, python_env
+from test_determinism import AVX512_FLAGS, cpu_flags
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_version_is_the_single_source() -> None:
+    """``__version__`` is the string pyproject.toml reads (scikit-build-core's regex provider)."""
+    assert re.fullmatch(r"\d+\.\d+\.\d+([ab]|rc)?\d*", jaxattn.__version__), jaxattn.__version__
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" not in config["project"] and "version" in config["project"]["dynamic"]
+    source = config["tool"]["scikit-build"]["metadata"]["version"]["input"]
+    assert f'__version__ = "{jaxattn.__version__}"' in (REPO / source).read_text()
+
+
+def test_kernel_isas_are_consistent() -> None:
+    every, available = jaxattn.kernel_isas(), jaxattn.available_kernel_isas()
+    assert len(set(every)) == len(every) and all(isinstance(n, str) and n for n in every)
+    assert "generic" in available
+    assert list(available) == [n for n in every if n in available]  # a subset, same order
+    assert jaxattn.kernel_isa() in available
+
+
+def test_available_kernel_isas_follow_the_cpu_flags() -> None:
+    """Checked against /proc/cpuinfo, independently of the C++ CPU checks."""
+    flags = cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags")
+    available = jaxattn.available_kernel_isas()
+    assert ("avx2" in available) == ({"avx2", "fma", "f16c"} <= flags)
+    assert ("avx512" in available) == (AVX512_FLAGS <= flags)
+
+
+def test_every_available_kernel_isa_can_be_forced() -> None:
+    code = "import jaxattn; print(jaxattn.kernel_isa())"
+    for isa in jaxattn.available_kernel_isas():
+        run = subprocess.run([sys.executable, "-c", code], env=python_env(JAXATTN_ISA=isa),
+                             cwd=CWD, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == isa
+
+
+def test_importing_a_source_folder_says_what_to_do(tmp_path: Path) -> None:
+    """The source folder of a clone (no compiled extension) on sys.path first: a clear message,
+    not Python's "partially initialized module ... circular import"."""
+    package = Path(jaxattn.__file__).resolve().parent
+    shutil.copytree(package, tmp_path / "jaxattn",
+                    ignore=shutil.ignore_patterns("_jaxattn*.so", "__pycache__"))
+    env = python_env()
+    env.pop("PYTHONPATH")
+    run = subprocess.run([sys.executable, "-c", "import jaxattn"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "circular import" not in run.stderr, run.stderr
+    assert "no compiled extension" in run.stderr, run.stderr
+    assert "tools/build_inplace.sh" in run.stderr, run.stderr
