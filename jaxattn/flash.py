@@ -130,7 +130,7 @@ def flash_attention(
     if unbatched:
         query, key, value = query[None], key[None], value[None]
     b, t, n, h = query.shape
-    s, kv_heads = key.shape[1], key.shape[2]
+    s = key.shape[1]
     hv = value.shape[3]
     scale = check_scale(scale, h)
     soft_cap = check_soft_cap(logits_soft_cap)
