@@ -71,3 +71,21 @@ def test_importing_a_source_folder_says_what_to_do(tmp_path: Path) -> None:
     assert "circular import" not in run.stderr, run.stderr
     assert "no compiled extension" in run.stderr, run.stderr
     assert "tools/build_inplace.sh" in run.stderr, run.stderr
+
+
+def test_vendored_ffi_headers_are_those_of_the_oldest_supported_jaxlib() -> None:
+    """third_party/ holds the FFI headers of the jaxlib that pyproject.toml names as the lower
+    bound (README, Development: why they are vendored); byte for byte when that jaxlib runs."""
+    import jax
+    import jaxlib
+
+    notes = (REPO / "third_party" / "README.md").read_text()
+    vendored = re.search(r"jaxlib (\d+\.\d+\.\d+)", notes)[1]
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.startswith(f"jaxlib>={vendored}") for d in dependencies), dependencies
+    if jaxlib.__version__ != vendored:
+        pytest.skip(f"jaxlib {jaxlib.__version__} installed, the headers are from {vendored}")
+    for name in ("c_api.h", "api.h", "ffi.h"):
+        ours = REPO / "third_party" / "xla" / "ffi" / "api" / name
+        theirs = Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / name
+        assert ours.read_bytes() == theirs.read_bytes(), name
