@@ -202,6 +202,8 @@ def decode_attention(
       ``[B, T, N, Hv]`` in the query dtype (and the lse when ``return_residual``). A row with
       no visible key outputs 0 and lse ``-inf``. The result is bitwise identical for any
       thread count. Not differentiable (raises NotImplementedError under ``jax.grad``).
+
+    The contract (positions, clamping, windows): docs/semantics.md, section 2.
     """
     query = as_array(query, "query")
     key_cache = as_array(key_cache, "key_cache")
@@ -251,6 +253,8 @@ def paged_decode_attention(
 
     Returns:
       As ``decode_attention``: equal to it on the same data laid out contiguously.
+
+    The contract (positions, page ids, clamping): docs/semantics.md, section 2.
     """
     query = as_array(query, "query")
     key_pages = as_array(key_pages, "key_pages")
@@ -284,6 +288,8 @@ def merge_attention_states(outputs: Any, lses: Any) -> tuple[Array, Array]:
 
     Returns:
       ``(out [..., Hv] in the outputs' dtype, lse [...] float32)``.
+
+    The contract: docs/semantics.md, section 4.
     """
     outputs = as_array(outputs, "outputs")
     lses = as_array(lses, "lses")

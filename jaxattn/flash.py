@@ -122,6 +122,9 @@ def flash_attention(
     Returns:
       ``[B, T, N, Hv]`` in the input dtype (and the lse when ``return_residual``). A row that
       sees no key outputs 0 with lse ``-inf`` and gets zero gradients.
+
+    The contract (the order of scale, bias, soft cap and masks; rows that see no key; the
+    differences from ``jax.nn``): docs/semantics.md, section 1.
     """
     query, key, value = (as_array(x, name) for x, name in
                          ((query, "query"), (key, "key"), (value, "value")))

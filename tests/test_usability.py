@@ -89,3 +89,17 @@ def test_vendored_ffi_headers_are_those_of_the_oldest_supported_jaxlib() -> None
         ours = REPO / "third_party" / "xla" / "ffi" / "api" / name
         theirs = Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / name
         assert ours.read_bytes() == theirs.read_bytes(), name
+
+
+def test_cited_documents_exist() -> None:
+    """Every docs/*.md that the code, the tests or the README cite is in the repository."""
+    cited: dict[str, set[str]] = {}
+    sources = [REPO / "README.md", *REPO.glob("docs/*.md")]
+    for folder in ("jaxattn", "tests", "cc", "tools", "examples", "benchmarks"):
+        sources += [p for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".cc", ".h", ".sh")]
+    for path in sources:
+        for name in re.findall(r"docs/[\w-]+\.md", path.read_text(errors="replace")):
+            cited.setdefault(name, set()).add(str(path.relative_to(REPO)))
+    assert "docs/semantics.md" in cited
+    missing = {name: sorted(where) for name, where in cited.items() if not (REPO / name).exists()}
+    assert not missing, missing
