@@ -30,8 +30,9 @@ def kernel_isa() -> str:
     """The kernel set the kernels run with in this process.
 
     One of ``available_kernel_isas()``: the best one for this CPU, or the one that the
-    environment variable ``JAXATTN_ISA`` names when this CPU can run it (read once, when the
-    kernels first run). ``kernel_isas()`` lists every kernel set compiled in.
+    environment variable ``JAXATTN_ISA`` names when this CPU can run it (read once per
+    process; an unknown name or one this CPU cannot run is ignored). ``kernel_isas()`` lists
+    every kernel set compiled in.
     """
     return _jaxattn.kernel_isa()
 
