@@ -43,7 +43,7 @@ def ensure_environment(extras: str) -> None:
     if first_build:
         print("Installing jaxattn into .venv: pip downloads jax and the extras, then compiles "
               "the C++ kernels\n(one build per instruction set: generic x86-64, AVX2, AVX-512). "
-              "This takes about 2 minutes on 2 cores\nand prints nothing meanwhile; later runs "
+              "This takes 2 to 3 minutes on 2 cores\nand prints nothing meanwhile; later runs "
               "rebuild only what changed (seconds).", flush=True)
     else:
         print("Updating jaxattn in .venv (rebuilds only what changed)", flush=True)

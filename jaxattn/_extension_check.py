@@ -25,7 +25,8 @@ def missing_extension_message(package_dir: Path, error: ImportError) -> str:
     package_dir = package_dir.resolve()
     built = sorted(p.name for p in package_dir.glob("_jaxattn*.so"))
     if built:
-        return (f"jaxattn's compiled extension {built[0]} in {package_dir} failed to load: {error}.\n"
+        return (f"jaxattn's compiled extension {built[0]} in {package_dir} failed to load: "
+                f"{error}.\n"
                 "It was probably built for another Python or another jaxattn source: rebuild it "
                 "(tools/build_inplace.sh, or pip install . again).")
     installed = _installed_package_dir()

@@ -96,7 +96,8 @@ def test_cited_documents_exist() -> None:
     cited: dict[str, set[str]] = {}
     sources = [REPO / "README.md", *REPO.glob("docs/*.md")]
     for folder in ("jaxattn", "tests", "cc", "tools", "examples", "benchmarks"):
-        sources += [p for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".cc", ".h", ".sh")]
+        sources += [p for p in (REPO / folder).rglob("*")
+                    if p.suffix in (".py", ".cc", ".h", ".sh")]
     for path in sources:
         for name in re.findall(r"docs/[\w-]+\.md", path.read_text(errors="replace")):
             cited.setdefault(name, set()).add(str(path.relative_to(REPO)))
