@@ -7,6 +7,7 @@ initialized module ... circular import" error.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.metadata
 from pathlib import Path
 
@@ -24,15 +25,21 @@ def missing_extension_message(package_dir: Path, error: ImportError) -> str:
     """The message for ``ImportError`` ``error`` raised importing ``jaxattn._jaxattn``."""
     package_dir = package_dir.resolve()
     built = sorted(p.name for p in package_dir.glob("_jaxattn*.so"))
+    # The names this interpreter would load (Python tries exactly these).
+    loadable = [name for name in built
+                if name in {"_jaxattn" + s for s in importlib.machinery.EXTENSION_SUFFIXES}]
+    if loadable:
+        return (f"jaxattn's compiled extension {loadable[0]} in {package_dir} failed to load: "
+                f"{error}.\nRebuild it (tools/build_inplace.sh, or pip install . again).")
     if built:
-        return (f"jaxattn's compiled extension {built[0]} in {package_dir} failed to load: "
-                f"{error}.\n"
-                "It was probably built for another Python or another jaxattn source: rebuild it "
-                "(tools/build_inplace.sh, or pip install . again).")
+        lines = [f"jaxattn was imported from {package_dir}, whose compiled extension {built[0]} "
+                 f"was built for another Python (this one loads *"
+                 f"{importlib.machinery.EXTENSION_SUFFIXES[0]})."]
+    else:
+        lines = [f"jaxattn was imported from {package_dir}, which has no compiled extension "
+                 "(_jaxattn*.so): this is the source folder of a clone, which comes first on "
+                 "sys.path when Python runs in the clone's root or with PYTHONPATH=."]
     installed = _installed_package_dir()
-    lines = [f"jaxattn was imported from {package_dir}, which has no compiled extension "
-             "(_jaxattn*.so): this is the source folder of a clone, which comes first on "
-             "sys.path when Python runs in the clone's root or with PYTHONPATH=."]
     if installed is not None and installed != package_dir:
         lines.append(f"This environment has jaxattn installed in {installed}: run from another "
                      "directory than the clone's root and without PYTHONPATH=. to use it.")

@@ -57,19 +57,24 @@ def test_every_available_kernel_isa_can_be_forced() -> None:
         assert run.stdout.strip() == isa
 
 
-def test_importing_a_source_folder_says_what_to_do(tmp_path: Path) -> None:
-    """The source folder of a clone (no compiled extension) on sys.path first: a clear message,
-    not Python's "partially initialized module ... circular import"."""
+@pytest.mark.parametrize("extension", [None, "_jaxattn.cpython-39-x86_64-linux-gnu.so"])
+def test_importing_a_source_folder_says_what_to_do(tmp_path: Path, extension: str | None) -> None:
+    """The source folder of a clone on sys.path first, without a compiled extension or with
+    one for another Python: a clear message, not Python's "partially initialized module ...
+    circular import"."""
     package = Path(jaxattn.__file__).resolve().parent
     shutil.copytree(package, tmp_path / "jaxattn",
                     ignore=shutil.ignore_patterns("_jaxattn*.so", "__pycache__"))
+    if extension is not None:
+        (tmp_path / "jaxattn" / extension).write_bytes(b"")  # never loaded: another ABI tag
     env = python_env()
     env.pop("PYTHONPATH")
     run = subprocess.run([sys.executable, "-c", "import jaxattn"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     assert "circular import" not in run.stderr, run.stderr
-    assert "no compiled extension" in run.stderr, run.stderr
+    expected = "no compiled extension" if extension is None else "built for another Python"
+    assert expected in run.stderr, run.stderr
     assert "tools/build_inplace.sh" in run.stderr, run.stderr
 
 
