@@ -331,7 +331,7 @@ struct Reference {
 };
 
 // Float64 attention of the (dtype-rounded) inputs, and its gradients for the cotangents dout
-// (and dlse), following docs/semantics.md section 1. With `rounded_out`, D = rowsum(dout * out) uses
+// (and dlse), per docs/semantics.md section 1. With `rounded_out`, D = rowsum(dout * out) uses
 // that (the kernels' output in its dtype), as autodiff of a forward in that dtype would: in
 // bfloat16 a near-one-hot row otherwise differs by cancellation in dP - D, not by a bug.
 Reference ComputeReference(const Case& c, const Buffers& x, const Tensor* rounded_out) {
