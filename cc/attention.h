@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "parallel.h"
 
@@ -183,7 +184,15 @@ void BlockSparseForward(const AttentionProblem& problem, const BlockSparseTables
 void BlockSparseBackward(const AttentionProblem& problem, const BlockSparseTables& tables,
                          const FlashBackwardArgs& args, const Parallel& parallel);
 
-// The instruction set the kernels dispatch to ("avx512", "avx2" or "generic").
+// The kernel set the kernels dispatch to (one of the names KernelIsas() lists).
 const char* KernelIsa();
+
+// Every kernel set compiled in, in the order of kKernelSets in dispatch.cc, and whether this
+// CPU can run it (JAXATTN_ISA can force only those).
+struct KernelIsaInfo {
+  const char* name;
+  bool runs_on_this_cpu;
+};
+std::vector<KernelIsaInfo> KernelIsas();
 
 }  // namespace jaxattn

@@ -1,4 +1,4 @@
-// Picks the kernels for the CPU at run time; JAXATTN_ISA=generic|avx2|avx512|avx512bf16|amx
+// Picks the kernels for the CPU at run time; JAXATTN_ISA=<name of a kernel set in kKernelSets>
 // forces another one the CPU can run (tests and benchmarks use it to cover every path).
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <vector>
 
 #include "attention.h"
 #include "kernel_table.h"
@@ -53,16 +54,34 @@ bool AmxUsable() {
 #endif
 }
 
+bool CpuHasAmx() { return CpuHasAvx512() && AmxUsable(); }
+
+bool CpuRunsAnything() { return true; }
+
+// Every kernel set with what the CPU needs to run it: the one list that JAXATTN_ISA, and
+// kernel_isas() / available_kernel_isas() in Python, are read from. A new kernel set is one
+// entry here (and, to be picked by default, a rule in SelectKernels).
+struct KernelSet {
+  const KernelTable* table;
+  bool (*cpu_runs)();
+};
+const KernelSet kKernelSets[] = {
+    {&kGenericKernels, CpuRunsAnything},
+    {&kAvx2Kernels, CpuHasAvx2},
+    {&kAvx512Kernels, CpuHasAvx512},
+    {&kAvx512BF16Kernels, CpuHasAvx512},
+    {&kAmxKernels, CpuHasAmx},
+};
+
 const KernelTable& SelectKernels() {
   const char* forced = std::getenv("JAXATTN_ISA");
   const bool avx512 = CpuHasAvx512(), avx2 = CpuHasAvx2();
   if (forced != nullptr) {
-    if (std::strcmp(forced, "generic") == 0) return kGenericKernels;
-    if (std::strcmp(forced, "avx2") == 0 && avx2) return kAvx2Kernels;
-    if (std::strcmp(forced, "avx512") == 0 && avx512) return kAvx512Kernels;
-    if (std::strcmp(forced, "avx512bf16") == 0 && avx512) return kAvx512BF16Kernels;
-    // Where AMX is unusable the default set runs; jaxattn/_ffi.py then refuses to load.
-    if (std::strcmp(forced, "amx") == 0 && avx512 && AmxUsable()) return kAmxKernels;
+    // Where AMX is unusable, JAXATTN_ISA=amx gets the default set: jaxattn/_ffi.py then
+    // refuses to load.
+    for (const KernelSet& set : kKernelSets) {
+      if (std::strcmp(forced, set.table->isa) == 0 && set.cpu_runs()) return *set.table;
+    }
   }
   if (avx512 && !FasterBF16Pairs() && AmxUsable()) return kAmxKernels;
   if (avx512) return FasterBF16Pairs() ? kAvx512BF16Kernels : kAvx512Kernels;
@@ -80,6 +99,12 @@ const KernelTable& Kernels() {
 }  // namespace
 
 const char* KernelIsa() { return Kernels().isa; }
+
+std::vector<KernelIsaInfo> KernelIsas() {
+  std::vector<KernelIsaInfo> isas;
+  for (const KernelSet& set : kKernelSets) isas.push_back({set.table->isa, set.cpu_runs()});
+  return isas;
+}
 
 const char* ValidateProblem(const AttentionProblem& p) {
   if (p.batch <= 0 || p.q_len <= 0 || p.kv_len <= 0 || p.num_heads <= 0 ||

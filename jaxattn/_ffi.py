@@ -28,9 +28,28 @@ for _name, _capsule in TARGETS.items():
 
 
 def kernel_isa() -> str:
-    """The kernel set used on this CPU: ``amx`` (bf16 products on AMX tiles), ``avx512bf16``
-    (bf16 products as bf16 pairs), ``avx512``, ``avx2`` or ``generic``."""
+    """The kernel set the kernels run with in this process.
+
+    One of ``available_kernel_isas()``: the best one for this CPU, or the one that the
+    environment variable ``JAXATTN_ISA`` names when this CPU can run it (read once per
+    process; an unknown name or one this CPU cannot run is ignored). ``kernel_isas()`` lists
+    every kernel set compiled in.
+    """
     return _jaxattn.kernel_isa()
+
+
+def kernel_isas() -> tuple[str, ...]:
+    """Every kernel set compiled into this build, whether or not this CPU can run it.
+
+    The names ``JAXATTN_ISA`` accepts; the list comes from the kernel tables in
+    ``cc/dispatch.cc``, so it is never out of date.
+    """
+    return tuple(_jaxattn.kernel_isas())
+
+
+def available_kernel_isas() -> tuple[str, ...]:
+    """The kernel sets this CPU can run (a subset of ``kernel_isas()``, in the same order)."""
+    return tuple(name for name, runs in _jaxattn.kernel_isas().items() if runs)
 
 
 if os.environ.get("JAXATTN_ISA") == "amx" and kernel_isa() != "amx":

@@ -213,6 +213,8 @@ def decode_attention(
       ``[B, T, N, Hv]`` in the query dtype (and the lse when ``return_residual``). A row with
       no visible key outputs 0 and lse ``-inf``. The result is bitwise identical for any
       thread count. Not differentiable (raises NotImplementedError under ``jax.grad``).
+
+    The contract (positions, clamping, windows): docs/semantics.md, section 2.
     """
     check_reverse_mode_only("jaxattn.decode_attention", query, key_cache, value_cache,
                             message=_NOT_DIFFERENTIABLE.format(name="jaxattn.decode_attention"))
@@ -267,6 +269,8 @@ def paged_decode_attention(
 
     Returns:
       As ``decode_attention``: equal to it on the same data laid out contiguously.
+
+    The contract (positions, page ids, clamping): docs/semantics.md, section 2.
     """
     check_reverse_mode_only(
         "jaxattn.paged_decode_attention", query, key_pages, value_pages,
@@ -304,6 +308,8 @@ def merge_attention_states(outputs: Any, lses: Any) -> tuple[Array, Array]:
 
     Returns:
       ``(out [..., Hv] in the outputs' dtype, lse [...] float32)``.
+
+    The contract: docs/semantics.md, section 4.
     """
     outputs = as_array(outputs, "outputs")
     lses = as_array(lses, "lses")

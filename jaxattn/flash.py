@@ -199,6 +199,9 @@ def flash_attention(
     Returns:
       ``[B, T, N, Hv]`` in the input dtype (and the lse when ``return_residual``). A row that
       sees no key outputs 0 with lse ``-inf`` and gets zero gradients.
+
+    The contract (the order of scale, bias, soft cap and masks; rows that see no key; the
+    differences from ``jax.nn``): docs/semantics.md, section 1.
     """
     query, key, value = (as_array(x, name) for x, name in
                          ((query, "query"), (key, "key"), (value, "value")))
@@ -207,7 +210,7 @@ def flash_attention(
     if unbatched:
         query, key, value = query[None], key[None], value[None]
     b, t, n, h = query.shape
-    s, kv_heads = key.shape[1], key.shape[2]
+    s = key.shape[1]
     hv = value.shape[3]
     scale = check_scale(scale, h)
     soft_cap = check_soft_cap(logits_soft_cap)

@@ -97,6 +97,8 @@ def block_sparse_attention(
     Returns:
       ``[B, T, N, Hv]`` in the input dtype (and the lse when ``return_residual``). A row that
       sees no key outputs 0 with lse ``-inf`` and gets zero gradients.
+
+    The contract: docs/semantics.md, section 3.
     """
     check_reverse_mode_only("jaxattn.block_sparse_attention", query, key, value)
     query, key, value = (as_array(x, name) for x, name in

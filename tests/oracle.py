@@ -1,6 +1,6 @@
 """Float64 NumPy reference for ``jaxattn.flash_attention`` (independent of JAX).
 
-The semantics follow DESIGN.md section 1: ``logits = scale * q.k``, ``+ bias``, optional soft cap
+Semantics of docs/semantics.md section 1: ``logits = scale * q.k``, ``+ bias``, optional soft cap
 ``cap * tanh(logits / cap)``, then the masks (``mask``, causal, local window, key/value and query
 sequence lengths). A query row with no visible key outputs 0, has ``lse = -inf`` and gets zero
 gradients. Query head ``h`` uses key/value head ``h // (N // K)``.
@@ -424,7 +424,7 @@ def assert_close_to_oracle(
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """Sizes of one attention problem, named as in DESIGN.md (B, T, S, N, K, H, Hv)."""
+    """Sizes of one attention problem, named as in docs/semantics.md (B, T, S, N, K, H, Hv)."""
 
     batch: int = 2
     q_len: int = 37

@@ -648,4 +648,4 @@ def test_submodules_reachable_from_the_package():
     assert package.nnx.FlashSelfAttention.__module__ == "jaxattn.flax.nnx"
     assert package.linen.FlashSelfAttention.__module__ == "jaxattn.flax.linen"
     with pytest.raises(AttributeError, match="no attribute 'missing'"):
-        package.missing
+        package.missing  # noqa: B018  (the access itself must raise)

@@ -75,7 +75,7 @@ class FlashSelfAttention(nnx.Module):
         use_bias: bool = True,
         kernel_init: Any = default_kernel_init,
         out_kernel_init: Any | None = None,
-        bias_init: Any = initializers.zeros_init(),
+        bias_init: Any = initializers.zeros_init(),  # noqa: B008  (Flax's own default)
         sparse_mask: Any | None = None,
         precision: Any = None,
         implementation: str = "jaxattn",
