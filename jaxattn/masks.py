@@ -670,7 +670,7 @@ def _compile_tables(mask: BlockSparseMask, positions: int, keys_per_tile: int, g
         raise ValueError(f"a mask of {mask.num_heads} heads cannot have {groups} table groups "
                          f"of {group} heads")
     q_len, kv_len = mask.q_len, mask.kv_len
-    r, c = mask.block_q, mask.block_kv
+    r = mask.block_q
     tq, tk = positions, keys_per_tile
     nqt, nkt = -(-q_len // tq), -(-kv_len // tk)
     rows_per_tile = tq * group
@@ -1149,7 +1149,8 @@ def random(q_len: int, kv_len: int | None = None, *, num_blocks: int, seed: int,
            block_kv: int = DEFAULT_BLOCK) -> BlockSparseMask:
     """BigBird's random attention: each block row sees ``num_blocks`` distinct key blocks drawn
     uniformly with ``numpy.random.default_rng(seed)`` (all of them if there are fewer); per head
-    with ``num_heads`` (>= 1). Time and memory follow the number of blocks drawn. Combine with ``local``/``global_local`` by ``|`` for full BigBird."""
+    with ``num_heads`` (>= 1). Time and memory follow the number of blocks drawn. Combine with
+    ``local``/``global_local`` by ``|`` for full BigBird."""
     q_len, kv_len = _lengths(q_len, kv_len)
     shape = _check_shape(q_len, kv_len, block_q, block_kv, 1 if num_heads is None else num_heads)
     try:

@@ -9,7 +9,6 @@ never keys or values), which suits long key/value sequences and short-to-moderat
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any
 
