@@ -6,5 +6,6 @@
 namespace jaxattn {
 const KernelTable kGenericKernels = {"generic", generic::ForwardImpl<false>, generic::BackwardImpl<false>,
     generic::SparseTilingImpl, generic::SparseForwardImpl<false>, generic::SparseBackwardImpl<false>,
-                                    generic::DecodeImpl, generic::DecodePartitionSizeImpl};
+                                    generic::DecodeImpl, generic::DecodePartitionSizeImpl,
+                                    generic::GlaForwardImpl, generic::GlaBackwardImpl};
 }  // namespace jaxattn

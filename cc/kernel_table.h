@@ -2,6 +2,7 @@
 #pragma once
 
 #include "attention.h"
+#include "gated_linear.h"
 
 namespace jaxattn {
 
@@ -16,6 +17,10 @@ struct KernelTable {
                           const FlashBackwardArgs&, const Parallel&);
   void (*decode_forward)(const DecodeAttentionProblem&, const DecodeResult&, const Parallel&);
   int64_t (*decode_partition_size)(const DecodeAttentionProblem&);
+  const char* (*gla_forward)(const GatedLinearProblem&, const GatedLinearForwardResult&,
+                             const Parallel&);
+  const char* (*gla_backward)(const GatedLinearProblem&, const GatedLinearBackwardArgs&,
+                              const Parallel&);
 };
 
 extern const KernelTable kGenericKernels;

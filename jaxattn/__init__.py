@@ -5,6 +5,7 @@ from jaxattn._export import export_disabled_checks
 from jaxattn._ffi import kernel_isa
 from jaxattn.decode import decode_attention, merge_attention_states, paged_decode_attention
 from jaxattn.flash import flash_attention
+from jaxattn.linear import gated_linear_attention
 from jaxattn.masks import BlockSparseMask
 from jaxattn.sequence_parallel import sequence_parallel_attention
 from jaxattn.sparse import block_sparse_attention
@@ -15,6 +16,7 @@ __all__ = [
     "decode_attention",
     "export_disabled_checks",
     "flash_attention",
+    "gated_linear_attention",
     "kernel_isa",
     "masks",
     "merge_attention_states",
