@@ -67,7 +67,31 @@ static void GlaTranspose(const float* src, int64_t rows, int64_t cols, int64_t l
   }
 }
 
-// Per-task buffers, float32, zero-initialised (padding columns stay zero).
+// Asks for the rows [t_begin, t_end) of (b, n) of every input (and dout in the backward) to be
+// brought into the caches. Rows of one head are N * H elements apart, a new page each for
+// most shapes, where the hardware prefetchers stop: without this the chunk loads wait on
+// memory latency row by row.
+static void GlaPrefetchRows(const GlaContext& c, int64_t b, int64_t n, int64_t t_begin,
+                            int64_t t_end) {
+  const GatedLinearProblem& p = *c.p;
+  t_begin = MaxI(t_begin, 0);
+  t_end = MinI(t_end, p.seq_len);
+  const int64_t size = DTypeSize(p.dtype), gate_size = DTypeSize(p.gate_dtype);
+  const auto rows = [&](const void* base, int64_t batch, int64_t dim, int64_t elem_size) {
+    if (base == nullptr) return;
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const char* row = static_cast<const char*>(base) + GlaRow(p, batch, b, t, n, dim) * elem_size;
+      for (int64_t off = 0; off < dim * elem_size; off += 64) __builtin_prefetch(row + off);
+    }
+  };
+  rows(p.query, p.q_batch, c.hk, size);
+  rows(p.key, p.k_batch, c.hk, size);
+  rows(p.value, p.v_batch, c.hv, size);
+  rows(p.log_gate, p.g_batch, c.hk, gate_size);
+  if (c.bwd != nullptr) rows(c.bwd->dout, p.batch, c.hv, size);
+}
+
+// Per-task buffers, float32, zero-initialised, carved from the thread's scratch.
 struct GlaWork {
   float* block = nullptr;
   // [kGlaChunk, hkp] rows of the sub-chunk
@@ -90,8 +114,10 @@ struct GlaWork {
       total += 2 * row_v + c.hv * c.cp + 3 * C * c.cp + 4 * row_k + c.hk * c.cp +
                2 * c.hv * c.hkp + c.hk * c.hvp + c.hkp;
     }
-    block = static_cast<float*>(__builtin_calloc(total, sizeof(float)));
+    // The thread's grow-only scratch (flash_impl.h), zeroed: padding columns stay zero.
+    block = tls_scratch.Get(total + kScratchSlack);
     if (block == nullptr) return;
+    __builtin_memset(block, 0, total * sizeof(float));
     float* at = block;
     auto take = [&at](int64_t n) { float* r = at; at += n; return r; };
     q = take(row_k), k = take(row_k), h = take(row_k), e_in = take(row_k);
@@ -109,7 +135,6 @@ struct GlaWork {
       dstate = take(c.hk * c.hvp), running = take(c.hkp);
     }
   }
-  ~GlaWork() { __builtin_free(block); }
   GlaWork(const GlaWork&) = delete;
   GlaWork& operator=(const GlaWork&) = delete;
 };
@@ -130,17 +155,21 @@ static void GlaLoadChunk(const GlaContext& c, int64_t b, int64_t n, int64_t t0, 
     LoadRow(p.gate_dtype,
             Offset(p.log_gate, p.gate_dtype, GlaRow(p, p.g_batch, b, t0 + len, n, hk)), hk,
             1.0f, row);
-    bool fits = true;
-    for (int64_t i = 0; i < hk; ++i) {
-      const float x = prev[i] + row[i];
-      row[i] = x;
-      const float lo = x < w.lo[i] ? x : w.lo[i], hi = x > w.hi[i] ? x : w.hi[i];
-      fits = fits && (hi - lo <= kGlaMaxSpan);  // false for NaN too: it starts a sub-chunk
+    // Padding lanes stay 0 (row, prev, lo and hi are zero there).
+    VI fits = VI{} == 0;
+    for (int64_t i = 0; i < hkp; i += kVL) {
+      const VF x = Load(prev + i) + Load(row + i), lo = Load(w.lo + i), hi = Load(w.hi + i);
+      Store(row + i, x);
+      const VF new_lo = x < lo ? x : lo, new_hi = x > hi ? x : hi;
+      fits &= (new_hi - new_lo) <= kGlaMaxSpan;  // false for NaN too: it starts a sub-chunk
     }
-    if (!fits) break;
-    for (int64_t i = 0; i < hk; ++i) {
-      w.lo[i] = row[i] < w.lo[i] ? row[i] : w.lo[i];
-      w.hi[i] = row[i] > w.hi[i] ? row[i] : w.hi[i];
+    bool all_fit = true;
+    for (int l = 0; l < kVL; ++l) all_fit = all_fit && fits[l] != 0;
+    if (!all_fit) break;
+    for (int64_t i = 0; i < hkp; i += kVL) {
+      const VF x = Load(row + i), lo = Load(w.lo + i), hi = Load(w.hi + i);
+      Store(w.lo + i, x < lo ? x : lo);
+      Store(w.hi + i, x > hi ? x : hi);
     }
     ++len;
   }
@@ -274,8 +303,10 @@ static void GlaForwardTask(void* context, int64_t task) {
   if (w.block == nullptr) return GlaFail(c);
   float* state = w.state;
   GlaLoadState(c, b, n, state);
+  GlaPrefetchRows(c, b, n, 0, kGlaChunk);
   for (int64_t chunk = 0; chunk < c.num_chunks; ++chunk) {
     const int64_t end = MinI(p.seq_len, (chunk + 1) * kGlaChunk);
+    GlaPrefetchRows(c, b, n, end, end + kGlaChunk);  // the next chunk, during this one
     for (int64_t t0 = chunk * kGlaChunk; t0 < end; t0 += w.len) {
       GlaLoadChunk(c, b, n, t0, end - t0, false, w);
       const int64_t len = w.len;
@@ -386,6 +417,7 @@ static void GlaBackwardTask(void* context, int64_t task) {
   for (int64_t chunk = 0; chunk < c.num_chunks; ++chunk) {
     __builtin_memcpy(starts + chunk * state_size, state, state_size * sizeof(float));
     const int64_t end = MinI(p.seq_len, (chunk + 1) * kGlaChunk);
+    GlaPrefetchRows(c, b, n, end, end + kGlaChunk);
     for (int64_t t0 = chunk * kGlaChunk; t0 < end; t0 += w.len) {
       GlaLoadChunk(c, b, n, t0, end - t0, true, w);
       GlaUpdateState(c, w, state);
@@ -408,6 +440,7 @@ static void GlaBackwardTask(void* context, int64_t task) {
   for (int64_t chunk = c.num_chunks - 1; chunk >= 0; --chunk) {
     const int64_t begin = chunk * kGlaChunk, end = MinI(p.seq_len, begin + kGlaChunk);
     const float* chunk_state = starts + chunk * state_size;
+    GlaPrefetchRows(c, b, n, begin - kGlaChunk, begin);  // the previous chunk, during this one
     GlaLoadChunk(c, b, n, begin, end - begin, false, w);
     if (w.len == end - begin) {
       GlaBackwardChunk(c, b, n, begin, chunk_state, w);
