@@ -435,3 +435,85 @@ def test_other_instruction_sets(isa):
     result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, isa], capture_output=True,
                             text=True, env=python_env(JAXATTN_ISA=isa), cwd=CWD)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-5000:]
+
+
+# ------------------------------------------------------------------------------- Flax
+
+
+def _layer_reference(params, x, num_heads, normalizer=16.0, eps=1e-5):
+    """The GLA layer in float64 NumPy from its parameters (flash-linear-attention's GLA)."""
+    p = {name: {k: np.asarray(v, np.float64) for k, v in d.items()} for name, d in params.items()}
+    x = np.asarray(x, np.float64)
+    lin = lambda name, h: h @ p[name]["kernel"] + p[name].get("bias", 0.0)
+    b, t, _ = x.shape
+    heads = lambda h: h.reshape(b, t, num_heads, -1)
+    logits = lin("gk_up", lin("gk_down", x))
+    log_gate = -np.logaddexp(0.0, -logits) / normalizer
+    o, _ = gla_reference(heads(lin("q_proj", x)), heads(lin("k_proj", x)),
+                         heads(lin("v_proj", x)), heads(log_gate))
+    o = o / np.sqrt(np.mean(o ** 2, axis=-1, keepdims=True) + eps) * p["g_norm"]["scale"]
+    g = heads(lin("g_proj", x))
+    o = o * g / (1.0 + np.exp(-g))
+    return lin("o_proj", o.reshape(b, t, -1))
+
+
+def test_flax_nnx_layer_matches_reference_and_decodes(rng):
+    from flax import nnx
+    from jaxattn.flax.nnx import GatedLinearAttention
+
+    layer = GatedLinearAttention(48, 3, rngs=nnx.Rngs(0))
+    x = rng.standard_normal((2, 70, 48)).astype(np.float32)
+    y = layer(x)
+    params = nnx.state(layer, nnx.Param)
+    params = {name: {k: v[...] for k, v in d.items()} for name, d in params.items()}
+    assert_close_to_oracle(y, _layer_reference(params, x, 3), dtype=np.float32, name="y")
+    layer.init_cache(batch_size=2)
+    steps = [layer(x[:, :5], decode=True)] + [layer(x[:, t:t + 1], decode=True)
+                                              for t in range(5, 70)]
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), y, rtol=1e-4, atol=1e-5)
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+
+
+def test_flax_linen_layer_matches_nnx_and_decodes(rng):
+    from flax import nnx
+    from jaxattn.flax import linen as jl
+    from jaxattn.flax.nnx import GatedLinearAttention
+
+    x = rng.standard_normal((2, 40, 32)).astype(np.float32)
+    module = jl.GatedLinearAttention(hidden_size=32, num_heads=2, expand_k=1.0)
+    variables = module.init(jax.random.key(0), x)
+    y = module.apply(variables, x)
+    assert_close_to_oracle(y, _layer_reference(variables["params"], x, 2), dtype=np.float32,
+                           name="y")
+    _, cache = module.apply(variables, batch_size=2, method=module.init_cache,
+                            mutable=["cache"])
+    outs = []
+    for t in range(0, 40, 3):
+        out, cache = module.apply({**variables, **cache}, x[:, t:t + 3], decode=True,
+                                  mutable=["cache"])
+        outs.append(out)
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), y, rtol=1e-4, atol=1e-5)
+    # Same parameter names and shapes as the nnx layer.
+    layer = GatedLinearAttention(32, 2, expand_k=1.0, rngs=nnx.Rngs(0))
+    shapes = {name: {k: v[...].shape for k, v in d.items()}
+              for name, d in nnx.state(layer, nnx.Param).items()}
+    assert shapes == jax.tree.map(lambda a: a.shape, variables["params"])
+
+
+def test_flax_layers_reject_bad_input():
+    from flax import nnx
+    from jaxattn.flax import linen as jl
+    from jaxattn.flax.nnx import GatedLinearAttention
+
+    with pytest.raises(ValueError, match="num_heads"):
+        GatedLinearAttention(30, 4, rngs=nnx.Rngs(0))
+    layer = GatedLinearAttention(16, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="init_cache"):
+        layer(jnp.zeros((1, 1, 16)), decode=True)
+    with pytest.raises(ValueError, match="x must have shape"):
+        layer(jnp.zeros((1, 1, 8)))
+    module = jl.GatedLinearAttention(hidden_size=16, num_heads=2)
+    variables = module.init(jax.random.key(0), jnp.zeros((1, 2, 16)))
+    with pytest.raises(ValueError, match="init_cache"):
+        module.apply(variables, jnp.zeros((1, 1, 16)), decode=True, mutable=["cache"])
