@@ -140,9 +140,13 @@ struct GlaWork {
 };
 
 // Loads the sub-chunk of (b, n) starting at t0, at most `limit` rows, into w (w.len rows), and
-// computes the scaled operands. state_only: only what the state update needs.
+// computes the scaled operands: for the state update only, also for the forward, or also the
+// exp factors the backward needs.
+enum GlaLoad { kGlaStateOnly, kGlaForward, kGlaBackward };
+
 static void GlaLoadChunk(const GlaContext& c, int64_t b, int64_t n, int64_t t0, int64_t limit,
-                         bool state_only, GlaWork& w) {
+                         GlaLoad what, GlaWork& w) {
+  const bool state_only = what == kGlaStateOnly, keep_factors = what == kGlaBackward;
   const GatedLinearProblem& p = *c.p;
   const int64_t hk = c.hk, hv = c.hv, hkp = c.hkp, hvp = c.hvp;
   LoadRow(p.gate_dtype, Offset(p.log_gate, p.gate_dtype, GlaRow(p, p.g_batch, b, t0, n, hk)),
@@ -194,14 +198,16 @@ static void GlaLoadChunk(const GlaContext& c, int64_t b, int64_t n, int64_t t0, 
     for (int64_t i = 0; i < hkp; i += kVL) {
       const VF hj = Load(w.h + r + i), kv = Load(w.k + r + i);
       const VF e_out = Exp(Load(h_end + i) - hj);
-      Store(w.e_out + r + i, e_out);
       Store(w.k_out + r + i, kv * e_out);
       if (state_only) continue;
       const VF ref = Load(w.ref + i), qv = Load(w.q + r + i) * scale;
       const VF e_in = Exp(Load(w.g0 + i) + hj), e_qm = Exp(hj - ref), e_km = Exp(ref - hj);
-      Store(w.e_in + r + i, e_in);
-      Store(w.e_qm + r + i, e_qm);
-      Store(w.e_km + r + i, e_km);
+      if (keep_factors) {
+        Store(w.e_out + r + i, e_out);
+        Store(w.e_in + r + i, e_in);
+        Store(w.e_qm + r + i, e_qm);
+        Store(w.e_km + r + i, e_km);
+      }
       Store(w.q_in + r + i, qv * e_in);
       Store(w.q_intra + r + i, qv * e_qm);
       Store(w.k_intra + r + i, kv * e_km);
@@ -308,7 +314,7 @@ static void GlaForwardTask(void* context, int64_t task) {
     const int64_t end = MinI(p.seq_len, (chunk + 1) * kGlaChunk);
     GlaPrefetchRows(c, b, n, end, end + kGlaChunk);  // the next chunk, during this one
     for (int64_t t0 = chunk * kGlaChunk; t0 < end; t0 += w.len) {
-      GlaLoadChunk(c, b, n, t0, end - t0, false, w);
+      GlaLoadChunk(c, b, n, t0, end - t0, kGlaForward, w);
       const int64_t len = w.len;
       GlaIntraScores(c, w);
       Gemm(len, hvp, c.hk, w.q_in, c.hkp, state, hvp, w.o, hvp, false);
@@ -419,7 +425,7 @@ static void GlaBackwardTask(void* context, int64_t task) {
     const int64_t end = MinI(p.seq_len, (chunk + 1) * kGlaChunk);
     GlaPrefetchRows(c, b, n, end, end + kGlaChunk);
     for (int64_t t0 = chunk * kGlaChunk; t0 < end; t0 += w.len) {
-      GlaLoadChunk(c, b, n, t0, end - t0, true, w);
+      GlaLoadChunk(c, b, n, t0, end - t0, kGlaStateOnly, w);
       GlaUpdateState(c, w, state);
     }
   }
@@ -441,7 +447,7 @@ static void GlaBackwardTask(void* context, int64_t task) {
     const int64_t begin = chunk * kGlaChunk, end = MinI(p.seq_len, begin + kGlaChunk);
     const float* chunk_state = starts + chunk * state_size;
     GlaPrefetchRows(c, b, n, begin - kGlaChunk, begin);  // the previous chunk, during this one
-    GlaLoadChunk(c, b, n, begin, end - begin, false, w);
+    GlaLoadChunk(c, b, n, begin, end - begin, kGlaBackward, w);
     if (w.len == end - begin) {
       GlaBackwardChunk(c, b, n, begin, chunk_state, w);
       continue;
@@ -450,7 +456,7 @@ static void GlaBackwardTask(void* context, int64_t task) {
     int64_t num_sub = 0;
     __builtin_memcpy(state, chunk_state, state_size * sizeof(float));
     for (int64_t t0 = begin; t0 < end; t0 += w.len) {
-      if (t0 != begin) GlaLoadChunk(c, b, n, t0, end - t0, true, w);
+      if (t0 != begin) GlaLoadChunk(c, b, n, t0, end - t0, kGlaStateOnly, w);
       if (num_sub == sub_capacity) {
         sub_capacity = MinI(kGlaChunk, MaxI(4, 2 * sub_capacity));
         float* grown = static_cast<float*>(
@@ -467,7 +473,7 @@ static void GlaBackwardTask(void* context, int64_t task) {
       GlaUpdateState(c, w, state);
     }
     for (int64_t s = num_sub - 1; s >= 0; --s) {
-      GlaLoadChunk(c, b, n, sub_t0[s], end - sub_t0[s], false, w);
+      GlaLoadChunk(c, b, n, sub_t0[s], end - sub_t0[s], kGlaBackward, w);
       GlaBackwardChunk(c, b, n, sub_t0[s], sub_states + s * state_size, w);
     }
   }
