@@ -236,12 +236,46 @@ static void GlaUpdateState(const GlaContext& c, GlaWork& w, float* state) {
 }
 
 // A = mask(Qintra Kintra^T) [len, lp] (zero above the diagonal).
-static void GlaIntraScores(const GlaContext& c, GlaWork& w) {
-  const int64_t len = w.len, lp = RoundUp(len, kVL);
-  Gemm(len, lp, c.hk, w.q_intra, c.hkp, w.k_intra_t, c.cp, w.a, c.cp, false);
-  for (int64_t j = 0; j < len; ++j) {
-    for (int64_t l = j + 1; l < lp; ++l) w.a[j * c.cp + l] = 0.0f;
+// The products with a causal (lower or upper triangular) [len, len] factor skip its zero
+// blocks: rows are taken kGlaRowBlock at a time, each against the columns it can see.
+constexpr int64_t kGlaRowBlock = 16;  // a multiple of every kVL
+
+// out [len, lp] = lower(a [len, k] b [k, lp]): zero above the diagonal.
+static void GlaLowerProduct(int64_t len, int64_t k, const float* a, int64_t lda,
+                            const float* b, int64_t ldb, float* out, int64_t ldo) {
+  const int64_t lp = RoundUp(len, kVL);
+  for (int64_t r0 = 0; r0 < len; r0 += kGlaRowBlock) {
+    const int64_t r1 = MinI(len, r0 + kGlaRowBlock);
+    Gemm(r1 - r0, RoundUp(r1, kVL), k, a + r0 * lda, lda, b, ldb, out + r0 * ldo, ldo, false);
+    for (int64_t j = r0; j < r1; ++j) {
+      for (int64_t l = j + 1; l < lp; ++l) out[j * ldo + l] = 0.0f;
+    }
   }
+}
+
+// out [len, n] (+)= lower [len, len] b [len, n], lower zero above the diagonal.
+static void GlaLowerTimes(int64_t len, int64_t n, const float* lower, int64_t ldl,
+                          const float* b, int64_t ldb, float* out, int64_t ldo,
+                          bool accumulate) {
+  for (int64_t r0 = 0; r0 < len; r0 += kGlaRowBlock) {
+    const int64_t r1 = MinI(len, r0 + kGlaRowBlock);
+    Gemm(r1 - r0, n, r1, lower + r0 * ldl, ldl, b, ldb, out + r0 * ldo, ldo, accumulate);
+  }
+}
+
+// out [len, n] (+)= upper [len, len] b [len, n], upper zero below the diagonal.
+static void GlaUpperTimes(int64_t len, int64_t n, const float* upper, int64_t ldu,
+                          const float* b, int64_t ldb, float* out, int64_t ldo,
+                          bool accumulate) {
+  for (int64_t r0 = 0; r0 < len; r0 += kGlaRowBlock) {
+    const int64_t r1 = MinI(len, r0 + kGlaRowBlock);
+    Gemm(r1 - r0, n, len - r0, upper + r0 * ldu + r0, ldu, b + r0 * ldb, ldb, out + r0 * ldo,
+         ldo, accumulate);
+  }
+}
+
+static void GlaIntraScores(const GlaContext& c, GlaWork& w) {
+  GlaLowerProduct(w.len, c.hk, w.q_intra, c.hkp, w.k_intra_t, c.cp, w.a, c.cp);
 }
 
 static void GlaLoadState(const GlaContext& c, int64_t b, int64_t n, float* state) {
@@ -318,7 +352,7 @@ static void GlaForwardTask(void* context, int64_t task) {
       const int64_t len = w.len;
       GlaIntraScores(c, w);
       Gemm(len, hvp, c.hk, w.q_in, c.hkp, state, hvp, w.o, hvp, false);
-      Gemm(len, hvp, len, w.a, c.cp, w.v, hvp, w.o, hvp, true);
+      GlaLowerTimes(len, hvp, w.a, c.cp, w.v, hvp, w.o, hvp, true);
       for (int64_t j = 0; j < len; ++j) {
         StoreRow(p.dtype, w.o + j * hvp, hv, 1.0f,
                  Offset(c.fwd->out, p.dtype, GlaRow(p, p.batch, b, t0 + j, n, hv)));
@@ -349,18 +383,15 @@ static void GlaBackwardChunk(const GlaContext& c, int64_t b, int64_t n, int64_t 
     for (int64_t l = len; l < lp; ++l) w.v_t[i * cp + l] = 0.0f;
   }
   // dA = mask(dO V^T)
-  Gemm(len, lp, hv, w.dout, hvp, w.v_t, cp, w.da, cp, false);
-  for (int64_t j = 0; j < len; ++j) {
-    for (int64_t l = j + 1; l < lp; ++l) w.da[j * cp + l] = 0.0f;
-  }
+  GlaLowerProduct(len, hv, w.dout, hvp, w.v_t, cp, w.da, cp);
   GlaTranspose(w.a, len, len, cp, w.a_t, cp);
   GlaTranspose(w.da, len, len, cp, w.da_t, cp);
   // dV = A^T dO + Kout dS
-  Gemm(len, hvp, len, w.a_t, cp, w.dout, hvp, w.dv, hvp, false);
+  GlaUpperTimes(len, hvp, w.a_t, cp, w.dout, hvp, w.dv, hvp, false);
   Gemm(len, hvp, hk, w.k_out, hkp, ds, hvp, w.dv, hvp, true);
   // dQ = scale (exp(H - m) (dA Kintra) + exp(g0 + H) (dO S_prev^T))
   GlaTranspose(state_prev, hk, hv, hvp, w.s_t, hkp);
-  Gemm(len, hkp, len, w.da, cp, w.k_intra, hkp, w.x, hkp, false);
+  GlaLowerTimes(len, hkp, w.da, cp, w.k_intra, hkp, w.x, hkp, false);
   Gemm(len, hkp, hv, w.dout, hvp, w.s_t, hkp, w.y, hkp, false);
   const float scale = p.scale;
   for (int64_t r = 0; r < len * hkp; r += kVL) {
@@ -369,7 +400,7 @@ static void GlaBackwardChunk(const GlaContext& c, int64_t b, int64_t n, int64_t 
   }
   // dK = exp(m - H) (dA^T Qintra) + exp(H_end - H) (V dS^T)
   GlaTranspose(ds, hk, hv, hvp, w.ds_t, hkp);
-  Gemm(len, hkp, len, w.da_t, cp, w.q_intra, hkp, w.x, hkp, false);
+  GlaUpperTimes(len, hkp, w.da_t, cp, w.q_intra, hkp, w.x, hkp, false);
   Gemm(len, hkp, hv, w.v, hvp, w.ds_t, hkp, w.y, hkp, false);
   for (int64_t r = 0; r < len * hkp; r += kVL) {
     Store(w.dk + r, Load(w.e_km + r) * Load(w.x + r) + Load(w.e_out + r) * Load(w.y + r));
