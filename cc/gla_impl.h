@@ -96,7 +96,7 @@ struct GlaWork {
   float* block = nullptr;
   // [kGlaChunk, hkp] rows of the sub-chunk
   float *q, *k, *h, *e_in, *e_qm, *e_km, *e_out, *q_in, *q_intra, *k_intra, *k_out;
-  float *g0, *ref, *lo, *hi, *decay;  // [hkp]
+  float *g0, *ref, *lo, *hi, *decay, *in_ref, *ref_out;  // [hkp]
   float *k_intra_t, *k_out_t;         // [hk, cp]
   float *v, *o;                       // [kGlaChunk, hvp]
   float* a;                           // [kGlaChunk, cp]
@@ -108,7 +108,7 @@ struct GlaWork {
 
   GlaWork(const GlaContext& c, bool backward) {
     const int64_t C = kGlaChunk, row_k = C * c.hkp, row_v = C * c.hvp;
-    int64_t total = 11 * row_k + 5 * c.hkp + 2 * c.hk * c.cp + 2 * row_v + C * c.cp +
+    int64_t total = 11 * row_k + 7 * c.hkp + 2 * c.hk * c.cp + 2 * row_v + C * c.cp +
                     c.hk * c.hvp;
     if (backward) {
       total += 2 * row_v + c.hv * c.cp + 3 * C * c.cp + 4 * row_k + c.hk * c.cp +
@@ -124,7 +124,7 @@ struct GlaWork {
     e_qm = take(row_k), e_km = take(row_k), e_out = take(row_k), q_in = take(row_k);
     q_intra = take(row_k), k_intra = take(row_k), k_out = take(row_k);
     g0 = take(c.hkp), ref = take(c.hkp), lo = take(c.hkp), hi = take(c.hkp);
-    decay = take(c.hkp);
+    decay = take(c.hkp), in_ref = take(c.hkp), ref_out = take(c.hkp);
     k_intra_t = take(c.hk * c.cp), k_out_t = take(c.hk * c.cp);
     v = take(row_v), o = take(row_v), a = take(C * c.cp), state = take(c.hk * c.hvp);
     if (backward) {
@@ -180,8 +180,14 @@ static void GlaLoadChunk(const GlaContext& c, int64_t b, int64_t n, int64_t t0, 
   w.len = len;
   const float* h_end = w.h + (len - 1) * hkp;
   for (int64_t i = 0; i < hkp; i += kVL) {
-    Store(w.ref + i, (Load(w.lo + i) + Load(w.hi + i)) * 0.5f);
+    const VF ref = (Load(w.lo + i) + Load(w.hi + i)) * 0.5f;
+    Store(w.ref + i, ref);
     Store(w.decay + i, Exp(Load(w.g0 + i) + Load(h_end + i)));
+    // exp(g0 + H) = exp(g0 + m) exp(H - m) and exp(H_end - H) = exp(H_end - m) exp(m - H):
+    // two exponentials per element instead of four. |H - m|, |H_end - m| <= kGlaMaxSpan / 2,
+    // so only exp(g0 + m) can leave float32 range, where exp(g0 + H) is below exp(-39).
+    Store(w.in_ref + i, Exp(Load(w.g0 + i) + ref));
+    Store(w.ref_out + i, Exp(Load(h_end + i) - ref));
   }
   const float scale = p.scale;
   for (int64_t j = 0; j < len; ++j) {
@@ -197,11 +203,14 @@ static void GlaLoadChunk(const GlaContext& c, int64_t b, int64_t n, int64_t t0, 
     const int64_t r = j * hkp;
     for (int64_t i = 0; i < hkp; i += kVL) {
       const VF hj = Load(w.h + r + i), kv = Load(w.k + r + i);
-      const VF e_out = Exp(Load(h_end + i) - hj);
-      Store(w.k_out + r + i, kv * e_out);
-      if (state_only) continue;
+      if (state_only) {
+        Store(w.k_out + r + i, kv * Exp(Load(h_end + i) - hj));
+        continue;
+      }
       const VF ref = Load(w.ref + i), qv = Load(w.q + r + i) * scale;
-      const VF e_in = Exp(Load(w.g0 + i) + hj), e_qm = Exp(hj - ref), e_km = Exp(ref - hj);
+      const VF e_qm = Exp(hj - ref), e_km = Exp(ref - hj);
+      const VF e_in = Load(w.in_ref + i) * e_qm, e_out = Load(w.ref_out + i) * e_km;
+      Store(w.k_out + r + i, kv * e_out);
       if (keep_factors) {
         Store(w.e_out + r + i, e_out);
         Store(w.e_in + r + i, e_in);
