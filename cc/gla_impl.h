@@ -307,40 +307,53 @@ static void GlaStoreState(const GlaContext& c, int64_t b, int64_t n, const float
   }
 }
 
-// The step-by-step recurrence (decoding): per row i of S, one pass that decays it, adds
-// k_i v and accumulates scale q_i S_i into the output.
+// The step-by-step recurrence (decoding, T <= kGlaRecurrentMaxLen): one pass over the state,
+// row by row: each row of S is read once (from initial_state), updated through the T steps
+// (decay, + k_ti v_t, out_t += scale q_ti S_i) and written once (to final_state).
 static void GlaRecurrentTask(void* context, int64_t task) {
   const GlaContext& c = *static_cast<const GlaContext*>(context);
   const GatedLinearProblem& p = *c.p;
   const int64_t b = task / p.num_heads, n = task % p.num_heads;
-  const int64_t hk = c.hk, hv = c.hv, hvp = c.hvp;
-  GlaWork w(c, false);
-  if (w.block == nullptr) return GlaFail(c);
-  float* state = w.state;
-  GlaLoadState(c, b, n, state);
-  for (int64_t t = 0; t < p.seq_len; ++t) {
+  const int64_t T = p.seq_len, hk = c.hk, hv = c.hv, hkp = c.hkp, hvp = c.hvp;
+  // q (scaled), k, decay [T, hkp]; v, out [T, hvp]; one state row [hvp].
+  const int64_t total = 3 * T * hkp + 2 * T * hvp + hvp;
+  float* block = tls_scratch.Get(total + kScratchSlack);
+  if (block == nullptr) return GlaFail(c);
+  __builtin_memset(block, 0, total * sizeof(float));
+  float *q = block, *k = q + T * hkp, *decay = k + T * hkp, *v = decay + T * hkp;
+  float *out = v + T * hvp, *row = out + T * hvp;
+  for (int64_t t = 0; t < T; ++t) {
     LoadRow(p.dtype, Offset(p.query, p.dtype, GlaRow(p, p.q_batch, b, t, n, hk)), hk, p.scale,
-            w.q);
-    LoadRow(p.dtype, Offset(p.key, p.dtype, GlaRow(p, p.k_batch, b, t, n, hk)), hk, 1.0f, w.k);
+            q + t * hkp);
+    LoadRow(p.dtype, Offset(p.key, p.dtype, GlaRow(p, p.k_batch, b, t, n, hk)), hk, 1.0f,
+            k + t * hkp);
     LoadRow(p.dtype, Offset(p.value, p.dtype, GlaRow(p, p.v_batch, b, t, n, hv)), hv, 1.0f,
-            w.v);
+            v + t * hvp);
     LoadRow(p.gate_dtype, Offset(p.log_gate, p.gate_dtype, GlaRow(p, p.g_batch, b, t, n, hk)),
-            hk, 1.0f, w.g0);
-    for (int64_t i = 0; i < c.hkp; i += kVL) Store(w.decay + i, Exp(Load(w.g0 + i)));
-    for (int64_t j = 0; j < hvp; j += kVL) Store(w.o + j, VF{});
-    for (int64_t i = 0; i < hk; ++i) {
-      const VF d = Splat(w.decay[i]), ki = Splat(w.k[i]), qi = Splat(w.q[i]);
-      float* row = state + i * hvp;
-      for (int64_t j = 0; j < hvp; j += kVL) {
-        const VF s = d * Load(row + j) + ki * Load(w.v + j);
-        Store(row + j, s);
-        Store(w.o + j, Load(w.o + j) + qi * s);
-      }
+            hk, 1.0f, decay + t * hkp);
+    for (int64_t i = 0; i < hkp; i += kVL) {
+      Store(decay + t * hkp + i, Exp(Load(decay + t * hkp + i)));
     }
-    StoreRow(p.dtype, w.o, hv, 1.0f,
+  }
+  const float* init = p.initial_state == nullptr ? nullptr
+      : p.initial_state + ((b % p.state_batch) * p.num_heads + n) * hk * hv;
+  float* final_state = c.fwd->final_state + (b * p.num_heads + n) * hk * hv;
+  for (int64_t i = 0; i < hk; ++i) {
+    if (init != nullptr) __builtin_memcpy(row, init + i * hv, hv * sizeof(float));
+    for (int64_t j = 0; j < hvp; j += kVL) {
+      VF s = init != nullptr ? Load(row + j) : VF{};
+      for (int64_t t = 0; t < T; ++t) {
+        s = Splat(decay[t * hkp + i]) * s + Splat(k[t * hkp + i]) * Load(v + t * hvp + j);
+        Store(out + t * hvp + j, Load(out + t * hvp + j) + Splat(q[t * hkp + i]) * s);
+      }
+      Store(row + j, s);
+    }
+    __builtin_memcpy(final_state + i * hv, row, hv * sizeof(float));
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    StoreRow(p.dtype, out + t * hvp, hv, 1.0f,
              Offset(c.fwd->out, p.dtype, GlaRow(p, p.batch, b, t, n, hv)));
   }
-  GlaStoreState(c, b, n, state, c.fwd->final_state);
 }
 
 static void GlaForwardTask(void* context, int64_t task) {
