@@ -244,7 +244,6 @@ static void GlaUpdateState(const GlaContext& c, GlaWork& w, float* state) {
   Gemm(c.hk, c.hvp, w.len, w.k_out_t, c.cp, w.v, c.hvp, state, c.hvp, true);
 }
 
-// A = mask(Qintra Kintra^T) [len, lp] (zero above the diagonal).
 // The products with a causal (lower or upper triangular) [len, len] factor skip its zero
 // blocks: rows are taken kGlaRowBlock at a time, each against the columns it can see.
 constexpr int64_t kGlaRowBlock = 16;  // a multiple of every kVL
@@ -283,6 +282,7 @@ static void GlaUpperTimes(int64_t len, int64_t n, const float* upper, int64_t ld
   }
 }
 
+// A = lower(Qintra Kintra^T) [len, lp] (zero above the diagonal).
 static void GlaIntraScores(const GlaContext& c, GlaWork& w) {
   GlaLowerProduct(w.len, c.hk, w.q_intra, c.hkp, w.k_intra_t, c.cp, w.a, c.cp);
 }

@@ -78,9 +78,9 @@ def gated_linear_attention(
     ``log_gate = 0`` is plain causal linear attention; a constant per head (``log(gamma)``,
     broadcast to ``[B, T, N, Hk]``) is RetNet's retention; ``log_gate = log_sigmoid(...)``
     is GLA's forget gate. Training runs chunked kernels (within a chunk a masked quadratic
-    product with the gates in log space, between chunks the state); ``T <= 4`` with an
-    ``initial_state`` runs the recurrence step by step (decoding: the state is read and written
-    once per token, no KV cache).
+    product with the gates in log space, between chunks the state); ``T <= 4`` (decoding, with
+    ``initial_state`` and ``return_final_state``) runs the recurrence step by step, reading and
+    writing the state once: generation carries ``[B, N, Hk, Hv]`` instead of a KV cache.
 
     ``log_gate`` should be ``<= 0`` (the log of a forget gate in (0, 1]); ``-inf`` resets the
     state. Positive values are allowed and computed exactly, but make the state grow by
