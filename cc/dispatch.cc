@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "gated_linear.h"
 #include "kernel_table.h"
 
 namespace jaxattn {
@@ -291,6 +292,34 @@ void FlashBackward(const AttentionProblem& problem, const FlashBackwardArgs& arg
 void FlashJvp(const AttentionProblem& problem, const FlashTangents& tangents, const void* out,
               const float* lse, const FlashJvpResult& result, const Parallel& parallel) {
   Kernels().flash_jvp(problem, tangents, out, lse, result, parallel);
+}
+
+const char* ValidateGatedLinear(const GatedLinearProblem& p) {
+  if (p.batch <= 0 || p.seq_len < 0 || p.num_heads <= 0 || p.key_dim <= 0 ||
+      p.value_dim <= 0) {
+    return "batch, heads and head dims must be positive, the length non-negative";
+  }
+  for (int64_t operand_batch : {p.q_batch, p.k_batch, p.v_batch, p.g_batch}) {
+    if (operand_batch <= 0 || p.batch % operand_batch != 0) {
+      return "operand batch sizes must divide the output batch";
+    }
+  }
+  if (p.initial_state != nullptr && (p.state_batch <= 0 || p.batch % p.state_batch != 0)) {
+    return "initial_state batch must divide the output batch";
+  }
+  if (!(p.scale - p.scale == 0.0f)) return "scale must be finite";
+  if (p.key_dim > 1024 || p.value_dim > 1024) return "head dims above 1024 are not supported";
+  return nullptr;
+}
+
+const char* GatedLinearForward(const GatedLinearProblem& problem,
+                               const GatedLinearForwardResult& result, const Parallel& parallel) {
+  return Kernels().gla_forward(problem, result, parallel);
+}
+
+const char* GatedLinearBackward(const GatedLinearProblem& problem,
+                                const GatedLinearBackwardArgs& args, const Parallel& parallel) {
+  return Kernels().gla_backward(problem, args, parallel);
 }
 
 }  // namespace jaxattn

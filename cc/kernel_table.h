@@ -2,6 +2,7 @@
 #pragma once
 
 #include "attention.h"
+#include "gated_linear.h"
 
 namespace jaxattn {
 
@@ -18,6 +19,10 @@ struct KernelTable {
   int64_t (*decode_partition_size)(const DecodeAttentionProblem&);
   void (*flash_jvp)(const AttentionProblem&, const FlashTangents&, const void*, const float*,
                     const FlashJvpResult&, const Parallel&);
+  const char* (*gla_forward)(const GatedLinearProblem&, const GatedLinearForwardResult&,
+                             const Parallel&);
+  const char* (*gla_backward)(const GatedLinearProblem&, const GatedLinearBackwardArgs&,
+                              const Parallel&);
 };
 
 extern const KernelTable kGenericKernels;

@@ -16,6 +16,7 @@ from jaxattn._export import export_disabled_checks
 from jaxattn._ffi import available_kernel_isas, kernel_isa, kernel_isas
 from jaxattn.decode import decode_attention, merge_attention_states, paged_decode_attention
 from jaxattn.flash import flash_attention
+from jaxattn.linear import gated_linear_attention
 from jaxattn.masks import BlockSparseMask
 from jaxattn.sequence_parallel import sequence_parallel_attention
 from jaxattn.sparse import block_sparse_attention
@@ -28,6 +29,7 @@ __all__ = [
     "decode_attention",
     "export_disabled_checks",
     "flash_attention",
+    "gated_linear_attention",
     "kernel_isa",
     "kernel_isas",
     "masks",

@@ -353,3 +353,38 @@ def block_sparse_tiling(group: int) -> tuple[int, int, int, int]:
     """The kernels' tile for GQA group size ``group``: (query positions, rows, keys, rows
     rounded up to whole vectors)."""
     return tuple(_jaxattn.block_sparse_tiling(int(group)))
+
+
+def _gla_fwd_abstract(q, k, v, log_gate, initial_state, **_):
+    _expect_ranks("jaxattn_gla_fwd", query=(q, 4), key=(k, 4), value=(v, 4),
+                  log_gate=(log_gate, 4))
+    b = _output_batch(q, k, v, log_gate, initial_state)
+    _, t, n, hk = q.shape
+    hv = v.shape[3]
+    return (q.update(shape=(b, t, n, hv), dtype=q.dtype),
+            q.update(shape=(b, n, hk, hv), dtype=jnp.float32))
+
+
+def _gla_bwd_abstract(q, k, v, log_gate, initial_state, dout, dfinal_state, **_):
+    _expect_ranks("jaxattn_gla_bwd", query=(q, 4), key=(k, 4), value=(v, 4),
+                  log_gate=(log_gate, 4))
+    b = _output_batch(q, k, v, log_gate, initial_state, dout, dfinal_state)
+    _, _, n, hk = q.shape
+    hv = v.shape[3]
+    return (q.update(shape=(b,) + q.shape[1:], dtype=q.dtype),
+            k.update(shape=(b,) + k.shape[1:], dtype=k.dtype),
+            v.update(shape=(b,) + v.shape[1:], dtype=v.dtype),
+            log_gate.update(shape=(b,) + log_gate.shape[1:], dtype=log_gate.dtype),
+            q.update(shape=(b, n, hk, hv), dtype=jnp.float32))
+
+
+# Gated linear attention. Operands: query [B,T,N,Hk], key [B,T,N,Hk], value [B,T,N,Hv],
+# log_gate [B,T,N,Hk], initial_state [B,N,Hk,Hv] float32 (empty: none); attribute: scale.
+# Results: out [B,T,N,Hv], final_state [B,N,Hk,Hv] float32.
+_GLA_OPERANDS = "btnh,btnh,btnd,btnh,bnhd"
+gla_fwd_p = _define("jaxattn_gla_fwd", "jaxattn_gla_fwd_v1", _gla_fwd_abstract,
+                    axes=f"{_GLA_OPERANDS}->btnd,bnhd")
+# ... plus dout, dfinal_state (empty: none) -> dquery, dkey, dvalue, dlog_gate, dinitial_state
+gla_bwd_p = _define("jaxattn_gla_bwd", "jaxattn_gla_bwd_v1", _gla_bwd_abstract,
+                    full_batch=(5, 6),
+                    axes=f"{_GLA_OPERANDS},btnd,bnhd->btnh,btnh,btnd,btnh,bnhd")

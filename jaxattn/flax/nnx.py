@@ -175,3 +175,9 @@ class FlashSelfAttention(nnx.Module):
                                    _common.fold_batch(mask, batch_shape, "mask"),
                                    self.implementation, self.sparse_mask)
         return self.out(y).reshape(batch_shape + (x.shape[-2], self.out_features))
+
+
+# Gated linear attention (jaxattn.gated_linear_attention), defined in _gla.py.
+from jaxattn.flax._gla import GatedLinearAttentionNnx as GatedLinearAttention  # noqa: E402
+
+__all__ += ["GatedLinearAttention"]
