@@ -214,19 +214,23 @@ def _paged_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
                              dims: Sequence[int | None], **params):
     """Folds the vmapped axis into the batch of query, block_tables and kv_lengths.
 
-    Shared (unmapped) pages are left alone. Mapped pages (one pool per vmapped instance) are
-    concatenated into one pool of V*P pages and instance v's page ids are shifted by v*P;
-    out-of-range ids stay out of range (-1) so that the kernel still rejects them.
+    The operands between the query and the block tables are page pools (pages, and the scales
+    of quantized pages; an empty one is absent). Shared (unmapped) pools are left alone. When
+    any pool is mapped (one pool per vmapped instance), every pool is concatenated into one of
+    V*P pages and instance v's page ids are shifted by v*P; out-of-range ids stay out of range
+    (-1) so that the kernel still rejects them.
     """
-    q, key_pages, value_pages, block_tables, kv_lengths = args
-    q_dim, k_dim, v_dim, bt_dim, len_dim = dims
+    q, *pools, block_tables, kv_lengths = args
+    q_dim, *pool_dims, bt_dim, len_dim = dims
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    if k_dim is not None or v_dim is not None:
+    if any(d is not None for d in pool_dims):
         def mapped(x, d):
+            if x.size == 0 and d is None:
+                return x, None
             x = jnp.moveaxis(x, d, 0) if d is not None else jnp.broadcast_to(x, (size,) + x.shape)
             return x.reshape((-1,) + x.shape[2:]), x.shape[1]
-        key_pages, num_pages = mapped(key_pages, k_dim)
-        value_pages, _ = mapped(value_pages, v_dim)
+        pools, pool_sizes = zip(*(mapped(x, d) for x, d in zip(pools, pool_dims)))
+        num_pages = pool_sizes[0]
         if bt_dim is None:
             block_tables = jnp.broadcast_to(block_tables, (size,) + block_tables.shape)
         else:
@@ -237,8 +241,32 @@ def _paged_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
         bt_dim = 0
     (q, block_tables, kv_lengths), _ = _fold_operands((q, block_tables, kv_lengths),
                                                       (q_dim, bt_dim, len_dim))
-    outs = prim.bind(q, key_pages, value_pages, block_tables, kv_lengths, **params)
+    outs = prim.bind(q, *pools, block_tables, kv_lengths, **params)
     return _unfold_results(prim.multiple_results, outs, size)
+
+
+def _quant_decode_abstract(q, k, v, key_scale, value_scale, kv_lengths, **_):
+    return _decode_abstract(q, k, v, kv_lengths)
+
+
+def _quant_paged_decode_abstract(q, key_pages, value_pages, key_scale, value_scale,
+                                 block_tables, kv_lengths, **_):
+    return _paged_decode_abstract(q, key_pages, value_pages, block_tables, kv_lengths)
+
+
+def _quant_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
+                             dims: Sequence[int | None], **params):
+    """The folding rule, with the caches and their scales mapped together: the kernel reads
+    them all at one batch index, so when one is mapped the others are broadcast alike."""
+    args, dims = list(args), list(dims)
+    cache = [i for i in (1, 2, 3, 4) if args[i].size]
+    mapped = [i for i in cache if dims[i] is not None]
+    if mapped and len(mapped) < len(cache):
+        size = args[mapped[0]].shape[dims[mapped[0]]]
+        for i in cache:
+            if dims[i] is None:
+                args[i], dims[i] = jnp.broadcast_to(args[i], (size,) + args[i].shape), 0
+    return _fold_batch_rule(prim, args, dims, **params)
 
 
 # Operands: query [B,T,N,H], key_cache [B,Smax,K,H], value_cache [B,Smax,K,Hv], kv_lengths [B]
@@ -250,6 +278,16 @@ decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v1", _decode_ab
 paged_decode_fwd_p = _define("jaxattn_paged_decode_fwd", "jaxattn_paged_decode_fwd_v1",
                              _paged_decode_abstract, batch_rule=_paged_decode_batch_rule,
                              axes="btnh,pskh,pskd,bm,b->btnd,btn", partition="h")  # P is no batch
+
+# Quantized caches (int8, float8_e4m3fn, float8_e5m2): the operands above plus key_scale and
+# value_scale after the caches, float32 [B,Smax,K] / [P,page,K] or empty (scale 1).
+quant_decode_fwd_p = _define("jaxattn_quant_decode_fwd", "jaxattn_quant_decode_fwd_v1",
+                             _quant_decode_abstract, batch_rule=_quant_decode_batch_rule,
+                             axes="btnh,bskh,bskd,bsk,bsk,b->btnd,btn")
+quant_paged_decode_fwd_p = _define(
+    "jaxattn_quant_paged_decode_fwd", "jaxattn_quant_paged_decode_fwd_v1",
+    _quant_paged_decode_abstract, batch_rule=_paged_decode_batch_rule,
+    axes="btnh,pskh,pskd,psk,psk,bm,b->btnd,btn", partition="h")
 
 
 def decode_attrs(scale: float, soft_cap: float | None, window_left: int | None) -> dict:
