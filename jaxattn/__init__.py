@@ -3,7 +3,7 @@
 from jaxattn import masks
 from jaxattn._export import export_disabled_checks
 from jaxattn._ffi import kernel_isa
-from jaxattn.cache import dequantize_kv, quantize_kv
+from jaxattn.cache import dequantize_kv, quantize_kv, update_kv_cache, update_paged_kv_cache
 from jaxattn.decode import decode_attention, merge_attention_states, paged_decode_attention
 from jaxattn.flash import flash_attention
 from jaxattn.masks import BlockSparseMask
@@ -23,4 +23,6 @@ __all__ = [
     "paged_decode_attention",
     "quantize_kv",
     "sequence_parallel_attention",
+    "update_kv_cache",
+    "update_paged_kv_cache",
 ]

@@ -343,3 +343,35 @@ def block_sparse_tiling(group: int) -> tuple[int, int, int, int]:
     """The kernels' tile for GQA group size ``group``: (query positions, rows, keys, rows
     rounded up to whole vectors)."""
     return tuple(_jaxattn.block_sparse_tiling(int(group)))
+
+
+# Cache writes. Operands: pool [P, L, ...] (any dtype), rows [B, T, ...] of the pool's dtype
+# and trailing shape, pages and slots [B, T] int32 (out of range: the row is skipped). Result:
+# the pool, aliased to operand 0, so that XLA updates a donated cache in place. (XLA's own
+# scatter widens bfloat16 and float8 operands to float32 and back on the CPU: two conversions
+# of the whole cache per write.)
+cache_write_p = Primitive("jaxattn_cache_write")
+cache_write_p.def_impl(partial(xla.apply_primitive, cache_write_p))
+cache_write_p.def_abstract_eval(lambda pool, rows, pages, slots: pool.update(
+    shape=pool.shape, dtype=pool.dtype))
+mlir.register_lowering(cache_write_p, jax.ffi.ffi_lowering(
+    "jaxattn_cache_write_v1", operand_output_aliases={0: 0}), platform="cpu")
+
+
+def _cache_write_batch_rule(args, dims):
+    """One pool of V*P pages: instance v's page ids are shifted by v*P (out-of-range ids stay
+    out of range); an unmapped pool is broadcast first (each instance writes its own copy)."""
+    pool, rows, pages, slots = args
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    move = lambda x, d: (jnp.moveaxis(x, d, 0) if d is not None
+                         else jnp.broadcast_to(x, (size,) + x.shape))
+    pool, rows, pages, slots = (move(x, d) for x, d in zip(args, dims))
+    num_pages = pool.shape[1]
+    offset = (jnp.arange(size, dtype=jnp.int32) * num_pages)[:, None, None]
+    pages = jnp.where((pages >= 0) & (pages < num_pages), pages + offset, -1)
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+    out = cache_write_p.bind(flat(pool), flat(rows), flat(pages), flat(slots))
+    return out.reshape(pool.shape), 0
+
+
+batching.primitive_batchers[cache_write_p] = _cache_write_batch_rule
