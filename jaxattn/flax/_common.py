@@ -9,7 +9,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 import jaxattn
 from jaxattn._validation import check_soft_cap, normalize_window
@@ -214,20 +213,16 @@ def cached_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array, cached_
     if cfg.use_rope:
         positions = index + jnp.arange(steps)
         q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
-    cache_dtype = cached_key.dtype
-    scale_kwargs = {}
-    if scales is not None:  # quantized: each new row gets a scale; the query keeps its dtype
-        cached_key, cached_value, *scales = jaxattn.update_kv_cache(
-            cached_key, cached_value, k, v, jnp.full((batch,), index, jnp.int32),
-            key_scale=scales[0], value_scale=scales[1])
-        scales = tuple(scales)
+    # update_kv_cache writes in place (XLA's dynamic_update_slice widens a bfloat16 cache to
+    # float32 and back on every step); a quantized cache gets a scale per new row.
+    scale_kwargs = {} if scales is None else dict(key_scale=scales[0], value_scale=scales[1])
+    cached_key, cached_value, *new_scales = jaxattn.update_kv_cache(
+        cached_key, cached_value, k, v, jnp.full((batch,), index, jnp.int32), **scale_kwargs)
+    if scales is not None:  # the query keeps its dtype
+        scales = tuple(new_scales)
         scale_kwargs = dict(key_scale=scales[0], value_scale=scales[1])
     else:
-        start = (jnp.zeros((), index.dtype), index, jnp.zeros((), index.dtype),
-                 jnp.zeros((), index.dtype))
-        cached_key = lax.dynamic_update_slice(cached_key, k.astype(cache_dtype), start)
-        cached_value = lax.dynamic_update_slice(cached_value, v.astype(cache_dtype), start)
-        q = q.astype(cache_dtype)
+        q = q.astype(cached_key.dtype)
     if implementation == "jaxattn" and steps <= MAX_DECODE_CHUNK:
         lengths = jnp.full((batch,), index + steps, jnp.int32)
         out = jaxattn.decode_attention(q, cached_key, cached_value, lengths,
