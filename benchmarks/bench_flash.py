@@ -1,14 +1,23 @@
 """Flash attention forward and forward+backward vs XLA's attention and PyTorch's CPU SDPA.
 
 All in one process, medians. Ratios > 1 mean jaxattn is faster. GFLOP/s count the useful
-work (causal: only the visible half), with fwd = 4*B*N*T*S*H and fwd+bwd = 3.5x that.
+work (causal: only the visible half), with fwd = 4*B*N*T*S*H and fwd+bwd = 3.5x that; "% mm"
+is their share of the machine's matrix-product rate in the same dtype (PyTorch's torch.mm,
+4096^3: oneDNN, on AMX for bf16 where the CPU has it).
 
     python benchmarks/bench_flash.py [--quick] [--dtypes float32 bfloat16] [--memory]
+        [--passes fwd fwd+bwd] [--isas amx avx512] [--soft-cap]
+
+--isas runs the benchmark once per jaxattn kernel set (JAXATTN_ISA), each in its own process
+with PyTorch timed in that process, and ends with a table comparing the kernel sets per shape.
+--soft-cap adds the cost of a logit soft cap (Gemma 2's, cap 50): jaxattn with and without it
+on Gemma-like shapes, forward and forward+backward, timed in alternating turns.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -103,9 +112,22 @@ def time_torch(torch, shape: Shape, dtype_name: str, backward: bool) -> float:
     return median_seconds(torch_runner(torch, shape, dtype_name, backward))
 
 
-def run_speed(shapes, dtypes, torch) -> tuple[str, dict]:
+def torch_matmul_gflops(torch, dtype_name: str) -> float:
+    """torch.mm GFLOP/s on 4096^3 in dtype_name (oneDNN; AMX for bf16 where present)."""
+    n = 4096
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    a = torch.ones(n, n, dtype=tdtype)
+    b = torch.ones(n, n, dtype=tdtype)
+    return 2 * n**3 / median_seconds(lambda: torch.mm(a, b)) / 1e9
+
+
+def run_speed(shapes, dtypes, torch, passes=("fwd", "fwd+bwd")) -> tuple[str, dict]:
     rows, summary = [], {}
-    for backward in (False, True):
+    matmul = {d: torch_matmul_gflops(torch, d) if torch is not None else float("nan")
+              for d in dtypes if d in ("float32", "bfloat16")}
+    summary["matmul_gflops"] = matmul
+    summary["shapes"] = []
+    for backward in [b for b, name in ((False, "fwd"), (True, "fwd+bwd")) if name in passes]:
         for dtype_name in dtypes:
             dtype = jnp.dtype(dtype_name)
             ratios_xla, ratios_torch = [], []
@@ -122,17 +144,48 @@ def run_speed(shapes, dtypes, torch) -> tuple[str, dict]:
                            if torch is not None else float("nan"))
                 ratios_xla.append(t_xla / t_ours)
                 ratios_torch.append(t_torch / t_ours)
+                gflops = shape.flops(backward) / t_ours / 1e9
                 rows.append([("fwd+bwd" if backward else "fwd"), dtype_name, str(shape),
-                             t_ours * 1e3, shape.flops(backward) / t_ours / 1e9, t_xla * 1e3,
+                             t_ours * 1e3, gflops,
+                             100 * gflops / matmul.get(dtype_name, float("nan")), t_xla * 1e3,
                              t_torch * 1e3, t_xla / t_ours, t_torch / t_ours])
+                summary["shapes"].append({"pass": "fwd+bwd" if backward else "fwd",
+                                          "dtype": dtype_name, "shape": str(shape),
+                                          "ms": t_ours * 1e3, "gflops": gflops,
+                                          "torch_ms": t_torch * 1e3})
             key = f"{'fwd+bwd' if backward else 'fwd'} {dtype_name}"
             summary[key] = {"vs_xla": geomean(ratios_xla), "vs_torch": geomean(ratios_torch)}
             rows.append([key.split()[0], dtype_name, "**geomean**", float("nan"), float("nan"),
-                         float("nan"), float("nan"), summary[key]["vs_xla"],
+                         float("nan"), float("nan"), float("nan"), summary[key]["vs_xla"],
                          summary[key]["vs_torch"]])
-    headers = ["pass", "dtype", "shape", "jaxattn ms", "jaxattn GFLOP/s", "XLA ms",
+    headers = ["pass", "dtype", "shape", "jaxattn ms", "jaxattn GFLOP/s", "% mm", "XLA ms",
                "torch ms", "x XLA", "x torch"]
     return markdown_table(headers, rows), summary
+
+
+CAP_SHAPES = (Shape(1, 2048, 8, 4, 256, True), Shape(1, 2048, 16, 16, 128, True))
+
+
+def run_soft_cap(dtypes, cap: float = 50.0) -> str:
+    """The overhead of ``logits_soft_cap=cap`` over the same call without it."""
+    rows = []
+    for backward in (False, True):
+        for dtype_name in dtypes:
+            for shape in CAP_SHAPES:
+                q, k, v = inputs(shape, jnp.dtype(dtype_name))
+                capped = functools.partial(jaxattn.flash_attention, logits_soft_cap=cap)
+                plain = jax_runner(jaxattn.flash_attention, shape, backward)
+                with_cap = jax_runner(capped, shape, backward)
+                # Alternate the two so that both see the same machine state.
+                t_plain, t_cap = [], []
+                for _ in range(3):
+                    t_plain.append(median_seconds(lambda: plain(q, k, v)))
+                    t_cap.append(median_seconds(lambda: with_cap(q, k, v)))
+                t_plain, t_cap = float(np.median(t_plain)), float(np.median(t_cap))
+                rows.append([("fwd+bwd" if backward else "fwd"), dtype_name, str(shape),
+                             t_plain * 1e3, t_cap * 1e3, 100.0 * (t_cap / t_plain - 1.0)])
+    return markdown_table(["pass", "dtype", "shape", "no cap ms", f"cap {cap:g} ms",
+                           "overhead %"], rows)
 
 
 _MEMORY_CHILD = r"""
@@ -173,22 +226,74 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller shapes")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--memory", action="store_true", help="also peak memory at T=8192")
+    parser.add_argument("--soft-cap", action="store_true", help="also the soft cap's overhead")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--json", help="write the summary here")
+    parser.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"],
+                        choices=["fwd", "fwd+bwd"])
+    parser.add_argument("--isas", nargs="+",
+                        help="jaxattn kernel sets to compare (JAXATTN_ISA), one process each")
     args = parser.parse_args()
+    if args.isas:
+        compare_isas(args)
+        return
     torch = None if args.no_torch else torch_or_none()
     print(describe_machine())
     fig = machine_figures()
     print(f"machine: f32 matmul {fig['matmul_gflops']:.0f} GFLOP/s (XLA), "
           f"copy {fig['copy_gbs']:.1f} GB/s; torch: "
           f"{torch.__version__ if torch else 'not installed'}\n")
-    table, summary = run_speed(QUICK_SHAPES if args.quick else SHAPES, args.dtypes, torch)
+    table, summary = run_speed(QUICK_SHAPES if args.quick else SHAPES, args.dtypes, torch,
+                               args.passes)
+    print("torch.mm 4096^3: " + ", ".join(f"{d} {g:.0f} GFLOP/s"
+                                          for d, g in summary["matmul_gflops"].items()) + "\n")
     print(table)
+    if args.soft_cap:
+        print("\n" + run_soft_cap(args.dtypes))
     if args.memory:
         print("\n" + run_memory(8192))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": fig, "summary": summary}, f, indent=1)
+
+
+def compare_isas(args) -> None:
+    """Runs this benchmark once per kernel set in args.isas (fresh processes: the kernel set
+    is chosen once per process), then compares them per shape. Each process times PyTorch
+    too, so each kernel set's ratio to PyTorch is measured side by side in one process; the
+    kernel sets' ratio to each other spans processes (on a shared machine, check it against
+    the ratio of their PyTorch ratios)."""
+    import tempfile
+    results = {}
+    for isa in args.isas:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, __file__, "--dtypes", *args.dtypes, "--passes", *args.passes,
+                   "--json", f.name] + (["--quick"] if args.quick else []) + (
+                       ["--no-torch"] if args.no_torch else [])
+            print(f"## JAXATTN_ISA={isa}\n", flush=True)
+            subprocess.run(cmd, check=True, env={**os.environ, "JAXATTN_ISA": isa})
+            print(flush=True)
+            with open(f.name) as fh:
+                results[isa] = json.load(fh)["summary"]
+    first, *others = args.isas
+    headers = ["pass", "dtype", "shape"] + [f"{isa} ms" for isa in args.isas] + [
+        f"{isa} x torch" for isa in args.isas] + [f"{first} x {o}" for o in others] + [
+        f"{first} % mm"]
+    rows, per_isa = [], {isa: [] for isa in args.isas}
+    for i, row in enumerate(results[first]["shapes"]):
+        rs = [results[isa]["shapes"][i] for isa in args.isas]
+        vs_torch = [r["torch_ms"] / r["ms"] for r in rs]
+        for isa, x in zip(args.isas, vs_torch):
+            per_isa[isa].append(x)
+        matmul = results[first]["matmul_gflops"].get(row["dtype"], float("nan"))
+        rows.append([row["pass"], row["dtype"], row["shape"]] + [r["ms"] for r in rs] +
+                    vs_torch + [r["ms"] / row["ms"] for r in rs[1:]] +
+                    [100 * row["gflops"] / matmul])
+    rows.append(["", "", "**geomean x torch**"] + [float("nan")] * len(args.isas) +
+                [geomean(per_isa[isa]) for isa in args.isas] + [float("nan")] * len(others) +
+                [float("nan")])
+    print("## kernel sets compared\n")
+    print(markdown_table(headers, rows))
 
 
 if __name__ == "__main__":

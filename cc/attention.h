@@ -63,6 +63,22 @@ struct FlashBackwardArgs {
   float* dlogits = nullptr;     // [B,N,T,S] or nullptr: d loss / d (logits after bias)
 };
 
+// Tangents for the forward-mode derivative (FlashJvp): dq like the query, dk like the key,
+// dv like the value, each read at batch index b % its own batch (a vmapped tangent may have a
+// batch of its own), and an optional bias tangent broadcastable like the bias.
+struct FlashTangents {
+  const void* dq = nullptr;  // [dq_batch, T, N, H], dtype
+  const void* dk = nullptr;  // [dk_batch, S, K, H]
+  const void* dv = nullptr;  // [dv_batch, S, K, Hv]
+  int64_t dq_batch = 1, dk_batch = 1, dv_batch = 1;
+  Broadcast4 dbias;  // data nullptr: no bias tangent
+};
+
+struct FlashJvpResult {
+  void* dout = nullptr;   // [B,T,N,Hv], dtype: the output's tangent
+  float* dlse = nullptr;  // [B,T,N]: the lse's tangent
+};
+
 // Block-sparse attention: which tiles of the kernels' tiling (BlockSparseTilingFor) to visit,
 // compiled on the host once per mask. A table group is shared by all heads (groups == 1) or
 // by the query heads of one kv head (groups == K). Query tile i covers positions
@@ -121,6 +137,9 @@ struct DecodeAttentionProblem {
   const void* key = nullptr;    // [num_pages, page_size, K, H]
   const void* value = nullptr;  // [num_pages, page_size, K, Hv]
   int64_t num_pages = 0, page_size = 0;
+  // Contiguous caches only: the value cache's batch when it differs from the key cache's
+  // (sequence b reads value page b % value_num_pages); 0: the same as num_pages.
+  int64_t value_num_pages = 0;
   const int32_t* block_tables = nullptr;  // [block_tables_batch, max_pages]; nullptr: contiguous
   int64_t block_tables_batch = 1, max_pages = 1;
   const int32_t* kv_lengths = nullptr;  // [kv_lengths_batch]
@@ -145,17 +164,25 @@ struct DecodeResult {
 const char* ValidateDecodeProblem(const DecodeAttentionProblem& problem);
 // Every page holding a key below the (clamped) length must be a valid page id.
 const char* ValidateDecodePages(const DecodeAttentionProblem& problem);
-// The number of keys per KV partition the kernel uses for this shape (a function of the
-// shape only, never of the thread count or the lengths: results are bitwise identical for any
-// thread count). Exposed for tests and benchmarks.
+// The number of keys per KV partition the kernel uses for this problem: a function of the
+// shape and the longest (clamped) length, never of the thread count (results are bitwise
+// identical for any thread count) nor of the table's or cache's padding past the lengths.
+// Exposed for tests and benchmarks.
 int64_t DecodePartitionSize(const DecodeAttentionProblem& problem);
-void DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
-                   const Parallel& parallel);
+// Scratch is sized by what the lengths reach. Returns 0, or the size in bytes of an
+// allocation that failed (the outputs are then incomplete).
+int64_t DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
+                      const Parallel& parallel);
 
 void FlashForward(const AttentionProblem& problem, const FlashForwardResult& result,
                   const Parallel& parallel);
 void FlashBackward(const AttentionProblem& problem, const FlashBackwardArgs& args,
                    const Parallel& parallel);
+// The forward-mode derivative of FlashForward at the problem's inputs, in the direction of
+// the tangents, from the forward's out [B,T,N,Hv] and lse [B,T,N] (linear in the tangents;
+// its transpose is FlashBackward).
+void FlashJvp(const AttentionProblem& problem, const FlashTangents& tangents, const void* out,
+              const float* lse, const FlashJvpResult& result, const Parallel& parallel);
 
 BlockSparseTiling BlockSparseTilingFor(int64_t group);
 // Checks the tables against the problem (sizes, ranges, order); nullptr or a message.

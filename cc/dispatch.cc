@@ -1,5 +1,8 @@
-// Picks the kernels for the CPU at run time; JAXATTN_ISA=generic|avx2|avx512|avx512bf16
+// Picks the kernels for the CPU at run time; JAXATTN_ISA=generic|avx2|avx512|avx512bf16|amx
 // forces another one the CPU can run (tests and benchmarks use it to cover every path).
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -28,6 +31,28 @@ bool CpuHasAvx2() {
 // (flash forward 1.7x slower with pairs).
 bool FasterBF16Pairs() { return __builtin_cpu_is("amd"); }
 
+// AMX-BF16 tiles, usable by this process: Linux enables the tile data state per process
+// only when asked (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA; the first tile
+// instruction raises SIGILL otherwise), and refuses on kernels or VMs without it. Asked
+// once, when the kernels are first selected; the permission is then checked, not assumed.
+bool AmxUsable() {
+  if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+#if defined(__linux__) && defined(__x86_64__) && defined(SYS_arch_prctl)
+  constexpr int kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023;
+  constexpr int kXfeatureXtileData = 18;
+  auto granted = [] {
+    unsigned long features = 0;
+    return syscall(SYS_arch_prctl, kArchGetXcompPerm, &features) == 0 &&
+           (features & (1ul << kXfeatureXtileData)) != 0;
+  };
+  if (granted()) return true;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtileData) != 0) return false;
+  return granted();
+#else
+  return false;
+#endif
+}
+
 const KernelTable& SelectKernels() {
   const char* forced = std::getenv("JAXATTN_ISA");
   const bool avx512 = CpuHasAvx512(), avx2 = CpuHasAvx2();
@@ -36,7 +61,10 @@ const KernelTable& SelectKernels() {
     if (std::strcmp(forced, "avx2") == 0 && avx2) return kAvx2Kernels;
     if (std::strcmp(forced, "avx512") == 0 && avx512) return kAvx512Kernels;
     if (std::strcmp(forced, "avx512bf16") == 0 && avx512) return kAvx512BF16Kernels;
+    // Where AMX is unusable the default set runs; jaxattn/_ffi.py then refuses to load.
+    if (std::strcmp(forced, "amx") == 0 && avx512 && AmxUsable()) return kAmxKernels;
   }
+  if (avx512 && !FasterBF16Pairs() && AmxUsable()) return kAmxKernels;
   if (avx512) return FasterBF16Pairs() ? kAvx512BF16Kernels : kAvx512Kernels;
   if (avx2) return kAvx2Kernels;
   return kGenericKernels;
@@ -181,6 +209,11 @@ const char* ValidateDecodeProblem(const DecodeAttentionProblem& p) {
     if (p.max_pages != 1 || p.batch % p.num_pages != 0) {
       return "the cache batch must divide the batch";
     }
+    if (p.value_num_pages < 0 || (p.value_num_pages > 0 && p.batch % p.value_num_pages != 0)) {
+      return "the value cache batch must divide the batch";
+    }
+  } else if (p.value_num_pages != 0) {
+    return "a paged cache has one page pool for keys and values";
   } else if (p.block_tables_batch <= 0 || p.batch % p.block_tables_batch != 0) {
     return "block_tables must have one row per batch element";
   }
@@ -215,9 +248,9 @@ int64_t DecodePartitionSize(const DecodeAttentionProblem& problem) {
   return Kernels().decode_partition_size(problem);
 }
 
-void DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
-                   const Parallel& parallel) {
-  Kernels().decode_forward(problem, result, parallel);
+int64_t DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
+                      const Parallel& parallel) {
+  return Kernels().decode_forward(problem, result, parallel);
 }
 
 void FlashForward(const AttentionProblem& problem, const FlashForwardResult& result,
@@ -228,6 +261,11 @@ void FlashForward(const AttentionProblem& problem, const FlashForwardResult& res
 void FlashBackward(const AttentionProblem& problem, const FlashBackwardArgs& args,
                    const Parallel& parallel) {
   Kernels().flash_backward(problem, args, parallel);
+}
+
+void FlashJvp(const AttentionProblem& problem, const FlashTangents& tangents, const void* out,
+              const float* lse, const FlashJvpResult& result, const Parallel& parallel) {
+  Kernels().flash_jvp(problem, tangents, out, lse, result, parallel);
 }
 
 }  // namespace jaxattn

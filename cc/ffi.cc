@@ -274,6 +274,62 @@ ffi::Error FlashLogitsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
   return ffi::Error::Success();
 }
 
+// The tangent of (out, lse) in the direction of (dq, dk, dv, dbias), for forward-mode AD.
+ffi::Error FlashJvpImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                        ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
+                        S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
+                        F32Buffer lse, ffi::AnyBuffer dq, ffi::AnyBuffer dk, ffi::AnyBuffer dv,
+                        ffi::AnyBuffer dbias, ffi::Result<ffi::AnyBuffer> dout, F32Result dlse,
+                        float scale, float soft_cap, bool is_causal, int64_t window_left,
+                        int64_t window_right) {
+  AttentionProblem p;
+  const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
+  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths};
+  const auto od = dout->dimensions();
+  if (od.size() != 4) return InvalidArgument("the output tangent must have rank 4");
+  if (auto e = DecodeProblem(in, attrs, od[0], &p); e.failure()) return e;
+  const int64_t B = p.batch, T = p.q_len, N = p.num_heads, S = p.kv_len, K = p.num_kv_heads;
+  const ffi::DataType dtype = query.element_type();
+  // A tangent's batch divides B (vmap over tangents only folds into theirs).
+  const auto tangent_ok = [&](const ffi::AnyBuffer& x, int64_t d1, int64_t d2, int64_t d3) {
+    const auto d = x.dimensions();
+    return x.element_type() == dtype && d.size() == 4 && d[0] > 0 && B % d[0] == 0 &&
+           d[1] == d1 && d[2] == d2 && d[3] == d3;
+  };
+  if (!tangent_ok(dq, T, N, p.head_dim) || !tangent_ok(dk, S, K, p.head_dim) ||
+      !tangent_ok(dv, S, K, p.value_dim) || out.element_type() != dtype ||
+      !HasShape(out.dimensions(), {B, T, N, p.value_dim}) ||
+      !HasShape(lse.dimensions(), {B, T, N}) || dout->element_type() != dtype ||
+      !HasShape(od, {B, T, N, p.value_dim}) || !HasShape(dlse->dimensions(), {B, T, N})) {
+    return InvalidArgument("jvp operand shapes do not match the inputs");
+  }
+  FlashTangents tangents;
+  tangents.dq = dq.untyped_data();
+  tangents.dk = dk.untyped_data();
+  tangents.dv = dv.untyped_data();
+  tangents.dq_batch = dq.dimensions()[0];
+  tangents.dk_batch = dk.dimensions()[0];
+  tangents.dv_batch = dv.dimensions()[0];
+  if (auto e = DecodeBroadcast(dbias, "bias tangent", &tangents.dbias); e.failure()) return e;
+  if (tangents.dbias.data != nullptr) {
+    if (!ToDType(dbias.element_type(), &tangents.dbias.dtype)) {
+      return InvalidArgument("the bias tangent must be float32, bfloat16 or float16");
+    }
+    const int64_t full[4] = {B, N, T, S};
+    if (tangents.dbias.dims[0] <= 0 || B % tangents.dbias.dims[0] != 0) {
+      return InvalidArgument("the bias tangent's batch must divide B");
+    }
+    for (int i = 1; i < 4; ++i) {
+      if (tangents.dbias.dims[i] != 1 && tangents.dbias.dims[i] != full[i]) {
+        return InvalidArgument("the bias tangent must be broadcastable to [B, N, T, S]");
+      }
+    }
+  }
+  FlashJvp(p, tangents, out.untyped_data(), lse.typed_data(),
+           FlashJvpResult{dout->untyped_data(), dlse->typed_data()}, XlaParallel(pool));
+  return ffi::Error::Success();
+}
+
 // Block-sparse tables from their operands: q_indptr [groups * num_q_tiles + 1], q_entries
 // [nnz, 2], k_indptr/k_entries the same transposed (or absent: nullptr), masks [M, rows, keys].
 ffi::Error DecodeBlockSparse(const AttentionProblem& p, const S32Buffer& q_indptr,
@@ -421,7 +477,8 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
                      const ffi::AnyBuffer& key, const ffi::AnyBuffer& value,
                      const S32Buffer* block_tables, const S32Buffer& kv_lengths,
                      ffi::Result<ffi::AnyBuffer>& out, F32Result& lse, float scale,
-                     float soft_cap, int64_t window_left, const F32Buffer* key_scale = nullptr,
+                     float soft_cap, int64_t window_left, bool strict_lengths,
+                     const F32Buffer* key_scale = nullptr,
                      const F32Buffer* value_scale = nullptr) {
   const auto q = query.dimensions(), k = key.dimensions(), v = value.dimensions();
   const auto od = out->dimensions();
@@ -447,7 +504,9 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
     return InvalidArgument("decode: query and caches must share one of float32, bfloat16, "
                            "float16");
   }
-  if (k[0] != v[0] || k[1] != v[1] || k[2] != v[2] || q[3] != k[3]) {
+  // A contiguous value cache may have its own batch (a vmap mapping one cache only).
+  const bool value_batch_differs = block_tables == nullptr && k[0] != v[0];
+  if ((k[0] != v[0] && !value_batch_differs) || k[1] != v[1] || k[2] != v[2] || q[3] != k[3]) {
     return InvalidArgument("decode: inconsistent shapes: query " + ShapeString(q) + ", key " +
                            ShapeString(k) + ", value " + ShapeString(v));
   }
@@ -460,6 +519,7 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
   p.page_size = k[1];
   p.num_kv_heads = k[2];
   p.value_dim = v[3];
+  p.value_num_pages = value_batch_differs ? v[0] : 0;
   p.query = query.untyped_data();
   p.key = key.untyped_data();
   p.value = value.untyped_data();
@@ -485,6 +545,9 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
     return InvalidArgument(std::string("decode: ") + message);
   }
   if (quantized) {
+    if (value_batch_differs) {  // the scales are indexed by the key cache's rows
+      return InvalidArgument("decode: a quantized value cache must have the key cache's batch");
+    }
     if (auto e = DecodeCacheScale(key_scale, "key_scale", p, &p.key_scale); e.failure()) {
       return e;
     }
@@ -496,10 +559,29 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
       !HasShape(lse->dimensions(), {p.batch, p.q_len, p.num_heads})) {
     return InvalidArgument("decode: output shapes do not match the inputs");
   }
+  if (strict_lengths) {
+    // Opt-in: a length past the cache (e.g. a KV cache stepped past its end under jit) is an
+    // error rather than clamped.
+    const int64_t capacity = p.max_pages * p.page_size;
+    for (int64_t b = 0; b < p.kv_lengths_batch; ++b) {
+      if (p.kv_lengths[b] < 0 || p.kv_lengths[b] > capacity) {
+        return InvalidArgument("decode: kv_lengths[" + std::to_string(b) + "] = " +
+                               std::to_string(p.kv_lengths[b]) + " is outside [0, " +
+                               std::to_string(capacity) + "], the cache length (the KV cache "
+                               "overflowed: a step past its max_length?)");
+      }
+    }
+  }
   if (const char* message = ValidateDecodePages(p)) {
     return InvalidArgument(std::string("paged decode: ") + message);
   }
-  DecodeForward(p, DecodeResult{out->untyped_data(), lse->typed_data()}, XlaParallel(pool));
+  const int64_t failed_bytes =
+      DecodeForward(p, DecodeResult{out->untyped_data(), lse->typed_data()}, XlaParallel(pool));
+  if (failed_bytes != 0) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "jaxattn: decode: could not allocate " + std::to_string(failed_bytes) +
+                          " bytes of scratch memory");
+  }
   return ffi::Error::Success();
 }
 
@@ -508,7 +590,7 @@ ffi::Error DecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
                              ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
                              float soft_cap, int64_t window_left) {
   return DecodeRun(pool, query, key, value, nullptr, kv_lengths, out, lse, scale, soft_cap,
-                   window_left);
+                   window_left, false);
 }
 
 ffi::Error PagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
@@ -517,17 +599,36 @@ ffi::Error PagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                   ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
                                   float soft_cap, int64_t window_left) {
   return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, out, lse,
-                   scale, soft_cap, window_left);
+                   scale, soft_cap, window_left, false);
 }
 
-// Quantized caches: the targets above plus key_scale and value_scale after the caches.
+// _v2: the _v1 targets plus the strict_lengths attribute (the _v1 layout keeps working).
+ffi::Error DecodeForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                               ffi::AnyBuffer value, S32Buffer kv_lengths,
+                               ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
+                               float soft_cap, int64_t window_left, bool strict_lengths) {
+  return DecodeRun(pool, query, key, value, nullptr, kv_lengths, out, lse, scale, soft_cap,
+                   window_left, strict_lengths);
+}
+
+ffi::Error PagedDecodeForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query,
+                                    ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
+                                    S32Buffer block_tables, S32Buffer kv_lengths,
+                                    ffi::Result<ffi::AnyBuffer> out, F32Result lse,
+                                    float scale, float soft_cap, int64_t window_left,
+                                    bool strict_lengths) {
+  return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, out, lse,
+                   scale, soft_cap, window_left, strict_lengths);
+}
+
+// Quantized caches: the _v2 targets plus key_scale and value_scale after the caches.
 ffi::Error QuantDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                   ffi::AnyBuffer key, ffi::AnyBuffer value, F32Buffer key_scale,
                                   F32Buffer value_scale, S32Buffer kv_lengths,
                                   ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
-                                  float soft_cap, int64_t window_left) {
+                                  float soft_cap, int64_t window_left, bool strict_lengths) {
   return DecodeRun(pool, query, key, value, nullptr, kv_lengths, out, lse, scale, soft_cap,
-                   window_left, &key_scale, &value_scale);
+                   window_left, strict_lengths, &key_scale, &value_scale);
 }
 
 ffi::Error QuantPagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
@@ -535,9 +636,10 @@ ffi::Error QuantPagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer quer
                                        F32Buffer key_scale, F32Buffer value_scale,
                                        S32Buffer block_tables, S32Buffer kv_lengths,
                                        ffi::Result<ffi::AnyBuffer> out, F32Result lse,
-                                       float scale, float soft_cap, int64_t window_left) {
+                                       float scale, float soft_cap, int64_t window_left,
+                                       bool strict_lengths) {
   return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, out, lse,
-                   scale, soft_cap, window_left, &key_scale, &value_scale);
+                   scale, soft_cap, window_left, strict_lengths, &key_scale, &value_scale);
 }
 
 // Cache writes: pool [P, L, ...] (aliased to the result: in place under buffer donation),
@@ -603,6 +705,16 @@ auto BindAttrs(Binding binding) {
       .template Attr<int64_t>("window_right");
 }
 
+template <typename Binding>
+auto BindDecodeResultsV2(Binding binding) {
+  return std::move(binding).template Ret<ffi::AnyBuffer>()  // out
+      .template Ret<ffi::Buffer<ffi::F32>>()                // lse
+      .template Attr<float>("scale")
+      .template Attr<float>("soft_cap")
+      .template Attr<int64_t>("window_left")
+      .template Attr<bool>("strict_lengths");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -630,6 +742,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                   .Arg<ffi::AnyBuffer>()             // dout
                   .Arg<ffi::Buffer<ffi::F32>>()      // dlse
                   .Ret<ffi::Buffer<ffi::F32>>()));   // dlogits
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FlashJvpHandler, FlashJvpImpl,
+    BindAttrs(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                  .Arg<ffi::AnyBuffer>()             // out
+                  .Arg<ffi::Buffer<ffi::F32>>()      // lse
+                  .Arg<ffi::AnyBuffer>()             // dq (tangent)
+                  .Arg<ffi::AnyBuffer>()             // dk
+                  .Arg<ffi::AnyBuffer>()             // dv
+                  .Arg<ffi::AnyBuffer>()             // dbias (0 elements: none)
+                  .Ret<ffi::AnyBuffer>()             // dout
+                  .Ret<ffi::Buffer<ffi::F32>>()));   // dlse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     SparseForwardHandler, SparseForwardImpl,
@@ -689,6 +813,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<S32Buffer>()));       // kv_lengths
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DecodeForwardV2Handler, DecodeForwardV2Impl,
+    BindDecodeResultsV2(ffi::Ffi::Bind()
+                            .Ctx<ffi::ThreadPool>()
+                            .Arg<ffi::AnyBuffer>()     // query
+                            .Arg<ffi::AnyBuffer>()     // key_cache
+                            .Arg<ffi::AnyBuffer>()     // value_cache
+                            .Arg<S32Buffer>()));       // kv_lengths
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PagedDecodeForwardV2Handler, PagedDecodeForwardV2Impl,
+    BindDecodeResultsV2(ffi::Ffi::Bind()
+                            .Ctx<ffi::ThreadPool>()
+                            .Arg<ffi::AnyBuffer>()     // query
+                            .Arg<ffi::AnyBuffer>()     // key_pages
+                            .Arg<ffi::AnyBuffer>()     // value_pages
+                            .Arg<S32Buffer>()          // block_tables
+                            .Arg<S32Buffer>()));       // kv_lengths
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
     CacheWriteHandler, CacheWriteImpl,
     ffi::Ffi::Bind()
         .Arg<ffi::AnyBuffer>()     // pool [P, L, ...] (aliased to the result)
@@ -699,7 +842,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     QuantDecodeForwardHandler, QuantDecodeForwardImpl,
-    BindDecodeResults(ffi::Ffi::Bind()
+    BindDecodeResultsV2(ffi::Ffi::Bind()
                           .Ctx<ffi::ThreadPool>()
                           .Arg<ffi::AnyBuffer>()     // query
                           .Arg<ffi::AnyBuffer>()     // key_cache (int8 / float8)
@@ -710,7 +853,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     QuantPagedDecodeForwardHandler, QuantPagedDecodeForwardImpl,
-    BindDecodeResults(ffi::Ffi::Bind()
+    BindDecodeResultsV2(ffi::Ffi::Bind()
                           .Ctx<ffi::ThreadPool>()
                           .Arg<ffi::AnyBuffer>()     // query
                           .Arg<ffi::AnyBuffer>()     // key_pages (int8 / float8)
@@ -729,12 +872,15 @@ std::vector<FfiTarget> FfiTargets() {
       {"jaxattn_flash_fwd_v1", reinterpret_cast<void*>(FlashForwardHandler)},
       {"jaxattn_flash_bwd_v1", reinterpret_cast<void*>(FlashBackwardHandler)},
       {"jaxattn_flash_dlogits_v1", reinterpret_cast<void*>(FlashLogitsGradHandler)},
+      {"jaxattn_flash_jvp_v1", reinterpret_cast<void*>(FlashJvpHandler)},
       {"jaxattn_decode_fwd_v1", reinterpret_cast<void*>(DecodeForwardHandler)},
       {"jaxattn_paged_decode_fwd_v1", reinterpret_cast<void*>(PagedDecodeForwardHandler)},
+      {"jaxattn_decode_fwd_v2", reinterpret_cast<void*>(DecodeForwardV2Handler)},
+      {"jaxattn_paged_decode_fwd_v2", reinterpret_cast<void*>(PagedDecodeForwardV2Handler)},
       {"jaxattn_quant_decode_fwd_v1", reinterpret_cast<void*>(QuantDecodeForwardHandler)},
-      {"jaxattn_cache_write_v1", reinterpret_cast<void*>(CacheWriteHandler)},
       {"jaxattn_quant_paged_decode_fwd_v1",
        reinterpret_cast<void*>(QuantPagedDecodeForwardHandler)},
+      {"jaxattn_cache_write_v1", reinterpret_cast<void*>(CacheWriteHandler)},
       {"jaxattn_sparse_fwd_v1", reinterpret_cast<void*>(SparseForwardHandler)},
       {"jaxattn_sparse_bwd_v1", reinterpret_cast<void*>(SparseBackwardHandler)},
   };

@@ -25,6 +25,10 @@ constexpr int64_t kLargeTileMinTasks = 64;  // 4 per thread on 16 cores
 constexpr int64_t kKeysPerTile = 64;
 constexpr float kInf = __builtin_inff();
 
+// How the products multiply bf16 inputs (see ProductGemm): widened to float32, as bf16 pairs
+// by vdpbf16ps, or as the same pairs on AMX tiles. Other dtypes always multiply in float32.
+enum class ProductMode { kFloat32, kBF16Pairs, kAmxTiles };
+
 // Per-call constants shared by every task.
 struct FlashContext {
   const AttentionProblem* p = nullptr;
@@ -36,9 +40,36 @@ struct FlashContext {
   int64_t mask_strides[4] = {0, 0, 0, 0};
   const BlockSparseTables* sparse = nullptr;  // block-sparse attention: the tiles to visit
   int64_t rows_padded = 0;  // row length of a transposed tile mask: rows rounded to vectors
-  // Products on bf16 pairs (vdpbf16ps) rather than float32 (see ProductGemm).
-  bool pairs = false;
+  ProductMode mode = ProductMode::kFloat32;  // of this call's products
+  // Keys per tile (AMX without a dense mask: kAmxKeysPerTile; block-sparse: the tables' grid).
+  int64_t keys_per_tile = kKeysPerTile;
+  // AMX forward: K and V packed once per call, block by block of keys_per_tile keys on the
+  // grid from key 0 (PackKeyValueBlocks); nullptr where every task packs its own tiles.
+  const float* packed_keys = nullptr;    // [kv_batch, K, blocks] x key_block_floats
+  const float* packed_values = nullptr;  // [value_batch, K, blocks] x value_block_floats
+  int64_t key_block_floats = 0, value_block_floats = 0;
 };
+
+// Whether products multiply bf16 pairs (vdpbf16ps or AMX): packed rows then hold words.
+static inline bool Pairs(const FlashContext& c) { return c.mode != ProductMode::kFloat32; }
+
+// Rows of a left operand or result as stored: AMX multiplies whole 16-row tiles (the rows
+// past m zero in packed operands, ignored in results).
+static inline int64_t PaddedRows(const FlashContext& c, int64_t m) {
+  return c.mode == ProductMode::kAmxTiles ? RoundUp(m, 16) : m;
+}
+
+// Stored length of a computed operand's rows (P or dS, whose inner dimension runs along
+// them): whole vectors, or for AMX whole 16-word tiles (32 bf16). Past n: -inf logits, zero
+// probabilities and gradients.
+static inline int64_t PaddedInner(const FlashContext& c, int64_t n) {
+  return RoundUp(n, c.mode == ProductMode::kAmxTiles ? 32 : kVL);
+}
+
+// Zeros rows m..PaddedRows(c, m) of a packed left operand (rows of ld floats).
+static inline void ZeroPaddingRows(const FlashContext& c, float* x, int64_t m, int64_t ld) {
+  __builtin_memset(x + m * ld, 0, (PaddedRows(c, m) - m) * ld * sizeof(float));
+}
 
 static inline int64_t BroadcastOffset(const Broadcast4& x, const int64_t* strides, int64_t b,
                                       int64_t n, int64_t t) {
@@ -204,6 +235,19 @@ static inline int32_t ClampToI32(int64_t x) {
                               : x > (int64_t{1} << 31) - 1 ? (int64_t{1} << 31) - 1 : x);
 }
 
+// Elements [s0, s0 + length) of row (b, n, t) of a [B, N, T, S]-broadcastable float operand,
+// as float32.
+static void LoadBroadcastRow(const Broadcast4& x, const int64_t* strides, int64_t b, int64_t n,
+                             int64_t t, int64_t s0, int64_t length, float* dst) {
+  const int64_t at = BroadcastOffset(x, strides, b, n, t);
+  if (strides[3] != 0) {
+    LoadRow(x.dtype, Offset(x.data, x.dtype, at + s0), length, 1.0f, dst);
+  } else {
+    const float v = LoadOne(x.dtype, x.data, at);
+    for (int64_t j = 0; j < length; ++j) dst[j] = v;
+  }
+}
+
 // The soft cap of one vector of logits, cap * tanh(v / cap); *th receives the tanh. One
 // function for every layout, so that the backward recomputes the forward's logits bitwise.
 static inline VF SoftCap(VF v, float inv_cap, float cap, VF* th) {
@@ -229,6 +273,7 @@ struct Scratch {
       __builtin_free(data);
       capacity = RoundUp(floats, 4096);
       data = static_cast<float*>(__builtin_aligned_alloc(64, capacity * sizeof(float)));
+      if (data == nullptr) capacity = 0;  // the caller sees nullptr; a later call retries
     }
     return data;
   }
@@ -274,9 +319,7 @@ static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* row
   if (kKeysMajor) {
     for (int64_t r = 0; r < padded; ++r) row_t[r] = r < num_rows ? rows[r].t : -1;
   }
-  VI lane;
-#pragma GCC unroll 16
-  for (int l = 0; l < kVL; ++l) lane[l] = l;
+  const VI lane = LaneIndices();
   const VF minus_inf = Splat(-kInf);
   const int64_t unbounded = int64_t{1} << 62;
 
@@ -302,15 +345,8 @@ static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* row
 
     if (has_bias || has_mask) {
       const int64_t n = kKeysMajor ? 0 : rows[i].n, t = kKeysMajor ? 0 : rows[i].t;
-      const DType bias_dtype = p.bias.dtype;
       if (has_bias && !kKeysMajor) {
-        const int64_t at = BroadcastOffset(p.bias, c.bias_strides, b, n, t);
-        if (c.bias_strides[3] != 0) {
-          LoadRow(bias_dtype, Offset(p.bias.data, bias_dtype, at + s0), length, 1.0f, bias_line);
-        } else {
-          const float v = LoadOne(bias_dtype, p.bias.data, at);
-          for (int64_t j = 0; j < length; ++j) bias_line[j] = v;
-        }
+        LoadBroadcastRow(p.bias, c.bias_strides, b, n, t, s0, length, bias_line);
       }
       if (has_mask && !kKeysMajor) {
         const int64_t at = BroadcastOffset(p.mask, c.mask_strides, b, n, t);
@@ -324,7 +360,7 @@ static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* row
         const int64_t s = s0 + i;
         for (int64_t r = 0; r < length; ++r) {
           if (has_bias) {
-            bias_line[r] = LoadOne(bias_dtype, p.bias.data,
+            bias_line[r] = LoadOne(p.bias.dtype, p.bias.data,
                                    BroadcastOffset(p.bias, c.bias_strides, b, rows[r].n,
                                                    rows[r].t) + s * c.bias_strides[3]);
           }
@@ -509,7 +545,7 @@ static inline void RoundToPairs(const float* x, int64_t n, uint32_t* dst) {
 
 // Storage per packed row of n elements (floats or words), rounded to whole vectors.
 static inline int64_t DotLd(const FlashContext& c, int64_t n) {
-  return RoundUp(c.pairs ? CeilDiv(n, 2) : n, kVL);
+  return RoundUp(Pairs(c) ? CeilDiv(n, 2) : n, kVL);
 }
 
 // Rows (n elements each) as a left operand: row r at dst + r * DotLd(c, n). Float32 rows are
@@ -517,7 +553,7 @@ static inline int64_t DotLd(const FlashContext& c, int64_t n) {
 static void PackDotRows(const FlashContext& c, const void* base, const int64_t* offsets,
                         int64_t num_rows, int64_t n, float mult, float* dst) {
 #if JAXATTN_VL == 16
-  if (c.pairs) {
+  if (Pairs(c)) {
     PackPairRows(base, offsets, num_rows, n, reinterpret_cast<uint32_t*>(dst), DotLd(c, n));
     return;
   }
@@ -531,7 +567,7 @@ static void PackDotColumns(const FlashContext& c, const void* base, const int64_
                            int64_t num_rows, int64_t n, float mult, float* dst, int64_t ld,
                            float* block) {
 #if JAXATTN_VL == 16
-  if (c.pairs) {
+  if (Pairs(c)) {
     PackPairColumns(base, offsets, num_rows, n, dst, ld, block);
     return;
   }
@@ -541,32 +577,43 @@ static void PackDotColumns(const FlashContext& c, const void* base, const int64_
 
 // Rows (n elements each) as a right operand whose inner dimension runs across them: float32
 // rows, or rows 2i and 2i + 1 interleaved in pairs; row length RoundUp(n, kVL) either way.
+// For AMX, zero word rows follow up to PaddedInner(c, num_rows) / 2 (whole tiles).
 static void PackAcrossRows(const FlashContext& c, const void* base, const int64_t* offsets,
                            int64_t num_rows, int64_t n, float* dst) {
 #if JAXATTN_VL == 16
-  if (c.pairs) {
-    PackRowPairs(base, offsets, num_rows, n, reinterpret_cast<uint32_t*>(dst),
-                 RoundUp(n, kVL));
+  if (Pairs(c)) {
+    const int64_t ld = RoundUp(n, kVL), words = CeilDiv(num_rows, 2);
+    PackRowPairs(base, offsets, num_rows, n, reinterpret_cast<uint32_t*>(dst), ld);
+    if (c.mode == ProductMode::kAmxTiles) {
+      __builtin_memset(dst + words * ld, 0,
+                       (PaddedInner(c, num_rows) / 2 - words) * ld * sizeof(float));
+    }
     return;
   }
 #endif
   PackRows(c.p->dtype, base, offsets, num_rows, n, 1.0f, dst, RoundUp(n, kVL));
 }
 
-// A computed left operand (P or dS: m rows of ld floats, ld a multiple of kVL, of which the
-// first n are valid): itself, or rounded to bf16 pairs into `pairs` (ld / 2 words a row,
-// the element past an odd n zero: products over n read it), as a bf16 computation would.
-// *lda receives its row length in storage units.
+// A computed left operand (P or dS: m rows of ld floats, ld = PaddedInner of the valid n):
+// itself, or rounded to bf16 pairs into `pairs` (ld / 2 words a row, the element past an
+// odd n zero: products over n read it), as a bf16 computation would. AMX products read
+// whole tiles, so there everything past n is zero, and the rows up to PaddedRows(c, m)
+// (whatever x holds there: the soft cap's tanh is not written past n). *lda receives its
+// row length in storage units.
 static const float* ComputedOperand(const FlashContext& c, const float* x, int64_t m,
                                     int64_t n, int64_t ld, float* pairs, int64_t* lda) {
 #if JAXATTN_VL == 16
-  if (c.pairs) {
+  if (Pairs(c)) {
     uint32_t* words = reinterpret_cast<uint32_t*>(pairs);
     for (int64_t i = 0; i < m; ++i) {
       uint32_t* row = words + i * (ld / 2);
       RoundToPairs(x + i * ld, ld, row);
       if (n % 2 != 0) row[n / 2] &= 0xffffu;
+      if (c.mode == ProductMode::kAmxTiles) {
+        __builtin_memset(row + CeilDiv(n, 2), 0, (ld / 2 - CeilDiv(n, 2)) * 4);
+      }
     }
+    ZeroPaddingRows(c, pairs, m, ld / 2);
     *lda = ld / 2;
     return pairs;
   }
@@ -576,12 +623,21 @@ static const float* ComputedOperand(const FlashContext& c, const float* x, int64
   return x;
 }
 
-// out[m, n] (+)= a b over `inner` elements, with the operands packed as above.
+// out[m, n] (+)= a b over `inner` elements, with the operands packed as above. For AMX the
+// operands are padded to whole tiles (PaddedRows, PaddedInner, DotLd) and rows
+// m..PaddedRows(c, m) of out are written too.
 static void ProductGemm(const FlashContext& c, int64_t m, int64_t n, int64_t inner,
                         const float* a, int64_t lda, const float* b, int64_t ldb, float* out,
                         int64_t ldo, bool accumulate) {
+#ifdef JAXATTN_AMX
+  if (c.mode == ProductMode::kAmxTiles) {
+    AmxGemm(m, n, RoundUp(CeilDiv(inner, 2), 16), reinterpret_cast<const uint32_t*>(a), lda,
+            reinterpret_cast<const uint32_t*>(b), ldb, out, ldo, accumulate);
+    return;
+  }
+#endif
 #if JAXATTN_VL == 16
-  if (c.pairs) {
+  if (Pairs(c)) {
     Gemm<BF16Pairs>(m, n, CeilDiv(inner, 2), reinterpret_cast<const uint32_t*>(a), lda,
                     reinterpret_cast<const uint32_t*>(b), ldb, out, ldo, accumulate);
     return;
@@ -592,11 +648,13 @@ static void ProductGemm(const FlashContext& c, int64_t m, int64_t n, int64_t inn
 }
 
 // out[m, n] = scaled logits of packed query (or key) rows a against packed key (or query)
-// columns b (n columns).
+// columns b (n columns of ldb). With scaled = false bf16 pairs are left unscaled: the caller
+// multiplies by PairsScale(c) itself.
 static void LogitsGemm(const FlashContext& c, int64_t m, int64_t n, const float* a,
-                       const float* b, float* out, int64_t ldo) {
-  ProductGemm(c, m, n, c.p->head_dim, a, DotLd(c, c.p->head_dim), b, n, out, ldo, false);
-  if (!c.pairs) return;  // the float32 queries were scaled when packed
+                       const float* b, int64_t ldb, float* out, int64_t ldo,
+                       bool scaled = true) {
+  ProductGemm(c, m, n, c.p->head_dim, a, DotLd(c, c.p->head_dim), b, ldb, out, ldo, false);
+  if (!Pairs(c) || !scaled) return;  // the float32 queries were scaled when packed
   const VF scale = Splat(c.p->scale);
   for (int64_t i = 0; i < m; ++i) {
     float* row = out + i * ldo;
@@ -604,11 +662,14 @@ static void LogitsGemm(const FlashContext& c, int64_t m, int64_t n, const float*
   }
 }
 
+// What LogitsGemm(..., scaled = false) leaves for its caller to multiply the logits by.
+static inline float PairsScale(const FlashContext& c) { return Pairs(c) ? c.p->scale : 1.0f; }
+
 // One element of a PackDotRows x PackDotColumns product of n-element rows a and b, rounded
 // bitwise as ProductGemm rounds it (the backward's D must cancel against dP exactly).
 static inline float RowDot(const FlashContext& c, const float* a, const float* b, int64_t n) {
 #if JAXATTN_VL == 16
-  if (c.pairs) {
+  if (Pairs(c)) {
     const uint32_t* wa = reinterpret_cast<const uint32_t*>(a);
     const uint32_t* wb = reinterpret_cast<const uint32_t*>(b);
     VF acc = VF{};
@@ -620,6 +681,35 @@ static inline float RowDot(const FlashContext& c, const float* a, const float* b
 #endif
   (void)c;
   return GemmDot(a, b, n);
+}
+
+// dots[r] = row r of the packed left operand a (rows of lda, PackDotRows) times row r of
+// `base` (n elements at offsets[r]), for r < num_rows, each rounded bitwise as an element of
+// ProductGemm's product of a with those rows packed as columns. AMX rounds inside the tile
+// instruction, so there that product is taken (16 x 16 blocks on the diagonal) and its
+// diagonal read. block: kVL * RoundUp(n, kVL) floats; scratch (AMX only): 256 +
+// DotLd(c, n) * PaddedRows(c, num_rows) floats.
+static void RowDots(const FlashContext& c, const void* base, const int64_t* offsets,
+                    int64_t num_rows, int64_t n, const float* a, int64_t lda, float* block,
+                    float* scratch, float* dots) {
+  if (c.mode == ProductMode::kAmxTiles) {
+    float* diagonal_block = scratch;
+    float* columns = scratch + 256;
+    const int64_t ld = PaddedRows(c, num_rows);
+    PackDotColumns(c, base, offsets, num_rows, n, 1.0f, columns, ld, block);
+    for (int64_t i = 0; i < num_rows; i += 16) {
+      ProductGemm(c, 16, 16, n, a + i * lda, lda, columns + i, ld, diagonal_block, 16, false);
+      for (int64_t r = i; r < MinI(num_rows, i + 16); ++r) {
+        dots[r] = diagonal_block[(r - i) * 17];
+      }
+    }
+    return;
+  }
+  (void)scratch;
+  for (int64_t r = 0; r < num_rows; ++r) {
+    PackDotRows(c, base, offsets + r, 1, n, 1.0f, block);
+    dots[r] = RowDot(c, a + r * lda, block, n);
+  }
 }
 
 // Element offsets of the rows of a query tile: positions [t0, t1) x the group's heads.
@@ -668,7 +758,9 @@ static inline TileCursor KeyTilesOf(const FlashContext& c, int64_t kv_head, int6
   }
   int64_t lo, hi;
   KeyRange(*c.p, t0, t1, kv_len, &lo, &hi);
-  return DenseTiles(lo, hi, kKeysPerTile);
+  // AMX: on the grid of the packed blocks (a window's first tile then starts masked).
+  if (c.mode == ProductMode::kAmxTiles) lo -= lo % c.keys_per_tile;
+  return DenseTiles(lo, hi, c.keys_per_tile);
 }
 
 // The query tiles key tile k_tile (keys [s0, s1)) is seen by, likewise.
@@ -685,16 +777,28 @@ static inline TileCursor QueryTilesOf(const FlashContext& c, int64_t kv_head, in
   return DenseTiles(lo, hi, c.positions_per_tile);
 }
 
-// One online-softmax step for a row of logits sr[0, nkp) (columns from nk on are -inf):
-// exponentiates them in place against the new running max, updates the running max *m and
-// sum *l, and rescales the output row accumulated so far when the max grows. A row whose
-// logits are all -inf becomes zeros; a NaN among them (the max skips NaN) poisons the sum,
-// so that it reaches the output instead of the row being taken as fully masked.
+// One online-softmax step for a row of logits sr[0, nk) (stored to nkp, a multiple of kVL;
+// the columns from nk on become -inf): multiplies them by prescale (the scale, where the
+// products left it out: one pass fewer over the row), exponentiates them against the new
+// running max, updates the running max *m and sum *l, and rescales the output row
+// accumulated so far when the max grows. The probabilities replace the logits in sr, or
+// with pairs_out (avx512 only) go there rounded to bf16 pairs (nkp / 2 words, zero past nk)
+// as the P V product takes them. A row whose logits are all -inf becomes zeros; a NaN among
+// them (the max skips NaN) poisons the sum, so that it reaches the output instead of the row
+// being taken as fully masked.
 static inline void OnlineSoftmaxStep(float* sr, int64_t nk, int64_t nkp, float* m, float* l,
-                                     float* orow, int64_t hvp) {
+                                     float* orow, int64_t hvp, float prescale = 1.0f,
+                                     uint32_t* pairs_out = nullptr) {
+  VI lane;
+#pragma GCC unroll 16
+  for (int i = 0; i < kVL; ++i) lane[i] = i;
   VF mv = Splat(-kInf);
   for (int64_t j = 0; j < nkp; j += kVL) {
-    const VF x = Load(sr + j);
+    VF x = Load(sr + j);
+    const bool tail = j + kVL > nk;
+    if (prescale != 1.0f) x = x * prescale;
+    if (tail) x = lane + static_cast<int32_t>(j) < static_cast<int32_t>(nk) ? x : Splat(-kInf);
+    if (prescale != 1.0f || tail) Store(sr + j, x);
     mv = x > mv ? x : mv;
   }
   const float m_new = MaxF(*m, HorizontalMax(mv));
@@ -703,13 +807,22 @@ static inline void OnlineSoftmaxStep(float* sr, int64_t nk, int64_t nkp, float* 
       if (sr[j] != sr[j]) *l = sr[j];
     }
     __builtin_memset(sr, 0, nkp * sizeof(float));
+    if (pairs_out != nullptr) __builtin_memset(pairs_out, 0, nkp / 2 * sizeof(uint32_t));
     return;
   }
   const VF mnv = Splat(m_new);
   VF sum = VF{};
   for (int64_t j = 0; j < nkp; j += kVL) {
     const VF e = Exp(Load(sr + j) - mnv);
+#if JAXATTN_VL == 16
+    if (pairs_out != nullptr) {
+      RoundToPairs(reinterpret_cast<const float*>(&e), kVL, pairs_out + j / 2);
+    } else {
+      Store(sr + j, e);
+    }
+#else
     Store(sr + j, e);
+#endif
     sum += e;
   }
   // exp(0) is exactly 1: skip the libm call when the max stays (most tiles after the first).
@@ -752,23 +865,24 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   const int64_t t1 = MinI(p.q_len, t0 + c.positions_per_tile);
   const int64_t q_len = QueryLength(p, b), kv_len = KeyLength(p, b);
   const int64_t tv1 = MaxI(t0, MinI(t1, q_len));  // rows at or past q_len output zero
-  const int64_t max_rows = (t1 - t0) * c.group;
-  const int64_t bk = kKeysPerTile, bkp = RoundUp(bk, kVL);
+  const int64_t max_rows = (t1 - t0) * c.group, mrp = PaddedRows(c, max_rows);
+  const int64_t bk = c.keys_per_tile, bkp = PaddedInner(c, bk);
+  AmxTaskTiles amx_tiles(c.mode == ProductMode::kAmxTiles);
 
   Carver carve{tls_scratch.Get(kScratchSlack +
-      16 * 13 + max_rows * (c.hp + c.hvp + bkp + bkp / 2 + 6) + c.hp * bkp + bk * c.hvp +
-      kVL * c.hp + bk + 64)};
+      16 * 13 + mrp * (c.hp + c.hvp + bkp + bkp / 2) + max_rows * 6 + c.hp * bkp +
+      bk * c.hvp + kVL * c.hp + bk + 64)};
   RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
   int64_t* offsets = reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
-  float* q = carve.Take(max_rows * c.hp);
-  float* o = carve.Take(max_rows * c.hvp);
-  float* s = carve.Take(max_rows * bkp);
+  float* q = carve.Take(mrp * c.hp);
+  float* o = carve.Take(mrp * c.hvp);
+  float* s = carve.Take(mrp * bkp);
   float* m = carve.Take(max_rows);
   float* l = carve.Take(max_rows);
   float* kt = carve.Take(c.hp * bkp);
   float* v = carve.Take(bk * c.hvp);
   float* block = carve.Take(kVL * c.hp);
-  float* prob_pairs = carve.Take(max_rows * bkp / 2);
+  float* prob_pairs = carve.Take(mrp * bkp / 2);
 
   const int64_t num_rows = QueryTileRows(c, kv_head, t0, tv1, rows);
   {
@@ -784,34 +898,69 @@ static void ForwardTask(void* job_ptr, int64_t task) {
 
   RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
   PackDotRows(c, p.query, offsets, num_rows, p.head_dim, p.scale, q);
+  ZeroPaddingRows(c, q, num_rows, DotLd(c, p.head_dim));
   for (int64_t r = 0; r < num_rows; ++r) {
     m[r] = -kInf;
     l[r] = 0.0f;
   }
-  __builtin_memset(o, 0, num_rows * c.hvp * sizeof(float));
+  __builtin_memset(o, 0, PaddedRows(c, num_rows) * c.hvp * sizeof(float));
 
   const int64_t kb = b % p.kv_batch, vb = b % p.value_batch;
   TileCursor tiles = KeyTilesOf(c, kv_head, q_tile, t0, tv1, kv_len);
   for (Tile tile; NextTile(&tiles, &tile);) {
-    const int64_t s0 = tile.start, nk = tile.count, nkp = RoundUp(nk, kVL);
-    KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
-    PackDotColumns(c, p.key, offsets, nk, p.head_dim, 1.0f, kt, nkp, block);
-    KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
-    PackAcrossRows(c, p.value, offsets, nk, p.value_dim, v);
-
-    LogitsGemm(c, num_rows, nkp, q, kt, s, nkp);
-    const bool full = TileFullyVisible(p, t0, tv1, s0, s0 + nk, kv_len);
-    TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, full, tile.mask, s, nkp,
-                           nullptr);
-
-    for (int64_t r = 0; r < num_rows; ++r) {
-      float* sr = s + r * nkp;
-      for (int64_t j = nk; j < nkp; ++j) sr[j] = -kInf;
-      OnlineSoftmaxStep(sr, nk, nkp, &m[r], &l[r], o + r * c.hvp, c.hvp);
+    const int64_t s0 = tile.start, nk = tile.count, nkp = PaddedInner(c, nk);
+    // A packed block holds the keys up to the sequence's end, zeros past it: usable unless
+    // key lengths cut the tile shorter (the values past them may be anything, even NaN).
+    const float* key_columns = kt;
+    const float* value_pairs = v;
+    int64_t ld_keys = nkp;
+    if (c.packed_keys != nullptr && s0 % bk == 0 && nk == MinI(bk, p.kv_len - s0)) {
+      const int64_t blocks = CeilDiv(p.kv_len, bk), block = s0 / bk;
+      key_columns = c.packed_keys +
+          ((kb * p.num_kv_heads + kv_head) * blocks + block) * c.key_block_floats;
+      value_pairs = c.packed_values +
+          ((vb * p.num_kv_heads + kv_head) * blocks + block) * c.value_block_floats;
+      ld_keys = bk;
+    } else {
+      KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
+      PackDotColumns(c, p.key, offsets, nk, p.head_dim, 1.0f, kt, nkp, block);
+      KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
+      PackAcrossRows(c, p.value, offsets, nk, p.value_dim, v);
     }
-    int64_t ldp;
-    const float* prob = ComputedOperand(c, s, num_rows, nk, nkp, prob_pairs, &ldp);
-    ProductGemm(c, num_rows, c.hvp, nk, prob, ldp, v, c.hvp, o, c.hvp, true);
+
+    const bool full = TileFullyVisible(p, t0, tv1, s0, s0 + nk, kv_len);
+    // Without bias, masks or cap the softmax scales the logits itself (pairs: one pass less).
+    const bool transform = p.bias.data != nullptr || p.mask.data != nullptr ||
+                           p.soft_cap > 0.0f || !full || tile.mask != nullptr;
+    // Bf16 pairs: P is rounded to pairs as it is computed (the rows past num_rows, which
+    // AMX multiplies, are zero). Float32: P in place of the logits.
+    uint32_t* prob_words = Pairs(c) ? reinterpret_cast<uint32_t*>(prob_pairs) : nullptr;
+    if (prob_words != nullptr) {
+      __builtin_memset(prob_words + num_rows * (nkp / 2), 0,
+                       (PaddedRows(c, num_rows) - num_rows) * (nkp / 2) * sizeof(uint32_t));
+    }
+    // AMX: 32 rows at a time (two row tiles), so that a slab's logits stay in the L1 cache
+    // from the product through the softmax to the P V product. Results do not depend on it.
+    int64_t slab = c.mode == ProductMode::kAmxTiles ? 32 : num_rows;
+    for (int64_t r0 = 0; r0 < num_rows; r0 += slab) {
+      const int64_t nr = MinI(slab, num_rows - r0);
+      float* ss = s + r0 * nkp;
+      LogitsGemm(c, nr, nkp, q + r0 * DotLd(c, p.head_dim), key_columns, ld_keys, ss, nkp,
+                 /*scaled=*/transform);
+      if (transform) {
+        TransformLogits<false>(c, b, rows + r0, nr, s0, nk, kv_len, full,
+                               tile.mask != nullptr ? tile.mask + r0 * kKeysPerTile : nullptr,
+                               ss, nkp, nullptr);
+      }
+      for (int64_t r = r0; r < r0 + nr; ++r) {
+        OnlineSoftmaxStep(s + r * nkp, nk, nkp, &m[r], &l[r], o + r * c.hvp, c.hvp,
+                          transform ? 1.0f : PairsScale(c),
+                          prob_words != nullptr ? prob_words + r * (nkp / 2) : nullptr);
+      }
+      const float* prob = prob_words != nullptr ? prob_pairs + r0 * (nkp / 2) : ss;
+      ProductGemm(c, nr, c.hvp, nk, prob, prob_words != nullptr ? nkp / 2 : nkp, value_pairs,
+                  c.hvp, o + r0 * c.hvp, c.hvp, true);
+    }
   }
 
   for (int64_t r = 0; r < num_rows; ++r) {
@@ -827,10 +976,15 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   }
 }
 
-// The context of a flash (sparse == nullptr) or block-sparse call. bf16_products: multiply
-// bf16 inputs as bf16 pairs (where the kernel table says the CPU does that faster).
+// AMX tiles: keys per tile, chosen by measurement (bench_flash.py): each P V product then
+// accumulates this many keys into its output tiles per load and store, and the backward's
+// key pass packs each query tile once per this many keys.
+constexpr int64_t kAmxKeysPerTile = 256;
+
+// The context of a flash (sparse == nullptr) or block-sparse call. bf16_mode: how bf16
+// inputs are multiplied (the kernel table picks what the CPU does fastest).
 static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTables* sparse,
-                               bool bf16_products) {
+                               ProductMode bf16_mode) {
   int64_t rows = kRowsPerTile;
   if (sparse == nullptr) {
     const int64_t group = p.num_heads / p.num_kv_heads;
@@ -840,23 +994,77 @@ static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTable
   }
   FlashContext c = MakeContext(p, rows);
   c.sparse = sparse;
-  c.pairs = kHasBF16Pairs && bf16_products && p.dtype == DType::kBF16;
+  if (p.dtype == DType::kBF16 &&
+      ((bf16_mode == ProductMode::kBF16Pairs && kHasBF16Pairs) ||
+       (bf16_mode == ProductMode::kAmxTiles && kHasAmxTiles))) {
+    c.mode = bf16_mode;
+  }
+  // A dense mask keeps the block-sparse tables' grid: block-sparse attention then stays
+  // bitwise equal to flash attention with its mask materialised (sparse_impl.h).
+  if (c.mode == ProductMode::kAmxTiles && sparse == nullptr && p.mask.data == nullptr) {
+    c.keys_per_tile = kAmxKeysPerTile;
+  }
   return c;
+}
+
+// Packs K and V block by block (c.keys_per_tile keys from key 0; a block past the sequence's
+// end zero there) into the buffers c.packed_keys / c.packed_values point to: the forward's
+// operand layouts (PackDotColumns, PackAcrossRows), once per call instead of once per query
+// tile. Tasks: the key blocks of every (kv batch, kv head), then the value blocks.
+static void PackKeyValueTask(void* job_ptr, int64_t task) {
+  const FlashContext& c = *static_cast<const FlashContext*>(job_ptr);
+  const AttentionProblem& p = *c.p;
+  const int64_t bk = c.keys_per_tile, blocks = CeilDiv(p.kv_len, bk);
+  const int64_t key_tasks = p.kv_batch * p.num_kv_heads * blocks;
+  const bool keys = task < key_tasks;
+  const int64_t index = keys ? task : task - key_tasks;
+  const int64_t block = index % blocks, head = index / blocks;
+  const int64_t kv_head = head % p.num_kv_heads, batch = head / p.num_kv_heads;
+  const int64_t s0 = block * bk, nk = MinI(bk, p.kv_len - s0);
+  const int64_t dim = keys ? p.head_dim : p.value_dim;
+  Carver carve{tls_scratch.Get(kScratchSlack + 16 * 2 + bk * 2 + kVL * RoundUp(dim, kVL))};
+  int64_t* offsets = reinterpret_cast<int64_t*>(carve.Take(bk * 2));
+  float* transpose_block = carve.Take(kVL * RoundUp(dim, kVL));
+  KeyOffsets(s0, nk, batch, p.kv_len, kv_head, p.num_kv_heads, dim, offsets);
+  if (keys) {
+    float* dst = const_cast<float*>(c.packed_keys) + index * c.key_block_floats;
+    PackDotColumns(c, p.key, offsets, nk, dim, 1.0f, dst, bk, transpose_block);
+  } else {
+    float* dst = const_cast<float*>(c.packed_values) + index * c.value_block_floats;
+    PackAcrossRows(c, p.value, offsets, nk, dim, dst);
+  }
 }
 
 // sparse: nullptr for flash attention, else the block-sparse tiles to visit.
 static void RunForward(const AttentionProblem& p, const BlockSparseTables* sparse,
-                       bool bf16_products, const FlashForwardResult& res,
+                       ProductMode bf16_mode, const FlashForwardResult& res,
                        const Parallel& parallel) {
-  ForwardJob job{ContextFor(p, sparse, bf16_products), res};
-  const int64_t tasks = p.batch * p.num_kv_heads * job.c.num_q_tiles;
+  ForwardJob job{ContextFor(p, sparse, bf16_mode), res};
+  FlashContext& c = job.c;
+  float* packed = nullptr;
+  if (c.mode == ProductMode::kAmxTiles) {
+    const int64_t bk = c.keys_per_tile, blocks = CeilDiv(p.kv_len, bk);
+    c.key_block_floats = DotLd(c, p.head_dim) * bk;
+    c.value_block_floats = bk / 2 * RoundUp(p.value_dim, kVL);
+    const int64_t key_floats = p.kv_batch * p.num_kv_heads * blocks * c.key_block_floats;
+    const int64_t value_floats = p.value_batch * p.num_kv_heads * blocks * c.value_block_floats;
+    packed = static_cast<float*>(__builtin_malloc((key_floats + value_floats) * sizeof(float)));
+    if (packed != nullptr) {  // else every task packs its own tiles
+      c.packed_keys = packed;
+      c.packed_values = packed + key_floats;
+      parallel.For((p.kv_batch + p.value_batch) * p.num_kv_heads * blocks, PackKeyValueTask,
+                   &c);
+    }
+  }
+  const int64_t tasks = p.batch * p.num_kv_heads * c.num_q_tiles;
   parallel.For(tasks, ForwardTask, &job);
+  __builtin_free(packed);
 }
 
-template <bool kBF16Products>
+template <ProductMode kBF16Mode>
 static void ForwardImpl(const AttentionProblem& p, const FlashForwardResult& res,
                         const Parallel& parallel) {
-  RunForward(p, nullptr, kBF16Products, res, parallel);
+  RunForward(p, nullptr, kBF16Mode, res, parallel);
 }
 
 // ---------------------------------------------------------------------------- backward
@@ -902,20 +1110,24 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   const int64_t t1 = MinI(p.q_len, t0 + c.positions_per_tile);
   const int64_t q_len = QueryLength(p, b), kv_len = KeyLength(p, b);
   const int64_t tv1 = MaxI(t0, MinI(t1, q_len));
-  const int64_t max_rows = (t1 - t0) * c.group;
-  const int64_t bk = kKeysPerTile, bkp = RoundUp(bk, kVL);
+  const int64_t max_rows = (t1 - t0) * c.group, mrp = PaddedRows(c, max_rows);
+  const int64_t bk = c.keys_per_tile, bkp = PaddedInner(c, bk);
   const bool has_cap = p.soft_cap > 0.0f;
+  const bool amx = c.mode == ProductMode::kAmxTiles;
+  AmxTaskTiles amx_tiles(amx);
+  const int64_t row_dots_scratch = amx ? 256 + c.hvp * mrp : 0;
 
-  Carver carve{tls_scratch.Get(kScratchSlack + 16 * 18 +
-                               max_rows * (2 * c.hp + c.hvp + 4 * bkp + 9) + c.hp * bkp +
-                               bk * c.hp + c.hvp * bkp + kVL * MaxI(c.hp, c.hvp) + bk * 2)};
+  Carver carve{tls_scratch.Get(kScratchSlack + 16 * 19 +
+                               mrp * (2 * c.hp + c.hvp + 3 * bkp) + max_rows * (bkp + 9) +
+                               c.hp * bkp + bk * c.hp + c.hvp * bkp +
+                               kVL * MaxI(c.hp, c.hvp) + bk * 2 + row_dots_scratch)};
   RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
   int64_t* offsets = reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
-  float* q = carve.Take(max_rows * c.hp);
-  float* dout = carve.Take(max_rows * c.hvp);
-  float* dq = carve.Take(max_rows * c.hp);
-  float* s = carve.Take(max_rows * bkp);
-  float* dp = carve.Take(max_rows * bkp);
+  float* q = carve.Take(mrp * c.hp);
+  float* dout = carve.Take(mrp * c.hvp);
+  float* dq = carve.Take(mrp * c.hp);
+  float* s = carve.Take(mrp * bkp);
+  float* dp = carve.Take(mrp * bkp);
   float* th = carve.Take(max_rows * bkp);
   float* lse = carve.Take(max_rows);
   float* delta = carve.Take(max_rows);
@@ -924,7 +1136,8 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   float* k = carve.Take(bk * c.hp);
   float* vt = carve.Take(c.hvp * bkp);
   float* block = carve.Take(kVL * MaxI(c.hp, c.hvp));
-  float* ds_pairs = carve.Take(max_rows * bkp / 2);
+  float* ds_pairs = carve.Take(mrp * bkp / 2);
+  float* row_dots = carve.Take(row_dots_scratch);
 
   // Rows past q_len: zero gradients, D = 0; dlogits rows are zeroed for the whole tile.
   for (int64_t t = t0; t < t1; ++t) {
@@ -952,12 +1165,12 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   RowOffsets(rows, num_rows, b, p.q_len, p.num_heads, p.value_dim, offsets);
   const int64_t ld_dout = DotLd(c, p.value_dim);
   PackDotRows(c, a.dout, offsets, num_rows, p.value_dim, 1.0f, dout);
+  ZeroPaddingRows(c, dout, num_rows, ld_dout);
+  // Rounded like dP = dO V^T: for a one-hot row dP - D is then exactly 0, as it is in the
+  // exact gradient (otherwise an ulp here, times the scale, is the gradient).
+  RowDots(c, a.out, offsets, num_rows, p.value_dim, dout, ld_dout, block, row_dots, delta);
   for (int64_t r = 0; r < num_rows; ++r) {
-    float* out_row = block;
-    PackDotRows(c, a.out, offsets + r, 1, p.value_dim, 1.0f, out_row);
-    // Rounded like dP = dO V^T: for a one-hot row dP - D is then exactly 0, as it is in the
-    // exact gradient (otherwise an ulp here, times the scale, is the gradient).
-    float d = RowDot(c, dout + r * ld_dout, out_row, p.value_dim);
+    float d = delta[r];
     const int64_t row = (b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;
     if (a.dlse != nullptr) d -= a.dlse[row];
     delta[r] = d;
@@ -969,20 +1182,21 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
 
   RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
   PackDotRows(c, p.query, offsets, num_rows, p.head_dim, p.scale, q);
-  __builtin_memset(dq, 0, num_rows * c.hp * sizeof(float));
+  ZeroPaddingRows(c, q, num_rows, DotLd(c, p.head_dim));
+  __builtin_memset(dq, 0, PaddedRows(c, num_rows) * c.hp * sizeof(float));
   for (int64_t r = 0; r < num_rows; ++r) psum[r] = 0.0f;
 
   const int64_t kb = b % p.kv_batch, vb = b % p.value_batch;
   TileCursor tiles = KeyTilesOf(c, kv_head, q_tile, t0, tv1, kv_len);
   for (Tile tile; NextTile(&tiles, &tile);) {
-    const int64_t s0 = tile.start, nk = tile.count, nkp = RoundUp(nk, kVL);
+    const int64_t s0 = tile.start, nk = tile.count, nkp = PaddedInner(c, nk);
     KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
     PackDotColumns(c, p.key, offsets, nk, p.head_dim, 1.0f, kt, nkp, block);
     if (a.dq != nullptr) PackAcrossRows(c, p.key, offsets, nk, p.head_dim, k);
     KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
     PackDotColumns(c, p.value, offsets, nk, p.value_dim, 1.0f, vt, nkp, block);
 
-    LogitsGemm(c, num_rows, nkp, q, kt, s, nkp);
+    LogitsGemm(c, num_rows, nkp, q, kt, nkp, s, nkp);
     const bool full = TileFullyVisible(p, t0, tv1, s0, s0 + nk, kv_len);
     TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, full, tile.mask, s, nkp,
                            has_cap ? th : nullptr);
@@ -1037,42 +1251,43 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   const FlashContext& c = job.c;
   const AttentionProblem& p = *c.p;
   const FlashBackwardArgs& a = job.args;
-  const int64_t num_k_tiles = CeilDiv(p.kv_len, kKeysPerTile);
+  const int64_t bk = c.keys_per_tile, num_k_tiles = CeilDiv(p.kv_len, bk);
   const TaskTile tt = TileOfTask(p, task, num_k_tiles, /*costliest_last=*/false);
   const int64_t k_tile = tt.tile, kv_head = tt.kv_head, b = tt.b;
-  const int64_t s0 = k_tile * kKeysPerTile;
-  const int64_t s1 = MinI(p.kv_len, s0 + kKeysPerTile);
+  const int64_t s0 = k_tile * bk;
+  const int64_t s1 = MinI(p.kv_len, s0 + bk);
   const int64_t q_len = QueryLength(p, b), kv_len = KeyLength(p, b);
   const int64_t sv1 = MaxI(s0, MinI(s1, kv_len));
   const int64_t nk = sv1 - s0;
-  const int64_t max_rows = c.positions_per_tile * c.group, rp = RoundUp(max_rows, kVL);
+  const int64_t max_rows = c.positions_per_tile * c.group, rp = PaddedInner(c, max_rows);
   const bool has_cap = p.soft_cap > 0.0f;
+  AmxTaskTiles amx_tiles(c.mode == ProductMode::kAmxTiles);
 
   Carver carve{tls_scratch.Get(kScratchSlack +
-      16 * 22 + kKeysPerTile * (2 * c.hp + 2 * c.hvp + 4 * rp + 2) + c.hp * rp + c.hvp * rp +
-      max_rows * (c.hp + c.hvp + 6) + rp * 3 + kVL * MaxI(c.hp, c.hvp))};
+      16 * 22 + bk * (2 * c.hp + 2 * c.hvp + 4 * rp + 2) + c.hp * rp + c.hvp * rp +
+      rp * (c.hp + c.hvp) + max_rows * 6 + rp * 3 + kVL * MaxI(c.hp, c.hvp))};
   RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
   int64_t* offsets =
-      reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, kKeysPerTile) * 2));
-  float* k = carve.Take(kKeysPerTile * c.hp);
-  float* v = carve.Take(kKeysPerTile * c.hvp);
-  float* dk = carve.Take(kKeysPerTile * c.hp);
-  float* dv = carve.Take(kKeysPerTile * c.hvp);
-  float* st = carve.Take(kKeysPerTile * rp);
-  float* dpt = carve.Take(kKeysPerTile * rp);
-  float* tht = carve.Take(kKeysPerTile * rp);
+      reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
+  float* k = carve.Take(bk * c.hp);
+  float* v = carve.Take(bk * c.hvp);
+  float* dk = carve.Take(bk * c.hp);
+  float* dv = carve.Take(bk * c.hvp);
+  float* st = carve.Take(bk * rp);
+  float* dpt = carve.Take(bk * rp);
+  float* tht = carve.Take(bk * rp);
   float* qt = carve.Take(c.hp * rp);
   float* dot = carve.Take(c.hvp * rp);
-  float* qr = carve.Take(max_rows * c.hp);
-  float* dor = carve.Take(max_rows * c.hvp);
+  float* qr = carve.Take(rp * c.hp);
+  float* dor = carve.Take(rp * c.hvp);
   float* lse = carve.Take(rp);
   float* delta = carve.Take(rp);
   float* norm = carve.Take(rp);
   float* block = carve.Take(kVL * MaxI(c.hp, c.hvp));
-  float* pairs = carve.Take(kKeysPerTile * rp / 2);
+  float* pairs = carve.Take(bk * rp / 2);
 
-  __builtin_memset(dk, 0, kKeysPerTile * c.hp * sizeof(float));
-  __builtin_memset(dv, 0, kKeysPerTile * c.hvp * sizeof(float));
+  __builtin_memset(dk, 0, bk * c.hp * sizeof(float));
+  __builtin_memset(dv, 0, bk * c.hvp * sizeof(float));
   const int64_t kb = b % p.kv_batch, vb = b % p.value_batch;
   if (nk > 0) {
     KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
@@ -1080,13 +1295,15 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
     // are then bitwise those whose lse the forward saved (scaling the keys instead rounds
     // differently, and with logits ~1e4 P = exp(s - lse) was off by ~1e-3 relative).
     PackDotRows(c, p.key, offsets, nk, p.head_dim, 1.0f, k);
+    ZeroPaddingRows(c, k, nk, DotLd(c, p.head_dim));
     KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
     PackDotRows(c, p.value, offsets, nk, p.value_dim, 1.0f, v);
+    ZeroPaddingRows(c, v, nk, DotLd(c, p.value_dim));
     TileCursor tiles = QueryTilesOf(c, kv_head, k_tile, s0, sv1, q_len);
     for (Tile tile; NextTile(&tiles, &tile);) {
       const int64_t t0 = tile.start, t1 = t0 + tile.count;
       const int64_t num_rows = QueryTileRows(c, kv_head, t0, t1, rows);
-      const int64_t nrp = RoundUp(num_rows, kVL);
+      const int64_t nrp = PaddedInner(c, num_rows);
       RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
       PackAcrossRows(c, p.query, offsets, num_rows, p.head_dim, qr);
       PackDotColumns(c, p.query, offsets, num_rows, p.head_dim, p.scale, qt, nrp, block);
@@ -1106,7 +1323,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
         }
       }
 
-      LogitsGemm(c, nk, nrp, k, qt, st, nrp);
+      LogitsGemm(c, nk, nrp, k, qt, nrp, st, nrp);
       const bool full = TileFullyVisible(p, t0, t1, s0, sv1, kv_len);
       TransformLogits<true>(c, b, rows, num_rows, s0, nk, kv_len, full, tile.mask, st, nrp,
                             has_cap ? tht : nullptr);
@@ -1139,23 +1356,23 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
 }
 
 static void RunBackward(const AttentionProblem& p, const BlockSparseTables* sparse,
-                        bool bf16_products, const FlashBackwardArgs& args,
+                        ProductMode bf16_mode, const FlashBackwardArgs& args,
                         const Parallel& parallel) {
-  BackwardJob job{ContextFor(p, sparse, bf16_products), args, nullptr, nullptr};
+  BackwardJob job{ContextFor(p, sparse, bf16_mode), args, nullptr, nullptr};
   const int64_t rows = p.batch * p.q_len * p.num_heads;
   job.delta = static_cast<float*>(__builtin_malloc(MaxI(rows, 1) * sizeof(float)));
   job.norm = static_cast<float*>(__builtin_malloc(MaxI(rows, 1) * sizeof(float)));
   parallel.For(p.batch * p.num_kv_heads * job.c.num_q_tiles, QueryGradTask, &job);
   if (args.dk != nullptr && args.dv != nullptr) {
-    const int64_t k_tiles = CeilDiv(p.kv_len, kKeysPerTile);
+    const int64_t k_tiles = CeilDiv(p.kv_len, job.c.keys_per_tile);
     parallel.For(p.batch * p.num_kv_heads * k_tiles, KeyValueGradTask, &job);
   }
   __builtin_free(job.delta);
   __builtin_free(job.norm);
 }
 
-template <bool kBF16Products>
+template <ProductMode kBF16Mode>
 static void BackwardImpl(const AttentionProblem& p, const FlashBackwardArgs& args,
                          const Parallel& parallel) {
-  RunBackward(p, nullptr, kBF16Products, args, parallel);
+  RunBackward(p, nullptr, kBF16Mode, args, parallel);
 }

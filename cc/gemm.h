@@ -2,7 +2,8 @@
 // (B is a packed panel: row-major, n a multiple of kVL). Register-blocked: kMR rows of A are
 // broadcast against kNV vectors of a B row, kMR * kNV accumulators. The multiply-add is a
 // policy: float32 FMAs (F32Fma), or on AVX512-BF16 pairs of bf16 per 32-bit element
-// (BF16Pairs: one vdpbf16ps does two products per lane, twice the FMA's work).
+// (BF16Pairs: one vdpbf16ps does two products per lane, twice the FMA's work). AmxGemm
+// multiplies the BF16Pairs layouts on AMX tiles (16 x 16 float32 results per instruction).
 // Part of the per-ISA kernel source (see simd.h).
 
 #if JAXATTN_VL >= 16
@@ -35,6 +36,120 @@ struct BF16Pairs {
 };
 #else
 constexpr bool kHasBF16Pairs = false;
+#endif
+
+#if JAXATTN_VL == 16 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define JAXATTN_AMX 1
+// The amx kernels are only chosen on CPUs with AMX-BF16 whose tile state Linux granted
+// (dispatch.cc).
+constexpr bool kHasAmxTiles = true;
+
+// Every tile 16 rows x 64 bytes (palette 1), configured once per task: tmm0-3 accumulate C
+// (16 x 16 float32), tmm4-5 hold A (16 rows x 16 words), tmm6-7 B (16 word rows x 16
+// columns). Constant data, so no store to it can be optimised away (ldtilecfg's asm tells
+// the compiler it reads only 8 bytes); reserved bytes and unused tiles zero.
+struct alignas(64) AmxTileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t bytes_per_row[16];
+  uint8_t rows[16];
+};
+static const AmxTileConfig kAmxTileConfig = {
+    1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+// Loads the tile configuration for the current task and releases the tiles at its end: the
+// configuration is per thread, and XLA's pool threads run other code between our tasks.
+class AmxTaskTiles {
+ public:
+  explicit AmxTaskTiles(bool active) : active_(active) {
+    if (active_) _tile_loadconfig(&kAmxTileConfig);
+  }
+  ~AmxTaskTiles() {
+    if (active_) _tile_release();
+  }
+  AmxTaskTiles(const AmxTaskTiles&) = delete;
+  AmxTaskTiles& operator=(const AmxTaskTiles&) = delete;
+
+ private:
+  bool active_;
+};
+
+// A block of kRowTiles x kColTiles C tiles (16 x 16 each) over k words (a multiple of 16):
+// each A tile meets each B tile, so a 2 x 2 block loads 4 tiles per 4 products. Element
+// (i, j) sees the same instruction sequence whatever the block shape, so results do not
+// depend on where the block edges fall.
+template <int kRowTiles, int kColTiles>
+static inline void AmxBlock(int64_t k, const uint32_t* a, int64_t lda, const uint32_t* b,
+                            int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  const int64_t sa = lda * 4, sb = ldb * 4, sc = ldc * 4;
+  float* c1 = c + 16 * ldc;
+  if (accumulate) {
+    _tile_loadd(0, c, sc);
+    if (kColTiles > 1) _tile_loadd(1, c + 16, sc);
+    if (kRowTiles > 1) _tile_loadd(2, c1, sc);
+    if (kRowTiles > 1 && kColTiles > 1) _tile_loadd(3, c1 + 16, sc);
+  } else {
+    _tile_zero(0);
+    if (kColTiles > 1) _tile_zero(1);
+    if (kRowTiles > 1) _tile_zero(2);
+    if (kRowTiles > 1 && kColTiles > 1) _tile_zero(3);
+  }
+  const uint32_t* a1 = a + 16 * lda;
+  for (int64_t p = 0; p < k; p += 16) {
+    const uint32_t* bp = b + p * ldb;
+    _tile_loadd(4, a + p, sa);
+    _tile_loadd(6, bp, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    if (kColTiles > 1) {
+      _tile_loadd(7, bp + 16, sb);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (kRowTiles > 1) {
+      _tile_loadd(5, a1 + p, sa);
+      _tile_dpbf16ps(2, 5, 6);
+      if (kColTiles > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, sc);
+  if (kColTiles > 1) _tile_stored(1, c + 16, sc);
+  if (kRowTiles > 1) _tile_stored(2, c1, sc);
+  if (kRowTiles > 1 && kColTiles > 1) _tile_stored(3, c1 + 16, sc);
+}
+
+// C[m, n] (+)= A[m, k] B[k, n] on AMX tiles, in the BF16Pairs layouts (k counts words). The
+// caller pads: rows m..RoundUp(m, 16) of a are read and of c written (their values only
+// reach those rows of c); n and k are multiples of 16, a and b zero up to k. Needs the
+// tiles of an AmxTaskTiles in scope.
+static void AmxGemm(int64_t m, int64_t n, int64_t k, const uint32_t* a, int64_t lda,
+                    const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  // Tile loads are asm without memory operands: make the operands' stores happen first.
+  __asm__ volatile("" ::: "memory");
+  for (int64_t i = 0; i < m; i += 32) {
+    const bool two_rows = m - i > 16;
+    const uint32_t* ai = a + i * lda;
+    float* ci = c + i * ldc;
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+      if (two_rows) {
+        AmxBlock<2, 2>(k, ai, lda, b + j, ldb, ci + j, ldc, accumulate);
+      } else {
+        AmxBlock<1, 2>(k, ai, lda, b + j, ldb, ci + j, ldc, accumulate);
+      }
+    }
+    if (j < n) {
+      if (two_rows) {
+        AmxBlock<2, 1>(k, ai, lda, b + j, ldb, ci + j, ldc, accumulate);
+      } else {
+        AmxBlock<1, 1>(k, ai, lda, b + j, ldb, ci + j, ldc, accumulate);
+      }
+    }
+  }
+}
+#else
+constexpr bool kHasAmxTiles = false;
+class AmxTaskTiles {
+ public:
+  explicit AmxTaskTiles(bool) {}
+};
 #endif
 
 template <class Op, int MR, int NV, class E = typename Op::Elem>

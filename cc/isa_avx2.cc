@@ -4,7 +4,10 @@
 #include "kernels_impl.h"
 
 namespace jaxattn {
-const KernelTable kAvx2Kernels = {"avx2", avx2::ForwardImpl<false>, avx2::BackwardImpl<false>,
-    avx2::SparseTilingImpl, avx2::SparseForwardImpl<false>, avx2::SparseBackwardImpl<false>,
-                                    avx2::DecodeImpl, avx2::DecodePartitionSizeImpl};
+using avx2::ProductMode;
+const KernelTable kAvx2Kernels = {"avx2", avx2::ForwardImpl<ProductMode::kFloat32>,
+    avx2::BackwardImpl<ProductMode::kFloat32>, avx2::SparseTilingImpl,
+    avx2::SparseForwardImpl<ProductMode::kFloat32>,
+    avx2::SparseBackwardImpl<ProductMode::kFloat32>, avx2::DecodeImpl,
+    avx2::DecodePartitionSizeImpl, avx2::JvpImpl};
 }  // namespace jaxattn

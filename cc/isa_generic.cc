@@ -4,7 +4,10 @@
 #include "kernels_impl.h"
 
 namespace jaxattn {
-const KernelTable kGenericKernels = {"generic", generic::ForwardImpl<false>, generic::BackwardImpl<false>,
-    generic::SparseTilingImpl, generic::SparseForwardImpl<false>, generic::SparseBackwardImpl<false>,
-                                    generic::DecodeImpl, generic::DecodePartitionSizeImpl};
+using generic::ProductMode;
+const KernelTable kGenericKernels = {"generic", generic::ForwardImpl<ProductMode::kFloat32>,
+    generic::BackwardImpl<ProductMode::kFloat32>, generic::SparseTilingImpl,
+    generic::SparseForwardImpl<ProductMode::kFloat32>,
+    generic::SparseBackwardImpl<ProductMode::kFloat32>, generic::DecodeImpl,
+    generic::DecodePartitionSizeImpl, generic::JvpImpl};
 }  // namespace jaxattn

@@ -14,13 +14,16 @@ struct KernelTable {
                          const FlashForwardResult&, const Parallel&);
   void (*sparse_backward)(const AttentionProblem&, const BlockSparseTables&,
                           const FlashBackwardArgs&, const Parallel&);
-  void (*decode_forward)(const DecodeAttentionProblem&, const DecodeResult&, const Parallel&);
+  int64_t (*decode_forward)(const DecodeAttentionProblem&, const DecodeResult&, const Parallel&);
   int64_t (*decode_partition_size)(const DecodeAttentionProblem&);
+  void (*flash_jvp)(const AttentionProblem&, const FlashTangents&, const void*, const float*,
+                    const FlashJvpResult&, const Parallel&);
 };
 
 extern const KernelTable kGenericKernels;
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;
 extern const KernelTable kAvx512BF16Kernels;  // avx512 with bf16 products on bf16 pairs
+extern const KernelTable kAmxKernels;  // avx512 with bf16 products on AMX tiles
 
 }  // namespace jaxattn

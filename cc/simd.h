@@ -19,6 +19,14 @@ static inline int64_t MaxI(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 static inline int64_t CeilDiv(int64_t x, int64_t m) { return (x + m - 1) / m; }
 
+// 0, 1, ..., kVL - 1.
+static inline VI LaneIndices() {
+  VI lane;
+#pragma GCC unroll 16
+  for (int l = 0; l < kVL; ++l) lane[l] = l;
+  return lane;
+}
+
 // Horizontal reductions by halving: log2(kVL) shuffles, not kVL - 1 dependent scalar steps.
 template <int kWidth>
 static inline VF UpperHalfDown(VF v) {

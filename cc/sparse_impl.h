@@ -15,14 +15,14 @@ static BlockSparseTiling SparseTilingImpl(int64_t group) {
   return tiling;
 }
 
-template <bool kBF16Products>
+template <ProductMode kBF16Mode>
 static void SparseForwardImpl(const AttentionProblem& p, const BlockSparseTables& tables,
                               const FlashForwardResult& res, const Parallel& parallel) {
-  RunForward(p, &tables, kBF16Products, res, parallel);
+  RunForward(p, &tables, kBF16Mode, res, parallel);
 }
 
-template <bool kBF16Products>
+template <ProductMode kBF16Mode>
 static void SparseBackwardImpl(const AttentionProblem& p, const BlockSparseTables& tables,
                                const FlashBackwardArgs& args, const Parallel& parallel) {
-  RunBackward(p, &tables, kBF16Products, args, parallel);
+  RunBackward(p, &tables, kBF16Mode, args, parallel);
 }

@@ -8,6 +8,7 @@ call and leaves unmapped operands as they are (shared K/V are never copied).
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Callable, Sequence
 
@@ -27,8 +28,17 @@ for _name, _capsule in TARGETS.items():
 
 
 def kernel_isa() -> str:
-    """The instruction set the kernels use on this CPU: ``avx512``, ``avx2`` or ``generic``."""
+    """The kernel set used on this CPU: ``amx`` (bf16 products on AMX tiles), ``avx512bf16``
+    (bf16 products as bf16 pairs), ``avx512``, ``avx2`` or ``generic``."""
     return _jaxattn.kernel_isa()
+
+
+if os.environ.get("JAXATTN_ISA") == "amx" and kernel_isa() != "amx":
+    raise RuntimeError(
+        "JAXATTN_ISA=amx, but the amx kernels cannot run here: the CPU lacks AMX-BF16 "
+        "(amx_tile, amx_bf16) or AVX-512 with BF16, or Linux refused this process the AMX tile "
+        "state (arch_prctl ARCH_REQ_XCOMP_PERM). Unset JAXATTN_ISA to use the best kernel set "
+        f"this CPU has ({kernel_isa()}).")
 
 
 def _leading_batch(aval) -> int:
@@ -196,6 +206,22 @@ flash_dlogits_p = _define("jaxattn_flash_dlogits", "jaxattn_flash_dlogits_v1",
                           axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn->bnts")
 
 
+def _flash_jvp_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dq, dk, dv,
+                        dbias, **_):
+    _expect_qkv("jaxattn_flash_jvp", q, k, v)
+    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dq, dk, dv, dbias)
+    _, t, n, _ = q.shape
+    return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
+            q.update(shape=(b, t, n), dtype=jnp.float32))
+
+
+# ... plus out, lse and the tangents dq, dk, dv, dbias (empty: none) -> the tangents of out
+# and lse (forward-mode AD; linear in the tangents, transposed by flash_bwd_p/flash_dlogits_p)
+flash_jvp_p = _define("jaxattn_flash_jvp", "jaxattn_flash_jvp_v1", _flash_jvp_abstract,
+                      full_batch=(7, 8),
+                      axes=f"{_FLASH_OPERANDS},btnd,btn,btnh,bskh,bskd,bnts->btnd,btn")
+
+
 def _decode_abstract(q, k, v, kv_lengths, **_):
     b = _output_batch(q, k, v, kv_lengths)
     _, t, n, _ = q.shape
@@ -269,13 +295,14 @@ def _quant_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
     return _fold_batch_rule(prim, args, dims, **params)
 
 
-# Operands: query [B,T,N,H], key_cache [B,Smax,K,H], value_cache [B,Smax,K,Hv], kv_lengths [B]
-# int32; attributes: scale, soft_cap, window_left. Results: out [B,T,N,Hv], lse [B,T,N] f32.
-decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v1", _decode_abstract,
+# Operands: query [B,T,N,H], key_cache [B,Smax,K,H], value_cache [B,Smax,K,Hv] (key and value
+# caches may differ in batch: a vmap mapping one of them), kv_lengths [B] int32; attributes:
+# scale, soft_cap, window_left, strict_lengths. Results: out [B,T,N,Hv], lse [B,T,N] f32.
+decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v2", _decode_abstract,
                        axes="btnh,bskh,bskd,b->btnd,btn")
 # Operands: query, key_pages [P,page,K,H], value_pages [P,page,K,Hv], block_tables
 # [B,max_pages] int32, kv_lengths [B] int32; attributes and results as decode_fwd_p.
-paged_decode_fwd_p = _define("jaxattn_paged_decode_fwd", "jaxattn_paged_decode_fwd_v1",
+paged_decode_fwd_p = _define("jaxattn_paged_decode_fwd", "jaxattn_paged_decode_fwd_v2",
                              _paged_decode_abstract, batch_rule=_paged_decode_batch_rule,
                              axes="btnh,pskh,pskd,bm,b->btnd,btn", partition="h")  # P is no batch
 
@@ -290,10 +317,12 @@ quant_paged_decode_fwd_p = _define(
     axes="btnh,pskh,pskd,psk,psk,bm,b->btnd,btn", partition="h")
 
 
-def decode_attrs(scale: float, soft_cap: float | None, window_left: int | None) -> dict:
+def decode_attrs(scale: float, soft_cap: float | None, window_left: int | None,
+                 strict_lengths: bool = False) -> dict:
     """The FFI attributes of the decode targets, typed as the C++ handlers expect."""
     return dict(scale=np.float32(scale), soft_cap=np.float32(soft_cap or 0.0),
-                window_left=np.int64(-1 if window_left is None else window_left))
+                window_left=np.int64(-1 if window_left is None else window_left),
+                strict_lengths=bool(strict_lengths))
 
 
 def attention_attrs(scale: float, soft_cap: float | None, is_causal: bool,

@@ -8,10 +8,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.interpreters import ad
 
 from jaxattn import _ffi
+from jaxattn._autodiff import forbid_second_derivatives
 from jaxattn._sharding import match_varying
 from jaxattn._validation import (
+    any_zero,
     as_array,
     check_attention_inputs,
     check_bool,
@@ -41,52 +44,93 @@ def _empty(dtype) -> Array:
     return jnp.zeros((0,), dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
+# Differentiation: a custom JVP whose tangent is one fused kernel (flash_jvp_p), linear in
+# the tangents, with the backward kernels as its transpose. Forward mode (jvp, linearize,
+# jacfwd) runs the tangent kernel; reverse mode (grad, vjp) transposes it, so it runs the
+# forward kernel and then the two-pass backward, as a custom VJP would.
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _flash(options: _Options, q, k, v, bias, mask, q_lengths, kv_lengths):
     out, lse = _ffi.flash_fwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths,
                                      **options.attrs())
     return out, lse
 
 
-def _flash_fwd(options, q, k, v, bias, mask, q_lengths, kv_lengths):
-    out, lse = _flash(options, q, k, v, bias, mask, q_lengths, kv_lengths)
-    return (out, lse), (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
+@_flash.defjvp
+def _flash_jvp(options, primals, tangents):
+    q, k, v, bias, mask, q_lengths, kv_lengths = primals
+    dq, dk, dv, dbias = tangents[:4]  # mask and lengths are not differentiable
+    out, lse = _flash(options, *primals)
+    # A bias tangent of an absent bias is empty, which the kernel reads as none.
+    dout, dlse = _ffi.flash_jvp_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
+                                       dq.astype(q.dtype), dk.astype(k.dtype),
+                                       dv.astype(v.dtype), dbias, **options.attrs())
+    return (out, lse), (dout, dlse)
 
 
-def _flash_bwd(options, residuals, cotangents):
-    q, k, v, bias, mask, q_lengths, kv_lengths, out, lse = residuals
-    dout, dlse = cotangents
+def _flash_jvp_transpose(cotangents, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
+                         dq, dk, dv, dbias, **attrs):
+    """The transpose of the tangent map: the backward pass, with the cotangents of (out, lse)
+    as (dout, dlse)."""
+    # zeros_like keeps the residuals' shardings (explicit mesh axes).
+    dout, dlse = (jnp.zeros_like(x) if type(c) is ad.Zero else c
+                  for c, x in zip(cotangents, (out, lse)))
     operands = (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout.astype(out.dtype),
                 dlse.astype(jnp.float32))
-    dq, dk, dv = _ffi.flash_bwd_p.bind(*operands, **options.attrs())
-    if bias.size:
-        (dlogits,) = _ffi.flash_dlogits_p.bind(*operands, **options.attrs())
-        dbias = _sum_to_shape(dlogits, bias.shape).astype(bias.dtype)
-    else:
-        dbias = jnp.zeros_like(bias)
-    return dq, dk, dv, dbias, None, None, None
+    tangents = (dq, dk, dv, dbias)
+    linear = [ad.is_undefined_primal(x) for x in tangents]
+    grads = [None] * 4
+    if any(linear[:3]):
+        grads[:3] = _ffi.flash_bwd_p.bind(*operands, **attrs)
+    if linear[3] and bias.size:
+        (grads[3],) = _ffi.flash_dlogits_p.bind(*operands, **attrs)
+    # The kernels write gradients at the output's batch; a tangent of a smaller batch (an
+    # operand not mapped by vmap, read at b % its batch) gets the sum over the rows it fed.
+    return (None,) * 9 + tuple(
+        None if not is_linear else
+        jnp.zeros(x.aval.shape, x.aval.dtype) if g is None else
+        _sum_to_shape(g, x.aval.shape).astype(x.aval.dtype)
+        for g, x, is_linear in zip(grads, tangents, linear))
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+ad.primitive_transposes[_ffi.flash_jvp_p] = _flash_jvp_transpose
+
+
+# The backward and tangent kernels are derivatives already: differentiating them again is
+# what second derivatives do (a clear error, see _autodiff.py).
+for _primitive in (_ffi.flash_bwd_p, _ffi.flash_dlogits_p, _ffi.flash_jvp_p):
+    forbid_second_derivatives(_primitive, "jaxattn.flash_attention")
 
 
 def _sum_to_shape(x: Array, shape: tuple[int, ...]) -> Array:
-    """Sums ``x`` over the axes where ``shape`` is 1 (and ``x`` is not), in a fixed order.
+    """Sums ``x`` onto ``shape``, in a fixed order: an axis of size 1 in ``shape`` takes the
+    sum over that axis of ``x``; a leading (batch) axis of size ``d`` dividing ``x``'s takes
+    the sums over the indices ``b`` with ``b % d`` equal (the kernels read an operand of
+    batch ``d`` at ``b % d``).
 
-    A pairwise tree of elementwise adds over the summed axes (flattened into one), so that
-    every element is rounded the same way whatever the thread count: XLA's own reductions
-    may split their work by threads and round differently on 1 and 2 cores.
+    A pairwise tree of elementwise adds over the summed slices, so that every element is
+    rounded the same way whatever the thread count: XLA's own reductions may split their work
+    by threads and round differently on 1 and 2 cores.
     """
+    if x.shape == tuple(shape):
+        return x
+    if x.shape[0] != shape[0]:  # fold the batch first: [B, ...] -> [B // d, d, ...]
+        x = x.reshape((x.shape[0] // shape[0], shape[0]) + x.shape[1:])
+        x = _pairwise_sum(x)
     axes = tuple(i for i, (got, want) in enumerate(zip(x.shape, shape)) if want == 1 and got != 1)
     if not axes:
-        return x
+        return x.reshape(shape)
     kept = tuple(i for i in range(x.ndim) if i not in axes)
     parts = jnp.transpose(x, axes + kept).reshape((-1,) + tuple(x.shape[i] for i in kept))
+    return _pairwise_sum(parts).reshape(shape)
+
+
+def _pairwise_sum(parts: Array) -> Array:
+    """The sum over the leading axis as a fixed tree of elementwise adds."""
     while parts.shape[0] > 1:
         half = parts.shape[0] // 2
         paired = parts[:half] + parts[half:2 * half]
         parts = jnp.concatenate([paired, parts[2 * half:]]) if parts.shape[0] % 2 else paired
-    return parts[0].reshape(shape)
+    return parts[0]
 
 
 def _to_rank4(x: Array, name: str, full_shape: tuple[int, int, int, int]) -> Array:
@@ -100,6 +144,15 @@ def _to_rank4(x: Array, name: str, full_shape: tuple[int, int, int, int]) -> Arr
             raise ValueError(f"{name} of shape {x.shape} is not broadcastable to [B, N, T, S] = "
                              f"{list(full_shape)} (axis {axis}: {got} vs {want})")
     return x4
+
+
+def _batch_mask_to_rank4(mask: Array, full_shape: tuple[int, int, int, int]) -> Array:
+    """A rank-3 mask ``[X, T, S]`` of a batched call: ``[N, T, S]`` (NumPy broadcasting, as
+    jax.nn and ``BlockSparseMask.to_dense()``) when X is N or 1, else ``[B, T, S]`` shared over
+    heads (what Flax and gemma pass) when X is the batch B."""
+    b, n = full_shape[:2]
+    x = mask.shape[0]
+    return mask[:, None] if x == b and x not in (n, 1) else mask
 
 
 def flash_attention(
@@ -128,7 +181,11 @@ def flash_attention(
       bias: optional, broadcastable to ``[B, N, T, S]``, float32, bfloat16 or float16 (its
         own dtype, independent of the inputs'); added to the scaled float32 logits in float32.
         Its gradient is summed over the broadcast axes in float32, in a fixed order.
-      mask: optional bool, broadcastable to ``[B, N, T, S]``; True means attend.
+      mask: optional bool, broadcastable to ``[B, N, T, S]``; True means attend. A rank-3
+        mask ``[X, T, S]`` is ``[N, T, S]`` (NumPy broadcasting, shared over the batch) when
+        ``X`` is N or 1, and ``[B, T, S]`` shared over heads (as Flax and gemma pass it) when
+        ``X`` is the batch B != N. When ``B == N`` write the heads axis (``mask[:, None]``)
+        to share a ``[B, T, S]`` mask over heads.
       scale: logit scale, default ``1 / sqrt(H)``.
       is_causal: query ``i`` sees keys ``j <= i`` (top-left aligned, as ``jax.nn``).
       query_seq_lengths: optional int ``[B]``; rows ``i >= len`` output 0.
@@ -174,13 +231,15 @@ def flash_attention(
         mask = as_array(mask, "mask")
         if mask.dtype != jnp.bool_:
             raise TypeError(f"mask must be a bool array (True = attend), got dtype {mask.dtype}")
+        if mask.ndim == 3 and not unbatched:
+            mask = _batch_mask_to_rank4(mask, full)
         mask = _to_rank4(mask, "mask", full)
     else:
         mask = _empty(jnp.bool_)
     q_lengths = check_lengths(query_seq_lengths, "query_seq_lengths", b, unbatched)
     kv_lengths = check_lengths(key_value_seq_lengths, "key_value_seq_lengths", b, unbatched)
 
-    if min(b, t, n, s) == 0:  # nothing to compute or nothing to attend to
+    if any_zero(b, t, n, s):  # nothing to compute or nothing to attend to
         out = jnp.zeros((b, t, n, hv), query.dtype)
         lse = jnp.full((b, t, n), -jnp.inf, jnp.float32)
     else:

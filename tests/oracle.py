@@ -480,3 +480,56 @@ def random_inputs(
         "bias": None if bias is None else normal(shape.resolve(bias)),
         "mask": None if mask is None else rng.random(shape.resolve(mask)) < mask_density,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Forward mode
+# --------------------------------------------------------------------------------------------
+
+
+def _tangent(
+    fwd: _Forward, dq: Array, dk: Array, dv: Array, dbias: Array | None, precision: _Precision
+) -> tuple[Array, Array]:
+    """The tangent of (out, lse) in the direction (dq, dk, dv, dbias), analytically:
+    dS = d logits, c = sum_j P dS (the lse's tangent), dO = P (dS - c) V + P dV."""
+    r = precision.round
+    if fwd.unbatched:
+        dq, dk, dv = dq[None], dk[None], dv[None]
+    group = fwd.q.shape[2] // fwd.num_kv_heads
+    dq, dk, dv = r(dq), r(np.repeat(r(dk), group, axis=2)), r(np.repeat(r(dv), group, axis=2))
+    scale = precision.work.type(fwd.scale)
+    dlogits = r(scale * (np.matmul(dq.transpose(0, 2, 1, 3), fwd.k.transpose(0, 2, 3, 1))
+                         + np.matmul(fwd.q.transpose(0, 2, 1, 3), dk.transpose(0, 2, 3, 1))))
+    if dbias is not None:
+        dlogits = r(dlogits + r(np.asarray(dbias)))
+    if fwd.cap is not None:
+        dlogits = r(dlogits * (1 - fwd.capped_tanh**2))
+    weighted = np.where(fwd.visible, fwd.probs * dlogits, 0.0)  # masked entries: no effect
+    dlse = r(weighted.sum(axis=-1))  # [B,N,T]
+    dout = r(np.matmul(r(weighted - fwd.probs * dlse[..., None]), fwd.v.transpose(0, 2, 1, 3))
+             + np.matmul(fwd.probs, dv.transpose(0, 2, 1, 3)))  # [B,N,T,Hv]
+    dout, dlse = dout.transpose(0, 2, 1, 3), dlse.transpose(0, 2, 1)
+    return (dout[0], dlse[0]) if fwd.unbatched else (dout, dlse)
+
+
+def attention_reference_jvp(
+    q: Array,
+    k: Array,
+    v: Array,
+    dq: Array,
+    dk: Array,
+    dv: Array,
+    bias: Array | None = None,
+    dbias: Array | None = None,
+    mask: Array | None = None,
+    *,
+    dtype: DTypeLike = np.float64,
+    **options: Any,
+) -> tuple[Array, Array]:
+    """Analytic tangents ``(dout, dlse)`` of ``attention_reference`` in the direction
+    ``(dq, dk, dv, dbias)``; with ``dtype`` the naive computation rounded to it (float64
+    results)."""
+    precision = _Precision.of(dtype)
+    q, k, v, bias, dq, dk, dv, dbias = _as_float64(q, k, v, bias, dq, dk, dv, dbias)
+    fwd = _forward(q, k, v, bias, mask, precision, **options)
+    return _as_float64(*_tangent(fwd, dq, dk, dv, dbias, precision))

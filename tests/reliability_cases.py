@@ -164,12 +164,13 @@ def _quantized_cache(k: np.ndarray, v: np.ndarray, cache_dtype: Any):
 
 
 def decode_case(name: str, shape: Shape, dtype: np.dtype, lengths: np.ndarray, *,
-                page_size: int | None = None, seed: int = 0, cache_dtype: Any = None,
-                **options: Any) -> OpCase:
+                page_size: int | None = None, table_padding: int = 0, seed: int = 0,
+                cache_dtype: Any = None, **options: Any) -> OpCase:
     """``decode_attention`` (``shape.q_len`` new tokens against a cache of ``shape.kv_len``),
-    or with ``page_size`` ``paged_decode_attention`` on the same cache in shuffled pages. With
-    ``cache_dtype`` (int8, float8) the cache is quantized (``jaxattn.quantize_kv``) and the
-    oracle sees the dequantised cache."""
+    or with ``page_size`` ``paged_decode_attention`` on the same cache in shuffled pages
+    (block tables padded with ``table_padding`` entries of -1). With ``cache_dtype`` (int8,
+    float8) the cache is quantized (``jaxattn.quantize_kv``) and the oracle sees the
+    dequantised cache."""
 
     def make_args() -> tuple[Any, ...]:
         rng = np.random.default_rng(seed)
@@ -195,7 +196,9 @@ def decode_case(name: str, shape: Shape, dtype: np.dtype, lengths: np.ndarray, *
                 pool_v[order[b, i], : rows.stop - rows.start] = v[b, rows]
                 for pool, x in zip(pool_s, scales):
                     pool[order[b, i], : rows.stop - rows.start] = x[b, rows]
-        return (q, pool_k, pool_v, order.astype(np.int32), lengths, *pool_s)
+        tables = np.full((shape.batch, per + table_padding), -1, np.int32)
+        tables[:, :per] = order
+        return (q, pool_k, pool_v, tables, lengths, *pool_s)
 
     def fn(*args: Any) -> dict[str, jax.Array]:
         attend = jaxattn.decode_attention if page_size is None else jaxattn.paged_decode_attention
@@ -286,6 +289,9 @@ CASES: list[OpCase] = [
     decode_case("paged_decode_f32_page7_t16", Shape(1, 16, 700, 4, 4, 48), F32, _lengths(690),
                 page_size=7, seed=7),
     merge_case("merge_flash_parts_grad", Shape(2, 9, 60, 4, 2, 16), parts=3, seed=8),
+    # A block table padded far past the lengths (issue 13): partitions follow the lengths.
+    decode_case("paged_decode_f32_padded_table", Shape(3, 2, 1500, 8, 2, 32), F32,
+                _lengths(1500, 40, 777), page_size=16, table_padding=20000, seed=9),
     # Quantized caches (int8, float8), contiguous and paged.
     decode_case("decode_bf16_int8_cache_long", Shape(2, 1, 4096, 8, 2, 64), BF16,
                 _lengths(4096, 1777), cache_dtype=jnp.int8, seed=10),

@@ -5,7 +5,8 @@
   pinned to one CPU or to all of them; the pool's size follows the CPU affinity, checked from
   the pool's threads);
 - gives results within tolerance of the float64 oracle on every instruction-set path
-  (``JAXATTN_ISA=generic``, ``avx2``, ``avx512`` and the default, in subprocesses).
+  (``JAXATTN_ISA=generic``, ``avx2``, ``avx512``, ``avx512bf16``, ``amx`` and the default, in
+  subprocesses; a set the CPU cannot run is skipped with the reason).
 
 Thread pool size on jax 0.10.2: XLA's CPU client sizes its intra-op pool (the threads named
 ``tf_XLAEigen``, handed to FFI handlers as ``ffi::ThreadPool``) from the CPU affinity at start;
@@ -20,25 +21,8 @@ import os
 
 import pytest
 
+from isa_support import default_isa, skip_reason
 from reliability_cases import ALL_CPUS, CASES, OpCase, assert_bitwise_equal, run_worker
-
-
-def cpu_info(field: str) -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(field):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def cpu_flags() -> set[str]:
-    return set(cpu_info("flags").split())
-
-
-AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "f16c", "fma"}
 
 
 @functools.cache
@@ -66,14 +50,13 @@ def test_repeated_calls_are_bitwise_equal(case: OpCase) -> None:
 # Other thread counts and instruction sets (subprocesses)
 # --------------------------------------------------------------------------------------------
 
-ISAS = ["generic", "avx2", "avx512", "default"]
+ISAS = ["generic", "avx2", "avx512", "avx512bf16", "amx", "default"]
 
 
 def require_isa(isa: str) -> None:
-    if isa == "avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
-        pytest.skip("this CPU has no AVX2/FMA/F16C")
-    if isa == "avx512" and not AVX512_FLAGS <= cpu_flags():
-        pytest.skip("this CPU has no AVX-512 with BF16")
+    reason = skip_reason(isa) if isa != "default" else None
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -94,15 +77,7 @@ def test_thread_count_does_not_change_results(isa: str) -> None:
 
 def expected_isa(isa: str) -> str:
     """What cc/dispatch.cc should pick for JAXATTN_ISA=isa on this CPU."""
-    if isa != "default":
-        return isa
-    flags = cpu_flags()
-    if AVX512_FLAGS <= flags:
-        # bf16 products on bf16 pairs where vdpbf16ps outruns FMAs (AMD), else widened.
-        return "avx512bf16" if cpu_info("vendor_id") == "AuthenticAMD" else "avx512"
-    if {"avx2", "fma", "f16c"} <= flags:
-        return "avx2"
-    return "generic"
+    return default_isa() if isa == "default" else isa
 
 
 @pytest.mark.parametrize("isa", ISAS)

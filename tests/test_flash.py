@@ -444,6 +444,25 @@ def test_rows_without_visible_keys(rng: np.random.Generator, cause: str, dtype: 
     assert np.all(lse[unreachable(inputs, options)["out"]] == -np.inf)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_hot_rows_have_exactly_zero_logit_gradients(rng: np.random.Generator,
+                                                         dtype: np.dtype) -> None:
+    """A row that sees exactly one key has P = 1 there and O = that key's value, so
+    dS = P (dP - D) is exactly 0 when D = rowsum(dO * O) is rounded exactly as the dP = dO V^T
+    product rounds that element (on AMX: inside the tile instruction); dQ and dK are then
+    exactly 0. An ulp between the two, times the scale, would be the gradient."""
+    for t, s, n, k, h in [(37, 53, 4, 2, 40), (130, 300, 2, 2, 128), (64, 64, 3, 1, 96)]:
+        q, kk, v, dout = (jnp.asarray(rng.standard_normal(shape), dtype)
+                          for shape in ((1, t, n, h), (1, s, k, h), (1, s, k, h), (1, t, n, h)))
+        mask = np.zeros((1, 1, t, s), bool)
+        mask[0, 0, np.arange(t), rng.integers(0, s, t)] = True
+        attend = lambda q, kk, v: jaxattn.flash_attention(q, kk, v, mask=jnp.asarray(mask))
+        _, vjp = jax.vjp(attend, q, kk, v)
+        dq, dk, _ = vjp(dout)
+        assert not np.asarray(dq.astype(jnp.float32)).any(), (t, s, n, k, h)
+        assert not np.asarray(dk.astype(jnp.float32)).any(), (t, s, n, k, h)
+
+
 # --------------------------------------------------------------------------------------------
 # Out-of-bounds reads: memory past the logical sequence is NaN
 # --------------------------------------------------------------------------------------------

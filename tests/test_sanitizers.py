@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from isa_support import skip_reason as isa_skip_reason
+
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS_SOURCE = ROOT / "tests" / "cc"
 BUILD_DIR = ROOT / "build" / "sanitize"
@@ -69,8 +71,11 @@ def harness() -> Path:
     return binary
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "default"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx", "default"])
 def test_kernel_harness_under_asan_ubsan(harness: Path, isa: str) -> None:
+    reason = isa_skip_reason(isa) if isa != "default" else None
+    if reason:
+        pytest.skip(reason)
     env = dict(os.environ)
     env.pop("JAXATTN_ISA", None)
     if isa != "default":
@@ -82,4 +87,6 @@ def test_kernel_harness_under_asan_ubsan(harness: Path, isa: str) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-8000:]
     assert "0 failed, 0 failures" in output, output[-8000:]
+    if isa != "default":
+        assert f"isa={isa} " in output, output[-8000:]  # the forced set really ran
     assert "ERROR: AddressSanitizer" not in output and "runtime error:" not in output, output[-8000:]

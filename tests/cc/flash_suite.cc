@@ -479,6 +479,79 @@ Outputs Run(const Case& c, Buffers& x, const jaxattn::Parallel& parallel) {
   return o;
 }
 
+// The forward-mode kernel, by duality with the reference gradients: for tangents t of
+// (q, k, v) and the cotangents (dout, dlse), <jvp(t), (dout, dlse)> = <t, vjp(dout, dlse)>.
+// Tangent entries no output may depend on are NaN (dead rows, as the inputs'); serial and
+// threaded runs must agree bitwise.
+void CheckJvp(const Case& c, Buffers& x, const Outputs& primal, const Reference& r,
+              Random& rng, const jaxattn::Parallel& serial, const jaxattn::Parallel& threaded,
+              Failures* f) {
+  const Tensor* like[3] = {&x.q, &x.k, &x.v};
+  Tensor tangent[3];
+  for (int i = 0; i < 3; ++i) {
+    tangent[i] = Tensor(c.dtype, like[i]->dims);
+    for (int64_t e = 0; e < like[i]->count(); ++e) {
+      tangent[i].Set(e, std::isnan(like[i]->Get(e)) ? kNaN : rng.Normal());
+    }
+  }
+  jaxattn::FlashTangents t;
+  t.dq = tangent[0].data();
+  t.dk = tangent[1].data();
+  t.dv = tangent[2].data();
+  t.dq_batch = c.q_batch;
+  t.dk_batch = t.dv_batch = c.kv_batch;
+  const AttentionProblem p = MakeProblem(c, x);
+  Tensor dout[2], dlse[2];
+  for (int run = 0; run < 2; ++run) {
+    dout[run] = Tensor(c.dtype, {c.B, c.T, c.N, c.Hv});
+    dlse[run] = Tensor(DType::kF32, {c.B, c.T, c.N});
+    dout[run].Fill(0xff);  // NaN: every element must be written
+    dlse[run].Fill(0xff);
+    jaxattn::FlashJvp(p, t, primal.out.data(), static_cast<const float*>(primal.lse.data()),
+                      {dout[run].data(), static_cast<float*>(dlse[run].data())},
+                      run == 0 ? serial : threaded);
+  }
+  CompareBitwise("jvp dout", dout[0], dout[1], f);
+  CompareBitwise("jvp dlse", dlse[0], dlse[1], f);
+  // Both sides of the duality, skipping dead rows (NaN cotangents or tangents; their
+  // gradients and tangents are 0).
+  double lhs = 0, rhs = 0, magnitude = 0;
+  const auto accumulate = [&](double a, double b, double* sum) {
+    if (std::isnan(a) || std::isnan(b)) return;
+    *sum += a * b;
+    magnitude += std::fabs(a * b);
+  };
+  for (int64_t e = 0; e < dout[0].count(); ++e) {
+    accumulate(dout[0].Get(e), x.dout.Get(e), &lhs);
+  }
+  if (c.with_dlse) {
+    for (int64_t e = 0; e < dlse[0].count(); ++e) {
+      accumulate(dlse[0].Get(e), x.dlse.Get(e), &lhs);
+    }
+  }
+  const std::vector<double>* grads[3] = {&r.dq, &r.dk, &r.dv};
+  for (int i = 0; i < 3; ++i) {
+    // Gradients are per output batch; tangents per operand batch (read at b % batch).
+    const int64_t per_batch = tangent[i].count() / tangent[i].dims[0];
+    for (int64_t e = 0; e < static_cast<int64_t>(grads[i]->size()); ++e) {
+      const int64_t b = e / per_batch;
+      accumulate(tangent[i].Get((b % tangent[i].dims[0]) * per_batch + e % per_batch),
+                 (*grads[i])[e], &rhs);
+    }
+  }
+  for (int64_t e = 0; e < dout[0].count(); ++e) {
+    if (std::isnan(dout[0].Get(e)) && !std::isnan(x.dout.Get(e))) {
+      f->Add("jvp dout: NaN at a live row");
+      break;
+    }
+  }
+  const double tol = Tolerance(c, r, true) * (1 + magnitude);
+  if (!(std::fabs(lhs - rhs) <= tol)) {
+    f->Add("jvp duality: <jvp(t), ct> = " + std::to_string(lhs) + " but <t, vjp(ct)> = " +
+           std::to_string(rhs) + " (tolerance " + std::to_string(tol) + ")");
+  }
+}
+
 void RunCase(const Case& c, uint64_t seed, ThreadPool* pool, Failures* f) {
   Random rng(seed);
   Buffers x;
@@ -525,6 +598,7 @@ void RunCase(const Case& c, uint64_t seed, ThreadPool* pool, Failures* f) {
     Compare("dq", a.dq, r.dq, Tolerance(c, r, true), f);
     Compare("dk", a.dk, r.dk, Tolerance(c, r, true), f);
     Compare("dv", a.dv, r.dv, Tolerance(c, r, true), f);
+    CheckJvp(c, x, a, r, rng, serial, threaded, f);
   }
 }
 

@@ -144,6 +144,7 @@ struct Tensor {
     return n;
   }
   void* data() { return bytes.get(); }
+  const void* data() const { return bytes.get(); }
   void Set(int64_t i, double x) {
     const float f = static_cast<float>(x);
     switch (dtype) {
