@@ -111,6 +111,8 @@ def _inference_only(primitive, name: str):
 _quant_decode = _inference_only(_ffi.quant_decode_fwd_p, "jaxattn.decode_attention")
 _quant_paged_decode = _inference_only(_ffi.quant_paged_decode_fwd_p,
                                       "jaxattn.paged_decode_attention")
+forbid_forward_mode(_ffi.quant_decode_fwd_p, "jaxattn.decode_attention")
+forbid_forward_mode(_ffi.quant_paged_decode_fwd_p, "jaxattn.paged_decode_attention")
 
 
 def _check_query(query: Array) -> None:

@@ -350,3 +350,10 @@ def test_int8_error_against_unquantized_cache(rng):
     print("relative output error vs the float32 cache:", errors)
     assert errors["int8"] <= INT8_RELATIVE_ERROR_BOUND
     assert errors["int8"] < errors["e4m3"] < errors["e5m2"]
+
+
+def test_forward_mode_raises(rng):
+    q, kq, vq, ks, vs = make_cache(rng, 1, 1, 16, 2, 2, 16, 16, np.float32, jnp.int8)
+    f = lambda q: jaxattn.decode_attention(q, kq, vq, [16], key_scale=ks, value_scale=vs)
+    with pytest.raises(NotImplementedError):
+        jax.jvp(f, (q,), (q,))
