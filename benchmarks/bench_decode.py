@@ -5,7 +5,14 @@ the KV cache streamed per second (bytes of K and V below the lengths / time), co
 machine's copy bandwidth (numpy copy of 256 MiB, read + write bytes, measured here too).
 Ratios > 1 mean jaxattn is faster.
 
+Quantized caches (``--cache-dtypes int8 float8_e4m3fn``, on by default): a bfloat16 query
+against an int8 / float8 cache (with float32 scales per token and kv head), timed in turns
+with the same query against a bfloat16 cache and with a read of 1 GiB by every thread (numpy
+sums on a thread pool): the figures are the speedup over the bfloat16 cache and the share of
+that all-threads read bandwidth (cache bytes, scales included, per second).
+
     python benchmarks/bench_decode.py [--threads N] [--dtypes float32 bfloat16] [--quick]
+        [--cache-dtypes int8 float8_e4m3fn] [--only-quantized]
 
 ``--threads N`` pins the process to its first N CPUs before XLA starts its thread pool (XLA
 and PyTorch then use N threads); the table header reports the thread count used.
@@ -37,8 +44,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import (describe_machine, geomean, machine_figures, markdown_table,  # noqa: E402
-                    median_seconds, torch_or_none)
+from common import (describe_machine, geomean, interleaved_seconds,  # noqa: E402
+                    machine_figures, markdown_table, median_seconds, read_workload,
+                    torch_or_none)
 
 import jaxattn  # noqa: E402
 
@@ -151,6 +159,38 @@ def run_speed(shapes, dtypes, torch, copy_gbs: float) -> tuple[str, dict]:
     return markdown_table(headers, rows), summary
 
 
+def run_quantized(shapes, cache_dtypes, query_dtype: str = "bfloat16",
+                  read_mib: int = 1024) -> tuple[str, dict]:
+    """Quantized caches vs a cache in the query dtype and vs all-threads read bandwidth, timed
+    in turns (see the module docstring)."""
+    rows, summary = [], {}
+    read, read_bytes = read_workload(read_mib)
+    qdtype = jnp.dtype(query_dtype)
+    for shape in shapes:
+        q, kc, vc, lengths = inputs(shape, qdtype)
+        ours = jax.jit(jaxattn.decode_attention)
+        fns = {"read": read, query_dtype: lambda: ours(q, kc, vc, lengths)}
+        nbytes = {query_dtype: shape.kv_bytes(qdtype.itemsize)}
+        for name in cache_dtypes:
+            (kq, ks), (vq, vs) = jaxattn.quantize_kv(kc, name), jaxattn.quantize_kv(vc, name)
+            fns[name] = (lambda kq=kq, vq=vq, ks=ks, vs=vs:
+                         ours(q, kq, vq, lengths, key_scale=ks, value_scale=vs))
+            nbytes[name] = shape.kv_bytes(1) + 2 * ks.nbytes
+        times = interleaved_seconds(fns, min_seconds=2.0, min_runs=10)
+        read_gbs = read_bytes / times["read"] / 1e9
+        for name in (query_dtype, *cache_dtypes):
+            gbs = nbytes[name] / times[name] / 1e9
+            speedup = times[query_dtype] / times[name]
+            rows.append([name, str(shape), times[name] * 1e3, gbs, read_gbs, 100 * gbs / read_gbs,
+                         speedup])
+            summary[f"{shape} {name}"] = {"ms": times[name] * 1e3, "kv_gbs": gbs,
+                                          "read_gbs": read_gbs, "read_fraction": gbs / read_gbs,
+                                          f"x_{query_dtype}_cache": speedup}
+    headers = ["cache", "shape", "ms", "KV GB/s", "read GB/s (all threads)", "% of read",
+               f"x {query_dtype} cache"]
+    return markdown_table(headers, rows), summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None,
@@ -159,6 +199,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1, help="query tokens T (1..16)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--cache-dtypes", nargs="*", default=["int8", "float8_e4m3fn"],
+                        help="quantized caches timed against a bfloat16 cache (none: skip)")
+    parser.add_argument("--only-quantized", action="store_true",
+                        help="only the quantized-cache table")
     parser.add_argument("--json", help="write the summary here")
     args = parser.parse_args()
     threads = len(os.sched_getaffinity(0))
@@ -171,8 +215,16 @@ def main() -> None:
           f"1 thread numpy); torch: {torch.__version__ if torch else 'not installed'}\n")
     shapes = QUICK_SHAPES if args.quick else SHAPES
     shapes = tuple(Shape(s.b, s.s, s.n, s.k, s.h, args.tokens) for s in shapes)
-    table, summary = run_speed(shapes, args.dtypes, torch, fig["copy_gbs"])
-    print(table)
+    summary = {}
+    if not args.only_quantized:
+        table, summary = run_speed(shapes, args.dtypes, torch, fig["copy_gbs"])
+        print(table)
+    if args.cache_dtypes:
+        table, summary["quantized"] = run_quantized(shapes, args.cache_dtypes,
+                                                    read_mib=256 if args.quick else 1024)
+        print("\nQuantized caches (bfloat16 query), in turns with a bfloat16 cache and an "
+              "all-threads read:\n")
+        print(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": threads, "machine": fig, "summary": summary}, f, indent=1)

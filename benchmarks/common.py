@@ -136,6 +136,23 @@ def copy_workload(mib: int = 256) -> tuple[Callable[[], object], float]:
     return (lambda: np.copyto(dst, src)), 2.0 * src.nbytes
 
 
+def read_workload(mib: int = 1024, threads: int | None = None
+                  ) -> tuple[Callable[[], object], float]:
+    """A read of ``mib`` MiB (far beyond the caches) by ``threads`` threads (default: every
+    core of the process), and its bytes: each thread sums its contiguous slice with numpy,
+    which releases the GIL in the reduction, so the threads read in parallel. The memory is
+    written once first (no zero-page reads)."""
+    import concurrent.futures
+    threads = threads or len(os.sched_getaffinity(0))
+    data = np.ones(mib * 2**20 // 4, np.float32)
+    slices = np.array_split(data, threads)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
+
+    def read() -> float:
+        return sum(pool.map(np.sum, slices))
+    return read, float(data.nbytes)
+
+
 def copy_bandwidth() -> float:
     """Best numpy copy GB/s (read + write bytes) of 256 MiB."""
     fn, nbytes = copy_workload()

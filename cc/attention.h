@@ -15,6 +15,11 @@ namespace jaxattn {
 
 enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
+// Element type of a quantized KV cache (decoding only); kNone: the cache has the query's dtype.
+// int8 holds round(x / scale) with a float32 scale per (token, kv head); the float8 formats
+// hold x / scale (scale 1 when absent).
+enum class CacheQuant : int32_t { kNone = 0, kInt8 = 1, kF8E4M3 = 2, kF8E5M2 = 3 };
+
 // An optional operand broadcastable to [B, N, T, S]: each dim is 1 or full.
 struct Broadcast4 {
   const void* data = nullptr;  // nullptr: absent
@@ -143,6 +148,12 @@ struct DecodeAttentionProblem {
   float scale = 1.0f;
   float soft_cap = 0.0f;        // 0: off
   int64_t window_left = -1;     // -1: unbounded
+  // A quantized cache: key/value hold cache_quant elements, dequantised in registers as
+  // element * scale[row * K + kv head] with row the global row (page * page_size + offset),
+  // i.e. scales [num_pages, page_size, K]; nullptr: scale 1.
+  CacheQuant cache_quant = CacheQuant::kNone;
+  const float* key_scale = nullptr;
+  const float* value_scale = nullptr;
 };
 
 struct DecodeResult {

@@ -13,6 +13,7 @@
 
 #include "attention.h"
 #include "gated_linear.h"
+#include "cache.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -449,13 +450,37 @@ ffi::Error SparseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::A
   return ffi::Error::Success();
 }
 
+bool ToCacheQuant(ffi::DataType type, CacheQuant* quant) {
+  switch (type) {
+    case ffi::DataType::S8: *quant = CacheQuant::kInt8; return true;
+    case ffi::DataType::F8E4M3FN: *quant = CacheQuant::kF8E4M3; return true;
+    case ffi::DataType::F8E5M2: *quant = CacheQuant::kF8E5M2; return true;
+    default: return false;
+  }
+}
+
+// The scales of a quantized cache: [P, page, K] float32, or 0 elements (scale 1).
+ffi::Error DecodeCacheScale(const F32Buffer* scale, const char* name,
+                            const DecodeAttentionProblem& p, const float** out) {
+  if (scale == nullptr || scale->element_count() == 0) return ffi::Error::Success();
+  if (!HasShape(scale->dimensions(), {p.num_pages, p.page_size, p.num_kv_heads})) {
+    return InvalidArgument(std::string("decode: ") + name + " must have the cache's shape "
+                           "without its last axis, got " + ShapeString(scale->dimensions()));
+  }
+  *out = scale->typed_data();
+  return ffi::Error::Success();
+}
+
 // Decode: query [Bq,T,N,H]; key/value storage [P, page, K, H|Hv] (a contiguous cache is P = Bk
 // pages of page = Smax); block_tables [Bt, max_pages] (nullptr: contiguous); kv_lengths [Bl].
+// The quantized targets pass key_scale / value_scale (possibly empty); the others nullptr.
 ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
                      const ffi::AnyBuffer& key, const ffi::AnyBuffer& value,
                      const S32Buffer* block_tables, const S32Buffer& kv_lengths,
                      ffi::Result<ffi::AnyBuffer>& out, F32Result& lse, float scale,
-                     float soft_cap, int64_t window_left, bool strict_lengths) {
+                     float soft_cap, int64_t window_left, bool strict_lengths,
+                     const F32Buffer* key_scale = nullptr,
+                     const F32Buffer* value_scale = nullptr) {
   const auto q = query.dimensions(), k = key.dimensions(), v = value.dimensions();
   const auto od = out->dimensions();
   if (q.size() != 4 || k.size() != 4 || v.size() != 4 || od.size() != 4) {
@@ -463,9 +488,20 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
                            ShapeString(q) + ", " + ShapeString(k) + ", " + ShapeString(v));
   }
   DecodeAttentionProblem p;
-  if (!ToDType(query.element_type(), &p.dtype) || key.element_type() != query.element_type() ||
-      value.element_type() != query.element_type() ||
-      out->element_type() != query.element_type()) {
+  const bool quantized = key_scale != nullptr;
+  if (quantized) {
+    if (!ToDType(query.element_type(), &p.dtype) ||
+        out->element_type() != query.element_type() ||
+        !ToCacheQuant(key.element_type(), &p.cache_quant) ||
+        value.element_type() != key.element_type()) {
+      return InvalidArgument("decode: a quantized cache must be int8, float8_e4m3fn or "
+                             "float8_e5m2 (keys and values alike) with a float32, bfloat16 or "
+                             "float16 query");
+    }
+  } else if (!ToDType(query.element_type(), &p.dtype) ||
+             key.element_type() != query.element_type() ||
+             value.element_type() != query.element_type() ||
+             out->element_type() != query.element_type()) {
     return InvalidArgument("decode: query and caches must share one of float32, bfloat16, "
                            "float16");
   }
@@ -508,6 +544,17 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
   p.window_left = window_left;
   if (const char* message = ValidateDecodeProblem(p)) {
     return InvalidArgument(std::string("decode: ") + message);
+  }
+  if (quantized) {
+    if (value_batch_differs) {  // the scales are indexed by the key cache's rows
+      return InvalidArgument("decode: a quantized value cache must have the key cache's batch");
+    }
+    if (auto e = DecodeCacheScale(key_scale, "key_scale", p, &p.key_scale); e.failure()) {
+      return e;
+    }
+    if (auto e = DecodeCacheScale(value_scale, "value_scale", p, &p.value_scale); e.failure()) {
+      return e;
+    }
   }
   if (!HasShape(od, {p.batch, p.q_len, p.num_heads, p.value_dim}) ||
       !HasShape(lse->dimensions(), {p.batch, p.q_len, p.num_heads})) {
@@ -573,6 +620,60 @@ ffi::Error PagedDecodeForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                     bool strict_lengths) {
   return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, out, lse,
                    scale, soft_cap, window_left, strict_lengths);
+}
+
+// Quantized caches: the _v2 targets plus key_scale and value_scale after the caches.
+ffi::Error QuantDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
+                                  ffi::AnyBuffer key, ffi::AnyBuffer value, F32Buffer key_scale,
+                                  F32Buffer value_scale, S32Buffer kv_lengths,
+                                  ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
+                                  float soft_cap, int64_t window_left, bool strict_lengths) {
+  return DecodeRun(pool, query, key, value, nullptr, kv_lengths, out, lse, scale, soft_cap,
+                   window_left, strict_lengths, &key_scale, &value_scale);
+}
+
+ffi::Error QuantPagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
+                                       ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
+                                       F32Buffer key_scale, F32Buffer value_scale,
+                                       S32Buffer block_tables, S32Buffer kv_lengths,
+                                       ffi::Result<ffi::AnyBuffer> out, F32Result lse,
+                                       float scale, float soft_cap, int64_t window_left,
+                                       bool strict_lengths) {
+  return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, out, lse,
+                   scale, soft_cap, window_left, strict_lengths, &key_scale, &value_scale);
+}
+
+// Cache writes: pool [P, L, ...] (aliased to the result: in place under buffer donation),
+// rows [B, T, ...] of the pool's dtype and trailing shape, pages and slots [B, T] int32.
+ffi::Error CacheWriteImpl(ffi::AnyBuffer pool, ffi::AnyBuffer rows, S32Buffer pages,
+                          S32Buffer slots, ffi::Result<ffi::AnyBuffer> out) {
+  const auto pd = pool.dimensions(), rd = rows.dimensions();
+  if (pd.size() < 2 || rd.size() != pd.size() || rows.element_type() != pool.element_type() ||
+      out->element_type() != pool.element_type() ||
+      !std::equal(pd.begin() + 2, pd.end(), rd.begin() + 2) ||
+      out->dimensions().size() != pd.size() ||
+      !std::equal(pd.begin(), pd.end(), out->dimensions().begin())) {
+    return InvalidArgument("cache write: rows " + ShapeString(rd) + " do not fit the cache " +
+                           ShapeString(pd));
+  }
+  const int64_t count = rd[0] * rd[1];
+  if (pages.element_count() != count || slots.element_count() != count) {
+    return InvalidArgument("cache write: pages and slots must have one entry per row");
+  }
+  CacheRowWrite w;
+  w.num_pages = pd[0];
+  w.page_size = pd[1];
+  w.row_bytes = w.num_pages * w.page_size == 0
+                    ? 0 : static_cast<int64_t>(pool.size_bytes()) / (w.num_pages * w.page_size);
+  w.pool = out->untyped_data();
+  // XLA hands the aliased operand's buffer in as the result (copied first unless donated).
+  if (w.pool != pool.untyped_data()) std::memcpy(w.pool, pool.untyped_data(), pool.size_bytes());
+  w.rows = rows.untyped_data();
+  w.pages = pages.typed_data();
+  w.slots = slots.typed_data();
+  w.count = count;
+  WriteCacheRows(w);
+  return ffi::Error::Success();
 }
 
 template <typename Binding>
@@ -730,6 +831,38 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                             .Arg<ffi::AnyBuffer>()     // value_pages
                             .Arg<S32Buffer>()          // block_tables
                             .Arg<S32Buffer>()));       // kv_lengths
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    CacheWriteHandler, CacheWriteImpl,
+    ffi::Ffi::Bind()
+        .Arg<ffi::AnyBuffer>()     // pool [P, L, ...] (aliased to the result)
+        .Arg<ffi::AnyBuffer>()     // rows [B, T, ...]
+        .Arg<S32Buffer>()          // pages [B, T]
+        .Arg<S32Buffer>()          // slots [B, T]
+        .Ret<ffi::AnyBuffer>());   // the pool
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    QuantDecodeForwardHandler, QuantDecodeForwardImpl,
+    BindDecodeResultsV2(ffi::Ffi::Bind()
+                          .Ctx<ffi::ThreadPool>()
+                          .Arg<ffi::AnyBuffer>()     // query
+                          .Arg<ffi::AnyBuffer>()     // key_cache (int8 / float8)
+                          .Arg<ffi::AnyBuffer>()     // value_cache
+                          .Arg<F32Buffer>()          // key_scale (0 elements: 1)
+                          .Arg<F32Buffer>()          // value_scale
+                          .Arg<S32Buffer>()));       // kv_lengths
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    QuantPagedDecodeForwardHandler, QuantPagedDecodeForwardImpl,
+    BindDecodeResultsV2(ffi::Ffi::Bind()
+                          .Ctx<ffi::ThreadPool>()
+                          .Arg<ffi::AnyBuffer>()     // query
+                          .Arg<ffi::AnyBuffer>()     // key_pages (int8 / float8)
+                          .Arg<ffi::AnyBuffer>()     // value_pages
+                          .Arg<F32Buffer>()          // key_scale (0 elements: 1)
+                          .Arg<F32Buffer>()          // value_scale
+                          .Arg<S32Buffer>()          // block_tables
+                          .Arg<S32Buffer>()));       // kv_lengths
 
 }  // namespace jaxattn
 
@@ -920,6 +1053,10 @@ std::vector<FfiTarget> FfiTargets() {
       {"jaxattn_paged_decode_fwd_v1", reinterpret_cast<void*>(PagedDecodeForwardHandler)},
       {"jaxattn_decode_fwd_v2", reinterpret_cast<void*>(DecodeForwardV2Handler)},
       {"jaxattn_paged_decode_fwd_v2", reinterpret_cast<void*>(PagedDecodeForwardV2Handler)},
+      {"jaxattn_quant_decode_fwd_v1", reinterpret_cast<void*>(QuantDecodeForwardHandler)},
+      {"jaxattn_quant_paged_decode_fwd_v1",
+       reinterpret_cast<void*>(QuantPagedDecodeForwardHandler)},
+      {"jaxattn_cache_write_v1", reinterpret_cast<void*>(CacheWriteHandler)},
       {"jaxattn_sparse_fwd_v1", reinterpret_cast<void*>(SparseForwardHandler)},
       {"jaxattn_sparse_bwd_v1", reinterpret_cast<void*>(SparseBackwardHandler)},
       {"jaxattn_gla_fwd_v1", reinterpret_cast<void*>(GatedLinearForwardHandler)},

@@ -14,6 +14,7 @@ except ImportError as _error:
 from jaxattn import masks
 from jaxattn._export import export_disabled_checks
 from jaxattn._ffi import available_kernel_isas, kernel_isa, kernel_isas
+from jaxattn.cache import dequantize_kv, quantize_kv, update_kv_cache, update_paged_kv_cache
 from jaxattn.decode import decode_attention, merge_attention_states, paged_decode_attention
 from jaxattn.flash import flash_attention
 from jaxattn.linear import gated_linear_attention
@@ -27,6 +28,7 @@ __all__ = [
     "available_kernel_isas",
     "block_sparse_attention",
     "decode_attention",
+    "dequantize_kv",
     "export_disabled_checks",
     "flash_attention",
     "gated_linear_attention",
@@ -35,5 +37,8 @@ __all__ = [
     "masks",
     "merge_attention_states",
     "paged_decode_attention",
+    "quantize_kv",
     "sequence_parallel_attention",
+    "update_kv_cache",
+    "update_paged_kv_cache",
 ]

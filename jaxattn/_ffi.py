@@ -259,19 +259,23 @@ def _paged_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
                              dims: Sequence[int | None], **params):
     """Folds the vmapped axis into the batch of query, block_tables and kv_lengths.
 
-    Shared (unmapped) pages are left alone. Mapped pages (one pool per vmapped instance) are
-    concatenated into one pool of V*P pages and instance v's page ids are shifted by v*P;
-    out-of-range ids stay out of range (-1) so that the kernel still rejects them.
+    The operands between the query and the block tables are page pools (pages, and the scales
+    of quantized pages; an empty one is absent). Shared (unmapped) pools are left alone. When
+    any pool is mapped (one pool per vmapped instance), every pool is concatenated into one of
+    V*P pages and instance v's page ids are shifted by v*P; out-of-range ids stay out of range
+    (-1) so that the kernel still rejects them.
     """
-    q, key_pages, value_pages, block_tables, kv_lengths = args
-    q_dim, k_dim, v_dim, bt_dim, len_dim = dims
+    q, *pools, block_tables, kv_lengths = args
+    q_dim, *pool_dims, bt_dim, len_dim = dims
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    if k_dim is not None or v_dim is not None:
+    if any(d is not None for d in pool_dims):
         def mapped(x, d):
+            if x.size == 0 and d is None:
+                return x, None
             x = jnp.moveaxis(x, d, 0) if d is not None else jnp.broadcast_to(x, (size,) + x.shape)
             return x.reshape((-1,) + x.shape[2:]), x.shape[1]
-        key_pages, num_pages = mapped(key_pages, k_dim)
-        value_pages, _ = mapped(value_pages, v_dim)
+        pools, pool_sizes = zip(*(mapped(x, d) for x, d in zip(pools, pool_dims)))
+        num_pages = pool_sizes[0]
         if bt_dim is None:
             block_tables = jnp.broadcast_to(block_tables, (size,) + block_tables.shape)
         else:
@@ -282,8 +286,32 @@ def _paged_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
         bt_dim = 0
     (q, block_tables, kv_lengths), _ = _fold_operands((q, block_tables, kv_lengths),
                                                       (q_dim, bt_dim, len_dim))
-    outs = prim.bind(q, key_pages, value_pages, block_tables, kv_lengths, **params)
+    outs = prim.bind(q, *pools, block_tables, kv_lengths, **params)
     return _unfold_results(prim.multiple_results, outs, size)
+
+
+def _quant_decode_abstract(q, k, v, key_scale, value_scale, kv_lengths, **_):
+    return _decode_abstract(q, k, v, kv_lengths)
+
+
+def _quant_paged_decode_abstract(q, key_pages, value_pages, key_scale, value_scale,
+                                 block_tables, kv_lengths, **_):
+    return _paged_decode_abstract(q, key_pages, value_pages, block_tables, kv_lengths)
+
+
+def _quant_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
+                             dims: Sequence[int | None], **params):
+    """The folding rule, with the caches and their scales mapped together: the kernel reads
+    them all at one batch index, so when one is mapped the others are broadcast alike."""
+    args, dims = list(args), list(dims)
+    cache = [i for i in (1, 2, 3, 4) if args[i].size]
+    mapped = [i for i in cache if dims[i] is not None]
+    if mapped and len(mapped) < len(cache):
+        size = args[mapped[0]].shape[dims[mapped[0]]]
+        for i in cache:
+            if dims[i] is None:
+                args[i], dims[i] = jnp.broadcast_to(args[i], (size,) + args[i].shape), 0
+    return _fold_batch_rule(prim, args, dims, **params)
 
 
 # Operands: query [B,T,N,H], key_cache [B,Smax,K,H], value_cache [B,Smax,K,Hv] (key and value
@@ -296,6 +324,16 @@ decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v2", _decode_ab
 paged_decode_fwd_p = _define("jaxattn_paged_decode_fwd", "jaxattn_paged_decode_fwd_v2",
                              _paged_decode_abstract, batch_rule=_paged_decode_batch_rule,
                              axes="btnh,pskh,pskd,bm,b->btnd,btn", partition="h")  # P is no batch
+
+# Quantized caches (int8, float8_e4m3fn, float8_e5m2): the operands above plus key_scale and
+# value_scale after the caches, float32 [B,Smax,K] / [P,page,K] or empty (scale 1).
+quant_decode_fwd_p = _define("jaxattn_quant_decode_fwd", "jaxattn_quant_decode_fwd_v1",
+                             _quant_decode_abstract, batch_rule=_quant_decode_batch_rule,
+                             axes="btnh,bskh,bskd,bsk,bsk,b->btnd,btn")
+quant_paged_decode_fwd_p = _define(
+    "jaxattn_quant_paged_decode_fwd", "jaxattn_quant_paged_decode_fwd_v1",
+    _quant_paged_decode_abstract, batch_rule=_paged_decode_batch_rule,
+    axes="btnh,pskh,pskd,psk,psk,bm,b->btnd,btn", partition="h")
 
 
 def decode_attrs(scale: float, soft_cap: float | None, window_left: int | None,
@@ -388,3 +426,35 @@ gla_fwd_p = _define("jaxattn_gla_fwd", "jaxattn_gla_fwd_v1", _gla_fwd_abstract,
 gla_bwd_p = _define("jaxattn_gla_bwd", "jaxattn_gla_bwd_v1", _gla_bwd_abstract,
                     full_batch=(5, 6),
                     axes=f"{_GLA_OPERANDS},btnd,bnhd->btnh,btnh,btnd,btnh,bnhd")
+
+
+# Cache writes. Operands: pool [P, L, ...] (any dtype), rows [B, T, ...] of the pool's dtype
+# and trailing shape, pages and slots [B, T] int32 (out of range: the row is skipped). Result:
+# the pool, aliased to operand 0, so that XLA updates a donated cache in place. (XLA's own
+# scatter widens bfloat16 and float8 operands to float32 and back on the CPU: two conversions
+# of the whole cache per write.)
+cache_write_p = Primitive("jaxattn_cache_write")
+cache_write_p.def_impl(partial(xla.apply_primitive, cache_write_p))
+cache_write_p.def_abstract_eval(lambda pool, rows, pages, slots: pool.update(
+    shape=pool.shape, dtype=pool.dtype))
+mlir.register_lowering(cache_write_p, jax.ffi.ffi_lowering(
+    "jaxattn_cache_write_v1", operand_output_aliases={0: 0}), platform="cpu")
+
+
+def _cache_write_batch_rule(args, dims):
+    """One pool of V*P pages: instance v's page ids are shifted by v*P (out-of-range ids stay
+    out of range); an unmapped pool is broadcast first (each instance writes its own copy)."""
+    pool, rows, pages, slots = args
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    move = lambda x, d: (jnp.moveaxis(x, d, 0) if d is not None
+                         else jnp.broadcast_to(x, (size,) + x.shape))
+    pool, rows, pages, slots = (move(x, d) for x, d in zip(args, dims))
+    num_pages = pool.shape[1]
+    offset = (jnp.arange(size, dtype=jnp.int32) * num_pages)[:, None, None]
+    pages = jnp.where((pages >= 0) & (pages < num_pages), pages + offset, -1)
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+    out = cache_write_p.bind(flat(pool), flat(rows), flat(pages), flat(slots))
+    return out.reshape(pool.shape), 0
+
+
+batching.primitive_batchers[cache_write_p] = _cache_write_batch_rule

@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxattn import _ffi
 from jaxattn._autodiff import check_reverse_mode_only, forbid_forward_mode
+from jaxattn.cache import QUANTIZED_CACHE_DTYPES
 from jaxattn._validation import (
     any_zero,
     as_array,
@@ -92,6 +93,28 @@ forbid_forward_mode(_ffi.decode_fwd_p, "jaxattn.decode_attention")
 forbid_forward_mode(_ffi.paged_decode_fwd_p, "jaxattn.paged_decode_attention")
 
 
+def _inference_only(primitive, name: str):
+    """``f(options, operands)`` binding ``primitive``, raising under ``jax.grad`` (as above)."""
+    @partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def call(options: _Options, operands: tuple):
+        return tuple(primitive.bind(*operands, **options.attrs()))
+
+    def bwd(options, residuals, cotangents):
+        raise NotImplementedError(_NOT_DIFFERENTIABLE.format(name=name))
+
+    call.defvjp(lambda options, operands: (call(options, operands), None), bwd)
+    return call
+
+
+# Quantized caches: operands (q, key, value, key_scale, value_scale[, block_tables],
+# kv_lengths).
+_quant_decode = _inference_only(_ffi.quant_decode_fwd_p, "jaxattn.decode_attention")
+_quant_paged_decode = _inference_only(_ffi.quant_paged_decode_fwd_p,
+                                      "jaxattn.paged_decode_attention")
+forbid_forward_mode(_ffi.quant_decode_fwd_p, "jaxattn.decode_attention")
+forbid_forward_mode(_ffi.quant_paged_decode_fwd_p, "jaxattn.paged_decode_attention")
+
+
 def _check_query(query: Array) -> None:
     if query.ndim != 4:
         raise ValueError(f"query must have shape [B, T, N, H], got {query.shape}")
@@ -106,12 +129,20 @@ def _check_query(query: Array) -> None:
 
 def _check_kv(query: Array, key: Array, value: Array, key_name: str, value_name: str,
               layout: str) -> None:
-    """Checks key/value storage of layout [X, L, K, H] / [X, L, K, Hv] against the query."""
+    """Checks key/value storage of layout [X, L, K, H] / [X, L, K, Hv] against the query.
+
+    The storage has the query's dtype, or is a quantized cache (int8 / float8, keys and values
+    alike) whatever the query's dtype."""
     for x, name in ((key, key_name), (value, value_name)):
         if x.ndim != 4:
             raise ValueError(f"{name} must have shape {layout}, got {x.shape}")
-        check_dtype(x, name)
-    if not query.dtype == key.dtype == value.dtype:
+        if x.dtype not in QUANTIZED_CACHE_DTYPES:
+            check_dtype(x, name)
+    if key.dtype in QUANTIZED_CACHE_DTYPES or value.dtype in QUANTIZED_CACHE_DTYPES:
+        if key.dtype != value.dtype:
+            raise TypeError(f"a quantized {key_name} and {value_name} must share one dtype, got "
+                            f"{key.dtype}, {value.dtype}")
+    elif not query.dtype == key.dtype == value.dtype:
         raise TypeError(f"query, {key_name} and {value_name} must share one dtype, got "
                         f"{query.dtype}, {key.dtype}, {value.dtype}")
     if key.shape[:3] != value.shape[:3]:
@@ -128,6 +159,35 @@ def _check_kv(query: Array, key: Array, value: Array, key_name: str, value_name:
         raise ValueError(f"{value_name} head dim must be positive, got {value.shape}")
     if max(query.shape[3], value.shape[3]) > 1024:
         raise ValueError("head dims above 1024 are not supported")
+
+
+def _check_scales(key: Array, key_scale: Any, value_scale: Any, key_name: str,
+                  value_name: str) -> tuple[Array, Array] | None:
+    """The scales of a quantized cache as float32 [X, L, K] (empty: 1), or None for a cache
+    in the query's dtype (which takes no scales)."""
+    names = ("key_scale", "value_scale")
+    if key.dtype not in QUANTIZED_CACHE_DTYPES:
+        for x, name in zip((key_scale, value_scale), names):
+            if x is not None:
+                raise ValueError(f"{name} is only for quantized caches (int8, float8), but "
+                                 f"{key_name} is {key.dtype}")
+        return None
+    scales = []
+    for x, name in zip((key_scale, value_scale), names):
+        if x is None:
+            if key.dtype == jnp.int8:
+                raise ValueError(f"an int8 cache needs {name} (float32 {list(key.shape[:3])}, "
+                                 f"from jaxattn.quantize_kv)")
+            scales.append(jnp.zeros((0,), jnp.float32))
+            continue
+        x = as_array(x, name)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+        if x.shape != key.shape[:3]:
+            raise ValueError(f"{name} must have the shape of {key_name} without its last axis, "
+                             f"{list(key.shape[:3])}, got {list(x.shape)}")
+        scales.append(x.astype(jnp.float32))
+    return scales[0], scales[1]
 
 
 def _check_kv_lengths(kv_lengths: Any, batch: int) -> Array:
@@ -184,6 +244,8 @@ def decode_attention(
     logits_soft_cap: float | None = None,
     return_residual: bool = False,
     strict_lengths: bool = False,
+    key_scale: Any = None,
+    value_scale: Any = None,
 ) -> Array | tuple[Array, Array]:
     """Attention of the newest T tokens against a contiguous KV cache (split-KV decoding).
 
@@ -193,9 +255,11 @@ def decode_attention(
 
     Args:
       query: ``[B, T, N, H]`` with ``1 <= T <= 16``; float32, bfloat16 or float16.
-      key_cache: ``[B, Smax, K, H]`` in the query dtype, ``N % K == 0`` (query head ``n`` uses
-        kv head ``n // (N // K)``; ``K = 1`` is multi-query attention).
-      value_cache: ``[B, Smax, K, Hv]``.
+      key_cache: ``[B, Smax, K, H]`` in the query dtype, or a quantized cache (``int8``,
+        ``float8_e4m3fn`` or ``float8_e5m2``, see ``jaxattn.quantize_kv``) whatever the query
+        dtype; ``N % K == 0`` (query head ``n`` uses kv head ``n // (N // K)``; ``K = 1`` is
+        multi-query attention).
+      value_cache: ``[B, Smax, K, Hv]``, of the key cache's dtype.
       kv_lengths: int ``[B]``: the number of valid cache entries of each sequence, including
         the T new tokens. Values are clamped to ``[0, Smax]`` (never read out of bounds); a
         sequence shorter than T has query rows that see nothing (output 0, lse ``-inf``).
@@ -208,6 +272,10 @@ def decode_attention(
       strict_lengths: when True, a ``kv_lengths`` value outside ``[0, Smax]`` is an error at
         run time (``JaxRuntimeError``, also under ``jit``) instead of being clamped: a KV cache
         written past its end must never be attended to as if it were complete.
+      key_scale, value_scale: quantized caches only: float32 ``[B, Smax, K]``, the scale of
+        each (token, kv head) row: the cache stands for ``key_cache * key_scale[..., None]``
+        (dequantised in registers while streaming, never copied). Required for int8;
+        optional (default 1) for float8.
 
     Returns:
       ``[B, T, N, Hv]`` in the query dtype (and the lse when ``return_residual``). A row with
@@ -226,11 +294,15 @@ def decode_attention(
     b = query.shape[0]
     if key_cache.shape[0] != b:
         raise ValueError(f"key_cache batch {key_cache.shape[0]} must equal the query batch {b}")
+    scales = _check_scales(key_cache, key_scale, value_scale, "key_cache", "value_cache")
     kv_lengths = _check_kv_lengths(kv_lengths, b)
     options = _options(query, scale, local_window_size, logits_soft_cap, strict_lengths)
     return_residual = check_bool(return_residual, "return_residual")
     if any_zero(b, key_cache.shape[1]):
         return _empty_result(query, value_cache.shape[3], return_residual)
+    if scales is not None:
+        out, lse = _quant_decode(options, (query, key_cache, value_cache, *scales, kv_lengths))
+        return _finish(out, lse, return_residual)
     out, lse = _decode(options, query, key_cache, value_cache, kv_lengths)
     return _finish(out, lse, return_residual)
 
@@ -247,6 +319,8 @@ def paged_decode_attention(
     logits_soft_cap: float | None = None,
     return_residual: bool = False,
     strict_lengths: bool = False,
+    key_scale: Any = None,
+    value_scale: Any = None,
 ) -> Array | tuple[Array, Array]:
     """``decode_attention`` over a paged (vLLM-style) KV cache.
 
@@ -256,8 +330,9 @@ def paged_decode_attention(
 
     Args:
       query: ``[B, T, N, H]`` with ``1 <= T <= 16``.
-      key_pages: ``[P, page_size, K, H]``, the page pool, in the query dtype.
-      value_pages: ``[P, page_size, K, Hv]``.
+      key_pages: ``[P, page_size, K, H]``, the page pool, in the query dtype or quantized
+        (as in ``decode_attention``).
+      value_pages: ``[P, page_size, K, Hv]``, of the key pages' dtype.
       block_tables: int ``[B, max_pages]``: the page ids of each sequence, in order. Only the
         first ``ceil(kv_lengths[b] / page_size)`` entries are read; the rest may hold anything
         (for example -1). A page id outside ``[0, P)`` among the entries read is an error: the
@@ -266,6 +341,8 @@ def paged_decode_attention(
         ``strict_lengths``, a value outside that range is a run-time error).
       scale, local_window_size, logits_soft_cap, return_residual, strict_lengths: as in
         ``decode_attention``.
+      key_scale, value_scale: quantized pages only: float32 ``[P, page_size, K]`` (as in
+        ``decode_attention``).
 
     Returns:
       As ``decode_attention``: equal to it on the same data laid out contiguously.
@@ -282,12 +359,17 @@ def paged_decode_attention(
     _check_kv(query, key_pages, value_pages, "key_pages", "value_pages",
               "[P, page_size, K, H]")
     b = query.shape[0]
+    scales = _check_scales(key_pages, key_scale, value_scale, "key_pages", "value_pages")
     block_tables = _check_block_tables(block_tables, b)
     kv_lengths = _check_kv_lengths(kv_lengths, b)
     options = _options(query, scale, local_window_size, logits_soft_cap, strict_lengths)
     return_residual = check_bool(return_residual, "return_residual")
     if any_zero(b, *key_pages.shape[:2], block_tables.shape[1]):
         return _empty_result(query, value_pages.shape[3], return_residual)
+    if scales is not None:
+        out, lse = _quant_paged_decode(options, (query, key_pages, value_pages, *scales,
+                                                 block_tables, kv_lengths))
+        return _finish(out, lse, return_residual)
     out, lse = _paged_decode(options, query, key_pages, value_pages, block_tables, kv_lengths)
     return _finish(out, lse, return_residual)
 

@@ -157,42 +157,65 @@ def _lengths(*values: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+def _quantized_cache(k: np.ndarray, v: np.ndarray, cache_dtype: Any):
+    """(keys, values, key scales, value scales) of a quantized cache, as NumPy arrays."""
+    (kq, ks), (vq, vs) = (jaxattn.quantize_kv(x, cache_dtype) for x in (k, v))
+    return tuple(np.asarray(x) for x in (kq, vq, ks, vs))
+
+
 def decode_case(name: str, shape: Shape, dtype: np.dtype, lengths: np.ndarray, *,
                 page_size: int | None = None, table_padding: int = 0, seed: int = 0,
-                **options: Any) -> OpCase:
+                cache_dtype: Any = None, **options: Any) -> OpCase:
     """``decode_attention`` (``shape.q_len`` new tokens against a cache of ``shape.kv_len``),
     or with ``page_size`` ``paged_decode_attention`` on the same cache in shuffled pages
-    (block tables padded with ``table_padding`` entries of -1)."""
+    (block tables padded with ``table_padding`` entries of -1). With ``cache_dtype`` (int8,
+    float8) the cache is quantized (``jaxattn.quantize_kv``) and the oracle sees the
+    dequantised cache."""
 
     def make_args() -> tuple[Any, ...]:
         rng = np.random.default_rng(seed)
         inputs = random_inputs(rng, shape, dtype)
         q, k, v = inputs["query"], inputs["key"], inputs["value"]
+        scales: tuple[np.ndarray, ...] = ()
+        if cache_dtype is not None:
+            k, v, *scales = _quantized_cache(k, v, cache_dtype)
         if page_size is None:
-            return q, k, v, lengths
+            return (q, k, v, lengths, *scales)
         per = -(-shape.kv_len // page_size)
         pages = shape.batch * per + 1  # one spare page, never referenced
         order = rng.permutation(pages)[: shape.batch * per].reshape(shape.batch, per)
-        pool_k = np.full((pages, page_size) + k.shape[2:], np.nan, dtype)
-        pool_v = np.full((pages, page_size) + v.shape[2:], np.nan, dtype)
+        # Rows past the cache hold NaN (int8: -128 with a NaN scale): never read.
+        fill = -128 if k.dtype == np.int8 else np.nan
+        pool_k = np.full((pages, page_size) + k.shape[2:], fill, k.dtype)
+        pool_v = np.full((pages, page_size) + v.shape[2:], fill, v.dtype)
+        pool_s = [np.full((pages, page_size) + k.shape[2:3], np.nan, np.float32) for _ in scales]
         for b in range(shape.batch):
             for i in range(per):
                 rows = slice(i * page_size, min(shape.kv_len, (i + 1) * page_size))
                 pool_k[order[b, i], : rows.stop - rows.start] = k[b, rows]
                 pool_v[order[b, i], : rows.stop - rows.start] = v[b, rows]
+                for pool, x in zip(pool_s, scales):
+                    pool[order[b, i], : rows.stop - rows.start] = x[b, rows]
         tables = np.full((shape.batch, per + table_padding), -1, np.int32)
         tables[:, :per] = order
-        return q, pool_k, pool_v, tables, lengths
+        return (q, pool_k, pool_v, tables, lengths, *pool_s)
 
     def fn(*args: Any) -> dict[str, jax.Array]:
         attend = jaxattn.decode_attention if page_size is None else jaxattn.paged_decode_attention
-        out, lse = attend(*args, **options, return_residual=True)
+        scales = {}
+        if cache_dtype is not None:
+            *args, scales["key_scale"], scales["value_scale"] = args
+        out, lse = attend(*args, **options, **scales, return_residual=True)
         return {"out": out, "lse": lse}
 
     def check(args: tuple[Any, ...], outputs: Outputs) -> None:
         rng = np.random.default_rng(seed)
         inputs = random_inputs(rng, shape, dtype)
         q, k, v = inputs["query"], inputs["key"], inputs["value"]
+        if cache_dtype is not None:  # the cache the kernel reads, dequantised exactly
+            kq, vq, ks, vs = _quantized_cache(k, v, cache_dtype)
+            k = kq.astype(np.float64) * ks[..., None]
+            v = vq.astype(np.float64) * vs[..., None]
         mask = decode_visibility(lengths, shape.q_len, shape.kv_len,
                                  options.get("local_window_size"))
         cap = {"logits_soft_cap": options["logits_soft_cap"]} if "logits_soft_cap" in options else {}
@@ -269,5 +292,13 @@ CASES: list[OpCase] = [
     # A block table padded far past the lengths (issue 13): partitions follow the lengths.
     decode_case("paged_decode_f32_padded_table", Shape(3, 2, 1500, 8, 2, 32), F32,
                 _lengths(1500, 40, 777), page_size=16, table_padding=20000, seed=9),
+    # Quantized caches (int8, float8), contiguous and paged.
+    decode_case("decode_bf16_int8_cache_long", Shape(2, 1, 4096, 8, 2, 64), BF16,
+                _lengths(4096, 1777), cache_dtype=jnp.int8, seed=10),
+    decode_case("paged_decode_f32_e4m3_cache_t3_window", Shape(2, 3, 2000, 4, 1, 48), F32,
+                _lengths(2000, 999), page_size=16, cache_dtype=jnp.float8_e4m3fn,
+                local_window_size=600, logits_soft_cap=20.0, seed=11),
+    decode_case("paged_decode_f16_e5m2_cache_page5", Shape(1, 2, 900, 8, 4, 40), F16,
+                _lengths(851), page_size=5, cache_dtype=jnp.float8_e5m2, seed=12),
 ]
 CASES_BY_NAME: dict[str, OpCase] = {case.name: case for case in CASES}

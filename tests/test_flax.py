@@ -649,3 +649,79 @@ def test_submodules_reachable_from_the_package():
     assert package.linen.FlashSelfAttention.__module__ == "jaxattn.flax.linen"
     with pytest.raises(AttributeError, match="no attribute 'missing'"):
         package.missing  # noqa: B018  (the access itself must raise)
+
+
+
+# ------------------------------------------------------------------ quantized KV caches
+
+
+def _quantized_reference(project, x, cache_dtype):
+    """The layer's output when its keys and values pass through quantize_kv / dequantize_kv
+    (what a quantized cache stores), by the float64 oracle: ``project(name, x)`` applies the
+    layer's ``query``/``key``/``value``/``out`` projections."""
+    q, k, v = (project(name, x) for name in ("query", "key", "value"))
+    positions = jnp.arange(x.shape[1])
+    q, k = _common.apply_rope(q, positions, 10000.0), _common.apply_rope(k, positions, 10000.0)
+    deq = lambda t: np.asarray(jaxattn.dequantize_kv(*jaxattn.quantize_kv(t, cache_dtype)))
+    y, _ = attention_reference(np.asarray(q), deq(k), deq(v), is_causal=True)
+    return project("out", jnp.asarray(y, jnp.float32))
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2],
+                         ids=["int8", "e4m3", "e5m2"])
+@pytest.mark.parametrize("chunks", [(20, 1, 1), (1,) * 6, (9, 3, 10)])
+def test_nnx_quantized_cache_prefill_then_decode(rng, cache_dtype, chunks):
+    """A prompt prefilled in one call (T = 20 > 16: flash over the dequantised cache; T <= 16:
+    the decode kernel on the quantized cache), then token-by-token decoding: the output of
+    attention over the quantized-then-dequantised keys and values."""
+    model = NnxFlash(32, 4, num_kv_heads=2, use_rope=True, kv_cache_dtype=cache_dtype,
+                     rngs=nnx.Rngs(0))
+    x = _normal(rng, (2, sum(chunks), 32))
+    model.init_cache(batch_size=2, max_length=32)
+    assert model.cached_key[...].dtype == cache_dtype
+    assert model.cached_key_scale[...].shape == (2, 32, 2)
+    step = nnx.jit(lambda m, x: m(x, decode=True))
+    outs, start = [], 0
+    for size in chunks:
+        outs.append(step(model, x[:, start:start + size]))
+        start += size
+    assert int(model.cache_index[...]) == start
+    got = jnp.concatenate(outs, axis=1)
+    ref = _quantized_reference(lambda name, t: getattr(model, name)(t), x, cache_dtype)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    # And near the unquantized layer (the quantization error itself).
+    full = model(x)
+    assert float(jnp.max(jnp.abs(got - full)) / jnp.max(jnp.abs(full))) < 0.1
+
+
+def test_linen_quantized_cache_prefill_then_decode(rng):
+    layer = LinenFlash(num_heads=4, num_kv_heads=2, use_rope=True, kv_cache_dtype=jnp.int8)
+    x = _normal(rng, (2, 24, 32))
+    variables = layer.init(jax.random.key(0), x)
+    _, state = layer.apply(variables, batch_size=2, max_length=24, method=layer.init_cache,
+                           mutable=["cache"])
+    assert state["cache"]["cached_key"].dtype == jnp.int8
+    assert state["cache"]["cached_value_scale"].shape == (2, 24, 2)
+    step = jax.jit(lambda v, x: layer.apply(v, x, decode=True, mutable=["cache"]))
+    outs = []
+    for size in (18, 1, 5):
+        start = sum(o.shape[1] for o in outs)
+        out, state = step({**variables, **state}, x[:, start:start + size])
+        outs.append(out)
+    def project(name, t):
+        sub = {"query": nn.DenseGeneral((4, 8)), "key": nn.DenseGeneral((2, 8)),
+               "value": nn.DenseGeneral((2, 8)), "out": nn.DenseGeneral(32, axis=(-2, -1))}[name]
+        return sub.apply({"params": variables["params"][name]}, t)
+    ref = _quantized_reference(project, x, jnp.int8)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_kv_cache_dtype_must_be_quantized():
+    with pytest.raises(TypeError, match="kv_cache_dtype"):
+        NnxFlash(16, 4, kv_cache_dtype=jnp.float16, rngs=nnx.Rngs(0))
+    layer = LinenFlash(num_heads=4, kv_cache_dtype="int4")
+    x = jnp.zeros((1, 2, 16))
+    variables = layer.init(jax.random.key(0), x)
+    with pytest.raises(TypeError, match="kv_cache_dtype"):
+        layer.apply(variables, batch_size=1, max_length=4, method=layer.init_cache,
+                    mutable=["cache"])

@@ -10,7 +10,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 import jaxattn
 from jaxattn._validation import check_soft_cap, normalize_window
@@ -213,13 +212,16 @@ def _checked_index_at_run_time(index: Array, steps: int, max_length: int) -> Arr
 
 
 def cached_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array, cached_key: Array,
-                     cached_value: Array, index: Array,
-                     implementation: str = "jaxattn") -> tuple[Array, Array, Array]:
+                     cached_value: Array, index: Array, implementation: str = "jaxattn",
+                     scales: tuple[Array, Array] | None = None
+                     ) -> tuple[Array, Array, Array, tuple[Array, Array] | None]:
     """One decode step: writes the new K/V at ``index`` and attends over the cache.
 
     q ``[B, T, N, H]``, k/v ``[B, T, K, H]`` for the tokens at absolute positions
-    ``index .. index + T - 1``; caches ``[B, Smax, K, H]``. Returns (out ``[B, T, N, H]`` in the
-    cache dtype, new key cache, new value cache).
+    ``index .. index + T - 1``; caches ``[B, Smax, K, H]``; ``scales`` (key, value) float32
+    ``[B, Smax, K]`` for a quantized (int8 / float8) cache, else None. Returns (out
+    ``[B, T, N, H]`` in the cache dtype, or the query's for a quantized cache, new key cache,
+    new value cache, new scales).
     """
     if not cfg.is_causal:
         raise ValueError("decode=True needs a causal layer (is_causal=True): a token cannot "
@@ -238,19 +240,25 @@ def cached_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array, cached_
     if cfg.use_rope:
         positions = index + jnp.arange(steps)
         q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
-    cache_dtype = cached_key.dtype
-    start = (jnp.zeros((), index.dtype), index, jnp.zeros((), index.dtype),
-             jnp.zeros((), index.dtype))
-    cached_key = lax.dynamic_update_slice(cached_key, k.astype(cache_dtype), start)
-    cached_value = lax.dynamic_update_slice(cached_value, v.astype(cache_dtype), start)
-    q = q.astype(cache_dtype)
+    # update_kv_cache writes in place (XLA's dynamic_update_slice widens a bfloat16 cache to
+    # float32 and back on every step) and drops rows past the cache; a quantized cache gets a
+    # scale per new row.
+    scale_kwargs = {} if scales is None else dict(key_scale=scales[0], value_scale=scales[1])
+    cached_key, cached_value, *new_scales = jaxattn.update_kv_cache(
+        cached_key, cached_value, k, v, jnp.full((batch,), index, jnp.int32), **scale_kwargs)
+    if scales is not None:  # the query keeps its dtype
+        scales = tuple(new_scales)
+        scale_kwargs = dict(key_scale=scales[0], value_scale=scales[1])
+    else:
+        q = q.astype(cached_key.dtype)
     if uses_decode_kernel:
-        # strict_lengths: under jit, a step past max_length (whose write dynamic_update_slice
-        # clamped) fails in the kernel (JaxRuntimeError) instead of attending to a wrong cache.
+        # strict_lengths: under jit, a step past max_length (whose rows were not written)
+        # fails in the kernel (JaxRuntimeError) instead of attending to a wrong cache.
         lengths = jnp.full((batch,), index + steps, jnp.int32)
         out = jaxattn.decode_attention(q, cached_key, cached_value, lengths,
                                        local_window_size=cfg.window,
-                                       logits_soft_cap=cfg.soft_cap, strict_lengths=True)
+                                       logits_soft_cap=cfg.soft_cap, strict_lengths=True,
+                                       **scale_kwargs)
     else:
         # Query i sits at absolute position index + i: sees keys j <= index + i (causal, which
         # also hides the unwritten rest of the cache) and, with a window, j >= pos - left.
@@ -259,9 +267,34 @@ def cached_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array, cached_
         visible = cols <= pos
         if cfg.window is not None:
             visible &= cols >= pos - cfg.window[0]
-        out = _attend(implementation, q, cached_key, cached_value, visible[None, None],
+        keys, values = cached_key, cached_value
+        if scales is not None:  # a prefill chunk: the dequantised cache in the query dtype
+            keys = jaxattn.dequantize_kv(cached_key, scales[0], q.dtype)
+            values = jaxattn.dequantize_kv(cached_value, scales[1], q.dtype)
+        out = _attend(implementation, q, keys, values, visible[None, None],
                       is_causal=False, window=None, soft_cap=cfg.soft_cap)
-    return out, cached_key, cached_value
+    return out, cached_key, cached_value, scales
+
+
+def check_kv_cache_dtype(kv_cache_dtype: Any) -> Any:
+    """None, or a quantized cache dtype (int8, float8_e4m3fn, float8_e5m2)."""
+    if kv_cache_dtype is None:
+        return None
+    return jaxattn.cache.quantized_dtype(kv_cache_dtype, "kv_cache_dtype")
+
+
+def cache_arrays(cfg: AttentionConfig, batch_size: int, max_length: int, dtype: Any
+                 ) -> dict[str, Array]:
+    """Empty cache arrays by name: cached_key, cached_value and cache_index, plus
+    cached_key_scale and cached_value_scale (float32 ``[B, Smax, K]``) for a quantized
+    ``dtype``."""
+    shape = cache_shapes(cfg, batch_size, max_length)
+    arrays = {"cached_key": jnp.zeros(shape, dtype), "cached_value": jnp.zeros(shape, dtype),
+              "cache_index": jnp.array(0, jnp.int32)}
+    if jaxattn.cache.is_quantized(dtype):
+        arrays["cached_key_scale"] = jnp.zeros(shape[:3], jnp.float32)
+        arrays["cached_value_scale"] = jnp.zeros(shape[:3], jnp.float32)
+    return arrays
 
 
 def cache_shapes(cfg: AttentionConfig, batch_size: int, max_length: int) -> tuple[int, ...]:

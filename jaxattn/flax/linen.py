@@ -54,6 +54,10 @@ class FlashSelfAttention(nn.Module):
       implementation: ``"jaxattn"`` (the fused kernels) or ``"xla"``
         (``jax.nn.dot_product_attention(implementation="xla")``, same parameters and
         semantics, no soft cap): for comparisons and benchmarks.
+      kv_cache_dtype: ``jnp.int8``, ``jnp.float8_e4m3fn`` or ``jnp.float8_e5m2``: the decode
+        cache is quantized (``jaxattn.quantize_kv`` per token and kv head, float32 scales
+        ``cached_key_scale`` / ``cached_value_scale`` in the ``'cache'`` collection); None
+        (default): the cache holds the layer's ``dtype``.
     """
 
     num_heads: int
@@ -74,6 +78,7 @@ class FlashSelfAttention(nn.Module):
     sparse_mask: Any = None
     precision: Any = None
     implementation: str = "jaxattn"
+    kv_cache_dtype: Any | None = None
 
     def _config(self, features: int) -> _common.AttentionConfig:
         head_dim = self.head_dim
@@ -133,11 +138,18 @@ class FlashSelfAttention(nn.Module):
                 raise ValueError(f"decode input must be [B, T, F], got {x.shape}")
             q, k, v = query(x), key(x), value(x)
             index = self.get_variable("cache", "cache_index")
-            y, ck, cv = _common.cached_attention(
+            scales = None
+            if self.has_variable("cache", "cached_key_scale"):
+                scales = (self.get_variable("cache", "cached_key_scale"),
+                          self.get_variable("cache", "cached_value_scale"))
+            y, ck, cv, scales = _common.cached_attention(
                 cfg, q, k, v, self.get_variable("cache", "cached_key"),
-                self.get_variable("cache", "cached_value"), index, implementation)
+                self.get_variable("cache", "cached_value"), index, implementation, scales)
             self.put_variable("cache", "cached_key", ck)
             self.put_variable("cache", "cached_value", cv)
+            if scales is not None:
+                self.put_variable("cache", "cached_key_scale", scales[0])
+                self.put_variable("cache", "cached_value_scale", scales[1])
             self.put_variable("cache", "cache_index", index + x.shape[1])
             return out(y.astype(q.dtype))
 
@@ -157,7 +169,8 @@ class FlashSelfAttention(nn.Module):
         Args:
           batch_size: B of the decode inputs.
           max_length: Smax, the most tokens the cache holds.
-          dtype: cache dtype (default: the layer's ``dtype``, else float32).
+          dtype: cache dtype (default: ``kv_cache_dtype``, else the layer's ``dtype``, else
+            float32).
         """
         if self.head_dim is None:
             params = self.variables.get("params", {})
@@ -168,11 +181,10 @@ class FlashSelfAttention(nn.Module):
         else:
             features = self.head_dim * self.num_heads
         cfg = self._config(features)
-        shape = _common.cache_shapes(cfg, batch_size, max_length)
-        dtype = dtype or self.dtype or jnp.float32
-        self.put_variable("cache", "cached_key", jnp.zeros(shape, dtype))
-        self.put_variable("cache", "cached_value", jnp.zeros(shape, dtype))
-        self.put_variable("cache", "cache_index", jnp.array(0, jnp.int32))
+        dtype = (dtype or _common.check_kv_cache_dtype(self.kv_cache_dtype) or self.dtype
+                 or jnp.float32)
+        for name, array in _common.cache_arrays(cfg, batch_size, max_length, dtype).items():
+            self.put_variable("cache", name, array)
 
 
 # Gated linear attention (jaxattn.gated_linear_attention), defined in _gla.py.

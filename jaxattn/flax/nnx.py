@@ -54,6 +54,9 @@ class FlashSelfAttention(nnx.Module):
       implementation: ``"jaxattn"`` (the fused kernels) or ``"xla"``
         (``jax.nn.dot_product_attention(implementation="xla")``, same parameters and
         semantics, no soft cap): for comparisons and benchmarks.
+      kv_cache_dtype: ``jnp.int8``, ``jnp.float8_e4m3fn`` or ``jnp.float8_e5m2``: the decode
+        cache is quantized (``jaxattn.quantize_kv`` per token and kv head, float32 scales in
+        the cache state); None (default): the cache holds the layer's ``dtype``.
       rngs: ``nnx.Rngs`` for the parameter initialisers.
     """
 
@@ -79,6 +82,7 @@ class FlashSelfAttention(nnx.Module):
         sparse_mask: Any | None = None,
         precision: Any = None,
         implementation: str = "jaxattn",
+        kv_cache_dtype: Any | None = None,
         rngs: nnx.Rngs,
     ):
         if not isinstance(in_features, int) or in_features <= 0:
@@ -93,6 +97,7 @@ class FlashSelfAttention(nnx.Module):
             local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
             use_rope=use_rope, rope_theta=rope_theta)
         self.implementation = _common.check_implementation(implementation, self.config)
+        self.kv_cache_dtype = _common.check_kv_cache_dtype(kv_cache_dtype)
         # Static host data (hashable): part of the graph definition, not of the state.
         self.sparse_mask = _common.layer_sparse_mask(self.config, sparse_mask)
         self.in_features = in_features
@@ -114,6 +119,8 @@ class FlashSelfAttention(nnx.Module):
         self.cached_key: nnx.Cache | None = nnx.data(None)
         self.cached_value: nnx.Cache | None = nnx.data(None)
         self.cache_index: nnx.Cache | None = nnx.data(None)
+        self.cached_key_scale: nnx.Cache | None = nnx.data(None)  # quantized caches
+        self.cached_value_scale: nnx.Cache | None = nnx.data(None)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any | None = None) -> None:
         """Allocates an empty KV cache for ``decode=True`` calls (``nnx.Cache`` state).
@@ -121,14 +128,14 @@ class FlashSelfAttention(nnx.Module):
         Args:
           batch_size: B of the decode inputs.
           max_length: Smax, the most tokens the cache holds.
-          dtype: cache dtype (default: the layer's ``dtype``, else float32); queries are cast
-            to it during decoding.
+          dtype: cache dtype (default: ``kv_cache_dtype``, else the layer's ``dtype``, else
+            float32); queries are cast to a float cache dtype during decoding (a quantized
+            cache keeps the query's).
         """
-        shape = _common.cache_shapes(self.config, batch_size, max_length)
-        dtype = dtype or self.dtype or jnp.float32
-        self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
-        self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
-        self.cache_index = nnx.Cache(jnp.array(0, dtype=jnp.int32))
+        dtype = dtype or self.kv_cache_dtype or self.dtype or jnp.float32
+        arrays = _common.cache_arrays(self.config, batch_size, max_length, dtype)
+        for name, array in arrays.items():
+            setattr(self, name, nnx.Cache(array))
 
     def __call__(self, x: Array, *, mask: Array | None = None, decode: bool = False) -> Array:
         """Self-attention of ``x``.
@@ -161,11 +168,16 @@ class FlashSelfAttention(nnx.Module):
                 raise ValueError(f"decode input must be [B, T, F], got {x.shape}")
             q, k, v = self.query(x), self.key(x), self.value(x)
             index = self.cache_index[...]
-            y, ck, cv = _common.cached_attention(self.config, q, k, v, self.cached_key[...],
-                                                 self.cached_value[...], index,
-                                                 self.implementation)
+            scales = None
+            if self.cached_key_scale is not None:
+                scales = (self.cached_key_scale[...], self.cached_value_scale[...])
+            y, ck, cv, scales = _common.cached_attention(
+                self.config, q, k, v, self.cached_key[...], self.cached_value[...], index,
+                self.implementation, scales)
             self.cached_key[...] = ck
             self.cached_value[...] = cv
+            if scales is not None:
+                self.cached_key_scale[...], self.cached_value_scale[...] = scales
             self.cache_index[...] = index + x.shape[1]
             return self.out(y.astype(q.dtype))
         batch_shape = x.shape[:-2]

@@ -4,6 +4,8 @@
 // keys j <= position, and j >= position - window_left). Cache rows at or past a sequence's
 // length, spare pages and table entries past the length hold NaN / garbage: they must never
 // be read. Serial and thread-pool runs must agree bitwise; bad page ids must be rejected.
+// Quantized caches (int8, float8 e4m3fn / e5m2 bytes with float32 scales per row and kv head)
+// are checked against the reference on the dequantised values, decoded here independently.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -17,7 +19,30 @@
 namespace jaxattn_harness {
 namespace {
 
+using jaxattn::CacheQuant;
 using jaxattn::DecodeAttentionProblem;
+
+const char* QuantName(CacheQuant q) {
+  switch (q) {
+    case CacheQuant::kInt8: return "int8";
+    case CacheQuant::kF8E4M3: return "e4m3";
+    case CacheQuant::kF8E5M2: return "e5m2";
+    default: return "none";
+  }
+}
+
+// The value of a cache byte (NaN for NaN patterns, +-inf for e5m2's infinities).
+double DecodeByte(CacheQuant q, uint8_t byte) {
+  if (q == CacheQuant::kInt8) return static_cast<int8_t>(byte);
+  const bool e4m3 = q == CacheQuant::kF8E4M3;
+  const int mant_bits = e4m3 ? 3 : 2, bias = e4m3 ? 7 : 15;
+  const int exp = (byte & 0x7f) >> mant_bits, mant = byte & ((1 << mant_bits) - 1);
+  const double sign = (byte & 0x80) ? -1.0 : 1.0;
+  if (e4m3 && (byte & 0x7f) == 0x7f) return kNaN;
+  if (!e4m3 && exp == 31) return mant ? kNaN : sign * kInf;
+  if (exp == 0) return sign * std::ldexp(mant, 1 - bias - mant_bits);
+  return sign * std::ldexp((1 << mant_bits) + mant, exp - bias - mant_bits);
+}
 
 struct Case {
   DType dtype = DType::kF32;
@@ -29,19 +54,22 @@ struct Case {
   std::vector<int32_t> lengths;
   double scale = 1.0, soft_cap = 0.0;
   int64_t window_left = -1;
+  CacheQuant quant = CacheQuant::kNone;  // a quantized cache (the query keeps dtype)
+  bool key_scales = true, value_scales = true;  // quantized: scales given (else 1)
 
   int64_t MaxPages() const { return page_size ? S / page_size : 1; }
   int64_t Length(int64_t b) const {
     return std::min<int64_t>(S, std::max<int64_t>(0, lengths[b]));
   }
   std::string Describe() const {
-    char buf[320];
+    char buf[360];
     std::snprintf(buf, sizeof(buf),
-                  "%s B=%ld T=%ld N=%ld K=%ld H=%ld Hv=%ld qb=%ld S=%ld page=%ld kvb=%ld "
-                  "scale=%g cap=%g window=%ld lengths=[",
-                  DTypeName(dtype), long(B), long(T), long(N), long(K), long(H), long(Hv),
-                  long(q_batch), long(S), long(page_size), long(kv_batch), scale, soft_cap,
-                  long(window_left));
+                  "%s cache=%s%s%s B=%ld T=%ld N=%ld K=%ld H=%ld Hv=%ld qb=%ld S=%ld page=%ld "
+                  "kvb=%ld scale=%g cap=%g window=%ld lengths=[",
+                  DTypeName(dtype), QuantName(quant), key_scales ? "" : " no-kscale",
+                  value_scales ? "" : " no-vscale", long(B), long(T), long(N), long(K),
+                  long(H), long(Hv), long(q_batch), long(S), long(page_size), long(kv_batch),
+                  scale, soft_cap, long(window_left));
     std::string s = buf;
     for (size_t i = 0; i < lengths.size(); ++i) s += (i ? "," : "") + std::to_string(lengths[i]);
     return s + "]";
@@ -49,7 +77,9 @@ struct Case {
 };
 
 struct Buffers {
-  Tensor q, k, v;  // k, v: the pool [pages, page_size, K, H|Hv]
+  Tensor q, k, v;  // k, v: the pool [pages, page_size, K, H|Hv]; quantized: bytes whose
+                   // values are the dequantised elements
+  std::vector<float> k_scale, v_scale;  // quantized: [pages * page_size, K] (empty: none)
   std::vector<int32_t> tables;  // [B, max_pages] (paged)
   std::unique_ptr<int32_t[]> tables_block, lengths_block;  // exactly sized copies
 };
@@ -58,6 +88,79 @@ struct Buffers {
 int64_t PoolRow(const Case& c, const Buffers& x, int64_t b, int64_t j) {
   if (!c.page_size) return (b % c.kv_batch) * c.S + j;
   return int64_t(x.tables[b * c.MaxPages() + j / c.page_size]) * c.page_size + j % c.page_size;
+}
+
+void MakeCache(const Case& c, Random& rng, int64_t rows, Buffers* x) {
+  x->k = Tensor(c.dtype, {rows, c.K, c.H});
+  x->v = Tensor(c.dtype, {rows, c.K, c.Hv});
+  // NaN everywhere, then the rows some sequence may read get values.
+  for (int64_t i = 0; i < x->k.count(); ++i) x->k.Set(i, kNaN);
+  for (int64_t i = 0; i < x->v.count(); ++i) x->v.Set(i, kNaN);
+  for (int64_t b = 0; b < c.B; ++b) {
+    for (int64_t j = 0; j < c.Length(b); ++j) {
+      const int64_t row = PoolRow(c, *x, b, j);
+      if (!std::isnan(x->k.values[row * c.K * c.H])) continue;  // shared contiguous row
+      for (int64_t i = 0; i < c.K * c.H; ++i) x->k.Set(row * c.K * c.H + i, rng.Normal());
+      for (int64_t i = 0; i < c.K * c.Hv; ++i) x->v.Set(row * c.K * c.Hv + i, rng.Normal());
+    }
+  }
+}
+
+// A random finite byte of the cache format, of magnitude at most `limit` (float8 without
+// scales: keeps logits moderate).
+uint8_t RandomByte(CacheQuant q, Random& rng, double limit) {
+  for (;;) {
+    const uint8_t byte = static_cast<uint8_t>(rng.Int(0, 255));
+    const double value = DecodeByte(q, byte);
+    if (q == CacheQuant::kInt8 && byte == 0x80) continue;  // -128: quantize_kv never writes it
+    if (std::isfinite(value) && std::fabs(value) <= limit) return byte;
+  }
+}
+
+// Garbage rows hold NaN patterns (int8: -128) and NaN scales; used rows random bytes with
+// scales mapping them to magnitudes around 1.
+void MakeQuantizedCache(const Case& c, Random& rng, int64_t rows, Buffers* x) {
+  x->k = Tensor::Bytes({rows, c.K, c.H});
+  x->v = Tensor::Bytes({rows, c.K, c.Hv});
+  const uint8_t garbage = c.quant == CacheQuant::kInt8 ? 0x80 : 0xff;
+  for (Tensor* t : {&x->k, &x->v}) {
+    for (int64_t i = 0; i < t->count(); ++i) {
+      t->bytes[i] = garbage;
+      t->values[i] = kNaN;
+    }
+  }
+  const double largest = c.quant == CacheQuant::kInt8 ? 127 : c.quant == CacheQuant::kF8E4M3
+                                                                      ? 448 : 57344;
+  x->k_scale.assign(c.key_scales ? rows * c.K : 0, std::numeric_limits<float>::quiet_NaN());
+  x->v_scale.assign(c.value_scales ? rows * c.K : 0, std::numeric_limits<float>::quiet_NaN());
+  std::vector<bool> done(rows, false);
+  for (int64_t b = 0; b < c.B; ++b) {
+    for (int64_t j = 0; j < c.Length(b); ++j) {
+      const int64_t row = PoolRow(c, *x, b, j);
+      if (done[row]) continue;  // shared contiguous row
+      done[row] = true;
+      struct Part {
+        Tensor* t;
+        std::vector<float>* scale;
+        int64_t dim;
+      };
+      for (const Part& part : {Part{&x->k, &x->k_scale, c.H}, Part{&x->v, &x->v_scale, c.Hv}}) {
+        for (int64_t kh = 0; kh < c.K; ++kh) {
+          float scale = 1.0f;
+          if (!part.scale->empty()) {
+            scale = static_cast<float>((0.5 + rng.Int(0, 100) / 100.0) / largest);
+            (*part.scale)[row * c.K + kh] = scale;
+          }
+          const double limit = part.scale->empty() ? 2.0 : largest;
+          for (int64_t h = 0; h < part.dim; ++h) {
+            const int64_t i = (row * c.K + kh) * part.dim + h;
+            part.t->bytes[i] = RandomByte(c.quant, rng, limit);
+            part.t->values[i] = DecodeByte(c.quant, part.t->bytes[i]) * double(scale);
+          }
+        }
+      }
+    }
+  }
 }
 
 void MakeInputs(const Case& c, Random& rng, Buffers* x) {
@@ -85,19 +188,11 @@ void MakeInputs(const Case& c, Random& rng, Buffers* x) {
     rows = c.kv_batch * c.S;
   }
   x->q = Tensor(c.dtype, {c.q_batch, c.T, c.N, c.H});
-  x->k = Tensor(c.dtype, {rows, c.K, c.H});
-  x->v = Tensor(c.dtype, {rows, c.K, c.Hv});
   for (int64_t i = 0; i < x->q.count(); ++i) x->q.Set(i, rng.Normal());
-  // NaN everywhere, then the rows some sequence may read get values.
-  for (int64_t i = 0; i < x->k.count(); ++i) x->k.Set(i, kNaN);
-  for (int64_t i = 0; i < x->v.count(); ++i) x->v.Set(i, kNaN);
-  for (int64_t b = 0; b < c.B; ++b) {
-    for (int64_t j = 0; j < c.Length(b); ++j) {
-      const int64_t row = PoolRow(c, *x, b, j);
-      if (!std::isnan(x->k.values[row * c.K * c.H])) continue;  // shared contiguous row
-      for (int64_t i = 0; i < c.K * c.H; ++i) x->k.Set(row * c.K * c.H + i, rng.Normal());
-      for (int64_t i = 0; i < c.K * c.Hv; ++i) x->v.Set(row * c.K * c.Hv + i, rng.Normal());
-    }
+  if (c.quant != CacheQuant::kNone) {
+    MakeQuantizedCache(c, rng, rows, x);
+  } else {
+    MakeCache(c, rng, rows, x);
   }
   x->lengths_block.reset(new int32_t[c.B]);
   std::memcpy(x->lengths_block.get(), c.lengths.data(), c.B * sizeof(int32_t));
@@ -135,6 +230,9 @@ DecodeAttentionProblem MakeProblem(const Case& c, Buffers& x) {
   p.scale = static_cast<float>(c.scale);
   p.soft_cap = static_cast<float>(c.soft_cap);
   p.window_left = c.window_left;
+  p.cache_quant = c.quant;
+  p.key_scale = x.k_scale.empty() ? nullptr : x.k_scale.data();
+  p.value_scale = x.v_scale.empty() ? nullptr : x.v_scale.data();
   return p;
 }
 
@@ -271,6 +369,13 @@ Case RandomCase(Random& rng) {
   c.scale = rng.Pick({1.0 / std::sqrt(double(c.H)), 0.05, 0.5});
   if (rng.Chance(0.25)) c.soft_cap = rng.Pick({1.0, 5.0, 30.0});
   if (rng.Chance(0.3)) c.window_left = rng.Int(0, c.S);
+  if (rng.Chance(0.4)) {
+    c.quant = rng.Pick({CacheQuant::kInt8, CacheQuant::kF8E4M3, CacheQuant::kF8E5M2});
+    if (c.quant != CacheQuant::kInt8) {
+      c.key_scales = rng.Chance(0.7);
+      c.value_scales = rng.Chance(0.7);
+    }
+  }
   return c;
 }
 
@@ -295,6 +400,15 @@ std::vector<Case> EdgeCases() {
   add(DType::kF32, 5, 3, 4, 2, 16, 16, 64, 8, {0, 1, 2, 7, 9});
   add(DType::kF32, 2, 2, 2, 1, 32, 32, 40, 1, {40, 17});
   add(DType::kBF16, 1, 16, 8, 1, 128, 128, 300, 0, {300});
+  // Quantized caches with every query dtype, long (many partitions) and paged.
+  const CacheQuant quants[] = {CacheQuant::kInt8, CacheQuant::kF8E4M3, CacheQuant::kF8E5M2};
+  for (int i = 0; i < 3; ++i) {
+    const DType d = i == 0 ? DType::kBF16 : i == 1 ? DType::kF32 : DType::kF16;
+    add(d, 2, 1, 8, 2, 128, 128, 4096, 0, {4096, 1500});
+    cases.back().quant = quants[i];
+    add(d, 2, 3, 4, 1, 40, 24, 700, 7, {700, 99});
+    cases.back().quant = quants[(i + 1) % 3];
+  }
   return cases;
 }
 
