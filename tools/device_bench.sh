@@ -3,7 +3,8 @@
 # jax, torch, nanobind, scikit-build-core, cmake and ninja installed and no registry access):
 # builds jaxattn without build isolation and runs the benchmarks on the CPU, writing logs into
 # $OUT (default ./bench_out/device). Usage:
-#   tools/device_bench.sh [flash] [cap] [threads] [decode] [sparse]   (default: flash cap)
+#   tools/device_bench.sh [flash] [cap] [threads] [decode] [quant] [linear] [sparse]
+#   (default: flash cap)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench_out/device}"
@@ -27,6 +28,9 @@ for part in "${parts[@]}"; do
     cap) (cd /tmp && "$PY" -c "import sys; sys.path.insert(0, '$ROOT/benchmarks'); import bench_flash as b; print(b.run_soft_cap(['float32', 'bfloat16']))") 2>&1 | tee "$OUT/cap.log" ;;
     threads) "$PY" benchmarks/bench_threads.py --threads 1 16 2>&1 | tee "$OUT/threads.log" ;;
     decode) "$PY" benchmarks/bench_decode.py 2>&1 | tee "$OUT/decode.log" ;;
+    quant) "$PY" benchmarks/bench_decode.py --threads "$(nproc)" --only-quantized --no-torch \
+             --cache-dtypes int8 float8_e4m3fn 2>&1 | tee "$OUT/quant.log" ;;
+    linear) "$PY" benchmarks/bench_linear.py 2>&1 | tee "$OUT/linear.log" ;;
     sparse) "$PY" benchmarks/bench_sparse.py --reps 2 --densities 0.03,0.1,1.0 2>&1 | tee "$OUT/sparse.log" ;;
     *) echo "unknown part: $part" >&2 ;;
   esac
