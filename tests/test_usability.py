@@ -16,7 +16,7 @@ import pytest
 
 import jaxattn
 from _subprocess import CWD, python_env
-from test_determinism import AVX512_FLAGS, cpu_flags
+from isa_support import AVX512_FLAGS, cpu_flags
 
 REPO = Path(__file__).resolve().parent.parent
 
