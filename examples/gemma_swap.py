@@ -341,6 +341,57 @@ def time_models(ref_model, swap_model, params, seq_len: int, repeats: int) -> di
     return results
 
 
+def time_attention_layers(config, seq_len: int, repeats: int) -> dict[str, Any]:
+    """Median seconds of one attention layer (gemma's `Attention` module with its projections,
+    RoPE and masks vs `JaxattnAttention`, same parameters), local and global, forward and
+    forward+backward (grad w.r.t. the input and the parameters), B=1, alternating."""
+    x = jax.random.normal(jax.random.key(2), (1, seq_len, config.embed_dim), jnp.float32)
+    pos = jnp.arange(seq_len)[None]
+    mask = jnp.tril(jnp.ones((seq_len, seq_len), bool))[None]
+    results = {}
+    for attn_type in (_modules.AttentionType.LOCAL_SLIDING, _modules.AttentionType.GLOBAL):
+        fields = dict(num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+                      features=config.embed_dim, head_dim=config.head_dim, attn_type=attn_type,
+                      query_pre_attn_scalar=config.query_pre_attn_scalar(),
+                      attn_logits_soft_cap=config.attn_logits_soft_cap,
+                      sliding_window_size=config.sliding_window_size,
+                      use_qk_norm=config.use_qk_norm)
+        layers = {"gemma": _modules.Attention(**fields), "jaxattn": JaxattnAttention(**fields)}
+        params = layers["gemma"].init(jax.random.key(3), x, pos, None, mask)
+
+        def fns(layer):
+            def fwd(p, x):
+                return layer.apply(p, x, pos, None, mask)[1]
+
+            def loss(p, x):
+                return jnp.sum(fwd(p, x) ** 2)
+            return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+        runs = {name: fns(layer) for name, layer in layers.items()}
+        for pass_index, pass_name in enumerate(("forward", "forward+backward")):
+            for name in runs:
+                jax.block_until_ready(runs[name][pass_index](params, x))
+            times = {"gemma": [], "jaxattn": []}
+            for _ in range(repeats):
+                for name in ("gemma", "jaxattn"):
+                    start = time.perf_counter()
+                    jax.block_until_ready(runs[name][pass_index](params, x))
+                    times[name].append(time.perf_counter() - start)
+            row = {k: float(np.median(v)) for k, v in times.items()}
+            row["all"] = times
+            results[f"{attn_type.name.lower()} {pass_name}"] = row
+    return results
+
+
+def _print_timing(title: str, results: dict[str, Any]) -> None:
+    print(title)
+    for row_name, r in results.items():
+        print(f"    {row_name:30s} gemma {r['gemma'] * 1e3:8.0f} ms   jaxattn "
+              f"{r['jaxattn'] * 1e3:7.0f} ms   ratio {r['gemma'] / r['jaxattn']:5.2f}x   "
+              f"(gemma {', '.join(f'{t * 1e3:.0f}' for t in r['all']['gemma'])}; "
+              f"jaxattn {', '.join(f'{t * 1e3:.0f}' for t in r['all']['jaxattn'])})")
+
+
 # --------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -359,6 +410,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", default="auto", choices=["auto", "positions", "index", "dense"],
                         help="force one mask path of the swap (default: chosen per call)")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--timing-only", action="store_true", help="skip the checks")
     args = parser.parse_args(argv)
 
     global _MODE
@@ -378,33 +430,33 @@ def main(argv=None) -> int:
               f"4 kv heads of 256, window {args.window}, soft cap "
               f"{config.attn_logits_soft_cap}, embed {args.embed_dim}, float32")
 
-        cases = {
-            "single prompt": _random_tokens(rng, [n], n, False),
-            "batched, right padding": _random_tokens(rng, [n, n * 2 // 3, 37], n, False),
-            "batched, left padding": _random_tokens(rng, [n, n * 2 // 3, 37], n, True),
-        }
-        for name, tokens in cases.items():
-            ok, msg = check_logits(ref_model, swap_model, params, tokens, args.tol)
-            ok_all &= ok
-            print(f"  logits  {name:26s} {'OK  ' if ok else 'FAIL'} {msg}")
+        if not args.timing_only:
+            cases = {
+                "single prompt": _random_tokens(rng, [n], n, False),
+                "batched, right padding": _random_tokens(rng, [n, n * 2 // 3, 37], n, False),
+                "batched, left padding": _random_tokens(rng, [n, n * 2 // 3, 37], n, True),
+            }
+            for name, tokens in cases.items():
+                ok, msg = check_logits(ref_model, swap_model, params, tokens, args.tol)
+                ok_all &= ok
+                print(f"  logits  {name:26s} {'OK  ' if ok else 'FAIL'} {msg}")
 
-        prompts = ["The quick brown fox jumps over the lazy dog. " * (n // 45 + 1),
-                   "Hello", "Gemma with jaxattn on the CPU: a medium prompt."]
-        max_new = 16 if args.quick else 48
-        ok, msg = check_greedy(ref_model, swap_model, params, prompts, max_new,
-                               cache_length=n + 64 + max_new)
-        ok_all &= ok
-        print(f"  greedy  {'Sampler, batched':26s} {'OK  ' if ok else 'FAIL'} {msg}")
+            prompts = ["The quick brown fox jumps over the lazy dog. " * (n // 45 + 1),
+                       "Hello", "Gemma with jaxattn on the CPU: a medium prompt."]
+            max_new = 16 if args.quick else 48
+            ok, msg = check_greedy(ref_model, swap_model, params, prompts, max_new,
+                                   cache_length=n + 64 + max_new)
+            ok_all &= ok
+            print(f"  greedy  {'Sampler, batched':26s} {'OK  ' if ok else 'FAIL'} {msg}")
 
         if not args.quick and not args.no_timing and variant == "gemma2":
-            res = time_models(ref_model, swap_model, params, args.seq_len, args.repeats)
-            print(f"  timing  B=1 T={args.seq_len}, median of {args.repeats}, alternating "
-                  f"(shared machine: other processes may run):")
-            for pass_name, r in res.items():
-                print(f"    {pass_name:17s} gemma {r['gemma'] * 1e3:8.0f} ms   jaxattn "
-                      f"{r['jaxattn'] * 1e3:8.0f} ms   ratio {r['gemma'] / r['jaxattn']:.2f}x   "
-                      f"(gemma {', '.join(f'{t * 1e3:.0f}' for t in r['all']['gemma'])}; "
-                      f"jaxattn {', '.join(f'{t * 1e3:.0f}' for t in r['all']['jaxattn'])})")
+            shared = "alternating turns; a shared machine: other processes may run"
+            _print_timing(f"  timing: one attention layer, B=1 T={args.seq_len}, median of "
+                          f"{args.repeats} ({shared})",
+                          time_attention_layers(config, args.seq_len, args.repeats))
+            _print_timing(f"  timing: whole model, B=1 T={args.seq_len}, median of "
+                          f"{args.repeats} ({shared})",
+                          time_models(ref_model, swap_model, params, args.seq_len, args.repeats))
 
     print("\nall checks passed" if ok_all else "\nSOME CHECKS FAILED")
     return 0 if ok_all else 1
