@@ -292,8 +292,10 @@ def check_logits(ref_model, swap_model, params, tokens: np.ndarray, tol: float) 
 
 
 def check_greedy(ref_model, swap_model, params, prompts, max_new_tokens: int,
-                 cache_length: int) -> tuple[bool, str]:
-    """gemma's Sampler, greedy, batched prompts of different lengths, with both models."""
+                 cache_length: int, second_turn: list[str] | None = None) -> tuple[bool, str]:
+    """gemma's Sampler, greedy, batched prompts of different lengths, with both models; with
+    `second_turn`, a second batch of prompts prefilled into the same cache after the first
+    turn's answers (gemma's multi-turn path: positions and gaps carried over)."""
     tokenizer = ByteTokenizer()
     outs = []
     for model in (ref_model, swap_model):
@@ -301,11 +303,18 @@ def check_greedy(ref_model, swap_model, params, prompts, max_new_tokens: int,
                                   cache_length=cache_length, max_out_length=max_new_tokens,
                                   pad_length=None)
         out = sampler.sample(prompts, max_new_tokens=max_new_tokens, return_state=True, rng=0)
-        outs.append(np.asarray(out.state.predicted_tokens))
+        turns = [np.asarray(out.state.predicted_tokens)]
+        if second_turn:
+            out = sampler.sample(second_turn, max_new_tokens=max_new_tokens, return_state=True,
+                                 rng=0, last_state=out.state)
+            turns.append(np.asarray(out.state.predicted_tokens))
+        outs.append(np.stack(turns))
     same = bool(np.array_equal(outs[0], outs[1]))
     produced = int((outs[0] != 0).sum())
-    first_diff = "" if same else f", first difference at {np.argwhere(outs[0] != outs[1])[0]}"
-    return same, f"{outs[0].shape[0]} prompts, {produced} tokens generated{first_diff}"
+    first_diff = ("" if same else ", first difference at [turn, row, step] "
+                  f"{np.argwhere(outs[0] != outs[1])[0]}")
+    return same, (f"{outs[0].shape[1]} prompts x {outs[0].shape[0]} turn(s), {produced} tokens "
+                  f"generated, identical: {same}{first_diff}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,8 +453,9 @@ def main(argv=None) -> int:
             prompts = ["The quick brown fox jumps over the lazy dog. " * (n // 45 + 1),
                        "Hello", "Gemma with jaxattn on the CPU: a medium prompt."]
             max_new = 16 if args.quick else 48
+            second = ["And a second turn.", "More?", "Go on, with a somewhat longer reply."]
             ok, msg = check_greedy(ref_model, swap_model, params, prompts, max_new,
-                                   cache_length=n + 64 + max_new)
+                                   cache_length=2 * (n + 64 + max_new), second_turn=second)
             ok_all &= ok
             print(f"  greedy  {'Sampler, batched':26s} {'OK  ' if ok else 'FAIL'} {msg}")
 
