@@ -420,6 +420,8 @@ def main(argv=None) -> int:
                         help="force one mask path of the swap (default: chosen per call)")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--timing-only", action="store_true", help="skip the checks")
+    parser.add_argument("--timing", default="layer,model",
+                        help="what to time: layer (one attention layer), model, or both")
     args = parser.parse_args(argv)
 
     global _MODE
@@ -461,12 +463,15 @@ def main(argv=None) -> int:
 
         if not args.quick and not args.no_timing and variant == "gemma2":
             shared = "alternating turns; a shared machine: other processes may run"
-            _print_timing(f"  timing: one attention layer, B=1 T={args.seq_len}, median of "
-                          f"{args.repeats} ({shared})",
-                          time_attention_layers(config, args.seq_len, args.repeats))
-            _print_timing(f"  timing: whole model, B=1 T={args.seq_len}, median of "
-                          f"{args.repeats} ({shared})",
-                          time_models(ref_model, swap_model, params, args.seq_len, args.repeats))
+            if "layer" in args.timing:
+                _print_timing(f"  timing: one attention layer, B=1 T={args.seq_len}, median of "
+                              f"{args.repeats} ({shared})",
+                              time_attention_layers(config, args.seq_len, args.repeats))
+            if "model" in args.timing:
+                _print_timing(f"  timing: whole model, B=1 T={args.seq_len}, median of "
+                              f"{args.repeats} ({shared})",
+                              time_models(ref_model, swap_model, params, args.seq_len,
+                                          args.repeats))
 
     print("\nall checks passed" if ok_all else "\nSOME CHECKS FAILED")
     return 0 if ok_all else 1
