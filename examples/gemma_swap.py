@@ -459,7 +459,7 @@ def main(argv=None) -> int:
             ok, msg = check_greedy(ref_model, swap_model, params, prompts, max_new,
                                    cache_length=2 * (n + 64 + max_new), second_turn=second)
             ok_all &= ok
-            print(f"  greedy  {'Sampler, batched':26s} {'OK  ' if ok else 'FAIL'} {msg}")
+            print(f"  greedy  {'Sampler, batched, 2 turns':26s} {'OK  ' if ok else 'FAIL'} {msg}")
 
         if not args.quick and not args.no_timing and variant == "gemma2":
             shared = "alternating turns; a shared machine: other processes may run"
