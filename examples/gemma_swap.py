@@ -131,9 +131,11 @@ def jaxattn_core(query, key, value, *, q_pos, kv_pos, attn_mask, scale: float,
         if not HAS_POSITIONS:
             raise ValueError("this jaxattn has no query_positions; use mode='auto'")
         return positions(None)
-    if HAS_POSITIONS:
-        return jax.lax.cond(positions_ok, positions, dense, None)
-    return jax.lax.cond(_is_index_causal(attn_mask, q_pos, kv_pos), index, dense, None)
+    fast_ok = positions_ok if HAS_POSITIONS else _is_index_causal(attn_mask, q_pos, kv_pos)
+    if _SHOW_ROUTES:
+        jax.debug.print("  route T={t} S={s} window={w}: {r}", t=query.shape[1], s=key.shape[1],
+                        w=window, r=jnp.where(fast_ok, 1, 0), ordered=True)
+    return jax.lax.cond(fast_ok, positions if HAS_POSITIONS else index, dense, None)
 
 
 class JaxattnAttention(_modules.Attention):
@@ -182,6 +184,7 @@ class JaxattnAttention(_modules.Attention):
 
 
 _MODE = "auto"  # module-level so that `--mode` can force one path in the checks
+_SHOW_ROUTES = False  # `--show-routes`: print 1 (positions/index route) or 0 (dense) per call
 
 
 @contextlib.contextmanager
@@ -419,13 +422,15 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", default="auto", choices=["auto", "positions", "index", "dense"],
                         help="force one mask path of the swap (default: chosen per call)")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--show-routes", action="store_true",
+                        help="print, per attention call, 1 if it took the fast route, 0 if dense")
     parser.add_argument("--timing-only", action="store_true", help="skip the checks")
     parser.add_argument("--timing", default="layer,model",
                         help="what to time: layer (one attention layer), model, or both")
     args = parser.parse_args(argv)
 
-    global _MODE
-    _MODE = args.mode
+    global _MODE, _SHOW_ROUTES
+    _MODE, _SHOW_ROUTES = args.mode, args.show_routes
     print(f"jax {jax.__version__}, jaxattn from {os.path.dirname(jaxattn.__file__)}, "
           f"positions API: {'yes' if HAS_POSITIONS else 'no (index fast path + dense masks)'}, "
           f"devices {jax.devices()}")
