@@ -33,11 +33,20 @@ def run(cmd: list[str]) -> None:
 
 
 def ensure_environment(extras: str) -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036  (run.py runs under any python3)
         sys.exit(f"jaxattn needs Python 3.11+, this is {sys.version.split()[0]}")
+    first_build = not any((ROOT / "build").glob("cp*/build.ninja"))  # pip's build dir
     if not (BIN / "python").exists():
+        print(f"Creating the virtual environment {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
         run([str(BIN / "python"), "-m", "pip", "install", "-q", "--upgrade", "pip"])
+    if first_build:
+        print("Installing jaxattn into .venv: pip downloads jax and the extras, then compiles "
+              "the C++ kernels\n(one build per instruction set: generic x86-64, AVX2, AVX-512). "
+              "This takes 2 to 3 minutes on 2 cores\nand prints nothing meanwhile; later runs "
+              "rebuild only what changed (seconds).", flush=True)
+    else:
+        print("Updating jaxattn in .venv (rebuilds only what changed)", flush=True)
     run([str(BIN / "python"), "-m", "pip", "install", "-q", f".[{extras}]"])
 
 
@@ -50,6 +59,10 @@ def main() -> None:
         run(program + sys.argv[2:])
     except subprocess.CalledProcessError as e:
         sys.exit(e.returncode)
+    print(f"\njaxattn is installed in {VENV}. `source .venv/bin/activate`, then "
+          "`python examples/quickstart.py`;\n`python -c` or an interactive python in this "
+          "folder would import the source folder jaxattn/\ninstead of the installed package: "
+          "use those from another folder. README: \"After run.py\".", flush=True)
 
 
 if __name__ == "__main__":

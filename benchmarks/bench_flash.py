@@ -20,7 +20,6 @@ import argparse
 import functools
 import json
 import os
-import resource
 import subprocess
 import sys
 from dataclasses import dataclass

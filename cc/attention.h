@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "parallel.h"
 
@@ -132,6 +133,9 @@ struct DecodeAttentionProblem {
   const void* key = nullptr;    // [num_pages, page_size, K, H]
   const void* value = nullptr;  // [num_pages, page_size, K, Hv]
   int64_t num_pages = 0, page_size = 0;
+  // Contiguous caches only: the value cache's batch when it differs from the key cache's
+  // (sequence b reads value page b % value_num_pages); 0: the same as num_pages.
+  int64_t value_num_pages = 0;
   const int32_t* block_tables = nullptr;  // [block_tables_batch, max_pages]; nullptr: contiguous
   int64_t block_tables_batch = 1, max_pages = 1;
   const int32_t* kv_lengths = nullptr;  // [kv_lengths_batch]
@@ -150,12 +154,15 @@ struct DecodeResult {
 const char* ValidateDecodeProblem(const DecodeAttentionProblem& problem);
 // Every page holding a key below the (clamped) length must be a valid page id.
 const char* ValidateDecodePages(const DecodeAttentionProblem& problem);
-// The number of keys per KV partition the kernel uses for this shape (a function of the
-// shape only, never of the thread count or the lengths: results are bitwise identical for any
-// thread count). Exposed for tests and benchmarks.
+// The number of keys per KV partition the kernel uses for this problem: a function of the
+// shape and the longest (clamped) length, never of the thread count (results are bitwise
+// identical for any thread count) nor of the table's or cache's padding past the lengths.
+// Exposed for tests and benchmarks.
 int64_t DecodePartitionSize(const DecodeAttentionProblem& problem);
-void DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
-                   const Parallel& parallel);
+// Scratch is sized by what the lengths reach. Returns 0, or the size in bytes of an
+// allocation that failed (the outputs are then incomplete).
+int64_t DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
+                      const Parallel& parallel);
 
 void FlashForward(const AttentionProblem& problem, const FlashForwardResult& result,
                   const Parallel& parallel);
@@ -177,7 +184,15 @@ void BlockSparseForward(const AttentionProblem& problem, const BlockSparseTables
 void BlockSparseBackward(const AttentionProblem& problem, const BlockSparseTables& tables,
                          const FlashBackwardArgs& args, const Parallel& parallel);
 
-// The instruction set the kernels dispatch to ("avx512", "avx2" or "generic").
+// The kernel set the kernels dispatch to (one of the names KernelIsas() lists).
 const char* KernelIsa();
+
+// Every kernel set compiled in, in the order of kKernelSets in dispatch.cc, and whether this
+// CPU can run it (JAXATTN_ISA can force only those).
+struct KernelIsaInfo {
+  const char* name;
+  bool runs_on_this_cpu;
+};
+std::vector<KernelIsaInfo> KernelIsas();
 
 }  // namespace jaxattn

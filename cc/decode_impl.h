@@ -2,11 +2,13 @@
 //
 // The T query tokens times the G query heads of one kv head form the rows of a tile, so every
 // K/V element is loaded once per group. The KV sequence is cut into fixed-size partitions whose
-// size depends on the shape only (PartitionSize). Phase 1 computes, in parallel over
-// batch x partition x kv-head group, an unnormalised (o, max, sum) per (batch, kv head,
-// partition) with an online softmax over blocks of kDecodeBlock keys; phase 2 merges the
-// partitions of each (batch, kv head) in partition order. No result depends on which thread
-// computed it, so the output is bitwise identical for any thread count.
+// size depends on the shape and the longest length only (PartitionSize), and each sequence
+// has the partitions its length reaches (scratch follows the lengths, never the capacity of a
+// padded block table). Phase 1 computes, in parallel over the partitions x kv-head groups, an
+// unnormalised (o, max, sum) per (batch, kv head, partition) with an online softmax over
+// blocks of kDecodeBlock keys; phase 2 merges the partitions of each (batch, kv head) in
+// partition order. No result depends on which thread computed it, so the output is bitwise
+// identical for any thread count.
 //
 // The step is bound by memory bandwidth, and on the machines measured the bandwidth a core
 // gets depends on reading memory in order: a task therefore covers every kv head of its keys
@@ -347,11 +349,32 @@ struct DecodeJob {
   int64_t hp = 0, hvp = 0;  // head dims rounded up to a paired load
   bool interleaved = false;  // rows are in bf16 Load2 lane order (PairLane)
   int64_t capacity = 0;     // max_pages * page_size
-  int64_t partition = 0, num_parts = 1;
+  int64_t partition = 0;    // keys per partition (DecodePartitionSize)
   int64_t heads_per_task = 1, head_groups = 1;
-  float* part_o = nullptr;   // [B, K, parts, rows, hvp] unnormalised outputs (num_parts > 1)
-  float* part_ml = nullptr;  // [B, K, parts, rows, 2] running max and sum
+  // Partitions are laid out by what the lengths reach, not by the capacity: sequence b has
+  // part_count[b] = max(1, ceil(len_b / partition)) partitions, numbered from part_start[b]
+  // in one list; task t covers partition part_of_task[t / head_groups].
+  const int64_t* part_start = nullptr;  // [B + 1]
+  const int64_t* part_seq = nullptr;    // [total partitions]: the sequence of each
+  float* part_o = nullptr;   // [partitions, K, rows, hvp] unnormalised outputs
+  float* part_ml = nullptr;  // [partitions, K, rows, 2] running max and sum
+  int64_t scratch_failed = 0;  // bytes a task could not allocate (0: none), set atomically
 };
+
+static inline int64_t PartCount(const DecodeJob& job, int64_t b) {
+  return job.part_start[b + 1] - job.part_start[b];
+}
+
+// A task's per-thread scratch, or nullptr (the request is recorded in the job) when it
+// cannot be allocated.
+static float* DecodeScratch(const DecodeJob& job, int64_t floats) {
+  float* data = tls_scratch.Get(floats);
+  if (data == nullptr) {
+    __atomic_store_n(&const_cast<DecodeJob&>(job).scratch_failed,
+                     floats * static_cast<int64_t>(sizeof(float)), __ATOMIC_RELAXED);
+  }
+  return data;
+}
 
 static inline int64_t DecodeLength(const DecodeAttentionProblem& p, int64_t capacity,
                                    int64_t b) {
@@ -363,6 +386,13 @@ static inline int64_t DecodePage(const DecodeAttentionProblem& p, int64_t b,
   if (p.block_tables == nullptr) return b % p.num_pages;
   const int64_t page = p.block_tables[(b % p.block_tables_batch) * p.max_pages + page_index];
   return MinI(p.num_pages - 1, MaxI(0, page));  // ValidateDecodePages rejected these already
+}
+
+// Rows between a sequence's key rows and its value rows: nonzero only for a contiguous value
+// cache whose batch differs from the key cache's.
+static inline int64_t DecodeValueShift(const DecodeAttentionProblem& p, int64_t b) {
+  if (p.block_tables != nullptr || p.value_num_pages == 0) return 0;
+  return (b % p.value_num_pages - b % p.num_pages) * p.page_size;
 }
 
 // Global row index (page * page_size + offset) of keys [s0, s0 + nk) of sequence b.
@@ -379,21 +409,32 @@ static void KeyRows(const DecodeAttentionProblem& p, int64_t b, int64_t s0, int6
   }
 }
 
-static int64_t PartitionSize(const DecodeAttentionProblem& p) {
-  const int64_t capacity = p.max_pages * p.page_size;
+// Keys per partition for caches whose longest (clamped) length is `longest`: a function of
+// the shape and that length only, never of the thread count (bitwise identical results for
+// any thread count) nor of the capacity (padding a block table changes neither the cost nor
+// the result).
+static int64_t PartitionSize(const DecodeAttentionProblem& p, int64_t longest) {
+  const int64_t keys = MaxI(1, longest);
   const int64_t rows = p.q_len * (p.num_heads / p.num_kv_heads);
   // A partition's partial result (rows x Hv floats) must stay small next to its KV bytes.
   const int64_t min_partition = MaxI(kDecodeMinPartition, 8 * rows);
   int64_t parts = CeilDiv(kDecodeTargetTasks, p.batch * p.num_kv_heads);
-  parts = MinI(parts, MaxI(1, capacity / min_partition));
-  return RoundUp(CeilDiv(capacity, parts), kDecodeBlock);
+  parts = MinI(parts, MaxI(1, keys / min_partition));
+  return RoundUp(CeilDiv(keys, parts), kDecodeBlock);
+}
+
+static int64_t LongestLength(const DecodeAttentionProblem& p) {
+  const int64_t capacity = p.max_pages * p.page_size;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < p.batch; ++b) longest = MaxI(longest, DecodeLength(p, capacity, b));
+  return longest;
 }
 
 // A task streams every kv head of its keys (the rows of all heads of a key are contiguous in
 // memory, so a task reads whole pages in order) unless that leaves too few tasks; then the
 // heads are split into groups.
-static int64_t HeadsPerTask(const DecodeAttentionProblem& p, int64_t num_parts) {
-  const int64_t groups = MinI(p.num_kv_heads, CeilDiv(kDecodeMinTasks, p.batch * num_parts));
+static int64_t HeadsPerTask(const DecodeAttentionProblem& p, int64_t total_parts) {
+  const int64_t groups = MinI(p.num_kv_heads, CeilDiv(kDecodeMinTasks, total_parts));
   int64_t heads = CeilDiv(p.num_kv_heads, groups);
   // Every key row is scored against the query rows of all the task's heads: keep those in
   // L1 (measured at T = 4, G = 4: 1.7x faster than all 8 heads' 64 KiB). With that many rows
@@ -430,8 +471,9 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
   const DecodeJob& job = *static_cast<const DecodeJob*>(job_ptr);
   const DecodeAttentionProblem& p = *job.p;
   const int64_t hgroup = task % job.head_groups;
-  const int64_t part = (task / job.head_groups) % job.num_parts;
-  const int64_t b = task / job.head_groups / job.num_parts;
+  const int64_t slot_part = task / job.head_groups;  // index in the list of all partitions
+  const int64_t b = job.part_seq[slot_part];
+  const int64_t part = slot_part - job.part_start[b];
   const int64_t kh0 = hgroup * job.heads_per_task;
   const int64_t heads = MinI(job.heads_per_task, p.num_kv_heads - kh0);
   const int64_t T = p.q_len, G = job.group, R = job.rows;
@@ -445,7 +487,9 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
                            (bk + kKeyPrefetch) * 2, bk * 2, R * 2, R * 2};
   int64_t scratch = kScratchSlack;
   for (int64_t size : sizes) scratch += RoundUp(size, 16);
-  Carver carve{tls_scratch.Get(scratch)};
+  float* scratch_data = DecodeScratch(job, scratch);
+  if (scratch_data == nullptr) return;
+  Carver carve{scratch_data};
   float* q = carve.Take(sizes[0]);
   float* o = carve.Take(sizes[1]);
   float* m = carve.Take(sizes[2]);
@@ -468,7 +512,7 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
     }
   }
   const int64_t part_begin = part * job.partition;
-  const int64_t part_end = MinI(job.capacity, part_begin + job.partition);
+  const int64_t part_end = MinI(len, part_begin + job.partition);
   const int64_t begin = MaxI(part_begin, row_lo[0]);  // row 0 sees the earliest keys
   const int64_t end = MinI(part_end, row_hi[R - 1]);  // the last row sees the latest
 
@@ -502,7 +546,11 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
   const bool has_cap = p.soft_cap > 0.0f;
   const float cap = p.soft_cap, inv_cap = has_cap ? 1.0f / p.soft_cap : 0.0f;
   const char* key_base = static_cast<const char*>(p.key);
-  const char* value_base = static_cast<const char*>(p.value);
+  // A contiguous value cache of another batch than the key cache (a vmap mapping one of
+  // them): its rows sit this many rows from the key rows.
+  const int64_t value_shift = DecodeValueShift(p, b);
+  const char* value_base = static_cast<const char*>(p.value) +
+                           value_shift * p.num_kv_heads * p.value_dim * es;
 
   for (int64_t s0 = begin; s0 < end; s0 += bk) {
     const int64_t nk = MinI(bk, end - s0), nkp = RoundUp(nk, kVL);
@@ -583,16 +631,17 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
   }
 
   // Single partition: finish here. Otherwise leave (o, max, sum) for the merge.
+  const bool single = PartCount(job, b) == 1;
   for (int64_t hh = 0; hh < heads; ++hh) {
     const int64_t kh = kh0 + hh;
     const float* oh = o + hh * R * hvp;
-    if (job.num_parts == 1) {
+    if (single) {
       for (int64_t r = 0; r < R; ++r) {
         const int64_t row = (b * T + r / G) * p.num_heads + kh * G + r % G;
         FinishRow(job, oh + r * hvp, m[hh * R + r], l[hh * R + r], row, tmp);
       }
     } else {
-      const int64_t slot = (b * p.num_kv_heads + kh) * job.num_parts + part;
+      const int64_t slot = slot_part * p.num_kv_heads + kh;
       __builtin_memcpy(job.part_o + slot * R * hvp, oh, R * hvp * sizeof(float));
       float* ml = job.part_ml + slot * R * 2;
       for (int64_t r = 0; r < R; ++r) {
@@ -603,28 +652,33 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
   }
 }
 
-// Phase 2: merges the partitions of one (batch, kv head) in partition order.
+// Phase 2: merges the partitions of one (batch, kv head) in partition order (sequences with
+// one partition were finished in phase 1).
 static void DecodeMergeTask(void* job_ptr, int64_t task) {
   const DecodeJob& job = *static_cast<const DecodeJob*>(job_ptr);
   const DecodeAttentionProblem& p = *job.p;
   const int64_t kh = task % p.num_kv_heads, b = task / p.num_kv_heads;
-  const int64_t R = job.rows, G = job.group, hvp = job.hvp, parts = job.num_parts;
-  float* acc = tls_scratch.Get(kScratchSlack + 2 * hvp);
+  const int64_t parts = PartCount(job, b);
+  if (parts == 1) return;
+  const int64_t R = job.rows, G = job.group, hvp = job.hvp, K = p.num_kv_heads;
+  float* acc = DecodeScratch(job, kScratchSlack + 2 * hvp);
+  if (acc == nullptr) return;
   float* tmp = acc + hvp;
-  const int64_t slot0 = (b * p.num_kv_heads + kh) * parts;
+  const int64_t part0 = job.part_start[b];
+  auto slot = [&](int64_t i) { return (part0 + i) * K + kh; };
   for (int64_t r = 0; r < R; ++r) {
     const int64_t row = (b * p.q_len + r / G) * p.num_heads + kh * G + r % G;
     float mx = -kInf;
-    for (int64_t i = 0; i < parts; ++i) mx = MaxF(mx, job.part_ml[((slot0 + i) * R + r) * 2]);
+    for (int64_t i = 0; i < parts; ++i) mx = MaxF(mx, job.part_ml[(slot(i) * R + r) * 2]);
     float sum = 0.0f;
     __builtin_memset(acc, 0, hvp * sizeof(float));
     if (mx != -kInf) {
       for (int64_t i = 0; i < parts; ++i) {
-        const float* ml = job.part_ml + ((slot0 + i) * R + r) * 2;
+        const float* ml = job.part_ml + (slot(i) * R + r) * 2;
         if (ml[0] == -kInf) continue;  // an empty partition contributes nothing
         const float w = __builtin_expf(ml[0] - mx);
         sum += ml[1] * w;
-        const float* po = job.part_o + ((slot0 + i) * R + r) * hvp;
+        const float* po = job.part_o + (slot(i) * R + r) * hvp;
         const VF wv = Splat(w);
         for (int64_t h = 0; h < hvp; h += kVL) Store(acc + h, Load(acc + h) + wv * Load(po + h));
       }
@@ -633,8 +687,16 @@ static void DecodeMergeTask(void* job_ptr, int64_t task) {
   }
 }
 
-static void DecodeImpl(const DecodeAttentionProblem& p, const DecodeResult& res,
-                       const Parallel& parallel) {
+// Frees the job's buffers when it goes out of scope.
+struct DecodeBuffers {
+  void* blocks[4] = {};
+  ~DecodeBuffers() {
+    for (void* block : blocks) __builtin_free(block);
+  }
+};
+
+static int64_t DecodeImpl(const DecodeAttentionProblem& p, const DecodeResult& res,
+                          const Parallel& parallel) {
   DecodeJob job;
   job.p = &p;
   job.res = res;
@@ -644,14 +706,38 @@ static void DecodeImpl(const DecodeAttentionProblem& p, const DecodeResult& res,
   job.hvp = RoundUp(p.value_dim, kPair);
   job.interleaved = p.dtype == DType::kBF16 && BF16Elems::kInterleaved;
   job.capacity = p.max_pages * p.page_size;
-  job.partition = PartitionSize(p);
-  job.num_parts = CeilDiv(job.capacity, job.partition);
-  job.heads_per_task = HeadsPerTask(p, job.num_parts);
+  job.partition = PartitionSize(p, LongestLength(p));
+
+  // Every allocation is checked: the bytes of the first that fails are returned.
+  DecodeBuffers buffers;
+  auto allocate = [&](int slot, int64_t bytes) -> void* {
+    buffers.blocks[slot] = __builtin_malloc(MaxI(bytes, 1));
+    return buffers.blocks[slot];
+  };
+  int64_t* part_start = static_cast<int64_t*>(allocate(0, (p.batch + 1) * sizeof(int64_t)));
+  if (part_start == nullptr) return (p.batch + 1) * sizeof(int64_t);
+  part_start[0] = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t len = DecodeLength(p, job.capacity, b);
+    part_start[b + 1] = part_start[b] + MaxI(1, CeilDiv(len, job.partition));
+  }
+  const int64_t total_parts = part_start[p.batch];
+  int64_t* part_seq = static_cast<int64_t*>(allocate(1, total_parts * sizeof(int64_t)));
+  if (part_seq == nullptr) return total_parts * sizeof(int64_t);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t i = part_start[b]; i < part_start[b + 1]; ++i) part_seq[i] = b;
+  }
+  job.part_start = part_start;
+  job.part_seq = part_seq;
+  job.heads_per_task = HeadsPerTask(p, total_parts);
   job.head_groups = CeilDiv(p.num_kv_heads, job.heads_per_task);
-  if (job.num_parts > 1) {
-    const int64_t slots = p.batch * p.num_kv_heads * job.num_parts * job.rows;
-    job.part_o = static_cast<float*>(__builtin_malloc(slots * job.hvp * sizeof(float)));
-    job.part_ml = static_cast<float*>(__builtin_malloc(slots * 2 * sizeof(float)));
+  const bool merge = total_parts > p.batch;  // some sequence has several partitions
+  if (merge) {
+    const int64_t slots = total_parts * p.num_kv_heads * job.rows;
+    job.part_o = static_cast<float*>(allocate(2, slots * job.hvp * sizeof(float)));
+    if (job.part_o == nullptr) return slots * job.hvp * sizeof(float);
+    job.part_ml = static_cast<float*>(allocate(3, slots * 2 * sizeof(float)));
+    if (job.part_ml == nullptr) return slots * 2 * sizeof(float);
   }
   TaskFn task = nullptr;
   switch (p.dtype) {
@@ -659,14 +745,13 @@ static void DecodeImpl(const DecodeAttentionProblem& p, const DecodeResult& res,
     case DType::kBF16: task = DecodePartitionTask<BF16Elems>; break;
     case DType::kF16: task = DecodePartitionTask<F16Elems>; break;
   }
-  parallel.For(p.batch * job.num_parts * job.head_groups, task, &job);
-  if (job.num_parts > 1) {
+  parallel.For(total_parts * job.head_groups, task, &job);
+  if (merge && job.scratch_failed == 0) {
     parallel.For(p.batch * p.num_kv_heads, DecodeMergeTask, &job);
-    __builtin_free(job.part_o);
-    __builtin_free(job.part_ml);
   }
+  return job.scratch_failed;
 }
 
 static int64_t DecodePartitionSizeImpl(const DecodeAttentionProblem& p) {
-  return PartitionSize(p);
+  return PartitionSize(p, LongestLength(p));
 }

@@ -1,4 +1,4 @@
-// Picks the kernels for the CPU at run time; JAXATTN_ISA=generic|avx2|avx512|avx512bf16|amx
+// Picks the kernels for the CPU at run time; JAXATTN_ISA=<name of a kernel set in kKernelSets>
 // forces another one the CPU can run (tests and benchmarks use it to cover every path).
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -7,8 +7,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <vector>
 
 #include "attention.h"
+#include "gated_linear.h"
 #include "kernel_table.h"
 
 namespace jaxattn {
@@ -53,16 +55,34 @@ bool AmxUsable() {
 #endif
 }
 
+bool CpuHasAmx() { return CpuHasAvx512() && AmxUsable(); }
+
+bool CpuRunsAnything() { return true; }
+
+// Every kernel set with what the CPU needs to run it: the one list that JAXATTN_ISA, and
+// kernel_isas() / available_kernel_isas() in Python, are read from. A new kernel set is one
+// entry here (and, to be picked by default, a rule in SelectKernels).
+struct KernelSet {
+  const KernelTable* table;
+  bool (*cpu_runs)();
+};
+const KernelSet kKernelSets[] = {
+    {&kGenericKernels, CpuRunsAnything},
+    {&kAvx2Kernels, CpuHasAvx2},
+    {&kAvx512Kernels, CpuHasAvx512},
+    {&kAvx512BF16Kernels, CpuHasAvx512},
+    {&kAmxKernels, CpuHasAmx},
+};
+
 const KernelTable& SelectKernels() {
   const char* forced = std::getenv("JAXATTN_ISA");
   const bool avx512 = CpuHasAvx512(), avx2 = CpuHasAvx2();
   if (forced != nullptr) {
-    if (std::strcmp(forced, "generic") == 0) return kGenericKernels;
-    if (std::strcmp(forced, "avx2") == 0 && avx2) return kAvx2Kernels;
-    if (std::strcmp(forced, "avx512") == 0 && avx512) return kAvx512Kernels;
-    if (std::strcmp(forced, "avx512bf16") == 0 && avx512) return kAvx512BF16Kernels;
-    // Where AMX is unusable the default set runs; jaxattn/_ffi.py then refuses to load.
-    if (std::strcmp(forced, "amx") == 0 && avx512 && AmxUsable()) return kAmxKernels;
+    // Where AMX is unusable, JAXATTN_ISA=amx gets the default set: jaxattn/_ffi.py then
+    // refuses to load.
+    for (const KernelSet& set : kKernelSets) {
+      if (std::strcmp(forced, set.table->isa) == 0 && set.cpu_runs()) return *set.table;
+    }
   }
   if (avx512 && !FasterBF16Pairs() && AmxUsable()) return kAmxKernels;
   if (avx512) return FasterBF16Pairs() ? kAvx512BF16Kernels : kAvx512Kernels;
@@ -80,6 +100,12 @@ const KernelTable& Kernels() {
 }  // namespace
 
 const char* KernelIsa() { return Kernels().isa; }
+
+std::vector<KernelIsaInfo> KernelIsas() {
+  std::vector<KernelIsaInfo> isas;
+  for (const KernelSet& set : kKernelSets) isas.push_back({set.table->isa, set.cpu_runs()});
+  return isas;
+}
 
 const char* ValidateProblem(const AttentionProblem& p) {
   if (p.batch <= 0 || p.q_len <= 0 || p.kv_len <= 0 || p.num_heads <= 0 ||
@@ -209,6 +235,11 @@ const char* ValidateDecodeProblem(const DecodeAttentionProblem& p) {
     if (p.max_pages != 1 || p.batch % p.num_pages != 0) {
       return "the cache batch must divide the batch";
     }
+    if (p.value_num_pages < 0 || (p.value_num_pages > 0 && p.batch % p.value_num_pages != 0)) {
+      return "the value cache batch must divide the batch";
+    }
+  } else if (p.value_num_pages != 0) {
+    return "a paged cache has one page pool for keys and values";
   } else if (p.block_tables_batch <= 0 || p.batch % p.block_tables_batch != 0) {
     return "block_tables must have one row per batch element";
   }
@@ -243,9 +274,9 @@ int64_t DecodePartitionSize(const DecodeAttentionProblem& problem) {
   return Kernels().decode_partition_size(problem);
 }
 
-void DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
-                   const Parallel& parallel) {
-  Kernels().decode_forward(problem, result, parallel);
+int64_t DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
+                      const Parallel& parallel) {
+  return Kernels().decode_forward(problem, result, parallel);
 }
 
 void FlashForward(const AttentionProblem& problem, const FlashForwardResult& result,
@@ -261,6 +292,34 @@ void FlashBackward(const AttentionProblem& problem, const FlashBackwardArgs& arg
 void FlashJvp(const AttentionProblem& problem, const FlashTangents& tangents, const void* out,
               const float* lse, const FlashJvpResult& result, const Parallel& parallel) {
   Kernels().flash_jvp(problem, tangents, out, lse, result, parallel);
+}
+
+const char* ValidateGatedLinear(const GatedLinearProblem& p) {
+  if (p.batch <= 0 || p.seq_len < 0 || p.num_heads <= 0 || p.key_dim <= 0 ||
+      p.value_dim <= 0) {
+    return "batch, heads and head dims must be positive, the length non-negative";
+  }
+  for (int64_t operand_batch : {p.q_batch, p.k_batch, p.v_batch, p.g_batch}) {
+    if (operand_batch <= 0 || p.batch % operand_batch != 0) {
+      return "operand batch sizes must divide the output batch";
+    }
+  }
+  if (p.initial_state != nullptr && (p.state_batch <= 0 || p.batch % p.state_batch != 0)) {
+    return "initial_state batch must divide the output batch";
+  }
+  if (!(p.scale - p.scale == 0.0f)) return "scale must be finite";
+  if (p.key_dim > 1024 || p.value_dim > 1024) return "head dims above 1024 are not supported";
+  return nullptr;
+}
+
+const char* GatedLinearForward(const GatedLinearProblem& problem,
+                               const GatedLinearForwardResult& result, const Parallel& parallel) {
+  return Kernels().gla_forward(problem, result, parallel);
+}
+
+const char* GatedLinearBackward(const GatedLinearProblem& problem,
+                                const GatedLinearBackwardArgs& args, const Parallel& parallel) {
+  return Kernels().gla_backward(problem, args, parallel);
 }
 
 }  // namespace jaxattn

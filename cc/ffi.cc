@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "gated_linear.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -454,7 +455,7 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
                      const ffi::AnyBuffer& key, const ffi::AnyBuffer& value,
                      const S32Buffer* block_tables, const S32Buffer& kv_lengths,
                      ffi::Result<ffi::AnyBuffer>& out, F32Result& lse, float scale,
-                     float soft_cap, int64_t window_left) {
+                     float soft_cap, int64_t window_left, bool strict_lengths) {
   const auto q = query.dimensions(), k = key.dimensions(), v = value.dimensions();
   const auto od = out->dimensions();
   if (q.size() != 4 || k.size() != 4 || v.size() != 4 || od.size() != 4) {
@@ -468,7 +469,9 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
     return InvalidArgument("decode: query and caches must share one of float32, bfloat16, "
                            "float16");
   }
-  if (k[0] != v[0] || k[1] != v[1] || k[2] != v[2] || q[3] != k[3]) {
+  // A contiguous value cache may have its own batch (a vmap mapping one cache only).
+  const bool value_batch_differs = block_tables == nullptr && k[0] != v[0];
+  if ((k[0] != v[0] && !value_batch_differs) || k[1] != v[1] || k[2] != v[2] || q[3] != k[3]) {
     return InvalidArgument("decode: inconsistent shapes: query " + ShapeString(q) + ", key " +
                            ShapeString(k) + ", value " + ShapeString(v));
   }
@@ -481,6 +484,7 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
   p.page_size = k[1];
   p.num_kv_heads = k[2];
   p.value_dim = v[3];
+  p.value_num_pages = value_batch_differs ? v[0] : 0;
   p.query = query.untyped_data();
   p.key = key.untyped_data();
   p.value = value.untyped_data();
@@ -509,10 +513,29 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
       !HasShape(lse->dimensions(), {p.batch, p.q_len, p.num_heads})) {
     return InvalidArgument("decode: output shapes do not match the inputs");
   }
+  if (strict_lengths) {
+    // Opt-in: a length past the cache (e.g. a KV cache stepped past its end under jit) is an
+    // error rather than clamped.
+    const int64_t capacity = p.max_pages * p.page_size;
+    for (int64_t b = 0; b < p.kv_lengths_batch; ++b) {
+      if (p.kv_lengths[b] < 0 || p.kv_lengths[b] > capacity) {
+        return InvalidArgument("decode: kv_lengths[" + std::to_string(b) + "] = " +
+                               std::to_string(p.kv_lengths[b]) + " is outside [0, " +
+                               std::to_string(capacity) + "], the cache length (the KV cache "
+                               "overflowed: a step past its max_length?)");
+      }
+    }
+  }
   if (const char* message = ValidateDecodePages(p)) {
     return InvalidArgument(std::string("paged decode: ") + message);
   }
-  DecodeForward(p, DecodeResult{out->untyped_data(), lse->typed_data()}, XlaParallel(pool));
+  const int64_t failed_bytes =
+      DecodeForward(p, DecodeResult{out->untyped_data(), lse->typed_data()}, XlaParallel(pool));
+  if (failed_bytes != 0) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "jaxattn: decode: could not allocate " + std::to_string(failed_bytes) +
+                          " bytes of scratch memory");
+  }
   return ffi::Error::Success();
 }
 
@@ -521,7 +544,7 @@ ffi::Error DecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
                              ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
                              float soft_cap, int64_t window_left) {
   return DecodeRun(pool, query, key, value, nullptr, kv_lengths, out, lse, scale, soft_cap,
-                   window_left);
+                   window_left, false);
 }
 
 ffi::Error PagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
@@ -530,7 +553,26 @@ ffi::Error PagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                   ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
                                   float soft_cap, int64_t window_left) {
   return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, out, lse,
-                   scale, soft_cap, window_left);
+                   scale, soft_cap, window_left, false);
+}
+
+// _v2: the _v1 targets plus the strict_lengths attribute (the _v1 layout keeps working).
+ffi::Error DecodeForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                               ffi::AnyBuffer value, S32Buffer kv_lengths,
+                               ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
+                               float soft_cap, int64_t window_left, bool strict_lengths) {
+  return DecodeRun(pool, query, key, value, nullptr, kv_lengths, out, lse, scale, soft_cap,
+                   window_left, strict_lengths);
+}
+
+ffi::Error PagedDecodeForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query,
+                                    ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
+                                    S32Buffer block_tables, S32Buffer kv_lengths,
+                                    ffi::Result<ffi::AnyBuffer> out, F32Result lse,
+                                    float scale, float soft_cap, int64_t window_left,
+                                    bool strict_lengths) {
+  return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, out, lse,
+                   scale, soft_cap, window_left, strict_lengths);
 }
 
 template <typename Binding>
@@ -561,6 +603,16 @@ auto BindAttrs(Binding binding) {
       .template Attr<bool>("is_causal")
       .template Attr<int64_t>("window_left")
       .template Attr<int64_t>("window_right");
+}
+
+template <typename Binding>
+auto BindDecodeResultsV2(Binding binding) {
+  return std::move(binding).template Ret<ffi::AnyBuffer>()  // out
+      .template Ret<ffi::Buffer<ffi::F32>>()                // lse
+      .template Attr<float>("scale")
+      .template Attr<float>("soft_cap")
+      .template Attr<int64_t>("window_left")
+      .template Attr<bool>("strict_lengths");
 }
 
 }  // namespace
@@ -660,6 +712,200 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<S32Buffer>()          // block_tables
                           .Arg<S32Buffer>()));       // kv_lengths
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DecodeForwardV2Handler, DecodeForwardV2Impl,
+    BindDecodeResultsV2(ffi::Ffi::Bind()
+                            .Ctx<ffi::ThreadPool>()
+                            .Arg<ffi::AnyBuffer>()     // query
+                            .Arg<ffi::AnyBuffer>()     // key_cache
+                            .Arg<ffi::AnyBuffer>()     // value_cache
+                            .Arg<S32Buffer>()));       // kv_lengths
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PagedDecodeForwardV2Handler, PagedDecodeForwardV2Impl,
+    BindDecodeResultsV2(ffi::Ffi::Bind()
+                            .Ctx<ffi::ThreadPool>()
+                            .Arg<ffi::AnyBuffer>()     // query
+                            .Arg<ffi::AnyBuffer>()     // key_pages
+                            .Arg<ffi::AnyBuffer>()     // value_pages
+                            .Arg<S32Buffer>()          // block_tables
+                            .Arg<S32Buffer>()));       // kv_lengths
+
+}  // namespace jaxattn
+
+// Gated linear attention (gated_linear.h).
+namespace jaxattn {
+namespace {
+
+// query [Bq,T,N,Hk], key [Bk,T,N,Hk], value [Bv,T,N,Hv], log_gate [Bg,T,N,Hk],
+// initial_state [Bs,N,Hk,Hv] float32 (0 elements: none), for outputs of batch `batch`.
+ffi::Error DecodeGatedLinear(const ffi::AnyBuffer& query, const ffi::AnyBuffer& key,
+                             const ffi::AnyBuffer& value, const ffi::AnyBuffer& log_gate,
+                             const ffi::AnyBuffer& initial_state, int64_t batch, float scale,
+                             GatedLinearProblem* p) {
+  const auto q = query.dimensions(), k = key.dimensions(), v = value.dimensions(),
+             g = log_gate.dimensions();
+  if (q.size() != 4 || k.size() != 4 || v.size() != 4 || g.size() != 4) {
+    return InvalidArgument("gated linear attention: query, key, value and log_gate must have "
+                           "rank 4, got " + ShapeString(q) + ", " + ShapeString(k) + ", " +
+                           ShapeString(v) + ", " + ShapeString(g));
+  }
+  if (!ToDType(query.element_type(), &p->dtype) ||
+      key.element_type() != query.element_type() ||
+      value.element_type() != query.element_type()) {
+    return InvalidArgument("gated linear attention: query, key and value must share one of "
+                           "float32, bfloat16, float16");
+  }
+  if (!ToDType(log_gate.element_type(), &p->gate_dtype)) {
+    return InvalidArgument("gated linear attention: log_gate must be float32, bfloat16 or "
+                           "float16");
+  }
+  for (const auto* d : {&k, &v, &g}) {
+    if ((*d)[1] != q[1] || (*d)[2] != q[2]) {
+      return InvalidArgument("gated linear attention: inconsistent shapes: query " +
+                             ShapeString(q) + ", key " + ShapeString(k) + ", value " +
+                             ShapeString(v) + ", log_gate " + ShapeString(g));
+    }
+  }
+  if (k[3] != q[3] || g[3] != q[3]) {
+    return InvalidArgument("gated linear attention: query, key and log_gate must share the "
+                           "head dim, got " + ShapeString(q) + ", " + ShapeString(k) + ", " +
+                           ShapeString(g));
+  }
+  p->batch = batch;
+  p->seq_len = q[1];
+  p->num_heads = q[2];
+  p->key_dim = q[3];
+  p->value_dim = v[3];
+  p->q_batch = q[0];
+  p->k_batch = k[0];
+  p->v_batch = v[0];
+  p->g_batch = g[0];
+  p->query = query.untyped_data();
+  p->key = key.untyped_data();
+  p->value = value.untyped_data();
+  p->log_gate = log_gate.untyped_data();
+  p->scale = scale;
+  if (initial_state.element_count() > 0) {
+    const auto s = initial_state.dimensions();
+    if (initial_state.element_type() != ffi::DataType::F32 || s.size() != 4 ||
+        s[1] != p->num_heads || s[2] != p->key_dim || s[3] != p->value_dim) {
+      return InvalidArgument("gated linear attention: initial_state must be float32 [B, N, "
+                             "Hk, Hv] = [B, " + std::to_string(p->num_heads) + ", " +
+                             std::to_string(p->key_dim) + ", " + std::to_string(p->value_dim) +
+                             "], got " + ShapeString(s));
+    }
+    p->initial_state = static_cast<const float*>(initial_state.untyped_data());
+    p->state_batch = s[0];
+  }
+  if (const char* message = ValidateGatedLinear(*p)) {
+    return InvalidArgument(std::string("gated linear attention: ") + message);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GatedLinearForwardFfi(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                                 ffi::AnyBuffer value, ffi::AnyBuffer log_gate,
+                                 ffi::AnyBuffer initial_state, ffi::Result<ffi::AnyBuffer> out,
+                                 F32Result final_state, float scale) {
+  const auto od = out->dimensions();
+  if (od.size() != 4) return InvalidArgument("gated linear attention: out must have rank 4");
+  GatedLinearProblem p;
+  if (auto e = DecodeGatedLinear(query, key, value, log_gate, initial_state, od[0], scale, &p);
+      e.failure()) {
+    return e;
+  }
+  if (out->element_type() != query.element_type() ||
+      !HasShape(od, {p.batch, p.seq_len, p.num_heads, p.value_dim}) ||
+      !HasShape(final_state->dimensions(), {p.batch, p.num_heads, p.key_dim, p.value_dim})) {
+    return InvalidArgument("gated linear attention: output shapes do not match the inputs");
+  }
+  if (const char* message = GatedLinearForward(
+          p, GatedLinearForwardResult{out->untyped_data(), final_state->typed_data()},
+          XlaParallel(pool))) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, std::string("jaxattn: ") + message);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GatedLinearBackwardFfi(ffi::ThreadPool pool, ffi::AnyBuffer query,
+                                  ffi::AnyBuffer key, ffi::AnyBuffer value,
+                                  ffi::AnyBuffer log_gate, ffi::AnyBuffer initial_state,
+                                  ffi::AnyBuffer dout, F32Buffer dfinal_state,
+                                  ffi::Result<ffi::AnyBuffer> dquery,
+                                  ffi::Result<ffi::AnyBuffer> dkey,
+                                  ffi::Result<ffi::AnyBuffer> dvalue,
+                                  ffi::Result<ffi::AnyBuffer> dlog_gate,
+                                  F32Result dinitial_state, float scale) {
+  const auto dqd = dquery->dimensions();
+  if (dqd.size() != 4) return InvalidArgument("gated linear attention: dquery must have rank 4");
+  GatedLinearProblem p;
+  if (auto e = DecodeGatedLinear(query, key, value, log_gate, initial_state, dqd[0], scale,
+                                 &p);
+      e.failure()) {
+    return e;
+  }
+  const int64_t B = p.batch, T = p.seq_len, N = p.num_heads, Hk = p.key_dim, Hv = p.value_dim;
+  const auto is = [](const ffi::AnyBuffer& x, ffi::DataType type,
+                     std::initializer_list<int64_t> shape) {
+    return x.element_type() == type && HasShape(x.dimensions(), shape);
+  };
+  const ffi::DataType dtype = query.element_type();
+  if (!is(dout, dtype, {B, T, N, Hv}) ||
+      (dfinal_state.element_count() != 0 &&
+       !HasShape(dfinal_state.dimensions(), {B, N, Hk, Hv})) ||
+      !is(*dquery, dtype, {B, T, N, Hk}) || !is(*dkey, dtype, {B, T, N, Hk}) ||
+      !is(*dvalue, dtype, {B, T, N, Hv}) ||
+      !is(*dlog_gate, log_gate.element_type(), {B, T, N, Hk}) ||
+      !HasShape(dinitial_state->dimensions(), {B, N, Hk, Hv})) {
+    return InvalidArgument("gated linear attention backward: operand shapes do not match the "
+                           "inputs");
+  }
+  GatedLinearBackwardArgs args;
+  args.dout = dout.untyped_data();
+  args.dfinal_state = dfinal_state.element_count() ? dfinal_state.typed_data() : nullptr;
+  args.dquery = dquery->untyped_data();
+  args.dkey = dkey->untyped_data();
+  args.dvalue = dvalue->untyped_data();
+  args.dlog_gate = dlog_gate->untyped_data();
+  args.dinitial_state = dinitial_state->typed_data();
+  if (const char* message = GatedLinearBackward(p, args, XlaParallel(pool))) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, std::string("jaxattn: ") + message);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatedLinearForwardHandler, GatedLinearForwardFfi,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // query
+                                  .Arg<ffi::AnyBuffer>()         // key
+                                  .Arg<ffi::AnyBuffer>()         // value
+                                  .Arg<ffi::AnyBuffer>()         // log_gate
+                                  .Arg<ffi::AnyBuffer>()         // initial_state (0: none)
+                                  .Ret<ffi::AnyBuffer>()         // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // final_state
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatedLinearBackwardHandler, GatedLinearBackwardFfi,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // query
+                                  .Arg<ffi::AnyBuffer>()         // key
+                                  .Arg<ffi::AnyBuffer>()         // value
+                                  .Arg<ffi::AnyBuffer>()         // log_gate
+                                  .Arg<ffi::AnyBuffer>()         // initial_state (0: none)
+                                  .Arg<ffi::AnyBuffer>()         // dout
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dfinal_state (0: none)
+                                  .Ret<ffi::AnyBuffer>()         // dquery
+                                  .Ret<ffi::AnyBuffer>()         // dkey
+                                  .Ret<ffi::AnyBuffer>()         // dvalue
+                                  .Ret<ffi::AnyBuffer>()         // dlog_gate
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dinitial_state
+                                  .Attr<float>("scale"));
+
 }  // namespace jaxattn
 
 namespace jaxattn {
@@ -672,8 +918,12 @@ std::vector<FfiTarget> FfiTargets() {
       {"jaxattn_flash_jvp_v1", reinterpret_cast<void*>(FlashJvpHandler)},
       {"jaxattn_decode_fwd_v1", reinterpret_cast<void*>(DecodeForwardHandler)},
       {"jaxattn_paged_decode_fwd_v1", reinterpret_cast<void*>(PagedDecodeForwardHandler)},
+      {"jaxattn_decode_fwd_v2", reinterpret_cast<void*>(DecodeForwardV2Handler)},
+      {"jaxattn_paged_decode_fwd_v2", reinterpret_cast<void*>(PagedDecodeForwardV2Handler)},
       {"jaxattn_sparse_fwd_v1", reinterpret_cast<void*>(SparseForwardHandler)},
       {"jaxattn_sparse_bwd_v1", reinterpret_cast<void*>(SparseBackwardHandler)},
+      {"jaxattn_gla_fwd_v1", reinterpret_cast<void*>(GatedLinearForwardHandler)},
+      {"jaxattn_gla_bwd_v1", reinterpret_cast<void*>(GatedLinearBackwardHandler)},
   };
 }
 

@@ -273,6 +273,7 @@ struct Scratch {
       __builtin_free(data);
       capacity = RoundUp(floats, 4096);
       data = static_cast<float*>(__builtin_aligned_alloc(64, capacity * sizeof(float)));
+      if (data == nullptr) capacity = 0;  // the caller sees nullptr; a later call retries
     }
     return data;
   }
@@ -787,17 +788,20 @@ static inline TileCursor QueryTilesOf(const FlashContext& c, int64_t kv_head, in
 // being taken as fully masked.
 static inline void OnlineSoftmaxStep(float* sr, int64_t nk, int64_t nkp, float* m, float* l,
                                      float* orow, int64_t hvp, float prescale = 1.0f,
-                                     uint32_t* pairs_out = nullptr) {
-  VI lane;
-#pragma GCC unroll 16
-  for (int i = 0; i < kVL; ++i) lane[i] = i;
+                                     uint32_t* pairs_out = nullptr, float soft_cap = 0.0f) {
+  const VI lane = LaneIndices();
+  const float inv_cap = soft_cap > 0.0f ? 1.0f / soft_cap : 0.0f;
   VF mv = Splat(-kInf);
   for (int64_t j = 0; j < nkp; j += kVL) {
     VF x = Load(sr + j);
     const bool tail = j + kVL > nk;
     if (prescale != 1.0f) x = x * prescale;
+    if (soft_cap > 0.0f) {  // as TransformLogits applies it (the backward recomputes that)
+      VF th;
+      x = SoftCap(x, inv_cap, soft_cap, &th);
+    }
     if (tail) x = lane + static_cast<int32_t>(j) < static_cast<int32_t>(nk) ? x : Splat(-kInf);
-    if (prescale != 1.0f || tail) Store(sr + j, x);
+    if (prescale != 1.0f || soft_cap > 0.0f || tail) Store(sr + j, x);
     mv = x > mv ? x : mv;
   }
   const float m_new = MaxF(*m, HorizontalMax(mv));
@@ -928,9 +932,10 @@ static void ForwardTask(void* job_ptr, int64_t task) {
     }
 
     const bool full = TileFullyVisible(p, t0, tv1, s0, s0 + nk, kv_len);
-    // Without bias, masks or cap the softmax scales the logits itself (pairs: one pass less).
-    const bool transform = p.bias.data != nullptr || p.mask.data != nullptr ||
-                           p.soft_cap > 0.0f || !full || tile.mask != nullptr;
+    // Without bias or masks the softmax scales the logits and applies the soft cap itself
+    // (one pass over the tile less).
+    const bool transform = p.bias.data != nullptr || p.mask.data != nullptr || !full ||
+                           tile.mask != nullptr;
     // Bf16 pairs: P is rounded to pairs as it is computed (the rows past num_rows, which
     // AMX multiplies, are zero). Float32: P in place of the logits.
     uint32_t* prob_words = Pairs(c) ? reinterpret_cast<uint32_t*>(prob_pairs) : nullptr;
@@ -954,7 +959,8 @@ static void ForwardTask(void* job_ptr, int64_t task) {
       for (int64_t r = r0; r < r0 + nr; ++r) {
         OnlineSoftmaxStep(s + r * nkp, nk, nkp, &m[r], &l[r], o + r * c.hvp, c.hvp,
                           transform ? 1.0f : PairsScale(c),
-                          prob_words != nullptr ? prob_words + r * (nkp / 2) : nullptr);
+                          prob_words != nullptr ? prob_words + r * (nkp / 2) : nullptr,
+                          transform ? 0.0f : p.soft_cap);
       }
       const float* prob = prob_words != nullptr ? prob_pairs + r0 * (nkp / 2) : ss;
       ProductGemm(c, nr, c.hvp, nk, prob, prob_words != nullptr ? nkp / 2 : nkp, value_pairs,

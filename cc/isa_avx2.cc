@@ -9,5 +9,6 @@ const KernelTable kAvx2Kernels = {"avx2", avx2::ForwardImpl<ProductMode::kFloat3
     avx2::BackwardImpl<ProductMode::kFloat32>, avx2::SparseTilingImpl,
     avx2::SparseForwardImpl<ProductMode::kFloat32>,
     avx2::SparseBackwardImpl<ProductMode::kFloat32>, avx2::DecodeImpl,
-    avx2::DecodePartitionSizeImpl, avx2::JvpImpl};
+    avx2::DecodePartitionSizeImpl, avx2::JvpImpl, avx2::GlaForwardImpl,
+    avx2::GlaBackwardImpl};
 }  // namespace jaxattn

@@ -11,16 +11,19 @@ const KernelTable kAvx512Kernels = {"avx512", avx512::ForwardImpl<ProductMode::k
     avx512::BackwardImpl<ProductMode::kFloat32>, avx512::SparseTilingImpl,
     avx512::SparseForwardImpl<ProductMode::kFloat32>,
     avx512::SparseBackwardImpl<ProductMode::kFloat32>, avx512::DecodeImpl,
-    avx512::DecodePartitionSizeImpl, avx512::JvpImpl};
+    avx512::DecodePartitionSizeImpl, avx512::JvpImpl, avx512::GlaForwardImpl,
+    avx512::GlaBackwardImpl};
 const KernelTable kAvx512BF16Kernels = {"avx512bf16",
     avx512::ForwardImpl<ProductMode::kBF16Pairs>,
     avx512::BackwardImpl<ProductMode::kBF16Pairs>, avx512::SparseTilingImpl,
     avx512::SparseForwardImpl<ProductMode::kBF16Pairs>,
     avx512::SparseBackwardImpl<ProductMode::kBF16Pairs>, avx512::DecodeImpl,
-    avx512::DecodePartitionSizeImpl, avx512::JvpImpl};
+    avx512::DecodePartitionSizeImpl, avx512::JvpImpl, avx512::GlaForwardImpl,
+    avx512::GlaBackwardImpl};
 const KernelTable kAmxKernels = {"amx", avx512::ForwardImpl<ProductMode::kAmxTiles>,
     avx512::BackwardImpl<ProductMode::kAmxTiles>, avx512::SparseTilingImpl,
     avx512::SparseForwardImpl<ProductMode::kAmxTiles>,
     avx512::SparseBackwardImpl<ProductMode::kAmxTiles>, avx512::DecodeImpl,
-    avx512::DecodePartitionSizeImpl, avx512::JvpImpl};
+    avx512::DecodePartitionSizeImpl, avx512::JvpImpl, avx512::GlaForwardImpl,
+    avx512::GlaBackwardImpl};
 }  // namespace jaxattn

@@ -9,5 +9,6 @@ const KernelTable kGenericKernels = {"generic", generic::ForwardImpl<ProductMode
     generic::BackwardImpl<ProductMode::kFloat32>, generic::SparseTilingImpl,
     generic::SparseForwardImpl<ProductMode::kFloat32>,
     generic::SparseBackwardImpl<ProductMode::kFloat32>, generic::DecodeImpl,
-    generic::DecodePartitionSizeImpl, generic::JvpImpl};
+    generic::DecodePartitionSizeImpl, generic::JvpImpl, generic::GlaForwardImpl,
+    generic::GlaBackwardImpl};
 }  // namespace jaxattn

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "attention.h"
+#include "gated_linear.h"
 
 namespace jaxattn {
 
@@ -14,10 +15,14 @@ struct KernelTable {
                          const FlashForwardResult&, const Parallel&);
   void (*sparse_backward)(const AttentionProblem&, const BlockSparseTables&,
                           const FlashBackwardArgs&, const Parallel&);
-  void (*decode_forward)(const DecodeAttentionProblem&, const DecodeResult&, const Parallel&);
+  int64_t (*decode_forward)(const DecodeAttentionProblem&, const DecodeResult&, const Parallel&);
   int64_t (*decode_partition_size)(const DecodeAttentionProblem&);
   void (*flash_jvp)(const AttentionProblem&, const FlashTangents&, const void*, const float*,
                     const FlashJvpResult&, const Parallel&);
+  const char* (*gla_forward)(const GatedLinearProblem&, const GatedLinearForwardResult&,
+                             const Parallel&);
+  const char* (*gla_backward)(const GatedLinearProblem&, const GatedLinearBackwardArgs&,
+                              const Parallel&);
 };
 
 extern const KernelTable kGenericKernels;

@@ -4,6 +4,7 @@
 #include <immintrin.h>  // F16C conversions (decode_impl.h), used under the ISA's flags only
 
 #include "attention.h"
+#include "gated_linear.h"
 #include "kernel_table.h"
 
 namespace jaxattn {
@@ -15,6 +16,7 @@ namespace JAXATTN_ISA_NAMESPACE {
 #include "flash_jvp_impl.h"
 #include "sparse_impl.h"
 #include "decode_impl.h"
+#include "gla_impl.h"
 
 }  // namespace JAXATTN_ISA_NAMESPACE
 }  // namespace jaxattn

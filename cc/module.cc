@@ -33,5 +33,15 @@ NB_MODULE(_jaxattn, m) {
       "The kernels' tile for GQA group size G: (query positions, rows, keys, rows rounded up "
       "to vectors) per tile.");
   m.def("kernel_isa", [] { return std::string(jaxattn::KernelIsa()); },
-        "The instruction set the kernels run with: avx512, avx2 or generic.");
+        "The kernel set the kernels run with (one of the names kernel_isas() lists).");
+  m.def(
+      "kernel_isas",
+      [] {
+        nb::dict isas;
+        for (const jaxattn::KernelIsaInfo& isa : jaxattn::KernelIsas()) {
+          isas[isa.name] = isa.runs_on_this_cpu;
+        }
+        return isas;
+      },
+      "{kernel set name: whether this CPU can run it}, every kernel set compiled in.");
 }

@@ -89,8 +89,10 @@ static inline VF Tanh(VF x) {
   q = q * z + 1.333287707e-01f;
   q = q * z + -3.333332878e-01f;
   VF y = ax + ax * z * q;
-  // Capped logits are mostly small: skip the exp and the division when every lane is.
-  if (!(HorizontalMax(ax) < 0.85f)) {
+  // Capped logits are mostly small: skip the exp and the division when every lane is (a NaN
+  // lane counts as large: HorizontalMax of ax itself could drop it and hide a large lane).
+  const VI small = ax < 0.85f;
+  if (HorizontalMax(small ? VF{} : Splat(1.0f)) != 0.0f) {
     const VF large = 1.0f - 2.0f / (Exp(ax + ax) + 1.0f);
     y = ax < 0.85f ? y : large;
   }

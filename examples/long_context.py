@@ -1,7 +1,11 @@
 """Long context with a block-sparse mask: attention whose cost follows the mask, not T^2.
 
-    PYTHONPATH=. python examples/long_context.py                 # 8192 tokens
-    PYTHONPATH=. python examples/long_context.py --length 16384 --window 512
+    python examples/long_context.py                 # 8192 tokens
+    python examples/long_context.py --length 16384 --window 512
+
+Run with jaxattn installed: after ``python3 run.py demo`` that means
+``source .venv/bin/activate`` first, or ``.venv/bin/python`` instead of ``python``. In a
+development tree built with ``tools/build_inplace.sh``, prefix ``PYTHONPATH=.``.
 
 A causal sliding window plus a few global tokens (Longformer / BigBird style) keeps a few
 percent of the T x T pairs. ``jaxattn.block_sparse_attention`` skips the empty blocks

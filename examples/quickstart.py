@@ -1,6 +1,10 @@
 """jaxattn in five minutes: the function, the Flax drop-in, and the self-attention layer.
 
-    PYTHONPATH=. python examples/quickstart.py
+    python examples/quickstart.py
+
+Run with jaxattn installed: after ``python3 run.py demo`` that means
+``source .venv/bin/activate`` first, or ``.venv/bin/python`` instead of ``python``. In a
+development tree built with ``tools/build_inplace.sh``, prefix ``PYTHONPATH=.``.
 """
 
 import jax

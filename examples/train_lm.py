@@ -1,7 +1,11 @@
 """Train a small character-level language model with jaxattn's FlashSelfAttention (flax.nnx).
 
-    PYTHONPATH=. python examples/train_lm.py            # ~2-3 minutes on 2 CPU cores
-    PYTHONPATH=. python examples/train_lm.py --steps 1000 --seq-len 256
+    python examples/train_lm.py            # ~2-3 minutes on 2 CPU cores
+    python examples/train_lm.py --steps 1000 --seq-len 256
+
+Run with jaxattn installed: after ``python3 run.py demo`` that means
+``source .venv/bin/activate`` first, or ``.venv/bin/python`` instead of ``python``. In a
+development tree built with ``tools/build_inplace.sh``, prefix ``PYTHONPATH=.``.
 
 1. trains a decoder-only transformer (RoPE, grouped-query attention, pre-norm) on
    examples/data/coriolanus.txt, with a progress bar and the validation loss as it falls;

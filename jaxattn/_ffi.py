@@ -28,9 +28,28 @@ for _name, _capsule in TARGETS.items():
 
 
 def kernel_isa() -> str:
-    """The kernel set used on this CPU: ``amx`` (bf16 products on AMX tiles), ``avx512bf16``
-    (bf16 products as bf16 pairs), ``avx512``, ``avx2`` or ``generic``."""
+    """The kernel set the kernels run with in this process.
+
+    One of ``available_kernel_isas()``: the best one for this CPU, or the one that the
+    environment variable ``JAXATTN_ISA`` names when this CPU can run it (read once per
+    process; an unknown name or one this CPU cannot run is ignored). ``kernel_isas()`` lists
+    every kernel set compiled in.
+    """
     return _jaxattn.kernel_isa()
+
+
+def kernel_isas() -> tuple[str, ...]:
+    """Every kernel set compiled into this build, whether or not this CPU can run it.
+
+    The names ``JAXATTN_ISA`` accepts; the list comes from the kernel tables in
+    ``cc/dispatch.cc``, so it is never out of date.
+    """
+    return tuple(_jaxattn.kernel_isas())
+
+
+def available_kernel_isas() -> tuple[str, ...]:
+    """The kernel sets this CPU can run (a subset of ``kernel_isas()``, in the same order)."""
+    return tuple(name for name, runs in _jaxattn.kernel_isas().items() if runs)
 
 
 if os.environ.get("JAXATTN_ISA") == "amx" and kernel_isa() != "amx":
@@ -267,21 +286,24 @@ def _paged_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
     return _unfold_results(prim.multiple_results, outs, size)
 
 
-# Operands: query [B,T,N,H], key_cache [B,Smax,K,H], value_cache [B,Smax,K,Hv], kv_lengths [B]
-# int32; attributes: scale, soft_cap, window_left. Results: out [B,T,N,Hv], lse [B,T,N] f32.
-decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v1", _decode_abstract,
+# Operands: query [B,T,N,H], key_cache [B,Smax,K,H], value_cache [B,Smax,K,Hv] (key and value
+# caches may differ in batch: a vmap mapping one of them), kv_lengths [B] int32; attributes:
+# scale, soft_cap, window_left, strict_lengths. Results: out [B,T,N,Hv], lse [B,T,N] f32.
+decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v2", _decode_abstract,
                        axes="btnh,bskh,bskd,b->btnd,btn")
 # Operands: query, key_pages [P,page,K,H], value_pages [P,page,K,Hv], block_tables
 # [B,max_pages] int32, kv_lengths [B] int32; attributes and results as decode_fwd_p.
-paged_decode_fwd_p = _define("jaxattn_paged_decode_fwd", "jaxattn_paged_decode_fwd_v1",
+paged_decode_fwd_p = _define("jaxattn_paged_decode_fwd", "jaxattn_paged_decode_fwd_v2",
                              _paged_decode_abstract, batch_rule=_paged_decode_batch_rule,
                              axes="btnh,pskh,pskd,bm,b->btnd,btn", partition="h")  # P is no batch
 
 
-def decode_attrs(scale: float, soft_cap: float | None, window_left: int | None) -> dict:
+def decode_attrs(scale: float, soft_cap: float | None, window_left: int | None,
+                 strict_lengths: bool = False) -> dict:
     """The FFI attributes of the decode targets, typed as the C++ handlers expect."""
     return dict(scale=np.float32(scale), soft_cap=np.float32(soft_cap or 0.0),
-                window_left=np.int64(-1 if window_left is None else window_left))
+                window_left=np.int64(-1 if window_left is None else window_left),
+                strict_lengths=bool(strict_lengths))
 
 
 def attention_attrs(scale: float, soft_cap: float | None, is_causal: bool,
@@ -331,3 +353,38 @@ def block_sparse_tiling(group: int) -> tuple[int, int, int, int]:
     """The kernels' tile for GQA group size ``group``: (query positions, rows, keys, rows
     rounded up to whole vectors)."""
     return tuple(_jaxattn.block_sparse_tiling(int(group)))
+
+
+def _gla_fwd_abstract(q, k, v, log_gate, initial_state, **_):
+    _expect_ranks("jaxattn_gla_fwd", query=(q, 4), key=(k, 4), value=(v, 4),
+                  log_gate=(log_gate, 4))
+    b = _output_batch(q, k, v, log_gate, initial_state)
+    _, t, n, hk = q.shape
+    hv = v.shape[3]
+    return (q.update(shape=(b, t, n, hv), dtype=q.dtype),
+            q.update(shape=(b, n, hk, hv), dtype=jnp.float32))
+
+
+def _gla_bwd_abstract(q, k, v, log_gate, initial_state, dout, dfinal_state, **_):
+    _expect_ranks("jaxattn_gla_bwd", query=(q, 4), key=(k, 4), value=(v, 4),
+                  log_gate=(log_gate, 4))
+    b = _output_batch(q, k, v, log_gate, initial_state, dout, dfinal_state)
+    _, _, n, hk = q.shape
+    hv = v.shape[3]
+    return (q.update(shape=(b,) + q.shape[1:], dtype=q.dtype),
+            k.update(shape=(b,) + k.shape[1:], dtype=k.dtype),
+            v.update(shape=(b,) + v.shape[1:], dtype=v.dtype),
+            log_gate.update(shape=(b,) + log_gate.shape[1:], dtype=log_gate.dtype),
+            q.update(shape=(b, n, hk, hv), dtype=jnp.float32))
+
+
+# Gated linear attention. Operands: query [B,T,N,Hk], key [B,T,N,Hk], value [B,T,N,Hv],
+# log_gate [B,T,N,Hk], initial_state [B,N,Hk,Hv] float32 (empty: none); attribute: scale.
+# Results: out [B,T,N,Hv], final_state [B,N,Hk,Hv] float32.
+_GLA_OPERANDS = "btnh,btnh,btnd,btnh,bnhd"
+gla_fwd_p = _define("jaxattn_gla_fwd", "jaxattn_gla_fwd_v1", _gla_fwd_abstract,
+                    axes=f"{_GLA_OPERANDS}->btnd,bnhd")
+# ... plus dout, dfinal_state (empty: none) -> dquery, dkey, dvalue, dlog_gate, dinitial_state
+gla_bwd_p = _define("jaxattn_gla_bwd", "jaxattn_gla_bwd_v1", _gla_bwd_abstract,
+                    full_batch=(5, 6),
+                    axes=f"{_GLA_OPERANDS},btnd,bnhd->btnh,btnh,btnd,btnh,bnhd")

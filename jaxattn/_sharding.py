@@ -72,7 +72,7 @@ class Axes:
     factors: str = "bh"
 
     @classmethod
-    def parse(cls, spec: str, factors: str = "bh") -> "Axes":
+    def parse(cls, spec: str, factors: str = "bh") -> Axes:
         """Parses ``"btnh,bskh->btnd,btn"``."""
         lhs, rhs = spec.replace(" ", "").split("->")
         axes = cls(tuple(lhs.split(",")), tuple(rhs.split(",")), factors)

@@ -29,6 +29,12 @@ def as_array(x: Any, name: str) -> jax.Array:
         raise TypeError(f"{name} must be an array, got {type(x).__name__}") from e
 
 
+def any_zero(*dims: Any) -> bool:
+    """Whether any dimension is 0; symbolic dimensions (``jax.export``), which are >= 1, are
+    not (``min`` of symbolic dims can be undecidable)."""
+    return any(isinstance(d, int) and d == 0 for d in dims)
+
+
 def check_dtype(x: jax.Array, name: str) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
@@ -110,17 +116,38 @@ def _is_real_number(x: Any) -> bool:
         x, (bool, np.bool_))
 
 
+def _concrete_real_scalar(x: Any, name: str) -> Any:
+    """A Python/NumPy real scalar, or a concrete 0-d NumPy/JAX array of a real dtype, as a
+    NumPy scalar; TypeError naming ``name`` otherwise (a traced value cannot be an attribute
+    of the kernels, which is fixed when the call is traced)."""
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a concrete number, got a traced value ({x.aval}): it is fixed when "
+            f"the call is traced. Pass it as a Python or NumPy scalar (or a static argument of "
+            f"jax.jit), or fold a traced factor into the query instead")
+    if isinstance(x, (jax.Array, np.ndarray)) and x.ndim == 0:
+        if x.dtype == np.bool_ or not (jnp.issubdtype(x.dtype, jnp.integer)
+                                       or jnp.issubdtype(x.dtype, jnp.floating)):
+            raise TypeError(f"{name} must be a real number, got a 0-d array of dtype {x.dtype}")
+        return np.asarray(x)[()]
+    return x
+
+
 def check_scale(scale: Any, head_dim: int) -> float:
     """The logit scale as a Python float; ``1 / sqrt(head_dim)`` when None.
 
-    Zero and negative scales are valid (uniform or reversed attention); NaN, inf and values
-    that overflow float32 (the kernels' attribute type) are not.
+    Any concrete real scalar is accepted: Python, NumPy, or a 0-d NumPy or JAX array (a
+    traced one is a TypeError). Zero and negative scales are valid (uniform or reversed
+    attention); NaN, inf and values that overflow float32 (the kernels' attribute type) are
+    not.
     """
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
+    scale = _concrete_real_scalar(scale, "scale")
     if not _is_real_number(scale):
-        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__} "
-                        f"{scale!r}")
+        raise TypeError(f"scale must be a real number (Python, NumPy or a concrete 0-d array) "
+                        f"or None, got {type(scale).__name__} {scale!r}")
+    scale = float(scale)
     if not (math.isfinite(scale) and abs(scale) <= _FLOAT32_MAX):
         raise ValueError(f"scale must be finite and within float32 range, got {scale}")
     return float(scale)

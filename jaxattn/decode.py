@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn import _ffi
+from jaxattn._autodiff import check_reverse_mode_only, forbid_forward_mode
 from jaxattn._validation import (
+    any_zero,
     as_array,
     check_bool,
     check_dtype,
@@ -39,9 +41,11 @@ class _Options:
     scale: float
     soft_cap: float | None
     window_left: int | None
+    strict_lengths: bool = False
 
     def attrs(self) -> dict:
-        return _ffi.decode_attrs(self.scale, self.soft_cap, self.window_left)
+        return _ffi.decode_attrs(self.scale, self.soft_cap, self.window_left,
+                                 self.strict_lengths)
 
 
 _NOT_DIFFERENTIABLE = (
@@ -84,6 +88,8 @@ def _paged_decode_bwd(options, residuals, cotangents):
 
 
 _paged_decode.defvjp(_paged_decode_fwd, _paged_decode_bwd)
+forbid_forward_mode(_ffi.decode_fwd_p, "jaxattn.decode_attention")
+forbid_forward_mode(_ffi.paged_decode_fwd_p, "jaxattn.paged_decode_attention")
 
 
 def _check_query(query: Array) -> None:
@@ -149,11 +155,12 @@ def _check_block_tables(block_tables: Any, batch: int) -> Array:
 
 
 def _options(query: Array, scale: float | None, local_window_size: Any,
-             logits_soft_cap: float | None) -> _Options:
+             logits_soft_cap: float | None, strict_lengths: Any) -> _Options:
     window = normalize_window(local_window_size)
     # Keys after a query's own position are never visible, so only the left side matters.
     return _Options(check_scale(scale, query.shape[3]), check_soft_cap(logits_soft_cap),
-                    None if window is None else window[0])
+                    None if window is None else window[0],
+                    check_bool(strict_lengths, "strict_lengths"))
 
 
 def _finish(out: Array, lse: Array, return_residual: bool):
@@ -176,6 +183,7 @@ def decode_attention(
     local_window_size: int | tuple[int, int] | None = None,
     logits_soft_cap: float | None = None,
     return_residual: bool = False,
+    strict_lengths: bool = False,
 ) -> Array | tuple[Array, Array]:
     """Attention of the newest T tokens against a contiguous KV cache (split-KV decoding).
 
@@ -197,12 +205,19 @@ def decode_attention(
         ``j >= p - left`` (``right`` has no effect: keys after ``p`` are never visible).
       logits_soft_cap: logits become ``cap * tanh(logits / cap)`` before masking.
       return_residual: also return the log-sum-exp of the visible logits, ``[B, T, N]`` f32.
+      strict_lengths: when True, a ``kv_lengths`` value outside ``[0, Smax]`` is an error at
+        run time (``JaxRuntimeError``, also under ``jit``) instead of being clamped: a KV cache
+        written past its end must never be attended to as if it were complete.
 
     Returns:
       ``[B, T, N, Hv]`` in the query dtype (and the lse when ``return_residual``). A row with
       no visible key outputs 0 and lse ``-inf``. The result is bitwise identical for any
       thread count. Not differentiable (raises NotImplementedError under ``jax.grad``).
+
+    The contract (positions, clamping, windows): docs/semantics.md, section 2.
     """
+    check_reverse_mode_only("jaxattn.decode_attention", query, key_cache, value_cache,
+                            message=_NOT_DIFFERENTIABLE.format(name="jaxattn.decode_attention"))
     query = as_array(query, "query")
     key_cache = as_array(key_cache, "key_cache")
     value_cache = as_array(value_cache, "value_cache")
@@ -212,9 +227,9 @@ def decode_attention(
     if key_cache.shape[0] != b:
         raise ValueError(f"key_cache batch {key_cache.shape[0]} must equal the query batch {b}")
     kv_lengths = _check_kv_lengths(kv_lengths, b)
-    options = _options(query, scale, local_window_size, logits_soft_cap)
+    options = _options(query, scale, local_window_size, logits_soft_cap, strict_lengths)
     return_residual = check_bool(return_residual, "return_residual")
-    if b == 0 or key_cache.shape[1] == 0:
+    if any_zero(b, key_cache.shape[1]):
         return _empty_result(query, value_cache.shape[3], return_residual)
     out, lse = _decode(options, query, key_cache, value_cache, kv_lengths)
     return _finish(out, lse, return_residual)
@@ -231,6 +246,7 @@ def paged_decode_attention(
     local_window_size: int | tuple[int, int] | None = None,
     logits_soft_cap: float | None = None,
     return_residual: bool = False,
+    strict_lengths: bool = False,
 ) -> Array | tuple[Array, Array]:
     """``decode_attention`` over a paged (vLLM-style) KV cache.
 
@@ -246,12 +262,19 @@ def paged_decode_attention(
         first ``ceil(kv_lengths[b] / page_size)`` entries are read; the rest may hold anything
         (for example -1). A page id outside ``[0, P)`` among the entries read is an error: the
         call raises ``JaxRuntimeError`` (nothing is read out of bounds).
-      kv_lengths: int ``[B]``, clamped to ``[0, max_pages * page_size]``.
-      scale, local_window_size, logits_soft_cap, return_residual: as in ``decode_attention``.
+      kv_lengths: int ``[B]``, clamped to ``[0, max_pages * page_size]`` (with
+        ``strict_lengths``, a value outside that range is a run-time error).
+      scale, local_window_size, logits_soft_cap, return_residual, strict_lengths: as in
+        ``decode_attention``.
 
     Returns:
       As ``decode_attention``: equal to it on the same data laid out contiguously.
+
+    The contract (positions, page ids, clamping): docs/semantics.md, section 2.
     """
+    check_reverse_mode_only(
+        "jaxattn.paged_decode_attention", query, key_pages, value_pages,
+        message=_NOT_DIFFERENTIABLE.format(name="jaxattn.paged_decode_attention"))
     query = as_array(query, "query")
     key_pages = as_array(key_pages, "key_pages")
     value_pages = as_array(value_pages, "value_pages")
@@ -261,9 +284,9 @@ def paged_decode_attention(
     b = query.shape[0]
     block_tables = _check_block_tables(block_tables, b)
     kv_lengths = _check_kv_lengths(kv_lengths, b)
-    options = _options(query, scale, local_window_size, logits_soft_cap)
+    options = _options(query, scale, local_window_size, logits_soft_cap, strict_lengths)
     return_residual = check_bool(return_residual, "return_residual")
-    if b == 0 or min(key_pages.shape[:2]) == 0 or block_tables.shape[1] == 0:
+    if any_zero(b, *key_pages.shape[:2], block_tables.shape[1]):
         return _empty_result(query, value_pages.shape[3], return_residual)
     out, lse = _paged_decode(options, query, key_pages, value_pages, block_tables, kv_lengths)
     return _finish(out, lse, return_residual)
@@ -276,7 +299,8 @@ def merge_attention_states(outputs: Any, lses: Any) -> tuple[Array, Array]:
     attention over all keys is ``sum_i exp(lse_i - lse) o_i`` with
     ``lse = logsumexp_i(lse_i)``. Exact up to rounding, differentiable, and an empty part
     (``lse_i = -inf``, any output) contributes nothing; if every part is empty the result is 0
-    with lse ``-inf`` and zero gradients.
+    with lse ``-inf`` and zero gradients. NaN propagates as attention over the union would
+    propagate it: a part with a NaN lse or output makes the merged row (and its lse) NaN.
 
     Args:
       outputs: ``[M, ..., Hv]``: M partial outputs (e.g. ``[M, B, T, N, Hv]``), any float dtype.
@@ -284,6 +308,8 @@ def merge_attention_states(outputs: Any, lses: Any) -> tuple[Array, Array]:
 
     Returns:
       ``(out [..., Hv] in the outputs' dtype, lse [...] float32)``.
+
+    The contract: docs/semantics.md, section 4.
     """
     outputs = as_array(outputs, "outputs")
     lses = as_array(lses, "lses")
@@ -301,10 +327,12 @@ def merge_attention_states(outputs: Any, lses: Any) -> tuple[Array, Array]:
     # out of the gradient (ties and -inf would otherwise route gradients through argmax).
     top = jax.lax.stop_gradient(jnp.max(lses, axis=0))
     top = jnp.where(jnp.isfinite(top), top, 0.0)
-    live = lses > -jnp.inf
+    # Only lse = -inf marks an empty part: a NaN lse (a NaN logit among the part's keys) is
+    # live and makes the merged row NaN, as attention over the union would.
+    live = lses != -jnp.inf
     weights = jnp.where(live, jnp.exp(jnp.where(live, lses - top, 0.0)), 0.0)  # [M, ...]
     total = weights.sum(axis=0)
-    nonempty = total > 0
+    nonempty = total != 0  # NaN totals are not empty
     safe_total = jnp.where(nonempty, total, 1.0)
     # An empty part's output may be anything (even NaN): select, don't multiply by zero.
     parts = jnp.where(live[..., None], outputs.astype(jnp.float32), 0.0)

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 from jax.interpreters import ad
 
 from jaxattn import _ffi
+from jaxattn._autodiff import forbid_second_derivatives
 from jaxattn._sharding import match_varying
 from jaxattn._validation import (
+    any_zero,
     as_array,
     check_attention_inputs,
     check_bool,
@@ -93,19 +95,10 @@ def _flash_jvp_transpose(cotangents, q, k, v, bias, mask, q_lengths, kv_lengths,
 ad.primitive_transposes[_ffi.flash_jvp_p] = _flash_jvp_transpose
 
 
-def _no_second_derivatives(primals, tangents, **params):
-    del primals, tangents, params
-    raise NotImplementedError(
-        "jaxattn.flash_attention: second derivatives (jax.hessian, grad of grad, jacfwd of "
-        "jacrev) are not implemented; first derivatives work in both modes (jax.grad, "
-        "jax.vjp, jax.jacrev, jax.jvp, jax.linearize, jax.jacfwd). For second derivatives use "
-        "jax.nn.dot_product_attention(..., implementation='xla').")
-
-
 # The backward and tangent kernels are derivatives already: differentiating them again is
-# what second derivatives do.
+# what second derivatives do (a clear error, see _autodiff.py).
 for _primitive in (_ffi.flash_bwd_p, _ffi.flash_dlogits_p, _ffi.flash_jvp_p):
-    ad.primitive_jvps[_primitive] = _no_second_derivatives
+    forbid_second_derivatives(_primitive, "jaxattn.flash_attention")
 
 
 def _sum_to_shape(x: Array, shape: tuple[int, ...]) -> Array:
@@ -153,6 +146,15 @@ def _to_rank4(x: Array, name: str, full_shape: tuple[int, int, int, int]) -> Arr
     return x4
 
 
+def _batch_mask_to_rank4(mask: Array, full_shape: tuple[int, int, int, int]) -> Array:
+    """A rank-3 mask ``[X, T, S]`` of a batched call: ``[N, T, S]`` (NumPy broadcasting, as
+    jax.nn and ``BlockSparseMask.to_dense()``) when X is N or 1, else ``[B, T, S]`` shared over
+    heads (what Flax and gemma pass) when X is the batch B."""
+    b, n = full_shape[:2]
+    x = mask.shape[0]
+    return mask[:, None] if x == b and x not in (n, 1) else mask
+
+
 def flash_attention(
     query: Any,
     key: Any,
@@ -179,7 +181,11 @@ def flash_attention(
       bias: optional, broadcastable to ``[B, N, T, S]``, float32, bfloat16 or float16 (its
         own dtype, independent of the inputs'); added to the scaled float32 logits in float32.
         Its gradient is summed over the broadcast axes in float32, in a fixed order.
-      mask: optional bool, broadcastable to ``[B, N, T, S]``; True means attend.
+      mask: optional bool, broadcastable to ``[B, N, T, S]``; True means attend. A rank-3
+        mask ``[X, T, S]`` is ``[N, T, S]`` (NumPy broadcasting, shared over the batch) when
+        ``X`` is N or 1, and ``[B, T, S]`` shared over heads (as Flax and gemma pass it) when
+        ``X`` is the batch B != N. When ``B == N`` write the heads axis (``mask[:, None]``)
+        to share a ``[B, T, S]`` mask over heads.
       scale: logit scale, default ``1 / sqrt(H)``.
       is_causal: query ``i`` sees keys ``j <= i`` (top-left aligned, as ``jax.nn``).
       query_seq_lengths: optional int ``[B]``; rows ``i >= len`` output 0.
@@ -193,6 +199,9 @@ def flash_attention(
     Returns:
       ``[B, T, N, Hv]`` in the input dtype (and the lse when ``return_residual``). A row that
       sees no key outputs 0 with lse ``-inf`` and gets zero gradients.
+
+    The contract (the order of scale, bias, soft cap and masks; rows that see no key; the
+    differences from ``jax.nn``): docs/semantics.md, section 1.
     """
     query, key, value = (as_array(x, name) for x, name in
                          ((query, "query"), (key, "key"), (value, "value")))
@@ -201,7 +210,7 @@ def flash_attention(
     if unbatched:
         query, key, value = query[None], key[None], value[None]
     b, t, n, h = query.shape
-    s, kv_heads = key.shape[1], key.shape[2]
+    s = key.shape[1]
     hv = value.shape[3]
     scale = check_scale(scale, h)
     soft_cap = check_soft_cap(logits_soft_cap)
@@ -225,13 +234,15 @@ def flash_attention(
         mask = as_array(mask, "mask")
         if mask.dtype != jnp.bool_:
             raise TypeError(f"mask must be a bool array (True = attend), got dtype {mask.dtype}")
+        if mask.ndim == 3 and not unbatched:
+            mask = _batch_mask_to_rank4(mask, full)
         mask = _to_rank4(mask, "mask", full)
     else:
         mask = _empty(jnp.bool_)
     q_lengths = check_lengths(query_seq_lengths, "query_seq_lengths", b, unbatched)
     kv_lengths = check_lengths(key_value_seq_lengths, "key_value_seq_lengths", b, unbatched)
 
-    if min(b, t, n, s) == 0:  # nothing to compute or nothing to attend to
+    if any_zero(b, t, n, s):  # nothing to compute or nothing to attend to
         out = jnp.zeros((b, t, n, hv), query.dtype)
         lse = jnp.full((b, t, n), -jnp.inf, jnp.float32)
     else:

@@ -42,6 +42,10 @@ DEFAULT_BLOCK = 64
 _FULL = -1  # block id of a full block; ids >= 0 index the pool of partial element masks
 _STRIPE_ELEMENTS = 1 << 22  # dense elements materialised at a time while building masks
 _LOOKUP_ELEMENTS = 1 << 20  # elements looked up at a time while compiling kernel tables
+_TABLE_BLOCKS_PER_BAND = 1 << 16  # blocks whose tiles are worked out at a time
+# Compile kernel tables through the dense mask when it has at most this many elements per
+# block (tiny blocks, where per-block bookkeeping would outweigh the dense mask).
+_DENSE_TABLES_RATIO = 32
 
 
 def _positive_int(x: Any, name: str) -> int:
@@ -117,6 +121,12 @@ class BlockSparseMask:
             dense = dense[None]
         num_heads, q_len, kv_len = dense.shape
         shape = _check_shape(q_len, kv_len, block_q, block_kv, num_heads)
+        if block_q == block_kv == 1:
+            # Every attending element is a full block, and its flat index is its block key.
+            keys = np.flatnonzero(dense)
+            return BlockSparseMask(_shape=shape, _keys=keys,
+                                   _ids=np.full(keys.shape, _FULL, np.int32),
+                                   _pool=np.zeros((0, 1, 1), bool))
         return _from_stripes(shape, lambda t0, t1: dense[:, t0:t1])
 
     @classmethod
@@ -229,6 +239,10 @@ class BlockSparseMask:
         """The mask as bool ``[1 or N, T, S]`` (True = attend)."""
         nbq, nbk = self.grid
         r, c = self.block_q, self.block_kv
+        if r == c == 1:  # block keys are flat element indices (1x1 blocks are never partial)
+            dense = np.zeros(self.num_heads * self.q_len * self.kv_len, bool)
+            dense[self._keys] = True
+            return dense.reshape(self.num_heads, self.q_len, self.kv_len)
         dense = np.zeros((self.num_heads, nbq, r, nbk, c), bool)
         h, i, j = self._unravel(self._keys)
         full = self._ids == _FULL
@@ -413,6 +427,161 @@ def _from_stripes(shape: tuple[int, ...],
                       np.concatenate(all_elems))
 
 
+# ---------------------------------------------------------------------------- structured masks
+#
+# The builders of structured patterns never look at all T x S pairs: each lists, block row by
+# block row, the blocks its pattern can reach (a superset of the non-empty ones, as many as
+# those), marks the blocks a closed form shows to be full, and gives every other block a
+# pattern key: two blocks away from the sequence ends with the same key have the same element
+# mask. The predicate is then evaluated on one block per distinct key (and on each block at a
+# sequence end), so time and memory follow the number of blocks, not T x S.
+
+_REP_ELEMENTS = 1 << 20  # elements of representative blocks evaluated at a time
+_BLOCK_ROWS_PER_CHUNK = 1024  # block rows whose candidate blocks are listed at a time
+
+
+def _ranges(starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(owner, value) for the concatenated ranges [starts[k], stops[k]) (empty when
+    stops <= starts): owner[m] = k, value[m] = starts[k] + offset."""
+    counts = np.maximum(stops - starts, 0)
+    owner = np.repeat(np.arange(counts.size, dtype=np.int64), counts)
+    offset = np.arange(owner.size, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return owner, starts[owner] + offset
+
+
+def _band_columns(shape: tuple[int, ...], i: np.ndarray, lo: int | None,
+                  hi: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """[start, stop) of the key blocks that block rows ``i`` reach with lo <= k - q <= hi
+    (None: unbounded)."""
+    q_len, kv_len, r, c, _ = shape
+    nbk = -(-kv_len // c)
+    t0, t1 = i * r, np.minimum(q_len, (i + 1) * r)
+    start = np.zeros_like(i) if lo is None else np.clip((t0 + lo) // c, 0, nbk)
+    stop = (np.full_like(i, nbk) if hi is None else
+            np.clip((t1 - 1 + hi) // c + 1, 0, nbk))
+    return start, stop
+
+
+def _block_bounds(shape: tuple[int, ...], i: np.ndarray, j: np.ndarray):
+    """(t0, t1, s0, s1): the query and key ranges of blocks (i, j), clipped to the ends."""
+    q_len, kv_len, r, c, _ = shape
+    return (i * r, np.minimum(q_len, (i + 1) * r), j * c, np.minimum(kv_len, (j + 1) * c))
+
+
+def _structured(shape: tuple[int, ...], predicate: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                candidates: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                classify: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+                ) -> BlockSparseMask:
+    """A mask shared by all heads from a structured pattern.
+
+    ``candidates(rows)`` -> (i, j), sorted by (i, j) and unique: the blocks of block rows
+    ``rows`` the pattern may reach. ``classify(i, j)`` -> (full, key): blocks known to be full,
+    and for the others an int64 pattern key >= 0 (equal keys, equal element masks, for blocks
+    away from the sequence ends). ``predicate(q_idx, kv_idx)`` -> bool, vectorised.
+    """
+    q_len, kv_len, r, c, _ = shape
+    nbq, nbk = -(-q_len // r), -(-kv_len // c)
+    blocks, ids, open_at, open_keys = [], [], [], []
+    count = 0
+    for i0 in range(0, nbq, _BLOCK_ROWS_PER_CHUNK):
+        i, j = candidates(np.arange(i0, min(nbq, i0 + _BLOCK_ROWS_PER_CHUNK), dtype=np.int64))
+        full, key = classify(i, j)
+        # Blocks at a sequence end are clipped: each is its own pattern (key < 0).
+        edge = ((i + 1) * r > q_len) | ((j + 1) * c > kv_len)
+        key = np.where(edge, -1 - (i * nbk + j), key)
+        blocks.append(i * nbk + j)
+        ids.append(np.where(full, _FULL, -2).astype(np.int32))
+        open_at.append(np.nonzero(~full)[0] + count)
+        open_keys.append(key[~full])
+        count += i.size
+    blocks = np.concatenate(blocks)
+    ids = np.concatenate(ids)
+    open_at = np.concatenate(open_at)
+    open_keys = np.concatenate(open_keys)
+    pool = np.zeros((0, r, c), bool)
+    if open_at.size:
+        unique_keys, first, inverse = np.unique(open_keys, return_index=True,
+                                                return_inverse=True)
+        rep = blocks[open_at[first]]
+        rep_class = np.zeros(rep.size, np.int8)  # 0 empty, 1 full, 2 partial
+        patterns = []
+        per_chunk = max(1, _REP_ELEMENTS // (r * c))
+        arange_r, arange_c = np.arange(r), np.arange(c)
+        for k0 in range(0, rep.size, per_chunk):
+            ri, rj = rep[k0:k0 + per_chunk] // nbk, rep[k0:k0 + per_chunk] % nbk
+            t = ri[:, None, None] * r + arange_r[None, :, None]
+            s = rj[:, None, None] * c + arange_c[None, None, :]
+            inside = (t < q_len) & (s < kv_len)
+            # (indices clipped to the sequences: predicates may index per-position tables)
+            elems = _call_predicate(predicate, np.minimum(t, q_len - 1),
+                                    np.minimum(s, kv_len - 1)) & inside
+            got = elems.reshape(ri.size, -1).sum(axis=1)
+            area = inside.reshape(ri.size, -1).sum(axis=1)
+            cls = np.where(got == 0, 0, np.where(got == area, 1, 2)).astype(np.int8)
+            rep_class[k0:k0 + per_chunk] = cls
+            patterns.append(elems[cls == 2])
+        rep_id = np.full(rep.size, -3, np.int64)  # -3: empty
+        rep_id[rep_class == 1] = _FULL
+        mixed = np.nonzero(rep_class == 2)[0]
+        if mixed.size:
+            rows = np.concatenate(patterns).reshape(mixed.size, r * c)
+            pool_flat, pool_index = np.unique(rows.view(np.uint8), axis=0, return_inverse=True)
+            pool = pool_flat.reshape(-1, r, c).astype(bool)
+            rep_id[mixed] = pool_index.reshape(-1)
+        ids[open_at] = rep_id[inverse.reshape(-1)]
+    keep = ids != -3
+    return BlockSparseMask(_shape=shape, _keys=blocks[keep], _ids=ids[keep], _pool=pool)
+
+
+def _mixed_radix(columns: Sequence[np.ndarray], sizes: Sequence[int]) -> np.ndarray:
+    """One int64 key >= 0 from key columns with 0 <= columns[m] < sizes[m]."""
+    total = 1
+    for size in sizes:
+        total *= int(size)
+    if total >= 2**62:
+        raise ValueError("too many distinct block patterns for this builder: use larger "
+                         "blocks (block_q, block_kv)")
+    key = np.zeros(columns[0].shape, np.int64)
+    for column, size in zip(columns, sizes):
+        key = key * int(size) + column
+    return key
+
+
+def _unique_blocks(i: np.ndarray, j: np.ndarray, nbk: int) -> tuple[np.ndarray, np.ndarray]:
+    blocks = np.unique(i * nbk + j)
+    return blocks // nbk, blocks % nbk
+
+
+def _band(shape: tuple[int, ...], lo: int | None, hi: int | None) -> BlockSparseMask:
+    """lo <= k - q <= hi (None: unbounded): causal is (None, 0), a window (-left, right)."""
+    q_len, kv_len = shape[0], shape[1]
+    # A bound past the sequences bounds nothing (and keeps the keys small).
+    lo = None if lo is None or lo <= -q_len else lo
+    hi = None if hi is None or hi >= kv_len else hi
+
+    def predicate(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+        d = k - q
+        out = np.ones(d.shape, bool) if lo is None else d >= lo
+        return out if hi is None else out & (d <= hi)
+
+    def candidates(rows: np.ndarray):
+        start, stop = _band_columns(shape, rows, lo, hi)
+        owner, j = _ranges(start, stop)
+        return rows[owner], j
+
+    def classify(i: np.ndarray, j: np.ndarray):
+        t0, t1, s0, s1 = _block_bounds(shape, i, j)
+        d_min, d_max = s0 - (t1 - 1), (s1 - 1) - t0
+        full = np.ones(i.shape, bool)
+        if lo is not None:
+            full &= d_min >= lo
+        if hi is not None:
+            full &= d_max <= hi
+        return full, s0 - t0 + q_len  # the pattern depends on the offset s0 - t0 only
+
+    return _structured(shape, predicate, candidates, classify)
+
+
 def _broadcast_heads(mask: BlockSparseMask, num_heads: int) -> tuple[np.ndarray, np.ndarray]:
     """(keys, ids) of ``mask`` with its single head repeated to ``num_heads`` heads."""
     if mask.num_heads == num_heads:
@@ -437,25 +606,57 @@ def _combine(a: BlockSparseMask, b: BlockSparseMask, union: bool) -> BlockSparse
     ka, ia = _broadcast_heads(a, num_heads)
     kb, ib = _broadcast_heads(b, num_heads)
     keys = np.union1d(ka, kb) if union else np.intersect1d(ka, kb)
-    ones = np.ones((a.block_q, a.block_kv), bool)
 
-    def side(k: np.ndarray, ids: np.ndarray, pool: np.ndarray):
-        pos = np.minimum(np.searchsorted(k, keys), max(k.size - 1, 0))
-        found = (k[pos] == keys) if k.size else np.zeros(keys.shape, bool)
-        bid = np.where(found, ids[pos] if k.size else 0, -2)
-        is_full = bid == _FULL
-        elems = np.zeros((keys.size, a.block_q, a.block_kv), bool)
-        elems[is_full] = ones
-        part = bid >= 0
-        elems[part] = pool[bid[part]]
-        return is_full, elems
+    def side(k: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Each key's block id on this side: _FULL, a pool index, or -2 (empty)."""
+        if not k.size:
+            return np.full(keys.shape, -2, np.int64)
+        pos = np.minimum(np.searchsorted(k, keys), k.size - 1)
+        return np.where(k[pos] == keys, ids[pos], -2)
 
-    full_a, ea = side(ka, ia, a._pool)
-    full_b, eb = side(kb, ib, b._pool)
+    bid_a, bid_b = side(ka, ia), side(kb, ib)
+    full_a, full_b = bid_a == _FULL, bid_b == _FULL
     full = (full_a | full_b) if union else (full_a & full_b)
-    elems = (ea | eb) if union else (ea & eb)
+    # A non-full block's elements follow from its two sides' block ids and, for a block at a
+    # sequence end, its clipping: combine each distinct (id a, id b, clipping) once.
     shape = (a.q_len, a.kv_len, a.block_q, a.block_kv, num_heads)
-    return _canonical(shape, keys, full, elems[~full])
+    nbq, nbk = a.grid
+    rest = np.nonzero(~full)[0]
+    i, j = (keys[rest] // nbk) % nbq, keys[rest] % nbk
+    clip = (i == nbq - 1) * 2 + (j == nbk - 1)
+    combos, inverse = np.unique(np.stack([bid_a[rest], bid_b[rest], clip], axis=1), axis=0,
+                                return_inverse=True)
+    inverse = inverse.reshape(-1)
+
+    def elements(bid: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        out = np.zeros((bid.size, a.block_q, a.block_kv), bool)
+        out[bid == _FULL] = True
+        out[bid >= 0] = pool[bid[bid >= 0]]
+        return out
+
+    ea, eb = elements(combos[:, 0], a._pool), elements(combos[:, 1], b._pool)
+    elems = (ea | eb) if union else (ea & eb)
+    # The clipping of a combination: the valid region of a block with that clipping.
+    edge_i = np.where(combos[:, 2] >= 2, nbq - 1, 0)
+    edge_j = np.where(combos[:, 2] % 2 == 1, nbk - 1, 0)
+    valid = _valid_region(shape, edge_i, edge_j)
+    elems &= valid
+    count = elems.reshape(len(combos), a.block_q * a.block_kv).sum(axis=1)
+    area = valid.reshape(len(combos), a.block_q * a.block_kv).sum(axis=1)
+    combo_id = np.full(len(combos), -3, np.int64)  # -3: empty
+    combo_id[(count == area) & (count > 0)] = _FULL
+    mixed = np.nonzero((count > 0) & (count < area))[0]
+    pool = np.zeros((0, a.block_q, a.block_kv), bool)
+    if mixed.size:
+        rows = elems[mixed].reshape(mixed.size, -1)
+        pool_flat, pool_index = np.unique(rows.view(np.uint8), axis=0, return_inverse=True)
+        pool = pool_flat.reshape(-1, a.block_q, a.block_kv).astype(bool)
+        combo_id[mixed] = pool_index.reshape(-1)
+    ids = np.full(keys.shape, _FULL, np.int64)
+    ids[rest] = combo_id[inverse]
+    keep = ids != -3
+    return BlockSparseMask(_shape=shape, _keys=keys[keep], _ids=ids[keep].astype(np.int32),
+                           _pool=pool)
 
 
 # ---------------------------------------------------------------------------- kernel tables
@@ -469,13 +670,67 @@ def _compile_tables(mask: BlockSparseMask, positions: int, keys_per_tile: int, g
         raise ValueError(f"a mask of {mask.num_heads} heads cannot have {groups} table groups "
                          f"of {group} heads")
     q_len, kv_len = mask.q_len, mask.kv_len
+    r = mask.block_q
+    tq, tk = positions, keys_per_tile
+    nqt, nkt = -(-q_len // tq), -(-kv_len // tk)
+    rows_per_tile = tq * group
+    if mask.num_heads * q_len * kv_len <= _DENSE_TABLES_RATIO * max(1, mask._keys.size):
+        # Blocks so small that the dense mask is smaller than the per-block bookkeeping
+        # (e.g. 1x1 blocks): cut the dense mask into kernel tiles instead.
+        return _compile_tables_from_dense(mask, positions, keys_per_tile, group, groups)
+
+    # Steps 1-3 a band of query tile rows at a time, so that the per-block bookkeeping (a few
+    # dozen int64 per block) stays bounded; element masks are deduplicated over all bands.
+    nbq, nbk = mask.grid
+    per_tile_row = max(1, mask._keys.size // max(1, nqt))
+    band = max(1, _TABLE_BLOCKS_PER_BAND // per_tile_row)
+    parts, patterns = [], [np.zeros((0, rows_per_tile * tk), np.uint8)]
+    for a_start in range(0, nqt, band):
+        tile_rows = (a_start, min(nqt, a_start + band))
+        i_lo = tile_rows[0] * tq // r
+        i_hi = min(nbq, (tile_rows[1] * tq - 1) // r + 1)
+        head_base = np.arange(mask.num_heads, dtype=np.int64) * nbq * nbk
+        lo = np.searchsorted(mask._keys, head_base + i_lo * nbk)
+        hi = np.searchsorted(mask._keys, head_base + i_hi * nbk)
+        sel = np.concatenate([np.arange(x, y) for x, y in zip(lo, hi)])
+        if not sel.size:
+            continue
+        g_of, a_of, b_of, ids, found = _tables_of_tile_rows(
+            mask, mask._keys[sel], mask._ids[sel], tile_rows, positions, keys_per_tile, group,
+            per_head)
+        ids = np.where(ids >= 0, ids + sum(x.shape[0] for x in patterns), ids)
+        parts.append((g_of, a_of, b_of, ids))
+        patterns.append(found)
+    if not parts:
+        return _csr_tables(*(np.zeros(0, np.int64),) * 4, np.zeros((0, rows_per_tile, tk), bool),
+                           groups, nqt, nkt)
+    g_of, a_of, b_of, ids = (np.concatenate(x) for x in zip(*parts))
+    order = np.lexsort((b_of, a_of, g_of))
+    g_of, a_of, b_of, ids = g_of[order], a_of[order], b_of[order], ids[order]
+    masks = np.zeros((0, rows_per_tile, tk), bool)
+    patterns = np.concatenate(patterns)
+    if patterns.shape[0]:
+        unique, inverse = np.unique(patterns, axis=0, return_inverse=True)
+        masks = unique.reshape(-1, rows_per_tile, tk).astype(bool)
+        partial = ids >= 0
+        ids[partial] = inverse.reshape(-1)[ids[partial]]
+    return _csr_tables(g_of, a_of, b_of, ids, masks, groups, nqt, nkt)
+
+
+def _tables_of_tile_rows(mask: BlockSparseMask, block_keys: np.ndarray, block_ids: np.ndarray,
+                         tile_rows: tuple[int, int], positions: int, keys_per_tile: int,
+                         group: int, per_head: bool) -> tuple[np.ndarray, ...]:
+    """The non-empty tiles of query tile rows [tile_rows[0], tile_rows[1]) from the blocks
+    that overlap them: (group, query tile, key tile, id) sorted by (group, query tile, key
+    tile), id _FULL or an index into the returned element masks (uint8 rows, deduplicated)."""
+    q_len, kv_len = mask.q_len, mask.kv_len
     r, c = mask.block_q, mask.block_kv
     tq, tk = positions, keys_per_tile
     nqt, nkt = -(-q_len // tq), -(-kv_len // tk)
     rows_per_tile = tq * group
 
     # 1. Every (head, kernel tile) a non-empty block overlaps, and the area full blocks cover.
-    h, i, j = mask._unravel(mask._keys)
+    h, i, j = mask._unravel(block_keys)
     t_lo, t_hi = i * r, np.minimum(q_len, (i + 1) * r)
     s_lo, s_hi = j * c, np.minimum(kv_len, (j + 1) * c)
     a0, a1 = t_lo // tq, (t_hi - 1) // tq
@@ -486,11 +741,13 @@ def _compile_tables(mask: BlockSparseMask, positions: int, keys_per_tile: int, g
     offset = np.arange(int(pairs.sum())) - np.repeat(np.cumsum(pairs) - pairs, pairs)
     a = a0[owner] + offset // nb[owner]
     b = b0[owner] + offset % nb[owner]
+    inside_rows = (a >= tile_rows[0]) & (a < tile_rows[1])  # this chunk's query tiles
+    owner, a, b = owner[inside_rows], a[inside_rows], b[inside_rows]
     rows_in = np.minimum(t_hi[owner], np.minimum(q_len, (a + 1) * tq)) - np.maximum(
         t_lo[owner], a * tq)
     cols_in = np.minimum(s_hi[owner], np.minimum(kv_len, (b + 1) * tk)) - np.maximum(
         s_lo[owner], b * tk)
-    full_area = np.where(mask._ids[owner] == _FULL, rows_in * cols_in, 0)
+    full_area = np.where(block_ids[owner] == _FULL, rows_in * cols_in, 0)
     head_tile = (h[owner] * nqt + a) * nkt + b
     head_tiles, inverse = np.unique(head_tile, return_inverse=True)
     covered = np.bincount(inverse.reshape(-1), weights=full_area, minlength=head_tiles.size)
@@ -512,40 +769,108 @@ def _compile_tables(mask: BlockSparseMask, positions: int, keys_per_tile: int, g
     a_of = (tiles // nkt) % nqt
     b_of = tiles % nkt
 
-    # 3. Element masks of the other tiles, looked up element by element, a chunk at a time.
+    # 3. Element masks of the other tiles. A tile's elements follow from its clipping at the
+    # sequence ends and from the blocks overlapping it (head within the group, offset from the
+    # tile's origin, pattern id): tiles with the same such signature share their elements,
+    # which are looked up once, on one tile per signature.
     mask_id = np.full(tiles.size, _FULL, np.int64)
     keep = np.ones(tiles.size, bool)
-    todo = np.nonzero(~tile_full)[0]
-    row = np.arange(rows_per_tile)
-    row_pos, row_head = row // group, row % group
-    col = np.arange(tk)
-    chunks = []
-    chunk = max(1, _LOOKUP_ELEMENTS // (rows_per_tile * tk))
-    for start in range(0, todo.size, chunk):
-        sel = todo[start:start + chunk]
-        t = a_of[sel, None, None] * tq + row_pos[None, :, None]
-        s = b_of[sel, None, None] * tk + col[None, None, :]
-        if per_head:
-            head = g_of[sel, None, None] * group + row_head[None, :, None]
-        else:
-            head = np.zeros((1, 1, 1), np.int64)
-        elems = mask._lookup(head, t, s)  # [m, rows, keys], False past the sequence ends
-        inside = (t < q_len) & (s < kv_len)
-        count = elems.reshape(sel.size, -1).sum(axis=1)
-        area = np.broadcast_to(inside, elems.shape).reshape(sel.size, -1).sum(axis=1)
-        keep[sel[count == 0]] = False
-        mixed = (count > 0) & (count < area)
-        chunks.append((sel[mixed], elems[mixed]))
-    sel = np.concatenate([s_ for s_, _ in chunks]) if chunks else np.zeros(0, np.int64)
     masks = np.zeros((0, rows_per_tile, tk), bool)
-    if sel.size:
-        elems = np.concatenate([e for _, e in chunks]).reshape(sel.size, -1)
-        unique, inverse = np.unique(elems.view(np.uint8), axis=0, return_inverse=True)
-        masks = unique.reshape(-1, rows_per_tile, tk).astype(bool)
-        mask_id[sel] = inverse.reshape(-1)
+    todo = np.nonzero(~tile_full)[0]
+    if todo.size:
+        pair_group = h[owner] // group if per_head else np.zeros_like(owner)
+        pos = np.searchsorted(tiles, (pair_group * nqt + a) * nkt + b)
+        need = ~tile_full[pos]
+        pos, by = pos[need], owner[need]
+        columns = (h[by] % group if per_head else np.zeros_like(by),
+                   t_lo[by] - a[need] * tq, s_lo[by] - b[need] * tk,
+                   block_ids[by].astype(np.int64))
+        order = np.lexsort(columns[::-1] + (pos,))
+        slot = np.full(tiles.size, -1, np.int64)
+        slot[todo] = np.arange(todo.size)
+        row = slot[pos[order]]  # non-decreasing
+        per_tile = np.bincount(row, minlength=todo.size)
+        rank = np.arange(row.size) - np.repeat(np.cumsum(per_tile) - per_tile, per_tile)
+        signature = np.full((todo.size, 2 + 4 * int(per_tile.max())), -(2**62), np.int64)
+        signature[:, 0] = np.minimum(q_len, (a_of[todo] + 1) * tq) - a_of[todo] * tq
+        signature[:, 1] = np.minimum(kv_len, (b_of[todo] + 1) * tk) - b_of[todo] * tk
+        for k, column in enumerate(columns):
+            signature[row, 2 + 4 * rank + k] = column[order]
+        _, first, same = np.unique(signature, axis=0, return_index=True, return_inverse=True)
+        del signature
+        reps = todo[first]
+        rep_id = np.full(reps.size, _FULL, np.int64)  # -3: empty
+        row = np.arange(rows_per_tile)
+        row_pos, row_head = row // group, row % group
+        col = np.arange(tk)
+        mixed_reps, patterns = [], []
+        chunk = max(1, _LOOKUP_ELEMENTS // (rows_per_tile * tk))
+        for start in range(0, reps.size, chunk):
+            sel = reps[start:start + chunk]
+            t = a_of[sel, None, None] * tq + row_pos[None, :, None]
+            s = b_of[sel, None, None] * tk + col[None, None, :]
+            if per_head:
+                head = g_of[sel, None, None] * group + row_head[None, :, None]
+            else:
+                head = np.zeros((1, 1, 1), np.int64)
+            elems = mask._lookup(head, t, s)  # [m, rows, keys], False past the sequence ends
+            inside = (t < q_len) & (s < kv_len)
+            count = elems.reshape(sel.size, -1).sum(axis=1)
+            area = np.broadcast_to(inside, elems.shape).reshape(sel.size, -1).sum(axis=1)
+            rep_id[start + np.nonzero(count == 0)[0]] = -3
+            mixed = (count > 0) & (count < area)
+            mixed_reps.append(start + np.nonzero(mixed)[0])
+            patterns.append(elems[mixed])
+        mixed_reps = np.concatenate(mixed_reps)
+        if mixed_reps.size:
+            elems = np.concatenate(patterns).reshape(mixed_reps.size, -1)
+            unique, inverse = np.unique(elems.view(np.uint8), axis=0, return_inverse=True)
+            masks = unique.reshape(-1, rows_per_tile, tk).astype(bool)
+            rep_id[mixed_reps] = inverse.reshape(-1)
+        ids = rep_id[same.reshape(-1)]
+        keep[todo[ids == -3]] = False
+        mask_id[todo] = ids
 
-    # 4. CSR tables in both orders (tiles are sorted by (group, query tile, key tile)).
-    g_of, a_of, b_of, mask_id = g_of[keep], a_of[keep], b_of[keep], mask_id[keep]
+    found = masks.reshape(masks.shape[0], rows_per_tile * tk).view(np.uint8)
+    return g_of[keep], a_of[keep], b_of[keep], mask_id[keep], found
+
+
+
+def _compile_tables_from_dense(mask: BlockSparseMask, positions: int, keys_per_tile: int,
+                               group: int, groups: int) -> tuple[np.ndarray, ...]:
+    """_compile_tables through the dense mask, in memory a small multiple of it (the same
+    tables as the block path: tiles classified by their elements, masks deduplicated)."""
+    q_len, kv_len = mask.q_len, mask.kv_len
+    tq, tk = positions, keys_per_tile
+    nqt, nkt = -(-q_len // tq), -(-kv_len // tk)
+    per_head = mask.num_heads > 1
+    heads = group if per_head else 1  # heads of a table group held in the dense mask
+    padded = np.zeros((groups, heads, nqt * tq, nkt * tk), bool)
+    padded[:, :, :q_len, :kv_len] = mask.to_dense().reshape(groups, heads, q_len, kv_len)
+    # [group, query tile, key tile, position, head, key]: a tile's rows are (position, head).
+    tiles = padded.reshape(groups, heads, nqt, tq, nkt, tk).transpose(0, 2, 4, 3, 1, 5)
+    del padded
+    counts = np.count_nonzero(tiles.reshape(groups, nqt, nkt, -1), axis=3) * (group // heads)
+    rows_in = np.minimum(tq, q_len - np.arange(nqt) * tq)
+    cols_in = np.minimum(tk, kv_len - np.arange(nkt) * tk)
+    area = (rows_in[:, None] * cols_in[None, :] * group)[None]
+    g_of, a_of, b_of = (x.astype(np.int64) for x in np.nonzero(counts))  # sorted (g, a, b)
+    mixed = counts[g_of, a_of, b_of] < area[0, a_of, b_of]
+    mask_id = np.full(g_of.size, _FULL, np.int64)
+    masks = np.zeros((0, tq * group, tk), bool)
+    if mixed.any():
+        sel = tiles[g_of[mixed], a_of[mixed], b_of[mixed]]  # [m, tq, heads, tk]
+        sel = np.broadcast_to(sel, sel.shape[:2] + (group, tk)).reshape(sel.shape[0], -1)
+        unique, inverse = np.unique(sel.view(np.uint8), axis=0, return_inverse=True)
+        masks = unique.reshape(-1, tq * group, tk).astype(bool)
+        mask_id[mixed] = inverse.reshape(-1)
+    return _csr_tables(g_of, a_of, b_of, mask_id, masks, groups, nqt, nkt)
+
+
+def _csr_tables(g_of: np.ndarray, a_of: np.ndarray, b_of: np.ndarray, mask_id: np.ndarray,
+                masks: np.ndarray, groups: int, nqt: int, nkt: int) -> tuple[np.ndarray, ...]:
+    """The CSR tables in both orders of the non-empty tiles (sorted by (group, query tile,
+    key tile)) with their mask ids; see BlockSparseMask.kernel_tables."""
     if g_of.size >= 2**31 or masks.shape[0] >= 2**31:
         raise ValueError("block-sparse mask too large for int32 kernel tables")
     q_indptr = np.zeros(groups * nqt + 1, np.int64)
@@ -571,14 +896,24 @@ def _lengths(q_len: Any, kv_len: Any) -> tuple[int, int]:
 def _call_predicate(f: Callable, *index: np.ndarray) -> np.ndarray:
     """f on broadcastable index arrays; element by element if f is not vectorised."""
     shape = np.broadcast_shapes(*(x.shape for x in index))
+    name = getattr(f, "__qualname__", None) or repr(f)
     try:
         out = np.asarray(f(*index))
-        if out.shape != shape:
+    except Exception as vector_error:  # f(q, k) written for scalars
+        try:
+            out = np.vectorize(lambda *x: bool(f(*x)), otypes=[bool])(*index)
+        except Exception as e:
+            raise TypeError(f"the mask function {name} failed on index arrays ({vector_error}) "
+                            f"and on single indices ({e})") from e
+    if out.shape != shape:
+        try:
             out = np.broadcast_to(out, shape)
-    except Exception:  # f(q, k) written for scalars: "truth value of an array is ambiguous"
-        out = np.vectorize(lambda *x: bool(f(*x)), otypes=[bool])(*index)
+        except ValueError:
+            raise ValueError(f"the mask function {name} returned shape {out.shape} for index "
+                             f"arrays of broadcast shape {shape}: it must return bools of that "
+                             f"shape (or broadcastable to it)") from None
     if out.dtype != np.bool_:
-        raise TypeError(f"the mask function must return bools, got dtype {out.dtype}")
+        raise TypeError(f"the mask function {name} must return bools, got dtype {out.dtype}")
     return out
 
 
@@ -589,8 +924,12 @@ def from_function(f: Callable[..., Any], q_len: int, kv_len: int | None = None, 
     ``f(head, q_idx, kv_idx)`` when ``num_heads`` is given.
 
     ``f`` should be vectorised over NumPy index arrays that broadcast (``lambda q, k: k <= q``);
-    a scalar-only ``f`` still works, one element at a time. It is evaluated for every pair,
-    a few block rows at a time.
+    a scalar-only ``f`` still works, one element at a time. An arbitrary ``f`` cannot tell which
+    blocks are full or empty without being evaluated, so it is evaluated for every pair (time
+    grows with T x S; memory stays bounded: a few block rows at a time). For long sequences
+    use the structured builders (``causal``, ``local``, ``global_local``, ``strided``,
+    ``random``), whose cost follows the number of blocks, or ``from_block_indices``, and
+    combine them with ``|`` and ``&``.
     """
     q_len, kv_len = _lengths(q_len, kv_len)
     heads = 1 if num_heads is None else _positive_int(num_heads, "num_heads")
@@ -610,7 +949,8 @@ def from_function(f: Callable[..., Any], q_len: int, kv_len: int | None = None, 
 def causal(q_len: int, kv_len: int | None = None, *, block_q: int = DEFAULT_BLOCK,
            block_kv: int = DEFAULT_BLOCK) -> BlockSparseMask:
     """Query ``i`` sees keys ``j <= i`` (top-left, as ``flash_attention(is_causal=True)``)."""
-    return from_function(lambda q, k: k <= q, q_len, kv_len, block_q=block_q, block_kv=block_kv)
+    q_len, kv_len = _lengths(q_len, kv_len)
+    return _band(_check_shape(q_len, kv_len, block_q, block_kv), None, 0)
 
 
 def _window(window: Any) -> tuple[int, int]:
@@ -636,9 +976,9 @@ def local(q_len: int, kv_len: int | None = None, *, window: int | tuple[int, int
           block_q: int = DEFAULT_BLOCK, block_kv: int = DEFAULT_BLOCK) -> BlockSparseMask:
     """Sliding window: query ``i`` sees keys ``i - left <= j <= i + right``; ``window`` is
     ``(left, right)`` or ``w`` for ``(w, w)``; ``(w, 0)`` is a causal sliding window."""
+    q_len, kv_len = _lengths(q_len, kv_len)
     left, right = _window(window)
-    return from_function(lambda q, k: (k >= q - left) & (k <= q + right), q_len, kv_len,
-                         block_q=block_q, block_kv=block_kv)
+    return _band(_check_shape(q_len, kv_len, block_q, block_kv), -left, right)
 
 
 def _token_set(tokens: Any, length: int, name: str) -> np.ndarray:
@@ -668,15 +1008,60 @@ def global_local(q_len: int, kv_len: int | None = None, *, window: int | tuple[i
     also restricted to keys ``j <= i``.
     """
     q_len, kv_len = _lengths(q_len, kv_len)
+    shape = _check_shape(q_len, kv_len, block_q, block_kv)
     left, right = _window(window)
+    # A window side past the sequences bounds nothing (and keeps the pattern keys small).
+    left, right = min(left, q_len + kv_len), min(right, q_len + kv_len)
+    is_causal = bool(is_causal)
     global_q = _token_set(global_tokens, q_len, "global_tokens")
     global_k = _token_set(global_tokens, kv_len, "global_tokens")
+    r, c = block_q, block_kv
+    nbq, nbk = -(-q_len // r), -(-kv_len // c)
+    # Per block row / column: how many of its positions are global (all, some or none).
+    rows_global = np.add.reduceat(global_q, np.arange(0, q_len, r))
+    cols_global = np.add.reduceat(global_k, np.arange(0, kv_len, c))
+    rows_size = np.minimum(r, q_len - np.arange(nbq) * r)
+    cols_size = np.minimum(c, kv_len - np.arange(nbk) * c)
+    row_sig = np.where(rows_global == 0, 0, np.where(rows_global == rows_size, 1,
+                                                      2 + np.arange(nbq)))
+    col_sig = np.where(cols_global == 0, 0, np.where(cols_global == cols_size, 1,
+                                                      2 + np.arange(nbk)))
+    global_cols = np.nonzero(cols_global)[0]
+    band_hi = min(right, 0) if is_causal else right
 
-    def f(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    def predicate(q: np.ndarray, k: np.ndarray) -> np.ndarray:
         out = ((k >= q - left) & (k <= q + right)) | global_q[q] | global_k[k]
         return out & (k <= q) if is_causal else out
 
-    return from_function(f, q_len, kv_len, block_q=block_q, block_kv=block_kv)
+    def candidates(rows: np.ndarray):
+        t1 = np.minimum(q_len, (rows + 1) * r)
+        reach = np.minimum(nbk, (t1 - 1) // c + 1) if is_causal else np.full_like(rows, nbk)
+        start, stop = _band_columns(shape, rows, -left, band_hi)
+        has_global = rows_global[rows] > 0  # a global query row sees every (causal) key
+        start, stop = np.where(has_global, 0, start), np.where(has_global, reach, stop)
+        owner, j = _ranges(start, stop)
+        gi = np.repeat(rows, global_cols.size)
+        gj = np.tile(global_cols, rows.size)
+        below = gj < np.repeat(reach, global_cols.size)
+        return _unique_blocks(np.concatenate([rows[owner], gi[below]]),
+                              np.concatenate([j, gj[below]]), nbk)
+
+    # The band and causal parts depend on the offset s0 - t0 only, and are constant below
+    # offset_lo (band empty, causal all visible) and above offset_hi (both empty).
+    offset_lo, offset_hi = min(-left, 0) - c, max(right, 0) + r
+
+    def classify(i: np.ndarray, j: np.ndarray):
+        t0, t1, s0, s1 = _block_bounds(shape, i, j)
+        d_min, d_max = s0 - (t1 - 1), (s1 - 1) - t0
+        causal_ok = (d_max <= 0) if is_causal else np.ones(i.shape, bool)
+        full = ((d_min >= -left) & (d_max <= band_hi)) | (
+            ((row_sig[i] == 1) | (col_sig[j] == 1)) & causal_ok)
+        offset = np.clip(s0 - t0, offset_lo, offset_hi) - offset_lo
+        key = _mixed_radix([offset, row_sig[i], col_sig[j]],
+                           [offset_hi - offset_lo + 1, nbq + 2, nbk + 2])
+        return full, key
+
+    return _structured(shape, predicate, candidates, classify)
 
 
 def strided(q_len: int, kv_len: int | None = None, *, stride: int, is_causal: bool = True,
@@ -684,13 +1069,79 @@ def strided(q_len: int, kv_len: int | None = None, *, stride: int, is_causal: bo
     """The Sparse Transformer's strided pattern (Child et al. 2019): query ``i`` sees key ``j``
     when both lie in the same run of ``stride`` positions (``i // stride == j // stride``) or
     ``i - j`` is a multiple of ``stride``; with ``is_causal`` (default) only ``j <= i``."""
+    q_len, kv_len = _lengths(q_len, kv_len)
+    shape = _check_shape(q_len, kv_len, block_q, block_kv)
     stride = _positive_int(stride, "stride")
+    is_causal = bool(is_causal)
+    if stride >= max(q_len, kv_len):  # one run holds everything: every pair attends
+        return _band(shape, None, 0 if is_causal else None)
+    r, c, s = block_q, block_kv, stride
+    nbk = -(-kv_len // c)
 
-    def f(q: np.ndarray, k: np.ndarray) -> np.ndarray:
-        out = (q // stride == k // stride) | ((q - k) % stride == 0)
+    def predicate(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+        out = (q // s == k // s) | ((q - k) % s == 0)
         return out & (k <= q) if is_causal else out
 
-    return from_function(f, q_len, kv_len, block_q=block_q, block_kv=block_kv)
+    def candidates(rows: np.ndarray):
+        t0, t1 = rows * r, np.minimum(q_len, (rows + 1) * r)
+        reach = np.minimum(nbk, (t1 - 1) // c + 1) if is_causal else np.full_like(rows, nbk)
+        # The runs of the block's queries: keys [t0 // s * s, ((t1 - 1) // s + 1) * s).
+        run_start = np.minimum(nbk, (t0 // s * s) // c)
+        run_stop = np.minimum(reach, (((t1 - 1) // s + 1) * s - 1) // c + 1)
+        owner, j = _ranges(run_start, run_stop)
+        # The diagonals q - k = m * s crossing the block row: keys [t0 - m s, t1 - 1 - m s].
+        m_lo = -((kv_len - 1 - t0) // s)  # ceil((t0 - kv_len + 1) / s)
+        if is_causal:
+            m_lo = np.maximum(m_lo, 0)
+        m_owner, m = _ranges(m_lo, (t1 - 1) // s + 1)
+        d = m * s
+        k_lo = np.maximum(0, t0[m_owner] - d)
+        k_hi = np.minimum(kv_len - 1, t1[m_owner] - 1 - d)
+        d_owner, dj = _ranges(k_lo // c, np.where(k_hi >= k_lo, k_hi // c + 1, 0))
+        return _unique_blocks(np.concatenate([rows[owner], rows[m_owner[d_owner]]]),
+                              np.concatenate([j, dj]), nbk)
+
+    # The pattern of a block depends on its offsets within the runs (t0 % s, s0 % s), on the
+    # difference of their run numbers (nothing shared beyond +-span) and, near the causal
+    # diagonal, on s0 - t0 (every key visible from s0 - t0 <= -(c - 1) on).
+    span = (r + c) // s + 2
+
+    def classify(i: np.ndarray, j: np.ndarray):
+        t0, _, s0, _ = _block_bounds(shape, i, j)
+        runs = np.clip(t0 // s - s0 // s, -span, span) + span
+        causal_offset = (np.clip(s0 - t0, -(c - 1), r) + c - 1 if is_causal
+                         else np.zeros(i.shape, np.int64))
+        key = _mixed_radix([t0 % s, s0 % s, runs, causal_offset],
+                           [s, s, 2 * span + 1, r + c + 1])
+        return np.zeros(i.shape, bool), key
+
+    return _structured(shape, predicate, candidates, classify)
+
+
+def _sample_without_replacement(rng: np.random.Generator, rows: int, n: int,
+                                take: int) -> np.ndarray:
+    """[rows, take]: per row, ``take`` distinct values of ``range(n)``, uniformly (the first
+    ``take`` steps of a Fisher-Yates shuffle of each row, in O(rows * take^2), never O(n))."""
+    out = np.zeros((rows, take), np.int64)
+    # The shuffle's swaps so far, per row: position moved[:, m] now holds value held[:, m].
+    moved = np.full((rows, take), -1, np.int64)
+    held = np.zeros((rows, take), np.int64)
+    row = np.arange(rows)
+
+    def value_at(position: np.ndarray, steps: int) -> np.ndarray:
+        if steps == 0:
+            return position
+        hit = moved[:, :steps] == position[:, None]
+        last = steps - 1 - np.argmax(hit[:, ::-1], axis=1)  # the latest swap wins
+        return np.where(hit.any(axis=1), held[row, last], position)
+
+    for step in range(take):
+        pick = step + np.floor(rng.random(rows) * (n - step)).astype(np.int64)
+        pick = np.minimum(pick, n - 1)
+        picked, current = value_at(pick, step), value_at(np.full(rows, step), step)
+        out[:, step] = picked
+        moved[:, step], held[:, step] = pick, current  # the swap: pick now holds step's value
+    return out
 
 
 def random(q_len: int, kv_len: int | None = None, *, num_blocks: int, seed: int,
@@ -698,9 +1149,10 @@ def random(q_len: int, kv_len: int | None = None, *, num_blocks: int, seed: int,
            block_kv: int = DEFAULT_BLOCK) -> BlockSparseMask:
     """BigBird's random attention: each block row sees ``num_blocks`` distinct key blocks drawn
     uniformly with ``numpy.random.default_rng(seed)`` (all of them if there are fewer); per head
-    with ``num_heads``. Combine with ``local``/``global_local`` by ``|`` for full BigBird."""
+    with ``num_heads`` (>= 1). Time and memory follow the number of blocks drawn. Combine with
+    ``local``/``global_local`` by ``|`` for full BigBird."""
     q_len, kv_len = _lengths(q_len, kv_len)
-    shape = _check_shape(q_len, kv_len, block_q, block_kv, num_heads or 1)
+    shape = _check_shape(q_len, kv_len, block_q, block_kv, 1 if num_heads is None else num_heads)
     try:
         num_blocks = operator.index(num_blocks)
     except TypeError as e:
@@ -710,9 +1162,7 @@ def random(q_len: int, kv_len: int | None = None, *, num_blocks: int, seed: int,
     heads = shape[4]
     nbq, nbk = -(-q_len // block_q), -(-kv_len // block_kv)
     take = min(num_blocks, nbk)
-    rng = np.random.default_rng(seed)
-    # argsort of uniform keys: a uniformly random subset of `take` columns per row
-    cols = np.argsort(rng.random((heads, nbq, nbk)), axis=-1)[..., :take]
+    cols = _sample_without_replacement(np.random.default_rng(seed), heads * nbq, nbk, take)
     indptr = np.broadcast_to(np.arange(nbq + 1) * take, (heads, nbq + 1))
     indices = cols.reshape(heads, -1)
     if num_heads is None:

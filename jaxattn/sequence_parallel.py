@@ -9,7 +9,6 @@ never keys or values), which suits long key/value sequences and short-to-moderat
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any
 
@@ -17,7 +16,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxattn._validation import as_array, check_attention_inputs, check_lengths
+from jaxattn._validation import (
+    as_array,
+    check_attention_inputs,
+    check_bool,
+    check_lengths,
+    check_scale,
+)
 from jaxattn.decode import merge_attention_states
 from jaxattn.flash import flash_attention
 
@@ -107,14 +112,13 @@ def sequence_parallel_attention(
     check_attention_inputs(query, key, value)
     if query.ndim != 4:
         raise ValueError(f"query must have shape [B, T, N, H], got {query.shape}")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    is_causal = check_bool(is_causal, "is_causal")
     b = query.shape[0]
     q_lengths = None if query_seq_lengths is None else check_lengths(
         query_seq_lengths, "query_seq_lengths", b, False)
     kv_lengths = None if key_value_seq_lengths is None else check_lengths(
         key_value_seq_lengths, "key_value_seq_lengths", b, False)
-    options = dict(scale=scale if scale is not None else 1.0 / math.sqrt(query.shape[3]),
+    options = dict(scale=check_scale(scale, query.shape[3]),
                    logits_soft_cap=logits_soft_cap)
     local = partial(_sharded_attention, axis_name=axis_name, is_causal=is_causal,
                     options=options)

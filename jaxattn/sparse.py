@@ -11,8 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn import _ffi
+from jaxattn._autodiff import check_reverse_mode_only, forbid_forward_mode
 from jaxattn._sharding import match_varying
-from jaxattn._validation import as_array, check_attention_inputs, check_scale, check_soft_cap
+from jaxattn._validation import (
+    any_zero,
+    as_array,
+    check_attention_inputs,
+    check_scale,
+    check_soft_cap,
+)
 from jaxattn.masks import BlockSparseMask
 
 Array = jax.Array
@@ -53,6 +60,9 @@ def _sparse_bwd(options, residuals, cotangents):
 
 
 _sparse.defvjp(_sparse_fwd, _sparse_bwd)
+for _primitive in (_ffi.sparse_fwd_p, _ffi.sparse_bwd_p, _ffi.sparse_fwd_per_head_p,
+                   _ffi.sparse_bwd_per_head_p):
+    forbid_forward_mode(_primitive, "jaxattn.block_sparse_attention")
 
 
 def block_sparse_attention(
@@ -87,7 +97,10 @@ def block_sparse_attention(
     Returns:
       ``[B, T, N, Hv]`` in the input dtype (and the lse when ``return_residual``). A row that
       sees no key outputs 0 with lse ``-inf`` and gets zero gradients.
+
+    The contract: docs/semantics.md, section 3.
     """
+    check_reverse_mode_only("jaxattn.block_sparse_attention", query, key, value)
     query, key, value = (as_array(x, name) for x, name in
                          ((query, "query"), (key, "key"), (value, "value")))
     if not isinstance(mask, BlockSparseMask):
@@ -109,7 +122,7 @@ def block_sparse_attention(
     scale = check_scale(scale, h)
     soft_cap = check_soft_cap(logits_soft_cap)
 
-    if min(b, n, hv) == 0:  # nothing to compute
+    if any_zero(b, n, hv):  # nothing to compute
         out = jnp.zeros((b, t, n, hv), query.dtype)
         lse = jnp.full((b, t, n), -jnp.inf, jnp.float32)
     else:

@@ -1,6 +1,6 @@
 """Float64 NumPy reference for ``jaxattn.flash_attention`` (independent of JAX).
 
-The semantics follow DESIGN.md section 1: ``logits = scale * q.k``, ``+ bias``, optional soft cap
+Semantics of docs/semantics.md section 1: ``logits = scale * q.k``, ``+ bias``, optional soft cap
 ``cap * tanh(logits / cap)``, then the masks (``mask``, causal, local window, key/value and query
 sequence lengths). A query row with no visible key outputs 0, has ``lse = -inf`` and gets zero
 gradients. Query head ``h`` uses key/value head ``h // (N // K)``.
@@ -424,7 +424,7 @@ def assert_close_to_oracle(
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """Sizes of one attention problem, named as in DESIGN.md (B, T, S, N, K, H, Hv)."""
+    """Sizes of one attention problem, named as in docs/semantics.md (B, T, S, N, K, H, Hv)."""
 
     batch: int = 2
     q_len: int = 37
@@ -533,3 +533,67 @@ def attention_reference_jvp(
     q, k, v, bias, dq, dk, dv, dbias = _as_float64(q, k, v, bias, dq, dk, dv, dbias)
     fwd = _forward(q, k, v, bias, mask, precision, **options)
     return _as_float64(*_tangent(fwd, dq, dk, dv, dbias, precision))
+
+
+# --------------------------------------------------------------------------------------------
+# Gated linear attention (jaxattn.gated_linear_attention)
+# --------------------------------------------------------------------------------------------
+
+
+def _gla_states(q, k, v, log_gate, initial_state):
+    b, t, n, hk = q.shape
+    hv = v.shape[-1]
+    state = (np.zeros((b, n, hk, hv)) if initial_state is None
+             else np.array(initial_state, dtype=np.float64))
+    states = [state]
+    for i in range(t):
+        state = (np.exp(log_gate[:, i])[..., None] * state
+                 + k[:, i][..., :, None] * v[:, i][..., None, :])
+        states.append(state)
+    return states
+
+
+def gla_reference(query: Array, key: Array, value: Array, log_gate: Array, *,
+                  scale: float | None = None,
+                  initial_state: Array | None = None) -> tuple[Array, Array]:
+    """The gated linear attention recurrence step by step in float64.
+
+    ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``, ``out_t = scale q_t S_t``; query, key,
+    log_gate ``[B, T, N, Hk]``, value ``[B, T, N, Hv]``, initial_state ``[B, N, Hk, Hv]``.
+    Returns ``(out [B, T, N, Hv], final_state [B, N, Hk, Hv])``.
+    """
+    q, k, v, g = _as_float64(query, key, value, log_gate)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    states = _gla_states(q, k, v, g, initial_state)
+    out = np.zeros(q.shape[:3] + (v.shape[-1],))
+    for i in range(q.shape[1]):
+        out[:, i] = np.einsum("bni,bnij->bnj", scale * q[:, i], states[i + 1])
+    return out, states[-1]
+
+
+def gla_reference_grad(query: Array, key: Array, value: Array, log_gate: Array, dout: Array, *,
+                       scale: float | None = None, initial_state: Array | None = None,
+                       dfinal_state: Array | None = None) -> tuple[Array, ...]:
+    """Gradients of ``gla_reference`` by the backward recurrence (float64).
+
+    With dS the total gradient of the state S_t: dS_t = scale q_t^T dout_t
+    + diag(exp(g_{t+1})) dS_{t+1}; then dq_t = scale S_t dout_t, dk_t = dS_t v_t,
+    dv_t = dS_t^T k_t, dg_t = rowsum(dS_t * diag(exp(g_t)) S_{t-1}), d initial = the dS before
+    the first step. Returns ``(dq, dk, dv, dlog_gate, dinitial_state)``.
+    """
+    q, k, v, g, do = _as_float64(query, key, value, log_gate, dout)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    states = _gla_states(q, k, v, g, initial_state)
+    ds = (np.zeros_like(states[0]) if dfinal_state is None
+          else np.array(dfinal_state, dtype=np.float64))
+    dq, dk, dg = np.zeros_like(q), np.zeros_like(k), np.zeros_like(g)
+    dv = np.zeros_like(v)
+    for i in reversed(range(q.shape[1])):
+        ds = ds + scale * q[:, i][..., :, None] * do[:, i][..., None, :]
+        dq[:, i] = scale * np.einsum("bnij,bnj->bni", states[i + 1], do[:, i])
+        dk[:, i] = np.einsum("bnij,bnj->bni", ds, v[:, i])
+        dv[:, i] = np.einsum("bnij,bni->bnj", ds, k[:, i])
+        decayed = np.exp(g[:, i])[..., None] * states[i]
+        dg[:, i] = np.sum(ds * decayed, axis=-1)
+        ds = np.exp(g[:, i])[..., None] * ds
+    return dq, dk, dv, dg, ds

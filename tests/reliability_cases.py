@@ -158,9 +158,11 @@ def _lengths(*values: int) -> np.ndarray:
 
 
 def decode_case(name: str, shape: Shape, dtype: np.dtype, lengths: np.ndarray, *,
-                page_size: int | None = None, seed: int = 0, **options: Any) -> OpCase:
+                page_size: int | None = None, table_padding: int = 0, seed: int = 0,
+                **options: Any) -> OpCase:
     """``decode_attention`` (``shape.q_len`` new tokens against a cache of ``shape.kv_len``),
-    or with ``page_size`` ``paged_decode_attention`` on the same cache in shuffled pages."""
+    or with ``page_size`` ``paged_decode_attention`` on the same cache in shuffled pages
+    (block tables padded with ``table_padding`` entries of -1)."""
 
     def make_args() -> tuple[Any, ...]:
         rng = np.random.default_rng(seed)
@@ -178,7 +180,9 @@ def decode_case(name: str, shape: Shape, dtype: np.dtype, lengths: np.ndarray, *
                 rows = slice(i * page_size, min(shape.kv_len, (i + 1) * page_size))
                 pool_k[order[b, i], : rows.stop - rows.start] = k[b, rows]
                 pool_v[order[b, i], : rows.stop - rows.start] = v[b, rows]
-        return q, pool_k, pool_v, order.astype(np.int32), lengths
+        tables = np.full((shape.batch, per + table_padding), -1, np.int32)
+        tables[:, :per] = order
+        return q, pool_k, pool_v, tables, lengths
 
     def fn(*args: Any) -> dict[str, jax.Array]:
         attend = jaxattn.decode_attention if page_size is None else jaxattn.paged_decode_attention
@@ -262,5 +266,8 @@ CASES: list[OpCase] = [
     decode_case("paged_decode_f32_page7_t16", Shape(1, 16, 700, 4, 4, 48), F32, _lengths(690),
                 page_size=7, seed=7),
     merge_case("merge_flash_parts_grad", Shape(2, 9, 60, 4, 2, 16), parts=3, seed=8),
+    # A block table padded far past the lengths (issue 13): partitions follow the lengths.
+    decode_case("paged_decode_f32_padded_table", Shape(3, 2, 1500, 8, 2, 32), F32,
+                _lengths(1500, 40, 777), page_size=16, table_padding=20000, seed=9),
 ]
 CASES_BY_NAME: dict[str, OpCase] = {case.name: case for case in CASES}

@@ -1,4 +1,4 @@
-"""``jaxattn.flash_attention`` against the float64 oracle (DESIGN.md sections 1 and 5).
+"""``jaxattn.flash_attention`` against the float64 oracle (docs/semantics.md sections 1 and 6).
 
 Every comparison uses FlashAttention's rule (``oracle.assert_close_to_oracle``): the error against
 float64 is at most twice that of a naive computation in the same dtype, plus a small floor. On top

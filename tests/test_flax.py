@@ -425,6 +425,46 @@ def test_nnx_decode_under_jit(rng):
         model(x[:, :1], decode=True)
 
 
+# A step past max_length under jit: dynamic_update_slice clamps the write, so the step would
+# attend to a wrong cache. It must fail at run time instead (issue 13, item 2): the decode
+# kernel's strict_lengths check for steps of <= 16 tokens, a host check for longer chunks and
+# for implementation="xla".
+# (A host callback's error reaches Python as a ValueError, a kernel's as JaxRuntimeError.)
+RUN_TIME_ERRORS = (jax.errors.JaxRuntimeError, ValueError)
+OVERFLOWS = {"decode_kernel": ((1,) * 4, 1), "prefill_chunk": ((20,), 20),
+             "xla": ((1,) * 4, 1)}
+
+
+@pytest.mark.parametrize("case", list(OVERFLOWS))
+def test_nnx_cache_overflow_under_jit_fails_at_run_time(rng, case):
+    fill, step_size = OVERFLOWS[case]
+    implementation = "xla" if case == "xla" else "jaxattn"
+    model = NnxFlash(16, 2, rngs=nnx.Rngs(0), implementation=implementation)
+    model.init_cache(batch_size=1, max_length=sum(fill))
+    step = nnx.jit(lambda m, x: m(x, decode=True))
+    for size in fill:
+        jax.block_until_ready(step(model, _normal(rng, (1, size, 16))))
+    with pytest.raises(RUN_TIME_ERRORS, match="overflow"):
+        jax.block_until_ready(step(model, _normal(rng, (1, step_size, 16))))
+
+
+@pytest.mark.parametrize("case", list(OVERFLOWS))
+def test_linen_cache_overflow_under_jit_fails_at_run_time(rng, case):
+    fill, step_size = OVERFLOWS[case]
+    layer = LinenFlash(num_heads=2, implementation="xla" if case == "xla" else "jaxattn")
+    x = _normal(rng, (1, 4, 16))
+    variables = layer.init(jax.random.key(0), x)
+    _, state = layer.apply(variables, batch_size=1, max_length=sum(fill),
+                           method=layer.init_cache, mutable=["cache"])
+    step = jax.jit(lambda v, x: layer.apply(v, x, decode=True, mutable=["cache"]))
+    for size in fill:
+        out, state = step({**variables, **state}, _normal(rng, (1, size, 16)))
+        jax.block_until_ready(out)
+    with pytest.raises(RUN_TIME_ERRORS, match="overflow"):
+        out, _ = step({**variables, **state}, _normal(rng, (1, step_size, 16)))
+        jax.block_until_ready(out)
+
+
 @pytest.mark.parametrize("name", list(DECODE_CASES))
 def test_linen_decode_reproduces_full_forward(rng, name):
     layer = LinenFlash(num_heads=4, **DECODE_CASES[name])
@@ -608,4 +648,4 @@ def test_submodules_reachable_from_the_package():
     assert package.nnx.FlashSelfAttention.__module__ == "jaxattn.flax.nnx"
     assert package.linen.FlashSelfAttention.__module__ == "jaxattn.flax.linen"
     with pytest.raises(AttributeError, match="no attribute 'missing'"):
-        package.missing
+        package.missing  # noqa: B018  (the access itself must raise)

@@ -370,6 +370,26 @@ else:
         args[0] = put(q, mesh, SPECS["batch_heads"])
         assert_close(attend(*args), expected, rtol=0, atol=0)
 
+    @pytest.mark.parametrize("spec_name", ["batch", "heads", "batch_heads"])
+    def test_gated_linear_attention_runs_per_shard(rng, spec_name) -> None:
+        """Forward and gradient of gated linear attention split along batch and heads, the
+        state [B, N, Hk, Hv] sharded alike: no collectives, the single-device numbers."""
+        mesh = make_mesh()
+        q, k = (rng.standard_normal((B, T, N, H), np.float32) for _ in range(2))
+        g = -np.abs(rng.standard_normal((B, T, N, H), np.float32))
+        v = rng.standard_normal((B, T, N, HV), np.float32)
+        s0 = rng.standard_normal((B, N, H, HV), np.float32)
+        gla = lambda q, k, v, g, s: jaxattn.gated_linear_attention(
+            q, k, v, g, initial_state=s, return_final_state=True)
+        loss = lambda *a: sum(jnp.sum(jnp.sin(x)) for x in gla(*a))
+        grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+        spec = SPECS[spec_name]
+        state_spec = P(*(tuple(spec)[:1] + tuple(spec)[2:3]))
+        args = [put(x, mesh, spec) for x in (q, k, v, g)] + [put(s0, mesh, state_spec)]
+        for fn, expected in ((gla, gla(q, k, v, g, s0)), (grad, grad(q, k, v, g, s0))):
+            assert collectives(jax.jit(fn), *args) == []
+            assert_close(jax.jit(fn)(*args), expected, rtol=0, atol=0)
+
     # ----------------------------------------------------------------------------------------
     # shard_map
 

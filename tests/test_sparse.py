@@ -295,6 +295,14 @@ def test_invalid_mask_metadata():
     raises(ValueError, "stride must be >= 1", masks.strided, 10, stride=0)
     raises(ValueError, "num_blocks", masks.random, 10, num_blocks=-1, seed=0)
     raises(TypeError, "must return bools", masks.from_function, lambda q, k: q + k, 4)
+    # issue 13, item 10: the function, the expected and the returned shape are named
+    raises(ValueError, r"mask function .*lambda.* returned shape \(\d+,\) for index arrays of "
+           r"broadcast shape \(\d+, \d+\)", masks.from_function,
+           lambda q, k: (k <= q).ravel(), 8, block_q=4, block_kv=4)
+    raises(ValueError, "num_heads must be >= 1", masks.random, 10, num_blocks=1, seed=0,
+           num_heads=0)
+    raises(ValueError, "num_heads must be >= 1", masks.from_function, lambda h, q, k: k <= q,
+           10, num_heads=0)
     a, b = masks.causal(10, block_q=2, block_kv=2), masks.causal(10, block_q=2, block_kv=5)
     raises(ValueError, "different block_kv", lambda: a | b)
     raises(ValueError, "different q_len", lambda: a & masks.causal(12, 10, block_q=2,
@@ -569,3 +577,165 @@ def test_other_instruction_sets(isa):
                             env=python_env(JAXATTN_ISA=isa), cwd=CWD, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# ------------------------------------------------- issue 13: costs that follow the blocks
+
+
+def _structured_cases(rng, count):
+    """(name, mask, dense definition) for random shapes, block sizes and parameters."""
+    for it in range(count):
+        t, s = int(rng.integers(1, 100)), int(rng.integers(1, 100))
+        r, c = int(rng.integers(1, 17)), int(rng.integers(1, 17))
+        q, k = np.arange(t)[:, None], np.arange(s)[None, :]
+        kind = it % 4
+        if kind == 0:
+            yield "causal", masks.causal(t, s, block_q=r, block_kv=c), k <= q
+        elif kind == 1:
+            left, right = int(rng.integers(0, 120)), int(rng.integers(0, 120))
+            yield ("local", masks.local(t, s, window=(left, right), block_q=r, block_kv=c),
+                   (k >= q - left) & (k <= q + right))
+        elif kind == 2:
+            left, right = int(rng.integers(0, 30)), int(rng.integers(0, 30))
+            causal = bool(rng.integers(0, 2))
+            positions = rng.choice(min(t, s), size=min(int(rng.integers(0, 4)), min(t, s)),
+                                   replace=False)
+            tokens = int(rng.integers(0, min(t, s) + 1)) if rng.integers(0, 2) else [
+                int(x) for x in positions]
+            g = np.zeros(max(t, s), bool)
+            g[np.arange(tokens) if isinstance(tokens, int) else tokens] = True
+            want = ((k >= q - left) & (k <= q + right)) | g[q] | g[k]
+            yield ("global_local", masks.global_local(t, s, window=(left, right),
+                                                      global_tokens=tokens, is_causal=causal,
+                                                      block_q=r, block_kv=c),
+                   want & (k <= q) if causal else want)
+        else:
+            stride, causal = int(rng.integers(1, 110)), bool(rng.integers(0, 2))
+            want = (q // stride == k // stride) | ((q - k) % stride == 0)
+            yield ("strided", masks.strided(t, s, stride=stride, is_causal=causal, block_q=r,
+                                            block_kv=c), want & (k <= q) if causal else want)
+
+
+def test_structured_builders_match_their_definitions_on_random_shapes(rng):
+    """The closed forms per block (which blocks, full or not, which share a pattern) give
+    exactly the dense definition, in the canonical form from_dense gives."""
+    for name, m, want in _structured_cases(rng, 240):
+        np.testing.assert_array_equal(m.to_dense()[0], want, err_msg=f"{name} {m}")
+        assert m == BlockSparseMask.from_dense(want, block_q=m.block_q, block_kv=m.block_kv)
+
+
+def test_kernel_tables_from_blocks_and_from_dense_agree(rng, monkeypatch):
+    """Tables compiled per block (in bands of query tile rows, pattern signatures looked up
+    once) and through the dense mask (tiny blocks) are identical."""
+    for it in range(60):
+        n = int(rng.choice([1, 2, 4]))
+        t, s = int(rng.integers(1, 80)), int(rng.integers(1, 80))
+        dense = rng.random((n, t, s)) < rng.choice([0.05, 0.4, 1.0])
+        dense |= np.tri(t, s, dtype=bool) & bool(rng.integers(0, 2))
+        m = BlockSparseMask.from_dense(dense, block_q=int(rng.integers(1, 9)),
+                                       block_kv=int(rng.integers(1, 9)))
+        group, groups = (int(rng.integers(1, 4)), 1) if n == 1 else (n // 2, 2)
+        tq, tk = int(rng.integers(1, 20)), int(rng.integers(1, 20))
+        # per block: a band of query tile rows at a time (tiny bands here, to cross them)
+        monkeypatch.setattr(masks, "_TABLE_BLOCKS_PER_BAND", int(rng.choice([3, 1 << 16])))
+        monkeypatch.setattr(masks, "_DENSE_TABLES_RATIO", 0)
+        by_blocks = masks._compile_tables(m, tq, tk, group, groups)
+        monkeypatch.setattr(masks, "_DENSE_TABLES_RATIO", 10**9)
+        by_dense = masks._compile_tables(m, tq, tk, group, groups)
+        for x, y in zip(by_blocks, by_dense):
+            np.testing.assert_array_equal(x, y, err_msg=f"case {it}")
+
+
+@pytest.mark.parametrize("builder", ["causal", "local", "global_local", "strided"])
+def test_structured_builders_evaluate_blocks_not_all_pairs(monkeypatch, builder):
+    """Issue 13, item 8: the builders evaluated every (q, k) pair (T x S); now a few blocks per
+    distinct pattern. Counted at T = S = 16384 in 64 x 64 blocks: T x S is 268M pairs."""
+    evaluated = []
+    real = masks._call_predicate
+
+    def counting(f, *index):
+        out = real(f, *index)
+        evaluated.append(out.size)
+        return out
+
+    monkeypatch.setattr(masks, "_call_predicate", counting)
+    t = 16384
+    make = {"causal": lambda: masks.causal(t),
+            "local": lambda: masks.local(t, window=256),
+            "global_local": lambda: masks.global_local(t, window=256, global_tokens=64,
+                                                       is_causal=True),
+            "strided": lambda: masks.strided(t, stride=256)}[builder]
+    m = make()
+    assert sum(evaluated) <= 16 * t * 64, f"{builder}: {sum(evaluated)} pairs evaluated"
+    # ... and the kernel tables of the mask reproduce it (spot check of a few tiles).
+    positions, _, keys, rows_padded = jaxattn._ffi.block_sparse_tiling(1)
+    q_indptr, q_entries, _, _, pool, _ = m.kernel_tables(positions, keys, 1, 1, rows_padded)
+    dense_rows = m._lookup(np.zeros((1, 1), np.int64), np.arange(positions)[:, None] + 2048,
+                           np.arange(t)[None, :])
+    row_tile = 2048 // positions
+    tiles = dict((int(e[0]), int(e[1])) for e in q_entries[q_indptr[row_tile]:
+                                                           q_indptr[row_tile + 1]])
+    for b in range(t // keys):
+        got = dense_rows[:, b * keys:(b + 1) * keys]
+        if b not in tiles:
+            assert not got.any()
+        elif tiles[b] < 0:
+            assert got.all()
+        else:
+            np.testing.assert_array_equal(pool[tiles[b]], got)
+
+
+def _peak_bytes(fn):
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_one_by_one_blocks_memory_follows_the_dense_mask(rng):
+    """Issue 13, item 9: from_dense with 1x1 blocks and its kernel tables used ~70x the dense
+    bool mask (per-block int64 bookkeeping); now a small multiple of it."""
+    dense = rng.random((2048, 2048)) < 0.3
+    positions, _, keys, rows_padded = jaxattn._ffi.block_sparse_tiling(1)
+
+    def build():
+        m = BlockSparseMask.from_dense(dense, block_q=1, block_kv=1)
+        m.kernel_tables(positions, keys, 1, 1, rows_padded)
+        return m
+
+    m, peak = _peak_bytes(build)
+    assert peak <= 12 * dense.nbytes, f"{peak / dense.nbytes:.1f}x the dense mask"
+    np.testing.assert_array_equal(m.to_dense()[0], dense)
+    small = BlockSparseMask.from_dense(dense[:100, :90], block_q=1, block_kv=1)
+    assert small == BlockSparseMask.from_dense(dense[:100, :90], block_q=1, block_kv=1)
+    np.testing.assert_array_equal(small.with_block_size(7, 5).to_dense()[0], dense[:100, :90])
+
+
+def test_random_blocks_cost_follows_the_blocks_drawn():
+    """random drew a key for every block of the grid (4096 x 4096 here: 270 MB); now only
+    the blocks it keeps."""
+    m, peak = _peak_bytes(lambda: masks.random(2**16, num_blocks=3, seed=0, block_q=16,
+                                               block_kv=16))
+    assert peak < 32 * 2**20, f"{peak / 2**20:.0f} MiB"
+    indptr, indices = m.block_indices()
+    assert (np.diff(indptr[0]) == 3).all()
+
+
+def test_or_and_on_random_masks_equal_the_dense_combination(rng):
+    """| and & combine each distinct pair of block patterns once (clipping included), and
+    give the canonical mask of the combined dense masks."""
+    for it in range(120):
+        t, s = int(rng.integers(1, 60)), int(rng.integers(1, 60))
+        r, c = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        na, nb = (int(x) for x in rng.choice([1, 3], 2))
+        da = rng.random((na, t, s)) < rng.choice([0.1, 0.5, 0.95])
+        db = rng.random((nb, t, s)) < rng.choice([0.1, 0.5, 0.95])
+        da |= np.tri(t, s, dtype=bool) & bool(rng.integers(0, 2))
+        a = BlockSparseMask.from_dense(da, block_q=r, block_kv=c)
+        b = BlockSparseMask.from_dense(db, block_q=r, block_kv=c)
+        for got, want in ((a | b, da | db), (a & b, da & db)):
+            want = want if want.shape[0] > 1 else want[0]
+            assert got == BlockSparseMask.from_dense(want, block_q=r, block_kv=c), it

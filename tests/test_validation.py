@@ -205,10 +205,13 @@ FLASH_BAD_INPUTS = [
     Bad("scale_inf", flash(scale=float("inf")), ValueError, r"scale must be finite"),
     Bad("scale_minus_inf", flash(scale=-float("inf")), ValueError, r"scale must be finite"),
     Bad("scale_overflows_float32", flash(scale=1e39), ValueError, r"scale must be finite and within float32"),
-    Bad("scale_string", flash(scale="0.5"), TypeError, r"scale must be a Python float"),
-    Bad("scale_array", flash(scale=jnp.float32(0.5)), TypeError, r"scale must be a Python float"),
-    Bad("scale_complex", flash(scale=1j), TypeError, r"scale must be a Python float"),
-    Bad("scale_bool", flash(scale=True), TypeError, r"scale must be a Python float"),
+    Bad("scale_string", flash(scale="0.5"), TypeError, r"scale must be a real number"),
+    Bad("scale_complex", flash(scale=1j), TypeError, r"scale must be a real number"),
+    Bad("scale_bool", flash(scale=True), TypeError, r"scale must be a real number"),
+    Bad("scale_1d_array", flash(scale=jnp.array([0.5])), TypeError, r"scale must be a real number"),
+    Bad("scale_bool_array", flash(scale=jnp.array(True)), TypeError, r"scale must be a real number"),
+    Bad("scale_complex_array", flash(scale=np.array(1j)), TypeError, r"scale must be a real number"),
+    Bad("scale_nan_array", flash(scale=jnp.array(jnp.nan)), ValueError, r"scale must be finite"),
     # flags
     Bad("is_causal_string", flash(is_causal="yes"), TypeError, r"is_causal must be a bool"),
     Bad("is_causal_int", flash(is_causal=1), TypeError, r"is_causal must be a bool"),
@@ -216,7 +219,7 @@ FLASH_BAD_INPUTS = [
     Bad("return_residual_string", flash(return_residual="x"), TypeError,
         r"return_residual must be a bool"),
     # static options passed as traced values under jit
-    Bad("traced_scale", flash_jit("scale", 0.5), TypeError, r"scale must be a Python float"),
+    Bad("traced_scale", flash_jit("scale", 0.5), TypeError, r"scale must be a concrete number.*traced"),
     Bad("traced_window", flash_jit("local_window_size", 3), TypeError, r"local_window_size"),
     Bad("traced_cap", flash_jit("logits_soft_cap", 2.0), TypeError, r"logits_soft_cap"),
     Bad("traced_is_causal", flash_jit("is_causal", True), TypeError, r"is_causal must be a bool"),
@@ -248,7 +251,8 @@ DECODE_BAD_INPUTS = [
     Bad("decode_window_negative", decode(local_window_size=-1), ValueError, r"local_window_size"),
     Bad("decode_cap_zero", decode(logits_soft_cap=0.0), ValueError, r"logits_soft_cap"),
     Bad("decode_scale_nan", decode(scale=float("nan")), ValueError, r"scale must be finite"),
-    Bad("decode_scale_string", decode(scale="1"), TypeError, r"scale must be a Python float"),
+    Bad("decode_scale_string", decode(scale="1"), TypeError, r"scale must be a real number"),
+    Bad("decode_strict_lengths_int", decode(strict_lengths=1), TypeError, r"strict_lengths must be a bool"),
     Bad("decode_return_residual_string", decode(return_residual="x"), TypeError,
         r"return_residual must be a bool"),
     Bad("paged_pages_rank3", paged(key_pages=ones(6, 2, K)), ValueError, r"key_pages must have shape"),
@@ -328,6 +332,11 @@ def uniform_average(value: np.ndarray, num_heads: int) -> np.ndarray:
     return np.repeat(mean, num_heads // value.shape[2], axis=2)
 
 
+MASK_BTS = np.random.default_rng(1).random((B, T, S)) < 0.6  # B != N
+MASK_BTS[:, :, 0] = True
+MASK_NTS = np.random.default_rng(2).random((N, T, S)) < 0.6
+MASK_NTS[:, :, 0] = True
+
 FLASH_SUPPORTED = [
     Supported("empty_query_len", flash_residual(ones(B, 0, N, H), KEY, VALUE), empty_result((B, 0, N, H))),
     Supported("empty_key_len", flash_residual(QUERY, ones(B, 0, K, H), ones(B, 0, K, H)),
@@ -382,6 +391,20 @@ FLASH_SUPPORTED = [
     Supported("scale_negative", flash_residual(QUERY, KEY, VALUE, scale=-2.0),
               oracle(QUERY, KEY, VALUE, scale=-2.0)),
     Supported("scale_int", flash_residual(QUERY, KEY, VALUE, scale=1), oracle(QUERY, KEY, VALUE, scale=1.0)),
+    # issue 18: any concrete real scalar is a scale
+    Supported("scale_jax_0d", flash_residual(QUERY, KEY, VALUE, scale=jnp.float32(0.3)),
+              oracle(QUERY, KEY, VALUE, scale=float(np.float32(0.3)))),
+    Supported("scale_jax_0d_array", flash_residual(QUERY, KEY, VALUE, scale=jnp.array(0.25)),
+              oracle(QUERY, KEY, VALUE, scale=0.25)),
+    Supported("scale_numpy_0d_array", flash_residual(QUERY, KEY, VALUE, scale=np.array(2)),
+              oracle(QUERY, KEY, VALUE, scale=2.0)),
+    Supported("scale_numpy_float16", flash_residual(QUERY, KEY, VALUE, scale=np.float16(0.5)),
+              oracle(QUERY, KEY, VALUE, scale=0.5)),
+    # issue 18: a [B, T, S] mask (B != N) is shared over heads; [N, T, S] over the batch
+    Supported("mask_batch_rank3_shared_over_heads", flash_residual(
+        QUERY, KEY, VALUE, mask=MASK_BTS), oracle(QUERY, KEY, VALUE, mask=MASK_BTS[:, None])),
+    Supported("mask_heads_rank3_shared_over_batch", flash_residual(
+        QUERY, KEY, VALUE, mask=MASK_NTS), oracle(QUERY, KEY, VALUE, mask=MASK_NTS[None])),
     Supported("tiny_soft_cap", flash_residual(QUERY, KEY, VALUE, logits_soft_cap=1e-30),
               oracle(QUERY, KEY, VALUE, logits_soft_cap=1e-30)),
     Supported("head_dim_one", flash_residual(QUERY[..., :1], KEY[..., :1], VALUE[..., :1]),
@@ -517,7 +540,8 @@ FLASH_FFI_BAD_BINDS = [
             r"jaxattn: bias/mask must be broadcastable"),
     BadBind("mask_rank2", bind_fwd(mask=ones(T, S, dtype=bool)), r"jaxattn: mask must have rank 4"),
     BadBind("mask_float", bind_fwd(mask=ones(1, 1, T, S)), r"jaxattn: mask must be boolean"),
-    BadBind("bias_dtype", bind_fwd(bias=ones(1, 1, T, S, dtype=np.int32)), r"jaxattn: bias must be float32, bfloat16 or float16"),
+    BadBind("bias_dtype", bind_fwd(bias=ones(1, 1, T, S, dtype=np.int32)),
+            r"jaxattn: bias must be float32, bfloat16 or float16"),
     BadBind("bias_rank3", bind_fwd(bias=ones(1, T, S)), r"jaxattn: bias must have rank 4"),
     BadBind("lengths_float", bind_fwd(kv_lengths=ones(B)), r"S32"),
     BadBind("lengths_batch", bind_fwd(q_lengths=np.ones(3, np.int32)), r"jaxattn: operand batch sizes must divide"),
@@ -580,6 +604,22 @@ DECODE_FFI_BAD_BINDS = [
             r"paged decode: block_tables holds a page id outside \[0, num_pages\)"),
     BadBind("paged_negative_page_id", bind_paged(tables=np.array([[0, 1, 2], [-3, 4, 5]], np.int32)),
             r"page id outside"),
+    # issue 13, item 2: with strict_lengths a length past the cache is an error, not clamped
+    BadBind("decode_strict_length_past_cache", bind_decode(lengths=np.array([S + 1, 3], np.int32),
+                                                           strict_lengths=True),
+            r"jaxattn: decode: kv_lengths\[0\] = 7 is outside \[0, 6\]"),
+    BadBind("decode_strict_negative_length", bind_decode(lengths=np.array([S, -1], np.int32),
+                                                         strict_lengths=True),
+            r"kv_lengths\[1\] = -1 is outside"),
+    BadBind("paged_strict_length_past_table", bind_paged(lengths=np.array([S + 1, 3], np.int32),
+                                                         strict_lengths=True),
+            r"kv_lengths\[0\] = 7 is outside \[0, 6\]"),
+    # a contiguous value cache of another batch (vmap of one cache) must divide the batch
+    BadBind("decode_value_cache_batch", bind_decode(q=ones(4, 1, N, H), k=ones(4, S, K, H),
+                                                    v=ones(3, S, K, H),
+                                                    lengths=np.ones(4, np.int32)),
+            r"value cache batch must divide the batch"),
+    BadBind("paged_value_pool_differs", bind_paged(v=VALUE_PAGES[:5]), r"inconsistent shapes"),
 ]
 
 FFI_BAD_BINDS: list[BadBind] = [*FLASH_FFI_BAD_BINDS, *DECODE_FFI_BAD_BINDS]

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 import jaxattn
@@ -179,15 +180,36 @@ def full_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array,
                    soft_cap=cfg.soft_cap)
 
 
-def check_cache_room(index: Array, steps: int, max_length: int) -> None:
-    """Raises when a concrete cache index would overflow (a traced one cannot be checked)."""
+def _overflow_message(current: int, steps: int, max_length: int) -> str:
+    return (f"KV cache overflow: {current} tokens cached + {steps} new > max_length="
+            f"{max_length}; call init_cache with a larger max_length")
+
+
+def check_cache_room(index: Array, steps: int, max_length: int) -> bool:
+    """Raises when a concrete cache index would overflow; returns False for a traced index,
+    which only a run-time check can catch (see ``cached_attention``)."""
     try:
         current = int(index)
     except (jax.errors.ConcretizationTypeError, TypeError):
-        return
+        return False
     if current + steps > max_length:
-        raise ValueError(f"KV cache overflow: {current} tokens cached + {steps} new > "
-                         f"max_length={max_length}; call init_cache with a larger max_length")
+        raise ValueError(_overflow_message(current, steps, max_length))
+    return True
+
+
+def _checked_index_at_run_time(index: Array, steps: int, max_length: int) -> Array:
+    """``index``, passed through a host check that fails the computation (JaxRuntimeError)
+    when the cache would overflow: for the steps that do not run the decode kernel, whose
+    ``strict_lengths`` check does this in the kernel."""
+
+    def check(current):
+        current = int(current)
+        if current < 0 or current + steps > max_length:
+            raise ValueError(_overflow_message(current, steps, max_length))
+        return np.asarray(current, np.int32)
+
+    return jax.pure_callback(check, jax.ShapeDtypeStruct((), jnp.int32),
+                             index.astype(jnp.int32), vmap_method="sequential")
 
 
 def cached_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array, cached_key: Array,
@@ -207,7 +229,12 @@ def cached_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array, cached_
     if k.shape[0] != cached_key.shape[0]:
         raise ValueError(f"decode input has batch size {k.shape[0]} but the cache was made for "
                          f"batch_size={cached_key.shape[0]}")
-    check_cache_room(index, steps, max_length)
+    checked = check_cache_room(index, steps, max_length)
+    uses_decode_kernel = implementation == "jaxattn" and steps <= MAX_DECODE_CHUNK
+    if not checked and not uses_decode_kernel:
+        # Under jit the index is traced: an overflowing write would be clamped by
+        # dynamic_update_slice and attended to as if it were right. Fail at run time instead.
+        index = _checked_index_at_run_time(index, steps, max_length)
     if cfg.use_rope:
         positions = index + jnp.arange(steps)
         q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
@@ -217,11 +244,13 @@ def cached_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array, cached_
     cached_key = lax.dynamic_update_slice(cached_key, k.astype(cache_dtype), start)
     cached_value = lax.dynamic_update_slice(cached_value, v.astype(cache_dtype), start)
     q = q.astype(cache_dtype)
-    if implementation == "jaxattn" and steps <= MAX_DECODE_CHUNK:
+    if uses_decode_kernel:
+        # strict_lengths: under jit, a step past max_length (whose write dynamic_update_slice
+        # clamped) fails in the kernel (JaxRuntimeError) instead of attending to a wrong cache.
         lengths = jnp.full((batch,), index + steps, jnp.int32)
         out = jaxattn.decode_attention(q, cached_key, cached_value, lengths,
                                        local_window_size=cfg.window,
-                                       logits_soft_cap=cfg.soft_cap)
+                                       logits_soft_cap=cfg.soft_cap, strict_lengths=True)
     else:
         # Query i sits at absolute position index + i: sees keys j <= index + i (causal, which
         # also hides the unwritten rest of the cache) and, with a window, j >= pos - left.

@@ -173,3 +173,9 @@ class FlashSelfAttention(nn.Module):
         self.put_variable("cache", "cached_key", jnp.zeros(shape, dtype))
         self.put_variable("cache", "cached_value", jnp.zeros(shape, dtype))
         self.put_variable("cache", "cache_index", jnp.array(0, jnp.int32))
+
+
+# Gated linear attention (jaxattn.gated_linear_attention), defined in _gla.py.
+from jaxattn.flax._gla import GatedLinearAttentionLinen as GatedLinearAttention  # noqa: E402
+
+__all__ += ["GatedLinearAttention"]

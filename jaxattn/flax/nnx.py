@@ -75,7 +75,7 @@ class FlashSelfAttention(nnx.Module):
         use_bias: bool = True,
         kernel_init: Any = default_kernel_init,
         out_kernel_init: Any | None = None,
-        bias_init: Any = initializers.zeros_init(),
+        bias_init: Any = initializers.zeros_init(),  # noqa: B008  (Flax's own default)
         sparse_mask: Any | None = None,
         precision: Any = None,
         implementation: str = "jaxattn",
@@ -175,3 +175,9 @@ class FlashSelfAttention(nnx.Module):
                                    _common.fold_batch(mask, batch_shape, "mask"),
                                    self.implementation, self.sparse_mask)
         return self.out(y).reshape(batch_shape + (x.shape[-2], self.out_features))
+
+
+# Gated linear attention (jaxattn.gated_linear_attention), defined in _gla.py.
+from jaxattn.flax._gla import GatedLinearAttentionNnx as GatedLinearAttention  # noqa: E402
+
+__all__ += ["GatedLinearAttention"]

@@ -1,6 +1,6 @@
 // The decode kernels (DecodeForward over contiguous and paged caches) in the kernel harness: a
 // random grid of problems plus hand-picked corners, each checked against a float64 reference
-// of the semantics in DESIGN.md section 1 (query t of sequence b at position len - T + t sees
+// of docs/semantics.md section 2 (query t of sequence b at position len - T + t sees
 // keys j <= position, and j >= position - window_left). Cache rows at or past a sequence's
 // length, spare pages and table entries past the length hold NaN / garbage: they must never
 // be read. Serial and thread-pool runs must agree bitwise; bad page ids must be rejected.

@@ -1,6 +1,6 @@
 // The flash attention kernels (FlashForward, FlashBackward) in the kernel harness: a random
 // grid of problems plus hand-picked corners, each checked against a float64 reference of the
-// semantics in DESIGN.md section 1 (see kernel_harness.cc for what every suite checks).
+// semantics in docs/semantics.md section 1 (see kernel_harness.cc for what every suite checks).
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -336,7 +336,7 @@ struct Reference {
 };
 
 // Float64 attention of the (dtype-rounded) inputs, and its gradients for the cotangents dout
-// (and dlse), following DESIGN.md section 1. With `rounded_out`, D = rowsum(dout * out) uses
+// (and dlse), per docs/semantics.md section 1. With `rounded_out`, D = rowsum(dout * out) uses
 // that (the kernels' output in its dtype), as autodiff of a forward in that dtype would: in
 // bfloat16 a near-one-hot row otherwise differs by cancellation in dP - D, not by a bug.
 Reference ComputeReference(const Case& c, const Buffers& x, const Tensor* rounded_out) {

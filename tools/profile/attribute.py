@@ -292,8 +292,8 @@ def print_tables(inner, by_task, measured, unit: str, top: int, min_share: float
     print(f"By statement of the kernel task (inclusive of inlined and called code); "
           f"100% = {measured:,} {unit}")
     print()
-    print(f"| task | line | statement | share |")
-    print(f"|---|---:|---|---:|")
+    print("| task | line | statement | share |")
+    print("|---|---:|---|---:|")
     shown = 0
     for (task, file, line), cost in by_task.most_common():
         share = 100.0 * cost / measured

@@ -1,0 +1,98 @@
+"""Block-sparse mask construction: time and peak memory of the builders and of the kernel
+table compilation (issue 13, items 8 and 9).
+
+Each case runs in a fresh interpreter (so that caches and earlier allocations do not count) and
+reports the wall time of building the mask, the wall time of compiling its kernel tables (the
+tiling of a GQA group of 1, as block_sparse_attention uses for N = K), and the peak of memory
+allocated by Python and NumPy over both (tracemalloc), next to the mask's block count.
+
+    PYTHONPATH=. python benchmarks/bench_masks.py [--seq 65536] [--block 64] [--cases causal,...]
+    PYTHONPATH=. python benchmarks/bench_masks.py --seq 1048576 --block 128
+    PYTHONPATH=. python benchmarks/bench_masks.py --dense 4096   # from_dense with 1x1 blocks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+CASES = {
+    "causal": "masks.causal(T, block_q=R, block_kv=R)",
+    "local(256)": "masks.local(T, window=256, block_q=R, block_kv=R)",
+    "causal_local(256)": "masks.local(T, window=(255, 0), block_q=R, block_kv=R)",
+    "global_local": ("masks.global_local(T, window=256, global_tokens=64, is_causal=True, "
+                     "block_q=R, block_kv=R)"),
+    "strided(256)": "masks.strided(T, stride=256, block_q=R, block_kv=R)",
+    "strided(4096)": "masks.strided(T, stride=4096, block_q=R, block_kv=R)",
+    "random(3)": "masks.random(T, num_blocks=3, seed=0, block_q=R, block_kv=R)",
+    "local|random": ("masks.local(T, window=256, block_q=R, block_kv=R) | "
+                     "masks.random(T, num_blocks=3, seed=0, block_q=R, block_kv=R)"),
+}
+
+_WORKER = r"""
+import json, sys, time, tracemalloc
+import numpy as np
+from jaxattn import masks, _ffi
+T, R, expr, dense = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+if dense:
+    rng = np.random.default_rng(0)
+    dense_mask = rng.random((T, T)) < 0.3
+    base = dense_mask.nbytes
+tracemalloc.start()
+start = time.perf_counter()
+m = masks.BlockSparseMask.from_dense(dense_mask, block_q=R, block_kv=R) if dense else eval(expr)
+built = time.perf_counter()
+positions, _, keys, rows_padded = _ffi.block_sparse_tiling(1)
+m.kernel_tables(positions, keys, 1, 1, rows_padded)
+compiled = time.perf_counter()
+peak = tracemalloc.get_traced_memory()[1]
+print(json.dumps(dict(build_s=built - start, tables_s=compiled - built, peak_mib=peak / 2**20,
+                      blocks=m.num_blocks, partial=m.num_partial_blocks)))
+"""
+
+
+def run(seq: int, block: int, expr: str, dense: bool, timeout: float) -> dict:
+    cmd = [sys.executable, "-c", _WORKER, str(seq), str(block), expr, "1" if dense else "0"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", type=int, default=65536)
+    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--dense", type=int, default=0,
+                        help="instead: from_dense of a random [T, T] mask with 1x1 blocks")
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args()
+    if args.dense:
+        rows = [("from_dense 1x1", run(args.dense, 1, "", True, args.timeout))]
+        seq = args.dense
+    else:
+        rows = [(name, run(args.seq, args.block, CASES[name], False, args.timeout))
+                for name in args.cases.split(",")]
+        seq = args.seq
+    print(f"| builder (T = S = {seq}, {1 if args.dense else args.block} blocks) | build s | "
+          f"tables s | peak MiB | blocks | partial |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows:
+        if "error" in r:
+            print(f"| {name} | {r['error']} | | | | |")
+            continue
+        print(f"| {name} | {r['build_s']:.3f} | {r['tables_s']:.3f} | {r['peak_mib']:.1f} | "
+              f"{r['blocks']} | {r['partial']} |")
+
+
+if __name__ == "__main__":
+    main()
