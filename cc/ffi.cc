@@ -77,6 +77,15 @@ ffi::Error DecodeBroadcast(const ffi::AnyBuffer& buffer, const char* name, Broad
   return ffi::Error::Success();
 }
 
+// Token positions, segment ids and ALiBi slopes (each 0 elements: absent).
+struct TokenOperands {
+  const S32Buffer& q_positions;   // [Bp, T]
+  const S32Buffer& kv_positions;  // [Bp, S]
+  const S32Buffer& q_segments;    // [Bs, T]
+  const S32Buffer& kv_segments;   // [Bs, S]
+  const F32Buffer& alibi_slopes;  // [Ba, N]
+};
+
 struct ProblemOperands {
   const ffi::AnyBuffer& query;
   const ffi::AnyBuffer& key;
@@ -85,7 +94,54 @@ struct ProblemOperands {
   const ffi::AnyBuffer& mask;
   const S32Buffer& q_lengths;
   const S32Buffer& kv_lengths;
+  const TokenOperands* tokens = nullptr;
 };
+
+// Points p at the present token operands after checking their shapes against it.
+ffi::Error DecodeTokens(const TokenOperands& in, AttentionProblem* p) {
+  const auto rows = [](const S32Buffer& x, const char* name, int64_t len, const int32_t** data,
+                       int64_t* batch) -> ffi::Error {
+    if (x.element_count() == 0) return ffi::Error::Success();
+    const auto d = x.dimensions();
+    if (d.size() != 2 || d[1] != len) {
+      return InvalidArgument(std::string(name) + " must have shape [B, " + std::to_string(len) +
+                             "], got " + ShapeString(d));
+    }
+    *data = x.typed_data();
+    *batch = d[0];
+    return ffi::Error::Success();
+  };
+  if (auto e = rows(in.q_positions, "query_positions", p->q_len, &p->q_positions,
+                    &p->q_positions_batch);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = rows(in.kv_positions, "key_value_positions", p->kv_len, &p->kv_positions,
+                    &p->kv_positions_batch);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = rows(in.q_segments, "query_segment_ids", p->q_len, &p->q_segments,
+                    &p->q_segments_batch);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = rows(in.kv_segments, "key_value_segment_ids", p->kv_len, &p->kv_segments,
+                    &p->kv_segments_batch);
+      e.failure()) {
+    return e;
+  }
+  if (in.alibi_slopes.element_count() != 0) {
+    const auto d = in.alibi_slopes.dimensions();
+    if (d.size() != 2 || d[1] != p->num_heads) {
+      return InvalidArgument("alibi_slopes must have shape [B, " + std::to_string(p->num_heads) +
+                             "], got " + ShapeString(d));
+    }
+    p->alibi_slopes = in.alibi_slopes.typed_data();
+    p->alibi_batch = d[0];
+  }
+  return ffi::Error::Success();
+}
 
 struct ProblemAttrs {
   float scale;
@@ -152,14 +208,21 @@ ffi::Error DecodeProblem(const ProblemOperands& in, const ProblemAttrs& attrs, i
     p->kv_lengths = in.kv_lengths.typed_data();
     p->kv_lengths_batch = in.kv_lengths.element_count();
   }
+  if (in.tokens != nullptr) {
+    if (auto e = DecodeTokens(*in.tokens, p); e.failure()) return e;
+  }
   p->scale = attrs.scale;
   p->soft_cap = attrs.soft_cap;
   p->causal = attrs.is_causal;
   // A window side wider than the sequence bounds nothing: clamp so that the kernels'
   // position + window arithmetic cannot overflow for any attribute value (-1: unbounded).
-  p->window_left = attrs.window_left < 0 ? -1 : std::min<int64_t>(attrs.window_left, p->q_len);
+  // Positions (clamped to +-2^30 by the kernels) are at most 2^31 apart.
+  const bool by_position = p->q_positions != nullptr || p->kv_positions != nullptr;
+  const int64_t left_max = by_position ? int64_t{1} << 31 : p->q_len;
+  const int64_t right_max = by_position ? int64_t{1} << 31 : p->kv_len;
+  p->window_left = attrs.window_left < 0 ? -1 : std::min<int64_t>(attrs.window_left, left_max);
   p->window_right =
-      attrs.window_right < 0 ? -1 : std::min<int64_t>(attrs.window_right, p->kv_len);
+      attrs.window_right < 0 ? -1 : std::min<int64_t>(attrs.window_right, right_max);
   if (const char* message = ValidateProblem(*p)) return InvalidArgument(message);
   return ffi::Error::Success();
 }
@@ -175,7 +238,9 @@ bool HasShape(ffi::AnyBuffer::Dimensions dims, std::initializer_list<int64_t> ex
 
 ffi::Error FlashForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                             ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
-                            S32Buffer q_lengths, S32Buffer kv_lengths,
+                            S32Buffer q_lengths, S32Buffer kv_lengths, S32Buffer q_positions,
+                            S32Buffer kv_positions, S32Buffer q_segments,
+                            S32Buffer kv_segments, F32Buffer alibi_slopes,
                             ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
                             float soft_cap, bool is_causal, int64_t window_left,
                             int64_t window_right) {
@@ -183,7 +248,8 @@ ffi::Error FlashForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::Any
   if (od.size() != 4) return InvalidArgument("output must have rank 4");
   AttentionProblem p;
   const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths};
+  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
   if (auto e = DecodeProblem(in, attrs, od[0], &p); e.failure()) return e;
   if (out->element_type() != query.element_type() ||
       !HasShape(od, {p.batch, p.q_len, p.num_heads, p.value_dim}) ||
@@ -231,12 +297,16 @@ ffi::Error FlashBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
                              ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                              S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
                              F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
-                             ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                             ffi::Result<ffi::AnyBuffer> dv, float scale, float soft_cap,
-                             bool is_causal, int64_t window_left, int64_t window_right) {
+                             S32Buffer q_positions, S32Buffer kv_positions,
+                             S32Buffer q_segments, S32Buffer kv_segments,
+                             F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> dq,
+                             ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                             float scale, float soft_cap, bool is_causal, int64_t window_left,
+                             int64_t window_right) {
   AttentionProblem p;
   const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths};
+  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
   const auto dqd = dq->dimensions();
   if (dqd.size() != 4) return InvalidArgument("dq must have rank 4");
   if (auto e = DecodeProblem(in, attrs, dqd[0], &p); e.failure()) return e;
@@ -255,11 +325,15 @@ ffi::Error FlashLogitsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
                                ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                                S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
                                F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
-                               F32Result dlogits, float scale, float soft_cap, bool is_causal,
-                               int64_t window_left, int64_t window_right) {
+                               S32Buffer q_positions, S32Buffer kv_positions,
+                               S32Buffer q_segments, S32Buffer kv_segments,
+                               F32Buffer alibi_slopes, F32Result dlogits, float scale,
+                               float soft_cap, bool is_causal, int64_t window_left,
+                               int64_t window_right) {
   AttentionProblem p;
   const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths};
+  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
   const auto gd = dlogits->dimensions();
   if (gd.size() != 4) return InvalidArgument("dlogits must have rank 4");
   if (auto e = DecodeProblem(in, attrs, gd[0], &p); e.failure()) return e;
@@ -498,6 +572,16 @@ auto BindProblem(Binding binding) {
       .template Arg<S32Buffer>();                // key_value_seq_lengths
 }
 
+// The token operands of the flash targets, after their other operands.
+template <typename Binding>
+auto BindTokens(Binding binding) {
+  return std::move(binding).template Arg<S32Buffer>()  // query_positions (0 elements: none)
+      .template Arg<S32Buffer>()                        // key_value_positions
+      .template Arg<S32Buffer>()                        // query_segment_ids
+      .template Arg<S32Buffer>()                        // key_value_segment_ids
+      .template Arg<ffi::Buffer<ffi::F32>>();           // alibi_slopes
+}
+
 template <typename Binding>
 auto BindAttrs(Binding binding) {
   return std::move(binding).template Attr<float>("scale")
@@ -511,28 +595,28 @@ auto BindAttrs(Binding binding) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     FlashForwardHandler, FlashForwardImpl,
-    BindAttrs(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+    BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()))
                   .Ret<ffi::AnyBuffer>()    // out
                   .Ret<ffi::Buffer<ffi::F32>>()));  // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     FlashBackwardHandler, FlashBackwardImpl,
-    BindAttrs(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
-                  .Arg<ffi::AnyBuffer>()             // out
-                  .Arg<ffi::Buffer<ffi::F32>>()      // lse
-                  .Arg<ffi::AnyBuffer>()             // dout
-                  .Arg<ffi::Buffer<ffi::F32>>()      // dlse (0 elements: none)
+    BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                             .Arg<ffi::AnyBuffer>()          // out
+                             .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                             .Arg<ffi::AnyBuffer>()          // dout
+                             .Arg<ffi::Buffer<ffi::F32>>())  // dlse (0 elements: none)
                   .Ret<ffi::AnyBuffer>()             // dq
                   .Ret<ffi::AnyBuffer>()             // dk
                   .Ret<ffi::AnyBuffer>()));          // dv
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     FlashLogitsGradHandler, FlashLogitsGradImpl,
-    BindAttrs(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
-                  .Arg<ffi::AnyBuffer>()             // out
-                  .Arg<ffi::Buffer<ffi::F32>>()      // lse
-                  .Arg<ffi::AnyBuffer>()             // dout
-                  .Arg<ffi::Buffer<ffi::F32>>()      // dlse
+    BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                             .Arg<ffi::AnyBuffer>()          // out
+                             .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                             .Arg<ffi::AnyBuffer>()          // dout
+                             .Arg<ffi::Buffer<ffi::F32>>())  // dlse
                   .Ret<ffi::Buffer<ffi::F32>>()));   // dlogits
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

@@ -155,45 +155,55 @@ def _expect_qkv(primitive: str, q, k, v) -> None:
     _expect_ranks(primitive, query=(q, 4), key=(k, 4), value=(v, 4))
 
 
-def _flash_fwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, **_):
+def _flash_fwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, *tokens, **_):
     _expect_qkv("jaxattn_flash_fwd", q, k, v)
-    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths)
+    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
             q.update(shape=(b, t, n), dtype=jnp.float32))
 
 
 def _flash_bwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse,
-                        **_):
+                        *tokens, **_):
     _expect_qkv("jaxattn_flash_bwd", q, k, v)
-    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse)
+    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse, *tokens)
     return (q.update(shape=(b,) + q.shape[1:], dtype=q.dtype),
             k.update(shape=(b,) + k.shape[1:], dtype=k.dtype),
             v.update(shape=(b,) + v.shape[1:], dtype=v.dtype))
 
 
 def _flash_dlogits_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse,
-                            **_):
+                            *tokens, **_):
     _expect_qkv("jaxattn_flash_dlogits", q, k, v)
-    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse)
+    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse, *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, n, t, k.shape[1]), dtype=jnp.float32),)
 
 
-# Operands: query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths
-# (absent optional operands are empty arrays); attributes: scale, soft_cap, is_causal,
-# window_left, window_right.
+# Operands: query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths, then
+# (last, after the backward's out, lse, dout, dlse) the token operands query_positions [B,T],
+# key_value_positions [B,S], query_segment_ids [B,T], key_value_segment_ids [B,S] (int32) and
+# alibi_slopes [B,N] (float32), each of batch 1 or B (absent optional operands are empty
+# arrays); attributes: scale, soft_cap, is_causal, window_left, window_right.
 _FLASH_OPERANDS = "btnh,bskh,bskd,bnts,bnts,b,b"
+_TOKEN_OPERANDS = "bt,bs,bt,bs,bn"
 flash_fwd_p = _define("jaxattn_flash_fwd", "jaxattn_flash_fwd_v1", _flash_fwd_abstract,
-                      axes=f"{_FLASH_OPERANDS}->btnd,btn")
-# ... plus out, lse, dout, dlse -> dq, dk, dv
+                      axes=f"{_FLASH_OPERANDS},{_TOKEN_OPERANDS}->btnd,btn")
+# ... plus out, lse, dout, dlse (before the token operands) -> dq, dk, dv
 flash_bwd_p = _define("jaxattn_flash_bwd", "jaxattn_flash_bwd_v1", _flash_bwd_abstract,
                       full_batch=(7, 8, 9, 10),
-                      axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn->btnh,bskh,bskd")
+                      axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn,{_TOKEN_OPERANDS}"
+                           "->btnh,bskh,bskd")
 # ... plus out, lse, dout, dlse -> d loss / d logits [B, N, T, S] float32 (for a bias gradient)
 flash_dlogits_p = _define("jaxattn_flash_dlogits", "jaxattn_flash_dlogits_v1",
                           _flash_dlogits_abstract, full_batch=(7, 8, 9, 10),
-                          axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn->bnts")
+                          axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn,{_TOKEN_OPERANDS}->bnts")
+
+
+def no_tokens() -> tuple[jax.Array, ...]:
+    """The five absent token operands of the flash targets."""
+    ints = jnp.zeros((0,), jnp.int32)
+    return (ints, ints, ints, ints, jnp.zeros((0,), jnp.float32))
 
 
 def _decode_abstract(q, k, v, kv_lengths, **_):

@@ -14,11 +14,13 @@ from jaxattn._sharding import match_varying
 from jaxattn._validation import (
     as_array,
     check_attention_inputs,
+    check_alibi_slopes,
     check_bool,
     check_lengths,
     check_scale,
     check_soft_cap,
     normalize_window,
+    check_token_ids,
 )
 
 Array = jax.Array
@@ -42,29 +44,33 @@ def _empty(dtype) -> Array:
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(options: _Options, q, k, v, bias, mask, q_lengths, kv_lengths):
-    out, lse = _ffi.flash_fwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths,
+def _flash(options: _Options, q, k, v, bias, mask, q_lengths, kv_lengths, tokens):
+    # tokens: query_positions, key_value_positions, query_segment_ids, key_value_segment_ids,
+    # alibi_slopes (absent ones empty)
+    out, lse = _ffi.flash_fwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths, *tokens,
                                      **options.attrs())
     return out, lse
 
 
-def _flash_fwd(options, q, k, v, bias, mask, q_lengths, kv_lengths):
-    out, lse = _flash(options, q, k, v, bias, mask, q_lengths, kv_lengths)
-    return (out, lse), (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
+def _flash_fwd(options, q, k, v, bias, mask, q_lengths, kv_lengths, tokens):
+    out, lse = _flash(options, q, k, v, bias, mask, q_lengths, kv_lengths, tokens)
+    return (out, lse), (q, k, v, bias, mask, q_lengths, kv_lengths, tokens, out, lse)
 
 
 def _flash_bwd(options, residuals, cotangents):
-    q, k, v, bias, mask, q_lengths, kv_lengths, out, lse = residuals
+    q, k, v, bias, mask, q_lengths, kv_lengths, tokens, out, lse = residuals
     dout, dlse = cotangents
     operands = (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout.astype(out.dtype),
-                dlse.astype(jnp.float32))
+                dlse.astype(jnp.float32), *tokens)
     dq, dk, dv = _ffi.flash_bwd_p.bind(*operands, **options.attrs())
     if bias.size:
         (dlogits,) = _ffi.flash_dlogits_p.bind(*operands, **options.attrs())
         dbias = _sum_to_shape(dlogits, bias.shape).astype(bias.dtype)
     else:
         dbias = jnp.zeros_like(bias)
-    return dq, dk, dv, dbias, None, None, None
+    # The slopes get no gradient (documented): zeros, like a constant.
+    dtokens = (None, None, None, None, jnp.zeros_like(tokens[4]))
+    return dq, dk, dv, dbias, None, None, None, dtokens
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -116,6 +122,11 @@ def flash_attention(
     local_window_size: int | tuple[int, int] | None = None,
     logits_soft_cap: float | None = None,
     return_residual: bool = False,
+    query_positions: Any | None = None,
+    key_value_positions: Any | None = None,
+    query_segment_ids: Any | None = None,
+    key_value_segment_ids: Any | None = None,
+    alibi_slopes: Any | None = None,
 ) -> Array | tuple[Array, Array]:
     """Scaled dot-product attention with fused, memory-linear C++ kernels.
 
@@ -138,6 +149,23 @@ def flash_attention(
       logits_soft_cap: if set, logits become ``cap * tanh(logits / cap)`` (after the bias,
         before the masks).
       return_residual: also return the log-sum-exp of the logits, ``[B, T, N]`` float32.
+      query_positions: optional int ``[B, T]`` (or ``[T]``, shared): the token position of
+        each query. With either positions argument, ``is_causal`` means
+        ``key_value_positions[j] <= query_positions[i]`` and the window is measured in
+        positions (``qp - left <= kp <= qp + right``); an absent side is its index. Exact for
+        left/right padding, gaps and prefill partway into a cache without a dense mask; tiles
+        whose positions hide them are still skipped. Clamped to ``[-2**30, 2**30]``. The
+        ``*_seq_lengths`` still count indices.
+      key_value_positions: optional int ``[B, S]`` (or ``[S]``): the position of each key.
+      query_segment_ids: optional int ``[B, T]`` (or ``[T]``): packed sequences; query ``i``
+        sees key ``j`` only where ``query_segment_ids[i] == key_value_segment_ids[j]``,
+        together with every other mask. Give both segment arguments or neither. Tiles in
+        which no ids match are never computed.
+      key_value_segment_ids: optional int ``[B, S]`` (or ``[S]``).
+      alibi_slopes: optional float ``[N]`` or ``[B, N]``: ALiBi, adds
+        ``-slope[n] * |qp - kp|`` to the logits of head ``n`` (positions as above, else
+        indices), after the bias and before the soft cap, computed in the kernels. No
+        gradient flows to the slopes (they are treated as constants).
 
     Returns:
       ``[B, T, N, Hv]`` in the input dtype (and the lse when ``return_residual``). A row that
@@ -179,6 +207,14 @@ def flash_attention(
         mask = _empty(jnp.bool_)
     q_lengths = check_lengths(query_seq_lengths, "query_seq_lengths", b, unbatched)
     kv_lengths = check_lengths(key_value_seq_lengths, "key_value_seq_lengths", b, unbatched)
+    if (query_segment_ids is None) != (key_value_segment_ids is None):
+        raise ValueError("query_segment_ids and key_value_segment_ids must be given together "
+                         "(both or neither)")
+    tokens = (check_token_ids(query_positions, "query_positions", b, t, unbatched),
+              check_token_ids(key_value_positions, "key_value_positions", b, s, unbatched),
+              check_token_ids(query_segment_ids, "query_segment_ids", b, t, unbatched),
+              check_token_ids(key_value_segment_ids, "key_value_segment_ids", b, s, unbatched),
+              check_alibi_slopes(alibi_slopes, b, n, unbatched))
 
     if min(b, t, n, s) == 0:  # nothing to compute or nothing to attend to
         out = jnp.zeros((b, t, n, hv), query.dtype)
@@ -190,8 +226,9 @@ def flash_attention(
         kernel_value = value if hv else jnp.zeros(value.shape[:3] + (1,), value.dtype)
         # In shard_map, a replicated operand is cast to varying here, outside the custom_vjp,
         # so that autodiff sums its gradient over the devices (the transpose of the cast).
-        operands = match_varying((query, key, kernel_value, bias, mask, q_lengths, kv_lengths))
-        out, lse = _flash(options, *operands)
+        operands = match_varying((query, key, kernel_value, bias, mask, q_lengths, kv_lengths,
+                                  *tokens))
+        out, lse = _flash(options, *operands[:7], tuple(operands[7:]))
         if not hv:
             out = out[..., :0]
     if unbatched:

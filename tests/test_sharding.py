@@ -285,7 +285,8 @@ else:
 
     PARTITIONED_FWD = {
         partition: _ffi._define(f"test_flash_fwd_{partition}", "jaxattn_flash_fwd_v1",
-                                _ffi._flash_fwd_abstract, axes=_ffi._FLASH_OPERANDS + "->btnd,btn",
+                                _ffi._flash_fwd_abstract,
+                                axes=f"{_ffi._FLASH_OPERANDS},{_ffi._TOKEN_OPERANDS}->btnd,btn",
                                 partition=partition)
         for partition in ("b", "h")
     }
@@ -302,10 +303,11 @@ else:
 
         def attend(q, k, v):
             return prim.bind(q, k, v, jnp.zeros((0,), jnp.float32), mask,
-                             jnp.zeros((0,), jnp.int32), lengths, **attrs)
+                             jnp.zeros((0,), jnp.int32), lengths, *_ffi.no_tokens(), **attrs)
 
         expected = _ffi.flash_fwd_p.bind(q, k, v, jnp.zeros((0,), jnp.float32), mask,
-                                         jnp.zeros((0,), jnp.int32), lengths, **attrs)
+                                         jnp.zeros((0,), jnp.int32), lengths, *_ffi.no_tokens(),
+                                         **attrs)
         own = P("batch") if partition == "b" else P(None, None, "heads")
         args = [put(x, mesh, own) for x in (q, k, v)]
         assert collectives(jax.jit(attend), *args) == []

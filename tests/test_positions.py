@@ -1,0 +1,289 @@
+"""Token positions, packed sequences (segment ids) and ALiBi in ``flash_attention``.
+
+Every case runs forward and backward against the float64 oracle (``tests/oracle.py``, whose
+``visibility`` and bias take positions, segment ids and slopes), with FlashAttention's tolerance
+rule and exact zeros where nothing is visible. Tile skipping by positions and ids is checked to
+give the same results as the equivalent dense mask, bitwise.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from oracle import Shape, random_inputs, visibility
+from test_flash import (
+    BF16,
+    DTYPES,
+    F16,
+    F32,
+    check_attention,
+    flash_forward,
+    flash_gradients,
+    random_cotangent,
+)
+
+import jaxattn
+
+
+def gapped_positions(rng: np.random.Generator, batch: int, length: int, start: int = 0,
+                     max_gap: int = 3) -> np.ndarray:
+    """Increasing positions [B, L] with random gaps (padding, holes in a batched cache)."""
+    steps = rng.integers(1, max_gap + 1, size=(batch, length))
+    return (start + np.cumsum(steps, axis=1) - steps[:, :1]).astype(np.int32)
+
+
+def packed_segments(rng: np.random.Generator, batch: int, length: int,
+                    docs: int) -> np.ndarray:
+    """Segment ids [B, L]: `docs` contiguous documents of random lengths per row."""
+    ids = np.zeros((batch, length), np.int32)
+    for b in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, length), size=docs - 1, replace=False))
+        ids[b] = np.searchsorted(cuts, np.arange(length), side="right")
+    return ids
+
+
+def check(rng: np.random.Generator, shape: Shape, dtype: np.dtype = F32, *,
+          bias: str | None = None, mask: str | None = None, **options: Any) -> None:
+    inputs = random_inputs(rng, shape, dtype, bias=bias, mask=mask)
+    check_attention(rng, inputs, options)
+
+
+# --------------------------------------------------------------------------------------------
+# Positions
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, (7, 0), (5, 3)], ids=["nowin", "left", "both"])
+def test_left_padding(rng: np.random.Generator, dtype: np.dtype, window: Any) -> None:
+    """Left-padded prompts: positions start after the padding, padding keys are masked."""
+    shape = Shape(batch=3, q_len=75, kv_len=75, num_heads=4, num_kv_heads=2, head_dim=40)
+    pads = np.array([0, 9, 70])
+    positions = (np.arange(75)[None] - pads[:, None]).astype(np.int32)
+    # Padding keys get a position past every query; the causal mask hides them.
+    kv_positions = np.where(positions < 0, 2**30, positions).astype(np.int32)
+    check(rng, shape, dtype, is_causal=True, local_window_size=window,
+          query_positions=positions, key_value_positions=kv_positions)
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(37, 200), (1, 129), (130, 300), (65, 65)])
+def test_prefill_into_cache(rng: np.random.Generator, q_len: int, kv_len: int) -> None:
+    """The queries are the last tokens of a longer sequence (a second turn of a chat)."""
+    shape = Shape(batch=2, q_len=q_len, kv_len=kv_len, num_heads=2, num_kv_heads=1, head_dim=32)
+    q_positions = (np.arange(q_len) + kv_len - q_len).astype(np.int32)
+    check(rng, shape, is_causal=True, query_positions=q_positions)
+    check(rng, shape, is_causal=True, local_window_size=(50, 0), query_positions=q_positions,
+          key_value_seq_lengths=np.array([kv_len, kv_len - 3], np.int32))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_gapped_positions(rng: np.random.Generator, dtype: np.dtype) -> None:
+    shape = Shape(batch=2, q_len=150, kv_len=211, num_heads=6, num_kv_heads=2, head_dim=64)
+    q_positions = gapped_positions(rng, 2, 150, start=40)
+    kv_positions = gapped_positions(rng, 2, 211)
+    check(rng, shape, dtype, is_causal=True, local_window_size=(60, 10),
+          query_positions=q_positions, key_value_positions=kv_positions)
+    check(rng, shape, dtype, local_window_size=(30, 30), bias="1NTS",
+          query_positions=q_positions, key_value_positions=kv_positions)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_non_monotone_positions(rng: np.random.Generator, is_causal: bool) -> None:
+    shape = Shape(batch=2, q_len=133, kv_len=140, num_heads=2, num_kv_heads=2, head_dim=16)
+    q_positions = rng.permutation(np.arange(200))[:133][None].repeat(2, 0).astype(np.int32)
+    kv_positions = rng.integers(-50, 250, size=(2, 140)).astype(np.int32)
+    check(rng, shape, is_causal=is_causal, local_window_size=(40, 20),
+          query_positions=q_positions, key_value_positions=kv_positions,
+          query_seq_lengths=np.array([133, 100], np.int32))
+
+
+def test_positions_without_masks_change_nothing(rng: np.random.Generator) -> None:
+    """Without causal or window, positions alone (no ALiBi) leave the result unchanged."""
+    shape = Shape(batch=2, q_len=70, kv_len=90, num_heads=2, num_kv_heads=1, head_dim=32)
+    inputs = random_inputs(rng, shape, F32)
+    plain = flash_forward(inputs, {})
+    moved = flash_forward(inputs, {"query_positions": gapped_positions(rng, 2, 70),
+                                   "key_value_positions": gapped_positions(rng, 2, 90)})
+    for name in plain:
+        np.testing.assert_array_equal(plain[name], moved[name])
+
+
+def test_fully_masked_rows(rng: np.random.Generator) -> None:
+    """Queries whose position precedes every key see nothing: 0, lse -inf, zero gradients."""
+    shape = Shape(batch=1, q_len=80, kv_len=80, num_heads=2, num_kv_heads=1, head_dim=32)
+    q_positions = np.arange(80, dtype=np.int32) - 20  # the first 20 queries see nothing
+    check(rng, shape, is_causal=True, query_positions=q_positions)
+
+
+# --------------------------------------------------------------------------------------------
+# Segment ids
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_packed_sequences(rng: np.random.Generator, dtype: np.dtype, is_causal: bool) -> None:
+    shape = Shape(batch=2, q_len=301, kv_len=301, num_heads=4, num_kv_heads=1, head_dim=40)
+    ids = packed_segments(rng, 2, 301, docs=5)
+    check(rng, shape, dtype, is_causal=is_causal, query_segment_ids=ids,
+          key_value_segment_ids=ids)
+
+
+@pytest.mark.parametrize(
+    "combo",
+    ["window", "lengths", "mask", "bias", "positions", "cap", "all"],
+)
+def test_segments_with_other_masks(rng: np.random.Generator, combo: str) -> None:
+    shape = Shape(batch=2, q_len=150, kv_len=170, num_heads=4, num_kv_heads=2, head_dim=32)
+    q_ids, kv_ids = packed_segments(rng, 2, 150, 4), packed_segments(rng, 2, 170, 4)
+    options: dict[str, Any] = {"query_segment_ids": q_ids, "key_value_segment_ids": kv_ids,
+                               "is_causal": combo in ("positions", "all")}
+    bias = mask = None
+    if combo in ("window", "all"):
+        options["local_window_size"] = (40, 5)
+    if combo in ("lengths", "all"):
+        options["query_seq_lengths"] = np.array([150, 111], np.int32)
+        options["key_value_seq_lengths"] = np.array([99, 170], np.int32)
+    if combo in ("mask", "all"):
+        mask = "B1TS"
+    if combo in ("bias", "all"):
+        bias = "1NTS"
+    if combo in ("positions", "all"):
+        options["query_positions"] = gapped_positions(rng, 2, 150, start=30)
+        options["key_value_positions"] = gapped_positions(rng, 2, 170)
+    if combo in ("cap", "all"):
+        options["logits_soft_cap"] = 3.0
+    check(rng, shape, bias=bias, mask=mask, **options)
+
+
+def test_segments_non_contiguous(rng: np.random.Generator) -> None:
+    """Ids need not be contiguous runs: every pair with equal ids attends."""
+    shape = Shape(batch=1, q_len=130, kv_len=140, num_heads=2, num_kv_heads=2, head_dim=16)
+    q_ids = rng.integers(0, 3, size=(1, 130)).astype(np.int32)
+    kv_ids = rng.integers(1, 5, size=(1, 140)).astype(np.int32)  # id 0 matches no key
+    check(rng, shape, query_segment_ids=q_ids, key_value_segment_ids=kv_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# ALiBi
+# --------------------------------------------------------------------------------------------
+
+
+def alibi(num_heads: int) -> np.ndarray:
+    """The geometric slopes of the ALiBi paper."""
+    return (2.0 ** (-8.0 * np.arange(1, num_heads + 1) / num_heads)).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_alibi(rng: np.random.Generator, dtype: np.dtype) -> None:
+    shape = Shape(batch=2, q_len=97, kv_len=131, num_heads=4, num_kv_heads=2, head_dim=32)
+    check(rng, shape, dtype, is_causal=True, alibi_slopes=alibi(4))
+    check(rng, shape, dtype, alibi_slopes=np.abs(rng.standard_normal((2, 4))).astype(np.float32),
+          bias="B1TS", logits_soft_cap=5.0)
+
+
+def test_alibi_with_positions_and_segments(rng: np.random.Generator) -> None:
+    shape = Shape(batch=2, q_len=140, kv_len=200, num_heads=4, num_kv_heads=1, head_dim=32)
+    check(rng, shape, is_causal=True, local_window_size=(80, 0), alibi_slopes=alibi(4),
+          query_positions=gapped_positions(rng, 2, 140, start=100),
+          key_value_positions=gapped_positions(rng, 2, 200),
+          query_segment_ids=packed_segments(rng, 2, 140, 3),
+          key_value_segment_ids=packed_segments(rng, 2, 200, 3))
+
+
+def test_alibi_slopes_get_no_gradient(rng: np.random.Generator) -> None:
+    shape = Shape(batch=1, q_len=20, kv_len=20, num_heads=2, num_kv_heads=2, head_dim=16)
+    inputs = random_inputs(rng, shape, F32)
+    grad = jax.grad(lambda s: jaxattn.flash_attention(inputs["query"], inputs["key"],
+                                                      inputs["value"], alibi_slopes=s).sum())
+    np.testing.assert_array_equal(grad(jnp.ones(2)), np.zeros(2))
+
+
+# --------------------------------------------------------------------------------------------
+# Tile skipping: the same results as the equivalent dense mask
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("case", ["packed", "packed_causal", "positions", "shuffled"])
+def test_skipping_matches_dense_mask(rng: np.random.Generator, dtype: np.dtype,
+                                     case: str) -> None:
+    shape = Shape(batch=2, q_len=513, kv_len=513, num_heads=4, num_kv_heads=2, head_dim=64)
+    inputs = random_inputs(rng, shape, dtype)
+    options: dict[str, Any] = {}
+    if case.startswith("packed"):
+        ids = packed_segments(rng, 2, 513, 6)
+        options = {"query_segment_ids": ids, "key_value_segment_ids": ids}
+        options["is_causal"] = case == "packed_causal"
+    elif case == "positions":
+        options = {"is_causal": True, "local_window_size": (100, 0),
+                   "query_positions": gapped_positions(rng, 2, 513, start=7),
+                   "key_value_positions": gapped_positions(rng, 2, 513)}
+    else:
+        options = {"is_causal": True, "query_positions": rng.permutation(513)[None]}
+    dense = {**inputs, "mask": visibility(inputs["query"], inputs["key"], **options)}
+    dout = random_cotangent(rng, inputs)
+    got = {**flash_forward(inputs, options), **flash_gradients(inputs, options, dout)}
+    want = {**flash_forward(dense, {}), **flash_gradients(dense, {}, dout)}
+    for name in got:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
+
+
+# --------------------------------------------------------------------------------------------
+# Transformations and validation
+# --------------------------------------------------------------------------------------------
+
+
+def test_vmap_and_unbatched(rng: np.random.Generator) -> None:
+    shape = Shape(batch=3, q_len=45, kv_len=60, num_heads=2, num_kv_heads=1, head_dim=16)
+    inputs = random_inputs(rng, shape, F32)
+    q_pos = gapped_positions(rng, 3, 45, start=20)
+    ids = packed_segments(rng, 3, 60, 3)
+    slopes = alibi(2)
+    options = dict(is_causal=True, alibi_slopes=slopes)
+
+    def one(q, k, v, qp, qs, ks):
+        return jaxattn.flash_attention(q, k, v, query_positions=qp, query_segment_ids=qs,
+                                       key_value_segment_ids=ks, **options)
+
+    q, k, v = inputs["query"], inputs["key"], inputs["value"]
+    mapped = jax.jit(jax.vmap(one))(q, k, v, q_pos, ids[:, :45], ids)
+    batched = jaxattn.flash_attention(q, k, v, query_positions=q_pos,
+                                      query_segment_ids=ids[:, :45], key_value_segment_ids=ids,
+                                      **options)
+    np.testing.assert_array_equal(mapped, batched)
+    for b in range(3):
+        alone = one(q[b], k[b], v[b], q_pos[b], ids[b, :45], ids[b])
+        np.testing.assert_array_equal(alone, batched[b])
+    # vmap of grad, positions mapped
+    grad = jax.vmap(jax.grad(lambda q, qp: one(q, k[0], v[0], qp, ids[0, :45], ids[0]).sum()))
+    got = grad(q, q_pos)
+    for b in range(3):
+        want = jax.grad(lambda q: one(q, k[0], v[0], q_pos[b], ids[0, :45], ids[0]).sum())(q[b])
+        np.testing.assert_array_equal(got[b], want)
+
+
+@pytest.mark.parametrize(
+    "changes, error, match",
+    [
+        ({"query_positions": np.zeros((2, 5), np.int32)}, ValueError, "query_positions"),
+        ({"key_value_positions": np.zeros((3, 9), np.int32)}, ValueError, "key_value_positions"),
+        ({"query_positions": np.zeros((2, 8), np.float32)}, TypeError, "query_positions"),
+        ({"query_segment_ids": np.zeros((2, 8), np.int32)}, ValueError, "both or neither"),
+        ({"query_segment_ids": np.zeros((2, 8), np.int32),
+          "key_value_segment_ids": np.zeros((2, 8), np.int32)}, ValueError,
+         "key_value_segment_ids"),
+        ({"alibi_slopes": np.zeros((3,), np.float32)}, ValueError, "alibi_slopes"),
+        ({"alibi_slopes": np.zeros((4,), np.int32)}, TypeError, "alibi_slopes"),
+    ],
+)
+def test_validation(changes: dict[str, Any], error: type, match: str) -> None:
+    q = jnp.zeros((2, 8, 4, 16))
+    k = jnp.zeros((2, 9, 2, 16))
+    with pytest.raises(error, match=match):
+        jaxattn.flash_attention(q, k, k, **changes)
