@@ -142,6 +142,19 @@ struct DecodeAttentionProblem {
   float scale = 1.0f;
   float soft_cap = 0.0f;        // 0: off
   int64_t window_left = -1;     // -1: unbounded
+  // Token positions (int32, clamped to [-2^30, 2^30]): query t of sequence b at
+  // q_positions[b % batch][t] (default kv_lengths[b] - T + t), cache entry j at
+  // kv_positions[b % batch][j] (default j; [batch, max_pages * page_size], by logical index).
+  // Entry j is visible to query t when j < kv_lengths[b], its position <= the query's and
+  // (window) >= the query's - window_left. nullptr: the default.
+  const int32_t* q_positions = nullptr;
+  int64_t q_positions_batch = 1;
+  const int32_t* kv_positions = nullptr;
+  int64_t kv_positions_batch = 1;
+  // ALiBi: -alibi_slopes[b % alibi_batch][n] * |query position - key position| is added to
+  // the logits of head n before the soft cap. [alibi_batch, N] float32; nullptr: off.
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch = 1;
 };
 
 struct DecodeResult {

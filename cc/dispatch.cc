@@ -198,6 +198,13 @@ const char* ValidateDecodeProblem(const DecodeAttentionProblem& p) {
   }
   if (!(p.scale == p.scale) || !(p.soft_cap >= 0.0f)) return "scale/soft cap invalid";
   if (p.head_dim > 1024 || p.value_dim > 1024) return "head dims above 1024 are not supported";
+  const auto divides = [&p](const void* x, int64_t batch) {
+    return x == nullptr || (batch > 0 && p.batch % batch == 0);
+  };
+  if (!divides(p.q_positions, p.q_positions_batch) ||
+      !divides(p.kv_positions, p.kv_positions_batch) || !divides(p.alibi_slopes, p.alibi_batch)) {
+    return "positions and ALiBi slopes must have batch 1 or B";
+  }
   return nullptr;
 }
 

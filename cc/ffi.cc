@@ -468,11 +468,54 @@ ffi::Error SparseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::A
 
 // Decode: query [Bq,T,N,H]; key/value storage [P, page, K, H|Hv] (a contiguous cache is P = Bk
 // pages of page = Smax); block_tables [Bt, max_pages] (nullptr: contiguous); kv_lengths [Bl].
+// Decode's optional token operands (0 elements: absent): query_positions [Bp, T],
+// key_value_positions [Bp, max_pages * page_size], alibi_slopes [Ba, N].
+struct DecodeTokenOperands {
+  const S32Buffer& q_positions;
+  const S32Buffer& kv_positions;
+  const F32Buffer& alibi_slopes;
+};
+
+ffi::Error ReadDecodeTokens(const DecodeTokenOperands& in, DecodeAttentionProblem* p) {
+  const auto rows = [](const ffi::AnyBuffer::Dimensions d, int64_t len) {
+    return d.size() == 2 && d[0] > 0 && d[1] == len;
+  };
+  const int64_t capacity = p->max_pages * p->page_size;
+  if (in.q_positions.element_count() != 0) {
+    if (!rows(in.q_positions.dimensions(), p->q_len)) {
+      return InvalidArgument("decode: query_positions must have shape [B, " +
+                             std::to_string(p->q_len) + "], got " +
+                             ShapeString(in.q_positions.dimensions()));
+    }
+    p->q_positions = in.q_positions.typed_data();
+    p->q_positions_batch = in.q_positions.dimensions()[0];
+  }
+  if (in.kv_positions.element_count() != 0) {
+    if (!rows(in.kv_positions.dimensions(), capacity)) {
+      return InvalidArgument("decode: key_value_positions must have shape [B, " +
+                             std::to_string(capacity) + "], got " +
+                             ShapeString(in.kv_positions.dimensions()));
+    }
+    p->kv_positions = in.kv_positions.typed_data();
+    p->kv_positions_batch = in.kv_positions.dimensions()[0];
+  }
+  if (in.alibi_slopes.element_count() != 0) {
+    if (!rows(in.alibi_slopes.dimensions(), p->num_heads)) {
+      return InvalidArgument("decode: alibi_slopes must have shape [B, " +
+                             std::to_string(p->num_heads) + "], got " +
+                             ShapeString(in.alibi_slopes.dimensions()));
+    }
+    p->alibi_slopes = in.alibi_slopes.typed_data();
+    p->alibi_batch = in.alibi_slopes.dimensions()[0];
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
                      const ffi::AnyBuffer& key, const ffi::AnyBuffer& value,
                      const S32Buffer* block_tables, const S32Buffer& kv_lengths,
-                     ffi::Result<ffi::AnyBuffer>& out, F32Result& lse, float scale,
-                     float soft_cap, int64_t window_left) {
+                     const DecodeTokenOperands& tokens, ffi::Result<ffi::AnyBuffer>& out,
+                     F32Result& lse, float scale, float soft_cap, int64_t window_left) {
   const auto q = query.dimensions(), k = key.dimensions(), v = value.dimensions();
   const auto od = out->dimensions();
   if (q.size() != 4 || k.size() != 4 || v.size() != 4 || od.size() != 4) {
@@ -520,6 +563,7 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
   p.scale = scale;
   p.soft_cap = soft_cap;
   p.window_left = window_left;
+  if (auto e = ReadDecodeTokens(tokens, &p); e.failure()) return e;
   if (const char* message = ValidateDecodeProblem(p)) {
     return InvalidArgument(std::string("decode: ") + message);
   }
@@ -535,20 +579,25 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
 }
 
 ffi::Error DecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
-                             ffi::AnyBuffer value, S32Buffer kv_lengths,
+                             ffi::AnyBuffer value, S32Buffer kv_lengths, S32Buffer q_positions,
+                             S32Buffer kv_positions, F32Buffer alibi_slopes,
                              ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
                              float soft_cap, int64_t window_left) {
-  return DecodeRun(pool, query, key, value, nullptr, kv_lengths, out, lse, scale, soft_cap,
-                   window_left);
+  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes};
+  return DecodeRun(pool, query, key, value, nullptr, kv_lengths, tokens, out, lse, scale,
+                   soft_cap, window_left);
 }
 
 ffi::Error PagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                   ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
                                   S32Buffer block_tables, S32Buffer kv_lengths,
-                                  ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
-                                  float soft_cap, int64_t window_left) {
-  return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, out, lse,
-                   scale, soft_cap, window_left);
+                                  S32Buffer q_positions, S32Buffer kv_positions,
+                                  F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> out,
+                                  F32Result lse, float scale, float soft_cap,
+                                  int64_t window_left) {
+  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes};
+  return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, tokens, out,
+                   lse, scale, soft_cap, window_left);
 }
 
 template <typename Binding>
@@ -664,7 +713,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<ffi::AnyBuffer>()     // query
                           .Arg<ffi::AnyBuffer>()     // key_cache
                           .Arg<ffi::AnyBuffer>()     // value_cache
-                          .Arg<S32Buffer>()));       // kv_lengths
+                          .Arg<S32Buffer>()          // kv_lengths
+                          .Arg<S32Buffer>()          // query_positions (0 elements: none)
+                          .Arg<S32Buffer>()          // key_value_positions
+                          .Arg<ffi::Buffer<ffi::F32>>()));  // alibi_slopes
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     PagedDecodeForwardHandler, PagedDecodeForwardImpl,
@@ -674,7 +726,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<ffi::AnyBuffer>()     // key_pages
                           .Arg<ffi::AnyBuffer>()     // value_pages
                           .Arg<S32Buffer>()          // block_tables
-                          .Arg<S32Buffer>()));       // kv_lengths
+                          .Arg<S32Buffer>()          // kv_lengths
+                          .Arg<S32Buffer>()          // query_positions (0 elements: none)
+                          .Arg<S32Buffer>()          // key_value_positions
+                          .Arg<ffi::Buffer<ffi::F32>>()));  // alibi_slopes
 
 }  // namespace jaxattn
 

@@ -206,15 +206,15 @@ def no_tokens() -> tuple[jax.Array, ...]:
     return (ints, ints, ints, ints, jnp.zeros((0,), jnp.float32))
 
 
-def _decode_abstract(q, k, v, kv_lengths, **_):
-    b = _output_batch(q, k, v, kv_lengths)
+def _decode_abstract(q, k, v, kv_lengths, *tokens, **_):
+    b = _output_batch(q, k, v, kv_lengths, *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
             q.update(shape=(b, t, n), dtype=jnp.float32))
 
 
-def _paged_decode_abstract(q, key_pages, value_pages, block_tables, kv_lengths, **_):
-    b = _output_batch(q, block_tables, kv_lengths)  # the pages have no batch axis
+def _paged_decode_abstract(q, key_pages, value_pages, block_tables, kv_lengths, *tokens, **_):
+    b = _output_batch(q, block_tables, kv_lengths, *tokens)  # the pages have no batch axis
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, value_pages.shape[3]), dtype=q.dtype),
             q.update(shape=(b, t, n), dtype=jnp.float32))
@@ -228,8 +228,8 @@ def _paged_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
     concatenated into one pool of V*P pages and instance v's page ids are shifted by v*P;
     out-of-range ids stay out of range (-1) so that the kernel still rejects them.
     """
-    q, key_pages, value_pages, block_tables, kv_lengths = args
-    q_dim, k_dim, v_dim, bt_dim, len_dim = dims
+    q, key_pages, value_pages, block_tables, kv_lengths, *tokens = args
+    q_dim, k_dim, v_dim, bt_dim, len_dim, *token_dims = dims
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     if k_dim is not None or v_dim is not None:
         def mapped(x, d):
@@ -245,21 +245,31 @@ def _paged_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
         valid = (block_tables >= 0) & (block_tables < num_pages)
         block_tables = jnp.where(valid, block_tables + offset, -1)
         bt_dim = 0
-    (q, block_tables, kv_lengths), _ = _fold_operands((q, block_tables, kv_lengths),
-                                                      (q_dim, bt_dim, len_dim))
-    outs = prim.bind(q, key_pages, value_pages, block_tables, kv_lengths, **params)
+    (q, block_tables, kv_lengths, *tokens), _ = _fold_operands(
+        (q, block_tables, kv_lengths, *tokens), (q_dim, bt_dim, len_dim, *token_dims))
+    outs = prim.bind(q, key_pages, value_pages, block_tables, kv_lengths, *tokens, **params)
     return _unfold_results(prim.multiple_results, outs, size)
 
 
 # Operands: query [B,T,N,H], key_cache [B,Smax,K,H], value_cache [B,Smax,K,Hv], kv_lengths [B]
-# int32; attributes: scale, soft_cap, window_left. Results: out [B,T,N,Hv], lse [B,T,N] f32.
+# int32, then query_positions [B,T], key_value_positions [B,Smax] (int32) and alibi_slopes
+# [B,N] (float32), each of batch 1 or B or empty (absent); attributes: scale, soft_cap,
+# window_left. Results: out [B,T,N,Hv], lse [B,T,N] f32.
 decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v1", _decode_abstract,
-                       axes="btnh,bskh,bskd,b->btnd,btn")
+                       axes="btnh,bskh,bskd,b,bt,bs,bn->btnd,btn")
 # Operands: query, key_pages [P,page,K,H], value_pages [P,page,K,Hv], block_tables
-# [B,max_pages] int32, kv_lengths [B] int32; attributes and results as decode_fwd_p.
+# [B,max_pages] int32, kv_lengths [B] int32, then the token operands as decode_fwd_p
+# (key_value_positions [B, max_pages * page]); attributes and results as decode_fwd_p.
 paged_decode_fwd_p = _define("jaxattn_paged_decode_fwd", "jaxattn_paged_decode_fwd_v1",
                              _paged_decode_abstract, batch_rule=_paged_decode_batch_rule,
-                             axes="btnh,pskh,pskd,bm,b->btnd,btn", partition="h")  # P is no batch
+                             axes="btnh,pskh,pskd,bm,b,bt,bj,bn->btnd,btn",
+                             partition="h")  # P is no batch
+
+
+def no_decode_tokens() -> tuple[jax.Array, ...]:
+    """The three absent token operands of the decode targets."""
+    ints = jnp.zeros((0,), jnp.int32)
+    return (ints, ints, jnp.zeros((0,), jnp.float32))
 
 
 def decode_attrs(scale: float, soft_cap: float | None, window_left: int | None) -> dict:

@@ -287,3 +287,189 @@ def test_validation(changes: dict[str, Any], error: type, match: str) -> None:
     k = jnp.zeros((2, 9, 2, 16))
     with pytest.raises(error, match=match):
         jaxattn.flash_attention(q, k, k, **changes)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding: positions (batched caches with gaps) and ALiBi
+# --------------------------------------------------------------------------------------------
+
+
+def decode_reference(q, k, v, lengths, q_positions, kv_positions, *, window_left=None,
+                     slopes=None, soft_cap=None):
+    """decode_attention's semantics through the flash oracle: key j < len visible to query i
+    where kv_positions[j] <= q_positions[i] (and >= q_positions[i] - window_left)."""
+    from oracle import alibi_bias, attention_reference, token_positions
+
+    batch, q_len = q.shape[:2]
+    kv_len = k.shape[1]
+    qp, kp = token_positions(q_len, kv_len, q_positions, kv_positions)
+    visible = (kp <= qp) & (np.arange(kv_len)[None, None, None] < lengths[:, None, None, None])
+    if window_left is not None:
+        visible &= kp >= qp - window_left
+    bias = None
+    if slopes is not None:
+        bias = alibi_bias(slopes, q_len, kv_len, q_positions, kv_positions)
+    return attention_reference(q, k, v, bias, np.broadcast_to(visible, (batch, 1, q_len, kv_len)),
+                               logits_soft_cap=soft_cap)
+
+
+def gapped_cache(rng: np.random.Generator, prompt_lengths: list[int], capacity: int,
+                 q_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """gemma's batched cache: prompts of different lengths left at the start of the cache,
+    gaps up to the longest prompt, then the T new tokens written at one shared end index.
+    Returns (kv_positions [B, capacity], query positions [B, T], lengths [B])."""
+    longest = max(prompt_lengths)
+    end = longest + q_len
+    kv_positions = np.full((len(prompt_lengths), capacity), 2**30, np.int32)  # gaps: hidden
+    q_positions = np.zeros((len(prompt_lengths), q_len), np.int32)
+    for b, n in enumerate(prompt_lengths):
+        kv_positions[b, :n] = np.arange(n)
+        kv_positions[b, longest:end] = n + np.arange(q_len)
+        q_positions[b] = n + np.arange(q_len)
+    return kv_positions, q_positions, np.full(len(prompt_lengths), end, np.int32)
+
+
+@pytest.mark.parametrize("q_len", [1, 3, 16])
+@pytest.mark.parametrize("window", [None, 20])
+def test_decode_batched_cache_with_gaps(rng: np.random.Generator, q_len: int,
+                                        window: int | None) -> None:
+    from oracle import assert_close_to_oracle
+
+    capacity = 700  # several decode partitions
+    kv_positions, q_positions, lengths = gapped_cache(rng, [5, 300, 640], capacity, q_len)
+    q = rng.standard_normal((3, q_len, 8, 32)).astype(np.float32)
+    k = rng.standard_normal((3, capacity, 2, 32)).astype(np.float32)
+    v = rng.standard_normal((3, capacity, 2, 32)).astype(np.float32)
+    out, lse = jaxattn.decode_attention(q, k, v, lengths, query_positions=q_positions,
+                                        key_value_positions=kv_positions,
+                                        local_window_size=window, return_residual=True)
+    ref_out, ref_lse = decode_reference(q, k, v, lengths, q_positions, kv_positions,
+                                        window_left=window)
+    assert_close_to_oracle(out, ref_out, dtype=np.float32, name="out")
+    assert_close_to_oracle(lse, ref_lse, dtype=np.float32, name="lse")
+    # The same through flash attention with the same positions.
+    flash = jaxattn.flash_attention(q, k, v, is_causal=True, query_positions=q_positions,
+                                    key_value_positions=kv_positions,
+                                    key_value_seq_lengths=lengths,
+                                    local_window_size=None if window is None else (window, 0))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(flash), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16, F16], ids=["f32", "bf16", "f16"])
+def test_decode_alibi(rng: np.random.Generator, dtype: np.dtype) -> None:
+    from oracle import assert_close_to_oracle
+
+    q = rng.standard_normal((3, 4, 8, 64)).astype(dtype)
+    k = rng.standard_normal((3, 600, 2, 64)).astype(dtype)
+    v = rng.standard_normal((3, 600, 2, 64)).astype(dtype)
+    lengths = np.array([600, 37, 4], np.int32)
+    slopes = alibi(8) * 4
+    for kw in ({}, {"soft_cap": 2.0, "window_left": 100}):
+        out, lse = jaxattn.decode_attention(
+            q, k, v, lengths, alibi_slopes=slopes, logits_soft_cap=kw.get("soft_cap"),
+            local_window_size=kw.get("window_left"), return_residual=True)
+        default_q = (lengths[:, None] - 4 + np.arange(4)[None]).astype(np.int32)
+        ref_out, ref_lse = decode_reference(q, k, v, lengths, default_q, None, slopes=slopes,
+                                            **kw)
+        # The output is rounded once to its dtype; the lse is float32 from exact products.
+        assert_close_to_oracle(out, ref_out, dtype=dtype, name="out")
+        assert_close_to_oracle(lse, ref_lse, dtype=np.float32, name="lse")
+
+
+@pytest.mark.parametrize("page_size", [7, 64])
+def test_paged_decode_positions_match_contiguous(rng: np.random.Generator,
+                                                 page_size: int) -> None:
+    from test_decode import paged_layout
+
+    capacity = 448
+    kv_positions, q_positions, lengths = gapped_cache(rng, [10, 200, 400], capacity, 2)
+    q = rng.standard_normal((3, 2, 4, 16)).astype(np.float32)
+    k = rng.standard_normal((3, capacity, 1, 16)).astype(np.float32)
+    v = rng.standard_normal((3, capacity, 1, 16)).astype(np.float32)
+    pool_k, pool_v, tables = paged_layout(rng, k, v, page_size, fill=np.nan)
+    slopes = alibi(4)
+    kw = dict(query_positions=q_positions, alibi_slopes=slopes)
+    paged_positions = np.full((3, tables.shape[1] * page_size), 2**30, np.int32)
+    paged_positions[:, :capacity] = kv_positions
+    paged = jaxattn.paged_decode_attention(q, pool_k, pool_v, tables, lengths,
+                                           key_value_positions=paged_positions, **kw)
+    contiguous = jaxattn.decode_attention(q, k, v, lengths, key_value_positions=kv_positions,
+                                          **kw)
+    assert np.all(np.isfinite(np.asarray(paged)))
+    np.testing.assert_allclose(np.asarray(paged), np.asarray(contiguous), rtol=1e-5, atol=1e-6)
+    # vmap over the batch, positions mapped, pool shared.
+    one = lambda q, t, l, kp, qp: jaxattn.paged_decode_attention(
+        q[None], pool_k, pool_v, t[None], l[None], key_value_positions=kp[None],
+        query_positions=qp[None], alibi_slopes=slopes)[0]
+    mapped = jax.vmap(one)(q, tables, lengths, paged_positions, q_positions)
+    np.testing.assert_array_equal(np.asarray(mapped), np.asarray(paged))
+
+
+def test_decode_validation() -> None:
+    q = jnp.zeros((2, 1, 4, 16))
+    k = jnp.zeros((2, 32, 2, 16))
+    lengths = jnp.array([3, 4], jnp.int32)
+    with pytest.raises(ValueError, match="key_value_positions"):
+        jaxattn.decode_attention(q, k, k, lengths, key_value_positions=jnp.zeros((2, 31), int))
+    with pytest.raises(ValueError, match="query_positions"):
+        jaxattn.decode_attention(q, k, k, lengths, query_positions=jnp.zeros((2, 2), int))
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        jaxattn.decode_attention(q, k, k, lengths, alibi_slopes=jnp.zeros((2,)))
+
+
+# --------------------------------------------------------------------------------------------
+# Flax: FlashSelfAttention(x, segment_ids=...)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["nnx", "linen"])
+def test_flax_packed_equals_separate_documents(rng: np.random.Generator, flavour: str) -> None:
+    """A packed row gives each document what the layer gives that document alone."""
+    from flax import nnx
+
+    from jaxattn.flax.linen import FlashSelfAttention as LinenFlash
+    from jaxattn.flax.nnx import FlashSelfAttention as NnxFlash
+
+    lengths = [13, 40, 1, 26]
+    t = sum(lengths)
+    ids = np.repeat(np.arange(len(lengths)), lengths).astype(np.int32)
+    x = rng.standard_normal((2, t, 32)).astype(np.float32)
+    options = dict(num_kv_heads=2, use_rope=True, local_window_size=(9, 0))
+    if flavour == "nnx":
+        layer = NnxFlash(32, 4, rngs=nnx.Rngs(0), **options)
+        run = lambda x, **kw: layer(x, **kw)
+    else:
+        module = LinenFlash(4, **options)
+        params = module.init(jax.random.key(0), x)
+        run = lambda x, **kw: module.apply(params, x, **kw)
+    packed = np.asarray(jax.jit(lambda x, s: run(x, segment_ids=s))(x, ids))
+    start = 0
+    for n in lengths:
+        alone = np.asarray(run(x[:, start:start + n]))
+        np.testing.assert_allclose(packed[:, start:start + n], alone, rtol=2e-5, atol=2e-5)
+        start += n
+    # Per-row ids ([B, T]) and the xla implementation agree too.
+    per_row = np.stack([ids, np.zeros_like(ids)])
+    got = np.asarray(run(x, segment_ids=per_row))
+    np.testing.assert_allclose(got[0], packed[0], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got[1], np.asarray(run(x))[1], rtol=2e-5, atol=2e-5)
+    if flavour == "nnx":
+        xla = NnxFlash(32, 4, rngs=nnx.Rngs(0), implementation="xla", **options)
+        np.testing.assert_allclose(np.asarray(xla(x, segment_ids=per_row)), got, rtol=2e-5,
+                                   atol=2e-5)
+
+
+def test_flax_segment_ids_errors(rng: np.random.Generator) -> None:
+    from flax import nnx
+
+    from jaxattn.flax.nnx import FlashSelfAttention as NnxFlash
+
+    layer = NnxFlash(16, 2, rngs=nnx.Rngs(0))
+    x = jnp.zeros((2, 5, 16))
+    with pytest.raises(ValueError, match="segment_ids must have shape"):
+        layer(x, segment_ids=jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(TypeError, match="segment_ids must be an integer"):
+        layer(x, segment_ids=jnp.zeros((5,)))
+    layer.init_cache(batch_size=2, max_length=8)
+    with pytest.raises(ValueError, match="not supported with decode=True"):
+        layer(x[:, :1], decode=True, segment_ids=jnp.zeros((2, 1), jnp.int32))

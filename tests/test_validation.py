@@ -550,8 +550,9 @@ FLASH_FFI_BAD_BINDS = [
             r"jaxattn: query_positions must have shape"),
     BadBind("kv_positions_rank", bind_fwd(tokens=with_token(1, np.ones(S, np.int32))),
             r"jaxattn: key_value_positions must have shape"),
+    # A batch of 3 makes the output batch 3, which the query's 2 does not divide.
     BadBind("positions_batch", bind_fwd(tokens=with_token(0, np.ones((3, T), np.int32))),
-            r"jaxattn: positions, segment ids and ALiBi slopes must have batch 1 or B"),
+            r"jaxattn: operand batch sizes must divide"),
     BadBind("one_segment_side", bind_fwd(tokens=with_token(2, np.ones((B, T), np.int32))),
             r"jaxattn: query and key/value segment ids must be given together"),
     BadBind("alibi_heads", bind_fwd(tokens=with_token(4, np.ones((1, N + 1), np.float32))),
@@ -562,12 +563,14 @@ DECODE_ATTRS = _ffi.decode_attrs(0.5, None, None)
 
 
 def bind_decode(q=QUERY[:, :2], k=KEY, v=VALUE, lengths=LENGTHS, **attrs: Any) -> Callable[[], Any]:
-    return lambda: _ffi.decode_fwd_p.bind(q, k, v, lengths, **{**DECODE_ATTRS, **attrs})
+    return lambda: _ffi.decode_fwd_p.bind(q, k, v, lengths, *_ffi.no_decode_tokens(),
+                                          **{**DECODE_ATTRS, **attrs})
 
 
 def bind_paged(q=QUERY[:, :2], k=KEY_PAGES, v=VALUE_PAGES, tables=TABLES, lengths=LENGTHS,
                **attrs: Any) -> Callable[[], Any]:
     return lambda: _ffi.paged_decode_fwd_p.bind(q, k, v, tables, lengths,
+                                                *_ffi.no_decode_tokens(),
                                                 **{**DECODE_ATTRS, **attrs})
 
 
