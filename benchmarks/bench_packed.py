@@ -4,13 +4,20 @@ D documents of equal length packed into one row of T tokens (default T = 8192, D
 N = K = 4, H = 64, float32, causal within each document). flash_attention with
 query_segment_ids / key_value_segment_ids (tiles of different documents are never computed,
 cost ~ sum of document length squared) against flash_attention with the same visibility given
-as a dense [B, 1, T, S] bool mask (every causal tile computed and masked). Forward and
+as a dense [B, 1, T, S] bool mask: alone (every tile computed and masked), and, when causal,
+with is_causal=True as well (the tiles above the diagonal skipped, every other one computed
+and masked: the strongest dense baseline). Forward and
 forward+backward under jit; the two variants are interleaved run by run and the fastest of
 --reps kept for each, so that load from other processes (a shared machine) hits both alike.
 Wall and process CPU time are both reported. The outputs of the two variants are checked to be
 equal first.
 
+With --positions: causal attention with monotone token positions (a prefill offset of 100,
+query_positions and key_value_positions given) against plain is_causal on indices, which
+skip the same tiles: the cost of cutting tiles by positions (should be ~1x).
+
     PYTHONPATH=. python benchmarks/bench_packed.py [--seq 8192] [--docs 8] [--reps 5]
+    PYTHONPATH=. python benchmarks/bench_packed.py --positions [--seq 4096]
 """
 
 from __future__ import annotations
@@ -55,6 +62,39 @@ def _fwd_bwd(attention):
     return jax.jit(run)
 
 
+def positions_overhead(args: argparse.Namespace) -> None:
+    """Monotone positions against indices, causal: the same tiles, the same result."""
+    b, t, n, h = args.batch, args.seq, args.heads, args.head_dim
+    dtype = jnp.dtype(args.dtype)
+    rng = np.random.default_rng(0)
+    q, k, v, dout = (jnp.asarray(rng.standard_normal((b, t, n, h)), dtype) for _ in range(4))
+    pos = jnp.arange(t, dtype=jnp.int32) + 100
+
+    def by_position(q, k, v):
+        return jaxattn.flash_attention(q, k, v, is_causal=True, query_positions=pos,
+                                       key_value_positions=pos)
+
+    def by_index(q, k, v):
+        return jaxattn.flash_attention(q, k, v, is_causal=True)
+
+    np.testing.assert_array_equal(np.asarray(jax.jit(by_position)(q, k, v)),
+                                  np.asarray(jax.jit(by_index)(q, k, v)))
+    print(describe_machine())
+    print(f"B={b} T=S={t} N=K={n} H={h} {dtype.name} causal, reps={args.reps} (fastest); "
+          "machine may be shared")
+    print("| pass | positions (ms, wall / cpu) | indices (ms, wall / cpu) | ratio wall | "
+          "ratio cpu |")
+    print("|---|---|---|---|---|")
+    for name, fn, base, fn_args in (
+        ("fwd", jax.jit(by_position), jax.jit(by_index), (q, k, v)),
+        ("fwd+bwd", _fwd_bwd(by_position), _fwd_bwd(by_index), (q, k, v, dout)),
+    ):
+        mine, theirs = _paired(fn, base, fn_args, args.reps)
+        print(f"| {name} | {mine[0] * 1e3:.1f} / {mine[1] * 1e3:.1f} | "
+              f"{theirs[0] * 1e3:.1f} / {theirs[1] * 1e3:.1f} | {mine[0] / theirs[0]:.2f} | "
+              f"{mine[1] / theirs[1]:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=8192)
@@ -65,7 +105,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no-causal", action="store_true")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--positions", action="store_true")
     args = parser.parse_args()
+    if args.positions:
+        positions_overhead(args)
+        return
 
     b, t, n, h = args.batch, args.seq, args.heads, args.head_dim
     causal = not args.no_causal
@@ -85,23 +129,31 @@ def main() -> None:
     def masked(q, k, v):
         return jaxattn.flash_attention(q, k, v, mask=dense)
 
-    fwd, fwd_base = jax.jit(packed), jax.jit(masked)
-    np.testing.assert_array_equal(np.asarray(fwd(q, k, v)), np.asarray(fwd_base(q, k, v)))
+    def masked_causal(q, k, v):
+        return jaxattn.flash_attention(q, k, v, mask=dense, is_causal=True)
+
+    fwd = jax.jit(packed)
+    baselines = [("dense mask", masked)]
+    if causal:
+        baselines.append(("dense mask + is_causal", masked_causal))
+    for _, base in baselines:
+        np.testing.assert_array_equal(np.asarray(fwd(q, k, v)), np.asarray(jax.jit(base)(q, k, v)))
 
     print(describe_machine())
     print(f"B={b} T=S={t} N=K={n} H={h} {dtype.name} docs={args.docs} causal={causal} "
           f"threads={os.cpu_count()} reps={args.reps} (fastest); machine may be shared")
-    print("| pass | segment ids (ms, wall / cpu) | dense mask (ms, wall / cpu) | speed-up wall | "
-          "speed-up cpu |")
-    print("|---|---|---|---|---|")
-    for name, fn, base, fn_args in (
-        ("fwd", fwd, fwd_base, (q, k, v)),
-        ("fwd+bwd", _fwd_bwd(packed), _fwd_bwd(masked), (q, k, v, dout)),
-    ):
-        mine, theirs = _paired(fn, base, fn_args, args.reps)
-        print(f"| {name} | {mine[0] * 1e3:.1f} / {mine[1] * 1e3:.1f} | "
-              f"{theirs[0] * 1e3:.1f} / {theirs[1] * 1e3:.1f} | {theirs[0] / mine[0]:.2f}x | "
-              f"{theirs[1] / mine[1]:.2f}x |", flush=True)
+    print("| pass | baseline | segment ids (ms, wall / cpu) | baseline (ms, wall / cpu) | "
+          "speed-up wall | speed-up cpu |")
+    print("|---|---|---|---|---|---|")
+    for base_name, base in baselines:
+        for name, fn, base_fn, fn_args in (
+            ("fwd", fwd, jax.jit(base), (q, k, v)),
+            ("fwd+bwd", _fwd_bwd(packed), _fwd_bwd(base), (q, k, v, dout)),
+        ):
+            mine, theirs = _paired(fn, base_fn, fn_args, args.reps)
+            print(f"| {name} | {base_name} | {mine[0] * 1e3:.1f} / {mine[1] * 1e3:.1f} | "
+                  f"{theirs[0] * 1e3:.1f} / {theirs[1] * 1e3:.1f} | {theirs[0] / mine[0]:.2f}x | "
+                  f"{theirs[1] / mine[1]:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
