@@ -402,8 +402,9 @@ ffi::Error DecodeBlockSparse(const AttentionProblem& p, const S32Buffer& q_indpt
 
 ffi::Error SparseProblem(const ffi::AnyBuffer& query, const ffi::AnyBuffer& key,
                          const ffi::AnyBuffer& value, int64_t batch, float scale,
-                         float soft_cap, AttentionProblem* p) {
+                         float soft_cap, const TokenOperands& tokens, AttentionProblem* p) {
   if (auto e = DecodeQueryKeyValue(query, key, value, batch, p); e.failure()) return e;
+  if (auto e = DecodeTokens(tokens, p); e.failure()) return e;
   p->scale = scale;
   p->soft_cap = soft_cap;
   if (const char* message = ValidateProblem(*p)) return InvalidArgument(message);
@@ -412,12 +413,17 @@ ffi::Error SparseProblem(const ffi::AnyBuffer& query, const ffi::AnyBuffer& key,
 
 ffi::Error SparseForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                              ffi::AnyBuffer value, S32Buffer q_indptr, S32Buffer q_entries,
-                             ffi::AnyBuffer masks, ffi::Result<ffi::AnyBuffer> out,
-                             F32Result lse, float scale, float soft_cap) {
+                             ffi::AnyBuffer masks, S32Buffer q_positions,
+                             S32Buffer kv_positions, S32Buffer q_segments,
+                             S32Buffer kv_segments, F32Buffer alibi_slopes,
+                             ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
+                             float soft_cap) {
   const auto od = out->dimensions();
   if (od.size() != 4) return InvalidArgument("output must have rank 4");
   AttentionProblem p;
-  if (auto e = SparseProblem(query, key, value, od[0], scale, soft_cap, &p); e.failure()) {
+  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  if (auto e = SparseProblem(query, key, value, od[0], scale, soft_cap, tokens, &p);
+      e.failure()) {
     return e;
   }
   if (out->element_type() != query.element_type() ||
@@ -441,13 +447,17 @@ ffi::Error SparseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::A
                               ffi::AnyBuffer dout, F32Buffer dlse, S32Buffer q_indptr,
                               S32Buffer q_entries, S32Buffer k_indptr, S32Buffer k_entries,
                               ffi::AnyBuffer masks, ffi::AnyBuffer masks_t,
-                              ffi::Result<ffi::AnyBuffer> dq,
+                              S32Buffer q_positions, S32Buffer kv_positions,
+                              S32Buffer q_segments, S32Buffer kv_segments,
+                              F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> dq,
                               ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                               float scale, float soft_cap) {
   const auto dqd = dq->dimensions();
   if (dqd.size() != 4) return InvalidArgument("dq must have rank 4");
   AttentionProblem p;
-  if (auto e = SparseProblem(query, key, value, dqd[0], scale, soft_cap, &p); e.failure()) {
+  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  if (auto e = SparseProblem(query, key, value, dqd[0], scale, soft_cap, tokens, &p);
+      e.failure()) {
     return e;
   }
   FlashBackwardArgs args;
@@ -670,14 +680,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     SparseForwardHandler, SparseForwardImpl,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::AnyBuffer>()     // query
-        .Arg<ffi::AnyBuffer>()     // key
-        .Arg<ffi::AnyBuffer>()     // value
-        .Arg<S32Buffer>()          // q_indptr
-        .Arg<S32Buffer>()          // q_entries
-        .Arg<ffi::AnyBuffer>()     // masks
+    BindTokens(ffi::Ffi::Bind()
+                   .Ctx<ffi::ThreadPool>()
+                   .Arg<ffi::AnyBuffer>()     // query
+                   .Arg<ffi::AnyBuffer>()     // key
+                   .Arg<ffi::AnyBuffer>()     // value
+                   .Arg<S32Buffer>()          // q_indptr
+                   .Arg<S32Buffer>()          // q_entries
+                   .Arg<ffi::AnyBuffer>())    // masks
         .Ret<ffi::AnyBuffer>()     // out
         .Ret<ffi::Buffer<ffi::F32>>()  // lse
         .Attr<float>("scale")
@@ -700,6 +710,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<S32Buffer>()          // k_entries
         .Arg<ffi::AnyBuffer>()     // masks
         .Arg<ffi::AnyBuffer>()     // masks_t (transposed)
+        .Arg<S32Buffer>()          // query_positions (0 elements: none)
+        .Arg<S32Buffer>()          // key_value_positions
+        .Arg<S32Buffer>()          // query_segment_ids
+        .Arg<S32Buffer>()          // key_value_segment_ids
+        .Arg<ffi::Buffer<ffi::F32>>()  // alibi_slopes
         .Ret<ffi::AnyBuffer>()     // dq
         .Ret<ffi::AnyBuffer>()     // dk
         .Ret<ffi::AnyBuffer>()     // dv

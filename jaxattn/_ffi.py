@@ -37,7 +37,8 @@ def _leading_batch(aval) -> int:
 
 
 def _fold_batch_rule(prim: Primitive, args: Sequence[jax.Array], dims: Sequence[int | None],
-                     batched: int | None = None, full_batch: Sequence[int] = (), **params):
+                     batched: int | None = None, full_batch: Sequence[int] = (),
+                     trailing_batched: int = 0, **params):
     """Folds the vmapped axis into the leading batch axis of every mapped operand.
 
     With V the vmapped size and B the operands' own batch, a mapped operand becomes
@@ -49,17 +50,19 @@ def _fold_batch_rule(prim: Primitive, args: Sequence[jax.Array], dims: Sequence[
     read at the output's batch index) are broadcast to [V*B, ...] even when unmapped: vmap of
     grad hands in an unmapped zero cotangent for an unused lse.
 
-    With ``batched`` set, only the first ``batched`` operands have a batch axis; the others
-    (block-sparse tables) are per call and must not be mapped.
+    With ``batched`` set, only the first ``batched`` operands (and the last
+    ``trailing_batched``) have a batch axis; the others (block-sparse tables) are per call and
+    must not be mapped.
     """
     if batched is not None:
-        if any(d is not None for d in dims[batched:]):
+        tail = len(args) - trailing_batched
+        if any(d is not None for d in dims[batched:tail]):
             raise ValueError(f"{prim.name}: the block-sparse mask tables cannot be vmapped; "
                              "vmap over query/key/value with one BlockSparseMask")
-        extra = list(args[batched:])
-        bind = lambda *a, **p: prim.bind(*a, *extra, **p)
-        return _fold(bind, prim.multiple_results, args[:batched], dims[:batched], full_batch,
-                     **params)
+        extra = list(args[batched:tail])
+        bind = lambda *a, **p: prim.bind(*a[:batched], *extra, *a[batched:], **p)
+        return _fold(bind, prim.multiple_results, [*args[:batched], *args[tail:]],
+                     [*dims[:batched], *dims[tail:]], full_batch, **params)
     return _fold(prim.bind, prim.multiple_results, args, dims, full_batch, **params)
 
 
@@ -111,10 +114,12 @@ class _Primitive(Primitive):
 
 def _define(name: str, target: str, abstract_eval: Callable, batched: int | None = None,
             full_batch: Sequence[int] = (), batch_rule: Callable | None = None,
-            axes: str | None = None, partition: str = "bh") -> Primitive:
+            axes: str | None = None, partition: str = "bh",
+            trailing_batched: int = 0) -> Primitive:
     """One primitive for one FFI target.
 
-    ``batched``: how many leading operands have a batch axis (None: all of them);
+    ``batched``: how many leading operands have a batch axis (None: all of them), and
+    ``trailing_batched`` how many trailing ones;
     ``full_batch``: operands the kernel reads at the output's full batch (see the rule);
     ``batch_rule``: a rule of the primitive's own instead of the folding one.
     ``axes`` names each operand's and result's axes, ``"btnh,bskh,...->btnd,btn"`` (``b``
@@ -135,7 +140,8 @@ def _define(name: str, target: str, abstract_eval: Callable, batched: int | None
                                platform="cpu")
     batching.primitive_batchers[prim] = (
         partial(batch_rule, prim) if batch_rule is not None else
-        partial(_fold_batch_rule, prim, batched=batched, full_batch=tuple(full_batch)))
+        partial(_fold_batch_rule, prim, batched=batched, full_batch=tuple(full_batch),
+                trailing_batched=trailing_batched))
     return prim
 
 
@@ -287,38 +293,42 @@ def attention_attrs(scale: float, soft_cap: float | None, is_causal: bool,
                 window_right=np.int64(right))
 
 
-def _sparse_fwd_abstract(q, k, v, q_indptr, q_entries, masks, **_):
-    b = _output_batch(q, k, v)
+def _sparse_fwd_abstract(q, k, v, q_indptr, q_entries, masks, *tokens, **_):
+    b = _output_batch(q, k, v, *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
             q.update(shape=(b, t, n), dtype=jnp.float32))
 
 
-def _sparse_bwd_abstract(q, k, v, out, lse, dout, dlse, *tables, **_):
-    b = _output_batch(q, k, v, out, lse, dout, dlse)
+def _sparse_bwd_abstract(q, k, v, out, lse, dout, dlse, *tables_and_tokens, **_):
+    tokens = tables_and_tokens[6:]
+    b = _output_batch(q, k, v, out, lse, dout, dlse, *tokens)
     return (q.update(shape=(b,) + q.shape[1:], dtype=q.dtype),
             k.update(shape=(b,) + k.shape[1:], dtype=k.dtype),
             v.update(shape=(b,) + v.shape[1:], dtype=v.dtype))
 
 
 # Block-sparse attention. Operands: query, key, value, then the mask's tables for the kernels'
-# tiling (unbatched): q_indptr, q_entries, masks; attributes: scale, soft_cap.
-_SPARSE_FWD_AXES = "btnh,bskh,bskd,x,xy,xyz->btnd,btn"
+# tiling (unbatched): q_indptr, q_entries, masks, then the five token operands of the flash
+# targets (batched; empty when absent); attributes: scale, soft_cap.
+_SPARSE_FWD_AXES = f"btnh,bskh,bskd,x,xy,xyz,{_TOKEN_OPERANDS}->btnd,btn"
 sparse_fwd_p = _define("jaxattn_sparse_fwd", "jaxattn_sparse_fwd_v1", _sparse_fwd_abstract,
-                       batched=3, axes=_SPARSE_FWD_AXES)
+                       batched=3, trailing_batched=5, axes=_SPARSE_FWD_AXES)
 # query, key, value, out, lse, dout, dlse (batched), then q_indptr, q_entries, k_indptr,
-# k_entries, masks, masks_t -> dq, dk, dv
-_SPARSE_BWD_AXES = "btnh,bskh,bskd,btnd,btn,btnd,btn,x,xy,x,xy,xyz,xyz->btnh,bskh,bskd"
+# k_entries, masks, masks_t, then the token operands -> dq, dk, dv
+_SPARSE_BWD_AXES = (f"btnh,bskh,bskd,btnd,btn,btnd,btn,x,xy,x,xy,xyz,xyz,{_TOKEN_OPERANDS}"
+                    "->btnh,bskh,bskd")
 sparse_bwd_p = _define("jaxattn_sparse_bwd", "jaxattn_sparse_bwd_v1", _sparse_bwd_abstract,
-                       batched=7, full_batch=(3, 4, 5, 6), axes=_SPARSE_BWD_AXES)
+                       batched=7, full_batch=(3, 4, 5, 6), trailing_batched=5,
+                       axes=_SPARSE_BWD_AXES)
 # The same targets for a per-head mask, whose tables are indexed by kv head: a sharded jit may
 # split the batch only (tables shared by all heads, above, allow batch and heads).
 sparse_fwd_per_head_p = _define("jaxattn_sparse_fwd_per_head", "jaxattn_sparse_fwd_v1",
-                                _sparse_fwd_abstract, batched=3, axes=_SPARSE_FWD_AXES,
-                                partition="b")
+                                _sparse_fwd_abstract, batched=3, trailing_batched=5,
+                                axes=_SPARSE_FWD_AXES, partition="b")
 sparse_bwd_per_head_p = _define("jaxattn_sparse_bwd_per_head", "jaxattn_sparse_bwd_v1",
                                 _sparse_bwd_abstract, batched=7, full_batch=(3, 4, 5, 6),
-                                axes=_SPARSE_BWD_AXES, partition="b")
+                                trailing_batched=5, axes=_SPARSE_BWD_AXES, partition="b")
 
 
 def block_sparse_tiling(group: int) -> tuple[int, int, int, int]:

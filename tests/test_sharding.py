@@ -554,11 +554,13 @@ else:
             "jaxattn_flash_fwd_v1",
             (jax.ShapeDtypeStruct((1, 4, 2, 8), np.float32),
              jax.ShapeDtypeStruct((1, 4, 2), np.float32)))
-        return call(q, k, v, empty_f, empty_b, empty_i, empty_i, scale=np.float32(0.5),
+        # ... plus the five absent token operands (positions, segment ids, ALiBi slopes)
+        return call(q, k, v, empty_f, empty_b, empty_i, empty_i, *(empty_i,) * 4, empty_f,
+                    scale=np.float32(0.5),
                     soft_cap=np.float32(0), is_causal=False, window_left=np.int64(-1),
                     window_right=np.int64(-1), jaxattn_views=views)
 
-    IDENTITY_VIEWS = [1, 7, 2, 0] + [4, 0, 1, 2, 3] * 3 + [1, -1] * 4 + [4, 0, 1, 2, 3, 3, 0, 1, 2]
+    IDENTITY_VIEWS = [1, 12, 2, 0] + [4, 0, 1, 2, 3] * 3 + [1, -1] * 9 + [4, 0, 1, 2, 3, 3, 0, 1, 2]
 
     def test_views_identity_matches_plain_call() -> None:
         out, _ = flash_call(np.asarray(IDENTITY_VIEWS, np.int64))
@@ -566,13 +568,13 @@ else:
         assert_close(out, jaxattn.flash_attention(q, q, q, scale=0.5), rtol=0, atol=0)
 
     @pytest.mark.parametrize("views", [
-        [2, 7, 2, 0],                                   # unknown format
+        [2, 12, 2, 0],                                  # unknown format
         [1, 6, 2, 0],                                   # wrong operand count
         IDENTITY_VIEWS[:-1],                            # truncated
         IDENTITY_VIEWS + [0],                           # trailing data
-        [1, 7, 2, 0] + [4, 0, 1, 9, 3] + IDENTITY_VIEWS[9:],   # axis out of range
-        [1, 7, 2, 0] + [4, 0, 1, 2, -100] + IDENTITY_VIEWS[9:],  # more data than the buffer
-        [1, 7, 2, 1, 2, 0, 2, 2, 1, 2, 4] + IDENTITY_VIEWS[4:],  # inconsistent factor ratio
+        [1, 12, 2, 0] + [4, 0, 1, 9, 3] + IDENTITY_VIEWS[9:],   # axis out of range
+        [1, 12, 2, 0] + [4, 0, 1, 2, -100] + IDENTITY_VIEWS[9:],  # more data than the buffer
+        [1, 12, 2, 1, 2, 0, 2, 2, 1, 2, 4] + IDENTITY_VIEWS[4:],  # inconsistent factor ratio
     ], ids=["format", "count", "truncated", "trailing", "axis", "size", "ratio"])
     def test_views_malformed_is_an_error(views) -> None:
         with pytest.raises(jax.errors.JaxRuntimeError, match="jaxattn"):
