@@ -1168,8 +1168,13 @@ static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTable
     c.mode = bf16_mode;
   }
   // A dense mask keeps the block-sparse tables' grid: block-sparse attention then stays
-  // bitwise equal to flash attention with its mask materialised (sparse_impl.h).
-  if (c.mode == ProductMode::kAmxTiles && sparse == nullptr && p.mask.data == nullptr) {
+  // bitwise equal to flash attention with its mask materialised (sparse_impl.h). So do
+  // positions and segment ids: their tile skipping (ClassifyTile) is finer there, and equals
+  // the dense mask they stand for bitwise.
+  const bool token_masks = p.q_positions != nullptr || p.kv_positions != nullptr ||
+                           p.q_segments != nullptr;
+  if (c.mode == ProductMode::kAmxTiles && sparse == nullptr && p.mask.data == nullptr &&
+      !token_masks) {
     c.keys_per_tile = kAmxKeysPerTile;
   }
   return c;
