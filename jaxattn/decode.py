@@ -28,8 +28,8 @@ from jaxattn._validation import (
     check_lengths,
     check_scale,
     check_soft_cap,
-    normalize_window,
     check_token_ids,
+    normalize_window,
 )
 
 Array = jax.Array

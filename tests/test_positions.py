@@ -8,7 +8,6 @@ give the same results as the equivalent dense mask, bitwise.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
