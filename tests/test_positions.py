@@ -558,3 +558,32 @@ def test_block_sparse_tokens_vmap_and_validation(rng: np.random.Generator) -> No
         jaxattn.block_sparse_attention(q, k, v, m, query_segment_ids=ids)
     with pytest.raises(ValueError, match="key_value_positions"):
         jaxattn.block_sparse_attention(q, k, v, m, key_value_positions=np.zeros((3, 9), int))
+
+
+def test_v1_targets_keep_their_original_layout(rng: np.random.Generator) -> None:
+    """Programs exported before the token operands call the _v1 targets with their original
+    operands (flash: 7, decode: 4, no strict_lengths); they still run, as the defaults."""
+    q = rng.standard_normal((2, 9, 4, 16)).astype(np.float32)
+    k = rng.standard_normal((2, 11, 2, 16)).astype(np.float32)
+    v = rng.standard_normal((2, 11, 2, 8)).astype(np.float32)
+    empty_f, empty_b, empty_i = (np.zeros((0,), t) for t in (np.float32, np.bool_, np.int32))
+    out_types = (jax.ShapeDtypeStruct((2, 9, 4, 8), np.float32),
+                 jax.ShapeDtypeStruct((2, 9, 4), np.float32))
+    out, lse = jax.ffi.ffi_call("jaxattn_flash_fwd_v1", out_types)(
+        q, k, v, empty_f, empty_b, empty_i, empty_i, scale=np.float32(0.25),
+        soft_cap=np.float32(0), is_causal=True, window_left=np.int64(-1),
+        window_right=np.int64(-1))
+    want = jaxattn.flash_attention(q, k, v, scale=0.25, is_causal=True, return_residual=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(want[1]))
+
+    lengths = np.array([11, 5], np.int32)
+    qd = q[:, :3]
+    out_types = (jax.ShapeDtypeStruct((2, 3, 4, 8), np.float32),
+                 jax.ShapeDtypeStruct((2, 3, 4), np.float32))
+    out, lse = jax.ffi.ffi_call("jaxattn_decode_fwd_v1", out_types)(
+        qd, k, v, lengths, scale=np.float32(0.25), soft_cap=np.float32(0),
+        window_left=np.int64(-1))
+    want = jaxattn.decode_attention(qd, k, v, lengths, scale=0.25, return_residual=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(want[1]))
