@@ -46,6 +46,25 @@ struct AttentionProblem {
   float soft_cap = 0.0f;  // 0: off
   bool causal = false;
   int64_t window_left = -1, window_right = -1;  // -1 (any negative): unbounded; <= 2^62
+  // Token positions (int32, clamped to [-2^30, 2^30]): when either is given the causal mask
+  // and the window compare kv_positions[s] with q_positions[t] (an absent side is its index);
+  // the lengths still count indices. [positions_batch, T] and [positions_batch, S], read at
+  // row b % batch; nullptr: absent.
+  const int32_t* q_positions = nullptr;
+  int64_t q_positions_batch = 1;
+  const int32_t* kv_positions = nullptr;
+  int64_t kv_positions_batch = 1;
+  // Packed sequences: query t sees key s only where q_segments[t] == kv_segments[s]. Both or
+  // neither; [segments_batch, T] and [segments_batch, S].
+  const int32_t* q_segments = nullptr;
+  int64_t q_segments_batch = 1;
+  const int32_t* kv_segments = nullptr;
+  int64_t kv_segments_batch = 1;
+  // ALiBi: logits of head n get -alibi_slopes[b % alibi_batch][n] * |position_t - position_s|
+  // (the positions above, or indices), after the bias and before the soft cap. [alibi_batch,
+  // N] float32; nullptr: off.
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch = 1;
 };
 
 struct FlashForwardResult {
@@ -154,6 +173,19 @@ struct DecodeAttentionProblem {
   CacheQuant cache_quant = CacheQuant::kNone;
   const float* key_scale = nullptr;
   const float* value_scale = nullptr;
+  // Token positions (int32, clamped to [-2^30, 2^30]): query t of sequence b at
+  // q_positions[b % batch][t] (default kv_lengths[b] - T + t), cache entry j at
+  // kv_positions[b % batch][j] (default j; [batch, max_pages * page_size], by logical index).
+  // Entry j is visible to query t when j < kv_lengths[b], its position <= the query's and
+  // (window) >= the query's - window_left. nullptr: the default.
+  const int32_t* q_positions = nullptr;
+  int64_t q_positions_batch = 1;
+  const int32_t* kv_positions = nullptr;
+  int64_t kv_positions_batch = 1;
+  // ALiBi: -alibi_slopes[b % alibi_batch][n] * |query position - key position| is added to
+  // the logits of head n before the soft cap. [alibi_batch, N] float32; nullptr: off.
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch = 1;
 };
 
 struct DecodeResult {

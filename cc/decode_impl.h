@@ -510,6 +510,35 @@ static inline int64_t DecodeLength(const DecodeAttentionProblem& p, int64_t capa
   return MinI(capacity, MaxI(0, p.kv_lengths[b % p.kv_lengths_batch]));
 }
 
+// Sequence b's query and key positions (nullptr: the defaults) and ALiBi slopes.
+struct DecodePositions {
+  const int32_t* q_pos = nullptr;
+  const int32_t* kv_pos = nullptr;
+  const float* slopes = nullptr;
+  int64_t q_offset = 0;  // default query position of token 0: len - T
+  int64_t QueryPosition(int64_t t) const {
+    return q_pos != nullptr ? ClampDecodePosition(q_pos[t]) : q_offset + t;
+  }
+  int64_t KeyPosition(int64_t j) const {
+    return kv_pos != nullptr ? ClampDecodePosition(kv_pos[j]) : j;
+  }
+  static int64_t ClampDecodePosition(int32_t x) {
+    const int64_t limit = int64_t{1} << 30;
+    return x < -limit ? -limit : x > limit ? limit : x;
+  }
+};
+
+static inline DecodePositions DecodePositionsOf(const DecodeAttentionProblem& p, int64_t b,
+                                                int64_t len) {
+  DecodePositions dp;
+  const int64_t capacity = p.max_pages * p.page_size;
+  if (p.q_positions) dp.q_pos = p.q_positions + (b % p.q_positions_batch) * p.q_len;
+  if (p.kv_positions) dp.kv_pos = p.kv_positions + (b % p.kv_positions_batch) * capacity;
+  if (p.alibi_slopes) dp.slopes = p.alibi_slopes + (b % p.alibi_batch) * p.num_heads;
+  dp.q_offset = len - p.q_len;
+  return dp;
+}
+
 static inline int64_t DecodePage(const DecodeAttentionProblem& p, int64_t b,
                                  int64_t page_index) {
   if (p.block_tables == nullptr) return b % p.num_pages;
@@ -633,19 +662,32 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
   float* key_mult = carve.Take(sizes[11]);    // quantized caches: scale * kFactor of each key
   float* value_mult = carve.Take(sizes[12]);  // and each value row of the block (0 past nk)
 
-  // Visible keys of row r (token t): [lo, hi) with hi = position + 1.
+  // Visible keys of row r (token t): [lo, hi) with hi = position + 1; with explicit
+  // positions, the range of key positions it sees (keys below len only).
   const int64_t len = DecodeLength(p, job.capacity, b);
+  const DecodePositions dp = DecodePositionsOf(p, b, len);
+  const bool by_position = dp.q_pos != nullptr || dp.kv_pos != nullptr;
+  int64_t rows_lo = int64_t{1} << 62, rows_hi = -(int64_t{1} << 62);  // by position
   for (int64_t t = 0; t < T; ++t) {
-    const int64_t pos = len - T + t;
+    const int64_t pos = dp.QueryPosition(t);
     for (int64_t g = 0; g < G; ++g) {
-      row_hi[t * G + g] = MaxI(0, pos + 1);
-      row_lo[t * G + g] = p.window_left < 0 ? 0 : MaxI(0, pos - p.window_left);
+      if (by_position) {
+        row_hi[t * G + g] = pos + 1;
+        row_lo[t * G + g] = p.window_left < 0 ? -(int64_t{1} << 62) : pos - p.window_left;
+      } else {
+        row_hi[t * G + g] = MaxI(0, pos + 1);
+        row_lo[t * G + g] = p.window_left < 0 ? 0 : MaxI(0, pos - p.window_left);
+      }
     }
+    rows_lo = MinI(rows_lo, row_lo[t * G]);
+    rows_hi = MaxI(rows_hi, row_hi[t * G]);
   }
   const int64_t part_begin = part * job.partition;
   const int64_t part_end = MinI(len, part_begin + job.partition);
-  const int64_t begin = MaxI(part_begin, row_lo[0]);  // row 0 sees the earliest keys
-  const int64_t end = MinI(part_end, row_hi[R - 1]);  // the last row sees the latest
+  // Row 0 sees the earliest keys, the last row the latest (by index); by position every key
+  // below len is a candidate and blocks are cut by their positions below.
+  const int64_t begin = by_position ? part_begin : MaxI(part_begin, row_lo[0]);
+  const int64_t end = by_position ? part_end : MinI(part_end, row_hi[R - 1]);
 
   for (int64_t i = 0; i < heads * R; ++i) {
     m[i] = -kInf;
@@ -683,12 +725,30 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
   const char* value_base = static_cast<const char*>(p.value) +
                            value_shift * p.num_kv_heads * p.value_dim * es;
 
+  const bool has_alibi = dp.slopes != nullptr;
+  int32_t key_pos[kDecodeBlock];  // the block's key positions (by position or with ALiBi)
   for (int64_t s0 = begin; s0 < end; s0 += bk) {
     const int64_t nk = MinI(bk, end - s0), nkp = RoundUp(nk, kVL);
+    bool full = false;
+    if (by_position || has_alibi) {
+      int64_t k_min = int64_t{1} << 62, k_max = -(int64_t{1} << 62);
+      for (int64_t j = 0; j < nk; ++j) {
+        key_pos[j] = dp.KeyPosition(s0 + j);
+        k_min = MinI(k_min, key_pos[j]);
+        k_max = MaxI(k_max, key_pos[j]);
+      }
+      if (by_position) {
+        // No row sees any key of the block: skip it (never read). Every row sees all of it:
+        // no mask.
+        if (k_min >= rows_hi || k_max < rows_lo) continue;
+        full = true;
+        for (int64_t r = 0; r < R; r += G) full = full && row_lo[r] <= k_min && k_max < row_hi[r];
+      }
+    }
     const int64_t nk_ahead = MinI(bk + kKeyPrefetch, end - s0);  // rows known, for prefetching
     KeyRows(p, b, s0, nk_ahead, key_rows);
     // Rows whose visible range covers the whole block need no mask.
-    const bool full = row_lo[R - 1] <= s0 && s0 + nk <= row_hi[0];
+    if (!by_position) full = row_lo[R - 1] <= s0 && s0 + nk <= row_hi[0];
 
     // Scores of every head. K is read strictly in memory order (key by key, the heads of a
     // key are adjacent) so the hardware prefetchers see one sequential stream; the V rows
@@ -753,13 +813,25 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
         if constexpr (E::kQuantized) {  // the key row's scale multiplies its partial score
           for (int64_t j = 0; j < nkp; j += kVL) Store(sr + j, Load(sr + j) * Load(key_mult + j));
         }
+        if (has_alibi) {  // after the key scale: the bias applies to the dequantised score
+          const float slope = dp.slopes[kh * G + r % G];
+          const int64_t qp = dp.QueryPosition(r / G);
+          for (int64_t j = 0; j < nk; ++j) {
+            const int64_t d = qp - key_pos[j];
+            sr[j] -= slope * static_cast<float>(d < 0 ? -d : d);
+          }
+        }
         if (has_cap) {  // before any masking: the cap of -inf would be -cap
           for (int64_t j = 0; j < nkp; j += kVL) {
             Store(sr + j, Tanh(Load(sr + j) * inv_cap) * cap);
           }
         }
         for (int64_t j = nk; j < nkp; ++j) sr[j] = -kInf;
-        if (!full) {
+        if (!full && by_position) {
+          for (int64_t j = 0; j < nk; ++j) {
+            if (key_pos[j] < row_lo[r] || key_pos[j] >= row_hi[r]) sr[j] = -kInf;
+          }
+        } else if (!full) {
           const int64_t lo = row_lo[r] - s0, hi = row_hi[r] - s0;
           for (int64_t j = 0; j < nk; ++j) {
             if (j < lo || j >= hi) sr[j] = -kInf;

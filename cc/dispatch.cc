@@ -149,6 +149,18 @@ const char* ValidateProblem(const AttentionProblem& p) {
   if (p.window_left > (int64_t{1} << 62) || p.window_right > (int64_t{1} << 62)) {
     return "window sizes above 2^62 are not supported";
   }
+  const auto divides = [&p](const void* x, int64_t batch) {
+    return x == nullptr || (batch > 0 && p.batch % batch == 0);
+  };
+  if (!divides(p.q_positions, p.q_positions_batch) ||
+      !divides(p.kv_positions, p.kv_positions_batch) ||
+      !divides(p.q_segments, p.q_segments_batch) ||
+      !divides(p.kv_segments, p.kv_segments_batch) || !divides(p.alibi_slopes, p.alibi_batch)) {
+    return "positions, segment ids and ALiBi slopes must have batch 1 or B";
+  }
+  if ((p.q_segments == nullptr) != (p.kv_segments == nullptr)) {
+    return "query and key/value segment ids must be given together";
+  }
   return nullptr;
 }
 
@@ -245,6 +257,13 @@ const char* ValidateDecodeProblem(const DecodeAttentionProblem& p) {
   }
   if (!(p.scale == p.scale) || !(p.soft_cap >= 0.0f)) return "scale/soft cap invalid";
   if (p.head_dim > 1024 || p.value_dim > 1024) return "head dims above 1024 are not supported";
+  const auto divides = [&p](const void* x, int64_t batch) {
+    return x == nullptr || (batch > 0 && p.batch % batch == 0);
+  };
+  if (!divides(p.q_positions, p.q_positions_batch) ||
+      !divides(p.kv_positions, p.kv_positions_batch) || !divides(p.alibi_slopes, p.alibi_batch)) {
+    return "positions and ALiBi slopes must have batch 1 or B";
+  }
   return nullptr;
 }
 

@@ -79,6 +79,15 @@ ffi::Error DecodeBroadcast(const ffi::AnyBuffer& buffer, const char* name, Broad
   return ffi::Error::Success();
 }
 
+// Token positions, segment ids and ALiBi slopes (each 0 elements: absent).
+struct TokenOperands {
+  const S32Buffer& q_positions;   // [Bp, T]
+  const S32Buffer& kv_positions;  // [Bp, S]
+  const S32Buffer& q_segments;    // [Bs, T]
+  const S32Buffer& kv_segments;   // [Bs, S]
+  const F32Buffer& alibi_slopes;  // [Ba, N]
+};
+
 struct ProblemOperands {
   const ffi::AnyBuffer& query;
   const ffi::AnyBuffer& key;
@@ -87,7 +96,54 @@ struct ProblemOperands {
   const ffi::AnyBuffer& mask;
   const S32Buffer& q_lengths;
   const S32Buffer& kv_lengths;
+  const TokenOperands* tokens = nullptr;
 };
+
+// Points p at the present token operands after checking their shapes against it.
+ffi::Error DecodeTokens(const TokenOperands& in, AttentionProblem* p) {
+  const auto rows = [](const S32Buffer& x, const char* name, int64_t len, const int32_t** data,
+                       int64_t* batch) -> ffi::Error {
+    if (x.element_count() == 0) return ffi::Error::Success();
+    const auto d = x.dimensions();
+    if (d.size() != 2 || d[1] != len) {
+      return InvalidArgument(std::string(name) + " must have shape [B, " + std::to_string(len) +
+                             "], got " + ShapeString(d));
+    }
+    *data = x.typed_data();
+    *batch = d[0];
+    return ffi::Error::Success();
+  };
+  if (auto e = rows(in.q_positions, "query_positions", p->q_len, &p->q_positions,
+                    &p->q_positions_batch);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = rows(in.kv_positions, "key_value_positions", p->kv_len, &p->kv_positions,
+                    &p->kv_positions_batch);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = rows(in.q_segments, "query_segment_ids", p->q_len, &p->q_segments,
+                    &p->q_segments_batch);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = rows(in.kv_segments, "key_value_segment_ids", p->kv_len, &p->kv_segments,
+                    &p->kv_segments_batch);
+      e.failure()) {
+    return e;
+  }
+  if (in.alibi_slopes.element_count() != 0) {
+    const auto d = in.alibi_slopes.dimensions();
+    if (d.size() != 2 || d[1] != p->num_heads) {
+      return InvalidArgument("alibi_slopes must have shape [B, " + std::to_string(p->num_heads) +
+                             "], got " + ShapeString(d));
+    }
+    p->alibi_slopes = in.alibi_slopes.typed_data();
+    p->alibi_batch = d[0];
+  }
+  return ffi::Error::Success();
+}
 
 struct ProblemAttrs {
   float scale;
@@ -154,14 +210,21 @@ ffi::Error DecodeProblem(const ProblemOperands& in, const ProblemAttrs& attrs, i
     p->kv_lengths = in.kv_lengths.typed_data();
     p->kv_lengths_batch = in.kv_lengths.element_count();
   }
+  if (in.tokens != nullptr) {
+    if (auto e = DecodeTokens(*in.tokens, p); e.failure()) return e;
+  }
   p->scale = attrs.scale;
   p->soft_cap = attrs.soft_cap;
   p->causal = attrs.is_causal;
   // A window side wider than the sequence bounds nothing: clamp so that the kernels'
   // position + window arithmetic cannot overflow for any attribute value (-1: unbounded).
-  p->window_left = attrs.window_left < 0 ? -1 : std::min<int64_t>(attrs.window_left, p->q_len);
+  // Positions (clamped to +-2^30 by the kernels) are at most 2^31 apart.
+  const bool by_position = p->q_positions != nullptr || p->kv_positions != nullptr;
+  const int64_t left_max = by_position ? int64_t{1} << 31 : p->q_len;
+  const int64_t right_max = by_position ? int64_t{1} << 31 : p->kv_len;
+  p->window_left = attrs.window_left < 0 ? -1 : std::min<int64_t>(attrs.window_left, left_max);
   p->window_right =
-      attrs.window_right < 0 ? -1 : std::min<int64_t>(attrs.window_right, p->kv_len);
+      attrs.window_right < 0 ? -1 : std::min<int64_t>(attrs.window_right, right_max);
   if (const char* message = ValidateProblem(*p)) return InvalidArgument(message);
   return ffi::Error::Success();
 }
@@ -177,7 +240,9 @@ bool HasShape(ffi::AnyBuffer::Dimensions dims, std::initializer_list<int64_t> ex
 
 ffi::Error FlashForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                             ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
-                            S32Buffer q_lengths, S32Buffer kv_lengths,
+                            S32Buffer q_lengths, S32Buffer kv_lengths, S32Buffer q_positions,
+                            S32Buffer kv_positions, S32Buffer q_segments,
+                            S32Buffer kv_segments, F32Buffer alibi_slopes,
                             ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
                             float soft_cap, bool is_causal, int64_t window_left,
                             int64_t window_right) {
@@ -185,7 +250,8 @@ ffi::Error FlashForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::Any
   if (od.size() != 4) return InvalidArgument("output must have rank 4");
   AttentionProblem p;
   const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths};
+  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
   if (auto e = DecodeProblem(in, attrs, od[0], &p); e.failure()) return e;
   if (out->element_type() != query.element_type() ||
       !HasShape(od, {p.batch, p.q_len, p.num_heads, p.value_dim}) ||
@@ -233,12 +299,16 @@ ffi::Error FlashBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
                              ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                              S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
                              F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
-                             ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                             ffi::Result<ffi::AnyBuffer> dv, float scale, float soft_cap,
-                             bool is_causal, int64_t window_left, int64_t window_right) {
+                             S32Buffer q_positions, S32Buffer kv_positions,
+                             S32Buffer q_segments, S32Buffer kv_segments,
+                             F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> dq,
+                             ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                             float scale, float soft_cap, bool is_causal, int64_t window_left,
+                             int64_t window_right) {
   AttentionProblem p;
   const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths};
+  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
   const auto dqd = dq->dimensions();
   if (dqd.size() != 4) return InvalidArgument("dq must have rank 4");
   if (auto e = DecodeProblem(in, attrs, dqd[0], &p); e.failure()) return e;
@@ -257,11 +327,15 @@ ffi::Error FlashLogitsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
                                ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                                S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
                                F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
-                               F32Result dlogits, float scale, float soft_cap, bool is_causal,
-                               int64_t window_left, int64_t window_right) {
+                               S32Buffer q_positions, S32Buffer kv_positions,
+                               S32Buffer q_segments, S32Buffer kv_segments,
+                               F32Buffer alibi_slopes, F32Result dlogits, float scale,
+                               float soft_cap, bool is_causal, int64_t window_left,
+                               int64_t window_right) {
   AttentionProblem p;
   const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths};
+  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
   const auto gd = dlogits->dimensions();
   if (gd.size() != 4) return InvalidArgument("dlogits must have rank 4");
   if (auto e = DecodeProblem(in, attrs, gd[0], &p); e.failure()) return e;
@@ -280,12 +354,16 @@ ffi::Error FlashJvpImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuff
                         ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                         S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
                         F32Buffer lse, ffi::AnyBuffer dq, ffi::AnyBuffer dk, ffi::AnyBuffer dv,
-                        ffi::AnyBuffer dbias, ffi::Result<ffi::AnyBuffer> dout, F32Result dlse,
-                        float scale, float soft_cap, bool is_causal, int64_t window_left,
+                        ffi::AnyBuffer dbias, S32Buffer q_positions, S32Buffer kv_positions,
+                        S32Buffer q_segments, S32Buffer kv_segments, F32Buffer alibi_slopes,
+                        ffi::Result<ffi::AnyBuffer> dout, F32Result dlse, float scale,
+                        float soft_cap, bool is_causal, int64_t window_left,
                         int64_t window_right) {
   AttentionProblem p;
   const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths};
+  // The forward's token operands: the tangent differentiates the same logits.
+  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
   const auto od = dout->dimensions();
   if (od.size() != 4) return InvalidArgument("the output tangent must have rank 4");
   if (auto e = DecodeProblem(in, attrs, od[0], &p); e.failure()) return e;
@@ -386,8 +464,9 @@ ffi::Error DecodeBlockSparse(const AttentionProblem& p, const S32Buffer& q_indpt
 
 ffi::Error SparseProblem(const ffi::AnyBuffer& query, const ffi::AnyBuffer& key,
                          const ffi::AnyBuffer& value, int64_t batch, float scale,
-                         float soft_cap, AttentionProblem* p) {
+                         float soft_cap, const TokenOperands& tokens, AttentionProblem* p) {
   if (auto e = DecodeQueryKeyValue(query, key, value, batch, p); e.failure()) return e;
+  if (auto e = DecodeTokens(tokens, p); e.failure()) return e;
   p->scale = scale;
   p->soft_cap = soft_cap;
   if (const char* message = ValidateProblem(*p)) return InvalidArgument(message);
@@ -396,12 +475,17 @@ ffi::Error SparseProblem(const ffi::AnyBuffer& query, const ffi::AnyBuffer& key,
 
 ffi::Error SparseForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                              ffi::AnyBuffer value, S32Buffer q_indptr, S32Buffer q_entries,
-                             ffi::AnyBuffer masks, ffi::Result<ffi::AnyBuffer> out,
-                             F32Result lse, float scale, float soft_cap) {
+                             ffi::AnyBuffer masks, S32Buffer q_positions,
+                             S32Buffer kv_positions, S32Buffer q_segments,
+                             S32Buffer kv_segments, F32Buffer alibi_slopes,
+                             ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
+                             float soft_cap) {
   const auto od = out->dimensions();
   if (od.size() != 4) return InvalidArgument("output must have rank 4");
   AttentionProblem p;
-  if (auto e = SparseProblem(query, key, value, od[0], scale, soft_cap, &p); e.failure()) {
+  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  if (auto e = SparseProblem(query, key, value, od[0], scale, soft_cap, tokens, &p);
+      e.failure()) {
     return e;
   }
   if (out->element_type() != query.element_type() ||
@@ -425,13 +509,17 @@ ffi::Error SparseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::A
                               ffi::AnyBuffer dout, F32Buffer dlse, S32Buffer q_indptr,
                               S32Buffer q_entries, S32Buffer k_indptr, S32Buffer k_entries,
                               ffi::AnyBuffer masks, ffi::AnyBuffer masks_t,
-                              ffi::Result<ffi::AnyBuffer> dq,
+                              S32Buffer q_positions, S32Buffer kv_positions,
+                              S32Buffer q_segments, S32Buffer kv_segments,
+                              F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> dq,
                               ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                               float scale, float soft_cap) {
   const auto dqd = dq->dimensions();
   if (dqd.size() != 4) return InvalidArgument("dq must have rank 4");
   AttentionProblem p;
-  if (auto e = SparseProblem(query, key, value, dqd[0], scale, soft_cap, &p); e.failure()) {
+  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  if (auto e = SparseProblem(query, key, value, dqd[0], scale, soft_cap, tokens, &p);
+      e.failure()) {
     return e;
   }
   FlashBackwardArgs args;
@@ -473,13 +561,57 @@ ffi::Error DecodeCacheScale(const F32Buffer* scale, const char* name,
 
 // Decode: query [Bq,T,N,H]; key/value storage [P, page, K, H|Hv] (a contiguous cache is P = Bk
 // pages of page = Smax); block_tables [Bt, max_pages] (nullptr: contiguous); kv_lengths [Bl].
+// Decode's optional token operands (0 elements: absent): query_positions [Bp, T],
+// key_value_positions [Bp, max_pages * page_size], alibi_slopes [Ba, N].
+// The _v1 targets predate them and pass nullptr.
+struct DecodeTokenOperands {
+  const S32Buffer& q_positions;
+  const S32Buffer& kv_positions;
+  const F32Buffer& alibi_slopes;
+};
+
+ffi::Error ReadDecodeTokens(const DecodeTokenOperands& in, DecodeAttentionProblem* p) {
+  const auto rows = [](const ffi::AnyBuffer::Dimensions d, int64_t len) {
+    return d.size() == 2 && d[0] > 0 && d[1] == len;
+  };
+  const int64_t capacity = p->max_pages * p->page_size;
+  if (in.q_positions.element_count() != 0) {
+    if (!rows(in.q_positions.dimensions(), p->q_len)) {
+      return InvalidArgument("decode: query_positions must have shape [B, " +
+                             std::to_string(p->q_len) + "], got " +
+                             ShapeString(in.q_positions.dimensions()));
+    }
+    p->q_positions = in.q_positions.typed_data();
+    p->q_positions_batch = in.q_positions.dimensions()[0];
+  }
+  if (in.kv_positions.element_count() != 0) {
+    if (!rows(in.kv_positions.dimensions(), capacity)) {
+      return InvalidArgument("decode: key_value_positions must have shape [B, " +
+                             std::to_string(capacity) + "], got " +
+                             ShapeString(in.kv_positions.dimensions()));
+    }
+    p->kv_positions = in.kv_positions.typed_data();
+    p->kv_positions_batch = in.kv_positions.dimensions()[0];
+  }
+  if (in.alibi_slopes.element_count() != 0) {
+    if (!rows(in.alibi_slopes.dimensions(), p->num_heads)) {
+      return InvalidArgument("decode: alibi_slopes must have shape [B, " +
+                             std::to_string(p->num_heads) + "], got " +
+                             ShapeString(in.alibi_slopes.dimensions()));
+    }
+    p->alibi_slopes = in.alibi_slopes.typed_data();
+    p->alibi_batch = in.alibi_slopes.dimensions()[0];
+  }
+  return ffi::Error::Success();
+}
+
 // The quantized targets pass key_scale / value_scale (possibly empty); the others nullptr.
 ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
                      const ffi::AnyBuffer& key, const ffi::AnyBuffer& value,
                      const S32Buffer* block_tables, const S32Buffer& kv_lengths,
-                     ffi::Result<ffi::AnyBuffer>& out, F32Result& lse, float scale,
-                     float soft_cap, int64_t window_left, bool strict_lengths,
-                     const F32Buffer* key_scale = nullptr,
+                     const DecodeTokenOperands* tokens, ffi::Result<ffi::AnyBuffer>& out,
+                     F32Result& lse, float scale, float soft_cap, int64_t window_left,
+                     bool strict_lengths, const F32Buffer* key_scale = nullptr,
                      const F32Buffer* value_scale = nullptr) {
   const auto q = query.dimensions(), k = key.dimensions(), v = value.dimensions();
   const auto od = out->dimensions();
@@ -542,6 +674,9 @@ ffi::Error DecodeRun(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
   p.scale = scale;
   p.soft_cap = soft_cap;
   p.window_left = window_left;
+  if (tokens != nullptr) {
+    if (auto e = ReadDecodeTokens(*tokens, &p); e.failure()) return e;
+  }
   if (const char* message = ValidateDecodeProblem(p)) {
     return InvalidArgument(std::string("decode: ") + message);
   }
@@ -590,8 +725,8 @@ ffi::Error DecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
                              ffi::AnyBuffer value, S32Buffer kv_lengths,
                              ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
                              float soft_cap, int64_t window_left) {
-  return DecodeRun(pool, query, key, value, nullptr, kv_lengths, out, lse, scale, soft_cap,
-                   window_left, false);
+  return DecodeRun(pool, query, key, value, nullptr, kv_lengths, nullptr, out, lse, scale,
+                   soft_cap, window_left, false);
 }
 
 ffi::Error PagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
@@ -599,48 +734,61 @@ ffi::Error PagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                   S32Buffer block_tables, S32Buffer kv_lengths,
                                   ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
                                   float soft_cap, int64_t window_left) {
-  return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, out, lse,
-                   scale, soft_cap, window_left, false);
+  return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, nullptr, out,
+                   lse, scale, soft_cap, window_left, false);
 }
 
-// _v2: the _v1 targets plus the strict_lengths attribute (the _v1 layout keeps working).
+// _v2: the _v1 targets plus the token operands (query_positions, key_value_positions,
+// alibi_slopes; 0 elements: absent) and the strict_lengths attribute (the _v1 layout keeps
+// working).
 ffi::Error DecodeForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                                ffi::AnyBuffer value, S32Buffer kv_lengths,
-                               ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
-                               float soft_cap, int64_t window_left, bool strict_lengths) {
-  return DecodeRun(pool, query, key, value, nullptr, kv_lengths, out, lse, scale, soft_cap,
-                   window_left, strict_lengths);
+                               S32Buffer q_positions, S32Buffer kv_positions,
+                               F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> out,
+                               F32Result lse, float scale, float soft_cap, int64_t window_left,
+                               bool strict_lengths) {
+  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes};
+  return DecodeRun(pool, query, key, value, nullptr, kv_lengths, &tokens, out, lse, scale,
+                   soft_cap, window_left, strict_lengths);
 }
 
 ffi::Error PagedDecodeForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                     ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
                                     S32Buffer block_tables, S32Buffer kv_lengths,
-                                    ffi::Result<ffi::AnyBuffer> out, F32Result lse,
-                                    float scale, float soft_cap, int64_t window_left,
-                                    bool strict_lengths) {
-  return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, out, lse,
-                   scale, soft_cap, window_left, strict_lengths);
+                                    S32Buffer q_positions, S32Buffer kv_positions,
+                                    F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> out,
+                                    F32Result lse, float scale, float soft_cap,
+                                    int64_t window_left, bool strict_lengths) {
+  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes};
+  return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, &tokens, out,
+                   lse, scale, soft_cap, window_left, strict_lengths);
 }
 
 // Quantized caches: the _v2 targets plus key_scale and value_scale after the caches.
 ffi::Error QuantDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                   ffi::AnyBuffer key, ffi::AnyBuffer value, F32Buffer key_scale,
                                   F32Buffer value_scale, S32Buffer kv_lengths,
-                                  ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
-                                  float soft_cap, int64_t window_left, bool strict_lengths) {
-  return DecodeRun(pool, query, key, value, nullptr, kv_lengths, out, lse, scale, soft_cap,
-                   window_left, strict_lengths, &key_scale, &value_scale);
+                                  S32Buffer q_positions, S32Buffer kv_positions,
+                                  F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> out,
+                                  F32Result lse, float scale, float soft_cap,
+                                  int64_t window_left, bool strict_lengths) {
+  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes};
+  return DecodeRun(pool, query, key, value, nullptr, kv_lengths, &tokens, out, lse, scale,
+                   soft_cap, window_left, strict_lengths, &key_scale, &value_scale);
 }
 
 ffi::Error QuantPagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                        ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
                                        F32Buffer key_scale, F32Buffer value_scale,
                                        S32Buffer block_tables, S32Buffer kv_lengths,
+                                       S32Buffer q_positions, S32Buffer kv_positions,
+                                       F32Buffer alibi_slopes,
                                        ffi::Result<ffi::AnyBuffer> out, F32Result lse,
                                        float scale, float soft_cap, int64_t window_left,
                                        bool strict_lengths) {
-  return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, out, lse,
-                   scale, soft_cap, window_left, strict_lengths, &key_scale, &value_scale);
+  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes};
+  return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, &tokens, out,
+                   lse, scale, soft_cap, window_left, strict_lengths, &key_scale, &value_scale);
 }
 
 // Cache writes: pool [P, L, ...] (aliased to the result: in place under buffer donation),
@@ -685,6 +833,75 @@ auto BindDecodeResults(Binding binding) {
       .template Attr<int64_t>("window_left");
 }
 
+// The _v1 flash and block-sparse targets keep their original operand layout (exported
+// programs may call them): they run the _v2 handlers with every token operand absent.
+template <ffi::DataType kType>
+ffi::Buffer<kType> AbsentToken() {
+  static int64_t zero_dims[1] = {0};
+  static const XLA_FFI_Buffer empty{XLA_FFI_Buffer_STRUCT_SIZE, nullptr,
+                                    static_cast<XLA_FFI_DataType>(kType), nullptr, 1, zero_dims};
+  return ffi::Buffer<kType>(&empty);
+}
+
+ffi::Error FlashForwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                              ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
+                              S32Buffer q_lengths, S32Buffer kv_lengths,
+                              ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
+                              float soft_cap, bool is_causal, int64_t window_left,
+                              int64_t window_right) {
+  const S32Buffer none = AbsentToken<ffi::S32>();
+  return FlashForwardImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, none,
+                          none, none, none, AbsentToken<ffi::F32>(), out, lse, scale, soft_cap,
+                          is_causal, window_left, window_right);
+}
+
+ffi::Error FlashBackwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                               ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
+                               S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
+                               F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
+                               ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                               ffi::Result<ffi::AnyBuffer> dv, float scale, float soft_cap,
+                               bool is_causal, int64_t window_left, int64_t window_right) {
+  const S32Buffer none = AbsentToken<ffi::S32>();
+  return FlashBackwardImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, out, lse,
+                           dout, dlse, none, none, none, none, AbsentToken<ffi::F32>(), dq, dk,
+                           dv, scale, soft_cap, is_causal, window_left, window_right);
+}
+
+ffi::Error FlashLogitsGradV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                                 ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
+                                 S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
+                                 F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
+                                 F32Result dlogits, float scale, float soft_cap, bool is_causal,
+                                 int64_t window_left, int64_t window_right) {
+  const S32Buffer none = AbsentToken<ffi::S32>();
+  return FlashLogitsGradImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, out,
+                             lse, dout, dlse, none, none, none, none, AbsentToken<ffi::F32>(),
+                             dlogits, scale, soft_cap, is_causal, window_left, window_right);
+}
+
+ffi::Error SparseForwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                               ffi::AnyBuffer value, S32Buffer q_indptr, S32Buffer q_entries,
+                               ffi::AnyBuffer masks, ffi::Result<ffi::AnyBuffer> out,
+                               F32Result lse, float scale, float soft_cap) {
+  const S32Buffer none = AbsentToken<ffi::S32>();
+  return SparseForwardImpl(pool, query, key, value, q_indptr, q_entries, masks, none, none, none,
+                           none, AbsentToken<ffi::F32>(), out, lse, scale, soft_cap);
+}
+
+ffi::Error SparseBackwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                                ffi::AnyBuffer value, ffi::AnyBuffer out, F32Buffer lse,
+                                ffi::AnyBuffer dout, F32Buffer dlse, S32Buffer q_indptr,
+                                S32Buffer q_entries, S32Buffer k_indptr, S32Buffer k_entries,
+                                ffi::AnyBuffer masks, ffi::AnyBuffer masks_t,
+                                ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                                ffi::Result<ffi::AnyBuffer> dv, float scale, float soft_cap) {
+  const S32Buffer none = AbsentToken<ffi::S32>();
+  return SparseBackwardImpl(pool, query, key, value, out, lse, dout, dlse, q_indptr, q_entries,
+                            k_indptr, k_entries, masks, masks_t, none, none, none, none,
+                            AbsentToken<ffi::F32>(), dq, dk, dv, scale, soft_cap);
+}
+
 // The operands and attributes every flash target shares, in order.
 template <typename Binding>
 auto BindProblem(Binding binding) {
@@ -697,6 +914,16 @@ auto BindProblem(Binding binding) {
       .template Arg<S32Buffer>();                // key_value_seq_lengths
 }
 
+// The token operands of the flash targets, after their other operands.
+template <typename Binding>
+auto BindTokens(Binding binding) {
+  return std::move(binding).template Arg<S32Buffer>()  // query_positions (0 elements: none)
+      .template Arg<S32Buffer>()                        // key_value_positions
+      .template Arg<S32Buffer>()                        // query_segment_ids
+      .template Arg<S32Buffer>()                        // key_value_segment_ids
+      .template Arg<ffi::Buffer<ffi::F32>>();           // alibi_slopes
+}
+
 template <typename Binding>
 auto BindAttrs(Binding binding) {
   return std::move(binding).template Attr<float>("scale")
@@ -704,6 +931,14 @@ auto BindAttrs(Binding binding) {
       .template Attr<bool>("is_causal")
       .template Attr<int64_t>("window_left")
       .template Attr<int64_t>("window_right");
+}
+
+// The token operands of the _v2 and quantized decode targets, after kv_lengths.
+template <typename Binding>
+auto BindDecodeTokens(Binding binding) {
+  return std::move(binding).template Arg<S32Buffer>()  // query_positions (0 elements: none)
+      .template Arg<S32Buffer>()                        // key_value_positions
+      .template Arg<ffi::Buffer<ffi::F32>>();           // alibi_slopes
 }
 
 template <typename Binding>
@@ -720,12 +955,94 @@ auto BindDecodeResultsV2(Binding binding) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     FlashForwardHandler, FlashForwardImpl,
-    BindAttrs(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+    BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()))
                   .Ret<ffi::AnyBuffer>()    // out
                   .Ret<ffi::Buffer<ffi::F32>>()));  // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     FlashBackwardHandler, FlashBackwardImpl,
+    BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                             .Arg<ffi::AnyBuffer>()          // out
+                             .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                             .Arg<ffi::AnyBuffer>()          // dout
+                             .Arg<ffi::Buffer<ffi::F32>>())  // dlse (0 elements: none)
+                  .Ret<ffi::AnyBuffer>()             // dq
+                  .Ret<ffi::AnyBuffer>()             // dk
+                  .Ret<ffi::AnyBuffer>()));          // dv
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FlashLogitsGradHandler, FlashLogitsGradImpl,
+    BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                             .Arg<ffi::AnyBuffer>()          // out
+                             .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                             .Arg<ffi::AnyBuffer>()          // dout
+                             .Arg<ffi::Buffer<ffi::F32>>())  // dlse
+                  .Ret<ffi::Buffer<ffi::F32>>()));   // dlogits
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FlashJvpHandler, FlashJvpImpl,
+    BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                             .Arg<ffi::AnyBuffer>()          // out
+                             .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                             .Arg<ffi::AnyBuffer>()          // dq (tangent)
+                             .Arg<ffi::AnyBuffer>()          // dk
+                             .Arg<ffi::AnyBuffer>()          // dv
+                             .Arg<ffi::AnyBuffer>())         // dbias (0 elements: none)
+                  .Ret<ffi::AnyBuffer>()             // dout
+                  .Ret<ffi::Buffer<ffi::F32>>()));   // dlse
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    SparseForwardHandler, SparseForwardImpl,
+    BindTokens(ffi::Ffi::Bind()
+                   .Ctx<ffi::ThreadPool>()
+                   .Arg<ffi::AnyBuffer>()     // query
+                   .Arg<ffi::AnyBuffer>()     // key
+                   .Arg<ffi::AnyBuffer>()     // value
+                   .Arg<S32Buffer>()          // q_indptr
+                   .Arg<S32Buffer>()          // q_entries
+                   .Arg<ffi::AnyBuffer>())    // masks
+        .Ret<ffi::AnyBuffer>()     // out
+        .Ret<ffi::Buffer<ffi::F32>>()  // lse
+        .Attr<float>("scale")
+        .Attr<float>("soft_cap"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    SparseBackwardHandler, SparseBackwardImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()     // query
+        .Arg<ffi::AnyBuffer>()     // key
+        .Arg<ffi::AnyBuffer>()     // value
+        .Arg<ffi::AnyBuffer>()     // out
+        .Arg<ffi::Buffer<ffi::F32>>()  // lse
+        .Arg<ffi::AnyBuffer>()     // dout
+        .Arg<ffi::Buffer<ffi::F32>>()  // dlse (0 elements: none)
+        .Arg<S32Buffer>()          // q_indptr
+        .Arg<S32Buffer>()          // q_entries
+        .Arg<S32Buffer>()          // k_indptr
+        .Arg<S32Buffer>()          // k_entries
+        .Arg<ffi::AnyBuffer>()     // masks
+        .Arg<ffi::AnyBuffer>()     // masks_t (transposed)
+        .Arg<S32Buffer>()          // query_positions (0 elements: none)
+        .Arg<S32Buffer>()          // key_value_positions
+        .Arg<S32Buffer>()          // query_segment_ids
+        .Arg<S32Buffer>()          // key_value_segment_ids
+        .Arg<ffi::Buffer<ffi::F32>>()  // alibi_slopes
+        .Ret<ffi::AnyBuffer>()     // dq
+        .Ret<ffi::AnyBuffer>()     // dk
+        .Ret<ffi::AnyBuffer>()     // dv
+        .Attr<float>("scale")
+        .Attr<float>("soft_cap"));
+
+// The original (_v1) layouts: no token operands.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FlashForwardV1Handler, FlashForwardV1Impl,
+    BindAttrs(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                  .Ret<ffi::AnyBuffer>()    // out
+                  .Ret<ffi::Buffer<ffi::F32>>()));  // lse
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FlashBackwardV1Handler, FlashBackwardV1Impl,
     BindAttrs(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
                   .Arg<ffi::AnyBuffer>()             // out
                   .Arg<ffi::Buffer<ffi::F32>>()      // lse
@@ -736,7 +1053,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                   .Ret<ffi::AnyBuffer>()));          // dv
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FlashLogitsGradHandler, FlashLogitsGradImpl,
+    FlashLogitsGradV1Handler, FlashLogitsGradV1Impl,
     BindAttrs(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
                   .Arg<ffi::AnyBuffer>()             // out
                   .Arg<ffi::Buffer<ffi::F32>>()      // lse
@@ -745,19 +1062,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                   .Ret<ffi::Buffer<ffi::F32>>()));   // dlogits
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FlashJvpHandler, FlashJvpImpl,
-    BindAttrs(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
-                  .Arg<ffi::AnyBuffer>()             // out
-                  .Arg<ffi::Buffer<ffi::F32>>()      // lse
-                  .Arg<ffi::AnyBuffer>()             // dq (tangent)
-                  .Arg<ffi::AnyBuffer>()             // dk
-                  .Arg<ffi::AnyBuffer>()             // dv
-                  .Arg<ffi::AnyBuffer>()             // dbias (0 elements: none)
-                  .Ret<ffi::AnyBuffer>()             // dout
-                  .Ret<ffi::Buffer<ffi::F32>>()));   // dlse
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    SparseForwardHandler, SparseForwardImpl,
+    SparseForwardV1Handler, SparseForwardV1Impl,
     ffi::Ffi::Bind()
         .Ctx<ffi::ThreadPool>()
         .Arg<ffi::AnyBuffer>()     // query
@@ -772,7 +1077,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<float>("soft_cap"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    SparseBackwardHandler, SparseBackwardImpl,
+    SparseBackwardV1Handler, SparseBackwardV1Impl,
     ffi::Ffi::Bind()
         .Ctx<ffi::ThreadPool>()
         .Arg<ffi::AnyBuffer>()     // query
@@ -815,22 +1120,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DecodeForwardV2Handler, DecodeForwardV2Impl,
-    BindDecodeResultsV2(ffi::Ffi::Bind()
+    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
                             .Ctx<ffi::ThreadPool>()
                             .Arg<ffi::AnyBuffer>()     // query
                             .Arg<ffi::AnyBuffer>()     // key_cache
                             .Arg<ffi::AnyBuffer>()     // value_cache
-                            .Arg<S32Buffer>()));       // kv_lengths
+                            .Arg<S32Buffer>())));      // kv_lengths
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     PagedDecodeForwardV2Handler, PagedDecodeForwardV2Impl,
-    BindDecodeResultsV2(ffi::Ffi::Bind()
+    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
                             .Ctx<ffi::ThreadPool>()
                             .Arg<ffi::AnyBuffer>()     // query
                             .Arg<ffi::AnyBuffer>()     // key_pages
                             .Arg<ffi::AnyBuffer>()     // value_pages
                             .Arg<S32Buffer>()          // block_tables
-                            .Arg<S32Buffer>()));       // kv_lengths
+                            .Arg<S32Buffer>())));      // kv_lengths
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     CacheWriteHandler, CacheWriteImpl,
@@ -843,18 +1148,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     QuantDecodeForwardHandler, QuantDecodeForwardImpl,
-    BindDecodeResultsV2(ffi::Ffi::Bind()
+    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
                           .Ctx<ffi::ThreadPool>()
                           .Arg<ffi::AnyBuffer>()     // query
                           .Arg<ffi::AnyBuffer>()     // key_cache (int8 / float8)
                           .Arg<ffi::AnyBuffer>()     // value_cache
                           .Arg<F32Buffer>()          // key_scale (0 elements: 1)
                           .Arg<F32Buffer>()          // value_scale
-                          .Arg<S32Buffer>()));       // kv_lengths
+                          .Arg<S32Buffer>())));      // kv_lengths
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     QuantPagedDecodeForwardHandler, QuantPagedDecodeForwardImpl,
-    BindDecodeResultsV2(ffi::Ffi::Bind()
+    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
                           .Ctx<ffi::ThreadPool>()
                           .Arg<ffi::AnyBuffer>()     // query
                           .Arg<ffi::AnyBuffer>()     // key_pages (int8 / float8)
@@ -862,7 +1167,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<F32Buffer>()          // key_scale (0 elements: 1)
                           .Arg<F32Buffer>()          // value_scale
                           .Arg<S32Buffer>()          // block_tables
-                          .Arg<S32Buffer>()));       // kv_lengths
+                          .Arg<S32Buffer>())));      // kv_lengths
 
 }  // namespace jaxattn
 
@@ -1045,9 +1350,12 @@ namespace jaxattn {
 
 std::vector<FfiTarget> FfiTargets() {
   return {
-      {"jaxattn_flash_fwd_v1", reinterpret_cast<void*>(FlashForwardHandler)},
-      {"jaxattn_flash_bwd_v1", reinterpret_cast<void*>(FlashBackwardHandler)},
-      {"jaxattn_flash_dlogits_v1", reinterpret_cast<void*>(FlashLogitsGradHandler)},
+      {"jaxattn_flash_fwd_v1", reinterpret_cast<void*>(FlashForwardV1Handler)},
+      {"jaxattn_flash_bwd_v1", reinterpret_cast<void*>(FlashBackwardV1Handler)},
+      {"jaxattn_flash_dlogits_v1", reinterpret_cast<void*>(FlashLogitsGradV1Handler)},
+      {"jaxattn_flash_fwd_v2", reinterpret_cast<void*>(FlashForwardHandler)},
+      {"jaxattn_flash_bwd_v2", reinterpret_cast<void*>(FlashBackwardHandler)},
+      {"jaxattn_flash_dlogits_v2", reinterpret_cast<void*>(FlashLogitsGradHandler)},
       {"jaxattn_flash_jvp_v1", reinterpret_cast<void*>(FlashJvpHandler)},
       {"jaxattn_decode_fwd_v1", reinterpret_cast<void*>(DecodeForwardHandler)},
       {"jaxattn_paged_decode_fwd_v1", reinterpret_cast<void*>(PagedDecodeForwardHandler)},
@@ -1057,8 +1365,10 @@ std::vector<FfiTarget> FfiTargets() {
       {"jaxattn_quant_paged_decode_fwd_v1",
        reinterpret_cast<void*>(QuantPagedDecodeForwardHandler)},
       {"jaxattn_cache_write_v1", reinterpret_cast<void*>(CacheWriteHandler)},
-      {"jaxattn_sparse_fwd_v1", reinterpret_cast<void*>(SparseForwardHandler)},
-      {"jaxattn_sparse_bwd_v1", reinterpret_cast<void*>(SparseBackwardHandler)},
+      {"jaxattn_sparse_fwd_v1", reinterpret_cast<void*>(SparseForwardV1Handler)},
+      {"jaxattn_sparse_bwd_v1", reinterpret_cast<void*>(SparseBackwardV1Handler)},
+      {"jaxattn_sparse_fwd_v2", reinterpret_cast<void*>(SparseForwardHandler)},
+      {"jaxattn_sparse_bwd_v2", reinterpret_cast<void*>(SparseBackwardHandler)},
       {"jaxattn_gla_fwd_v1", reinterpret_cast<void*>(GatedLinearForwardHandler)},
       {"jaxattn_gla_bwd_v1", reinterpret_cast<void*>(GatedLinearBackwardHandler)},
   };

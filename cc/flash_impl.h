@@ -117,6 +117,11 @@ static inline bool Visible(const AttentionProblem& p, int64_t t, int64_t s, int6
 // Keys [*lo, *hi) that some query in [t0, t1) may see.
 static inline void KeyRange(const AttentionProblem& p, int64_t t0, int64_t t1, int64_t kv_len,
                             int64_t* lo, int64_t* hi) {
+  if (p.q_positions != nullptr || p.kv_positions != nullptr) {  // ClassifyTile cuts tiles
+    *lo = 0;
+    *hi = kv_len;
+    return;
+  }
   *lo = p.window_left < 0 ? 0 : MaxI(0, t0 - p.window_left);
   *hi = kv_len;
   if (p.causal) *hi = MinI(*hi, t1);
@@ -128,6 +133,7 @@ static inline void QueryRange(const AttentionProblem& p, int64_t s0, int64_t s1,
                               int64_t* lo, int64_t* hi) {
   *lo = 0;
   *hi = q_len;
+  if (p.q_positions != nullptr || p.kv_positions != nullptr) return;  // see KeyRange
   if (p.causal) *lo = s0;
   if (p.window_right >= 0) *lo = MaxI(*lo, s0 - p.window_right);
   if (p.window_left >= 0) *hi = MinI(*hi, s1 + p.window_left);
@@ -139,6 +145,92 @@ static inline bool TileFullyVisible(const AttentionProblem& p, int64_t t0, int64
   return s1 <= kv_len && (!p.causal || s1 - 1 <= t0) &&
          (p.window_left < 0 || s0 >= t1 - 1 - p.window_left) &&
          (p.window_right < 0 || s1 - 1 <= t0 + p.window_right);
+}
+
+// ------------------------------------------------------ token positions and segment ids
+// Positions are clamped to +-2^30: differences and window bounds then fit the int32 compares.
+constexpr int32_t kMaxPosition = int32_t{1} << 30;
+static inline int32_t ClampPosition(int32_t x) {
+  return x < -kMaxPosition ? -kMaxPosition : x > kMaxPosition ? kMaxPosition : x;
+}
+
+// Batch element b's rows of the position, segment and slope operands (nullptr: absent).
+struct TokenInfo {
+  const int32_t* q_pos = nullptr;
+  const int32_t* kv_pos = nullptr;
+  const int32_t* q_seg = nullptr;
+  const int32_t* kv_seg = nullptr;
+  const float* slopes = nullptr;
+  bool by_position = false;  // the causal mask and window compare positions, not indices
+  int32_t QueryPosition(int64_t t) const {
+    return q_pos != nullptr ? ClampPosition(q_pos[t]) : static_cast<int32_t>(t);
+  }
+  int32_t KeyPosition(int64_t s) const {
+    return kv_pos != nullptr ? ClampPosition(kv_pos[s]) : static_cast<int32_t>(s);
+  }
+};
+
+static inline TokenInfo TokenInfoOf(const AttentionProblem& p, int64_t b) {
+  TokenInfo ti;
+  if (p.q_positions) ti.q_pos = p.q_positions + (b % p.q_positions_batch) * p.q_len;
+  if (p.kv_positions) ti.kv_pos = p.kv_positions + (b % p.kv_positions_batch) * p.kv_len;
+  if (p.q_segments) ti.q_seg = p.q_segments + (b % p.q_segments_batch) * p.q_len;
+  if (p.kv_segments) ti.kv_seg = p.kv_segments + (b % p.kv_segments_batch) * p.kv_len;
+  if (p.alibi_slopes) ti.slopes = p.alibi_slopes + (b % p.alibi_batch) * p.num_heads;
+  ti.by_position = ti.q_pos != nullptr || ti.kv_pos != nullptr;
+  return ti;
+}
+
+// Smallest and largest of x[begin, end) (end > begin); of the indices when x is nullptr.
+struct IntRange {
+  int64_t lo, hi;
+};
+static inline IntRange RangeOf(const int32_t* x, int64_t begin, int64_t end) {
+  if (x == nullptr) return IntRange{begin, end - 1};
+  int32_t lo = x[begin], hi = x[begin];
+  for (int64_t i = begin + 1; i < end; ++i) {
+    lo = x[i] < lo ? x[i] : lo;
+    hi = x[i] > hi ? x[i] : hi;
+  }
+  return IntRange{lo, hi};
+}
+
+// What the analytic masks, positions and segment ids leave of the tile of queries [t0, t1)
+// and keys [s0, s1): nothing (never computed), all of it (no mask work) or a part. From the
+// ranges of the tile's positions and ids, so it is exact for monotone positions and
+// conservative (partial) otherwise. Without positions or ids the index ranges (KeyRange,
+// QueryRange) have already dropped the hidden tiles.
+enum class TileKind { kHidden, kPartial, kFull };
+static inline TileKind ClassifyTile(const AttentionProblem& p, const TokenInfo& ti, int64_t t0,
+                                    int64_t t1, int64_t s0, int64_t s1, int64_t kv_len) {
+  if (!ti.by_position && ti.q_seg == nullptr) {
+    return TileFullyVisible(p, t0, t1, s0, s1, kv_len) ? TileKind::kFull : TileKind::kPartial;
+  }
+  const int64_t se = MinI(s1, kv_len);
+  if (se <= s0 || t1 <= t0) return TileKind::kHidden;
+  bool full = s1 <= kv_len;
+  if (ti.by_position) {
+    const IntRange q = RangeOf(ti.q_pos, t0, t1), k = RangeOf(ti.kv_pos, s0, se);
+    const int64_t qlo = q.lo, qhi = q.hi;  // clamp the extremes as the positions are clamped
+    const int64_t q_min = ti.q_pos ? ClampPosition(static_cast<int32_t>(qlo)) : qlo;
+    const int64_t q_max = ti.q_pos ? ClampPosition(static_cast<int32_t>(qhi)) : qhi;
+    const int64_t k_min = ti.kv_pos ? ClampPosition(static_cast<int32_t>(k.lo)) : k.lo;
+    const int64_t k_max = ti.kv_pos ? ClampPosition(static_cast<int32_t>(k.hi)) : k.hi;
+    if (p.causal && k_min > q_max) return TileKind::kHidden;
+    if (p.window_left >= 0 && k_max < q_min - p.window_left) return TileKind::kHidden;
+    if (p.window_right >= 0 && k_min > q_max + p.window_right) return TileKind::kHidden;
+    full = full && (!p.causal || k_max <= q_min) &&
+           (p.window_left < 0 || k_min >= q_max - p.window_left) &&
+           (p.window_right < 0 || k_max <= q_min + p.window_right);
+  } else {
+    full = full && TileFullyVisible(p, t0, t1, s0, s1, kv_len);
+  }
+  if (ti.q_seg != nullptr) {
+    const IntRange q = RangeOf(ti.q_seg, t0, t1), k = RangeOf(ti.kv_seg, s0, se);
+    if (q.hi < k.lo || k.hi < q.lo) return TileKind::kHidden;
+    full = full && q.lo == q.hi && k.lo == k.hi && q.lo == k.lo;
+  }
+  return full ? TileKind::kFull : TileKind::kPartial;
 }
 
 // One tile a task visits: positions [start, start + count) along the other axis, and for a
@@ -282,16 +374,21 @@ static thread_local Scratch tls_scratch;
 // TransformLogits' line buffers, apart from the tasks' scratch (which they carve up).
 static thread_local Scratch tls_line_scratch;
 
-// Applies bias, soft cap and the masks to a tile of scaled logits. Stored element (i, j) is
-// x[i * ld + j]; it is query row rows[i] and key s0 + j, or with kKeysMajor key s0 + i and
-// query row rows[j]. Masked logits become -inf. With a soft cap, tanh(logit / cap) is kept in
-// tanh_out (same layout) for the backward pass. tile_mask (or nullptr) is the element mask of
-// a partial block-sparse tile, in the layout of the logits (see Tile).
+// Applies bias, ALiBi, soft cap and the masks to a tile of scaled logits. Stored element
+// (i, j) is x[i * ld + j]; it is query row rows[i] and key s0 + j, or with kKeysMajor key
+// s0 + i and query row rows[j]. Masked logits become -inf. With a soft cap, tanh(logit / cap)
+// is kept in tanh_out (same layout) for the backward pass. tile_mask (or nullptr) is the
+// element mask of a partial block-sparse tile, in the layout of the logits (see Tile).
+// analytic_full: ClassifyTile found the tile fully visible (no causal, window, length,
+// position or segment mask work).
 //
 // Line by line (a row of x): the bias and mask entries of the line are gathered into line
-// buffers at their own dtype, the analytic masks become a range of positions, and then bias,
-// soft cap and every mask are applied a vector at a time, up to the line's padded length
-// (ld, whole vectors; padding elements are transformed too and stay harmless).
+// buffers at their own dtype, and the positions and segment ids along the line (the same for
+// every line of the tile) once per tile; the causal mask and window of the line become a range
+// [lo, hi) of positions along it; then bias, ALiBi, soft cap and every mask are applied a
+// vector at a time, up to the line's padded length (ld, whole vectors; padding elements are
+// transformed too and stay harmless). The two layouts compute every logit with the same
+// operations, so the backward passes reproduce the forward's logits bitwise.
 template <bool kKeysMajor>
 static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* rows,
                             int64_t num_rows, int64_t s0, int64_t num_keys, int64_t kv_len,
@@ -299,11 +396,13 @@ static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* row
                             int64_t ld, float* tanh_out) {
   const AttentionProblem& p = *c.p;
   const bool has_bias = p.bias.data != nullptr, has_mask = p.mask.data != nullptr;
-  const bool has_cap = p.soft_cap > 0.0f;
-  if (!has_bias && !has_mask && !has_cap && analytic_full) {
+  const bool has_cap = p.soft_cap > 0.0f, has_alibi = p.alibi_slopes != nullptr;
+  if (!has_bias && !has_mask && !has_cap && !has_alibi && analytic_full) {
     if (tile_mask != nullptr) ApplyTileMask<kKeysMajor>(c, tile_mask, num_rows, num_keys, x, ld);
     return;
   }
+  const TokenInfo ti = TokenInfoOf(p, b);
+  const bool has_segments = ti.q_seg != nullptr;
   const int64_t lines = kKeysMajor ? num_keys : num_rows;
   const int64_t length = kKeysMajor ? num_rows : num_keys;
   const int64_t padded = RoundUp(length, kVL);  // <= ld
@@ -311,13 +410,32 @@ static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* row
   const float cap = p.soft_cap, inv_cap = has_cap ? 1.0f / p.soft_cap : 0.0f;
   const uint8_t* mask = static_cast<const uint8_t*>(p.mask.data);
 
-  // Line buffers: bias values (floats), mask bytes, and key-major the rows' positions.
-  float* scratch = tls_line_scratch.Get(3 * padded + 48);
+  // Line buffers: bias values (floats), mask bytes, ALiBi terms (floats), and along the
+  // line's axis: positions (key-major the rows' query positions, query-major the keys'),
+  // segment ids and (key-major) the rows' slopes.
+  float* scratch = tls_line_scratch.Get(6 * padded + 96);
   float* bias_line = scratch;
   uint8_t* mask_line = reinterpret_cast<uint8_t*>(scratch + padded + 16);
-  int32_t* row_t = reinterpret_cast<int32_t*>(scratch + 2 * padded + 32);
+  int32_t* pos_line = reinterpret_cast<int32_t*>(scratch + 2 * padded + 32);
+  int32_t* seg_line = reinterpret_cast<int32_t*>(scratch + 3 * padded + 48);
+  float* alibi_line = scratch + 4 * padded + 64;
+  float* slope_line = scratch + 5 * padded + 80;
+  // Positions along the line: explicit ones when the masks or ALiBi compare positions (the
+  // query-major masks otherwise use lane indices).
+  const bool positions_along = kKeysMajor || ti.by_position || has_alibi;
   if (kKeysMajor) {
-    for (int64_t r = 0; r < padded; ++r) row_t[r] = r < num_rows ? rows[r].t : -1;
+    for (int64_t r = 0; r < padded; ++r) {
+      const bool real = r < num_rows;
+      pos_line[r] = real ? ti.QueryPosition(rows[r].t) : -1;
+      if (has_segments) seg_line[r] = real ? ti.q_seg[rows[r].t] : 0;
+      if (has_alibi) slope_line[r] = real ? ti.slopes[rows[r].n] : 0.0f;
+    }
+  } else {
+    for (int64_t j = 0; j < padded; ++j) {
+      const bool real = j < num_keys;
+      if (positions_along) pos_line[j] = real ? ti.KeyPosition(s0 + j) : 0;
+      if (has_segments) seg_line[j] = real ? ti.kv_seg[s0 + j] : 0;
+    }
   }
   const VI lane = LaneIndices();
   const VF minus_inf = Splat(-kInf);
@@ -326,22 +444,38 @@ static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* row
   for (int64_t i = 0; i < lines; ++i) {
     float* xl = x + i * ld;
     float* thl = tanh_out != nullptr ? tanh_out + i * ld : nullptr;
-    // Visible positions [lo, hi): key offsets j (query-major) or query positions (key-major).
-    int64_t lo = 0, hi = unbounded;
+    // Visible positions [lo, hi) along the line: key offsets j from s0 (query-major, by
+    // index), key positions (query-major, by position) or query positions (key-major).
+    // index_hi: query-major by position, keys j >= index_hi are past the key length.
+    int64_t lo = 0, hi = unbounded, index_hi = unbounded;
+    // This line's own position (query-major the query's, key-major the key's).
+    int32_t line_pos = 0;
     if (!kKeysMajor) {
       const int64_t t = rows[i].t;
-      if (p.window_left >= 0) lo = t - p.window_left - s0;
-      hi = kv_len - s0;
-      if (p.causal) hi = MinI(hi, t + 1 - s0);
-      if (p.window_right >= 0) hi = MinI(hi, t + p.window_right + 1 - s0);
+      line_pos = ti.QueryPosition(t);
+      const int64_t shift = ti.by_position ? 0 : s0;  // lane offsets by index
+      const int64_t qp = line_pos;
+      lo = p.window_left >= 0 ? qp - p.window_left - shift : -unbounded;
+      if (p.causal) hi = MinI(hi, qp + 1 - shift);
+      if (p.window_right >= 0) hi = MinI(hi, qp + p.window_right + 1 - shift);
+      if (ti.by_position) {
+        index_hi = kv_len - s0;
+      } else {
+        hi = MinI(hi, kv_len - s0);
+      }
     } else {
       const int64_t s = s0 + i;
-      lo = p.causal ? s : -unbounded;
-      if (p.window_right >= 0) lo = MaxI(lo, s - p.window_right);
-      if (p.window_left >= 0) hi = s + p.window_left + 1;
+      line_pos = ti.KeyPosition(s);
+      const int64_t kp = line_pos;
+      lo = p.causal ? kp : -unbounded;
+      if (p.window_right >= 0) lo = MaxI(lo, kp - p.window_right);
+      if (p.window_left >= 0) hi = kp + p.window_left + 1;
       if (s >= kv_len) hi = lo;
     }
     const VI lo_v = VI{} + ClampToI32(lo), hi_v = VI{} + ClampToI32(hi);
+    const VI index_hi_v = VI{} + ClampToI32(index_hi);
+    const VI line_seg_v =
+        VI{} + (has_segments ? (kKeysMajor ? ti.kv_seg[s0 + i] : ti.q_seg[rows[i].t]) : 0);
 
     if (has_bias || has_mask) {
       const int64_t n = kKeysMajor ? 0 : rows[i].n, t = kKeysMajor ? 0 : rows[i].t;
@@ -375,20 +509,45 @@ static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* row
         mask_line[j] = 0;
       }
     }
+    if (has_alibi) {
+      // slope * |position_t - position_s|, stored apart from its use so that no layout
+      // contracts it into a fused multiply-add with the logit (the backward must match).
+      // The distance in unsigned arithmetic: positions within +-2^30 differ by up to 2^31.
+      typedef uint32_t VU __attribute__((vector_size(kVL * 4)));
+      const VU line_pos_v = VU{} + static_cast<uint32_t>(line_pos);
+      const VF line_slope = Splat(kKeysMajor ? 0.0f : ti.slopes[rows[i].n]);
+      for (int64_t j = 0; j < padded; j += kVL) {
+        VU d;
+        __builtin_memcpy(&d, pos_line + j, sizeof(d));
+        d = d - line_pos_v;
+        d = (VI)d < 0 ? -d : d;
+        const VF slope = kKeysMajor ? Load(slope_line + j) : line_slope;
+        Store(alibi_line + j, slope * __builtin_convertvector(d, VF));
+      }
+    }
 
     const uint8_t* tile_line = tile_mask != nullptr ? tile_mask + i * tile_mask_ld : nullptr;
     for (int64_t j = 0; j < padded; j += kVL) {
       VF v = Load(xl + j);
       if (has_bias) v += Load(bias_line + j);
+      if (has_alibi) v -= Load(alibi_line + j);
       VI visible = VI{} - 1;
       if (!analytic_full) {
         VI position;
-        if (kKeysMajor) {
-          __builtin_memcpy(&position, row_t + j, sizeof(position));
+        if (kKeysMajor || ti.by_position) {
+          __builtin_memcpy(&position, pos_line + j, sizeof(position));
         } else {
           position = lane + static_cast<int32_t>(j);
         }
         visible = (position >= lo_v) & (position < hi_v);
+        if (!kKeysMajor && ti.by_position) {
+          visible &= (lane + static_cast<int32_t>(j)) < index_hi_v;
+        }
+        if (has_segments) {
+          VI seg;
+          __builtin_memcpy(&seg, seg_line + j, sizeof(seg));
+          visible &= seg == line_seg_v;
+        }
       }
       if (has_mask) {
         VB mb;
@@ -909,9 +1068,12 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   __builtin_memset(o, 0, PaddedRows(c, num_rows) * c.hvp * sizeof(float));
 
   const int64_t kb = b % p.kv_batch, vb = b % p.value_batch;
+  const TokenInfo ti = TokenInfoOf(p, b);
   TileCursor tiles = KeyTilesOf(c, kv_head, q_tile, t0, tv1, kv_len);
   for (Tile tile; NextTile(&tiles, &tile);) {
     const int64_t s0 = tile.start, nk = tile.count, nkp = PaddedInner(c, nk);
+    const TileKind kind = ClassifyTile(p, ti, t0, tv1, s0, s0 + nk, kv_len);
+    if (kind == TileKind::kHidden) continue;
     // A packed block holds the keys up to the sequence's end, zeros past it: usable unless
     // key lengths cut the tile shorter (the values past them may be anything, even NaN).
     const float* key_columns = kt;
@@ -931,11 +1093,12 @@ static void ForwardTask(void* job_ptr, int64_t task) {
       PackAcrossRows(c, p.value, offsets, nk, p.value_dim, v);
     }
 
-    const bool full = TileFullyVisible(p, t0, tv1, s0, s0 + nk, kv_len);
-    // Without bias or masks the softmax scales the logits and applies the soft cap itself
-    // (one pass over the tile less).
+    const bool full = kind == TileKind::kFull;
+    // Without bias, masks, positions, segment ids or ALiBi the softmax scales the logits and
+    // applies the soft cap itself (one pass over the tile less).
     const bool transform = p.bias.data != nullptr || p.mask.data != nullptr || !full ||
-                           tile.mask != nullptr;
+                           tile.mask != nullptr || ti.by_position || ti.q_seg != nullptr ||
+                           ti.slopes != nullptr;
     // Bf16 pairs: P is rounded to pairs as it is computed (the rows past num_rows, which
     // AMX multiplies, are zero). Float32: P in place of the logits.
     uint32_t* prob_words = Pairs(c) ? reinterpret_cast<uint32_t*>(prob_pairs) : nullptr;
@@ -1005,8 +1168,13 @@ static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTable
     c.mode = bf16_mode;
   }
   // A dense mask keeps the block-sparse tables' grid: block-sparse attention then stays
-  // bitwise equal to flash attention with its mask materialised (sparse_impl.h).
-  if (c.mode == ProductMode::kAmxTiles && sparse == nullptr && p.mask.data == nullptr) {
+  // bitwise equal to flash attention with its mask materialised (sparse_impl.h). So do
+  // positions and segment ids: their tile skipping (ClassifyTile) is finer there, and equals
+  // the dense mask they stand for bitwise.
+  const bool token_masks = p.q_positions != nullptr || p.kv_positions != nullptr ||
+                           p.q_segments != nullptr;
+  if (c.mode == ProductMode::kAmxTiles && sparse == nullptr && p.mask.data == nullptr &&
+      !token_masks) {
     c.keys_per_tile = kAmxKeysPerTile;
   }
   return c;
@@ -1192,9 +1360,12 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   for (int64_t r = 0; r < num_rows; ++r) psum[r] = 0.0f;
 
   const int64_t kb = b % p.kv_batch, vb = b % p.value_batch;
+  const TokenInfo ti = TokenInfoOf(p, b);
   TileCursor tiles = KeyTilesOf(c, kv_head, q_tile, t0, tv1, kv_len);
   for (Tile tile; NextTile(&tiles, &tile);) {
     const int64_t s0 = tile.start, nk = tile.count, nkp = PaddedInner(c, nk);
+    const TileKind kind = ClassifyTile(p, ti, t0, tv1, s0, s0 + nk, kv_len);
+    if (kind == TileKind::kHidden) continue;
     KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
     PackDotColumns(c, p.key, offsets, nk, p.head_dim, 1.0f, kt, nkp, block);
     if (a.dq != nullptr) PackAcrossRows(c, p.key, offsets, nk, p.head_dim, k);
@@ -1202,9 +1373,8 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
     PackDotColumns(c, p.value, offsets, nk, p.value_dim, 1.0f, vt, nkp, block);
 
     LogitsGemm(c, num_rows, nkp, q, kt, nkp, s, nkp);
-    const bool full = TileFullyVisible(p, t0, tv1, s0, s0 + nk, kv_len);
-    TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, full, tile.mask, s, nkp,
-                           has_cap ? th : nullptr);
+    TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, kind == TileKind::kFull,
+                           tile.mask, s, nkp, has_cap ? th : nullptr);
     ProductGemm(c, num_rows, nkp, p.value_dim, dout, ld_dout, vt, nkp, dp, nkp, false);
     for (int64_t r = 0; r < num_rows; ++r) {
       float* sr = s + r * nkp;
@@ -1304,9 +1474,12 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
     KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
     PackDotRows(c, p.value, offsets, nk, p.value_dim, 1.0f, v);
     ZeroPaddingRows(c, v, nk, DotLd(c, p.value_dim));
+    const TokenInfo ti = TokenInfoOf(p, b);
     TileCursor tiles = QueryTilesOf(c, kv_head, k_tile, s0, sv1, q_len);
     for (Tile tile; NextTile(&tiles, &tile);) {
       const int64_t t0 = tile.start, t1 = t0 + tile.count;
+      const TileKind kind = ClassifyTile(p, ti, t0, t1, s0, sv1, kv_len);
+      if (kind == TileKind::kHidden) continue;
       const int64_t num_rows = QueryTileRows(c, kv_head, t0, t1, rows);
       const int64_t nrp = PaddedInner(c, num_rows);
       RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
@@ -1329,9 +1502,8 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
       }
 
       LogitsGemm(c, nk, nrp, k, qt, nrp, st, nrp);
-      const bool full = TileFullyVisible(p, t0, t1, s0, sv1, kv_len);
-      TransformLogits<true>(c, b, rows, num_rows, s0, nk, kv_len, full, tile.mask, st, nrp,
-                            has_cap ? tht : nullptr);
+      TransformLogits<true>(c, b, rows, num_rows, s0, nk, kv_len, kind == TileKind::kFull,
+                            tile.mask, st, nrp, has_cap ? tht : nullptr);
       for (int64_t i = 0; i < nk; ++i) {
         float* si = st + i * nrp;
         for (int64_t j = 0; j < nrp; j += kVL) {

@@ -78,6 +78,7 @@ static void JvpTask(void* job_ptr, int64_t task) {
   const VI lane = LaneIndices();
 
   const int64_t kb = b % p.kv_batch, vb = b % p.value_batch;
+  const TokenInfo ti = TokenInfoOf(p, b);
   TileCursor tiles = KeyTilesOf(c, kv_head, q_tile, t0, tv1, kv_len);
   for (Tile tile; NextTile(&tiles, &tile);) {
     const int64_t s0 = tile.start, nk = tile.count, nkp = RoundUp(nk, kVL);
@@ -97,9 +98,11 @@ static void JvpTask(void* job_ptr, int64_t task) {
     __builtin_memset(dvalues + nk * c.hvp, 0, (nkp - nk) * c.hvp * sizeof(float));
 
     Gemm(num_rows, nkp, p.head_dim, q, c.hp, kt, nkp, s, nkp, false);
-    const bool full = TileFullyVisible(p, t0, tv1, s0, s0 + nk, kv_len);
-    TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, full, tile.mask, s, nkp,
-                           has_cap ? th : nullptr);
+    // The forward's tile classes (positions, segment ids): hidden tiles add nothing.
+    const TileKind kind = ClassifyTile(p, ti, t0, tv1, s0, s0 + nk, kv_len);
+    if (kind == TileKind::kHidden) continue;
+    TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, kind == TileKind::kFull,
+                           tile.mask, s, nkp, has_cap ? th : nullptr);
     Gemm(num_rows, nkp, p.head_dim, dq, c.hp, kt, nkp, ds, nkp, false);
     Gemm(num_rows, nkp, p.head_dim, q, c.hp, dkt, nkp, ds, nkp, true);
     if (tg.dbias.data != nullptr) {

@@ -66,7 +66,8 @@ def _leading_batch(aval) -> int:
 
 
 def _fold_batch_rule(prim: Primitive, args: Sequence[jax.Array], dims: Sequence[int | None],
-                     batched: int | None = None, full_batch: Sequence[int] = (), **params):
+                     batched: int | None = None, full_batch: Sequence[int] = (),
+                     trailing_batched: int = 0, **params):
     """Folds the vmapped axis into the leading batch axis of every mapped operand.
 
     With V the vmapped size and B the operands' own batch, a mapped operand becomes
@@ -78,17 +79,19 @@ def _fold_batch_rule(prim: Primitive, args: Sequence[jax.Array], dims: Sequence[
     read at the output's batch index) are broadcast to [V*B, ...] even when unmapped: vmap of
     grad hands in an unmapped zero cotangent for an unused lse.
 
-    With ``batched`` set, only the first ``batched`` operands have a batch axis; the others
-    (block-sparse tables) are per call and must not be mapped.
+    With ``batched`` set, only the first ``batched`` operands (and the last
+    ``trailing_batched``) have a batch axis; the others (block-sparse tables) are per call and
+    must not be mapped.
     """
     if batched is not None:
-        if any(d is not None for d in dims[batched:]):
+        tail = len(args) - trailing_batched
+        if any(d is not None for d in dims[batched:tail]):
             raise ValueError(f"{prim.name}: the block-sparse mask tables cannot be vmapped; "
                              "vmap over query/key/value with one BlockSparseMask")
-        extra = list(args[batched:])
-        bind = lambda *a, **p: prim.bind(*a, *extra, **p)
-        return _fold(bind, prim.multiple_results, args[:batched], dims[:batched], full_batch,
-                     **params)
+        extra = list(args[batched:tail])
+        bind = lambda *a, **p: prim.bind(*a[:batched], *extra, *a[batched:], **p)
+        return _fold(bind, prim.multiple_results, [*args[:batched], *args[tail:]],
+                     [*dims[:batched], *dims[tail:]], full_batch, **params)
     return _fold(prim.bind, prim.multiple_results, args, dims, full_batch, **params)
 
 
@@ -140,10 +143,12 @@ class _Primitive(Primitive):
 
 def _define(name: str, target: str, abstract_eval: Callable, batched: int | None = None,
             full_batch: Sequence[int] = (), batch_rule: Callable | None = None,
-            axes: str | None = None, partition: str = "bh") -> Primitive:
+            axes: str | None = None, partition: str = "bh",
+            trailing_batched: int = 0) -> Primitive:
     """One primitive for one FFI target.
 
-    ``batched``: how many leading operands have a batch axis (None: all of them);
+    ``batched``: how many leading operands have a batch axis (None: all of them), and
+    ``trailing_batched`` how many trailing ones;
     ``full_batch``: operands the kernel reads at the output's full batch (see the rule);
     ``batch_rule``: a rule of the primitive's own instead of the folding one.
     ``axes`` names each operand's and result's axes, ``"btnh,bskh,...->btnd,btn"`` (``b``
@@ -164,7 +169,8 @@ def _define(name: str, target: str, abstract_eval: Callable, batched: int | None
                                platform="cpu")
     batching.primitive_batchers[prim] = (
         partial(batch_rule, prim) if batch_rule is not None else
-        partial(_fold_batch_rule, prim, batched=batched, full_batch=tuple(full_batch)))
+        partial(_fold_batch_rule, prim, batched=batched, full_batch=tuple(full_batch),
+                trailing_batched=trailing_batched))
     return prim
 
 
@@ -184,72 +190,85 @@ def _expect_qkv(primitive: str, q, k, v) -> None:
     _expect_ranks(primitive, query=(q, 4), key=(k, 4), value=(v, 4))
 
 
-def _flash_fwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, **_):
+def _flash_fwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, *tokens, **_):
     _expect_qkv("jaxattn_flash_fwd", q, k, v)
-    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths)
+    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
             q.update(shape=(b, t, n), dtype=jnp.float32))
 
 
 def _flash_bwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse,
-                        **_):
+                        *tokens, **_):
     _expect_qkv("jaxattn_flash_bwd", q, k, v)
-    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse)
+    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse, *tokens)
     return (q.update(shape=(b,) + q.shape[1:], dtype=q.dtype),
             k.update(shape=(b,) + k.shape[1:], dtype=k.dtype),
             v.update(shape=(b,) + v.shape[1:], dtype=v.dtype))
 
 
 def _flash_dlogits_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse,
-                            **_):
+                            *tokens, **_):
     _expect_qkv("jaxattn_flash_dlogits", q, k, v)
-    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse)
+    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse, *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, n, t, k.shape[1]), dtype=jnp.float32),)
 
 
-# Operands: query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths
-# (absent optional operands are empty arrays); attributes: scale, soft_cap, is_causal,
-# window_left, window_right.
+# Operands: query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths, then
+# (last, after the backward's out, lse, dout, dlse) the token operands query_positions [B,T],
+# key_value_positions [B,S], query_segment_ids [B,T], key_value_segment_ids [B,S] (int32) and
+# alibi_slopes [B,N] (float32), each of batch 1 or B (absent optional operands are empty
+# arrays); attributes: scale, soft_cap, is_causal, window_left, window_right.
 _FLASH_OPERANDS = "btnh,bskh,bskd,bnts,bnts,b,b"
-flash_fwd_p = _define("jaxattn_flash_fwd", "jaxattn_flash_fwd_v1", _flash_fwd_abstract,
-                      axes=f"{_FLASH_OPERANDS}->btnd,btn")
-# ... plus out, lse, dout, dlse -> dq, dk, dv
-flash_bwd_p = _define("jaxattn_flash_bwd", "jaxattn_flash_bwd_v1", _flash_bwd_abstract,
+_TOKEN_OPERANDS = "bt,bs,bt,bs,bn"
+flash_fwd_p = _define("jaxattn_flash_fwd", "jaxattn_flash_fwd_v2", _flash_fwd_abstract,
+                      axes=f"{_FLASH_OPERANDS},{_TOKEN_OPERANDS}->btnd,btn")
+# ... plus out, lse, dout, dlse (before the token operands) -> dq, dk, dv
+flash_bwd_p = _define("jaxattn_flash_bwd", "jaxattn_flash_bwd_v2", _flash_bwd_abstract,
                       full_batch=(7, 8, 9, 10),
-                      axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn->btnh,bskh,bskd")
+                      axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn,{_TOKEN_OPERANDS}"
+                           "->btnh,bskh,bskd")
 # ... plus out, lse, dout, dlse -> d loss / d logits [B, N, T, S] float32 (for a bias gradient)
-flash_dlogits_p = _define("jaxattn_flash_dlogits", "jaxattn_flash_dlogits_v1",
+flash_dlogits_p = _define("jaxattn_flash_dlogits", "jaxattn_flash_dlogits_v2",
                           _flash_dlogits_abstract, full_batch=(7, 8, 9, 10),
-                          axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn->bnts")
+                          axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn,{_TOKEN_OPERANDS}->bnts")
 
 
 def _flash_jvp_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dq, dk, dv,
-                        dbias, **_):
+                        dbias, *tokens, **_):
     _expect_qkv("jaxattn_flash_jvp", q, k, v)
-    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dq, dk, dv, dbias)
+    b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dq, dk, dv, dbias,
+                      *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
             q.update(shape=(b, t, n), dtype=jnp.float32))
 
 
-# ... plus out, lse and the tangents dq, dk, dv, dbias (empty: none) -> the tangents of out
-# and lse (forward-mode AD; linear in the tangents, transposed by flash_bwd_p/flash_dlogits_p)
+# ... plus out, lse and the tangents dq, dk, dv, dbias (empty: none), then the token operands
+# -> the tangents of out and lse (forward-mode AD; linear in the tangents, transposed by
+# flash_bwd_p/flash_dlogits_p)
 flash_jvp_p = _define("jaxattn_flash_jvp", "jaxattn_flash_jvp_v1", _flash_jvp_abstract,
                       full_batch=(7, 8),
-                      axes=f"{_FLASH_OPERANDS},btnd,btn,btnh,bskh,bskd,bnts->btnd,btn")
+                      axes=f"{_FLASH_OPERANDS},btnd,btn,btnh,bskh,bskd,bnts,{_TOKEN_OPERANDS}"
+                           "->btnd,btn")
 
 
-def _decode_abstract(q, k, v, kv_lengths, **_):
-    b = _output_batch(q, k, v, kv_lengths)
+def no_tokens() -> tuple[jax.Array, ...]:
+    """The five absent token operands of the flash targets."""
+    ints = jnp.zeros((0,), jnp.int32)
+    return (ints, ints, ints, ints, jnp.zeros((0,), jnp.float32))
+
+
+def _decode_abstract(q, k, v, kv_lengths, *tokens, **_):
+    b = _output_batch(q, k, v, kv_lengths, *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
             q.update(shape=(b, t, n), dtype=jnp.float32))
 
 
-def _paged_decode_abstract(q, key_pages, value_pages, block_tables, kv_lengths, **_):
-    b = _output_batch(q, block_tables, kv_lengths)  # the pages have no batch axis
+def _paged_decode_abstract(q, key_pages, value_pages, block_tables, kv_lengths, *tokens, **_):
+    b = _output_batch(q, block_tables, kv_lengths, *tokens)  # the pages have no batch axis
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, value_pages.shape[3]), dtype=q.dtype),
             q.update(shape=(b, t, n), dtype=jnp.float32))
@@ -265,8 +284,9 @@ def _paged_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
     V*P pages and instance v's page ids are shifted by v*P; out-of-range ids stay out of range
     (-1) so that the kernel still rejects them.
     """
-    q, *pools, block_tables, kv_lengths = args
-    q_dim, *pool_dims, bt_dim, len_dim = dims
+    q, *pools, block_tables, kv_lengths = args[:len(args) - 3]
+    q_dim, *pool_dims, bt_dim, len_dim = dims[:len(dims) - 3]
+    tokens, token_dims = args[len(args) - 3:], dims[len(dims) - 3:]
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     if any(d is not None for d in pool_dims):
         def mapped(x, d):
@@ -284,19 +304,19 @@ def _paged_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
         valid = (block_tables >= 0) & (block_tables < num_pages)
         block_tables = jnp.where(valid, block_tables + offset, -1)
         bt_dim = 0
-    (q, block_tables, kv_lengths), _ = _fold_operands((q, block_tables, kv_lengths),
-                                                      (q_dim, bt_dim, len_dim))
-    outs = prim.bind(q, *pools, block_tables, kv_lengths, **params)
+    (q, block_tables, kv_lengths, *tokens), _ = _fold_operands(
+        (q, block_tables, kv_lengths, *tokens), (q_dim, bt_dim, len_dim, *token_dims))
+    outs = prim.bind(q, *pools, block_tables, kv_lengths, *tokens, **params)
     return _unfold_results(prim.multiple_results, outs, size)
 
 
-def _quant_decode_abstract(q, k, v, key_scale, value_scale, kv_lengths, **_):
-    return _decode_abstract(q, k, v, kv_lengths)
+def _quant_decode_abstract(q, k, v, key_scale, value_scale, kv_lengths, *tokens, **_):
+    return _decode_abstract(q, k, v, kv_lengths, *tokens)
 
 
 def _quant_paged_decode_abstract(q, key_pages, value_pages, key_scale, value_scale,
-                                 block_tables, kv_lengths, **_):
-    return _paged_decode_abstract(q, key_pages, value_pages, block_tables, kv_lengths)
+                                 block_tables, kv_lengths, *tokens, **_):
+    return _paged_decode_abstract(q, key_pages, value_pages, block_tables, kv_lengths, *tokens)
 
 
 def _quant_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
@@ -315,25 +335,36 @@ def _quant_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
 
 
 # Operands: query [B,T,N,H], key_cache [B,Smax,K,H], value_cache [B,Smax,K,Hv] (key and value
-# caches may differ in batch: a vmap mapping one of them), kv_lengths [B] int32; attributes:
-# scale, soft_cap, window_left, strict_lengths. Results: out [B,T,N,Hv], lse [B,T,N] f32.
+# caches may differ in batch: a vmap mapping one of them), kv_lengths [B] int32, then
+# query_positions [B,T], key_value_positions [B,Smax] (int32) and alibi_slopes [B,N]
+# (float32), each of batch 1 or B or empty (absent); attributes: scale, soft_cap,
+# window_left, strict_lengths. Results: out [B,T,N,Hv], lse [B,T,N] f32.
 decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v2", _decode_abstract,
-                       axes="btnh,bskh,bskd,b->btnd,btn")
+                       axes="btnh,bskh,bskd,b,bt,bs,bn->btnd,btn")
 # Operands: query, key_pages [P,page,K,H], value_pages [P,page,K,Hv], block_tables
-# [B,max_pages] int32, kv_lengths [B] int32; attributes and results as decode_fwd_p.
+# [B,max_pages] int32, kv_lengths [B] int32, then the token operands as decode_fwd_p
+# (key_value_positions [B, max_pages * page]); attributes and results as decode_fwd_p.
 paged_decode_fwd_p = _define("jaxattn_paged_decode_fwd", "jaxattn_paged_decode_fwd_v2",
                              _paged_decode_abstract, batch_rule=_paged_decode_batch_rule,
-                             axes="btnh,pskh,pskd,bm,b->btnd,btn", partition="h")  # P is no batch
+                             axes="btnh,pskh,pskd,bm,b,bt,bj,bn->btnd,btn",
+                             partition="h")  # P is no batch
+
+
+def no_decode_tokens() -> tuple[jax.Array, ...]:
+    """The three absent token operands of the decode targets."""
+    ints = jnp.zeros((0,), jnp.int32)
+    return (ints, ints, jnp.zeros((0,), jnp.float32))
+
 
 # Quantized caches (int8, float8_e4m3fn, float8_e5m2): the operands above plus key_scale and
 # value_scale after the caches, float32 [B,Smax,K] / [P,page,K] or empty (scale 1).
 quant_decode_fwd_p = _define("jaxattn_quant_decode_fwd", "jaxattn_quant_decode_fwd_v1",
                              _quant_decode_abstract, batch_rule=_quant_decode_batch_rule,
-                             axes="btnh,bskh,bskd,bsk,bsk,b->btnd,btn")
+                             axes="btnh,bskh,bskd,bsk,bsk,b,bt,bs,bn->btnd,btn")
 quant_paged_decode_fwd_p = _define(
     "jaxattn_quant_paged_decode_fwd", "jaxattn_quant_paged_decode_fwd_v1",
     _quant_paged_decode_abstract, batch_rule=_paged_decode_batch_rule,
-    axes="btnh,pskh,pskd,psk,psk,bm,b->btnd,btn", partition="h")
+    axes="btnh,pskh,pskd,psk,psk,bm,b,bt,bj,bn->btnd,btn", partition="h")
 
 
 def decode_attrs(scale: float, soft_cap: float | None, window_left: int | None,
@@ -353,38 +384,42 @@ def attention_attrs(scale: float, soft_cap: float | None, is_causal: bool,
                 window_right=np.int64(right))
 
 
-def _sparse_fwd_abstract(q, k, v, q_indptr, q_entries, masks, **_):
-    b = _output_batch(q, k, v)
+def _sparse_fwd_abstract(q, k, v, q_indptr, q_entries, masks, *tokens, **_):
+    b = _output_batch(q, k, v, *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
             q.update(shape=(b, t, n), dtype=jnp.float32))
 
 
-def _sparse_bwd_abstract(q, k, v, out, lse, dout, dlse, *tables, **_):
-    b = _output_batch(q, k, v, out, lse, dout, dlse)
+def _sparse_bwd_abstract(q, k, v, out, lse, dout, dlse, *tables_and_tokens, **_):
+    tokens = tables_and_tokens[6:]
+    b = _output_batch(q, k, v, out, lse, dout, dlse, *tokens)
     return (q.update(shape=(b,) + q.shape[1:], dtype=q.dtype),
             k.update(shape=(b,) + k.shape[1:], dtype=k.dtype),
             v.update(shape=(b,) + v.shape[1:], dtype=v.dtype))
 
 
 # Block-sparse attention. Operands: query, key, value, then the mask's tables for the kernels'
-# tiling (unbatched): q_indptr, q_entries, masks; attributes: scale, soft_cap.
-_SPARSE_FWD_AXES = "btnh,bskh,bskd,x,xy,xyz->btnd,btn"
-sparse_fwd_p = _define("jaxattn_sparse_fwd", "jaxattn_sparse_fwd_v1", _sparse_fwd_abstract,
-                       batched=3, axes=_SPARSE_FWD_AXES)
+# tiling (unbatched): q_indptr, q_entries, masks, then the five token operands of the flash
+# targets (batched; empty when absent); attributes: scale, soft_cap.
+_SPARSE_FWD_AXES = f"btnh,bskh,bskd,x,xy,xyz,{_TOKEN_OPERANDS}->btnd,btn"
+sparse_fwd_p = _define("jaxattn_sparse_fwd", "jaxattn_sparse_fwd_v2", _sparse_fwd_abstract,
+                       batched=3, trailing_batched=5, axes=_SPARSE_FWD_AXES)
 # query, key, value, out, lse, dout, dlse (batched), then q_indptr, q_entries, k_indptr,
-# k_entries, masks, masks_t -> dq, dk, dv
-_SPARSE_BWD_AXES = "btnh,bskh,bskd,btnd,btn,btnd,btn,x,xy,x,xy,xyz,xyz->btnh,bskh,bskd"
-sparse_bwd_p = _define("jaxattn_sparse_bwd", "jaxattn_sparse_bwd_v1", _sparse_bwd_abstract,
-                       batched=7, full_batch=(3, 4, 5, 6), axes=_SPARSE_BWD_AXES)
+# k_entries, masks, masks_t, then the token operands -> dq, dk, dv
+_SPARSE_BWD_AXES = (f"btnh,bskh,bskd,btnd,btn,btnd,btn,x,xy,x,xy,xyz,xyz,{_TOKEN_OPERANDS}"
+                    "->btnh,bskh,bskd")
+sparse_bwd_p = _define("jaxattn_sparse_bwd", "jaxattn_sparse_bwd_v2", _sparse_bwd_abstract,
+                       batched=7, full_batch=(3, 4, 5, 6), trailing_batched=5,
+                       axes=_SPARSE_BWD_AXES)
 # The same targets for a per-head mask, whose tables are indexed by kv head: a sharded jit may
 # split the batch only (tables shared by all heads, above, allow batch and heads).
-sparse_fwd_per_head_p = _define("jaxattn_sparse_fwd_per_head", "jaxattn_sparse_fwd_v1",
-                                _sparse_fwd_abstract, batched=3, axes=_SPARSE_FWD_AXES,
-                                partition="b")
-sparse_bwd_per_head_p = _define("jaxattn_sparse_bwd_per_head", "jaxattn_sparse_bwd_v1",
+sparse_fwd_per_head_p = _define("jaxattn_sparse_fwd_per_head", "jaxattn_sparse_fwd_v2",
+                                _sparse_fwd_abstract, batched=3, trailing_batched=5,
+                                axes=_SPARSE_FWD_AXES, partition="b")
+sparse_bwd_per_head_p = _define("jaxattn_sparse_bwd_per_head", "jaxattn_sparse_bwd_v2",
                                 _sparse_bwd_abstract, batched=7, full_batch=(3, 4, 5, 6),
-                                axes=_SPARSE_BWD_AXES, partition="b")
+                                trailing_batched=5, axes=_SPARSE_BWD_AXES, partition="b")
 
 
 def block_sparse_tiling(group: int) -> tuple[int, int, int, int]:

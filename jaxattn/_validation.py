@@ -194,3 +194,56 @@ def normalize_window(window: Any) -> tuple[int, int] | None:
         return _window_side(window[0], "left"), _window_side(window[1], "right")
     w = _window_side(window, "size")
     return w, w
+
+
+def check_token_ids(ids: Any, name: str, batch: int, length: int,
+                    unbatched: bool) -> jax.Array:
+    """Token positions or segment ids as int32 ``[B, L]`` or ``[1, L]``; empty when None.
+
+    Accepts ``[B, L]``, or ``[L]`` shared by the batch (the only form for unbatched inputs).
+    Values outside int32 are saturated (the kernels clamp positions to ``[-2**30, 2**30]``).
+    """
+    if ids is None:
+        return jnp.zeros((0,), jnp.int32)
+    if not (isinstance(ids, jax.Array) or hasattr(ids, "aval")):
+        try:
+            host = np.asarray(ids)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name} must be an integer array, got {type(ids).__name__}") from e
+        if host.dtype.kind in "iu":
+            host = np.clip(host, _INT32.min, _INT32.max).astype(np.int32)
+        ids = host
+    ids = as_array(ids, name)
+    if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.dtype == jnp.bool_:
+        raise TypeError(f"{name} must be an integer array, got dtype {ids.dtype}")
+    if ids.ndim == 1 and ids.shape[0] == length:
+        ids = ids[None]
+    if unbatched or ids.shape != (batch, length):
+        if ids.shape != (1, length):
+            want = f"[{length}]" if unbatched else f"[B, {length}] = ({batch}, {length}) or [{length}]"
+            raise ValueError(f"{name} must have shape {want}, got {ids.shape}")
+    if jnp.issubdtype(ids.dtype, jnp.unsignedinteger):
+        ids = jnp.minimum(ids, _INT32.max)
+    elif ids.dtype.itemsize > 4:
+        ids = jnp.clip(ids, _INT32.min, _INT32.max)
+    return ids.astype(jnp.int32)
+
+
+def check_alibi_slopes(slopes: Any, batch: int, num_heads: int, unbatched: bool) -> jax.Array:
+    """ALiBi slopes as float32 ``[B, N]`` or ``[1, N]``; empty when None.
+
+    Accepts ``[N]`` (shared by the batch; the only form for unbatched inputs) or ``[B, N]``.
+    """
+    if slopes is None:
+        return jnp.zeros((0,), jnp.float32)
+    slopes = as_array(slopes, "alibi_slopes")
+    if not jnp.issubdtype(slopes.dtype, jnp.floating):
+        raise TypeError(f"alibi_slopes must be a floating array, got dtype {slopes.dtype}")
+    if slopes.ndim == 1 and slopes.shape[0] == num_heads:
+        slopes = slopes[None]
+    if unbatched or slopes.shape != (batch, num_heads):
+        if slopes.shape != (1, num_heads):
+            want = f"[{num_heads}]" if unbatched else (
+                f"[N] = ({num_heads},) or [B, N] = ({batch}, {num_heads})")
+            raise ValueError(f"alibi_slopes must have shape {want}, got {slopes.shape}")
+    return slopes.astype(jnp.float32)

@@ -22,11 +22,13 @@ from jaxattn.cache import QUANTIZED_CACHE_DTYPES
 from jaxattn._validation import (
     any_zero,
     as_array,
+    check_alibi_slopes,
     check_bool,
     check_dtype,
     check_lengths,
     check_scale,
     check_soft_cap,
+    check_token_ids,
     normalize_window,
 )
 
@@ -58,13 +60,13 @@ _NOT_DIFFERENTIABLE = (
 # Decoding is an inference step; differentiating it raises instead of silently returning a
 # gradient that misses the kernel (custom_vjp turns jax.grad into this error at trace time).
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _decode(options: _Options, q, key_cache, value_cache, kv_lengths):
-    return tuple(_ffi.decode_fwd_p.bind(q, key_cache, value_cache, kv_lengths,
+def _decode(options: _Options, q, key_cache, value_cache, kv_lengths, tokens):
+    return tuple(_ffi.decode_fwd_p.bind(q, key_cache, value_cache, kv_lengths, *tokens,
                                         **options.attrs()))
 
 
-def _decode_fwd(options, q, key_cache, value_cache, kv_lengths):
-    return _decode(options, q, key_cache, value_cache, kv_lengths), None
+def _decode_fwd(options, q, key_cache, value_cache, kv_lengths, tokens):
+    return _decode(options, q, key_cache, value_cache, kv_lengths, tokens), None
 
 
 def _decode_bwd(options, residuals, cotangents):
@@ -75,13 +77,15 @@ _decode.defvjp(_decode_fwd, _decode_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _paged_decode(options: _Options, q, key_pages, value_pages, block_tables, kv_lengths):
+def _paged_decode(options: _Options, q, key_pages, value_pages, block_tables, kv_lengths,
+                  tokens):
     return tuple(_ffi.paged_decode_fwd_p.bind(q, key_pages, value_pages, block_tables,
-                                              kv_lengths, **options.attrs()))
+                                              kv_lengths, *tokens, **options.attrs()))
 
 
-def _paged_decode_fwd(options, q, key_pages, value_pages, block_tables, kv_lengths):
-    return _paged_decode(options, q, key_pages, value_pages, block_tables, kv_lengths), None
+def _paged_decode_fwd(options, q, key_pages, value_pages, block_tables, kv_lengths, tokens):
+    return _paged_decode(options, q, key_pages, value_pages, block_tables, kv_lengths,
+                         tokens), None
 
 
 def _paged_decode_bwd(options, residuals, cotangents):
@@ -107,7 +111,7 @@ def _inference_only(primitive, name: str):
 
 
 # Quantized caches: operands (q, key, value, key_scale, value_scale[, block_tables],
-# kv_lengths).
+# kv_lengths, query_positions, key_value_positions, alibi_slopes).
 _quant_decode = _inference_only(_ffi.quant_decode_fwd_p, "jaxattn.decode_attention")
 _quant_paged_decode = _inference_only(_ffi.quant_paged_decode_fwd_p,
                                       "jaxattn.paged_decode_attention")
@@ -223,6 +227,14 @@ def _options(query: Array, scale: float | None, local_window_size: Any,
                     check_bool(strict_lengths, "strict_lengths"))
 
 
+def _tokens(query_positions: Any, key_value_positions: Any, alibi_slopes: Any, batch: int,
+            q_len: int, capacity: int, num_heads: int) -> tuple[Array, Array, Array]:
+    """The decode targets' token operands (absent ones empty)."""
+    return (check_token_ids(query_positions, "query_positions", batch, q_len, False),
+            check_token_ids(key_value_positions, "key_value_positions", batch, capacity, False),
+            check_alibi_slopes(alibi_slopes, batch, num_heads, False))
+
+
 def _finish(out: Array, lse: Array, return_residual: bool):
     return (out, lse) if return_residual else out
 
@@ -246,6 +258,9 @@ def decode_attention(
     strict_lengths: bool = False,
     key_scale: Any = None,
     value_scale: Any = None,
+    query_positions: Any | None = None,
+    key_value_positions: Any | None = None,
+    alibi_slopes: Any | None = None,
 ) -> Array | tuple[Array, Array]:
     """Attention of the newest T tokens against a contiguous KV cache (split-KV decoding).
 
@@ -276,6 +291,17 @@ def decode_attention(
         each (token, kv head) row: the cache stands for ``key_cache * key_scale[..., None]``
         (dequantised in registers while streaming, never copied). Required for int8;
         optional (default 1) for float8.
+      query_positions: optional int ``[B, T]`` (or ``[T]``): the token positions of the
+        queries (default ``kv_lengths[b] - T + i``).
+      key_value_positions: optional int ``[B, Smax]`` (or ``[Smax]``): the position of each
+        cache entry (default its index). With either, entry ``j < kv_lengths[b]`` is visible
+        to query ``i`` when its position is ``<=`` the query's (and ``>=`` the query's minus
+        the window's left side): a batched cache with gaps (shorter prompts of a batch) is
+        exact when the gap entries get a position past every query, e.g. ``2**30``.
+        Positions are clamped to ``[-2**30, 2**30]``.
+      alibi_slopes: optional float ``[N]`` or ``[B, N]``: ALiBi, adds
+        ``-slope[n] * |query position - key position|`` (the positions above) to the logits
+        before the soft cap.
 
     Returns:
       ``[B, T, N, Hv]`` in the query dtype (and the lse when ``return_residual``). A row with
@@ -298,12 +324,15 @@ def decode_attention(
     kv_lengths = _check_kv_lengths(kv_lengths, b)
     options = _options(query, scale, local_window_size, logits_soft_cap, strict_lengths)
     return_residual = check_bool(return_residual, "return_residual")
+    tokens = _tokens(query_positions, key_value_positions, alibi_slopes, b, query.shape[1],
+                     key_cache.shape[1], query.shape[2])
     if any_zero(b, key_cache.shape[1]):
         return _empty_result(query, value_cache.shape[3], return_residual)
     if scales is not None:
-        out, lse = _quant_decode(options, (query, key_cache, value_cache, *scales, kv_lengths))
+        out, lse = _quant_decode(options, (query, key_cache, value_cache, *scales, kv_lengths,
+                                           *tokens))
         return _finish(out, lse, return_residual)
-    out, lse = _decode(options, query, key_cache, value_cache, kv_lengths)
+    out, lse = _decode(options, query, key_cache, value_cache, kv_lengths, tokens)
     return _finish(out, lse, return_residual)
 
 
@@ -321,6 +350,9 @@ def paged_decode_attention(
     strict_lengths: bool = False,
     key_scale: Any = None,
     value_scale: Any = None,
+    query_positions: Any | None = None,
+    key_value_positions: Any | None = None,
+    alibi_slopes: Any | None = None,
 ) -> Array | tuple[Array, Array]:
     """``decode_attention`` over a paged (vLLM-style) KV cache.
 
@@ -339,10 +371,12 @@ def paged_decode_attention(
         call raises ``JaxRuntimeError`` (nothing is read out of bounds).
       kv_lengths: int ``[B]``, clamped to ``[0, max_pages * page_size]`` (with
         ``strict_lengths``, a value outside that range is a run-time error).
-      scale, local_window_size, logits_soft_cap, return_residual, strict_lengths: as in
-        ``decode_attention``.
+      scale, local_window_size, logits_soft_cap, return_residual, strict_lengths,
+        query_positions, alibi_slopes: as in ``decode_attention``.
       key_scale, value_scale: quantized pages only: float32 ``[P, page_size, K]`` (as in
         ``decode_attention``).
+      key_value_positions: optional int ``[B, max_pages * page_size]``: the position of each
+        logical cache entry ``j`` (default ``j``), as in ``decode_attention``.
 
     Returns:
       As ``decode_attention``: equal to it on the same data laid out contiguously.
@@ -364,13 +398,16 @@ def paged_decode_attention(
     kv_lengths = _check_kv_lengths(kv_lengths, b)
     options = _options(query, scale, local_window_size, logits_soft_cap, strict_lengths)
     return_residual = check_bool(return_residual, "return_residual")
+    tokens = _tokens(query_positions, key_value_positions, alibi_slopes, b, query.shape[1],
+                     block_tables.shape[1] * key_pages.shape[1], query.shape[2])
     if any_zero(b, *key_pages.shape[:2], block_tables.shape[1]):
         return _empty_result(query, value_pages.shape[3], return_residual)
     if scales is not None:
         out, lse = _quant_paged_decode(options, (query, key_pages, value_pages, *scales,
-                                                 block_tables, kv_lengths))
+                                                 block_tables, kv_lengths, *tokens))
         return _finish(out, lse, return_residual)
-    out, lse = _paged_decode(options, query, key_pages, value_pages, block_tables, kv_lengths)
+    out, lse = _paged_decode(options, query, key_pages, value_pages, block_tables, kv_lengths,
+                             tokens)
     return _finish(out, lse, return_residual)
 
 

@@ -17,11 +17,13 @@ from jaxattn._validation import (
     any_zero,
     as_array,
     check_attention_inputs,
+    check_alibi_slopes,
     check_bool,
     check_lengths,
     check_scale,
     check_soft_cap,
     normalize_window,
+    check_token_ids,
 )
 
 Array = jax.Array
@@ -49,33 +51,37 @@ def _empty(dtype) -> Array:
 # jacfwd) runs the tangent kernel; reverse mode (grad, vjp) transposes it, so it runs the
 # forward kernel and then the two-pass backward, as a custom VJP would.
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _flash(options: _Options, q, k, v, bias, mask, q_lengths, kv_lengths):
-    out, lse = _ffi.flash_fwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths,
+def _flash(options: _Options, q, k, v, bias, mask, q_lengths, kv_lengths, tokens):
+    # tokens: query_positions, key_value_positions, query_segment_ids, key_value_segment_ids,
+    # alibi_slopes (absent ones empty)
+    out, lse = _ffi.flash_fwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths, *tokens,
                                      **options.attrs())
     return out, lse
 
 
 @_flash.defjvp
 def _flash_jvp(options, primals, tangents):
-    q, k, v, bias, mask, q_lengths, kv_lengths = primals
-    dq, dk, dv, dbias = tangents[:4]  # mask and lengths are not differentiable
+    q, k, v, bias, mask, q_lengths, kv_lengths, tokens = primals
+    # Mask, lengths and token ids are not differentiable; the ALiBi slopes get no derivative
+    # (documented, as in reverse mode).
+    dq, dk, dv, dbias = tangents[:4]
     out, lse = _flash(options, *primals)
     # A bias tangent of an absent bias is empty, which the kernel reads as none.
     dout, dlse = _ffi.flash_jvp_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
                                        dq.astype(q.dtype), dk.astype(k.dtype),
-                                       dv.astype(v.dtype), dbias, **options.attrs())
+                                       dv.astype(v.dtype), dbias, *tokens, **options.attrs())
     return (out, lse), (dout, dlse)
 
 
 def _flash_jvp_transpose(cotangents, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
-                         dq, dk, dv, dbias, **attrs):
+                         dq, dk, dv, dbias, *tokens, **attrs):
     """The transpose of the tangent map: the backward pass, with the cotangents of (out, lse)
     as (dout, dlse)."""
     # zeros_like keeps the residuals' shardings (explicit mesh axes).
     dout, dlse = (jnp.zeros_like(x) if type(c) is ad.Zero else c
                   for c, x in zip(cotangents, (out, lse)))
     operands = (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout.astype(out.dtype),
-                dlse.astype(jnp.float32))
+                dlse.astype(jnp.float32), *tokens)
     tangents = (dq, dk, dv, dbias)
     linear = [ad.is_undefined_primal(x) for x in tangents]
     grads = [None] * 4
@@ -85,11 +91,12 @@ def _flash_jvp_transpose(cotangents, q, k, v, bias, mask, q_lengths, kv_lengths,
         (grads[3],) = _ffi.flash_dlogits_p.bind(*operands, **attrs)
     # The kernels write gradients at the output's batch; a tangent of a smaller batch (an
     # operand not mapped by vmap, read at b % its batch) gets the sum over the rows it fed.
+    # None for the 7 flash operands, out and lse before the tangents, and the tokens after.
     return (None,) * 9 + tuple(
         None if not is_linear else
         jnp.zeros(x.aval.shape, x.aval.dtype) if g is None else
         _sum_to_shape(g, x.aval.shape).astype(x.aval.dtype)
-        for g, x, is_linear in zip(grads, tangents, linear))
+        for g, x, is_linear in zip(grads, tangents, linear)) + (None,) * len(tokens)
 
 
 ad.primitive_transposes[_ffi.flash_jvp_p] = _flash_jvp_transpose
@@ -169,6 +176,11 @@ def flash_attention(
     local_window_size: int | tuple[int, int] | None = None,
     logits_soft_cap: float | None = None,
     return_residual: bool = False,
+    query_positions: Any | None = None,
+    key_value_positions: Any | None = None,
+    query_segment_ids: Any | None = None,
+    key_value_segment_ids: Any | None = None,
+    alibi_slopes: Any | None = None,
 ) -> Array | tuple[Array, Array]:
     """Scaled dot-product attention with fused, memory-linear C++ kernels.
 
@@ -195,6 +207,23 @@ def flash_attention(
       logits_soft_cap: if set, logits become ``cap * tanh(logits / cap)`` (after the bias,
         before the masks).
       return_residual: also return the log-sum-exp of the logits, ``[B, T, N]`` float32.
+      query_positions: optional int ``[B, T]`` (or ``[T]``, shared): the token position of
+        each query. With either positions argument, ``is_causal`` means
+        ``key_value_positions[j] <= query_positions[i]`` and the window is measured in
+        positions (``qp - left <= kp <= qp + right``); an absent side is its index. Exact for
+        left/right padding, gaps and prefill partway into a cache without a dense mask; tiles
+        whose positions hide them are still skipped. Clamped to ``[-2**30, 2**30]``. The
+        ``*_seq_lengths`` still count indices.
+      key_value_positions: optional int ``[B, S]`` (or ``[S]``): the position of each key.
+      query_segment_ids: optional int ``[B, T]`` (or ``[T]``): packed sequences; query ``i``
+        sees key ``j`` only where ``query_segment_ids[i] == key_value_segment_ids[j]``,
+        together with every other mask. Give both segment arguments or neither. Tiles in
+        which no ids match are never computed.
+      key_value_segment_ids: optional int ``[B, S]`` (or ``[S]``).
+      alibi_slopes: optional float ``[N]`` or ``[B, N]``: ALiBi, adds
+        ``-slope[n] * |qp - kp|`` to the logits of head ``n`` (positions as above, else
+        indices), after the bias and before the soft cap, computed in the kernels. No
+        gradient flows to the slopes (they are treated as constants).
 
     Returns:
       ``[B, T, N, Hv]`` in the input dtype (and the lse when ``return_residual``). A row that
@@ -241,6 +270,14 @@ def flash_attention(
         mask = _empty(jnp.bool_)
     q_lengths = check_lengths(query_seq_lengths, "query_seq_lengths", b, unbatched)
     kv_lengths = check_lengths(key_value_seq_lengths, "key_value_seq_lengths", b, unbatched)
+    if (query_segment_ids is None) != (key_value_segment_ids is None):
+        raise ValueError("query_segment_ids and key_value_segment_ids must be given together "
+                         "(both or neither)")
+    tokens = (check_token_ids(query_positions, "query_positions", b, t, unbatched),
+              check_token_ids(key_value_positions, "key_value_positions", b, s, unbatched),
+              check_token_ids(query_segment_ids, "query_segment_ids", b, t, unbatched),
+              check_token_ids(key_value_segment_ids, "key_value_segment_ids", b, s, unbatched),
+              check_alibi_slopes(alibi_slopes, b, n, unbatched))
 
     if any_zero(b, t, n, s):  # nothing to compute or nothing to attend to
         out = jnp.zeros((b, t, n, hv), query.dtype)
@@ -252,8 +289,9 @@ def flash_attention(
         kernel_value = value if hv else jnp.zeros(value.shape[:3] + (1,), value.dtype)
         # In shard_map, a replicated operand is cast to varying here, outside the custom_vjp,
         # so that autodiff sums its gradient over the devices (the transpose of the cast).
-        operands = match_varying((query, key, kernel_value, bias, mask, q_lengths, kv_lengths))
-        out, lse = _flash(options, *operands)
+        operands = match_varying((query, key, kernel_value, bias, mask, q_lengths, kv_lengths,
+                                  *tokens))
+        out, lse = _flash(options, *operands[:7], tuple(operands[7:]))
         if not hv:
             out = out[..., :0]
     if unbatched:

@@ -16,9 +16,11 @@ from jaxattn._sharding import match_varying
 from jaxattn._validation import (
     any_zero,
     as_array,
+    check_alibi_slopes,
     check_attention_inputs,
     check_scale,
     check_soft_cap,
+    check_token_ids,
 )
 from jaxattn.masks import BlockSparseMask
 
@@ -38,25 +40,29 @@ class _Options:
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sparse(options: _Options, q, k, v, tables):
+def _sparse(options: _Options, q, k, v, tables, tokens):
+    # tokens: query_positions, key_value_positions, query_segment_ids, key_value_segment_ids,
+    # alibi_slopes (absent ones empty), as for flash attention
     q_indptr, q_entries, _, _, masks, _ = tables
     fwd_p = _ffi.sparse_fwd_per_head_p if options.per_head else _ffi.sparse_fwd_p
-    out, lse = fwd_p.bind(q, k, v, q_indptr, q_entries, masks, **options.attrs())
+    out, lse = fwd_p.bind(q, k, v, q_indptr, q_entries, masks, *tokens, **options.attrs())
     return out, lse
 
 
-def _sparse_fwd(options, q, k, v, tables):
-    out, lse = _sparse(options, q, k, v, tables)
-    return (out, lse), (q, k, v, tables, out, lse)
+def _sparse_fwd(options, q, k, v, tables, tokens):
+    out, lse = _sparse(options, q, k, v, tables, tokens)
+    return (out, lse), (q, k, v, tables, tokens, out, lse)
 
 
 def _sparse_bwd(options, residuals, cotangents):
-    q, k, v, tables, out, lse = residuals
+    q, k, v, tables, tokens, out, lse = residuals
     dout, dlse = cotangents
     bwd_p = _ffi.sparse_bwd_per_head_p if options.per_head else _ffi.sparse_bwd_p
     dq, dk, dv = bwd_p.bind(q, k, v, out, lse, dout.astype(out.dtype),
-                            dlse.astype(jnp.float32), *tables, **options.attrs())
-    return dq, dk, dv, tuple(None for _ in tables)
+                            dlse.astype(jnp.float32), *tables, *tokens, **options.attrs())
+    # The slopes get no gradient (as in flash_attention).
+    dtokens = (None, None, None, None, jnp.zeros_like(tokens[4]))
+    return dq, dk, dv, tuple(None for _ in tables), dtokens
 
 
 _sparse.defvjp(_sparse_fwd, _sparse_bwd)
@@ -74,6 +80,11 @@ def block_sparse_attention(
     scale: float | None = None,
     logits_soft_cap: float | None = None,
     return_residual: bool = False,
+    query_positions: Any | None = None,
+    key_value_positions: Any | None = None,
+    query_segment_ids: Any | None = None,
+    key_value_segment_ids: Any | None = None,
+    alibi_slopes: Any | None = None,
 ) -> Array | tuple[Array, Array]:
     """Attention restricted to a block-sparse mask; empty blocks are never computed.
 
@@ -93,6 +104,13 @@ def block_sparse_attention(
       scale: logit scale, default ``1 / sqrt(H)``.
       logits_soft_cap: if set, logits become ``cap * tanh(logits / cap)`` before masking.
       return_residual: also return the log-sum-exp of the logits, ``[B, T, N]`` float32.
+      query_positions, key_value_positions: optional int ``[B, T]``, ``[B, S]`` (or ``[T]``,
+        ``[S]``): the token positions ALiBi measures (there is no causal mask or window
+        here: the block mask is the mask).
+      query_segment_ids, key_value_segment_ids: optional int ``[B, T]``, ``[B, S]`` (both or
+        neither): packed sequences, ANDed with the block mask; tiles whose ids do not match
+        are skipped too.
+      alibi_slopes: optional float ``[N]`` or ``[B, N]``: ALiBi, as in ``flash_attention``.
 
     Returns:
       ``[B, T, N, Hv]`` in the input dtype (and the lse when ``return_residual``). A row that
@@ -121,6 +139,14 @@ def block_sparse_attention(
                          f"query heads)")
     scale = check_scale(scale, h)
     soft_cap = check_soft_cap(logits_soft_cap)
+    if (query_segment_ids is None) != (key_value_segment_ids is None):
+        raise ValueError("query_segment_ids and key_value_segment_ids must be given together "
+                         "(both or neither)")
+    tokens = (check_token_ids(query_positions, "query_positions", b, t, unbatched),
+              check_token_ids(key_value_positions, "key_value_positions", b, s, unbatched),
+              check_token_ids(query_segment_ids, "query_segment_ids", b, t, unbatched),
+              check_token_ids(key_value_segment_ids, "key_value_segment_ids", b, s, unbatched),
+              check_alibi_slopes(alibi_slopes, b, n, unbatched))
 
     if any_zero(b, n, hv):  # nothing to compute
         out = jnp.zeros((b, t, n, hv), query.dtype)
@@ -133,8 +159,9 @@ def block_sparse_attention(
             positions, keys_per_tile, group, groups, rows_padded))
         # shard_map: a replicated operand is cast to varying outside the custom_vjp, so that
         # its gradient is summed over the devices.
-        query, key, value = match_varying((query, key, value))
-        out, lse = _sparse(_Options(scale, soft_cap, groups > 1), query, key, value, tables)
+        query, key, value, *tokens = match_varying((query, key, value, *tokens))
+        out, lse = _sparse(_Options(scale, soft_cap, groups > 1), query, key, value, tables,
+                           tuple(tokens))
     if unbatched:
         out, lse = out[0], lse[0]
     return (out, lse) if return_residual else out

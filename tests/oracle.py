@@ -50,6 +50,30 @@ def window_bounds(local_window_size: Window) -> tuple[int, int] | None:
     return int(left), int(right)
 
 
+def token_positions(q_len: int, kv_len: int, query_positions: Array | None = None,
+                    key_value_positions: Array | None = None) -> tuple[Array, Array]:
+    """Query and key positions as int64 ``[B or 1, 1, T, 1]`` and ``[B or 1, 1, 1, S]``:
+    the given ones (``[B, L]`` or ``[L]``, clamped to ``[-2**30, 2**30]`` as the kernels
+    clamp them) or the indices."""
+
+    def as_4d(x: Array | None, length: int) -> Array:
+        if x is None:
+            return np.arange(length, dtype=np.int64)[None]
+        return np.clip(np.asarray(x, dtype=np.int64).reshape(-1, length), -2**30, 2**30)
+
+    return (as_4d(query_positions, q_len)[:, None, :, None],
+            as_4d(key_value_positions, kv_len)[:, None, None, :])
+
+
+def alibi_bias(slopes: Array, q_len: int, kv_len: int, query_positions: Array | None = None,
+               key_value_positions: Array | None = None) -> Array:
+    """The ALiBi term ``-slope[b, n] * |qp - kp|`` as float64 ``[B or 1, N, T, S]``."""
+    slopes = np.asarray(slopes, dtype=np.float64)
+    slopes = slopes.reshape(-1, slopes.shape[-1])[:, :, None, None]
+    qp, kp = token_positions(q_len, kv_len, query_positions, key_value_positions)
+    return -slopes * np.abs(qp - kp).astype(np.float64)
+
+
 def visibility(
     q: Array,
     k: Array,
@@ -61,20 +85,32 @@ def visibility(
     local_window_size: Window = None,
     scale: float | None = None,
     logits_soft_cap: float | None = None,
+    query_positions: Array | None = None,
+    key_value_positions: Array | None = None,
+    query_segment_ids: Array | None = None,
+    key_value_segment_ids: Array | None = None,
+    alibi_slopes: Array | None = None,
 ) -> Array:
     """Which (query, key) pairs are attended: bool ``[B,N,T,S]`` (``[N,T,S]`` if unbatched).
 
-    ``scale`` and ``logits_soft_cap`` are accepted and ignored so that one options dict can be
-    passed to every function of this module.
+    The causal mask and the window compare token positions (``query_positions``,
+    ``key_value_positions``; each defaults to the indices); the lengths count indices; segment
+    ids must be equal. ``scale``, ``logits_soft_cap`` and ``alibi_slopes`` are accepted and
+    ignored so that one options dict can be passed to every function of this module.
     """
-    del scale, logits_soft_cap
+    del scale, logits_soft_cap, alibi_slopes
     unbatched = np.ndim(q) == 3
     q_shape = (1, *np.shape(q)) if unbatched else np.shape(q)
     batch, q_len, num_heads, _ = q_shape
     kv_len = np.shape(k)[-3]
-    rows = np.arange(q_len)[:, None]
-    cols = np.arange(kv_len)[None, :]
+    index_rows = np.arange(q_len)[:, None]
+    index_cols = np.arange(kv_len)[None, :]
+    rows, cols = token_positions(q_len, kv_len, query_positions, key_value_positions)
     visible = np.ones((batch, num_heads, q_len, kv_len), dtype=bool)
+    if query_segment_ids is not None:
+        q_ids = np.asarray(query_segment_ids).reshape(-1, 1, q_len, 1)
+        kv_ids = np.asarray(key_value_segment_ids).reshape(-1, 1, 1, kv_len)
+        visible &= q_ids == kv_ids
     if mask is not None:
         mask = np.asarray(mask)
         if mask.dtype != np.bool_:
@@ -88,10 +124,10 @@ def visibility(
         visible &= (cols >= rows - left) & (cols <= rows + right)
     if key_value_seq_lengths is not None:
         kv_lengths = np.asarray(key_value_seq_lengths).reshape(-1, 1, 1, 1)
-        visible &= cols[None, None] < kv_lengths
+        visible &= index_cols[None, None] < kv_lengths
     if query_seq_lengths is not None:
         q_lengths = np.asarray(query_seq_lengths).reshape(-1, 1, 1, 1)
-        visible &= rows[None, None] < q_lengths
+        visible &= index_rows[None, None] < q_lengths
     return visible[0] if unbatched else visible
 
 
@@ -177,8 +213,13 @@ def _forward(
     key_value_seq_lengths: Array | None = None,
     local_window_size: Window = None,
     logits_soft_cap: float | None = None,
+    **tokens: Any,
 ) -> _Forward:
-    """Attention forward pass, rounding each operation's result with ``precision``."""
+    """Attention forward pass, rounding each operation's result with ``precision``.
+
+    ``tokens``: ``query_positions``, ``key_value_positions``, ``query_segment_ids``,
+    ``key_value_segment_ids``, ``alibi_slopes`` (see ``visibility`` and ``alibi_bias``).
+    """
     r = precision.round
     unbatched = np.ndim(q) == 3
     if unbatched != (np.ndim(k) == 3) or np.ndim(k) != np.ndim(v):
@@ -191,6 +232,7 @@ def _forward(
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size,
+        **tokens,
     )
     if unbatched:
         q, k, v, visible = q[None], k[None], v[None], visible[None]
@@ -208,6 +250,10 @@ def _forward(
     logits = r(logits * precision.work.type(scale))
     if bias is not None:
         logits = r(logits + r(np.asarray(bias)))
+    if tokens.get("alibi_slopes") is not None:
+        alibi = alibi_bias(tokens["alibi_slopes"], q_len, kv_len, tokens.get("query_positions"),
+                           tokens.get("key_value_positions"))
+        logits = r(logits + r(alibi))
     capped_tanh = None
     if logits_soft_cap is not None:
         cap = precision.work.type(logits_soft_cap)

@@ -279,6 +279,15 @@ CASES: list[OpCase] = [
     # not depend on the thread count either.
     flash_case("flash_f32_broadcast_bias_grad", Shape(2, 96, 80, 6, 3, 32), F32, bias="11TS",
                is_causal=True, seed=9),
+    # Packed documents with positions restarting per document, ALiBi and a window: tiles
+    # classified by their positions and ids.
+    flash_case("flash_bf16_packed_positions_alibi", Shape(2, 200, 200, 4, 2, 32), BF16,
+               is_causal=True, local_window_size=(50, 0),
+               query_segment_ids=np.arange(200, dtype=np.int32) // 70,
+               key_value_segment_ids=np.arange(200, dtype=np.int32) // 70,
+               query_positions=np.arange(200, dtype=np.int32) % 70,
+               key_value_positions=np.arange(200, dtype=np.int32) % 70,
+               alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625], np.float32), seed=10),
     # Long caches: many partitions, merged in a fixed order whatever the thread count.
     decode_case("decode_f32_gqa_long", Shape(2, 1, 4096, 8, 2, 64), F32, _lengths(4096, 1500),
                 seed=4),

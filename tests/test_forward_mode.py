@@ -69,6 +69,37 @@ def test_jvp_with_every_option(rng: np.random.Generator, options: dict[str, Any]
               **options)
 
 
+def _packed_tokens(rng: np.random.Generator) -> dict[str, Any]:
+    """Positions restarting at each packed sequence, segment ids and ALiBi slopes for SHAPE."""
+    t, s = SHAPE.q_len, SHAPE.kv_len
+    q_seg = np.sort(rng.integers(0, 3, (SHAPE.batch, t)), axis=1).astype(np.int32)
+    kv_seg = np.sort(rng.integers(0, 3, (SHAPE.batch, s)), axis=1).astype(np.int32)
+
+    def restart(seg: np.ndarray) -> np.ndarray:
+        pos = np.zeros_like(seg)
+        for b in range(seg.shape[0]):
+            for i in range(1, seg.shape[1]):
+                pos[b, i] = pos[b, i - 1] + 1 if seg[b, i] == seg[b, i - 1] else 0
+        return pos
+
+    return {"query_positions": restart(q_seg) + 3, "key_value_positions": restart(kv_seg),
+            "query_segment_ids": q_seg, "key_value_segment_ids": kv_seg,
+            "alibi_slopes": rng.uniform(0.01, 0.5, SHAPE.num_heads).astype(np.float32)}
+
+
+@pytest.mark.parametrize("which", ["positions", "segments", "alibi", "all"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["float32", "bfloat16"])
+def test_jvp_with_token_operands(rng: np.random.Generator, which: str, dtype: np.dtype) -> None:
+    """The tangent kernel reads the forward's positions, segment ids and ALiBi slopes (the
+    tangent of attention that ignored them would differ from the oracle's)."""
+    tokens = _packed_tokens(rng)
+    keys = {"positions": ("query_positions", "key_value_positions"),
+            "segments": ("query_segment_ids", "key_value_segment_ids"),
+            "alibi": ("alibi_slopes",), "all": tuple(tokens)}[which]
+    check_jvp(rng, SHAPE, dtype, is_causal=which != "alibi", logits_soft_cap=4.0,
+              **{k: tokens[k] for k in keys})
+
+
 @pytest.mark.parametrize("shape", [
     Shape(batch=1, q_len=130, kv_len=70, num_heads=8, num_kv_heads=1, head_dim=80),  # MQA, T > S
     Shape(batch=1, q_len=5, kv_len=200, num_heads=3, num_kv_heads=3, head_dim=7),  # T < S

@@ -284,8 +284,9 @@ else:
         assert_close(actual, vjp_fn(jaxattn.flash_attention)(q, k, v, ct), rtol=0, atol=0)
 
     PARTITIONED_FWD = {
-        partition: _ffi._define(f"test_flash_fwd_{partition}", "jaxattn_flash_fwd_v1",
-                                _ffi._flash_fwd_abstract, axes=_ffi._FLASH_OPERANDS + "->btnd,btn",
+        partition: _ffi._define(f"test_flash_fwd_{partition}", "jaxattn_flash_fwd_v2",
+                                _ffi._flash_fwd_abstract,
+                                axes=f"{_ffi._FLASH_OPERANDS},{_ffi._TOKEN_OPERANDS}->btnd,btn",
                                 partition=partition)
         for partition in ("b", "h")
     }
@@ -302,10 +303,11 @@ else:
 
         def attend(q, k, v):
             return prim.bind(q, k, v, jnp.zeros((0,), jnp.float32), mask,
-                             jnp.zeros((0,), jnp.int32), lengths, **attrs)
+                             jnp.zeros((0,), jnp.int32), lengths, *_ffi.no_tokens(), **attrs)
 
         expected = _ffi.flash_fwd_p.bind(q, k, v, jnp.zeros((0,), jnp.float32), mask,
-                                         jnp.zeros((0,), jnp.int32), lengths, **attrs)
+                                         jnp.zeros((0,), jnp.int32), lengths, *_ffi.no_tokens(),
+                                         **attrs)
         own = P("batch") if partition == "b" else P(None, None, "heads")
         args = [put(x, mesh, own) for x in (q, k, v)]
         assert collectives(jax.jit(attend), *args) == []
@@ -569,14 +571,16 @@ else:
         q, k, v = (np.ones((1, 4, 2, 8), np.float32),) * 3
         empty_f, empty_b, empty_i = (np.zeros((0,), t) for t in (np.float32, np.bool_, np.int32))
         call = jax.ffi.ffi_call(
-            "jaxattn_flash_fwd_v1",
+            "jaxattn_flash_fwd_v2",
             (jax.ShapeDtypeStruct((1, 4, 2, 8), np.float32),
              jax.ShapeDtypeStruct((1, 4, 2), np.float32)))
-        return call(q, k, v, empty_f, empty_b, empty_i, empty_i, scale=np.float32(0.5),
+        # ... plus the five absent token operands (positions, segment ids, ALiBi slopes)
+        return call(q, k, v, empty_f, empty_b, empty_i, empty_i, *(empty_i,) * 4, empty_f,
+                    scale=np.float32(0.5),
                     soft_cap=np.float32(0), is_causal=False, window_left=np.int64(-1),
                     window_right=np.int64(-1), jaxattn_views=views)
 
-    IDENTITY_VIEWS = [1, 7, 2, 0] + [4, 0, 1, 2, 3] * 3 + [1, -1] * 4 + [4, 0, 1, 2, 3, 3, 0, 1, 2]
+    IDENTITY_VIEWS = [1, 12, 2, 0] + [4, 0, 1, 2, 3] * 3 + [1, -1] * 9 + [4, 0, 1, 2, 3, 3, 0, 1, 2]
 
     def test_views_identity_matches_plain_call() -> None:
         out, _ = flash_call(np.asarray(IDENTITY_VIEWS, np.int64))
@@ -584,13 +588,13 @@ else:
         assert_close(out, jaxattn.flash_attention(q, q, q, scale=0.5), rtol=0, atol=0)
 
     @pytest.mark.parametrize("views", [
-        [2, 7, 2, 0],                                   # unknown format
+        [2, 12, 2, 0],                                  # unknown format
         [1, 6, 2, 0],                                   # wrong operand count
         IDENTITY_VIEWS[:-1],                            # truncated
         IDENTITY_VIEWS + [0],                           # trailing data
-        [1, 7, 2, 0] + [4, 0, 1, 9, 3] + IDENTITY_VIEWS[9:],   # axis out of range
-        [1, 7, 2, 0] + [4, 0, 1, 2, -100] + IDENTITY_VIEWS[9:],  # more data than the buffer
-        [1, 7, 2, 1, 2, 0, 2, 2, 1, 2, 4] + IDENTITY_VIEWS[4:],  # inconsistent factor ratio
+        [1, 12, 2, 0] + [4, 0, 1, 9, 3] + IDENTITY_VIEWS[9:],   # axis out of range
+        [1, 12, 2, 0] + [4, 0, 1, 2, -100] + IDENTITY_VIEWS[9:],  # more data than the buffer
+        [1, 12, 2, 1, 2, 0, 2, 2, 1, 2, 4] + IDENTITY_VIEWS[4:],  # inconsistent factor ratio
     ], ids=["format", "count", "truncated", "trailing", "axis", "size", "ratio"])
     def test_views_malformed_is_an_error(views) -> None:
         with pytest.raises(jax.errors.JaxRuntimeError, match="jaxattn"):

@@ -345,7 +345,7 @@ def test_kernel_rejects_corrupt_tables(rng):
 
     def call(q_indptr, q_entries, pool):
         out = _ffi.sparse_fwd_p.bind(q, k, v, jnp.asarray(q_indptr), jnp.asarray(q_entries),
-                                     jnp.asarray(pool), **attrs)
+                                     jnp.asarray(pool), *_ffi.no_tokens(), **attrs)
         jax.block_until_ready(out)
 
     call(tables[0], tables[1], tables[4])  # as compiled: fine
@@ -367,12 +367,13 @@ def test_kernel_rejects_corrupt_tables(rng):
     call(tables[0], tables[1], tables[4])  # the process is still fine
 
     out, lse = _ffi.sparse_fwd_p.bind(q, k, v, *(jnp.asarray(tables[i]) for i in (0, 1, 4)),
-                                      **attrs)
+                                      *_ffi.no_tokens(), **attrs)
     residuals = (out, lse, jnp.ones_like(out), jnp.zeros_like(lse))
 
     def backward(k_entries, pool_t):
         grads = _ffi.sparse_bwd_p.bind(q, k, v, *residuals, *(jnp.asarray(x) for x in (
-            tables[0], tables[1], tables[2], k_entries, tables[4], pool_t)), **attrs)
+            tables[0], tables[1], tables[2], k_entries, tables[4], pool_t)), *_ffi.no_tokens(),
+            **attrs)
         jax.block_until_ready(grads)
 
     backward(tables[3], tables[5])

@@ -501,10 +501,19 @@ NO_BIAS, NO_MASK, NO_LENGTHS = _empty(jnp.float32), _empty(jnp.bool_), _empty(jn
 
 
 def bind_fwd(q=QUERY, k=KEY, v=VALUE, bias=NO_BIAS, mask=NO_MASK, q_lengths=NO_LENGTHS,
-             kv_lengths=NO_LENGTHS, **attrs: Any) -> Callable[[], Any]:
-    """A thunk binding ``flash_fwd_p`` to the given operands and attributes."""
-    return lambda: _ffi.flash_fwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths,
+             kv_lengths=NO_LENGTHS, tokens=None, **attrs: Any) -> Callable[[], Any]:
+    """A thunk binding ``flash_fwd_p`` to the given operands and attributes (``tokens``: the
+    five token operands, absent by default)."""
+    tokens = _ffi.no_tokens() if tokens is None else tokens
+    return lambda: _ffi.flash_fwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths, *tokens,
                                          **{**ATTRS, **attrs})
+
+
+def with_token(index: int, value: Any) -> tuple[Any, ...]:
+    """The absent token operands with operand ``index`` replaced."""
+    tokens = list(_ffi.no_tokens())
+    tokens[index] = value
+    return tuple(tokens)
 
 
 def bind_bwd(primitive=_ffi.flash_bwd_p, **changes: Any) -> Callable[[], Any]:
@@ -513,7 +522,7 @@ def bind_bwd(primitive=_ffi.flash_bwd_p, **changes: Any) -> Callable[[], Any]:
                     kv_lengths=NO_LENGTHS, out=ones(B, T, N, H), lse=ones(B, T, N),
                     dout=ones(B, T, N, H), dlse=ones(B, T, N))
     operands.update(changes)
-    return lambda: primitive.bind(*operands.values(), **ATTRS)
+    return lambda: primitive.bind(*operands.values(), *_ffi.no_tokens(), **ATTRS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -561,18 +570,31 @@ FLASH_FFI_BAD_BINDS = [
     BadBind("bwd_key_rank", bind_bwd(k=ones(S, K, H)), r"jaxattn_flash_bwd: key must have rank 4", ValueError),
     BadBind("dlogits_dout_shape", bind_bwd(_ffi.flash_dlogits_p, dout=ones(B, T + 1, N, H)),
             r"jaxattn: logits-gradient operand shapes"),
+    BadBind("q_positions_length", bind_fwd(tokens=with_token(0, np.ones((B, T + 1), np.int32))),
+            r"jaxattn: query_positions must have shape"),
+    BadBind("kv_positions_rank", bind_fwd(tokens=with_token(1, np.ones(S, np.int32))),
+            r"jaxattn: key_value_positions must have shape"),
+    # A batch of 3 makes the output batch 3, which the query's 2 does not divide.
+    BadBind("positions_batch", bind_fwd(tokens=with_token(0, np.ones((3, T), np.int32))),
+            r"jaxattn: operand batch sizes must divide"),
+    BadBind("one_segment_side", bind_fwd(tokens=with_token(2, np.ones((B, T), np.int32))),
+            r"jaxattn: query and key/value segment ids must be given together"),
+    BadBind("alibi_heads", bind_fwd(tokens=with_token(4, np.ones((1, N + 1), np.float32))),
+            r"jaxattn: alibi_slopes must have shape"),
 ]
 
 DECODE_ATTRS = _ffi.decode_attrs(0.5, None, None)
 
 
 def bind_decode(q=QUERY[:, :2], k=KEY, v=VALUE, lengths=LENGTHS, **attrs: Any) -> Callable[[], Any]:
-    return lambda: _ffi.decode_fwd_p.bind(q, k, v, lengths, **{**DECODE_ATTRS, **attrs})
+    return lambda: _ffi.decode_fwd_p.bind(q, k, v, lengths, *_ffi.no_decode_tokens(),
+                                          **{**DECODE_ATTRS, **attrs})
 
 
 def bind_paged(q=QUERY[:, :2], k=KEY_PAGES, v=VALUE_PAGES, tables=TABLES, lengths=LENGTHS,
                **attrs: Any) -> Callable[[], Any]:
     return lambda: _ffi.paged_decode_fwd_p.bind(q, k, v, tables, lengths,
+                                                *_ffi.no_decode_tokens(),
                                                 **{**DECODE_ATTRS, **attrs})
 
 

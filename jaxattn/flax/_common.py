@@ -111,13 +111,41 @@ def check_implementation(implementation: str, cfg: AttentionConfig) -> str:
 
 def _attend(implementation: str, q: Array, k: Array, v: Array, mask: Array | None, *,
             is_causal: bool, window: tuple[int, int] | None,
-            soft_cap: float | None) -> Array:
-    """One attention call through jaxattn's kernels or, for comparisons, XLA's."""
+            soft_cap: float | None, segment_ids: Array | None = None) -> Array:
+    """One attention call through jaxattn's kernels or, for comparisons, XLA's.
+
+    ``segment_ids``: int ``[B, T]`` of a self-attention call (packed sequences), or None.
+    """
     if implementation == "xla":
+        if segment_ids is not None:  # the same visibility as a dense mask
+            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+            mask = same if mask is None else mask & same
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
                                             local_window_size=window, implementation="xla")
     return flash_attention(q, k, v, mask=mask, is_causal=is_causal, local_window_size=window,
-                           logits_soft_cap=soft_cap)
+                           logits_soft_cap=soft_cap, query_segment_ids=segment_ids,
+                           key_value_segment_ids=segment_ids)
+
+
+def fold_segment_ids(segment_ids: Any, batch_shape: tuple[int, ...], length: int,
+                     decode: bool) -> Array | None:
+    """Packed-sequence ids ``[batch..., T]`` (or ``[T]``) as int ``[B, T]`` with the batch dims
+    folded (``[1, T]`` when shared), or None."""
+    if segment_ids is None:
+        return None
+    if decode:
+        raise ValueError("segment_ids is not supported with decode=True: the KV cache holds one "
+                         "sequence per batch row (pack sequences for training and prefill, "
+                         "decode them as separate rows)")
+    segment_ids = jnp.asarray(segment_ids)
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise TypeError(f"segment_ids must be an integer array, got dtype {segment_ids.dtype}")
+    if segment_ids.shape == (length,):
+        return segment_ids[None]
+    if segment_ids.shape != batch_shape + (length,):
+        raise ValueError(f"segment_ids must have shape [batch..., T] = "
+                         f"{batch_shape + (length,)} or [T], got {segment_ids.shape}")
+    return segment_ids.reshape(-1, length)
 
 
 def layer_sparse_mask(cfg: AttentionConfig, sparse_mask: Any) -> Any:
@@ -149,11 +177,12 @@ def _combined_mask(cfg: AttentionConfig, m: Any) -> Any:
 
 def full_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array,
                    mask: Array | None, implementation: str = "jaxattn",
-                   sparse_mask: Any | None = None) -> Array:
+                   sparse_mask: Any | None = None, segment_ids: Array | None = None) -> Array:
     """Self-attention over the whole input: q ``[B, T, N, H]``, k/v ``[B, T, K, H]``.
 
     ``sparse_mask``: the layer's complete mask from ``layer_sparse_mask`` (causality and window
-    included), or None.
+    included), or None. ``segment_ids``: int ``[B or 1, T]`` (``fold_segment_ids``): packed
+    sequences, token ``i`` attends to ``j`` only where their ids are equal.
     """
     if cfg.use_rope:
         positions = jnp.arange(q.shape[1])
@@ -163,6 +192,8 @@ def full_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array,
     if sparse_mask is not None:
         if mask is not None:
             raise ValueError("mask cannot be combined with the layer's sparse_mask")
+        if segment_ids is not None:
+            raise ValueError("segment_ids cannot be combined with the layer's sparse_mask")
         if q.shape[1] != sparse_mask.q_len:
             raise ValueError(f"the layer's sparse_mask is for {sparse_mask.q_len} tokens, got "
                              f"an input of {q.shape[1]}")
@@ -175,8 +206,10 @@ def full_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array,
         mask = jnp.asarray(mask)
         if mask.dtype != jnp.bool_:
             mask = mask.astype(jnp.bool_)
+    if segment_ids is not None and segment_ids.shape[0] != q.shape[0]:
+        segment_ids = jnp.broadcast_to(segment_ids, (q.shape[0], segment_ids.shape[1]))
     return _attend(implementation, q, k, v, mask, is_causal=cfg.is_causal, window=cfg.window,
-                   soft_cap=cfg.soft_cap)
+                   soft_cap=cfg.soft_cap, segment_ids=segment_ids)
 
 
 def _overflow_message(current: int, steps: int, max_length: int) -> str:

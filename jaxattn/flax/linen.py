@@ -93,7 +93,8 @@ class FlashSelfAttention(nn.Module):
             use_rope=self.use_rope, rope_theta=self.rope_theta)
 
     @nn.compact
-    def __call__(self, x: Array, *, mask: Array | None = None, decode: bool = False) -> Array:
+    def __call__(self, x: Array, *, mask: Array | None = None, decode: bool = False,
+                 segment_ids: Array | None = None) -> Array:
         """Self-attention of ``x``.
 
         Args:
@@ -102,6 +103,11 @@ class FlashSelfAttention(nn.Module):
             combined with the causal/window masks. Not available in decode mode.
           decode: append the tokens' keys/values to the ``'cache'`` collection (created by
             ``init_cache``; apply with ``mutable=['cache']``) and attend over the cache.
+          segment_ids: optional int ``[batch..., T]`` (or ``[T]``): packed sequences; token
+            ``i`` attends to token ``j`` only where their ids are equal (combined with the
+            causal, window and ``mask`` masks; tiles of different sequences are never
+            computed). RoPE positions still count from the start of the row. Not available
+            in decode mode (the cache holds one sequence per row) or with a ``sparse_mask``.
 
         Returns:
           ``[batch..., T, out_features]``.
@@ -112,6 +118,7 @@ class FlashSelfAttention(nn.Module):
         cfg = self._config(features)
         implementation = _common.check_implementation(self.implementation, cfg)
         out_features = self.out_features or features
+        segment_ids = _common.fold_segment_ids(segment_ids, x.shape[:-2], x.shape[-2], decode)
 
         def dense(features, name, **kwargs):
             return nn.DenseGeneral(features=features, dtype=self.dtype,
@@ -158,7 +165,7 @@ class FlashSelfAttention(nn.Module):
         y = _common.full_attention(cfg, query(x3), key(x3), value(x3),
                                    _common.fold_batch(mask, batch_shape, "mask"),
                                    implementation,
-                                   _common.layer_sparse_mask(cfg, self.sparse_mask))
+                                   _common.layer_sparse_mask(cfg, self.sparse_mask), segment_ids)
         return out(y).reshape(batch_shape + (x.shape[-2], out_features))
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any | None = None) -> None:

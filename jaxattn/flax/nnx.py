@@ -137,7 +137,8 @@ class FlashSelfAttention(nnx.Module):
         for name, array in arrays.items():
             setattr(self, name, nnx.Cache(array))
 
-    def __call__(self, x: Array, *, mask: Array | None = None, decode: bool = False) -> Array:
+    def __call__(self, x: Array, *, mask: Array | None = None, decode: bool = False,
+                 segment_ids: Array | None = None) -> Array:
         """Self-attention of ``x``.
 
         Args:
@@ -147,6 +148,11 @@ class FlashSelfAttention(nnx.Module):
             combined with the causal/window masks. Not available in decode mode.
           decode: append the tokens' keys/values to the cache (see ``init_cache``) and attend
             over everything cached so far.
+          segment_ids: optional int ``[batch..., T]`` (or ``[T]``): packed sequences; token
+            ``i`` attends to token ``j`` only where their ids are equal (combined with the
+            causal, window and ``mask`` masks; tiles of different sequences are never
+            computed). RoPE positions still count from the start of the row. Not available
+            in decode mode (the cache holds one sequence per row) or with a ``sparse_mask``.
 
         Returns:
           ``[batch..., T, out_features]``.
@@ -156,6 +162,7 @@ class FlashSelfAttention(nnx.Module):
                              f"shape {x.shape}")
         if x.ndim < 2:
             raise ValueError(f"x must have shape [batch..., T, F], got {x.shape}")
+        segment_ids = _common.fold_segment_ids(segment_ids, x.shape[:-2], x.shape[-2], decode)
         if decode:
             if mask is not None:
                 raise ValueError("mask is not supported with decode=True")
@@ -185,7 +192,7 @@ class FlashSelfAttention(nnx.Module):
         q, k, v = self.query(x3), self.key(x3), self.value(x3)
         y = _common.full_attention(self.config, q, k, v,
                                    _common.fold_batch(mask, batch_shape, "mask"),
-                                   self.implementation, self.sparse_mask)
+                                   self.implementation, self.sparse_mask, segment_ids)
         return self.out(y).reshape(batch_shape + (x.shape[-2], self.out_features))
 
 

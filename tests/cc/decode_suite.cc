@@ -56,6 +56,19 @@ struct Case {
   int64_t window_left = -1;
   CacheQuant quant = CacheQuant::kNone;  // a quantized cache (the query keeps dtype)
   bool key_scales = true, value_scales = true;  // quantized: scales given (else 1)
+  // Token positions ([B, T] and [B, S] flattened) and ALiBi slopes [N]; empty: absent.
+  std::vector<int32_t> q_positions, kv_positions;
+  std::vector<float> alibi;
+
+  static int64_t ClampPosition(int64_t x) {
+    return std::min<int64_t>(int64_t{1} << 30, std::max<int64_t>(-(int64_t{1} << 30), x));
+  }
+  int64_t QueryPosition(int64_t b, int64_t t) const {
+    return q_positions.empty() ? Length(b) - T + t : ClampPosition(q_positions[b * T + t]);
+  }
+  int64_t KeyPosition(int64_t b, int64_t j) const {
+    return kv_positions.empty() ? j : ClampPosition(kv_positions[b * S + j]);
+  }
 
   int64_t MaxPages() const { return page_size ? S / page_size : 1; }
   int64_t Length(int64_t b) const {
@@ -72,7 +85,11 @@ struct Case {
                   scale, soft_cap, long(window_left));
     std::string s = buf;
     for (size_t i = 0; i < lengths.size(); ++i) s += (i ? "," : "") + std::to_string(lengths[i]);
-    return s + "]";
+    s += "]";
+    if (!q_positions.empty()) s += " q_positions";
+    if (!kv_positions.empty()) s += " kv_positions";
+    if (!alibi.empty()) s += " alibi";
+    return s;
   }
 };
 
@@ -233,6 +250,15 @@ DecodeAttentionProblem MakeProblem(const Case& c, Buffers& x) {
   p.cache_quant = c.quant;
   p.key_scale = x.k_scale.empty() ? nullptr : x.k_scale.data();
   p.value_scale = x.v_scale.empty() ? nullptr : x.v_scale.data();
+  if (!c.q_positions.empty()) {
+    p.q_positions = c.q_positions.data();
+    p.q_positions_batch = c.B;
+  }
+  if (!c.kv_positions.empty()) {
+    p.kv_positions = c.kv_positions.data();
+    p.kv_positions_batch = c.B;
+  }
+  if (!c.alibi.empty()) p.alibi_slopes = c.alibi.data();  // batch 1
   return p;
 }
 
@@ -250,35 +276,43 @@ Reference ComputeReference(const Case& c, const Buffers& x) {
   for (int64_t b = 0; b < c.B; ++b) {
     const int64_t len = c.Length(b);
     for (int64_t t = 0; t < c.T; ++t) {
-      const int64_t pos = len - c.T + t;
-      const int64_t lo = c.window_left < 0 ? 0 : std::max<int64_t>(0, pos - c.window_left);
-      const int64_t hi = pos + 1;  // keys [lo, hi)
-      if (hi <= lo) continue;
+      // Keys j < len whose position is in [qp - window_left, qp].
+      const int64_t qp = c.QueryPosition(b, t);
+      std::vector<int64_t> keys;
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t kp = c.KeyPosition(b, j);
+        if (kp <= qp && (c.window_left < 0 || kp >= qp - c.window_left)) keys.push_back(j);
+      }
+      if (keys.empty()) continue;
       for (int64_t n = 0; n < c.N; ++n) {
         const int64_t kh = n / G;
         const double* q = &x.q.values[(((b % c.q_batch) * c.T + t) * c.N + n) * c.H];
-        logit.assign(hi - lo, 0.0);
+        logit.assign(keys.size(), 0.0);
         double mx = -kInf;
-        for (int64_t j = lo; j < hi; ++j) {
+        for (size_t i = 0; i < keys.size(); ++i) {
+          const int64_t j = keys[i];
           const double* k = &x.k.values[(PoolRow(c, x, b, j) * c.K + kh) * c.H];
           double dot = 0;
           for (int64_t h = 0; h < c.H; ++h) dot += q[h] * k[h];
           double l = static_cast<double>(static_cast<float>(c.scale)) * dot;
+          if (!c.alibi.empty()) {
+            l -= c.alibi[n] * std::fabs(static_cast<double>(qp - c.KeyPosition(b, j)));
+          }
           r.max_logit = std::max(r.max_logit, std::fabs(l));
           if (c.soft_cap > 0) {
             const double cap = static_cast<float>(c.soft_cap);
             l = cap * std::tanh(l / cap);
           }
-          logit[j - lo] = l;
+          logit[i] = l;
           mx = std::max(mx, l);
         }
         double sum = 0;
         for (double& l : logit) sum += (l = std::exp(l - mx));
         const int64_t row = (b * c.T + t) * c.N + n;
         r.lse[row] = mx + std::log(sum);
-        for (int64_t j = lo; j < hi; ++j) {
-          const double* v = &x.v.values[(PoolRow(c, x, b, j) * c.K + kh) * c.Hv];
-          for (int64_t h = 0; h < c.Hv; ++h) r.out[row * c.Hv + h] += logit[j - lo] / sum * v[h];
+        for (size_t i = 0; i < keys.size(); ++i) {
+          const double* v = &x.v.values[(PoolRow(c, x, b, keys[i]) * c.K + kh) * c.Hv];
+          for (int64_t h = 0; h < c.Hv; ++h) r.out[row * c.Hv + h] += logit[i] / sum * v[h];
         }
       }
     }
@@ -375,6 +409,26 @@ Case RandomCase(Random& rng) {
       c.key_scales = rng.Chance(0.7);
       c.value_scales = rng.Chance(0.7);
     }
+  }
+  if (rng.Chance(0.2)) {  // a batched cache with gaps: per-row prompt lengths, one end index
+    c.kv_positions.assign(c.B * c.S, 1 << 30);
+    c.q_positions.resize(c.B * c.T);
+    for (int64_t b = 0; b < c.B; ++b) {
+      const int64_t len = c.Length(b), prompt = rng.Int(0, std::max<int64_t>(0, len - c.T));
+      for (int64_t j = 0; j < std::min(prompt, len); ++j) c.kv_positions[b * c.S + j] = j;
+      for (int64_t t = 0; t < c.T; ++t) {
+        const int64_t j = len - c.T + t;
+        if (j >= 0) c.kv_positions[b * c.S + j] = prompt + t;
+        c.q_positions[b * c.T + t] = static_cast<int32_t>(prompt + t);
+      }
+    }
+    if (rng.Chance(0.3)) {  // any order
+      for (int32_t& p : c.kv_positions) p = static_cast<int32_t>(rng.Int(-3, c.S + 3));
+    }
+  }
+  if (rng.Chance(0.2)) {
+    c.alibi.resize(c.N);
+    for (float& x : c.alibi) x = static_cast<float>(rng.Pick({0.0, 0.02, 0.5}));
   }
   return c;
 }

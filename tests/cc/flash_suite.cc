@@ -31,6 +31,10 @@ struct Case {
   int64_t window_left = -1, window_right = -1;
   bool backward = false, with_dlse = false, logits_grad = false;
   double mask_density = 0.7;
+  // Token positions ([batch, T] / [batch, S] flattened, batch 1 or B), segment ids (both or
+  // neither) and ALiBi slopes ([batch, N]); empty: absent.
+  std::vector<int32_t> q_positions, kv_positions, q_segments, kv_segments;
+  std::vector<float> alibi;
 
   std::string Describe() const {
     char buf[512];
@@ -52,6 +56,11 @@ struct Case {
     };
     list("q_lengths", q_lengths);
     list("kv_lengths", kv_lengths);
+    list("q_positions", q_positions);
+    list("kv_positions", kv_positions);
+    list("q_segments", q_segments);
+    list("kv_segments", kv_segments);
+    if (!alibi.empty()) s += " alibi=" + std::to_string(alibi.size());
     return s;
   }
   static std::string Dims(const int64_t* d) {
@@ -71,6 +80,41 @@ std::vector<int32_t> RandomLengths(Random& rng, int64_t count, int64_t len) {
       case 4: x = rng.Chance(0.5) ? std::numeric_limits<int32_t>::max()
                                   : std::numeric_limits<int32_t>::min(); break;
       default: x = static_cast<int32_t>(rng.Int(0, len)); break;
+    }
+  }
+  return out;
+}
+
+// Positions of `len` tokens for `batch` rows: increasing with gaps (padding, a prefill offset),
+// shuffled, or with extremes that the kernels clamp to +-2^30.
+std::vector<int32_t> RandomPositions(Random& rng, int64_t batch, int64_t len) {
+  std::vector<int32_t> out(batch * len);
+  const int kind = static_cast<int>(rng.Int(0, 3));
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t pos = rng.Int(-5, 40);
+    for (int64_t i = 0; i < len; ++i) {
+      int32_t& x = out[b * len + i];
+      switch (kind) {
+        case 0: pos += rng.Int(0, 2); x = static_cast<int32_t>(pos); break;  // ties and gaps
+        case 1: x = static_cast<int32_t>(rng.Int(-10, len + 30)); break;      // any order
+        case 2: x = rng.Chance(0.2) ? (rng.Chance(0.5) ? std::numeric_limits<int32_t>::max()
+                                                        : std::numeric_limits<int32_t>::min())
+                                     : static_cast<int32_t>(i); break;
+        default: x = static_cast<int32_t>(i + 7); break;
+      }
+    }
+  }
+  return out;
+}
+
+// Segment ids: contiguous runs (packed documents) or random small ids.
+std::vector<int32_t> RandomSegments(Random& rng, int64_t batch, int64_t len, bool runs) {
+  std::vector<int32_t> out(batch * len);
+  for (int64_t b = 0; b < batch; ++b) {
+    int32_t id = static_cast<int32_t>(rng.Int(0, 2));
+    for (int64_t i = 0; i < len; ++i) {
+      if (runs && rng.Chance(0.08)) ++id;
+      out[b * len + i] = runs ? id : static_cast<int32_t>(rng.Int(0, 2));
     }
   }
   return out;
@@ -129,6 +173,20 @@ Case RandomCase(Random& rng) {
   c.backward = rng.Chance(0.6);
   c.with_dlse = rng.Chance(0.5);
   c.logits_grad = c.backward && rng.Chance(0.3);
+  if (rng.Chance(0.2)) c.q_positions = RandomPositions(rng, rng.Chance(0.7) ? c.B : 1, c.T);
+  if (rng.Chance(0.2)) c.kv_positions = RandomPositions(rng, rng.Chance(0.7) ? c.B : 1, c.S);
+  if (rng.Chance(0.2)) {
+    const bool runs = rng.Chance(0.7);
+    const int64_t batch = rng.Chance(0.7) ? c.B : 1;
+    c.q_segments = RandomSegments(rng, batch, c.T, runs);
+    c.kv_segments = runs && c.T == c.S && rng.Chance(0.5)
+                        ? c.q_segments
+                        : RandomSegments(rng, batch, c.S, runs);
+  }
+  if (rng.Chance(0.15)) {
+    c.alibi.resize((rng.Chance(0.5) ? c.B : 1) * c.N);
+    for (float& x : c.alibi) x = static_cast<float>(rng.Pick({0.0, 0.01, 0.25, 1.0, -0.1}));
+  }
   return c;
 }
 
@@ -146,6 +204,19 @@ std::vector<Case> EdgeCases() {
     Case c;
     c.dtype = d;
     add(c);  // 1x1x1x1
+    Case packed;  // packed documents over several tiles, causal, with positions and ALiBi
+    packed.dtype = d; packed.B = 2; packed.T = 200; packed.S = 200; packed.N = 4; packed.K = 2;
+    packed.H = 32; packed.Hv = 32; packed.scale = 0.2; packed.causal = true;
+    for (int64_t b = 0; b < 2; ++b) {
+      for (int64_t i = 0; i < 200; ++i) {
+        packed.q_segments.push_back(static_cast<int32_t>(i / (b ? 70 : 30)));
+        packed.q_positions.push_back(static_cast<int32_t>(i % (b ? 70 : 30)));
+      }
+    }
+    packed.kv_segments = packed.q_segments;
+    packed.kv_positions = packed.q_positions;
+    packed.alibi = {0.5f, 0.25f, 0.125f, 0.0625f};
+    add(packed);
     c.T = 130; c.S = 129; c.H = 256; c.Hv = 256; c.N = 2; c.K = 1;
     c.scale = 1 / 16.0;
     add(c);
@@ -204,11 +275,32 @@ struct Semantics {
     return ((i[0] * dims[1] + i[1]) * dims[2] + i[2]) * dims[3] + i[3];
   }
   // Every analytic mask (lengths, causal, window): the mask operand is applied separately.
+  static int64_t Row(const std::vector<int32_t>& v, int64_t b, int64_t len, int64_t i) {
+    return v[(b % (static_cast<int64_t>(v.size()) / len)) * len + i];
+  }
+  // Positions as the kernels clamp them; the index when absent.
+  int64_t QueryPosition(int64_t b, int64_t t) const {
+    return c.q_positions.empty() ? t : Clamp(Row(c.q_positions, b, c.T, t), -(1 << 30), 1 << 30);
+  }
+  int64_t KeyPosition(int64_t b, int64_t s) const {
+    return c.kv_positions.empty() ? s
+                                  : Clamp(Row(c.kv_positions, b, c.S, s), -(1 << 30), 1 << 30);
+  }
+  // -slope * |qp - kp| (0 without ALiBi).
+  double Alibi(int64_t b, int64_t n, int64_t t, int64_t s) const {
+    if (c.alibi.empty()) return 0.0;
+    const double slope = c.alibi[(b % (static_cast<int64_t>(c.alibi.size()) / c.N)) * c.N + n];
+    return -slope * std::fabs(static_cast<double>(QueryPosition(b, t) - KeyPosition(b, s)));
+  }
   bool AnalyticVisible(int64_t b, int64_t t, int64_t s) const {
     if (t >= QueryLength(b) || s >= KeyLength(b)) return false;
-    if (c.causal && s > t) return false;
-    if (c.window_left >= 0 && s < t - c.window_left) return false;
-    if (c.window_right >= 0 && s > t + c.window_right) return false;
+    const int64_t qp = QueryPosition(b, t), kp = KeyPosition(b, s);
+    if (c.causal && kp > qp) return false;
+    if (c.window_left >= 0 && kp < qp - c.window_left) return false;
+    if (c.window_right >= 0 && kp > qp + c.window_right) return false;
+    if (!c.q_segments.empty() && Row(c.q_segments, b, c.T, t) != Row(c.kv_segments, b, c.S, s)) {
+      return false;
+    }
     return true;
   }
 };
@@ -325,6 +417,20 @@ AttentionProblem MakeProblem(const Case& c, Buffers& x) {
   p.causal = c.causal;
   p.window_left = c.window_left;
   p.window_right = c.window_right;
+  const auto rows = [](const std::vector<int32_t>& v, int64_t len, const int32_t** data,
+                       int64_t* batch) {
+    if (v.empty()) return;
+    *data = v.data();
+    *batch = static_cast<int64_t>(v.size()) / len;
+  };
+  rows(c.q_positions, c.T, &p.q_positions, &p.q_positions_batch);
+  rows(c.kv_positions, c.S, &p.kv_positions, &p.kv_positions_batch);
+  rows(c.q_segments, c.T, &p.q_segments, &p.q_segments_batch);
+  rows(c.kv_segments, c.S, &p.kv_segments, &p.kv_segments_batch);
+  if (!c.alibi.empty()) {
+    p.alibi_slopes = c.alibi.data();
+    p.alibi_batch = static_cast<int64_t>(c.alibi.size()) / c.N;
+  }
   return p;
 }
 
@@ -373,6 +479,7 @@ Reference ComputeReference(const Case& c, const Buffers& x, const Tensor* rounde
           for (int64_t h = 0; h < c.H; ++h) dot += q[h] * k[h];
           double l = static_cast<double>(static_cast<float>(c.scale)) * dot;
           if (c.has_bias) l += x.bias.values[Semantics::BroadcastIndex(c.bias_dims, b, n, t, s)];
+          l += sem.Alibi(b, n, t, s);
           r.max_logit = std::max(r.max_logit, std::fabs(l));
           if (c.soft_cap > 0) {
             const double cap = static_cast<float>(c.soft_cap);
