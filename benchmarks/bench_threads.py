@@ -71,8 +71,12 @@ print(json.dumps({{"seconds": t, "rate": work[0] / t, "unit": work[1]}}))
 def run_child(code: str, threads: int) -> dict:
     cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:threads])
     child = CHILD.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), code=code)
+    # python -c puts the working directory first on sys.path: run the child from the
+    # benchmarks folder, so that a clone's root (the source folder jaxattn/, without the
+    # compiled extension) cannot shadow the installed package.
     out = subprocess.run(["taskset", "-c", cores, sys.executable, "-c", child],
-                         capture_output=True, text=True, env=os.environ.copy())
+                         capture_output=True, text=True, env=os.environ.copy(),
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
