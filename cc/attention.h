@@ -207,25 +207,27 @@ int64_t DecodePartitionSize(const DecodeAttentionProblem& problem);
 int64_t DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
                       const Parallel& parallel);
 
-void FlashForward(const AttentionProblem& problem, const FlashForwardResult& result,
-                  const Parallel& parallel);
-void FlashBackward(const AttentionProblem& problem, const FlashBackwardArgs& args,
-                   const Parallel& parallel);
+// The flash and block-sparse entry points return 0, or the size in bytes of a scratch
+// allocation that failed (the outputs are then incomplete), as DecodeForward.
+int64_t FlashForward(const AttentionProblem& problem, const FlashForwardResult& result,
+                     const Parallel& parallel);
+int64_t FlashBackward(const AttentionProblem& problem, const FlashBackwardArgs& args,
+                      const Parallel& parallel);
 // The forward-mode derivative of FlashForward at the problem's inputs, in the direction of
 // the tangents, from the forward's out [B,T,N,Hv] and lse [B,T,N] (linear in the tangents;
 // its transpose is FlashBackward).
-void FlashJvp(const AttentionProblem& problem, const FlashTangents& tangents, const void* out,
-              const float* lse, const FlashJvpResult& result, const Parallel& parallel);
+int64_t FlashJvp(const AttentionProblem& problem, const FlashTangents& tangents, const void* out,
+                 const float* lse, const FlashJvpResult& result, const Parallel& parallel);
 
 BlockSparseTiling BlockSparseTilingFor(int64_t group);
 // Checks the tables against the problem (sizes, ranges, order); nullptr or a message.
 const char* ValidateBlockSparse(const AttentionProblem& problem, const BlockSparseTables& tables);
 // Attention restricted to the tiles of the tables (the problem carries no other mask, bias or
 // lengths): the dense flash kernels visiting only the listed tiles.
-void BlockSparseForward(const AttentionProblem& problem, const BlockSparseTables& tables,
-                        const FlashForwardResult& result, const Parallel& parallel);
-void BlockSparseBackward(const AttentionProblem& problem, const BlockSparseTables& tables,
-                         const FlashBackwardArgs& args, const Parallel& parallel);
+int64_t BlockSparseForward(const AttentionProblem& problem, const BlockSparseTables& tables,
+                           const FlashForwardResult& result, const Parallel& parallel);
+int64_t BlockSparseBackward(const AttentionProblem& problem, const BlockSparseTables& tables,
+                            const FlashBackwardArgs& args, const Parallel& parallel);
 
 // The kernel set the kernels dispatch to (one of the names KernelIsas() lists).
 const char* KernelIsa();

@@ -219,14 +219,14 @@ const char* ValidateBlockSparse(const AttentionProblem& p, const BlockSparseTabl
   return nullptr;
 }
 
-void BlockSparseForward(const AttentionProblem& problem, const BlockSparseTables& tables,
-                        const FlashForwardResult& result, const Parallel& parallel) {
-  Kernels().sparse_forward(problem, tables, result, parallel);
+int64_t BlockSparseForward(const AttentionProblem& problem, const BlockSparseTables& tables,
+                           const FlashForwardResult& result, const Parallel& parallel) {
+  return Kernels().sparse_forward(problem, tables, result, parallel);
 }
 
-void BlockSparseBackward(const AttentionProblem& problem, const BlockSparseTables& tables,
-                         const FlashBackwardArgs& args, const Parallel& parallel) {
-  Kernels().sparse_backward(problem, tables, args, parallel);
+int64_t BlockSparseBackward(const AttentionProblem& problem, const BlockSparseTables& tables,
+                            const FlashBackwardArgs& args, const Parallel& parallel) {
+  return Kernels().sparse_backward(problem, tables, args, parallel);
 }
 
 const char* ValidateDecodeProblem(const DecodeAttentionProblem& p) {
@@ -298,19 +298,19 @@ int64_t DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult&
   return Kernels().decode_forward(problem, result, parallel);
 }
 
-void FlashForward(const AttentionProblem& problem, const FlashForwardResult& result,
-                  const Parallel& parallel) {
-  Kernels().flash_forward(problem, result, parallel);
+int64_t FlashForward(const AttentionProblem& problem, const FlashForwardResult& result,
+                     const Parallel& parallel) {
+  return Kernels().flash_forward(problem, result, parallel);
 }
 
-void FlashBackward(const AttentionProblem& problem, const FlashBackwardArgs& args,
-                   const Parallel& parallel) {
-  Kernels().flash_backward(problem, args, parallel);
+int64_t FlashBackward(const AttentionProblem& problem, const FlashBackwardArgs& args,
+                      const Parallel& parallel) {
+  return Kernels().flash_backward(problem, args, parallel);
 }
 
-void FlashJvp(const AttentionProblem& problem, const FlashTangents& tangents, const void* out,
-              const float* lse, const FlashJvpResult& result, const Parallel& parallel) {
-  Kernels().flash_jvp(problem, tangents, out, lse, result, parallel);
+int64_t FlashJvp(const AttentionProblem& problem, const FlashTangents& tangents, const void* out,
+                 const float* lse, const FlashJvpResult& result, const Parallel& parallel) {
+  return Kernels().flash_jvp(problem, tangents, out, lse, result, parallel);
 }
 
 const char* ValidateGatedLinear(const GatedLinearProblem& p) {

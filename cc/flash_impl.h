@@ -48,6 +48,9 @@ struct FlashContext {
   const float* packed_keys = nullptr;    // [kv_batch, K, blocks] x key_block_floats
   const float* packed_values = nullptr;  // [value_batch, K, blocks] x value_block_floats
   int64_t key_block_floats = 0, value_block_floats = 0;
+  // Bytes of scratch memory a task could not allocate (0: none; CarveTaskScratch), set
+  // atomically: the call returns it, an error, instead of results.
+  mutable int64_t scratch_failed = 0;
 };
 
 // Whether products multiply bf16 pairs (vdpbf16ps or AMX): packed rows then hold words.
@@ -373,6 +376,8 @@ struct Scratch {
 static thread_local Scratch tls_scratch;
 // TransformLogits' line buffers, apart from the tasks' scratch (which they carve up).
 static thread_local Scratch tls_line_scratch;
+// Floats of TransformLogits' line buffers for lines of up to `length` elements.
+static inline int64_t LineScratchFloats(int64_t length) { return 6 * RoundUp(length, kVL) + 96; }
 
 // Applies bias, ALiBi, soft cap and the masks to a tile of scaled logits. Stored element
 // (i, j) is x[i * ld + j]; it is query row rows[i] and key s0 + j, or with kKeysMajor key
@@ -413,7 +418,8 @@ static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* row
   // Line buffers: bias values (floats), mask bytes, ALiBi terms (floats), and along the
   // line's axis: positions (key-major the rows' query positions, query-major the keys'),
   // segment ids and (key-major) the rows' slopes.
-  float* scratch = tls_line_scratch.Get(6 * padded + 96);
+  // Reserved by the task (CarveTaskScratch): the grow-only block is there already.
+  float* scratch = tls_line_scratch.Get(LineScratchFloats(length));
   float* bias_line = scratch;
   uint8_t* mask_line = reinterpret_cast<uint8_t*>(scratch + padded + 16);
   int32_t* pos_line = reinterpret_cast<int32_t*>(scratch + 2 * padded + 32);
@@ -579,14 +585,45 @@ constexpr int64_t kScratchSlack = 0;
 constexpr int64_t kScratchSlack = 1024;
 #endif
 
+// Carves buffers, in order, from one block (each rounded up to 16 floats: 64 bytes). A Carver
+// over no memory only counts (used): CarveTaskScratch runs a task's carving on one first, so
+// that the request is exactly what the task takes, stated once.
 struct Carver {
-  float* next;
+  float* base = nullptr;
+  int64_t used = 0;  // floats
   float* Take(int64_t floats) {
-    float* out = next;
-    next += RoundUp(floats, 16);
+    float* out = base != nullptr ? base + used : nullptr;
+    used += RoundUp(floats, 16);
     return out;
   }
 };
+
+// A flash task's scratch: `carve` takes each of the task's buffers from a Carver, in order;
+// it runs over no memory to size the request, then over the thread's scratch. line_length:
+// the longest line the task hands TransformLogits (0: none), whose line buffers are reserved
+// here too. False when the memory cannot be allocated: the bytes are recorded in
+// c.scratch_failed, and the task must return without using its buffers.
+template <typename CarveFn>
+static bool CarveTaskScratch(const FlashContext& c, int64_t line_length, CarveFn&& carve) {
+  Carver sizing;
+  carve(sizing);
+  int64_t failed = 0;
+  float* data = tls_scratch.Get(sizing.used);
+  if (data == nullptr) {
+    failed = sizing.used;
+  } else if (line_length > 0 &&
+             tls_line_scratch.Get(LineScratchFloats(line_length)) == nullptr) {
+    failed = LineScratchFloats(line_length);
+  }
+  if (failed != 0) {
+    __atomic_store_n(&c.scratch_failed, failed * static_cast<int64_t>(sizeof(float)),
+                     __ATOMIC_RELAXED);
+    return false;
+  }
+  Carver carver{data};
+  carve(carver);
+  return true;
+}
 
 // dst[r * ld + h] = mult * row r (h < n), zero up to ld.
 static void PackRows(DType dtype, const void* base, const int64_t* offsets, int64_t num_rows,
@@ -1031,20 +1068,25 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   const int64_t bk = c.keys_per_tile, bkp = PaddedInner(c, bk);
   AmxTaskTiles amx_tiles(c.mode == ProductMode::kAmxTiles);
 
-  Carver carve{tls_scratch.Get(kScratchSlack +
-      16 * 13 + mrp * (c.hp + c.hvp + bkp + bkp / 2) + max_rows * 6 + c.hp * bkp +
-      bk * c.hvp + kVL * c.hp + bk + 64)};
-  RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
-  int64_t* offsets = reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
-  float* q = carve.Take(mrp * c.hp);
-  float* o = carve.Take(mrp * c.hvp);
-  float* s = carve.Take(mrp * bkp);
-  float* m = carve.Take(max_rows);
-  float* l = carve.Take(max_rows);
-  float* kt = carve.Take(c.hp * bkp);
-  float* v = carve.Take(bk * c.hvp);
-  float* block = carve.Take(kVL * c.hp);
-  float* prob_pairs = carve.Take(mrp * bkp / 2);
+  RowInfo* rows = nullptr;
+  int64_t* offsets = nullptr;
+  float *q = nullptr, *o = nullptr, *s = nullptr, *m = nullptr, *l = nullptr, *kt = nullptr;
+  float *v = nullptr, *block = nullptr, *prob_pairs = nullptr;
+  if (!CarveTaskScratch(c, bk, [&](Carver& carve) {
+        rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
+        offsets = reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
+        q = carve.Take(mrp * c.hp);
+        o = carve.Take(mrp * c.hvp);
+        s = carve.Take(mrp * bkp);
+        m = carve.Take(max_rows);
+        l = carve.Take(max_rows);
+        kt = carve.Take(c.hp * bkp);
+        v = carve.Take(bk * c.hvp);
+        block = carve.Take(kVL * c.hp);
+        prob_pairs = carve.Take(mrp * bkp / 2);
+      })) {
+    return;
+  }
 
   const int64_t num_rows = QueryTileRows(c, kv_head, t0, tv1, rows);
   {
@@ -1195,9 +1237,14 @@ static void PackKeyValueTask(void* job_ptr, int64_t task) {
   const int64_t kv_head = head % p.num_kv_heads, batch = head / p.num_kv_heads;
   const int64_t s0 = block * bk, nk = MinI(bk, p.kv_len - s0);
   const int64_t dim = keys ? p.head_dim : p.value_dim;
-  Carver carve{tls_scratch.Get(kScratchSlack + 16 * 2 + bk * 2 + kVL * RoundUp(dim, kVL))};
-  int64_t* offsets = reinterpret_cast<int64_t*>(carve.Take(bk * 2));
-  float* transpose_block = carve.Take(kVL * RoundUp(dim, kVL));
+  int64_t* offsets = nullptr;
+  float* transpose_block = nullptr;
+  if (!CarveTaskScratch(c, 0, [&](Carver& carve) {
+        offsets = reinterpret_cast<int64_t*>(carve.Take(bk * 2));
+        transpose_block = carve.Take(kVL * RoundUp(dim, kVL));
+      })) {
+    return;
+  }
   KeyOffsets(s0, nk, batch, p.kv_len, kv_head, p.num_kv_heads, dim, offsets);
   if (keys) {
     float* dst = const_cast<float*>(c.packed_keys) + index * c.key_block_floats;
@@ -1209,9 +1256,11 @@ static void PackKeyValueTask(void* job_ptr, int64_t task) {
 }
 
 // sparse: nullptr for flash attention, else the block-sparse tiles to visit.
-static void RunForward(const AttentionProblem& p, const BlockSparseTables* sparse,
-                       ProductMode bf16_mode, const FlashForwardResult& res,
-                       const Parallel& parallel) {
+// Returns the bytes of scratch memory that could not be allocated (0: none, the results are
+// written).
+static int64_t RunForward(const AttentionProblem& p, const BlockSparseTables* sparse,
+                          ProductMode bf16_mode, const FlashForwardResult& res,
+                          const Parallel& parallel) {
   ForwardJob job{ContextFor(p, sparse, bf16_mode), res};
   FlashContext& c = job.c;
   float* packed = nullptr;
@@ -1229,15 +1278,18 @@ static void RunForward(const AttentionProblem& p, const BlockSparseTables* spars
                    &c);
     }
   }
-  const int64_t tasks = p.batch * p.num_kv_heads * c.num_q_tiles;
-  parallel.For(tasks, ForwardTask, &job);
+  if (c.scratch_failed == 0) {
+    const int64_t tasks = p.batch * p.num_kv_heads * c.num_q_tiles;
+    parallel.For(tasks, ForwardTask, &job);
+  }
   __builtin_free(packed);
+  return c.scratch_failed;
 }
 
 template <ProductMode kBF16Mode>
-static void ForwardImpl(const AttentionProblem& p, const FlashForwardResult& res,
-                        const Parallel& parallel) {
-  RunForward(p, nullptr, kBF16Mode, res, parallel);
+static int64_t ForwardImpl(const AttentionProblem& p, const FlashForwardResult& res,
+                           const Parallel& parallel) {
+  return RunForward(p, nullptr, kBF16Mode, res, parallel);
 }
 
 // ---------------------------------------------------------------------------- backward
@@ -1290,27 +1342,33 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   AmxTaskTiles amx_tiles(amx);
   const int64_t row_dots_scratch = amx ? 256 + c.hvp * mrp : 0;
 
-  Carver carve{tls_scratch.Get(kScratchSlack + 16 * 19 +
-                               mrp * (2 * c.hp + c.hvp + 3 * bkp) + max_rows * (bkp + 9) +
-                               c.hp * bkp + bk * c.hp + c.hvp * bkp +
-                               kVL * MaxI(c.hp, c.hvp) + bk * 2 + row_dots_scratch)};
-  RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
-  int64_t* offsets = reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
-  float* q = carve.Take(mrp * c.hp);
-  float* dout = carve.Take(mrp * c.hvp);
-  float* dq = carve.Take(mrp * c.hp);
-  float* s = carve.Take(mrp * bkp);
-  float* dp = carve.Take(mrp * bkp);
-  float* th = carve.Take(max_rows * bkp);
-  float* lse = carve.Take(max_rows);
-  float* delta = carve.Take(max_rows);
-  float* psum = carve.Take(max_rows);
-  float* kt = carve.Take(c.hp * bkp);
-  float* k = carve.Take(bk * c.hp);
-  float* vt = carve.Take(c.hvp * bkp);
-  float* block = carve.Take(kVL * MaxI(c.hp, c.hvp));
-  float* ds_pairs = carve.Take(mrp * bkp / 2);
-  float* row_dots = carve.Take(row_dots_scratch);
+  RowInfo* rows = nullptr;
+  int64_t* offsets = nullptr;
+  float *q = nullptr, *dout = nullptr, *dq = nullptr, *s = nullptr, *dp = nullptr;
+  float *th = nullptr, *lse = nullptr, *delta = nullptr, *psum = nullptr, *kt = nullptr;
+  float *k = nullptr, *vt = nullptr, *block = nullptr, *ds_pairs = nullptr;
+  float* row_dots = nullptr;
+  if (!CarveTaskScratch(c, bk, [&](Carver& carve) {
+        rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
+        offsets = reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
+        q = carve.Take(mrp * c.hp);
+        dout = carve.Take(mrp * c.hvp);
+        dq = carve.Take(mrp * c.hp);
+        s = carve.Take(mrp * bkp);
+        dp = carve.Take(mrp * bkp);
+        th = carve.Take(max_rows * bkp);
+        lse = carve.Take(max_rows);
+        delta = carve.Take(max_rows);
+        psum = carve.Take(max_rows);
+        kt = carve.Take(c.hp * bkp);
+        k = carve.Take(bk * c.hp);
+        vt = carve.Take(c.hvp * bkp);
+        block = carve.Take(kVL * MaxI(c.hp, c.hvp));
+        ds_pairs = carve.Take(mrp * bkp / 2);
+        row_dots = carve.Take(row_dots_scratch);
+      })) {
+    return;
+  }
 
   // Rows past q_len: zero gradients, D = 0; dlogits rows are zeroed for the whole tile.
   for (int64_t t = t0; t < t1; ++t) {
@@ -1438,28 +1496,34 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   const bool has_cap = p.soft_cap > 0.0f;
   AmxTaskTiles amx_tiles(c.mode == ProductMode::kAmxTiles);
 
-  Carver carve{tls_scratch.Get(kScratchSlack +
-      16 * 22 + bk * (2 * c.hp + 2 * c.hvp + 4 * rp + 2) + c.hp * rp + c.hvp * rp +
-      rp * (c.hp + c.hvp) + max_rows * 6 + rp * 3 + kVL * MaxI(c.hp, c.hvp))};
-  RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
-  int64_t* offsets =
-      reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
-  float* k = carve.Take(bk * c.hp);
-  float* v = carve.Take(bk * c.hvp);
-  float* dk = carve.Take(bk * c.hp);
-  float* dv = carve.Take(bk * c.hvp);
-  float* st = carve.Take(bk * rp);
-  float* dpt = carve.Take(bk * rp);
-  float* tht = carve.Take(bk * rp);
-  float* qt = carve.Take(c.hp * rp);
-  float* dot = carve.Take(c.hvp * rp);
-  float* qr = carve.Take(rp * c.hp);
-  float* dor = carve.Take(rp * c.hvp);
-  float* lse = carve.Take(rp);
-  float* delta = carve.Take(rp);
-  float* norm = carve.Take(rp);
-  float* block = carve.Take(kVL * MaxI(c.hp, c.hvp));
-  float* pairs = carve.Take(bk * rp / 2);
+  RowInfo* rows = nullptr;
+  int64_t* offsets = nullptr;
+  float *k = nullptr, *v = nullptr, *dk = nullptr, *dv = nullptr, *st = nullptr;
+  float *dpt = nullptr, *tht = nullptr, *qt = nullptr, *dot = nullptr, *qr = nullptr;
+  float *dor = nullptr, *lse = nullptr, *delta = nullptr, *norm = nullptr, *block = nullptr;
+  float* pairs = nullptr;
+  if (!CarveTaskScratch(c, max_rows, [&](Carver& carve) {
+        rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
+        offsets = reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
+        k = carve.Take(bk * c.hp);
+        v = carve.Take(bk * c.hvp);
+        dk = carve.Take(bk * c.hp);
+        dv = carve.Take(bk * c.hvp);
+        st = carve.Take(bk * rp);
+        dpt = carve.Take(bk * rp);
+        tht = carve.Take(bk * rp);
+        qt = carve.Take(c.hp * rp);
+        dot = carve.Take(c.hvp * rp);
+        qr = carve.Take(rp * c.hp);
+        dor = carve.Take(rp * c.hvp);
+        lse = carve.Take(rp);
+        delta = carve.Take(rp);
+        norm = carve.Take(rp);
+        block = carve.Take(kVL * MaxI(c.hp, c.hvp));
+        pairs = carve.Take(bk * rp / 2);
+      })) {
+    return;
+  }
 
   __builtin_memset(dk, 0, bk * c.hp * sizeof(float));
   __builtin_memset(dv, 0, bk * c.hvp * sizeof(float));
@@ -1532,24 +1596,32 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   }
 }
 
-static void RunBackward(const AttentionProblem& p, const BlockSparseTables* sparse,
-                        ProductMode bf16_mode, const FlashBackwardArgs& args,
-                        const Parallel& parallel) {
+// Returns the bytes of memory that could not be allocated (0: none, the gradients are
+// written).
+static int64_t RunBackward(const AttentionProblem& p, const BlockSparseTables* sparse,
+                           ProductMode bf16_mode, const FlashBackwardArgs& args,
+                           const Parallel& parallel) {
   BackwardJob job{ContextFor(p, sparse, bf16_mode), args, nullptr, nullptr};
-  const int64_t rows = p.batch * p.q_len * p.num_heads;
-  job.delta = static_cast<float*>(__builtin_malloc(MaxI(rows, 1) * sizeof(float)));
-  job.norm = static_cast<float*>(__builtin_malloc(MaxI(rows, 1) * sizeof(float)));
+  const int64_t row_bytes = MaxI(p.batch * p.q_len * p.num_heads, 1) * sizeof(float);
+  job.delta = static_cast<float*>(__builtin_malloc(row_bytes));
+  job.norm = static_cast<float*>(__builtin_malloc(row_bytes));
+  if (job.delta == nullptr || job.norm == nullptr) {
+    __builtin_free(job.delta);
+    __builtin_free(job.norm);
+    return row_bytes;
+  }
   parallel.For(p.batch * p.num_kv_heads * job.c.num_q_tiles, QueryGradTask, &job);
-  if (args.dk != nullptr && args.dv != nullptr) {
+  if (args.dk != nullptr && args.dv != nullptr && job.c.scratch_failed == 0) {
     const int64_t k_tiles = CeilDiv(p.kv_len, job.c.keys_per_tile);
     parallel.For(p.batch * p.num_kv_heads * k_tiles, KeyValueGradTask, &job);
   }
   __builtin_free(job.delta);
   __builtin_free(job.norm);
+  return job.c.scratch_failed;
 }
 
 template <ProductMode kBF16Mode>
-static void BackwardImpl(const AttentionProblem& p, const FlashBackwardArgs& args,
-                         const Parallel& parallel) {
-  RunBackward(p, nullptr, kBF16Mode, args, parallel);
+static int64_t BackwardImpl(const AttentionProblem& p, const FlashBackwardArgs& args,
+                            const Parallel& parallel) {
+  return RunBackward(p, nullptr, kBF16Mode, args, parallel);
 }

@@ -32,26 +32,33 @@ static void JvpTask(void* job_ptr, int64_t task) {
   const int64_t bk = kKeysPerTile, bkp = RoundUp(bk, kVL);
   const bool has_cap = p.soft_cap > 0.0f;
 
-  Carver carve{tls_scratch.Get(kScratchSlack + 16 * 20 +
-      max_rows * (2 * c.hp + c.hvp + 5 * bkp + 8) + 2 * c.hp * bkp + 2 * bkp * c.hvp + bkp +
-      kVL * MaxI(c.hp, c.hvp))};
-  RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
-  int64_t* offsets = reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
-  float* q = carve.Take(max_rows * c.hp);
-  float* dq = carve.Take(max_rows * c.hp);
-  float* acc = carve.Take(max_rows * c.hvp);
-  float* s = carve.Take(max_rows * bkp);
-  float* ds = carve.Take(max_rows * bkp);
-  float* th = carve.Take(max_rows * bkp);
-  float* weights = carve.Take(max_rows * 2 * bkp);  // [P dS | P] per row
-  float* lse = carve.Take(max_rows);
-  float* psum = carve.Take(max_rows);
-  float* csum = carve.Take(max_rows);
-  float* kt = carve.Take(c.hp * bkp);
-  float* dkt = carve.Take(c.hp * bkp);
-  float* values = carve.Take(2 * bkp * c.hvp);  // [V; dV], keys padded to bkp
-  float* block = carve.Take(kVL * MaxI(c.hp, c.hvp));
-  float* dbias_row = carve.Take(bkp);
+  RowInfo* rows = nullptr;
+  int64_t* offsets = nullptr;
+  float *q = nullptr, *dq = nullptr, *acc = nullptr, *s = nullptr, *ds = nullptr;
+  float *th = nullptr, *weights = nullptr, *lse = nullptr, *psum = nullptr, *csum = nullptr;
+  float *kt = nullptr, *dkt = nullptr, *values = nullptr, *block = nullptr;
+  float* dbias_row = nullptr;
+  if (!CarveTaskScratch(c, bk, [&](Carver& carve) {
+        rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
+        offsets = reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
+        q = carve.Take(max_rows * c.hp);
+        dq = carve.Take(max_rows * c.hp);
+        acc = carve.Take(max_rows * c.hvp);
+        s = carve.Take(max_rows * bkp);
+        ds = carve.Take(max_rows * bkp);
+        th = carve.Take(max_rows * bkp);
+        weights = carve.Take(max_rows * 2 * bkp);  // [P dS | P] per row
+        lse = carve.Take(max_rows);
+        psum = carve.Take(max_rows);
+        csum = carve.Take(max_rows);
+        kt = carve.Take(c.hp * bkp);
+        dkt = carve.Take(c.hp * bkp);
+        values = carve.Take(2 * bkp * c.hvp);  // [V; dV], keys padded to bkp
+        block = carve.Take(kVL * MaxI(c.hp, c.hvp));
+        dbias_row = carve.Take(bkp);
+      })) {
+    return;
+  }
 
   // Rows past the query length (and rows that see nothing) have zero tangents.
   for (int64_t t = t0; t < t1; ++t) {
@@ -157,9 +164,11 @@ static void JvpTask(void* job_ptr, int64_t task) {
   }
 }
 
-static void RunJvp(const AttentionProblem& p, const BlockSparseTables* sparse,
-                   const FlashTangents& tangents, const void* out, const float* lse,
-                   const FlashJvpResult& res, const Parallel& parallel) {
+// Returns the bytes of scratch memory that could not be allocated (0: none, the tangents are
+// written).
+static int64_t RunJvp(const AttentionProblem& p, const BlockSparseTables* sparse,
+                      const FlashTangents& tangents, const void* out, const float* lse,
+                      const FlashJvpResult& res, const Parallel& parallel) {
   JvpJob job;
   job.c = ContextFor(p, sparse, ProductMode::kFloat32);
   job.tangents = tangents;
@@ -168,9 +177,11 @@ static void RunJvp(const AttentionProblem& p, const BlockSparseTables* sparse,
   job.lse = lse;
   job.res = res;
   parallel.For(p.batch * p.num_kv_heads * job.c.num_q_tiles, JvpTask, &job);
+  return job.c.scratch_failed;
 }
 
-static void JvpImpl(const AttentionProblem& p, const FlashTangents& tangents, const void* out,
-                    const float* lse, const FlashJvpResult& res, const Parallel& parallel) {
-  RunJvp(p, nullptr, tangents, out, lse, res, parallel);
+static int64_t JvpImpl(const AttentionProblem& p, const FlashTangents& tangents,
+                       const void* out, const float* lse, const FlashJvpResult& res,
+                       const Parallel& parallel) {
+  return RunJvp(p, nullptr, tangents, out, lse, res, parallel);
 }

@@ -8,17 +8,18 @@ namespace jaxattn {
 
 struct KernelTable {
   const char* isa;
-  void (*flash_forward)(const AttentionProblem&, const FlashForwardResult&, const Parallel&);
-  void (*flash_backward)(const AttentionProblem&, const FlashBackwardArgs&, const Parallel&);
+  // The entry points that allocate return 0 or the bytes of a failed allocation.
+  int64_t (*flash_forward)(const AttentionProblem&, const FlashForwardResult&, const Parallel&);
+  int64_t (*flash_backward)(const AttentionProblem&, const FlashBackwardArgs&, const Parallel&);
   BlockSparseTiling (*sparse_tiling)(int64_t group);
-  void (*sparse_forward)(const AttentionProblem&, const BlockSparseTables&,
-                         const FlashForwardResult&, const Parallel&);
-  void (*sparse_backward)(const AttentionProblem&, const BlockSparseTables&,
-                          const FlashBackwardArgs&, const Parallel&);
+  int64_t (*sparse_forward)(const AttentionProblem&, const BlockSparseTables&,
+                            const FlashForwardResult&, const Parallel&);
+  int64_t (*sparse_backward)(const AttentionProblem&, const BlockSparseTables&,
+                             const FlashBackwardArgs&, const Parallel&);
   int64_t (*decode_forward)(const DecodeAttentionProblem&, const DecodeResult&, const Parallel&);
   int64_t (*decode_partition_size)(const DecodeAttentionProblem&);
-  void (*flash_jvp)(const AttentionProblem&, const FlashTangents&, const void*, const float*,
-                    const FlashJvpResult&, const Parallel&);
+  int64_t (*flash_jvp)(const AttentionProblem&, const FlashTangents&, const void*, const float*,
+                       const FlashJvpResult&, const Parallel&);
   const char* (*gla_forward)(const GatedLinearProblem&, const GatedLinearForwardResult&,
                              const Parallel&);
   const char* (*gla_backward)(const GatedLinearProblem&, const GatedLinearBackwardArgs&,

@@ -18,5 +18,24 @@ namespace JAXATTN_ISA_NAMESPACE {
 #include "decode_impl.h"
 #include "gla_impl.h"
 
+// The kernel table of this instruction set, its bf16 products made by kMode (isa: the table's
+// name). Every entry is set here by name, once for all the sets (a new kernel: one line).
+template <ProductMode kMode>
+constexpr KernelTable MakeKernelTable(const char* isa) {
+  KernelTable table{};
+  table.isa = isa;
+  table.flash_forward = ForwardImpl<kMode>;
+  table.flash_backward = BackwardImpl<kMode>;
+  table.sparse_tiling = SparseTilingImpl;
+  table.sparse_forward = SparseForwardImpl<kMode>;
+  table.sparse_backward = SparseBackwardImpl<kMode>;
+  table.decode_forward = DecodeImpl;
+  table.decode_partition_size = DecodePartitionSizeImpl;
+  table.flash_jvp = JvpImpl;
+  table.gla_forward = GlaForwardImpl;
+  table.gla_backward = GlaBackwardImpl;
+  return table;
+}
+
 }  // namespace JAXATTN_ISA_NAMESPACE
 }  // namespace jaxattn

@@ -16,13 +16,13 @@ static BlockSparseTiling SparseTilingImpl(int64_t group) {
 }
 
 template <ProductMode kBF16Mode>
-static void SparseForwardImpl(const AttentionProblem& p, const BlockSparseTables& tables,
-                              const FlashForwardResult& res, const Parallel& parallel) {
-  RunForward(p, &tables, kBF16Mode, res, parallel);
+static int64_t SparseForwardImpl(const AttentionProblem& p, const BlockSparseTables& tables,
+                                 const FlashForwardResult& res, const Parallel& parallel) {
+  return RunForward(p, &tables, kBF16Mode, res, parallel);
 }
 
 template <ProductMode kBF16Mode>
-static void SparseBackwardImpl(const AttentionProblem& p, const BlockSparseTables& tables,
-                               const FlashBackwardArgs& args, const Parallel& parallel) {
-  RunBackward(p, &tables, kBF16Mode, args, parallel);
+static int64_t SparseBackwardImpl(const AttentionProblem& p, const BlockSparseTables& tables,
+                                  const FlashBackwardArgs& args, const Parallel& parallel) {
+  return RunBackward(p, &tables, kBF16Mode, args, parallel);
 }

@@ -66,9 +66,13 @@ def _leading_batch(aval) -> int:
     return aval.shape[0] if aval.size else 1
 
 
-def _fold_batch_rule(prim: Primitive, args: Sequence[jax.Array], dims: Sequence[int | None],
-                     batched: int | None = None, full_batch: Sequence[int] = (),
-                     trailing_batched: int = 0, **params):
+def _operand_axes(axes: str) -> tuple[str, ...]:
+    """The axes of each operand in an ``axes`` string (``"btnh,Bbtnd,...->btnd"``)."""
+    return tuple(axes.replace(" ", "").split("->")[0].split(","))
+
+
+def _fold_batch_rule(prim: Primitive, operand_axes: Sequence[str], args: Sequence[jax.Array],
+                     dims: Sequence[int | None], **params):
     """Folds the vmapped axis into the leading batch axis of every mapped operand.
 
     With V the vmapped size and B the operands' own batch, a mapped operand becomes
@@ -76,24 +80,27 @@ def _fold_batch_rule(prim: Primitive, args: Sequence[jax.Array], dims: Sequence[
     ``b % operand_batch`` indexing reads the right element for both. A mapped operand of batch
     1 (a broadcast bias or mask) is broadcast to B first so that the modulo still holds.
 
-    Operands listed in ``full_batch`` (the backward's out, lse, dout, dlse, which the kernels
-    read at the output's batch index) are broadcast to [V*B, ...] even when unmapped: vmap of
-    grad hands in an unmapped zero cotangent for an unused lse.
-
-    With ``batched`` set, only the first ``batched`` operands (and the last
-    ``trailing_batched``) have a batch axis; the others (block-sparse tables) are per call and
-    must not be mapped.
+    What each operand is comes from its axes (``operand_axes``, see ``_define``): those with
+    axes ``B...`` (the backward's out, lse, dout, dlse, which the kernels read at the output's
+    batch index) are broadcast to [V*B, ...] even when unmapped (vmap of grad hands in an
+    unmapped zero cotangent for an unused lse); those without a leading batch axis (the
+    block-sparse tables) are per call and must not be mapped.
     """
-    if batched is not None:
-        tail = len(args) - trailing_batched
-        if any(d is not None for d in dims[batched:tail]):
-            raise ValueError(f"{prim.name}: the block-sparse mask tables cannot be vmapped; "
-                             "vmap over query/key/value with one BlockSparseMask")
-        extra = list(args[batched:tail])
-        bind = lambda *a, **p: prim.bind(*a[:batched], *extra, *a[batched:], **p)
-        return _fold(bind, prim.multiple_results, [*args[:batched], *args[tail:]],
-                     [*dims[:batched], *dims[tail:]], full_batch, **params)
-    return _fold(prim.bind, prim.multiple_results, args, dims, full_batch, **params)
+    batched = [i for i, a in enumerate(operand_axes) if a[:1] in ("b", "B")]
+    if any(dims[i] is not None for i in range(len(args)) if i not in batched):
+        raise ValueError(f"{prim.name}: the block-sparse mask tables cannot be vmapped; "
+                         "vmap over query/key/value with one BlockSparseMask")
+    # Positions among the batched operands.
+    full_batch = tuple(k for k, i in enumerate(batched) if operand_axes[i].startswith("B"))
+
+    def bind(*folded, **p):
+        operands = list(args)
+        for i, a in zip(batched, folded):
+            operands[i] = a
+        return prim.bind(*operands, **p)
+
+    return _fold(bind, prim.multiple_results, [args[i] for i in batched],
+                 [dims[i] for i in batched], full_batch, **params)
 
 
 def _fold(bind: Callable, multiple_results: bool, args: Sequence[jax.Array],
@@ -142,36 +149,28 @@ class _Primitive(Primitive):
         return super().bind(*_sharding.match_varying(args), **params)
 
 
-def _define(name: str, target: str, abstract_eval: Callable, batched: int | None = None,
-            full_batch: Sequence[int] = (), batch_rule: Callable | None = None,
-            axes: str | None = None, partition: str = "bh",
-            trailing_batched: int = 0) -> Primitive:
+def _define(name: str, target: str, abstract_eval: Callable, axes: str,
+            batch_rule: Callable | None = None, partition: str = "bh") -> Primitive:
     """One primitive for one FFI target.
 
-    ``batched``: how many leading operands have a batch axis (None: all of them), and
-    ``trailing_batched`` how many trailing ones;
-    ``full_batch``: operands the kernel reads at the output's full batch (see the rule);
-    ``batch_rule``: a rule of the primitive's own instead of the folding one.
-    ``axes`` names each operand's and result's axes, ``"btnh,bskh,...->btnd,btn"`` (``b``
-    batch, ``n`` query heads, ``k`` kv heads, other letters unpartitioned); with it, a sharded
-    jit runs the call on each device's shard of batch and heads (``partition``: ``"bh"``,
-    ``"b"`` or ``"h"``), see docs/sharding.md. Without it, XLA gathers the operands.
+    ``axes`` names each operand's and result's axes, ``"btnh,bskh,...->btnd,btn"``: ``b``
+    batch, ``n`` query heads, ``k`` kv heads, other letters unpartitioned; ``B`` a batch axis
+    that the kernel reads at the output's batch index (the backward's out, lse, dout, dlse). A
+    sharded jit runs the call on each device's shard of batch and heads (``partition``:
+    ``"bh"``, ``"b"`` or ``"h"``), see docs/sharding.md. The batching rule folds a vmapped
+    axis into the operands with a leading batch axis (``b`` or ``B``) and rejects a vmapped
+    operand without one (``_fold_batch_rule``), or is ``batch_rule(prim, operand_axes, args,
+    dims, **params)``, a rule of the primitive's own.
     """
     prim = _Primitive(name)
     prim.multiple_results = True
     prim.def_impl(partial(xla.apply_primitive, prim))
-    if axes is None:
-        prim.def_abstract_eval(abstract_eval)
-        mlir.register_lowering(prim, jax.ffi.ffi_lowering(target), platform="cpu")
-    else:
-        spec = _sharding.Axes.parse(axes, partition)
-        prim.def_abstract_eval(_sharding.with_sharding(abstract_eval, spec))
-        mlir.register_lowering(prim, _sharding.partitionable_lowering(target, spec),
-                               platform="cpu")
-    batching.primitive_batchers[prim] = (
-        partial(batch_rule, prim) if batch_rule is not None else
-        partial(_fold_batch_rule, prim, batched=batched, full_batch=tuple(full_batch),
-                trailing_batched=trailing_batched))
+    # For sharding, a B axis is a batch axis like any other.
+    spec = _sharding.Axes.parse(axes.replace("B", "b"), partition)
+    prim.def_abstract_eval(_sharding.with_sharding(abstract_eval, spec))
+    mlir.register_lowering(prim, _sharding.partitionable_lowering(target, spec), platform="cpu")
+    batching.primitive_batchers[prim] = partial(batch_rule or _fold_batch_rule, prim,
+                                                _operand_axes(axes))
     return prim
 
 
@@ -223,17 +222,19 @@ def _flash_dlogits_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse
 # arrays); attributes: scale, soft_cap, is_causal, window_left, window_right.
 _FLASH_OPERANDS = "btnh,bskh,bskd,bnts,bnts,b,b"
 _TOKEN_OPERANDS = "bt,bs,bt,bs,bn"
+# The forward's out and lse and their cotangents dout, dlse: read at the output's batch (B).
+_BACKWARD_OPERANDS = "Btnd,Btn,Btnd,Btn"
 flash_fwd_p = _define("jaxattn_flash_fwd", "jaxattn_flash_fwd_v2", _flash_fwd_abstract,
                       axes=f"{_FLASH_OPERANDS},{_TOKEN_OPERANDS}->btnd,btn")
 # ... plus out, lse, dout, dlse (before the token operands) -> dq, dk, dv
 flash_bwd_p = _define("jaxattn_flash_bwd", "jaxattn_flash_bwd_v2", _flash_bwd_abstract,
-                      full_batch=(7, 8, 9, 10),
-                      axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn,{_TOKEN_OPERANDS}"
+                      axes=f"{_FLASH_OPERANDS},{_BACKWARD_OPERANDS},{_TOKEN_OPERANDS}"
                            "->btnh,bskh,bskd")
 # ... plus out, lse, dout, dlse -> d loss / d logits [B, N, T, S] float32 (for a bias gradient)
 flash_dlogits_p = _define("jaxattn_flash_dlogits", "jaxattn_flash_dlogits_v2",
-                          _flash_dlogits_abstract, full_batch=(7, 8, 9, 10),
-                          axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn,{_TOKEN_OPERANDS}->bnts")
+                          _flash_dlogits_abstract,
+                          axes=f"{_FLASH_OPERANDS},{_BACKWARD_OPERANDS},{_TOKEN_OPERANDS}"
+                               "->bnts")
 
 
 def _flash_jvp_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dq, dk, dv,
@@ -250,8 +251,7 @@ def _flash_jvp_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dq
 # -> the tangents of out and lse (forward-mode AD; linear in the tangents, transposed by
 # flash_bwd_p/flash_dlogits_p)
 flash_jvp_p = _define("jaxattn_flash_jvp", "jaxattn_flash_jvp_v1", _flash_jvp_abstract,
-                      full_batch=(7, 8),
-                      axes=f"{_FLASH_OPERANDS},btnd,btn,btnh,bskh,bskd,bnts,{_TOKEN_OPERANDS}"
+                      axes=f"{_FLASH_OPERANDS},Btnd,Btn,btnh,bskh,bskd,bnts,{_TOKEN_OPERANDS}"
                            "->btnd,btn")
 
 
@@ -275,39 +275,44 @@ def _paged_decode_abstract(q, key_pages, value_pages, block_tables, kv_lengths, 
             q.update(shape=(b, t, n), dtype=jnp.float32))
 
 
-def _paged_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
-                             dims: Sequence[int | None], **params):
-    """Folds the vmapped axis into the batch of query, block_tables and kv_lengths.
+def _paged_decode_batch_rule(prim: Primitive, operand_axes: Sequence[str],
+                             args: Sequence[jax.Array], dims: Sequence[int | None], **params):
+    """Folds the vmapped axis into the batch of the batched operands (query, block_tables,
+    kv_lengths, token operands).
 
-    The operands between the query and the block tables are page pools (pages, and the scales
-    of quantized pages; an empty one is absent). Shared (unmapped) pools are left alone. When
-    any pool is mapped (one pool per vmapped instance), every pool is concatenated into one of
-    V*P pages and instance v's page ids are shifted by v*P; out-of-range ids stay out of range
-    (-1) so that the kernel still rejects them.
+    The operands without a batch axis (axes ``p...``) are page pools (pages, and the scales of
+    quantized pages; an empty one is absent). Shared (unmapped) pools are left alone. When any
+    pool is mapped (one pool per vmapped instance), every pool is concatenated into one of V*P
+    pages and instance v's page ids (the block tables, axes ``bm``) are shifted by v*P;
+    out-of-range ids stay out of range (-1) so that the kernel still rejects them.
     """
-    q, *pools, block_tables, kv_lengths = args[:len(args) - 3]
-    q_dim, *pool_dims, bt_dim, len_dim = dims[:len(dims) - 3]
-    tokens, token_dims = args[len(args) - 3:], dims[len(dims) - 3:]
+    args, dims = list(args), list(dims)
+    pools = [i for i, a in enumerate(operand_axes) if a.startswith("p")]
+    batched = [i for i in range(len(args)) if i not in pools]
+    tables = operand_axes.index("bm")
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    if any(d is not None for d in pool_dims):
+    if any(dims[i] is not None for i in pools):
         def mapped(x, d):
             if x.size == 0 and d is None:
                 return x, None
             x = jnp.moveaxis(x, d, 0) if d is not None else jnp.broadcast_to(x, (size,) + x.shape)
             return x.reshape((-1,) + x.shape[2:]), x.shape[1]
-        pools, pool_sizes = zip(*(mapped(x, d) for x, d in zip(pools, pool_dims)))
-        num_pages = pool_sizes[0]
-        if bt_dim is None:
+        num_pages = None
+        for i in pools:
+            args[i], pages = mapped(args[i], dims[i])
+            num_pages = pages if num_pages is None else num_pages
+        block_tables = args[tables]
+        if dims[tables] is None:
             block_tables = jnp.broadcast_to(block_tables, (size,) + block_tables.shape)
         else:
-            block_tables = jnp.moveaxis(block_tables, bt_dim, 0)
+            block_tables = jnp.moveaxis(block_tables, dims[tables], 0)
         offset = (jnp.arange(size, dtype=jnp.int32) * num_pages)[:, None, None]
         valid = (block_tables >= 0) & (block_tables < num_pages)
-        block_tables = jnp.where(valid, block_tables + offset, -1)
-        bt_dim = 0
-    (q, block_tables, kv_lengths, *tokens), _ = _fold_operands(
-        (q, block_tables, kv_lengths, *tokens), (q_dim, bt_dim, len_dim, *token_dims))
-    outs = prim.bind(q, *pools, block_tables, kv_lengths, *tokens, **params)
+        args[tables], dims[tables] = jnp.where(valid, block_tables + offset, -1), 0
+    folded, _ = _fold_operands([args[i] for i in batched], [dims[i] for i in batched])
+    for i, a in zip(batched, folded):
+        args[i] = a
+    outs = prim.bind(*args, **params)
     return _unfold_results(prim.multiple_results, outs, size)
 
 
@@ -320,19 +325,20 @@ def _quant_paged_decode_abstract(q, key_pages, value_pages, key_scale, value_sca
     return _paged_decode_abstract(q, key_pages, value_pages, block_tables, kv_lengths, *tokens)
 
 
-def _quant_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
-                             dims: Sequence[int | None], **params):
-    """The folding rule, with the caches and their scales mapped together: the kernel reads
-    them all at one batch index, so when one is mapped the others are broadcast alike."""
+def _quant_decode_batch_rule(prim: Primitive, operand_axes: Sequence[str],
+                             args: Sequence[jax.Array], dims: Sequence[int | None], **params):
+    """The folding rule, with the caches and their scales (the operands with the caches' axes
+    ``sk``) mapped together: the kernel reads them all at one batch index, so when one is
+    mapped the others are broadcast alike."""
     args, dims = list(args), list(dims)
-    cache = [i for i in (1, 2, 3, 4) if args[i].size]
+    cache = [i for i, a in enumerate(operand_axes) if "sk" in a and args[i].size]
     mapped = [i for i in cache if dims[i] is not None]
     if mapped and len(mapped) < len(cache):
         size = args[mapped[0]].shape[dims[mapped[0]]]
         for i in cache:
             if dims[i] is None:
                 args[i], dims[i] = jnp.broadcast_to(args[i], (size,) + args[i].shape), 0
-    return _fold_batch_rule(prim, args, dims, **params)
+    return _fold_batch_rule(prim, operand_axes, args, dims, **params)
 
 
 # Operands: query [B,T,N,H], key_cache [B,Smax,K,H], value_cache [B,Smax,K,Hv] (key and value
@@ -405,22 +411,19 @@ def _sparse_bwd_abstract(q, k, v, out, lse, dout, dlse, *tables_and_tokens, **_)
 # targets (batched; empty when absent); attributes: scale, soft_cap.
 _SPARSE_FWD_AXES = f"btnh,bskh,bskd,x,xy,xyz,{_TOKEN_OPERANDS}->btnd,btn"
 sparse_fwd_p = _define("jaxattn_sparse_fwd", "jaxattn_sparse_fwd_v2", _sparse_fwd_abstract,
-                       batched=3, trailing_batched=5, axes=_SPARSE_FWD_AXES)
+                       axes=_SPARSE_FWD_AXES)
 # query, key, value, out, lse, dout, dlse (batched), then q_indptr, q_entries, k_indptr,
 # k_entries, masks, masks_t, then the token operands -> dq, dk, dv
-_SPARSE_BWD_AXES = (f"btnh,bskh,bskd,btnd,btn,btnd,btn,x,xy,x,xy,xyz,xyz,{_TOKEN_OPERANDS}"
+_SPARSE_BWD_AXES = (f"btnh,bskh,bskd,{_BACKWARD_OPERANDS},x,xy,x,xy,xyz,xyz,{_TOKEN_OPERANDS}"
                     "->btnh,bskh,bskd")
 sparse_bwd_p = _define("jaxattn_sparse_bwd", "jaxattn_sparse_bwd_v2", _sparse_bwd_abstract,
-                       batched=7, full_batch=(3, 4, 5, 6), trailing_batched=5,
                        axes=_SPARSE_BWD_AXES)
 # The same targets for a per-head mask, whose tables are indexed by kv head: a sharded jit may
 # split the batch only (tables shared by all heads, above, allow batch and heads).
 sparse_fwd_per_head_p = _define("jaxattn_sparse_fwd_per_head", "jaxattn_sparse_fwd_v2",
-                                _sparse_fwd_abstract, batched=3, trailing_batched=5,
-                                axes=_SPARSE_FWD_AXES, partition="b")
+                                _sparse_fwd_abstract, axes=_SPARSE_FWD_AXES, partition="b")
 sparse_bwd_per_head_p = _define("jaxattn_sparse_bwd_per_head", "jaxattn_sparse_bwd_v2",
-                                _sparse_bwd_abstract, batched=7, full_batch=(3, 4, 5, 6),
-                                trailing_batched=5, axes=_SPARSE_BWD_AXES, partition="b")
+                                _sparse_bwd_abstract, axes=_SPARSE_BWD_AXES, partition="b")
 
 
 def block_sparse_tiling(group: int) -> tuple[int, int, int, int]:
@@ -460,8 +463,7 @@ gla_fwd_p = _define("jaxattn_gla_fwd", "jaxattn_gla_fwd_v1", _gla_fwd_abstract,
                     axes=f"{_GLA_OPERANDS}->btnd,bnhd")
 # ... plus dout, dfinal_state (empty: none) -> dquery, dkey, dvalue, dlog_gate, dinitial_state
 gla_bwd_p = _define("jaxattn_gla_bwd", "jaxattn_gla_bwd_v1", _gla_bwd_abstract,
-                    full_batch=(5, 6),
-                    axes=f"{_GLA_OPERANDS},btnd,bnhd->btnh,btnh,btnd,btnh,bnhd")
+                    axes=f"{_GLA_OPERANDS},Btnd,Bnhd->btnh,btnh,btnd,btnh,bnhd")
 
 
 # Cache writes. Operands: pool [P, L, ...] (any dtype), rows [B, T, ...] of the pool's dtype

@@ -21,7 +21,7 @@ gemm_h="$(realpath "${GEMM_H:-$here/../../cc/gemm.h}")"
 defs=(-DJAXATTN_GEMM_H="\"$gemm_h\"")
 grep -q 'struct BF16Pairs' "$gemm_h" && defs+=(-DJAXATTN_HAVE_BF16PAIRS)
 echo "gemm.h: $gemm_h"
-# The same instruction-set flags CMakeLists.txt gives cc/isa_avx512.cc (no -march=native).
+# The instruction-set flags cmake/isa_flags.cmake gives cc/isa_avx512.cc (no -march=native).
 g++ -std=c++17 -O3 -Wall -Wno-unused-function \
   -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mavx2 -mfma -mf16c \
   -mprefer-vector-width=512 "${defs[@]}" \

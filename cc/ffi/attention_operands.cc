@@ -16,6 +16,13 @@ ffi::Error ParseBroadcast(const ffi::AnyBuffer& buffer, const char* name, Broadc
   return ffi::Error::Success();
 }
 
+ffi::Error ParseTokenOperands(const ffi::RemainingArgs& rest, size_t count,
+                              TokenOperands* tokens) {
+  return ParseTrailingOperands(rest, count, &tokens->q_positions, &tokens->kv_positions,
+                               &tokens->q_segments, &tokens->kv_segments,
+                               &tokens->alibi_slopes);
+}
+
 ffi::Error ParseTokens(const TokenOperands& in, AttentionProblem* p) {
   const auto rows = [](const S32Buffer& x, const char* name, int64_t len, const int32_t** data,
                        int64_t* batch) -> ffi::Error {
@@ -81,8 +88,8 @@ ffi::Error ParseQueryKeyValue(const ffi::AnyBuffer& query, const ffi::AnyBuffer&
   return ffi::Error::Success();
 }
 
-ffi::Error ParseProblem(const ProblemOperands& in, const ProblemAttrs& attrs, int64_t batch,
-                        AttentionProblem* p) {
+ffi::Error ParseProblem(const ProblemOperands& in, const TokenOperands& tokens,
+                        const FlashAttrs& attrs, int64_t batch, AttentionProblem* p) {
   JAXATTN_RETURN_IF_ERROR(ParseQueryKeyValue(in.query, in.key, in.value, batch, p));
   JAXATTN_RETURN_IF_ERROR(ParseBroadcast(in.bias, "bias", &p->bias));
   JAXATTN_RETURN_IF_ERROR(ParseBroadcast(in.mask, "mask", &p->mask));
@@ -101,7 +108,7 @@ ffi::Error ParseProblem(const ProblemOperands& in, const ProblemAttrs& attrs, in
     p->kv_lengths = in.kv_lengths.typed_data();
     p->kv_lengths_batch = in.kv_lengths.element_count();
   }
-  if (in.tokens != nullptr) JAXATTN_RETURN_IF_ERROR(ParseTokens(*in.tokens, p));
+  JAXATTN_RETURN_IF_ERROR(ParseTokens(tokens, p));
   p->scale = attrs.scale;
   p->soft_cap = attrs.soft_cap;
   p->causal = attrs.is_causal;

@@ -1,24 +1,34 @@
 // The operands of an AttentionProblem (flash and block-sparse attention share them): parsing
-// buffers into the problem the kernels take, with the checks the kernels rely on, and the
-// operand bindings the targets share.
+// buffers and attributes into the problem the kernels take, with the checks the kernels rely
+// on.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
-#include <utility>
 
 #include "ffi/common.h"
 
 namespace jaxattn {
 
-// Token positions, segment ids and ALiBi slopes (each 0 elements: absent).
+// Token positions, segment ids and ALiBi slopes (each 0 elements: absent), the operands
+// that end the argument list of the _v2 flash and block-sparse targets (the _v1 layouts
+// predate them: all absent).
 struct TokenOperands {
-  const S32Buffer& q_positions;   // [Bp, T]
-  const S32Buffer& kv_positions;  // [Bp, S]
-  const S32Buffer& q_segments;    // [Bs, T]
-  const S32Buffer& kv_segments;   // [Bs, S]
-  const F32Buffer& alibi_slopes;  // [Ba, N]
+  S32Buffer q_positions = AbsentBuffer<ffi::S32>();   // [Bp, T]
+  S32Buffer kv_positions = AbsentBuffer<ffi::S32>();  // [Bp, S]
+  S32Buffer q_segments = AbsentBuffer<ffi::S32>();    // [Bs, T]
+  S32Buffer kv_segments = AbsentBuffer<ffi::S32>();   // [Bs, S]
+  F32Buffer alibi_slopes = AbsentBuffer<ffi::F32>();  // [Ba, N]
 };
+constexpr size_t kNumTokenOperands = 5;
+constexpr size_t kNoTokenOperands = 0;  // the _v1 layouts
 
+// The token operands among the trailing operands `rest`: kNumTokenOperands of them, or
+// kNoTokenOperands.
+ffi::Error ParseTokenOperands(const ffi::RemainingArgs& rest, size_t count,
+                              TokenOperands* tokens);
+
+// The operands every flash target starts with.
 struct ProblemOperands {
   const ffi::AnyBuffer& query;
   const ffi::AnyBuffer& key;
@@ -27,10 +37,10 @@ struct ProblemOperands {
   const ffi::AnyBuffer& mask;
   const S32Buffer& q_lengths;
   const S32Buffer& kv_lengths;
-  const TokenOperands* tokens = nullptr;
 };
 
-struct ProblemAttrs {
+// The attributes of every flash target (decoded by name from the call's attributes).
+struct FlashAttrs {
   float scale;
   float soft_cap;
   bool is_causal;
@@ -42,15 +52,15 @@ struct ProblemAttrs {
 ffi::Error ParseBroadcast(const ffi::AnyBuffer& buffer, const char* name, Broadcast4* out);
 
 // Points p at the present token operands after checking their shapes against it.
-ffi::Error ParseTokens(const TokenOperands& in, AttentionProblem* p);
+ffi::Error ParseTokens(const TokenOperands& tokens, AttentionProblem* p);
 
 // Query, key and value of a problem with an output of batch `batch` (query [B,T,N,H] layout).
 ffi::Error ParseQueryKeyValue(const ffi::AnyBuffer& query, const ffi::AnyBuffer& key,
                               const ffi::AnyBuffer& value, int64_t batch, AttentionProblem* p);
 
 // Builds and checks the problem for an output of batch `batch` (query [B,T,N,H] layout).
-ffi::Error ParseProblem(const ProblemOperands& in, const ProblemAttrs& attrs, int64_t batch,
-                        AttentionProblem* p);
+ffi::Error ParseProblem(const ProblemOperands& in, const TokenOperands& tokens,
+                        const FlashAttrs& attrs, int64_t batch, AttentionProblem* p);
 
 // Checks what every backward target takes besides the problem (the forward's out and lse,
 // the cotangents dout and dlse) and the gradients it writes (nullptr: not written), and
@@ -62,14 +72,10 @@ ffi::Error ParseBackwardArgs(const AttentionProblem& p, ffi::DataType dtype,
                              ffi::Buffer<ffi::F32>* dlogits, FlashBackwardArgs* args,
                              const char* target = "backward");
 
-// The token operands of the flash and block-sparse targets, after their other operands.
-template <typename Binding>
-auto BindTokens(Binding binding) {
-  return std::move(binding).template Arg<S32Buffer>()  // query_positions (0 elements: none)
-      .template Arg<S32Buffer>()                        // key_value_positions
-      .template Arg<S32Buffer>()                        // query_segment_ids
-      .template Arg<S32Buffer>()                        // key_value_segment_ids
-      .template Arg<ffi::Buffer<ffi::F32>>();           // alibi_slopes
-}
-
 }  // namespace jaxattn
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jaxattn::FlashAttrs, StructMember<float>("scale"),
+                                      StructMember<float>("soft_cap"),
+                                      StructMember<bool>("is_causal"),
+                                      StructMember<int64_t>("window_left"),
+                                      StructMember<int64_t>("window_right"));

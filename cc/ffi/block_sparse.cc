@@ -1,10 +1,25 @@
 // Block-sparse attention targets (cc/sparse_impl.h): forward and backward over a mask's tile
-// tables (jaxattn/masks.py), in their _v2 layout (token operands) and the original _v1 layout.
+// tables (jaxattn/masks.py). The _v1 and _v2 layouts of a target differ only in the token
+// operands that end the _v2 argument list: one handler serves both (kTokens operands).
+#include <cstddef>
 #include <string>
 #include <vector>
 
 #include "ffi/attention_operands.h"
 #include "ffi/common.h"
+
+namespace jaxattn {
+
+// The attributes of the block-sparse targets (the tables carry the masking).
+struct SparseAttrs {
+  float scale;
+  float soft_cap;
+};
+
+}  // namespace jaxattn
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jaxattn::SparseAttrs, StructMember<float>("scale"),
+                                      StructMember<float>("soft_cap"));
 
 namespace jaxattn {
 namespace {
@@ -64,29 +79,29 @@ ffi::Error ParseBlockSparseTables(const AttentionProblem& p, const S32Buffer& q_
 
 // The problem of a block-sparse target: no bias, mask, lengths or flags (the tables mask).
 ffi::Error ParseSparseProblem(const ffi::AnyBuffer& query, const ffi::AnyBuffer& key,
-                              const ffi::AnyBuffer& value, int64_t batch, float scale,
-                              float soft_cap, const TokenOperands& tokens, AttentionProblem* p) {
+                              const ffi::AnyBuffer& value, int64_t batch,
+                              const SparseAttrs& attrs, const TokenOperands& tokens,
+                              AttentionProblem* p) {
   JAXATTN_RETURN_IF_ERROR(ParseQueryKeyValue(query, key, value, batch, p));
   JAXATTN_RETURN_IF_ERROR(ParseTokens(tokens, p));
-  p->scale = scale;
-  p->soft_cap = soft_cap;
+  p->scale = attrs.scale;
+  p->soft_cap = attrs.soft_cap;
   if (const char* message = ValidateProblem(*p)) return InvalidArgument(message);
   return ffi::Error::Success();
 }
 
+template <size_t kTokens>
 ffi::Error SparseForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                              ffi::AnyBuffer value, S32Buffer q_indptr, S32Buffer q_entries,
-                             ffi::AnyBuffer masks, S32Buffer q_positions,
-                             S32Buffer kv_positions, S32Buffer q_segments,
-                             S32Buffer kv_segments, F32Buffer alibi_slopes,
-                             ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
-                             float soft_cap) {
+                             ffi::AnyBuffer masks, ffi::RemainingArgs token_args,
+                             ffi::Result<ffi::AnyBuffer> out, F32Result lse,
+                             SparseAttrs attrs) {
   const auto od = out->dimensions();
   if (od.size() != 4) return InvalidArgument("output must have rank 4");
+  TokenOperands tokens;
+  JAXATTN_RETURN_IF_ERROR(ParseTokenOperands(token_args, kTokens, &tokens));
   AttentionProblem p;
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
-  JAXATTN_RETURN_IF_ERROR(
-      ParseSparseProblem(query, key, value, od[0], scale, soft_cap, tokens, &p));
+  JAXATTN_RETURN_IF_ERROR(ParseSparseProblem(query, key, value, od[0], attrs, tokens, &p));
   if (out->element_type() != query.element_type() ||
       !HasShape(od, {p.batch, p.q_len, p.num_heads, p.value_dim}) ||
       !HasShape(lse->dimensions(), {p.batch, p.q_len, p.num_heads})) {
@@ -95,139 +110,85 @@ ffi::Error SparseForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
   BlockSparseTables tables;
   JAXATTN_RETURN_IF_ERROR(ParseBlockSparseTables(p, q_indptr, q_entries, nullptr, nullptr,
                                                  masks, nullptr, &tables));
-  BlockSparseForward(p, tables, FlashForwardResult{out->untyped_data(), lse->typed_data()},
-                     XlaParallel(pool));
-  return ffi::Error::Success();
+  return ScratchError(
+      "block-sparse attention",
+      BlockSparseForward(p, tables, FlashForwardResult{out->untyped_data(), lse->typed_data()},
+                         XlaParallel(pool)));
 }
 
+template <size_t kTokens>
 ffi::Error SparseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                               ffi::AnyBuffer value, ffi::AnyBuffer out, F32Buffer lse,
                               ffi::AnyBuffer dout, F32Buffer dlse, S32Buffer q_indptr,
                               S32Buffer q_entries, S32Buffer k_indptr, S32Buffer k_entries,
                               ffi::AnyBuffer masks, ffi::AnyBuffer masks_t,
-                              S32Buffer q_positions, S32Buffer kv_positions,
-                              S32Buffer q_segments, S32Buffer kv_segments,
-                              F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> dq,
+                              ffi::RemainingArgs token_args, ffi::Result<ffi::AnyBuffer> dq,
                               ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                              float scale, float soft_cap) {
+                              SparseAttrs attrs) {
   const auto dqd = dq->dimensions();
   if (dqd.size() != 4) return InvalidArgument("dq must have rank 4");
+  TokenOperands tokens;
+  JAXATTN_RETURN_IF_ERROR(ParseTokenOperands(token_args, kTokens, &tokens));
   AttentionProblem p;
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
-  JAXATTN_RETURN_IF_ERROR(
-      ParseSparseProblem(query, key, value, dqd[0], scale, soft_cap, tokens, &p));
+  JAXATTN_RETURN_IF_ERROR(ParseSparseProblem(query, key, value, dqd[0], attrs, tokens, &p));
   FlashBackwardArgs args;
   JAXATTN_RETURN_IF_ERROR(ParseBackwardArgs(p, query.element_type(), out, lse, dout, dlse,
                                             &*dq, &*dk, &*dv, nullptr, &args));
   BlockSparseTables tables;
   JAXATTN_RETURN_IF_ERROR(ParseBlockSparseTables(p, q_indptr, q_entries, &k_indptr,
                                                  &k_entries, masks, &masks_t, &tables));
-  BlockSparseBackward(p, tables, args, XlaParallel(pool));
-  return ffi::Error::Success();
+  return ScratchError("block-sparse attention backward",
+                      BlockSparseBackward(p, tables, args, XlaParallel(pool)));
 }
 
-// The _v1 block-sparse targets keep their original operand layout (exported programs may
-// call them): they run the _v2 handlers with every token operand absent.
-ffi::Error SparseForwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
-                               ffi::AnyBuffer value, S32Buffer q_indptr, S32Buffer q_entries,
-                               ffi::AnyBuffer masks, ffi::Result<ffi::AnyBuffer> out,
-                               F32Result lse, float scale, float soft_cap) {
-  const S32Buffer none = AbsentBuffer<ffi::S32>();
-  return SparseForwardImpl(pool, query, key, value, q_indptr, q_entries, masks, none, none, none,
-                           none, AbsentBuffer<ffi::F32>(), out, lse, scale, soft_cap);
+auto BindForward() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()         // query
+      .Arg<ffi::AnyBuffer>()         // key
+      .Arg<ffi::AnyBuffer>()         // value
+      .Arg<S32Buffer>()              // q_indptr
+      .Arg<S32Buffer>()              // q_entries
+      .Arg<ffi::AnyBuffer>()         // masks
+      .RemainingArgs()               // the token operands (_v2) or none (_v1)
+      .Ret<ffi::AnyBuffer>()         // out
+      .Ret<ffi::Buffer<ffi::F32>>()  // lse
+      .Attrs<SparseAttrs>();
 }
 
-ffi::Error SparseBackwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
-                                ffi::AnyBuffer value, ffi::AnyBuffer out, F32Buffer lse,
-                                ffi::AnyBuffer dout, F32Buffer dlse, S32Buffer q_indptr,
-                                S32Buffer q_entries, S32Buffer k_indptr, S32Buffer k_entries,
-                                ffi::AnyBuffer masks, ffi::AnyBuffer masks_t,
-                                ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                                ffi::Result<ffi::AnyBuffer> dv, float scale, float soft_cap) {
-  const S32Buffer none = AbsentBuffer<ffi::S32>();
-  return SparseBackwardImpl(pool, query, key, value, out, lse, dout, dlse, q_indptr, q_entries,
-                            k_indptr, k_entries, masks, masks_t, none, none, none, none,
-                            AbsentBuffer<ffi::F32>(), dq, dk, dv, scale, soft_cap);
+auto BindBackward() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()         // query
+      .Arg<ffi::AnyBuffer>()         // key
+      .Arg<ffi::AnyBuffer>()         // value
+      .Arg<ffi::AnyBuffer>()         // out
+      .Arg<ffi::Buffer<ffi::F32>>()  // lse
+      .Arg<ffi::AnyBuffer>()         // dout
+      .Arg<ffi::Buffer<ffi::F32>>()  // dlse (0 elements: none)
+      .Arg<S32Buffer>()              // q_indptr
+      .Arg<S32Buffer>()              // q_entries
+      .Arg<S32Buffer>()              // k_indptr
+      .Arg<S32Buffer>()              // k_entries
+      .Arg<ffi::AnyBuffer>()         // masks
+      .Arg<ffi::AnyBuffer>()         // masks_t (transposed)
+      .RemainingArgs()               // the token operands (_v2) or none (_v1)
+      .Ret<ffi::AnyBuffer>()         // dq
+      .Ret<ffi::AnyBuffer>()         // dk
+      .Ret<ffi::AnyBuffer>()         // dv
+      .Attrs<SparseAttrs>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    SparseForwardHandler, SparseForwardImpl,
-    BindTokens(ffi::Ffi::Bind()
-                   .Ctx<ffi::ThreadPool>()
-                   .Arg<ffi::AnyBuffer>()     // query
-                   .Arg<ffi::AnyBuffer>()     // key
-                   .Arg<ffi::AnyBuffer>()     // value
-                   .Arg<S32Buffer>()          // q_indptr
-                   .Arg<S32Buffer>()          // q_entries
-                   .Arg<ffi::AnyBuffer>())    // masks
-        .Ret<ffi::AnyBuffer>()     // out
-        .Ret<ffi::Buffer<ffi::F32>>()  // lse
-        .Attr<float>("scale")
-        .Attr<float>("soft_cap"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    SparseBackwardHandler, SparseBackwardImpl,
-    BindTokens(ffi::Ffi::Bind()
-                   .Ctx<ffi::ThreadPool>()
-                   .Arg<ffi::AnyBuffer>()     // query
-                   .Arg<ffi::AnyBuffer>()     // key
-                   .Arg<ffi::AnyBuffer>()     // value
-                   .Arg<ffi::AnyBuffer>()     // out
-                   .Arg<ffi::Buffer<ffi::F32>>()  // lse
-                   .Arg<ffi::AnyBuffer>()     // dout
-                   .Arg<ffi::Buffer<ffi::F32>>()  // dlse (0 elements: none)
-                   .Arg<S32Buffer>()          // q_indptr
-                   .Arg<S32Buffer>()          // q_entries
-                   .Arg<S32Buffer>()          // k_indptr
-                   .Arg<S32Buffer>()          // k_entries
-                   .Arg<ffi::AnyBuffer>()     // masks
-                   .Arg<ffi::AnyBuffer>())    // masks_t (transposed)
-        .Ret<ffi::AnyBuffer>()     // dq
-        .Ret<ffi::AnyBuffer>()     // dk
-        .Ret<ffi::AnyBuffer>()     // dv
-        .Attr<float>("scale")
-        .Attr<float>("soft_cap"));
-
-// The original (_v1) layouts: no token operands.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    SparseForwardV1Handler, SparseForwardV1Impl,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::AnyBuffer>()     // query
-        .Arg<ffi::AnyBuffer>()     // key
-        .Arg<ffi::AnyBuffer>()     // value
-        .Arg<S32Buffer>()          // q_indptr
-        .Arg<S32Buffer>()          // q_entries
-        .Arg<ffi::AnyBuffer>()     // masks
-        .Ret<ffi::AnyBuffer>()     // out
-        .Ret<ffi::Buffer<ffi::F32>>()  // lse
-        .Attr<float>("scale")
-        .Attr<float>("soft_cap"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    SparseBackwardV1Handler, SparseBackwardV1Impl,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::AnyBuffer>()     // query
-        .Arg<ffi::AnyBuffer>()     // key
-        .Arg<ffi::AnyBuffer>()     // value
-        .Arg<ffi::AnyBuffer>()     // out
-        .Arg<ffi::Buffer<ffi::F32>>()  // lse
-        .Arg<ffi::AnyBuffer>()     // dout
-        .Arg<ffi::Buffer<ffi::F32>>()  // dlse (0 elements: none)
-        .Arg<S32Buffer>()          // q_indptr
-        .Arg<S32Buffer>()          // q_entries
-        .Arg<S32Buffer>()          // k_indptr
-        .Arg<S32Buffer>()          // k_entries
-        .Arg<ffi::AnyBuffer>()     // masks
-        .Arg<ffi::AnyBuffer>()     // masks_t (transposed)
-        .Ret<ffi::AnyBuffer>()     // dq
-        .Ret<ffi::AnyBuffer>()     // dk
-        .Ret<ffi::AnyBuffer>()     // dv
-        .Attr<float>("scale")
-        .Attr<float>("soft_cap"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseForwardV1Handler, SparseForwardImpl<kNoTokenOperands>,
+                              BindForward());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseForwardHandler, SparseForwardImpl<kNumTokenOperands>,
+                              BindForward());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseBackwardV1Handler, SparseBackwardImpl<kNoTokenOperands>,
+                              BindBackward());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseBackwardHandler, SparseBackwardImpl<kNumTokenOperands>,
+                              BindBackward());
 
 std::vector<FfiTarget> BlockSparseTargets() {
   return {

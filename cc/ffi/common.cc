@@ -10,6 +10,12 @@ ffi::Error ResourceExhausted(const std::string& message) {
   return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jaxattn: " + message);
 }
 
+ffi::Error ScratchError(const char* op, int64_t failed_bytes) {
+  if (failed_bytes == 0) return ffi::Error::Success();
+  return ResourceExhausted(std::string(op) + ": could not allocate " +
+                           std::to_string(failed_bytes) + " bytes of scratch memory");
+}
+
 std::string ShapeString(ffi::AnyBuffer::Dimensions dims) {
   std::string s = "[";
   for (size_t i = 0; i < dims.size(); ++i) s += (i ? "," : "") + std::to_string(dims[i]);

@@ -3,9 +3,11 @@
 // files that include the XLA FFI headers).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "attention.h"
@@ -32,6 +34,9 @@ using F32Result = ffi::Result<ffi::Buffer<ffi::F32>>;
 // Errors carry the "jaxattn: " prefix so that a failure in a large program names its source.
 ffi::Error InvalidArgument(const std::string& message);
 ffi::Error ResourceExhausted(const std::string& message);
+// The kernels return the bytes of scratch memory they could not allocate (0: none): success,
+// or a RESOURCE_EXHAUSTED error of `op` naming them.
+ffi::Error ScratchError(const char* op, int64_t failed_bytes);
 
 std::string ShapeString(ffi::AnyBuffer::Dimensions dims);
 bool HasShape(ffi::AnyBuffer::Dimensions dims, std::initializer_list<int64_t> expected);
@@ -46,6 +51,35 @@ ffi::Buffer<kType> AbsentBuffer() {
   static const XLA_FFI_Buffer empty{XLA_FFI_Buffer_STRUCT_SIZE, nullptr,
                                     static_cast<XLA_FFI_DataType>(kType), nullptr, 1, zero_dims};
   return ffi::Buffer<kType>(&empty);
+}
+
+// The optional operands that end a target's argument list (bound as ffi::RemainingArgs so
+// that one handler serves every layout of a target): all of `buffers` in the newer layouts
+// (count = their number), none in the older ones that predate them (count = 0; each buffer
+// keeps the absent value it was initialised with).
+template <typename... Buffers>
+ffi::Error ParseTrailingOperands(const ffi::RemainingArgs& rest, size_t count,
+                                 Buffers*... buffers) {
+  if (rest.size() != count) {
+    return InvalidArgument("expected " + std::to_string(count) + " trailing operands, got " +
+                           std::to_string(rest.size()));
+  }
+  if (count == 0) return ffi::Error::Success();
+  size_t index = 0;
+  ffi::Error error;
+  const auto read = [&](auto* buffer) {
+    using Buffer = std::remove_pointer_t<decltype(buffer)>;
+    ffi::ErrorOr<Buffer> decoded = rest.template get<Buffer>(index);
+    if (decoded.has_value()) {
+      *buffer = *decoded;
+    } else if (error.success()) {
+      error = InvalidArgument("trailing operand " + std::to_string(index) + ": " +
+                              decoded.error().message());
+    }
+    ++index;
+  };
+  (read(buffers), ...);
+  return error;
 }
 
 // Parallel loops on XLA's intra-op pool (see RunOnPool for why this cannot deadlock).

@@ -1,5 +1,8 @@
 // Decoding attention targets (cc/decode_impl.h): a few query tokens against a contiguous or
-// paged KV cache, optionally quantized (int8 / float8 with float32 scales).
+// paged KV cache, optionally quantized (int8 / float8 with float32 scales). The _v1 and _v2
+// layouts of a target differ in the token operands that end the _v2 argument list and the
+// strict_lengths attribute: one handler serves both (kTokens operands, Attrs).
+#include <cstddef>
 #include <string>
 #include <utility>
 #include <vector>
@@ -7,7 +10,38 @@
 #include "ffi/common.h"
 
 namespace jaxattn {
+
+// The attributes of the decode targets.
+struct DecodeAttrs {
+  float scale;
+  float soft_cap;
+  int64_t window_left;
+  bool strict_lengths;  // a length past the cache is an error rather than clamped
+};
+// The _v1 targets predate strict_lengths (off).
+struct DecodeAttrsV1 {
+  float scale;
+  float soft_cap;
+  int64_t window_left;
+};
+
+}  // namespace jaxattn
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jaxattn::DecodeAttrs, StructMember<float>("scale"),
+                                      StructMember<float>("soft_cap"),
+                                      StructMember<int64_t>("window_left"),
+                                      StructMember<bool>("strict_lengths"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jaxattn::DecodeAttrsV1, StructMember<float>("scale"),
+                                      StructMember<float>("soft_cap"),
+                                      StructMember<int64_t>("window_left"));
+
+namespace jaxattn {
 namespace {
+
+DecodeAttrs ToDecodeAttrs(const DecodeAttrs& attrs) { return attrs; }
+DecodeAttrs ToDecodeAttrs(const DecodeAttrsV1& attrs) {
+  return DecodeAttrs{attrs.scale, attrs.soft_cap, attrs.window_left, false};
+}
 
 bool ToCacheQuant(ffi::DataType type, CacheQuant* quant) {
   switch (type) {
@@ -33,13 +67,15 @@ ffi::Error ParseCacheScale(const F32Buffer* scale, const char* name,
 // Decode: query [Bq,T,N,H]; key/value storage [P, page, K, H|Hv] (a contiguous cache is P = Bk
 // pages of page = Smax); block_tables [Bt, max_pages] (nullptr: contiguous); kv_lengths [Bl].
 // Decode's optional token operands (0 elements: absent): query_positions [Bp, T],
-// key_value_positions [Bp, max_pages * page_size], alibi_slopes [Ba, N].
-// The _v1 targets predate them and pass nullptr.
+// key_value_positions [Bp, max_pages * page_size], alibi_slopes [Ba, N]. They end the
+// argument list of the _v2 and quantized targets; the _v1 targets predate them (all absent).
 struct DecodeTokenOperands {
-  const S32Buffer& q_positions;
-  const S32Buffer& kv_positions;
-  const F32Buffer& alibi_slopes;
+  S32Buffer q_positions = AbsentBuffer<ffi::S32>();
+  S32Buffer kv_positions = AbsentBuffer<ffi::S32>();
+  F32Buffer alibi_slopes = AbsentBuffer<ffi::F32>();
 };
+constexpr size_t kNumDecodeTokenOperands = 3;
+constexpr size_t kNoDecodeTokenOperands = 0;  // the _v1 layouts
 
 ffi::Error ParseDecodeTokens(const DecodeTokenOperands& in, DecodeAttentionProblem* p) {
   const auto rows = [](const ffi::AnyBuffer::Dimensions d, int64_t len) {
@@ -80,9 +116,9 @@ ffi::Error ParseDecodeTokens(const DecodeTokenOperands& in, DecodeAttentionProbl
 ffi::Error RunDecode(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
                      const ffi::AnyBuffer& key, const ffi::AnyBuffer& value,
                      const S32Buffer* block_tables, const S32Buffer& kv_lengths,
-                     const DecodeTokenOperands* tokens, ffi::Result<ffi::AnyBuffer>& out,
-                     F32Result& lse, float scale, float soft_cap, int64_t window_left,
-                     bool strict_lengths, const F32Buffer* key_scale = nullptr,
+                     const ffi::RemainingArgs& token_args, size_t num_tokens,
+                     ffi::Result<ffi::AnyBuffer>& out, F32Result& lse, const DecodeAttrs& attrs,
+                     const F32Buffer* key_scale = nullptr,
                      const F32Buffer* value_scale = nullptr) {
   const auto q = query.dimensions(), k = key.dimensions(), v = value.dimensions();
   const auto od = out->dimensions();
@@ -142,10 +178,13 @@ ffi::Error RunDecode(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
   }
   p.kv_lengths = kv_lengths.typed_data();
   p.kv_lengths_batch = kv_lengths.element_count();
-  p.scale = scale;
-  p.soft_cap = soft_cap;
-  p.window_left = window_left;
-  if (tokens != nullptr) JAXATTN_RETURN_IF_ERROR(ParseDecodeTokens(*tokens, &p));
+  p.scale = attrs.scale;
+  p.soft_cap = attrs.soft_cap;
+  p.window_left = attrs.window_left;
+  DecodeTokenOperands tokens;
+  JAXATTN_RETURN_IF_ERROR(ParseTrailingOperands(token_args, num_tokens, &tokens.q_positions,
+                                                &tokens.kv_positions, &tokens.alibi_slopes));
+  JAXATTN_RETURN_IF_ERROR(ParseDecodeTokens(tokens, &p));
   if (const char* message = ValidateDecodeProblem(p)) {
     return InvalidArgument(std::string("decode: ") + message);
   }
@@ -160,7 +199,7 @@ ffi::Error RunDecode(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
       !HasShape(lse->dimensions(), {p.batch, p.q_len, p.num_heads})) {
     return InvalidArgument("decode: output shapes do not match the inputs");
   }
-  if (strict_lengths) {
+  if (attrs.strict_lengths) {
     // Opt-in: a length past the cache (e.g. a KV cache stepped past its end under jit) is an
     // error rather than clamped.
     const int64_t capacity = p.max_pages * p.page_size;
@@ -178,174 +217,120 @@ ffi::Error RunDecode(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
   }
   const int64_t failed_bytes =
       DecodeForward(p, DecodeResult{out->untyped_data(), lse->typed_data()}, XlaParallel(pool));
-  if (failed_bytes != 0) {
-    return ResourceExhausted("decode: could not allocate " + std::to_string(failed_bytes) +
-                             " bytes of scratch memory");
-  }
-  return ffi::Error::Success();
+  return ScratchError("decode", failed_bytes);
 }
 
+template <size_t kTokens, typename Attrs>
 ffi::Error DecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                              ffi::AnyBuffer value, S32Buffer kv_lengths,
-                             ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
-                             float soft_cap, int64_t window_left) {
-  return RunDecode(pool, query, key, value, nullptr, kv_lengths, nullptr, out, lse, scale,
-                   soft_cap, window_left, false);
+                             ffi::RemainingArgs token_args, ffi::Result<ffi::AnyBuffer> out,
+                             F32Result lse, Attrs attrs) {
+  return RunDecode(pool, query, key, value, nullptr, kv_lengths, token_args, kTokens, out, lse,
+                   ToDecodeAttrs(attrs));
 }
 
+template <size_t kTokens, typename Attrs>
 ffi::Error PagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                   ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
                                   S32Buffer block_tables, S32Buffer kv_lengths,
-                                  ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
-                                  float soft_cap, int64_t window_left) {
-  return RunDecode(pool, query, key_pages, value_pages, &block_tables, kv_lengths, nullptr, out,
-                   lse, scale, soft_cap, window_left, false);
-}
-
-// _v2: the _v1 targets plus the token operands (query_positions, key_value_positions,
-// alibi_slopes; 0 elements: absent) and the strict_lengths attribute (the _v1 layout keeps
-// working).
-ffi::Error DecodeForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
-                               ffi::AnyBuffer value, S32Buffer kv_lengths,
-                               S32Buffer q_positions, S32Buffer kv_positions,
-                               F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> out,
-                               F32Result lse, float scale, float soft_cap, int64_t window_left,
-                               bool strict_lengths) {
-  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes};
-  return RunDecode(pool, query, key, value, nullptr, kv_lengths, &tokens, out, lse, scale,
-                   soft_cap, window_left, strict_lengths);
-}
-
-ffi::Error PagedDecodeForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query,
-                                    ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
-                                    S32Buffer block_tables, S32Buffer kv_lengths,
-                                    S32Buffer q_positions, S32Buffer kv_positions,
-                                    F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> out,
-                                    F32Result lse, float scale, float soft_cap,
-                                    int64_t window_left, bool strict_lengths) {
-  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes};
-  return RunDecode(pool, query, key_pages, value_pages, &block_tables, kv_lengths, &tokens, out,
-                   lse, scale, soft_cap, window_left, strict_lengths);
+                                  ffi::RemainingArgs token_args,
+                                  ffi::Result<ffi::AnyBuffer> out, F32Result lse, Attrs attrs) {
+  return RunDecode(pool, query, key_pages, value_pages, &block_tables, kv_lengths, token_args,
+                   kTokens, out, lse, ToDecodeAttrs(attrs));
 }
 
 // Quantized caches: the _v2 targets plus key_scale and value_scale after the caches.
 ffi::Error QuantDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                   ffi::AnyBuffer key, ffi::AnyBuffer value, F32Buffer key_scale,
                                   F32Buffer value_scale, S32Buffer kv_lengths,
-                                  S32Buffer q_positions, S32Buffer kv_positions,
-                                  F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> out,
-                                  F32Result lse, float scale, float soft_cap,
-                                  int64_t window_left, bool strict_lengths) {
-  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes};
-  return RunDecode(pool, query, key, value, nullptr, kv_lengths, &tokens, out, lse, scale,
-                   soft_cap, window_left, strict_lengths, &key_scale, &value_scale);
+                                  ffi::RemainingArgs token_args,
+                                  ffi::Result<ffi::AnyBuffer> out, F32Result lse,
+                                  DecodeAttrs attrs) {
+  return RunDecode(pool, query, key, value, nullptr, kv_lengths, token_args,
+                   kNumDecodeTokenOperands, out, lse, attrs, &key_scale, &value_scale);
 }
 
 ffi::Error QuantPagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                        ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
                                        F32Buffer key_scale, F32Buffer value_scale,
                                        S32Buffer block_tables, S32Buffer kv_lengths,
-                                       S32Buffer q_positions, S32Buffer kv_positions,
-                                       F32Buffer alibi_slopes,
+                                       ffi::RemainingArgs token_args,
                                        ffi::Result<ffi::AnyBuffer> out, F32Result lse,
-                                       float scale, float soft_cap, int64_t window_left,
-                                       bool strict_lengths) {
-  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes};
-  return RunDecode(pool, query, key_pages, value_pages, &block_tables, kv_lengths, &tokens, out,
-                   lse, scale, soft_cap, window_left, strict_lengths, &key_scale, &value_scale);
+                                       DecodeAttrs attrs) {
+  return RunDecode(pool, query, key_pages, value_pages, &block_tables, kv_lengths, token_args,
+                   kNumDecodeTokenOperands, out, lse, attrs, &key_scale, &value_scale);
 }
 
-// The results and attributes of the _v1 decode targets.
-template <typename Binding>
+// The results and attributes (Attrs: DecodeAttrs or DecodeAttrsV1) after the operands.
+template <typename Attrs, typename Binding>
 auto BindDecodeResults(Binding binding) {
-  return std::move(binding).template Ret<ffi::AnyBuffer>()  // out
-      .template Ret<ffi::Buffer<ffi::F32>>()                // lse
-      .template Attr<float>("scale")
-      .template Attr<float>("soft_cap")
-      .template Attr<int64_t>("window_left");
+  return std::move(binding)
+      .RemainingArgs()               // the token operands (_v2, quantized) or none (_v1)
+      .template Ret<ffi::AnyBuffer>()         // out
+      .template Ret<ffi::Buffer<ffi::F32>>()  // lse
+      .template Attrs<Attrs>();
 }
 
-// The token operands of the _v2 and quantized decode targets, after kv_lengths.
-template <typename Binding>
-auto BindDecodeTokens(Binding binding) {
-  return std::move(binding).template Arg<S32Buffer>()  // query_positions (0 elements: none)
-      .template Arg<S32Buffer>()                        // key_value_positions
-      .template Arg<ffi::Buffer<ffi::F32>>();           // alibi_slopes
+auto BindContiguous() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()  // query
+      .Arg<ffi::AnyBuffer>()  // key_cache
+      .Arg<ffi::AnyBuffer>()  // value_cache
+      .Arg<S32Buffer>();      // kv_lengths
 }
 
-// The results and attributes of the _v2 and quantized decode targets.
-template <typename Binding>
-auto BindDecodeResultsV2(Binding binding) {
-  return std::move(binding).template Ret<ffi::AnyBuffer>()  // out
-      .template Ret<ffi::Buffer<ffi::F32>>()                // lse
-      .template Attr<float>("scale")
-      .template Attr<float>("soft_cap")
-      .template Attr<int64_t>("window_left")
-      .template Attr<bool>("strict_lengths");
+auto BindPaged() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()  // query
+      .Arg<ffi::AnyBuffer>()  // key_pages
+      .Arg<ffi::AnyBuffer>()  // value_pages
+      .Arg<S32Buffer>()       // block_tables
+      .Arg<S32Buffer>();      // kv_lengths
+}
+
+auto BindQuantContiguous() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()  // query
+      .Arg<ffi::AnyBuffer>()  // key_cache (int8 / float8)
+      .Arg<ffi::AnyBuffer>()  // value_cache
+      .Arg<F32Buffer>()       // key_scale (0 elements: 1)
+      .Arg<F32Buffer>()       // value_scale
+      .Arg<S32Buffer>();      // kv_lengths
+}
+
+auto BindQuantPaged() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()  // query
+      .Arg<ffi::AnyBuffer>()  // key_pages (int8 / float8)
+      .Arg<ffi::AnyBuffer>()  // value_pages
+      .Arg<F32Buffer>()       // key_scale (0 elements: 1)
+      .Arg<F32Buffer>()       // value_scale
+      .Arg<S32Buffer>()       // block_tables
+      .Arg<S32Buffer>();      // kv_lengths
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    DecodeForwardHandler, DecodeForwardImpl,
-    BindDecodeResults(ffi::Ffi::Bind()
-                          .Ctx<ffi::ThreadPool>()
-                          .Arg<ffi::AnyBuffer>()     // query
-                          .Arg<ffi::AnyBuffer>()     // key_cache
-                          .Arg<ffi::AnyBuffer>()     // value_cache
-                          .Arg<S32Buffer>()));       // kv_lengths
-
+    DecodeForwardHandler, (DecodeForwardImpl<kNoDecodeTokenOperands, DecodeAttrsV1>),
+    BindDecodeResults<DecodeAttrsV1>(BindContiguous()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    PagedDecodeForwardHandler, PagedDecodeForwardImpl,
-    BindDecodeResults(ffi::Ffi::Bind()
-                          .Ctx<ffi::ThreadPool>()
-                          .Arg<ffi::AnyBuffer>()     // query
-                          .Arg<ffi::AnyBuffer>()     // key_pages
-                          .Arg<ffi::AnyBuffer>()     // value_pages
-                          .Arg<S32Buffer>()          // block_tables
-                          .Arg<S32Buffer>()));       // kv_lengths
-
+    DecodeForwardV2Handler, (DecodeForwardImpl<kNumDecodeTokenOperands, DecodeAttrs>),
+    BindDecodeResults<DecodeAttrs>(BindContiguous()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    DecodeForwardV2Handler, DecodeForwardV2Impl,
-    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
-                            .Ctx<ffi::ThreadPool>()
-                            .Arg<ffi::AnyBuffer>()     // query
-                            .Arg<ffi::AnyBuffer>()     // key_cache
-                            .Arg<ffi::AnyBuffer>()     // value_cache
-                            .Arg<S32Buffer>())));      // kv_lengths
-
+    PagedDecodeForwardHandler, (PagedDecodeForwardImpl<kNoDecodeTokenOperands, DecodeAttrsV1>),
+    BindDecodeResults<DecodeAttrsV1>(BindPaged()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    PagedDecodeForwardV2Handler, PagedDecodeForwardV2Impl,
-    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
-                            .Ctx<ffi::ThreadPool>()
-                            .Arg<ffi::AnyBuffer>()     // query
-                            .Arg<ffi::AnyBuffer>()     // key_pages
-                            .Arg<ffi::AnyBuffer>()     // value_pages
-                            .Arg<S32Buffer>()          // block_tables
-                            .Arg<S32Buffer>())));      // kv_lengths
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    QuantDecodeForwardHandler, QuantDecodeForwardImpl,
-    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
-                          .Ctx<ffi::ThreadPool>()
-                          .Arg<ffi::AnyBuffer>()     // query
-                          .Arg<ffi::AnyBuffer>()     // key_cache (int8 / float8)
-                          .Arg<ffi::AnyBuffer>()     // value_cache
-                          .Arg<F32Buffer>()          // key_scale (0 elements: 1)
-                          .Arg<F32Buffer>()          // value_scale
-                          .Arg<S32Buffer>())));      // kv_lengths
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    QuantPagedDecodeForwardHandler, QuantPagedDecodeForwardImpl,
-    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
-                          .Ctx<ffi::ThreadPool>()
-                          .Arg<ffi::AnyBuffer>()     // query
-                          .Arg<ffi::AnyBuffer>()     // key_pages (int8 / float8)
-                          .Arg<ffi::AnyBuffer>()     // value_pages
-                          .Arg<F32Buffer>()          // key_scale (0 elements: 1)
-                          .Arg<F32Buffer>()          // value_scale
-                          .Arg<S32Buffer>()          // block_tables
-                          .Arg<S32Buffer>())));      // kv_lengths
+    PagedDecodeForwardV2Handler, (PagedDecodeForwardImpl<kNumDecodeTokenOperands, DecodeAttrs>),
+    BindDecodeResults<DecodeAttrs>(BindPaged()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantDecodeForwardHandler, QuantDecodeForwardImpl,
+                              BindDecodeResults<DecodeAttrs>(BindQuantContiguous()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantPagedDecodeForwardHandler, QuantPagedDecodeForwardImpl,
+                              BindDecodeResults<DecodeAttrs>(BindQuantPaged()));
 
 std::vector<FfiTarget> DecodeTargets() {
   return {

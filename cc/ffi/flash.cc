@@ -1,8 +1,7 @@
 // Flash attention targets: forward, backward, the logits gradient (for a bias's gradient)
-// and the forward-mode tangent (jvp), in their _v2 layout (token operands) and the original
-// _v1 layout.
-#include <string>
-#include <utility>
+// and the forward-mode tangent (jvp). The _v1 and _v2 layouts of a target differ only in the
+// token operands that end the _v2 argument list: one handler serves both (kTokens operands).
+#include <cstddef>
 #include <vector>
 
 #include "ffi/attention_operands.h"
@@ -11,98 +10,89 @@
 namespace jaxattn {
 namespace {
 
+template <size_t kTokens>
 ffi::Error FlashForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                             ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
-                            S32Buffer q_lengths, S32Buffer kv_lengths, S32Buffer q_positions,
-                            S32Buffer kv_positions, S32Buffer q_segments,
-                            S32Buffer kv_segments, F32Buffer alibi_slopes,
-                            ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
-                            float soft_cap, bool is_causal, int64_t window_left,
-                            int64_t window_right) {
+                            S32Buffer q_lengths, S32Buffer kv_lengths,
+                            ffi::RemainingArgs token_args, ffi::Result<ffi::AnyBuffer> out,
+                            F32Result lse, FlashAttrs attrs) {
   const auto od = out->dimensions();
   if (od.size() != 4) return InvalidArgument("output must have rank 4");
+  TokenOperands tokens;
+  JAXATTN_RETURN_IF_ERROR(ParseTokenOperands(token_args, kTokens, &tokens));
   AttentionProblem p;
-  const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
-  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
-  JAXATTN_RETURN_IF_ERROR(ParseProblem(in, attrs, od[0], &p));
+  JAXATTN_RETURN_IF_ERROR(ParseProblem({query, key, value, bias, mask, q_lengths, kv_lengths},
+                                       tokens, attrs, od[0], &p));
   if (out->element_type() != query.element_type() ||
       !HasShape(od, {p.batch, p.q_len, p.num_heads, p.value_dim}) ||
       !HasShape(lse->dimensions(), {p.batch, p.q_len, p.num_heads})) {
     return InvalidArgument("output shapes do not match the inputs");
   }
-  FlashForward(p, FlashForwardResult{out->untyped_data(), lse->typed_data()},
-               XlaParallel(pool));
-  return ffi::Error::Success();
+  return ScratchError("flash attention",
+                      FlashForward(p, FlashForwardResult{out->untyped_data(), lse->typed_data()},
+                                   XlaParallel(pool)));
 }
 
+template <size_t kTokens>
 ffi::Error FlashBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                              ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                              S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
                              F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
-                             S32Buffer q_positions, S32Buffer kv_positions,
-                             S32Buffer q_segments, S32Buffer kv_segments,
-                             F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> dq,
+                             ffi::RemainingArgs token_args, ffi::Result<ffi::AnyBuffer> dq,
                              ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                             float scale, float soft_cap, bool is_causal, int64_t window_left,
-                             int64_t window_right) {
-  AttentionProblem p;
-  const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
-  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
+                             FlashAttrs attrs) {
   const auto dqd = dq->dimensions();
   if (dqd.size() != 4) return InvalidArgument("dq must have rank 4");
-  JAXATTN_RETURN_IF_ERROR(ParseProblem(in, attrs, dqd[0], &p));
+  TokenOperands tokens;
+  JAXATTN_RETURN_IF_ERROR(ParseTokenOperands(token_args, kTokens, &tokens));
+  AttentionProblem p;
+  JAXATTN_RETURN_IF_ERROR(ParseProblem({query, key, value, bias, mask, q_lengths, kv_lengths},
+                                       tokens, attrs, dqd[0], &p));
   FlashBackwardArgs args;
   JAXATTN_RETURN_IF_ERROR(ParseBackwardArgs(p, query.element_type(), out, lse, dout, dlse,
                                             &*dq, &*dk, &*dv, nullptr, &args));
-  FlashBackward(p, args, XlaParallel(pool));
-  return ffi::Error::Success();
+  return ScratchError("flash attention backward",
+                      FlashBackward(p, args, XlaParallel(pool)));
 }
 
 // d loss / d logits [B, N, T, S] in float32, for the gradient of a bias.
+template <size_t kTokens>
 ffi::Error FlashLogitsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                                ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                                S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
                                F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
-                               S32Buffer q_positions, S32Buffer kv_positions,
-                               S32Buffer q_segments, S32Buffer kv_segments,
-                               F32Buffer alibi_slopes, F32Result dlogits, float scale,
-                               float soft_cap, bool is_causal, int64_t window_left,
-                               int64_t window_right) {
-  AttentionProblem p;
-  const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
-  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
+                               ffi::RemainingArgs token_args, F32Result dlogits,
+                               FlashAttrs attrs) {
   const auto gd = dlogits->dimensions();
   if (gd.size() != 4) return InvalidArgument("dlogits must have rank 4");
-  JAXATTN_RETURN_IF_ERROR(ParseProblem(in, attrs, gd[0], &p));
+  TokenOperands tokens;
+  JAXATTN_RETURN_IF_ERROR(ParseTokenOperands(token_args, kTokens, &tokens));
+  AttentionProblem p;
+  JAXATTN_RETURN_IF_ERROR(ParseProblem({query, key, value, bias, mask, q_lengths, kv_lengths},
+                                       tokens, attrs, gd[0], &p));
   FlashBackwardArgs args;
   JAXATTN_RETURN_IF_ERROR(ParseBackwardArgs(p, query.element_type(), out, lse, dout, dlse,
                                             nullptr, nullptr, nullptr, &*dlogits, &args,
                                             "logits-gradient"));
-  FlashBackward(p, args, XlaParallel(pool));
-  return ffi::Error::Success();
+  return ScratchError("flash attention backward",
+                      FlashBackward(p, args, XlaParallel(pool)));
 }
 
 // The tangent of (out, lse) in the direction of (dq, dk, dv, dbias), for forward-mode AD.
+// The token operands are the forward's: the tangent differentiates the same logits.
 ffi::Error FlashJvpImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                         ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                         S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
                         F32Buffer lse, ffi::AnyBuffer dq, ffi::AnyBuffer dk, ffi::AnyBuffer dv,
-                        ffi::AnyBuffer dbias, S32Buffer q_positions, S32Buffer kv_positions,
-                        S32Buffer q_segments, S32Buffer kv_segments, F32Buffer alibi_slopes,
-                        ffi::Result<ffi::AnyBuffer> dout, F32Result dlse, float scale,
-                        float soft_cap, bool is_causal, int64_t window_left,
-                        int64_t window_right) {
-  AttentionProblem p;
-  const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  // The forward's token operands: the tangent differentiates the same logits.
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
-  const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
+                        ffi::AnyBuffer dbias, ffi::RemainingArgs token_args,
+                        ffi::Result<ffi::AnyBuffer> dout, F32Result dlse, FlashAttrs attrs) {
   const auto od = dout->dimensions();
   if (od.size() != 4) return InvalidArgument("the output tangent must have rank 4");
-  JAXATTN_RETURN_IF_ERROR(ParseProblem(in, attrs, od[0], &p));
+  TokenOperands tokens;
+  JAXATTN_RETURN_IF_ERROR(ParseTokenOperands(token_args, kNumTokenOperands, &tokens));
+  AttentionProblem p;
+  JAXATTN_RETURN_IF_ERROR(ParseProblem({query, key, value, bias, mask, q_lengths, kv_lengths},
+                                       tokens, attrs, od[0], &p));
   const int64_t B = p.batch, T = p.q_len, N = p.num_heads, S = p.kv_len, K = p.num_kv_heads;
   const ffi::DataType dtype = query.element_type();
   // A tangent's batch divides B (vmap over tangents only folds into theirs).
@@ -140,138 +130,86 @@ ffi::Error FlashJvpImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuff
       }
     }
   }
-  FlashJvp(p, tangents, out.untyped_data(), lse.typed_data(),
-           FlashJvpResult{dout->untyped_data(), dlse->typed_data()}, XlaParallel(pool));
-  return ffi::Error::Success();
-}
-
-// The _v1 flash targets keep their original operand layout (exported programs may call
-// them): they run the _v2 handlers with every token operand absent.
-ffi::Error FlashForwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
-                              ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
-                              S32Buffer q_lengths, S32Buffer kv_lengths,
-                              ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
-                              float soft_cap, bool is_causal, int64_t window_left,
-                              int64_t window_right) {
-  const S32Buffer none = AbsentBuffer<ffi::S32>();
-  return FlashForwardImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, none,
-                          none, none, none, AbsentBuffer<ffi::F32>(), out, lse, scale, soft_cap,
-                          is_causal, window_left, window_right);
-}
-
-ffi::Error FlashBackwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
-                               ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
-                               S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
-                               F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
-                               ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                               ffi::Result<ffi::AnyBuffer> dv, float scale, float soft_cap,
-                               bool is_causal, int64_t window_left, int64_t window_right) {
-  const S32Buffer none = AbsentBuffer<ffi::S32>();
-  return FlashBackwardImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, out, lse,
-                           dout, dlse, none, none, none, none, AbsentBuffer<ffi::F32>(), dq, dk,
-                           dv, scale, soft_cap, is_causal, window_left, window_right);
-}
-
-ffi::Error FlashLogitsGradV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
-                                 ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
-                                 S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
-                                 F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
-                                 F32Result dlogits, float scale, float soft_cap, bool is_causal,
-                                 int64_t window_left, int64_t window_right) {
-  const S32Buffer none = AbsentBuffer<ffi::S32>();
-  return FlashLogitsGradImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, out,
-                             lse, dout, dlse, none, none, none, none, AbsentBuffer<ffi::F32>(),
-                             dlogits, scale, soft_cap, is_causal, window_left, window_right);
+  return ScratchError("flash attention jvp",
+                      FlashJvp(p, tangents, out.untyped_data(), lse.typed_data(),
+                               FlashJvpResult{dout->untyped_data(), dlse->typed_data()},
+                               XlaParallel(pool)));
 }
 
 // The operands every flash target starts with, in order.
-template <typename Binding>
-auto BindProblem(Binding binding) {
-  return std::move(binding).template Arg<ffi::AnyBuffer>()  // query
-      .template Arg<ffi::AnyBuffer>()            // key
-      .template Arg<ffi::AnyBuffer>()            // value
-      .template Arg<ffi::AnyBuffer>()            // bias (0 elements: none)
-      .template Arg<ffi::AnyBuffer>()            // mask (0 elements: none)
-      .template Arg<S32Buffer>()                 // query_seq_lengths (0 elements: none)
-      .template Arg<S32Buffer>();                // key_value_seq_lengths
+auto BindProblem() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()  // query
+      .Arg<ffi::AnyBuffer>()  // key
+      .Arg<ffi::AnyBuffer>()  // value
+      .Arg<ffi::AnyBuffer>()  // bias (0 elements: none)
+      .Arg<ffi::AnyBuffer>()  // mask (0 elements: none)
+      .Arg<S32Buffer>()       // query_seq_lengths (0 elements: none)
+      .Arg<S32Buffer>();      // key_value_seq_lengths
 }
 
-// The attributes every flash target ends with.
-template <typename Binding>
-auto BindAttrs(Binding binding) {
-  return std::move(binding).template Attr<float>("scale")
-      .template Attr<float>("soft_cap")
-      .template Attr<bool>("is_causal")
-      .template Attr<int64_t>("window_left")
-      .template Attr<int64_t>("window_right");
+auto BindForward() {
+  return BindProblem()
+      .RemainingArgs()               // the token operands (_v2) or none (_v1)
+      .Ret<ffi::AnyBuffer>()         // out
+      .Ret<ffi::Buffer<ffi::F32>>()  // lse
+      .Attrs<FlashAttrs>();
+}
+
+// The forward's results and their cotangents, then the token operands.
+auto BindBackwardOperands() {
+  return BindProblem()
+      .Arg<ffi::AnyBuffer>()          // out
+      .Arg<ffi::Buffer<ffi::F32>>()   // lse
+      .Arg<ffi::AnyBuffer>()          // dout
+      .Arg<ffi::Buffer<ffi::F32>>()   // dlse (0 elements: none)
+      .RemainingArgs();               // the token operands (_v2) or none (_v1)
+}
+
+auto BindBackward() {
+  return BindBackwardOperands()
+      .Ret<ffi::AnyBuffer>()  // dq
+      .Ret<ffi::AnyBuffer>()  // dk
+      .Ret<ffi::AnyBuffer>()  // dv
+      .Attrs<FlashAttrs>();
+}
+
+auto BindLogitsGrad() {
+  return BindBackwardOperands()
+      .Ret<ffi::Buffer<ffi::F32>>()  // dlogits
+      .Attrs<FlashAttrs>();
+}
+
+auto BindJvp() {
+  return BindProblem()
+      .Arg<ffi::AnyBuffer>()         // out
+      .Arg<ffi::Buffer<ffi::F32>>()  // lse
+      .Arg<ffi::AnyBuffer>()         // dq (tangent)
+      .Arg<ffi::AnyBuffer>()         // dk
+      .Arg<ffi::AnyBuffer>()         // dv
+      .Arg<ffi::AnyBuffer>()         // dbias (0 elements: none)
+      .RemainingArgs()               // the token operands
+      .Ret<ffi::AnyBuffer>()         // dout
+      .Ret<ffi::Buffer<ffi::F32>>()  // dlse
+      .Attrs<FlashAttrs>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FlashForwardHandler, FlashForwardImpl,
-    BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()))
-                  .Ret<ffi::AnyBuffer>()    // out
-                  .Ret<ffi::Buffer<ffi::F32>>()));  // lse
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FlashBackwardHandler, FlashBackwardImpl,
-    BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
-                             .Arg<ffi::AnyBuffer>()          // out
-                             .Arg<ffi::Buffer<ffi::F32>>()   // lse
-                             .Arg<ffi::AnyBuffer>()          // dout
-                             .Arg<ffi::Buffer<ffi::F32>>())  // dlse (0 elements: none)
-                  .Ret<ffi::AnyBuffer>()             // dq
-                  .Ret<ffi::AnyBuffer>()             // dk
-                  .Ret<ffi::AnyBuffer>()));          // dv
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FlashLogitsGradHandler, FlashLogitsGradImpl,
-    BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
-                             .Arg<ffi::AnyBuffer>()          // out
-                             .Arg<ffi::Buffer<ffi::F32>>()   // lse
-                             .Arg<ffi::AnyBuffer>()          // dout
-                             .Arg<ffi::Buffer<ffi::F32>>())  // dlse
-                  .Ret<ffi::Buffer<ffi::F32>>()));   // dlogits
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FlashJvpHandler, FlashJvpImpl,
-    BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
-                             .Arg<ffi::AnyBuffer>()          // out
-                             .Arg<ffi::Buffer<ffi::F32>>()   // lse
-                             .Arg<ffi::AnyBuffer>()          // dq (tangent)
-                             .Arg<ffi::AnyBuffer>()          // dk
-                             .Arg<ffi::AnyBuffer>()          // dv
-                             .Arg<ffi::AnyBuffer>())         // dbias (0 elements: none)
-                  .Ret<ffi::AnyBuffer>()             // dout
-                  .Ret<ffi::Buffer<ffi::F32>>()));   // dlse
-
-// The original (_v1) layouts: no token operands.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FlashForwardV1Handler, FlashForwardV1Impl,
-    BindAttrs(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
-                  .Ret<ffi::AnyBuffer>()    // out
-                  .Ret<ffi::Buffer<ffi::F32>>()));  // lse
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FlashBackwardV1Handler, FlashBackwardV1Impl,
-    BindAttrs(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
-                  .Arg<ffi::AnyBuffer>()             // out
-                  .Arg<ffi::Buffer<ffi::F32>>()      // lse
-                  .Arg<ffi::AnyBuffer>()             // dout
-                  .Arg<ffi::Buffer<ffi::F32>>()      // dlse (0 elements: none)
-                  .Ret<ffi::AnyBuffer>()             // dq
-                  .Ret<ffi::AnyBuffer>()             // dk
-                  .Ret<ffi::AnyBuffer>()));          // dv
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FlashLogitsGradV1Handler, FlashLogitsGradV1Impl,
-    BindAttrs(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
-                  .Arg<ffi::AnyBuffer>()             // out
-                  .Arg<ffi::Buffer<ffi::F32>>()      // lse
-                  .Arg<ffi::AnyBuffer>()             // dout
-                  .Arg<ffi::Buffer<ffi::F32>>()      // dlse
-                  .Ret<ffi::Buffer<ffi::F32>>()));   // dlogits
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashForwardV1Handler, FlashForwardImpl<kNoTokenOperands>,
+                              BindForward());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashForwardHandler, FlashForwardImpl<kNumTokenOperands>,
+                              BindForward());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBackwardV1Handler, FlashBackwardImpl<kNoTokenOperands>,
+                              BindBackward());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBackwardHandler, FlashBackwardImpl<kNumTokenOperands>,
+                              BindBackward());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashLogitsGradV1Handler, FlashLogitsGradImpl<kNoTokenOperands>,
+                              BindLogitsGrad());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashLogitsGradHandler, FlashLogitsGradImpl<kNumTokenOperands>,
+                              BindLogitsGrad());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashJvpHandler, FlashJvpImpl, BindJvp());
 
 std::vector<FfiTarget> FlashTargets() {
   return {

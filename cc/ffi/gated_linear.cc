@@ -7,6 +7,16 @@
 #include "gated_linear.h"
 
 namespace jaxattn {
+
+struct GatedLinearAttrs {
+  float scale;
+};
+
+}  // namespace jaxattn
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jaxattn::GatedLinearAttrs, StructMember<float>("scale"));
+
+namespace jaxattn {
 namespace {
 
 // query [Bq,T,N,Hk], key [Bk,T,N,Hk], value [Bv,T,N,Hv], log_gate [Bg,T,N,Hk],
@@ -80,12 +90,12 @@ ffi::Error GatedLinearForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                   ffi::AnyBuffer key, ffi::AnyBuffer value,
                                   ffi::AnyBuffer log_gate, ffi::AnyBuffer initial_state,
                                   ffi::Result<ffi::AnyBuffer> out, F32Result final_state,
-                                  float scale) {
+                                  GatedLinearAttrs attrs) {
   const auto od = out->dimensions();
   if (od.size() != 4) return InvalidArgument("gated linear attention: out must have rank 4");
   GatedLinearProblem p;
   JAXATTN_RETURN_IF_ERROR(
-      ParseGatedLinear(query, key, value, log_gate, initial_state, od[0], scale, &p));
+      ParseGatedLinear(query, key, value, log_gate, initial_state, od[0], attrs.scale, &p));
   if (out->element_type() != query.element_type() ||
       !HasShape(od, {p.batch, p.seq_len, p.num_heads, p.value_dim}) ||
       !HasShape(final_state->dimensions(), {p.batch, p.num_heads, p.key_dim, p.value_dim})) {
@@ -107,12 +117,12 @@ ffi::Error GatedLinearBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                    ffi::Result<ffi::AnyBuffer> dkey,
                                    ffi::Result<ffi::AnyBuffer> dvalue,
                                    ffi::Result<ffi::AnyBuffer> dlog_gate,
-                                   F32Result dinitial_state, float scale) {
+                                   F32Result dinitial_state, GatedLinearAttrs attrs) {
   const auto dqd = dquery->dimensions();
   if (dqd.size() != 4) return InvalidArgument("gated linear attention: dquery must have rank 4");
   GatedLinearProblem p;
   JAXATTN_RETURN_IF_ERROR(
-      ParseGatedLinear(query, key, value, log_gate, initial_state, dqd[0], scale, &p));
+      ParseGatedLinear(query, key, value, log_gate, initial_state, dqd[0], attrs.scale, &p));
   const int64_t B = p.batch, T = p.seq_len, N = p.num_heads, Hk = p.key_dim, Hv = p.value_dim;
   const auto is = [](const ffi::AnyBuffer& x, ffi::DataType type,
                      std::initializer_list<int64_t> shape) {
@@ -155,7 +165,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GatedLinearForwardHandler, GatedLinearForwardImpl,
                                   .Arg<ffi::AnyBuffer>()         // initial_state (0: none)
                                   .Ret<ffi::AnyBuffer>()         // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // final_state
-                                  .Attr<float>("scale"));
+                                  .Attrs<GatedLinearAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GatedLinearBackwardHandler, GatedLinearBackwardImpl,
                               ffi::Ffi::Bind()
@@ -172,7 +182,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GatedLinearBackwardHandler, GatedLinearBackwardImp
                                   .Ret<ffi::AnyBuffer>()         // dvalue
                                   .Ret<ffi::AnyBuffer>()         // dlog_gate
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dinitial_state
-                                  .Attr<float>("scale"));
+                                  .Attrs<GatedLinearAttrs>());
 
 std::vector<FfiTarget> GatedLinearTargets() {
   return {
