@@ -587,3 +587,24 @@ def test_v1_targets_keep_their_original_layout(rng: np.random.Generator) -> None
     want = jaxattn.decode_attention(qd, k, v, lengths, scale=0.25, return_residual=True)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(want[0]))
     np.testing.assert_array_equal(np.asarray(lse), np.asarray(want[1]))
+
+
+def test_each_layout_takes_exactly_its_token_operands(rng: np.random.Generator) -> None:
+    """The _v1 and _v2 layouts share one handler (the token operands end the argument list);
+    each still takes exactly its own operands and attributes: a _v2 call without its token
+    operands, a _v1 call with them, or a missing attribute is an error, not a guess."""
+    q = rng.standard_normal((1, 5, 2, 8)).astype(np.float32)
+    empty_f, empty_b, empty_i = (np.zeros((0,), t) for t in (np.float32, np.bool_, np.int32))
+    out_types = (jax.ShapeDtypeStruct((1, 5, 2, 8), np.float32),
+                 jax.ShapeDtypeStruct((1, 5, 2), np.float32))
+    attrs = dict(scale=np.float32(0.25), soft_cap=np.float32(0), is_causal=False,
+                 window_left=np.int64(-1), window_right=np.int64(-1))
+    base = (q, q, q, empty_f, empty_b, empty_i, empty_i)
+    tokens = (empty_i, empty_i, empty_i, empty_i, empty_f)
+    with pytest.raises(Exception, match="expected 5 trailing operands, got 0"):
+        jax.ffi.ffi_call("jaxattn_flash_fwd_v2", out_types)(*base, **attrs)
+    with pytest.raises(Exception, match="expected 0 trailing operands, got 5"):
+        jax.ffi.ffi_call("jaxattn_flash_fwd_v1", out_types)(*base, *tokens, **attrs)
+    del attrs["window_right"]
+    with pytest.raises(Exception, match="attributes"):
+        jax.ffi.ffi_call("jaxattn_flash_fwd_v2", out_types)(*base, *tokens, **attrs)

@@ -761,11 +761,45 @@ void CheckValidation(Failures* f) {
   }
 }
 
+// An allocation the backward cannot make is reported, not a crash: a (valid) problem whose
+// [B, T, N] float32 rows of delta and norm (the backward's per-row buffers) take 2^48 bytes,
+// more than any x86-64 address space. The operands are one element each: every operand is
+// read at b % its batch, and nothing is read or written once the allocation has failed.
+void CheckAllocationFailure(Failures* f) {
+  static float one[8] = {};
+  AttentionProblem p;
+  p.batch = int64_t{1} << 46;
+  p.q_len = p.kv_len = p.num_heads = p.num_kv_heads = 1;
+  p.head_dim = p.value_dim = 8;
+  p.q_batch = p.kv_batch = p.value_batch = 1;
+  p.query = p.key = p.value = one;
+  if (const char* m = jaxattn::ValidateProblem(p)) {
+    f->Add(std::string("allocation failure: ValidateProblem rejected the problem: ") + m);
+    return;
+  }
+  jaxattn::FlashBackwardArgs a;
+  a.out = a.dout = one;
+  a.lse = one;
+  a.dq = a.dk = a.dv = one;
+  jaxattn::SerialParallel serial;
+  const int64_t failed = jaxattn::FlashBackward(p, a, serial);
+  const int64_t expected = (int64_t{1} << 46) * static_cast<int64_t>(sizeof(float));
+  if (failed != expected) {
+    f->Add("allocation failure: FlashBackward returned " + std::to_string(failed) +
+           " failed bytes, expected " + std::to_string(expected));
+  }
+}
+
 void RunFlashSuite(SuiteContext& context) {
   {
     Failures f;
     CheckValidation(&f);
     context.Record("ValidateProblem", f);
+  }
+  {
+    Failures f;
+    CheckAllocationFailure(&f);
+    context.Record("allocation failure", f);
   }
   std::vector<Case> cases = EdgeCases();
   Random grid(context.seed);

@@ -104,6 +104,12 @@ void CheckNestedJoin(const char* what, int jobs,
 
 }  // namespace jaxattn_harness
 
+// The allocation-failure checks (e.g. flash_suite.cc) ask for more memory than exists: the
+// sanitizers' allocators then return nullptr, as malloc does, instead of ending the run
+// (ASAN_OPTIONS / TSAN_OPTIONS still apply on top). Unused without sanitizers.
+extern "C" const char* __asan_default_options() { return "allocator_may_return_null=1"; }
+extern "C" const char* __tsan_default_options() { return "allocator_may_return_null=1"; }
+
 int main(int argc, char** argv) {
   using namespace jaxattn_harness;
   int64_t num_cases = 300;
