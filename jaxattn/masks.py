@@ -41,11 +41,6 @@ __all__ = [
 DEFAULT_BLOCK = 64
 _FULL = -1  # block id of a full block; ids >= 0 index the pool of partial element masks
 _STRIPE_ELEMENTS = 1 << 22  # dense elements materialised at a time while building masks
-_LOOKUP_ELEMENTS = 1 << 20  # elements looked up at a time while compiling kernel tables
-_TABLE_BLOCKS_PER_BAND = 1 << 16  # blocks whose tiles are worked out at a time
-# Compile kernel tables through the dense mask when it has at most this many elements per
-# block (tiny blocks, where per-block bookkeeping would outweigh the dense mask).
-_DENSE_TABLES_RATIO = 32
 
 
 def _positive_int(x: Any, name: str) -> int:
@@ -73,6 +68,20 @@ def _readonly(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x)
     x.setflags(write=False)
     return x
+
+
+def unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct rows in byte order, index of each row's distinct row) of a 2-D array, as
+    ``np.unique(rows, axis=0, return_inverse=True)`` gives for uint8 rows, but sorting the rows
+    as opaque byte strings (np.unique's axis=0 compares them one column at a time: 100x slower
+    for element masks of 4096 bytes)."""
+    rows = np.ascontiguousarray(rows)
+    width = rows.shape[1] * rows.dtype.itemsize
+    if rows.shape[0] == 0 or width == 0:
+        return rows[:min(1, rows.shape[0])], np.zeros(rows.shape[0], np.int64)
+    as_bytes = rows.view(np.dtype((np.void, width))).reshape(-1)
+    unique, inverse = np.unique(as_bytes, return_inverse=True)
+    return unique.view(rows.dtype).reshape(-1, rows.shape[1]), inverse.reshape(-1)
 
 
 class BlockSparseMask:
@@ -317,29 +326,11 @@ class BlockSparseMask:
 
     def kernel_tables(self, positions: int, keys: int, group: int, groups: int,
                       rows_padded: int | None = None) -> tuple[np.ndarray, ...]:
-        """The tables for kernel tiles of ``positions`` queries x ``group`` heads by ``keys``.
+        """The tables for kernel tiles of ``positions`` queries x ``group`` heads by ``keys``;
+        see ``jaxattn._mask_tables.kernel_tables`` (compiled once, cached on the mask)."""
+        from jaxattn import _mask_tables  # the tables depend on the mask, not the reverse
 
-        ``groups`` is 1 for a mask shared by all heads, or K for a per-head mask (table g
-        serves query heads ``g*group .. g*group + group - 1``; needs ``num_heads == K*group``).
-        Returns ``(q_indptr, q_entries, k_indptr, k_entries, masks, masks_t)``: int32 CSR
-        over (group, query tile) of entries (key tile, mask id or -1 for full), the same over
-        (group, key tile) of (query tile, mask id), the deduplicated element masks, bool
-        ``[P, positions * group, keys]`` (row ``(t - t0) * group + g``), and the same
-        transposed, ``[P, keys, rows_padded]`` (rows zero-padded to ``rows_padded``, default
-        no padding) for the backward's key-major pass. Cached per arguments.
-        """
-        rows = positions * group
-        rows_padded = rows if rows_padded is None else rows_padded
-        if rows_padded < rows:
-            raise ValueError(f"rows_padded={rows_padded} < rows per tile {rows}")
-        cache_key = (positions, keys, group, groups, rows_padded)
-        if cache_key not in self._tables:
-            tables = _compile_tables(self, positions, keys, group, groups)
-            pool = tables[-1]
-            pool_t = np.zeros((pool.shape[0], keys, rows_padded), bool)
-            pool_t[:, :, :rows] = pool.transpose(0, 2, 1)
-            self._tables[cache_key] = tuple(_readonly(x) for x in tables + (pool_t,))
-        return self._tables[cache_key]
+        return _mask_tables.kernel_tables(self, positions, keys, group, groups, rows_padded)
 
 
 def _rebuild(shape, keys, ids, pool) -> BlockSparseMask:
@@ -392,9 +383,9 @@ def _canonical(shape: tuple[int, ...], keys: np.ndarray, full: np.ndarray,
         mixed = pk[(counts > 0) & ~all_true]
         if mixed.size:
             rows = elems[(counts > 0) & ~all_true].reshape(mixed.size, r * c)
-            pool_flat, inverse = np.unique(rows.view(np.uint8), axis=0, return_inverse=True)
+            pool_flat, inverse = unique_rows(rows.view(np.uint8))
             pool = pool_flat.reshape(-1, r, c).astype(bool)
-            ids[mixed] = inverse.reshape(-1).astype(np.int32)
+            ids[mixed] = inverse.astype(np.int32)
     return BlockSparseMask(_shape=shape, _keys=keys[keep], _ids=ids[keep], _pool=pool)
 
 
@@ -525,7 +516,7 @@ def _structured(shape: tuple[int, ...], predicate: Callable[[np.ndarray, np.ndar
         mixed = np.nonzero(rep_class == 2)[0]
         if mixed.size:
             rows = np.concatenate(patterns).reshape(mixed.size, r * c)
-            pool_flat, pool_index = np.unique(rows.view(np.uint8), axis=0, return_inverse=True)
+            pool_flat, pool_index = unique_rows(rows.view(np.uint8))
             pool = pool_flat.reshape(-1, r, c).astype(bool)
             rep_id[mixed] = pool_index.reshape(-1)
         ids[open_at] = rep_id[inverse.reshape(-1)]
@@ -649,7 +640,7 @@ def _combine(a: BlockSparseMask, b: BlockSparseMask, union: bool) -> BlockSparse
     pool = np.zeros((0, a.block_q, a.block_kv), bool)
     if mixed.size:
         rows = elems[mixed].reshape(mixed.size, -1)
-        pool_flat, pool_index = np.unique(rows.view(np.uint8), axis=0, return_inverse=True)
+        pool_flat, pool_index = unique_rows(rows.view(np.uint8))
         pool = pool_flat.reshape(-1, a.block_q, a.block_kv).astype(bool)
         combo_id[mixed] = pool_index.reshape(-1)
     ids = np.full(keys.shape, _FULL, np.int64)
@@ -657,232 +648,6 @@ def _combine(a: BlockSparseMask, b: BlockSparseMask, union: bool) -> BlockSparse
     keep = ids != -3
     return BlockSparseMask(_shape=shape, _keys=keys[keep], _ids=ids[keep].astype(np.int32),
                            _pool=pool)
-
-
-# ---------------------------------------------------------------------------- kernel tables
-
-
-def _compile_tables(mask: BlockSparseMask, positions: int, keys_per_tile: int, group: int,
-                    groups: int) -> tuple[np.ndarray, ...]:
-    """See BlockSparseMask.kernel_tables."""
-    per_head = mask.num_heads > 1
-    if (groups != 1 and not per_head) or (per_head and mask.num_heads != groups * group):
-        raise ValueError(f"a mask of {mask.num_heads} heads cannot have {groups} table groups "
-                         f"of {group} heads")
-    q_len, kv_len = mask.q_len, mask.kv_len
-    r = mask.block_q
-    tq, tk = positions, keys_per_tile
-    nqt, nkt = -(-q_len // tq), -(-kv_len // tk)
-    rows_per_tile = tq * group
-    if mask.num_heads * q_len * kv_len <= _DENSE_TABLES_RATIO * max(1, mask._keys.size):
-        # Blocks so small that the dense mask is smaller than the per-block bookkeeping
-        # (e.g. 1x1 blocks): cut the dense mask into kernel tiles instead.
-        return _compile_tables_from_dense(mask, positions, keys_per_tile, group, groups)
-
-    # Steps 1-3 a band of query tile rows at a time, so that the per-block bookkeeping (a few
-    # dozen int64 per block) stays bounded; element masks are deduplicated over all bands.
-    nbq, nbk = mask.grid
-    per_tile_row = max(1, mask._keys.size // max(1, nqt))
-    band = max(1, _TABLE_BLOCKS_PER_BAND // per_tile_row)
-    parts, patterns = [], [np.zeros((0, rows_per_tile * tk), np.uint8)]
-    for a_start in range(0, nqt, band):
-        tile_rows = (a_start, min(nqt, a_start + band))
-        i_lo = tile_rows[0] * tq // r
-        i_hi = min(nbq, (tile_rows[1] * tq - 1) // r + 1)
-        head_base = np.arange(mask.num_heads, dtype=np.int64) * nbq * nbk
-        lo = np.searchsorted(mask._keys, head_base + i_lo * nbk)
-        hi = np.searchsorted(mask._keys, head_base + i_hi * nbk)
-        sel = np.concatenate([np.arange(x, y) for x, y in zip(lo, hi)])
-        if not sel.size:
-            continue
-        g_of, a_of, b_of, ids, found = _tables_of_tile_rows(
-            mask, mask._keys[sel], mask._ids[sel], tile_rows, positions, keys_per_tile, group,
-            per_head)
-        ids = np.where(ids >= 0, ids + sum(x.shape[0] for x in patterns), ids)
-        parts.append((g_of, a_of, b_of, ids))
-        patterns.append(found)
-    if not parts:
-        return _csr_tables(*(np.zeros(0, np.int64),) * 4, np.zeros((0, rows_per_tile, tk), bool),
-                           groups, nqt, nkt)
-    g_of, a_of, b_of, ids = (np.concatenate(x) for x in zip(*parts))
-    order = np.lexsort((b_of, a_of, g_of))
-    g_of, a_of, b_of, ids = g_of[order], a_of[order], b_of[order], ids[order]
-    masks = np.zeros((0, rows_per_tile, tk), bool)
-    patterns = np.concatenate(patterns)
-    if patterns.shape[0]:
-        unique, inverse = np.unique(patterns, axis=0, return_inverse=True)
-        masks = unique.reshape(-1, rows_per_tile, tk).astype(bool)
-        partial = ids >= 0
-        ids[partial] = inverse.reshape(-1)[ids[partial]]
-    return _csr_tables(g_of, a_of, b_of, ids, masks, groups, nqt, nkt)
-
-
-def _tables_of_tile_rows(mask: BlockSparseMask, block_keys: np.ndarray, block_ids: np.ndarray,
-                         tile_rows: tuple[int, int], positions: int, keys_per_tile: int,
-                         group: int, per_head: bool) -> tuple[np.ndarray, ...]:
-    """The non-empty tiles of query tile rows [tile_rows[0], tile_rows[1]) from the blocks
-    that overlap them: (group, query tile, key tile, id) sorted by (group, query tile, key
-    tile), id _FULL or an index into the returned element masks (uint8 rows, deduplicated)."""
-    q_len, kv_len = mask.q_len, mask.kv_len
-    r, c = mask.block_q, mask.block_kv
-    tq, tk = positions, keys_per_tile
-    nqt, nkt = -(-q_len // tq), -(-kv_len // tk)
-    rows_per_tile = tq * group
-
-    # 1. Every (head, kernel tile) a non-empty block overlaps, and the area full blocks cover.
-    h, i, j = mask._unravel(block_keys)
-    t_lo, t_hi = i * r, np.minimum(q_len, (i + 1) * r)
-    s_lo, s_hi = j * c, np.minimum(kv_len, (j + 1) * c)
-    a0, a1 = t_lo // tq, (t_hi - 1) // tq
-    b0, b1 = s_lo // tk, (s_hi - 1) // tk
-    na, nb = a1 - a0 + 1, b1 - b0 + 1
-    pairs = na * nb
-    owner = np.repeat(np.arange(h.size), pairs)
-    offset = np.arange(int(pairs.sum())) - np.repeat(np.cumsum(pairs) - pairs, pairs)
-    a = a0[owner] + offset // nb[owner]
-    b = b0[owner] + offset % nb[owner]
-    inside_rows = (a >= tile_rows[0]) & (a < tile_rows[1])  # this chunk's query tiles
-    owner, a, b = owner[inside_rows], a[inside_rows], b[inside_rows]
-    rows_in = np.minimum(t_hi[owner], np.minimum(q_len, (a + 1) * tq)) - np.maximum(
-        t_lo[owner], a * tq)
-    cols_in = np.minimum(s_hi[owner], np.minimum(kv_len, (b + 1) * tk)) - np.maximum(
-        s_lo[owner], b * tk)
-    full_area = np.where(block_ids[owner] == _FULL, rows_in * cols_in, 0)
-    head_tile = (h[owner] * nqt + a) * nkt + b
-    head_tiles, inverse = np.unique(head_tile, return_inverse=True)
-    covered = np.bincount(inverse.reshape(-1), weights=full_area, minlength=head_tiles.size)
-    th = head_tiles // (nqt * nkt)
-    ta = (head_tiles // nkt) % nqt
-    tb = head_tiles % nkt
-    tile_area = ((np.minimum(q_len, (ta + 1) * tq) - ta * tq) *
-                 (np.minimum(kv_len, (tb + 1) * tk) - tb * tk))
-    head_full = covered == tile_area  # full blocks cover the (head, tile) entirely
-
-    # 2. Per (table group, tile): non-empty if any of its heads is, full if all of them are.
-    tg = th // group if per_head else np.zeros_like(th)
-    group_tile = (tg * nqt + ta) * nkt + tb
-    tiles, inverse = np.unique(group_tile, return_inverse=True)
-    heads_needed = group if per_head else 1
-    full_heads = np.bincount(inverse.reshape(-1), weights=head_full, minlength=tiles.size)
-    tile_full = full_heads == heads_needed
-    g_of = tiles // (nqt * nkt)
-    a_of = (tiles // nkt) % nqt
-    b_of = tiles % nkt
-
-    # 3. Element masks of the other tiles. A tile's elements follow from its clipping at the
-    # sequence ends and from the blocks overlapping it (head within the group, offset from the
-    # tile's origin, pattern id): tiles with the same such signature share their elements,
-    # which are looked up once, on one tile per signature.
-    mask_id = np.full(tiles.size, _FULL, np.int64)
-    keep = np.ones(tiles.size, bool)
-    masks = np.zeros((0, rows_per_tile, tk), bool)
-    todo = np.nonzero(~tile_full)[0]
-    if todo.size:
-        pair_group = h[owner] // group if per_head else np.zeros_like(owner)
-        pos = np.searchsorted(tiles, (pair_group * nqt + a) * nkt + b)
-        need = ~tile_full[pos]
-        pos, by = pos[need], owner[need]
-        columns = (h[by] % group if per_head else np.zeros_like(by),
-                   t_lo[by] - a[need] * tq, s_lo[by] - b[need] * tk,
-                   block_ids[by].astype(np.int64))
-        order = np.lexsort(columns[::-1] + (pos,))
-        slot = np.full(tiles.size, -1, np.int64)
-        slot[todo] = np.arange(todo.size)
-        row = slot[pos[order]]  # non-decreasing
-        per_tile = np.bincount(row, minlength=todo.size)
-        rank = np.arange(row.size) - np.repeat(np.cumsum(per_tile) - per_tile, per_tile)
-        signature = np.full((todo.size, 2 + 4 * int(per_tile.max())), -(2**62), np.int64)
-        signature[:, 0] = np.minimum(q_len, (a_of[todo] + 1) * tq) - a_of[todo] * tq
-        signature[:, 1] = np.minimum(kv_len, (b_of[todo] + 1) * tk) - b_of[todo] * tk
-        for k, column in enumerate(columns):
-            signature[row, 2 + 4 * rank + k] = column[order]
-        _, first, same = np.unique(signature, axis=0, return_index=True, return_inverse=True)
-        del signature
-        reps = todo[first]
-        rep_id = np.full(reps.size, _FULL, np.int64)  # -3: empty
-        row = np.arange(rows_per_tile)
-        row_pos, row_head = row // group, row % group
-        col = np.arange(tk)
-        mixed_reps, patterns = [], []
-        chunk = max(1, _LOOKUP_ELEMENTS // (rows_per_tile * tk))
-        for start in range(0, reps.size, chunk):
-            sel = reps[start:start + chunk]
-            t = a_of[sel, None, None] * tq + row_pos[None, :, None]
-            s = b_of[sel, None, None] * tk + col[None, None, :]
-            if per_head:
-                head = g_of[sel, None, None] * group + row_head[None, :, None]
-            else:
-                head = np.zeros((1, 1, 1), np.int64)
-            elems = mask._lookup(head, t, s)  # [m, rows, keys], False past the sequence ends
-            inside = (t < q_len) & (s < kv_len)
-            count = elems.reshape(sel.size, -1).sum(axis=1)
-            area = np.broadcast_to(inside, elems.shape).reshape(sel.size, -1).sum(axis=1)
-            rep_id[start + np.nonzero(count == 0)[0]] = -3
-            mixed = (count > 0) & (count < area)
-            mixed_reps.append(start + np.nonzero(mixed)[0])
-            patterns.append(elems[mixed])
-        mixed_reps = np.concatenate(mixed_reps)
-        if mixed_reps.size:
-            elems = np.concatenate(patterns).reshape(mixed_reps.size, -1)
-            unique, inverse = np.unique(elems.view(np.uint8), axis=0, return_inverse=True)
-            masks = unique.reshape(-1, rows_per_tile, tk).astype(bool)
-            rep_id[mixed_reps] = inverse.reshape(-1)
-        ids = rep_id[same.reshape(-1)]
-        keep[todo[ids == -3]] = False
-        mask_id[todo] = ids
-
-    found = masks.reshape(masks.shape[0], rows_per_tile * tk).view(np.uint8)
-    return g_of[keep], a_of[keep], b_of[keep], mask_id[keep], found
-
-
-
-def _compile_tables_from_dense(mask: BlockSparseMask, positions: int, keys_per_tile: int,
-                               group: int, groups: int) -> tuple[np.ndarray, ...]:
-    """_compile_tables through the dense mask, in memory a small multiple of it (the same
-    tables as the block path: tiles classified by their elements, masks deduplicated)."""
-    q_len, kv_len = mask.q_len, mask.kv_len
-    tq, tk = positions, keys_per_tile
-    nqt, nkt = -(-q_len // tq), -(-kv_len // tk)
-    per_head = mask.num_heads > 1
-    heads = group if per_head else 1  # heads of a table group held in the dense mask
-    padded = np.zeros((groups, heads, nqt * tq, nkt * tk), bool)
-    padded[:, :, :q_len, :kv_len] = mask.to_dense().reshape(groups, heads, q_len, kv_len)
-    # [group, query tile, key tile, position, head, key]: a tile's rows are (position, head).
-    tiles = padded.reshape(groups, heads, nqt, tq, nkt, tk).transpose(0, 2, 4, 3, 1, 5)
-    del padded
-    counts = np.count_nonzero(tiles.reshape(groups, nqt, nkt, -1), axis=3) * (group // heads)
-    rows_in = np.minimum(tq, q_len - np.arange(nqt) * tq)
-    cols_in = np.minimum(tk, kv_len - np.arange(nkt) * tk)
-    area = (rows_in[:, None] * cols_in[None, :] * group)[None]
-    g_of, a_of, b_of = (x.astype(np.int64) for x in np.nonzero(counts))  # sorted (g, a, b)
-    mixed = counts[g_of, a_of, b_of] < area[0, a_of, b_of]
-    mask_id = np.full(g_of.size, _FULL, np.int64)
-    masks = np.zeros((0, tq * group, tk), bool)
-    if mixed.any():
-        sel = tiles[g_of[mixed], a_of[mixed], b_of[mixed]]  # [m, tq, heads, tk]
-        sel = np.broadcast_to(sel, sel.shape[:2] + (group, tk)).reshape(sel.shape[0], -1)
-        unique, inverse = np.unique(sel.view(np.uint8), axis=0, return_inverse=True)
-        masks = unique.reshape(-1, tq * group, tk).astype(bool)
-        mask_id[mixed] = inverse.reshape(-1)
-    return _csr_tables(g_of, a_of, b_of, mask_id, masks, groups, nqt, nkt)
-
-
-def _csr_tables(g_of: np.ndarray, a_of: np.ndarray, b_of: np.ndarray, mask_id: np.ndarray,
-                masks: np.ndarray, groups: int, nqt: int, nkt: int) -> tuple[np.ndarray, ...]:
-    """The CSR tables in both orders of the non-empty tiles (sorted by (group, query tile,
-    key tile)) with their mask ids; see BlockSparseMask.kernel_tables."""
-    if g_of.size >= 2**31 or masks.shape[0] >= 2**31:
-        raise ValueError("block-sparse mask too large for int32 kernel tables")
-    q_indptr = np.zeros(groups * nqt + 1, np.int64)
-    q_indptr[1:] = np.cumsum(np.bincount(g_of * nqt + a_of, minlength=groups * nqt))
-    q_entries = np.stack([b_of, mask_id], axis=1)
-    order = np.lexsort((a_of, b_of, g_of))
-    k_indptr = np.zeros(groups * nkt + 1, np.int64)
-    k_indptr[1:] = np.cumsum(np.bincount(g_of * nkt + b_of, minlength=groups * nkt))
-    k_entries = np.stack([a_of[order], mask_id[order]], axis=1)
-    as32 = lambda x: x.astype(np.int32).reshape(x.shape)
-    return (as32(q_indptr), as32(q_entries).reshape(-1, 2), as32(k_indptr),
-            as32(k_entries).reshape(-1, 2), masks)
 
 
 # ---------------------------------------------------------------------------- builders

@@ -23,7 +23,7 @@ from jaxattn._validation import (
     check_lengths,
     check_scale,
 )
-from jaxattn.decode import merge_attention_states
+from jaxattn.merge import merge_attention_states
 from jaxattn.flash import flash_attention
 
 Array = jax.Array

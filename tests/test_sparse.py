@@ -18,7 +18,7 @@ import pytest
 import jaxattn
 from _subprocess import CWD, python_env
 from isa_support import skip_reason as isa_skip_reason
-from jaxattn import masks
+from jaxattn import _mask_tables, masks
 from jaxattn.masks import BlockSparseMask
 from oracle import (
     assert_close_to_oracle,
@@ -625,26 +625,39 @@ def test_structured_builders_match_their_definitions_on_random_shapes(rng):
         assert m == BlockSparseMask.from_dense(want, block_q=m.block_q, block_kv=m.block_kv)
 
 
-def test_kernel_tables_from_blocks_and_from_dense_agree(rng, monkeypatch):
+def test_kernel_tables_agree_on_every_path(rng, monkeypatch):
     """Tables compiled per block (in bands of query tile rows, pattern signatures looked up
-    once) and through the dense mask (tiny blocks) are identical."""
-    for it in range(60):
+    once), from blocks of whole tiles (split once per pattern and clipping, expanded in
+    order) and through the dense mask (tiny blocks) are identical."""
+    for it in range(80):
         n = int(rng.choice([1, 2, 4]))
         t, s = int(rng.integers(1, 80)), int(rng.integers(1, 80))
         dense = rng.random((n, t, s)) < rng.choice([0.05, 0.4, 1.0])
         dense |= np.tri(t, s, dtype=bool) & bool(rng.integers(0, 2))
-        m = BlockSparseMask.from_dense(dense, block_q=int(rng.integers(1, 9)),
-                                       block_kv=int(rng.integers(1, 9)))
-        group, groups = (int(rng.integers(1, 4)), 1) if n == 1 else (n // 2, 2)
         tq, tk = int(rng.integers(1, 20)), int(rng.integers(1, 20))
+        if it % 2:  # blocks of whole tiles (the aligned path)
+            tq, tk = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+            r, c = tq * int(rng.integers(1, 4)), tk * int(rng.integers(1, 4))
+        else:
+            r, c = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        m = BlockSparseMask.from_dense(dense, block_q=r, block_kv=c)
+        if n == 1:
+            group, groups = int(rng.integers(1, 4)), 1
+        else:
+            group = int(rng.choice([1, n // 2]))
+            groups = n // group
         # per block: a band of query tile rows at a time (tiny bands here, to cross them)
-        monkeypatch.setattr(masks, "_TABLE_BLOCKS_PER_BAND", int(rng.choice([3, 1 << 16])))
-        monkeypatch.setattr(masks, "_DENSE_TABLES_RATIO", 0)
-        by_blocks = masks._compile_tables(m, tq, tk, group, groups)
-        monkeypatch.setattr(masks, "_DENSE_TABLES_RATIO", 10**9)
-        by_dense = masks._compile_tables(m, tq, tk, group, groups)
-        for x, y in zip(by_blocks, by_dense):
-            np.testing.assert_array_equal(x, y, err_msg=f"case {it}")
+        monkeypatch.setattr(_mask_tables, "_TABLE_BLOCKS_PER_BAND", int(rng.choice([3, 1 << 16])))
+        monkeypatch.setattr(_mask_tables, "_BLOCKS_PER_CHUNK", int(rng.choice([1, 5, 1 << 20])))
+        by_tiles = _mask_tables._compile_by_tiles(m, tq, tk, group, groups)
+        paths = {"dense": _mask_tables._compile_from_dense(m, tq, tk, group, groups),
+                 "public": _mask_tables.compile_tables(m, tq, tk, group, groups)}
+        if r % tq == 0 and c % tk == 0 and (group == 1 or n == 1):
+            paths["aligned"] = _mask_tables._compile_aligned(m, tq, tk, group, groups)
+        for name, tables in paths.items():
+            for x, y in zip(tables, by_tiles):
+                assert x.dtype == y.dtype and x.shape == y.shape, f"case {it} {name}"
+                np.testing.assert_array_equal(x, y, err_msg=f"case {it} {name}")
 
 
 @pytest.mark.parametrize("builder", ["causal", "local", "global_local", "strided"])
