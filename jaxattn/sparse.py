@@ -71,6 +71,18 @@ for _primitive in (_ffi.sparse_fwd_p, _ffi.sparse_bwd_p, _ffi.sparse_fwd_per_hea
     forbid_forward_mode(_primitive, "jaxattn.block_sparse_attention")
 
 
+def prepare_tables(mask: BlockSparseMask, num_heads: int,
+                   num_kv_heads: int) -> tuple[np.ndarray, ...]:
+    """The kernel tables ``block_sparse_attention`` runs on for ``mask`` with N = ``num_heads``
+    query heads and K = ``num_kv_heads`` kv heads (host arrays, compiled once per mask and
+    GQA group size and cached on the mask; see ``jaxattn._mask_tables.kernel_tables``).
+    Calling it ahead of time moves the compilation out of the first attention call."""
+    group = num_heads // num_kv_heads
+    positions, _, keys_per_tile, rows_padded = _ffi.block_sparse_tiling(group)
+    groups = 1 if mask.num_heads == 1 else num_kv_heads
+    return mask.kernel_tables(positions, keys_per_tile, group, groups, rows_padded)
+
+
 def block_sparse_attention(
     query: Any,
     key: Any,
@@ -152,11 +164,8 @@ def block_sparse_attention(
         out = jnp.zeros((b, t, n, hv), query.dtype)
         lse = jnp.full((b, t, n), -jnp.inf, jnp.float32)
     else:
-        group = n // kv_heads
-        positions, _, keys_per_tile, rows_padded = _ffi.block_sparse_tiling(group)
         groups = 1 if mask.num_heads == 1 else kv_heads
-        tables = tuple(jnp.asarray(x) for x in mask.kernel_tables(
-            positions, keys_per_tile, group, groups, rows_padded))
+        tables = tuple(jnp.asarray(x) for x in prepare_tables(mask, n, kv_heads))
         # shard_map: a replicated operand is cast to varying outside the custom_vjp, so that
         # its gradient is summed over the devices.
         query, key, value, *tokens = match_varying((query, key, value, *tokens))
