@@ -153,74 +153,86 @@ def _compile_aligned(mask: masks.BlockSparseMask, positions: int, keys_per_tile:
         sub_id[partial] = inverse
     del elems, tiles
 
-    # 3. The query-major tables: per block row and tile row u, the blocks' tiles in order.
-    nonempty = sub_id != _EMPTY  # [combinations, U, V]
-    line_of = np.repeat(np.arange(lines, dtype=np.int64), np.diff(line_ptr))
-    per_row = np.stack([np.bincount(line_of, weights=nonempty[:, u].sum(axis=1)[combo],
-                                    minlength=lines) for u in range(sub_rows)], axis=1)
-    q_counts = per_row.reshape(groups, nbq * sub_rows)[:, :nqt].astype(np.int64)
-    q_entries = np.empty((int(q_counts.sum()), 2), np.int32)
-    _expand(q_entries, sub_id, combo, line_of, keys % nbk, line_ptr)
-    del line_of
-
+    # 3. The query-major tables: per block row, per tile row u, its blocks' tiles in order.
+    if pool.shape[0] >= 2**31:
+        raise ValueError("block-sparse mask too large for int32 kernel tables")
+    q_indptr, q_entries = _expand(sub_id, combo, keys, line_ptr, None,
+                                  lambda k: k % nbk, groups, nqt)
     # 4. The key-major tables: the blocks by (head, block column), stably (rows in order).
     column = (keys // (nbq * nbk)) * nbk + keys % nbk
     order = _stable_argsort(column, mask.num_heads * nbk)
-    column = column[order]
-    column_ptr = np.searchsorted(column, np.arange(mask.num_heads * nbk + 1, dtype=np.int64))
-    sub_id_t = np.ascontiguousarray(sub_id.transpose(0, 2, 1))
-    per_col = np.stack([np.bincount(column, weights=nonempty[:, :, v].sum(axis=1)[combo[order]],
-                                    minlength=mask.num_heads * nbk) for v in range(sub_cols)],
-                       axis=1)
-    k_counts = per_col.reshape(groups, nbk * sub_cols)[:, :nkt].astype(np.int64)
-    k_entries = np.empty((int(k_counts.sum()), 2), np.int32)
-    _expand(k_entries, sub_id_t, combo[order], column, (keys[order] // nbk) % nbq, column_ptr)
-    if k_entries.shape[0] >= 2**31 or pool.shape[0] >= 2**31:
-        raise ValueError("block-sparse mask too large for int32 kernel tables")
-    indptr = lambda counts: np.concatenate([[0], np.cumsum(counts.reshape(-1))]).astype(np.int32)
-    return indptr(q_counts), q_entries, indptr(k_counts), k_entries, pool
+    column_ptr = np.concatenate([[0], np.cumsum(np.bincount(column,
+                                                            minlength=mask.num_heads * nbk))])
+    del column
+    k_indptr, k_entries = _expand(np.ascontiguousarray(sub_id.transpose(0, 2, 1)), combo, keys,
+                                  column_ptr, order, lambda k: (k // nbk) % nbq, groups, nkt)
+    return q_indptr, q_entries, k_indptr, k_entries, pool
 
 
-def _expand(out: np.ndarray, sub_id: np.ndarray, combo: np.ndarray, line: np.ndarray,
-            minor: np.ndarray, line_ptr: np.ndarray) -> None:
-    """Writes into ``out`` [entries, 2] the (minor tile, id) of the non-empty tiles of blocks
-    sorted by ``line`` (block row or column, with ``line_ptr`` its CSR starts), in the order
-    (line, tile line u, block, tile v), where block k has tiles ``sub_id[combo[k], u, v]``
-    and its minor tiles are ``minor[k] * V + v``."""
+def _expand(sub_id: np.ndarray, combo: np.ndarray, keys: np.ndarray, line_ptr: np.ndarray,
+            order: np.ndarray | None, minor_of, groups: int,
+            tiles_per_line: int) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR (indptr, entries [E, 2] of (minor tile, id)) over (group, tile line) of the
+    non-empty tiles of blocks taken in ``order`` (None: as stored) and grouped into lines
+    (block rows or columns, ``line_ptr`` their starts in that order), in the order (line,
+    tile line u, block, tile v): block k has tiles ``sub_id[combo[k], u, v]`` with minor tiles
+    ``minor_of(keys[k]) * V + v``. Tile lines past ``tiles_per_line`` are empty (clipped)."""
     sub_lines, sub_minor = sub_id.shape[1:]
-    written, first = 0, 0
-    while first < line.size:
-        # whole lines, about _BLOCKS_PER_CHUNK tiles at a time
-        stop = int(line_ptr[np.searchsorted(
-            line_ptr, first + max(1, _BLOCKS_PER_CHUNK // (sub_lines * sub_minor)),
-            side="right") - 1])
-        stop = max(stop, int(line_ptr[np.searchsorted(line_ptr, first, side="right")]))
-        ids = sub_id[combo[first:stop]]  # [n, U, V]
-        n = stop - first
-        tile = minor[first:stop, None, None] * sub_minor + np.arange(sub_minor)
-        if sub_lines == 1:
-            ids, tile = ids.reshape(-1), tile.reshape(-1)
-        else:
-            # destination (line, u, k, v): line starts and lengths of each block
-            seg = line[first:stop]
-            starts = np.flatnonzero(np.concatenate([[True], seg[1:] != seg[:-1]]))
-            lengths = np.diff(np.append(starts, n))
-            start_of, length_of = np.repeat(starts, lengths), np.repeat(lengths, lengths)
-            dest = ((start_of * sub_lines * sub_minor + (np.arange(n) - start_of) * sub_minor)
-                    [:, None, None] + np.arange(sub_lines)[None, :, None] *
-                    (length_of * sub_minor)[:, None, None] + np.arange(sub_minor))
-            flat_ids = np.empty(ids.size, np.int32)
-            flat_tile = np.empty(ids.size, np.int64)
-            flat_ids[dest.reshape(-1)] = ids.reshape(-1)
-            flat_tile[dest.reshape(-1)] = np.broadcast_to(tile, ids.shape).reshape(-1)
-            ids, tile = flat_ids, flat_tile
-        keep = ids != _EMPTY
-        m = int(np.count_nonzero(keep))
-        out[written:written + m, 0] = tile[keep]
-        out[written:written + m, 1] = ids[keep]
-        written += m
-        first = stop
-    assert written == out.shape[0], (written, out.shape)
+    lines = line_ptr.size - 1
+    nonempty = np.count_nonzero(sub_id != _EMPTY, axis=2).astype(np.int64)  # [combos, U]
+    # Chunks of whole lines of about _BLOCKS_PER_CHUNK tiles (a line may exceed it).
+    budget = max(1, _BLOCKS_PER_CHUNK // (sub_lines * sub_minor))
+    chunks, l0 = [], 0
+    while l0 < lines:
+        l1 = int(np.searchsorted(line_ptr, line_ptr[l0] + budget, side="right")) - 1
+        l1 = min(lines, max(l1, l0 + 1))
+        chunks.append((l0, l1))
+        l0 = l1
+
+    def blocks(l0: int, l1: int) -> np.ndarray | slice:
+        k0, k1 = int(line_ptr[l0]), int(line_ptr[l1])
+        return slice(k0, k1) if order is None else order[k0:k1]
+
+    # Per combination and u: whether any of its tiles is empty (else nothing to drop).
+    has_empty = (sub_id == _EMPTY).any(axis=2)
+
+    # Pass 1: the entries of every (line, u).
+    counts = np.zeros((lines, sub_lines), np.int64)
+    for l0, l1 in chunks:
+        k0 = int(line_ptr[l0])
+        per_block = nonempty[combo[blocks(l0, l1)]]
+        total = np.concatenate([np.zeros((1, sub_lines), np.int64),
+                                np.cumsum(per_block, axis=0)])
+        counts[l0:l1] = total[line_ptr[l0 + 1:l1 + 1] - k0] - total[line_ptr[l0:l1] - k0]
+    out_start = (np.cumsum(counts.reshape(-1)) - counts.reshape(-1)).reshape(lines, sub_lines)
+    entries = np.empty((int(counts.sum()), 2), np.int32)
+    if entries.shape[0] >= 2**31:
+        raise ValueError("block-sparse mask too large for int32 kernel tables")
+
+    # Pass 2: each u's tiles of a chunk, written where their lines' entries start.
+    for l0, l1 in chunks:
+        sel = blocks(l0, l1)
+        block_combo = combo[sel]
+        minor = ((minor_of(keys[sel]) * sub_minor).astype(np.int32)[:, None] +
+                 np.arange(sub_minor, dtype=np.int32))
+        for u in range(sub_lines):
+            ids = sub_id[:, u, :][block_combo]  # [n, V]
+            if has_empty[block_combo, u].any():
+                keep = ids != _EMPTY
+                ids, tile = ids[keep], minor[keep]
+            else:
+                ids, tile = ids.reshape(-1), minor.reshape(-1)
+            cnt = counts[l0:l1, u]
+            if sub_lines == 1:  # the chunk's entries are contiguous
+                dest = slice(int(out_start[l0, 0]), int(out_start[l0, 0]) + ids.size)
+            else:
+                dest = (np.repeat(out_start[l0:l1, u] - (np.cumsum(cnt) - cnt), cnt) +
+                        np.arange(ids.size))
+            entries[dest, 0] = tile
+            entries[dest, 1] = ids
+    per_line = counts.reshape(groups, -1)[:, :tiles_per_line]
+    indptr = np.concatenate([[0], np.cumsum(per_line.reshape(-1))]).astype(np.int32)
+    return indptr, entries
 
 
 def _stable_argsort(key: np.ndarray, bound: int) -> np.ndarray:
