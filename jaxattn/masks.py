@@ -36,6 +36,9 @@ __all__ = [
     "strided",
     "random",
     "from_function",
+    "BLOCK_EMPTY",
+    "BLOCK_FULL",
+    "BLOCK_PARTIAL",
 ]
 
 DEFAULT_BLOCK = 64
@@ -682,23 +685,48 @@ def _call_predicate(f: Callable, *index: np.ndarray) -> np.ndarray:
     return out
 
 
+BLOCK_EMPTY, BLOCK_FULL, BLOCK_PARTIAL = 0, 1, 2  # what a block classifier returns
+
+
 def from_function(f: Callable[..., Any], q_len: int, kv_len: int | None = None, *,
                   num_heads: int | None = None, block_q: int = DEFAULT_BLOCK,
-                  block_kv: int = DEFAULT_BLOCK) -> BlockSparseMask:
+                  block_kv: int = DEFAULT_BLOCK,
+                  block_class: Callable[..., Any] | None = None) -> BlockSparseMask:
     """The mask ``f(q_idx, kv_idx) -> bool`` (True = attend), or per head
     ``f(head, q_idx, kv_idx)`` when ``num_heads`` is given.
 
     ``f`` should be vectorised over NumPy index arrays that broadcast (``lambda q, k: k <= q``);
-    a scalar-only ``f`` still works, one element at a time. An arbitrary ``f`` cannot tell which
-    blocks are full or empty without being evaluated, so it is evaluated for every pair (time
-    grows with T x S; memory stays bounded: a few block rows at a time). For long sequences
-    use the structured builders (``causal``, ``local``, ``global_local``, ``strided``,
-    ``random``), whose cost follows the number of blocks, or ``from_block_indices``, and
-    combine them with ``|`` and ``&``.
+    a scalar-only ``f`` still works, one element at a time.
+
+    An arbitrary ``f`` cannot tell which blocks are full or empty without being evaluated: by
+    itself it is evaluated on every pair (time grows with T x S; memory stays bounded: a few
+    block rows at a time). Give ``block_class`` to evaluate it only inside the blocks it may
+    cut: ``block_class(q_start, q_stop, kv_start, kv_stop)`` (per head: ``block_class(head,
+    q_start, q_stop, kv_start, kv_stop)``), vectorised over broadcasting int64 arrays of block
+    bounds (queries ``[q_start, q_stop)``, keys ``[kv_start, kv_stop)``, clipped to the
+    sequences), returns per block ``masks.BLOCK_EMPTY`` (0: ``f`` is False on every pair),
+    ``masks.BLOCK_FULL`` (1: True on every pair) or ``masks.BLOCK_PARTIAL`` (2: unknown,
+    evaluate ``f``). It is called once per block of the grid, ``f`` only on the partial
+    blocks' elements. The classification is trusted, not checked: a block called empty or
+    full is taken as such whatever ``f`` says there. For example, causal::
+
+        masks.from_function(lambda q, k: k <= q, T,
+                            block_class=lambda q0, q1, k0, k1: np.where(
+                                k1 - 1 <= q0, 1, np.where(k0 > q1 - 1, 0, 2)))
+
+    For long sequences prefer the structured builders (``causal``, ``local``,
+    ``global_local``, ``strided``, ``random``), whose cost follows the number of non-empty
+    blocks (the grid is never walked), or ``from_block_indices``, combined with ``|`` and
+    ``&``.
     """
     q_len, kv_len = _lengths(q_len, kv_len)
     heads = 1 if num_heads is None else _positive_int(num_heads, "num_heads")
     shape = _check_shape(q_len, kv_len, block_q, block_kv, heads)
+    if block_class is not None:
+        if not callable(block_class):
+            raise TypeError(f"block_class must be a function of the block bounds, got "
+                            f"{block_class!r}")
+        return _from_block_classes(shape, f, block_class, per_head=num_heads is not None)
     cols = np.arange(kv_len, dtype=np.int64)
 
     def stripe(t0: int, t1: int) -> np.ndarray:
@@ -709,6 +737,58 @@ def from_function(f: Callable[..., Any], q_len: int, kv_len: int | None = None, 
                                cols[None, None, :])
 
     return _from_stripes(shape, stripe)
+
+
+def _from_block_classes(shape: tuple[int, ...], f: Callable, block_class: Callable,
+                        per_head: bool) -> BlockSparseMask:
+    """from_function with a block classifier: ``f`` evaluated on the partial blocks only."""
+    q_len, kv_len, r, c, heads = shape
+    nbq, nbk = -(-q_len // r), -(-kv_len // c)
+    name = getattr(block_class, "__qualname__", None) or repr(block_class)
+    s0 = np.arange(nbk, dtype=np.int64) * c
+    s1 = np.minimum(kv_len, s0 + c)
+    head = np.arange(heads, dtype=np.int64)[:, None, None]
+    block_rows = max(1, _STRIPE_ELEMENTS // (heads * nbk))
+    all_keys, all_full, all_elems = [], [], []
+    for i0 in range(0, nbq, block_rows):
+        i = np.arange(i0, min(nbq, i0 + block_rows), dtype=np.int64)
+        t0, t1 = i * r, np.minimum(q_len, (i + 1) * r)
+        want = (heads, i.size, nbk)
+        bounds = (t0[:, None], t1[:, None], s0[None, :], s1[None, :])
+        got = np.asarray(block_class(head, *(x[None] for x in bounds)) if per_head
+                         else block_class(*bounds))
+        try:
+            cls = np.broadcast_to(got if per_head else got[None], want)
+        except (ValueError, IndexError):
+            raise ValueError(f"the block classifier {name} returned shape {got.shape} for "
+                             f"block bounds of broadcast shape {want if per_head else want[1:]}"
+                             f": it must return one class per block") from None
+        if not np.issubdtype(cls.dtype, np.integer) and cls.dtype != np.bool_:
+            raise TypeError(f"the block classifier {name} must return ints (0 empty, 1 full, 2 "
+                            f"partial), got dtype {cls.dtype}")
+        if cls.size and (cls.min() < 0 or cls.max() > 2):
+            raise ValueError(f"the block classifier {name} must return 0 (empty), 1 (full) or "
+                             f"2 (partial), got {int(cls.min())}..{int(cls.max())}")
+        h, il, j = (x.astype(np.int64) for x in np.nonzero(cls))
+        full = cls[h, il, j] == BLOCK_FULL
+        all_keys.append((h * nbq + i0 + il) * nbk + j)
+        all_full.append(full)
+        # f on the partial blocks' elements, a chunk of blocks at a time
+        ph, pi, pj = h[~full], i0 + il[~full], j[~full]
+        per_chunk = max(1, _REP_ELEMENTS // (r * c))
+        for k0 in range(0, ph.size, per_chunk):
+            bh, bi, bj = (x[k0:k0 + per_chunk] for x in (ph, pi, pj))
+            t = bi[:, None, None] * r + np.arange(r)[None, :, None]
+            s = bj[:, None, None] * c + np.arange(c)[None, None, :]
+            inside = (t < q_len) & (s < kv_len)
+            # (indices clipped to the sequences: f may index per-position tables)
+            t, s = np.minimum(t, q_len - 1), np.minimum(s, kv_len - 1)
+            elems = (_call_predicate(f, bh[:, None, None], t, s) if per_head
+                     else _call_predicate(f, t, s))
+            all_elems.append(elems & inside)
+    keys = np.concatenate(all_keys) if all_keys else np.zeros(0, np.int64)
+    elems = np.concatenate(all_elems) if all_elems else np.zeros((0, r, c), bool)
+    return _canonical(shape, keys, np.concatenate(all_full), elems)
 
 
 def causal(q_len: int, kv_len: int | None = None, *, block_q: int = DEFAULT_BLOCK,

@@ -303,6 +303,17 @@ def test_invalid_mask_metadata():
            num_heads=0)
     raises(ValueError, "num_heads must be >= 1", masks.from_function, lambda h, q, k: k <= q,
            10, num_heads=0)
+    causal_class = lambda q0, q1, k0, k1: np.where(k1 - 1 <= q0, 1, np.where(k0 >= q1, 0, 2))
+    raises(ValueError, r"block classifier .*lambda.* returned shape \(3,\) for block bounds "
+           r"of broadcast shape \(5, 5\)", masks.from_function, lambda q, k: k <= q, 10,
+           block_q=2, block_kv=2, block_class=lambda q0, q1, k0, k1: np.zeros(3, int))
+    raises(ValueError, r"must return 0 \(empty\), 1 \(full\) or 2", masks.from_function,
+           lambda q, k: k <= q, 10, block_q=2, block_kv=2,
+           block_class=lambda q0, q1, k0, k1: causal_class(q0, q1, k0, k1) + 1)
+    raises(TypeError, "must return ints", masks.from_function, lambda q, k: k <= q, 10,
+           block_class=lambda q0, q1, k0, k1: 0.5 + 0 * q0 * k0)
+    raises(TypeError, "block_class must be a function", masks.from_function,
+           lambda q, k: k <= q, 10, block_class=2)
     a, b = masks.causal(10, block_q=2, block_kv=2), masks.causal(10, block_q=2, block_kv=5)
     raises(ValueError, "different block_kv", lambda: a | b)
     raises(ValueError, "different q_len", lambda: a & masks.causal(12, 10, block_q=2,
@@ -753,3 +764,57 @@ def test_or_and_on_random_masks_equal_the_dense_combination(rng):
         for got, want in ((a | b, da | db), (a & b, da & db)):
             want = want if want.shape[0] > 1 else want[0]
             assert got == BlockSparseMask.from_dense(want, block_q=r, block_kv=c), it
+
+
+def _window_class(left: int, right: int):
+    """The block classifier of keys q - left <= k <= q + right (bounds are half-open)."""
+    def classify(q0, q1, k0, k1):
+        full = (k0 >= q1 - 1 - left) & (k1 - 1 <= q0 + right)
+        empty = (k1 - 1 < q0 - left) | (k0 > q1 - 1 + right)
+        return np.where(full, masks.BLOCK_FULL,
+                        np.where(empty, masks.BLOCK_EMPTY, masks.BLOCK_PARTIAL))
+    return classify
+
+
+def test_from_function_with_a_block_classifier_equals_the_full_evaluation(rng):
+    """Issue 13, item 8: with block_class, f runs on the partial blocks only, and the mask is
+    the one evaluating every pair gives (shared and per head, any block size)."""
+    for it in range(40):
+        t, s = int(rng.integers(1, 70)), int(rng.integers(1, 70))
+        r, c = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        left, right = (int(x) for x in rng.integers(0, 12, 2))
+        f = lambda q, k: (k >= q - left) & (k <= q + right) & ((q + k) % 3 != 0)
+        # f is not the window: the window's full blocks are only partial for it
+        not_full = lambda *b: np.where(_window_class(left, right)(*b) == masks.BLOCK_EMPTY,
+                                       masks.BLOCK_EMPTY, masks.BLOCK_PARTIAL)
+        fast = masks.from_function(f, t, s, block_q=r, block_kv=c, block_class=not_full)
+        assert fast == masks.from_function(f, t, s, block_q=r, block_kv=c), it
+        window = lambda q, k: (k >= q - left) & (k <= q + right)
+        assert masks.from_function(window, t, s, block_q=r, block_kv=c,
+                                   block_class=_window_class(left, right)) == masks.local(
+                                       t, s, window=(left, right), block_q=r, block_kv=c), it
+        per_head = lambda h, q, k: (k >= q - left - h) & (k <= q + right)
+        per_head_class = lambda h, q0, q1, k0, k1: _window_class(left + h, right)(q0, q1, k0, k1)
+        assert masks.from_function(per_head, t, s, num_heads=3, block_q=r, block_kv=c,
+                                   block_class=per_head_class) == masks.from_function(
+                                       per_head, t, s, num_heads=3, block_q=r, block_kv=c), it
+
+
+def test_from_function_with_a_block_classifier_evaluates_only_partial_blocks(monkeypatch):
+    """At T = S = 16384 in 64 x 64 blocks a causal window evaluates its diagonal blocks'
+    elements, not the 268M pairs."""
+    evaluated = []
+    real = masks._call_predicate
+
+    def counting(f, *index):
+        out = real(f, *index)
+        evaluated.append(out.size)
+        return out
+
+    monkeypatch.setattr(masks, "_call_predicate", counting)
+    t = 16384
+    m = masks.from_function(lambda q, k: (k <= q) & (k >= q - 300), t,
+                            block_class=_window_class(300, 0))
+    assert sum(evaluated) <= 3 * t * 64, f"{sum(evaluated)} pairs evaluated"
+    monkeypatch.setattr(masks, "_call_predicate", real)
+    assert m == masks.local(t, window=(300, 0))
