@@ -431,26 +431,32 @@ def _compile_from_dense(mask: masks.BlockSparseMask, positions: int, keys_per_ti
     nqt, nkt = -(-q_len // tq), -(-kv_len // tk)
     per_head = mask.num_heads > 1
     heads = group if per_head else 1  # heads of a table group held in the dense mask
-    padded = np.zeros((groups, heads, nqt * tq, nkt * tk), bool)
-    padded[:, :, :q_len, :kv_len] = mask.to_dense().reshape(groups, heads, q_len, kv_len)
-    # [group, query tile, key tile, position, head, key]: a tile's rows are (position, head).
-    tiles = padded.reshape(groups, heads, nqt, tq, nkt, tk).transpose(0, 2, 4, 3, 1, 5)
-    del padded
-    counts = np.count_nonzero(tiles.reshape(groups, nqt, nkt, -1), axis=3) * (group // heads)
+    dense = mask.to_dense().reshape(groups, heads, q_len, kv_len)
+    if q_len % tq or kv_len % tk:  # pad to whole tiles
+        padded = np.zeros((groups, heads, nqt * tq, nkt * tk), bool)
+        padded[:, :, :q_len, :kv_len] = dense
+        dense = padded
+        del padded
+    grid = dense.reshape(groups, heads, nqt, tq, nkt, tk)
+    counts = np.count_nonzero(grid, axis=(1, 3, 5)) * (group // heads)  # [groups, nqt, nkt]
     rows_in = np.minimum(tq, q_len - np.arange(nqt) * tq)
     cols_in = np.minimum(tk, kv_len - np.arange(nkt) * tk)
     area = (rows_in[:, None] * cols_in[None, :] * group)[None]
     g_of, a_of, b_of = (x.astype(np.int64) for x in np.nonzero(counts))  # sorted (g, a, b)
     mixed = counts[g_of, a_of, b_of] < area[0, a_of, b_of]
     mask_id = np.full(g_of.size, _FULL, np.int64)
-    masks = np.zeros((0, tq * group, tk), bool)
+    pool = np.zeros((0, tq * group, tk), bool)
     if mixed.any():
+        # [group, query tile, key tile, position, head, key]: a tile's rows are (position, head)
+        tiles = grid.transpose(0, 2, 4, 3, 1, 5)
         sel = tiles[g_of[mixed], a_of[mixed], b_of[mixed]]  # [m, tq, heads, tk]
+        del dense, grid, tiles
         sel = np.broadcast_to(sel, sel.shape[:2] + (group, tk)).reshape(sel.shape[0], -1)
         unique, inverse = unique_rows(sel.view(np.uint8))
-        masks = unique.reshape(-1, tq * group, tk).astype(bool)
-        mask_id[mixed] = inverse.reshape(-1)
-    return _csr_tables(g_of, a_of, b_of, mask_id, masks, groups, nqt, nkt)
+        del sel
+        pool = unique.view(bool).reshape(-1, tq * group, tk)
+        mask_id[mixed] = inverse
+    return _csr_tables(g_of, a_of, b_of, mask_id, pool, groups, nqt, nkt)
 
 
 def _csr_tables(g_of: np.ndarray, a_of: np.ndarray, b_of: np.ndarray, mask_id: np.ndarray,

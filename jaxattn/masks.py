@@ -105,7 +105,8 @@ class BlockSparseMask:
         for name, value in zip(("q_len", "kv_len", "block_q", "block_kv", "num_heads"), _shape):
             init(name, int(value))
         init("_keys", _readonly(_keys))  # int64 [nnz]: (h * nbq + i) * nbk + j, increasing
-        init("_ids", _readonly(_ids))  # int32 [nnz]: _FULL or a pool index
+        # int32 [nnz]: _FULL or a pool index (all _FULL may be a broadcast view: no memory)
+        init("_ids", _ids if _ids.ndim == 1 and _ids.strides == (0,) else _readonly(_ids))
         init("_pool", _readonly(_pool))  # bool [P, R, C], distinct, False past the ends
         init("_digest", None)  # lazily: content hash
         init("_tables", {})  # lazily: kernel tables per tiling
@@ -136,8 +137,7 @@ class BlockSparseMask:
         if block_q == block_kv == 1:
             # Every attending element is a full block, and its flat index is its block key.
             keys = np.flatnonzero(dense)
-            return BlockSparseMask(_shape=shape, _keys=keys,
-                                   _ids=np.full(keys.shape, _FULL, np.int32),
+            return BlockSparseMask(_shape=shape, _keys=keys, _ids=_all_full(keys.size),
                                    _pool=np.zeros((0, 1, 1), bool))
         return _from_stripes(shape, lambda t0, t1: dense[:, t0:t1])
 
@@ -200,8 +200,7 @@ class BlockSparseMask:
                              f"0..{nbk - 1} for kv_len={kv_len}, block_kv={block_kv}")
         keys = np.unique(owner * nbk + cols)
         shape = (q_len, kv_len, block_q, block_kv, num_heads)
-        return BlockSparseMask(_shape=shape, _keys=keys,
-                               _ids=np.full(keys.shape, _FULL, np.int32),
+        return BlockSparseMask(_shape=shape, _keys=keys, _ids=_all_full(keys.size),
                                _pool=np.zeros((0, block_q, block_kv), bool))
 
     # ------------------------------------------------------------------ views
@@ -334,6 +333,11 @@ class BlockSparseMask:
         from jaxattn import _mask_tables  # the tables depend on the mask, not the reverse
 
         return _mask_tables.kernel_tables(self, positions, keys, group, groups, rows_padded)
+
+
+def _all_full(count: int) -> np.ndarray:
+    """The block ids of ``count`` full blocks: a read-only broadcast of _FULL (no memory)."""
+    return np.broadcast_to(np.int32(_FULL), (count,))
 
 
 def _rebuild(shape, keys, ids, pool) -> BlockSparseMask:
