@@ -435,7 +435,8 @@ def _from_stripes(shape: tuple[int, ...],
 # sequence end), so time and memory follow the number of blocks, not T x S.
 
 _REP_ELEMENTS = 1 << 20  # elements of representative blocks evaluated at a time
-_BLOCK_ROWS_PER_CHUNK = 1024  # block rows whose candidate blocks are listed at a time
+_BLOCK_ROWS_PER_CHUNK = 1024  # block rows whose candidate blocks are listed at a time, at most
+_CANDIDATES_PER_CHUNK = 1 << 19  # candidate blocks listed and classified at a time, about
 
 
 def _ranges(starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -480,9 +481,9 @@ def _structured(shape: tuple[int, ...], predicate: Callable[[np.ndarray, np.ndar
     q_len, kv_len, r, c, _ = shape
     nbq, nbk = -(-q_len // r), -(-kv_len // c)
     blocks, ids, open_at, open_keys = [], [], [], []
-    count = 0
-    for i0 in range(0, nbq, _BLOCK_ROWS_PER_CHUNK):
-        i, j = candidates(np.arange(i0, min(nbq, i0 + _BLOCK_ROWS_PER_CHUNK), dtype=np.int64))
+    count, i0, rows = 0, 0, 16
+    while i0 < nbq:
+        i, j = candidates(np.arange(i0, min(nbq, i0 + rows), dtype=np.int64))
         full, key = classify(i, j)
         # Blocks at a sequence end are clipped: each is its own pattern (key < 0).
         edge = ((i + 1) * r > q_len) | ((j + 1) * c > kv_len)
@@ -492,6 +493,10 @@ def _structured(shape: tuple[int, ...], predicate: Callable[[np.ndarray, np.ndar
         open_at.append(np.nonzero(~full)[0] + count)
         open_keys.append(key[~full])
         count += i.size
+        # Next: about _CANDIDATES_PER_CHUNK blocks (rows grow or shrink with the pattern).
+        i0 += rows
+        rows = int(np.clip(_CANDIDATES_PER_CHUNK * rows // max(1, i.size), 1,
+                           _BLOCK_ROWS_PER_CHUNK))
     blocks = np.concatenate(blocks)
     ids = np.concatenate(ids)
     open_at = np.concatenate(open_at)
@@ -543,6 +548,41 @@ def _mixed_radix(columns: Sequence[np.ndarray], sizes: Sequence[int]) -> np.ndar
     for column, size in zip(columns, sizes):
         key = key * int(size) + column
     return key
+
+
+def _union_of_two_ranges(rows: np.ndarray, a_start: np.ndarray, a_stop: np.ndarray,
+                         b_start: np.ndarray, b_stop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(i, j) of the blocks ``j`` in [a_start, a_stop) or [b_start, b_stop) of block rows
+    ``rows`` (an empty range: stop <= start), sorted by (i, j), each once."""
+    a_empty, b_empty = a_stop <= a_start, b_stop <= b_start
+    a_start, a_stop = np.where(a_empty, b_start, a_start), np.where(a_empty, b_stop, a_stop)
+    b_start, b_stop = np.where(b_empty, a_start, b_start), np.where(b_empty, a_stop, b_stop)
+    lo_first = a_start <= b_start
+    first = (np.where(lo_first, a_start, b_start), np.where(lo_first, a_stop, b_stop))
+    second = (np.where(lo_first, b_start, a_start), np.where(lo_first, b_stop, a_stop))
+    joined = second[0] <= first[1]  # overlapping or touching: one range
+    starts = np.stack([first[0], np.where(joined, 0, second[0])], axis=1)
+    stops = np.stack([np.where(joined, np.maximum(first[1], second[1]), first[1]),
+                      np.where(joined, 0, second[1])], axis=1)
+    owner, j = _ranges(starts.reshape(-1), stops.reshape(-1))
+    return rows[owner // 2], j
+
+
+def _union_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The union of two sorted arrays of distinct values, sorted, without sorting them again
+    (b is expected to be the shorter)."""
+    if not a.size or not b.size:
+        return b if not a.size else a
+    pos = np.searchsorted(a, b)
+    new = a[np.minimum(pos, a.size - 1)] != b
+    b, pos = b[new], pos[new]
+    out = np.empty(a.size + b.size, a.dtype)
+    at = pos + np.arange(b.size)
+    from_a = np.ones(out.size, bool)
+    from_a[at] = False
+    out[at] = b
+    out[from_a] = a
+    return out
 
 
 def _unique_blocks(i: np.ndarray, j: np.ndarray, nbk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -937,18 +977,31 @@ def strided(q_len: int, kv_len: int | None = None, *, stride: int, is_causal: bo
         # The runs of the block's queries: keys [t0 // s * s, ((t1 - 1) // s + 1) * s).
         run_start = np.minimum(nbk, (t0 // s * s) // c)
         run_stop = np.minimum(reach, (((t1 - 1) // s + 1) * s - 1) // c + 1)
-        owner, j = _ranges(run_start, run_stop)
         # The diagonals q - k = m * s crossing the block row: keys [t0 - m s, t1 - 1 - m s].
         m_lo = -((kv_len - 1 - t0) // s)  # ceil((t0 - kv_len + 1) / s)
         if is_causal:
             m_lo = np.maximum(m_lo, 0)
-        m_owner, m = _ranges(m_lo, (t1 - 1) // s + 1)
-        d = m * s
+        m_hi = (t1 - 1) // s
+        if r + c > s:
+            # No whole key block fits between two diagonals: they reach one range of blocks,
+            # which joins the run's range into one or two ranges per row, in order.
+            k_lo = np.maximum(0, t0 - m_hi * s)
+            k_hi = np.minimum(kv_len - 1, t1 - 1 - m_lo * s)
+            has = (m_lo <= m_hi) & (k_lo <= k_hi)
+            d_start = np.where(has, k_lo // c, 0)
+            d_stop = np.where(has, k_hi // c + 1, 0)
+            return _union_of_two_ranges(rows, run_start, run_stop, d_start, d_stop)
+        # Diagonals at least a block apart: each reaches its own blocks, in increasing key
+        # order as m decreases; the run's blocks are merged in (both lists sorted, unique).
+        m_owner, step = _ranges(np.zeros_like(m_lo), np.maximum(m_hi - m_lo + 1, 0))
+        d = (m_hi[m_owner] - step) * s
         k_lo = np.maximum(0, t0[m_owner] - d)
         k_hi = np.minimum(kv_len - 1, t1[m_owner] - 1 - d)
         d_owner, dj = _ranges(k_lo // c, np.where(k_hi >= k_lo, k_hi // c + 1, 0))
-        return _unique_blocks(np.concatenate([rows[owner], rows[m_owner[d_owner]]]),
-                              np.concatenate([j, dj]), nbk)
+        diagonal = rows[m_owner[d_owner]] * nbk + dj
+        owner, j = _ranges(run_start, run_stop)
+        blocks = _union_sorted(diagonal, rows[owner] * nbk + j)
+        return blocks // nbk, blocks % nbk
 
     # The pattern of a block depends on its offsets within the runs (t0 % s, s0 % s), on the
     # difference of their run numbers (nothing shared beyond +-span) and, near the causal
