@@ -225,6 +225,13 @@ def _expand(sub_id: np.ndarray, combo: np.ndarray, keys: np.ndarray, line_ptr: n
             cnt = counts[l0:l1, u]
             if sub_lines == 1:  # the chunk's entries are contiguous
                 dest = slice(int(out_start[l0, 0]), int(out_start[l0, 0]) + ids.size)
+            elif ids.size >= 64 * (l1 - l0):  # long lines: one slice per line
+                ends = np.cumsum(cnt).tolist()
+                for line, (o, e) in enumerate(zip(out_start[l0:l1, u].tolist(), ends)):
+                    n = cnt[line]
+                    entries[o:o + n, 0] = tile[e - n:e]
+                    entries[o:o + n, 1] = ids[e - n:e]
+                continue
             else:
                 dest = (np.repeat(out_start[l0:l1, u] - (np.cumsum(cnt) - cnt), cnt) +
                         np.arange(ids.size))

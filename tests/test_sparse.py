@@ -669,6 +669,13 @@ def test_kernel_tables_agree_on_every_path(rng, monkeypatch):
             for x, y in zip(tables, by_tiles):
                 assert x.dtype == y.dtype and x.shape == y.shape, f"case {it} {name}"
                 np.testing.assert_array_equal(x, y, err_msg=f"case {it} {name}")
+    # long block rows (entries written one row slice at a time), GQA groups, clipped ends
+    for m, group in ((masks.causal(4100, block_q=128, block_kv=128), 1),
+                     (masks.strided(3000, 2900, stride=200, block_q=64, block_kv=128), 2),
+                     (masks.local(5000, window=(700, 30), block_q=128, block_kv=64), 4)):
+        want = _mask_tables._compile_by_tiles(m, 64 // group, 64, group, 1)
+        for x, y in zip(_mask_tables.compile_tables(m, 64 // group, 64, group, 1), want):
+            np.testing.assert_array_equal(x, y, err_msg=repr(m))
 
 
 @pytest.mark.parametrize("builder", ["causal", "local", "global_local", "strided"])
