@@ -103,7 +103,6 @@ def _compile_aligned(mask: masks.BlockSparseMask, positions: int, keys_per_tile:
     nqt, nkt = -(-q_len // tq), -(-kv_len // tk)
     lines = mask.num_heads * nbq  # block rows over all heads: line = h * nbq + i
     keys, ids = mask._keys, mask._ids
-    n = keys.size
     line_ptr = np.searchsorted(keys, np.arange(lines + 1, dtype=np.int64) * nbk)
 
     # 1. Each block's combination: 1 + its pattern id (0: full), or for a block clipped at a
