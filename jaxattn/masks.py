@@ -9,9 +9,10 @@ applied); the element masks of partial blocks are stored once per distinct patte
 Masks live on the host (NumPy) and are immutable and hashable, so they can be closed over or
 passed as a static argument of ``jax.jit``. ``block_sparse_attention`` compiles a mask, once
 per mask and GQA group size, into compact tables for the kernels' own tiling (as Pallas splash
-attention does): per kernel query tile the non-empty kernel key tiles, each full or partial with
-an index into a deduplicated pool of element masks, and the transposed tables for the backward
-pass.
+attention keeps its mask apart from its "mask info"): per kernel query tile the non-empty
+kernel key tiles, each full or partial with an index into a deduplicated pool of element masks,
+and the transposed tables for the backward pass. That compilation lives in
+``jaxattn._mask_tables``; ``jaxattn.sparse.prepare_tables`` runs it ahead of time.
 
 Builders: ``causal``, ``local`` (sliding window), ``global_local`` (Longformer), ``strided``
 (Sparse Transformer), ``random`` (BigBird's random blocks, seeded) and ``from_function``.
@@ -1006,16 +1007,25 @@ def strided(q_len: int, kv_len: int | None = None, *, stride: int, is_causal: bo
     # The pattern of a block depends on its offsets within the runs (t0 % s, s0 % s), on the
     # difference of their run numbers (nothing shared beyond +-span) and, near the causal
     # diagonal, on s0 - t0 (every key visible from s0 - t0 <= -(c - 1) on).
+    # A block whose queries and keys share no run sees only the diagonals: its pattern
+    # depends on (t0 - s0) mod s and s0 - t0 only (far fewer patterns to evaluate); one
+    # inside a single run is full (below the diagonal, when causal).
     span = (r + c) // s + 2
+    offsets = r + c + 1
+    diagonal_keys = s * offsets
 
     def classify(i: np.ndarray, j: np.ndarray):
-        t0, _, s0, _ = _block_bounds(shape, i, j)
+        t0, t1, s0, s1 = _block_bounds(shape, i, j)
         runs = np.clip(t0 // s - s0 // s, -span, span) + span
         causal_offset = (np.clip(s0 - t0, -(c - 1), r) + c - 1 if is_causal
                          else np.zeros(i.shape, np.int64))
-        key = _mixed_radix([t0 % s, s0 % s, runs, causal_offset],
-                           [s, s, 2 * span + 1, r + c + 1])
-        return np.zeros(i.shape, bool), key
+        apart = ((t1 - 1) // s < s0 // s) | ((s1 - 1) // s < t0 // s)
+        key = np.where(apart, _mixed_radix([(t0 - s0) % s, causal_offset], [s, offsets]),
+                       diagonal_keys + _mixed_radix([t0 % s, s0 % s, runs, causal_offset],
+                                                    [s, s, 2 * span + 1, offsets]))
+        # queries and keys all in one run (and, causal, every key before every query): full
+        full = (t0 // s == (t1 - 1) // s) & (s0 // s == (s1 - 1) // s) & (t0 // s == s0 // s)
+        return (full & (s1 - 1 <= t0)) if is_causal else full, key
 
     return _structured(shape, predicate, candidates, classify)
 
