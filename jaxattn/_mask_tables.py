@@ -194,6 +194,7 @@ def _expand(sub_id: np.ndarray, combo: np.ndarray, keys: np.ndarray, line_ptr: n
 
     # Per combination and u: whether any of its tiles is empty (else nothing to drop).
     has_empty = (sub_id == _EMPTY).any(axis=2)
+    sub_id_of_line = [np.ascontiguousarray(sub_id[:, u, :]) for u in range(sub_lines)]
 
     # Pass 1: the entries of every (line, u).
     counts = np.zeros((lines, sub_lines), np.int64)
@@ -215,7 +216,7 @@ def _expand(sub_id: np.ndarray, combo: np.ndarray, keys: np.ndarray, line_ptr: n
         minor = ((minor_of(keys[sel]) * sub_minor).astype(np.int32)[:, None] +
                  np.arange(sub_minor, dtype=np.int32))
         for u in range(sub_lines):
-            ids = sub_id[:, u, :][block_combo]  # [n, V]
+            ids = np.take(sub_id_of_line[u], block_combo, axis=0)  # [n, V]
             if has_empty[block_combo, u].any():
                 keep = ids != _EMPTY
                 ids, tile = ids[keep], minor[keep]
