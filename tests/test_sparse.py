@@ -7,6 +7,7 @@ forward and backward: both run the same tile routine over the same tile grid.
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 
@@ -739,8 +740,12 @@ def test_one_by_one_blocks_memory_follows_the_dense_mask(rng):
         return m
 
     m, peak = _peak_bytes(build)
-    assert peak <= 12 * dense.nbytes, f"{peak / dense.nbytes:.1f}x the dense mask"
+    # (8.6x before the all-full block ids became a broadcast view; 6.4x measured)
+    assert peak <= 8 * dense.nbytes, f"{peak / dense.nbytes:.1f}x the dense mask"
     np.testing.assert_array_equal(m.to_dense()[0], dense)
+    again = pickle.loads(pickle.dumps(m))  # the broadcast ids survive a round trip
+    assert again == m and hash(again) == hash(m)
+    np.testing.assert_array_equal(again.to_dense()[0], dense)
     small = BlockSparseMask.from_dense(dense[:100, :90], block_q=1, block_kv=1)
     assert small == BlockSparseMask.from_dense(dense[:100, :90], block_q=1, block_kv=1)
     np.testing.assert_array_equal(small.with_block_size(7, 5).to_dense()[0], dense[:100, :90])
