@@ -422,10 +422,12 @@ def partitionable_lowering(target: str, axes: Axes) -> Callable:
         avals_in = [ShapedArray(v.shape, a.dtype) for a, v in zip(ctx.avals_in, views_in)]
         avals_out = [ShapedArray(v.shape, a.dtype)
                      for a, v in zip(ctx.avals_out, views_out)]
+        # The Shardy rule is emitted whatever jax_use_shardy_partitioner says: jaxlib 0.12's
+        # XLA propagates shardings with Shardy even with the flag off (without the rule it
+        # replicates the results), and GSPMD (jax 0.10) ignores the attribute.
         extra = {"mhlo.frontend_attributes":
-                 mlir.ir_attribute({"num_batch_dims": str(len(planner.factors))})}
-        if jax.config.jax_use_shardy_partitioner:
-            extra["sdy.sharding_rule"] = _sdy_rule(views_in, views_out, planner.sdy_sizes)
+                 mlir.ir_attribute({"num_batch_dims": str(len(planner.factors))}),
+                 "sdy.sharding_rule": _sdy_rule(views_in, views_out, planner.sdy_sizes)}
         attrs[VIEWS_ATTR] = _encode(views_in, views_out, planner.factors)
         call = jax.ffi.ffi_lowering(
             target, operand_layouts=[v.layout for v in views_in],
