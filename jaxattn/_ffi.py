@@ -145,7 +145,7 @@ class _Primitive(Primitive):
 def _define(name: str, target: str, abstract_eval: Callable, batched: int | None = None,
             full_batch: Sequence[int] = (), batch_rule: Callable | None = None,
             axes: str | None = None, partition: str = "bh",
-            trailing_batched: int = 0) -> Primitive:
+            trailing_batched: int = 0, aliases: dict[int, int] | None = None) -> Primitive:
     """One primitive for one FFI target.
 
     ``batched``: how many leading operands have a batch axis (None: all of them), and
@@ -156,7 +156,11 @@ def _define(name: str, target: str, abstract_eval: Callable, batched: int | None
     batch, ``n`` query heads, ``k`` kv heads, other letters unpartitioned); with it, a sharded
     jit runs the call on each device's shard of batch and heads (``partition``: ``"bh"``,
     ``"b"`` or ``"h"``), see docs/sharding.md. Without it, XLA gathers the operands.
+    ``aliases`` {operand: result} (with ``axes``): buffers the kernel may update in place,
+    see ``_sharding.partitionable_lowering``.
     """
+    if aliases and axes is None:
+        raise ValueError(f"{name}: aliases need axes")
     prim = _Primitive(name)
     prim.multiple_results = True
     prim.def_impl(partial(xla.apply_primitive, prim))
@@ -166,7 +170,7 @@ def _define(name: str, target: str, abstract_eval: Callable, batched: int | None
     else:
         spec = _sharding.Axes.parse(axes, partition)
         prim.def_abstract_eval(_sharding.with_sharding(abstract_eval, spec))
-        mlir.register_lowering(prim, _sharding.partitionable_lowering(target, spec),
+        mlir.register_lowering(prim, _sharding.partitionable_lowering(target, spec, aliases),
                                platform="cpu")
     batching.primitive_batchers[prim] = (
         partial(batch_rule, prim) if batch_rule is not None else
@@ -454,10 +458,12 @@ def _gla_bwd_abstract(q, k, v, log_gate, initial_state, dout, dfinal_state, **_)
 
 # Gated linear attention. Operands: query [B,T,N,Hk], key [B,T,N,Hk], value [B,T,N,Hv],
 # log_gate [B,T,N,Hk], initial_state [B,N,Hk,Hv] float32 (empty: none); attribute: scale.
-# Results: out [B,T,N,Hv], final_state [B,N,Hk,Hv] float32.
+# Results: out [B,T,N,Hv], final_state [B,N,Hk,Hv] float32, aliased to initial_state where
+# the shapes agree: a decoding step updates a donated (or loop-carried) state in place, the
+# state read and written once (the kernels read every element before writing it).
 _GLA_OPERANDS = "btnh,btnh,btnd,btnh,bnhd"
 gla_fwd_p = _define("jaxattn_gla_fwd", "jaxattn_gla_fwd_v1", _gla_fwd_abstract,
-                    axes=f"{_GLA_OPERANDS}->btnd,bnhd")
+                    axes=f"{_GLA_OPERANDS}->btnd,bnhd", aliases={4: 1})
 # ... plus dout, dfinal_state (empty: none) -> dquery, dkey, dvalue, dlog_gate, dinitial_state
 gla_bwd_p = _define("jaxattn_gla_bwd", "jaxattn_gla_bwd_v1", _gla_bwd_abstract,
                     full_batch=(5, 6),

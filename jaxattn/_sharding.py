@@ -404,11 +404,21 @@ def _heads_known_unsharded(avals_in, axes: Axes) -> bool:
     return typed
 
 
-def partitionable_lowering(target: str, axes: Axes) -> Callable:
-    """The lowering of a primitive whose custom call XLA may split along batch and heads."""
-    plain = jax.ffi.ffi_lowering(target)
+def partitionable_lowering(target: str, axes: Axes,
+                           aliases: dict[int, int] | None = None) -> Callable:
+    """The lowering of a primitive whose custom call XLA may split along batch and heads.
+
+    ``aliases`` {operand: result}: pairs XLA may give one buffer (the kernel updates the
+    operand in place; XLA copies it first unless it is donated or dead), applied where the
+    two have one shape and dtype."""
+
+    def matching_aliases(ctx: mlir.LoweringRuleContext) -> dict[int, int]:
+        return {i: o for i, o in (aliases or {}).items()
+                if ctx.avals_in[i].shape == ctx.avals_out[o].shape
+                and ctx.avals_in[i].dtype == ctx.avals_out[o].dtype}
 
     def lowering(ctx: mlir.LoweringRuleContext, *args, **attrs):
+        plain = jax.ffi.ffi_lowering(target, operand_output_aliases=matching_aliases(ctx))
         if not _partitioned(ctx) or any(
                 not _static_shape(a.shape) for a in (*ctx.avals_in, *ctx.avals_out)):
             return plain(ctx, *args, **attrs)
@@ -429,10 +439,13 @@ def partitionable_lowering(target: str, axes: Axes) -> Callable:
                  mlir.ir_attribute({"num_batch_dims": str(len(planner.factors))}),
                  "sdy.sharding_rule": _sdy_rule(views_in, views_out, planner.sdy_sizes)}
         attrs[VIEWS_ATTR] = _encode(views_in, views_out, planner.factors)
+        view_ctx = ctx.replace(avals_in=avals_in, avals_out=avals_out)
         call = jax.ffi.ffi_lowering(
             target, operand_layouts=[v.layout for v in views_in],
-            result_layouts=[v.layout for v in views_out], extra_attributes=extra)
-        results = call(ctx.replace(avals_in=avals_in, avals_out=avals_out), *operands, **attrs)
+            result_layouts=[v.layout for v in views_out], extra_attributes=extra,
+            operand_output_aliases={i: o for i, o in matching_aliases(view_ctx).items()
+                                    if views_in[i].layout == views_out[o].layout})
+        results = call(view_ctx, *operands, **attrs)
         return [_from_view(ctx, x, a, v)
                 for x, a, v in zip(results, ctx.avals_out, views_out)]
 
