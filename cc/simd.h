@@ -91,8 +91,10 @@ static inline VF Exp(VF x) {
 // polynomial x + x^3 Q(x^2) (Q a near-minimax fit), above it 1 - 2 / (exp(2|x|) + 1).
 // +-inf give +-1, NaN stays NaN.
 static inline VF Tanh(VF x) {
-  const VI negative = x < 0.0f;
-  const VF ax = negative ? -x : x;
+  // |x| and the sign put back by bit operations (one instruction each, not compare and
+  // blend); -0 and NaN keep their sign bit either way.
+  const VI sign = (VI)x & (VI{} + INT32_MIN);
+  const VF ax = (VF)((VI)x ^ sign);
   const VF z = ax * ax;
   VF q = Splat(1.622019036e-03f);
   q = q * z + -7.517373409e-03f;
@@ -108,7 +110,7 @@ static inline VF Tanh(VF x) {
     const VF large = 1.0f - 2.0f / (Exp(ax + ax) + 1.0f);
     y = small != 0 ? y : large;
   }
-  return negative ? -y : y;
+  return (VF)((VI)y ^ sign);
 }
 
 // Transposes a kVL x kVL block of 32-bit elements held as floats (rows r[0..kVL)) in
