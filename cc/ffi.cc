@@ -25,6 +25,7 @@ namespace {
 using S32Buffer = ffi::Buffer<ffi::S32>;
 using F32Buffer = ffi::Buffer<ffi::F32>;
 using F32Result = ffi::Result<ffi::Buffer<ffi::F32>>;
+using U32Buffer = ffi::Buffer<ffi::U32>;
 
 // Parallel loops on XLA's intra-op pool (see RunOnPool for why this cannot deadlock).
 class XlaParallel final : public Parallel {
@@ -86,6 +87,10 @@ struct TokenOperands {
   const S32Buffer& q_segments;    // [Bs, T]
   const S32Buffer& kv_segments;   // [Bs, S]
   const F32Buffer& alibi_slopes;  // [Ba, N]
+  // _v3 targets: dropout seeds [Bd, N, 2] (0 elements, or threshold 0: no dropout) and the
+  // keep threshold (cc/dropout.h).
+  const U32Buffer* dropout_seeds = nullptr;
+  int64_t dropout_threshold = 0;
 };
 
 struct ProblemOperands {
@@ -141,6 +146,22 @@ ffi::Error DecodeTokens(const TokenOperands& in, AttentionProblem* p) {
     }
     p->alibi_slopes = in.alibi_slopes.typed_data();
     p->alibi_batch = d[0];
+  }
+  if (in.dropout_threshold != 0) {
+    if (in.dropout_threshold < 0 || in.dropout_threshold > 0xFFFFFFFFll) {
+      return InvalidArgument("dropout_threshold must be in [0, 2^32), got " +
+                             std::to_string(in.dropout_threshold));
+    }
+    const auto d = in.dropout_seeds != nullptr ? in.dropout_seeds->dimensions()
+                                               : ffi::AnyBuffer::Dimensions();
+    if (in.dropout_seeds == nullptr || d.size() != 3 || d[0] < 1 || d[1] != p->num_heads ||
+        d[2] != 2) {
+      return InvalidArgument("dropout seeds must have shape [B, " +
+                             std::to_string(p->num_heads) + ", 2], got " + ShapeString(d));
+    }
+    p->dropout_seeds = in.dropout_seeds->typed_data();
+    p->dropout_batch = d[0];
+    p->dropout_threshold = static_cast<uint32_t>(in.dropout_threshold);
   }
   return ffi::Error::Success();
 }
@@ -243,14 +264,16 @@ ffi::Error FlashForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::Any
                             S32Buffer q_lengths, S32Buffer kv_lengths, S32Buffer q_positions,
                             S32Buffer kv_positions, S32Buffer q_segments,
                             S32Buffer kv_segments, F32Buffer alibi_slopes,
-                            ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
-                            float soft_cap, bool is_causal, int64_t window_left,
-                            int64_t window_right) {
+                            U32Buffer dropout_seeds, ffi::Result<ffi::AnyBuffer> out,
+                            F32Result lse, float scale, float soft_cap, bool is_causal,
+                            int64_t window_left, int64_t window_right,
+                            int64_t dropout_threshold) {
   const auto od = out->dimensions();
   if (od.size() != 4) return InvalidArgument("output must have rank 4");
   AttentionProblem p;
   const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const TokenOperands tokens{q_positions,   kv_positions,   q_segments,       kv_segments,
+                             alibi_slopes, &dropout_seeds, dropout_threshold};
   const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
   if (auto e = DecodeProblem(in, attrs, od[0], &p); e.failure()) return e;
   if (out->element_type() != query.element_type() ||
@@ -301,13 +324,15 @@ ffi::Error FlashBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
                              F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
                              S32Buffer q_positions, S32Buffer kv_positions,
                              S32Buffer q_segments, S32Buffer kv_segments,
-                             F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> dq,
-                             ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                             float scale, float soft_cap, bool is_causal, int64_t window_left,
-                             int64_t window_right) {
+                             F32Buffer alibi_slopes, U32Buffer dropout_seeds,
+                             ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                             ffi::Result<ffi::AnyBuffer> dv, float scale, float soft_cap,
+                             bool is_causal, int64_t window_left, int64_t window_right,
+                             int64_t dropout_threshold) {
   AttentionProblem p;
   const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const TokenOperands tokens{q_positions,   kv_positions,   q_segments,       kv_segments,
+                             alibi_slopes, &dropout_seeds, dropout_threshold};
   const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
   const auto dqd = dq->dimensions();
   if (dqd.size() != 4) return InvalidArgument("dq must have rank 4");
@@ -329,12 +354,14 @@ ffi::Error FlashLogitsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
                                F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
                                S32Buffer q_positions, S32Buffer kv_positions,
                                S32Buffer q_segments, S32Buffer kv_segments,
-                               F32Buffer alibi_slopes, F32Result dlogits, float scale,
-                               float soft_cap, bool is_causal, int64_t window_left,
-                               int64_t window_right) {
+                               F32Buffer alibi_slopes, U32Buffer dropout_seeds,
+                               F32Result dlogits, float scale, float soft_cap, bool is_causal,
+                               int64_t window_left, int64_t window_right,
+                               int64_t dropout_threshold) {
   AttentionProblem p;
   const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const TokenOperands tokens{q_positions,   kv_positions,   q_segments,       kv_segments,
+                             alibi_slopes, &dropout_seeds, dropout_threshold};
   const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
   const auto gd = dlogits->dimensions();
   if (gd.size() != 4) return InvalidArgument("dlogits must have rank 4");
@@ -478,12 +505,14 @@ ffi::Error SparseForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
                              ffi::AnyBuffer masks, S32Buffer q_positions,
                              S32Buffer kv_positions, S32Buffer q_segments,
                              S32Buffer kv_segments, F32Buffer alibi_slopes,
-                             ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
-                             float soft_cap) {
+                             U32Buffer dropout_seeds, ffi::Result<ffi::AnyBuffer> out,
+                             F32Result lse, float scale, float soft_cap,
+                             int64_t dropout_threshold) {
   const auto od = out->dimensions();
   if (od.size() != 4) return InvalidArgument("output must have rank 4");
   AttentionProblem p;
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const TokenOperands tokens{q_positions,   kv_positions,   q_segments,       kv_segments,
+                             alibi_slopes, &dropout_seeds, dropout_threshold};
   if (auto e = SparseProblem(query, key, value, od[0], scale, soft_cap, tokens, &p);
       e.failure()) {
     return e;
@@ -511,13 +540,15 @@ ffi::Error SparseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::A
                               ffi::AnyBuffer masks, ffi::AnyBuffer masks_t,
                               S32Buffer q_positions, S32Buffer kv_positions,
                               S32Buffer q_segments, S32Buffer kv_segments,
-                              F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> dq,
-                              ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                              float scale, float soft_cap) {
+                              F32Buffer alibi_slopes, U32Buffer dropout_seeds,
+                              ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                              ffi::Result<ffi::AnyBuffer> dv, float scale, float soft_cap,
+                              int64_t dropout_threshold) {
   const auto dqd = dq->dimensions();
   if (dqd.size() != 4) return InvalidArgument("dq must have rank 4");
   AttentionProblem p;
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const TokenOperands tokens{q_positions,   kv_positions,   q_segments,       kv_segments,
+                             alibi_slopes, &dropout_seeds, dropout_threshold};
   if (auto e = SparseProblem(query, key, value, dqd[0], scale, soft_cap, tokens, &p);
       e.failure()) {
     return e;
@@ -851,8 +882,8 @@ ffi::Error FlashForwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::A
                               int64_t window_right) {
   const S32Buffer none = AbsentToken<ffi::S32>();
   return FlashForwardImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, none,
-                          none, none, none, AbsentToken<ffi::F32>(), out, lse, scale, soft_cap,
-                          is_causal, window_left, window_right);
+                          none, none, none, AbsentToken<ffi::F32>(), AbsentToken<ffi::U32>(),
+                          out, lse, scale, soft_cap, is_causal, window_left, window_right, 0);
 }
 
 ffi::Error FlashBackwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
@@ -864,8 +895,9 @@ ffi::Error FlashBackwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
                                bool is_causal, int64_t window_left, int64_t window_right) {
   const S32Buffer none = AbsentToken<ffi::S32>();
   return FlashBackwardImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, out, lse,
-                           dout, dlse, none, none, none, none, AbsentToken<ffi::F32>(), dq, dk,
-                           dv, scale, soft_cap, is_causal, window_left, window_right);
+                           dout, dlse, none, none, none, none, AbsentToken<ffi::F32>(),
+                           AbsentToken<ffi::U32>(), dq, dk, dv, scale, soft_cap, is_causal,
+                           window_left, window_right, 0);
 }
 
 ffi::Error FlashLogitsGradV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
@@ -877,7 +909,8 @@ ffi::Error FlashLogitsGradV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi
   const S32Buffer none = AbsentToken<ffi::S32>();
   return FlashLogitsGradImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, out,
                              lse, dout, dlse, none, none, none, none, AbsentToken<ffi::F32>(),
-                             dlogits, scale, soft_cap, is_causal, window_left, window_right);
+                             AbsentToken<ffi::U32>(), dlogits, scale, soft_cap, is_causal,
+                             window_left, window_right, 0);
 }
 
 ffi::Error SparseForwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
@@ -886,7 +919,8 @@ ffi::Error SparseForwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
                                F32Result lse, float scale, float soft_cap) {
   const S32Buffer none = AbsentToken<ffi::S32>();
   return SparseForwardImpl(pool, query, key, value, q_indptr, q_entries, masks, none, none, none,
-                           none, AbsentToken<ffi::F32>(), out, lse, scale, soft_cap);
+                           none, AbsentToken<ffi::F32>(), AbsentToken<ffi::U32>(), out, lse,
+                           scale, soft_cap, 0);
 }
 
 ffi::Error SparseBackwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
@@ -899,7 +933,82 @@ ffi::Error SparseBackwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi:
   const S32Buffer none = AbsentToken<ffi::S32>();
   return SparseBackwardImpl(pool, query, key, value, out, lse, dout, dlse, q_indptr, q_entries,
                             k_indptr, k_entries, masks, masks_t, none, none, none, none,
-                            AbsentToken<ffi::F32>(), dq, dk, dv, scale, soft_cap);
+                            AbsentToken<ffi::F32>(), AbsentToken<ffi::U32>(), dq, dk, dv, scale,
+                            soft_cap, 0);
+}
+
+// The _v2 layouts: the _v3 targets without the dropout seeds and threshold.
+ffi::Error FlashForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                              ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
+                              S32Buffer q_lengths, S32Buffer kv_lengths, S32Buffer q_positions,
+                              S32Buffer kv_positions, S32Buffer q_segments,
+                              S32Buffer kv_segments, F32Buffer alibi_slopes,
+                              ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
+                              float soft_cap, bool is_causal, int64_t window_left,
+                              int64_t window_right) {
+  return FlashForwardImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths,
+                          q_positions, kv_positions, q_segments, kv_segments, alibi_slopes,
+                          AbsentToken<ffi::U32>(), out, lse, scale, soft_cap, is_causal,
+                          window_left, window_right, 0);
+}
+
+ffi::Error FlashBackwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                               ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
+                               S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
+                               F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
+                               S32Buffer q_positions, S32Buffer kv_positions,
+                               S32Buffer q_segments, S32Buffer kv_segments,
+                               F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> dq,
+                               ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                               float scale, float soft_cap, bool is_causal,
+                               int64_t window_left, int64_t window_right) {
+  return FlashBackwardImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, out, lse,
+                           dout, dlse, q_positions, kv_positions, q_segments, kv_segments,
+                           alibi_slopes, AbsentToken<ffi::U32>(), dq, dk, dv, scale, soft_cap,
+                           is_causal, window_left, window_right, 0);
+}
+
+ffi::Error FlashLogitsGradV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                                 ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
+                                 S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
+                                 F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
+                                 S32Buffer q_positions, S32Buffer kv_positions,
+                                 S32Buffer q_segments, S32Buffer kv_segments,
+                                 F32Buffer alibi_slopes, F32Result dlogits, float scale,
+                                 float soft_cap, bool is_causal, int64_t window_left,
+                                 int64_t window_right) {
+  return FlashLogitsGradImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, out,
+                             lse, dout, dlse, q_positions, kv_positions, q_segments,
+                             kv_segments, alibi_slopes, AbsentToken<ffi::U32>(), dlogits, scale,
+                             soft_cap, is_causal, window_left, window_right, 0);
+}
+
+ffi::Error SparseForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                               ffi::AnyBuffer value, S32Buffer q_indptr, S32Buffer q_entries,
+                               ffi::AnyBuffer masks, S32Buffer q_positions,
+                               S32Buffer kv_positions, S32Buffer q_segments,
+                               S32Buffer kv_segments, F32Buffer alibi_slopes,
+                               ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
+                               float soft_cap) {
+  return SparseForwardImpl(pool, query, key, value, q_indptr, q_entries, masks, q_positions,
+                           kv_positions, q_segments, kv_segments, alibi_slopes,
+                           AbsentToken<ffi::U32>(), out, lse, scale, soft_cap, 0);
+}
+
+ffi::Error SparseBackwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                                ffi::AnyBuffer value, ffi::AnyBuffer out, F32Buffer lse,
+                                ffi::AnyBuffer dout, F32Buffer dlse, S32Buffer q_indptr,
+                                S32Buffer q_entries, S32Buffer k_indptr, S32Buffer k_entries,
+                                ffi::AnyBuffer masks, ffi::AnyBuffer masks_t,
+                                S32Buffer q_positions, S32Buffer kv_positions,
+                                S32Buffer q_segments, S32Buffer kv_segments,
+                                F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> dq,
+                                ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                                float scale, float soft_cap) {
+  return SparseBackwardImpl(pool, query, key, value, out, lse, dout, dlse, q_indptr, q_entries,
+                            k_indptr, k_entries, masks, masks_t, q_positions, kv_positions,
+                            q_segments, kv_segments, alibi_slopes, AbsentToken<ffi::U32>(), dq,
+                            dk, dv, scale, soft_cap, 0);
 }
 
 // The operands and attributes every flash target shares, in order.
@@ -954,13 +1063,13 @@ auto BindDecodeResultsV2(Binding binding) {
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FlashForwardHandler, FlashForwardImpl,
+    FlashForwardHandler, FlashForwardV2Impl,
     BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()))
                   .Ret<ffi::AnyBuffer>()    // out
                   .Ret<ffi::Buffer<ffi::F32>>()));  // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FlashBackwardHandler, FlashBackwardImpl,
+    FlashBackwardHandler, FlashBackwardV2Impl,
     BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
                              .Arg<ffi::AnyBuffer>()          // out
                              .Arg<ffi::Buffer<ffi::F32>>()   // lse
@@ -971,7 +1080,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                   .Ret<ffi::AnyBuffer>()));          // dv
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FlashLogitsGradHandler, FlashLogitsGradImpl,
+    FlashLogitsGradHandler, FlashLogitsGradV2Impl,
     BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
                              .Arg<ffi::AnyBuffer>()          // out
                              .Arg<ffi::Buffer<ffi::F32>>()   // lse
@@ -992,7 +1101,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                   .Ret<ffi::Buffer<ffi::F32>>()));   // dlse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    SparseForwardHandler, SparseForwardImpl,
+    SparseForwardHandler, SparseForwardV2Impl,
     BindTokens(ffi::Ffi::Bind()
                    .Ctx<ffi::ThreadPool>()
                    .Arg<ffi::AnyBuffer>()     // query
@@ -1007,7 +1116,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<float>("soft_cap"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    SparseBackwardHandler, SparseBackwardImpl,
+    SparseBackwardHandler, SparseBackwardV2Impl,
     ffi::Ffi::Bind()
         .Ctx<ffi::ThreadPool>()
         .Arg<ffi::AnyBuffer>()     // query
@@ -1033,6 +1142,82 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::AnyBuffer>()     // dv
         .Attr<float>("scale")
         .Attr<float>("soft_cap"));
+
+// _v3: the _v2 layouts plus the dropout seeds [B, N, 2] uint32 after the token operands and
+// the dropout_threshold attribute (0: no dropout).
+template <typename Binding>
+auto BindTokensV3(Binding binding) {
+  return BindTokens(std::move(binding)).template Arg<U32Buffer>();  // dropout seeds
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FlashForwardV3Handler, FlashForwardImpl,
+    BindAttrs(BindTokensV3(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()))
+                  .Ret<ffi::AnyBuffer>()           // out
+                  .Ret<ffi::Buffer<ffi::F32>>())   // lse
+        .Attr<int64_t>("dropout_threshold"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FlashBackwardV3Handler, FlashBackwardImpl,
+    BindAttrs(BindTokensV3(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                               .Arg<ffi::AnyBuffer>()          // out
+                               .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                               .Arg<ffi::AnyBuffer>()          // dout
+                               .Arg<ffi::Buffer<ffi::F32>>())  // dlse (0 elements: none)
+                  .Ret<ffi::AnyBuffer>()   // dq
+                  .Ret<ffi::AnyBuffer>()   // dk
+                  .Ret<ffi::AnyBuffer>())  // dv
+        .Attr<int64_t>("dropout_threshold"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FlashLogitsGradV3Handler, FlashLogitsGradImpl,
+    BindAttrs(BindTokensV3(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                               .Arg<ffi::AnyBuffer>()          // out
+                               .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                               .Arg<ffi::AnyBuffer>()          // dout
+                               .Arg<ffi::Buffer<ffi::F32>>())  // dlse
+                  .Ret<ffi::Buffer<ffi::F32>>())  // dlogits
+        .Attr<int64_t>("dropout_threshold"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    SparseForwardV3Handler, SparseForwardImpl,
+    BindTokensV3(ffi::Ffi::Bind()
+                     .Ctx<ffi::ThreadPool>()
+                     .Arg<ffi::AnyBuffer>()    // query
+                     .Arg<ffi::AnyBuffer>()    // key
+                     .Arg<ffi::AnyBuffer>()    // value
+                     .Arg<S32Buffer>()         // q_indptr
+                     .Arg<S32Buffer>()         // q_entries
+                     .Arg<ffi::AnyBuffer>())   // masks
+        .Ret<ffi::AnyBuffer>()          // out
+        .Ret<ffi::Buffer<ffi::F32>>()   // lse
+        .Attr<float>("scale")
+        .Attr<float>("soft_cap")
+        .Attr<int64_t>("dropout_threshold"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    SparseBackwardV3Handler, SparseBackwardImpl,
+    BindTokensV3(ffi::Ffi::Bind()
+                     .Ctx<ffi::ThreadPool>()
+                     .Arg<ffi::AnyBuffer>()          // query
+                     .Arg<ffi::AnyBuffer>()          // key
+                     .Arg<ffi::AnyBuffer>()          // value
+                     .Arg<ffi::AnyBuffer>()          // out
+                     .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                     .Arg<ffi::AnyBuffer>()          // dout
+                     .Arg<ffi::Buffer<ffi::F32>>()   // dlse (0 elements: none)
+                     .Arg<S32Buffer>()               // q_indptr
+                     .Arg<S32Buffer>()               // q_entries
+                     .Arg<S32Buffer>()               // k_indptr
+                     .Arg<S32Buffer>()               // k_entries
+                     .Arg<ffi::AnyBuffer>()          // masks
+                     .Arg<ffi::AnyBuffer>())         // masks_t (transposed)
+        .Ret<ffi::AnyBuffer>()  // dq
+        .Ret<ffi::AnyBuffer>()  // dk
+        .Ret<ffi::AnyBuffer>()  // dv
+        .Attr<float>("scale")
+        .Attr<float>("soft_cap")
+        .Attr<int64_t>("dropout_threshold"));
 
 // The original (_v1) layouts: no token operands.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -1356,6 +1541,9 @@ std::vector<FfiTarget> FfiTargets() {
       {"jaxattn_flash_fwd_v2", reinterpret_cast<void*>(FlashForwardHandler)},
       {"jaxattn_flash_bwd_v2", reinterpret_cast<void*>(FlashBackwardHandler)},
       {"jaxattn_flash_dlogits_v2", reinterpret_cast<void*>(FlashLogitsGradHandler)},
+      {"jaxattn_flash_fwd_v3", reinterpret_cast<void*>(FlashForwardV3Handler)},
+      {"jaxattn_flash_bwd_v3", reinterpret_cast<void*>(FlashBackwardV3Handler)},
+      {"jaxattn_flash_dlogits_v3", reinterpret_cast<void*>(FlashLogitsGradV3Handler)},
       {"jaxattn_flash_jvp_v1", reinterpret_cast<void*>(FlashJvpHandler)},
       {"jaxattn_decode_fwd_v1", reinterpret_cast<void*>(DecodeForwardHandler)},
       {"jaxattn_paged_decode_fwd_v1", reinterpret_cast<void*>(PagedDecodeForwardHandler)},
@@ -1369,6 +1557,8 @@ std::vector<FfiTarget> FfiTargets() {
       {"jaxattn_sparse_bwd_v1", reinterpret_cast<void*>(SparseBackwardV1Handler)},
       {"jaxattn_sparse_fwd_v2", reinterpret_cast<void*>(SparseForwardHandler)},
       {"jaxattn_sparse_bwd_v2", reinterpret_cast<void*>(SparseBackwardHandler)},
+      {"jaxattn_sparse_fwd_v3", reinterpret_cast<void*>(SparseForwardV3Handler)},
+      {"jaxattn_sparse_bwd_v3", reinterpret_cast<void*>(SparseBackwardV3Handler)},
       {"jaxattn_gla_fwd_v1", reinterpret_cast<void*>(GatedLinearForwardHandler)},
       {"jaxattn_gla_bwd_v1", reinterpret_cast<void*>(GatedLinearBackwardHandler)},
   };
