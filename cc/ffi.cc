@@ -1147,7 +1147,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 // the dropout_threshold attribute (0: no dropout).
 template <typename Binding>
 auto BindTokensV3(Binding binding) {
-  return BindTokens(std::move(binding)).template Arg<U32Buffer>();  // dropout seeds
+  return std::move(binding).template Arg<S32Buffer>()  // query_positions (0 elements: none)
+      .template Arg<S32Buffer>()                        // key_value_positions
+      .template Arg<S32Buffer>()                        // query_segment_ids
+      .template Arg<S32Buffer>()                        // key_value_segment_ids
+      .template Arg<ffi::Buffer<ffi::F32>>()            // alibi_slopes
+      .template Arg<U32Buffer>();                       // dropout seeds (0 elements: none)
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

@@ -167,8 +167,8 @@ def test_rate_zero_is_no_dropout(rng) -> None:
                                    pytest.param(BF16, id="bfloat16")])
 def test_block_sparse_matches_flash_with_dense_mask(rng, dtype: np.dtype) -> None:
     t, n = 150, 4
-    sparse = jaxattn.masks.causal(t, block_q=32, block_kv=16) | jaxattn.masks.local(
-        t, 40, block_q=32, block_kv=16)
+    sparse = jaxattn.masks.causal(t, block_q=32, block_kv=16) & jaxattn.masks.local(
+        t, window=(40, 0), block_q=32, block_kv=16)
     dense = np.asarray(sparse.to_dense())
     inputs = random_inputs(rng, Shape(2, t, t, n, 2, 32), dtype)
     q, k, v = (inputs[name] for name in ("query", "key", "value"))
@@ -378,3 +378,31 @@ def test_flax_linen_multihead_attention_with_dropout() -> None:
     c = layer.apply(params, x, deterministic=True)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(np.asarray(a), np.asarray(c))
+
+
+def test_flash_self_attention_layers_dropout() -> None:
+    import flax.linen as nn
+    from flax import nnx
+
+    from jaxattn.flax.linen import FlashSelfAttention as LinenFlash
+    from jaxattn.flax.nnx import FlashSelfAttention as NnxFlash
+
+    x = jax.random.normal(jax.random.key(2), (2, 12, 32))
+    layer = NnxFlash(32, 4, dropout_rate=0.3, rngs=nnx.Rngs(0, dropout=1))
+    a, b = layer(x, deterministic=False), layer(x, deterministic=False)
+    evaluation = layer(x, deterministic=True)
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+    assert not np.allclose(np.asarray(a), np.asarray(evaluation))
+    with pytest.raises(ValueError, match="deterministic"):
+        layer(x)
+    plain = NnxFlash(32, 4, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(plain(x)), np.asarray(evaluation))
+
+    module = LinenFlash(num_heads=4, dropout_rate=0.3, broadcast_dropout=False)
+    params = module.init(jax.random.key(0), x, deterministic=True)
+    c = module.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(5)})
+    d = module.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(5)})
+    e = module.apply(params, x, deterministic=True)
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(d))
+    assert not np.allclose(np.asarray(c), np.asarray(e))
+    assert isinstance(module, nn.Module)
