@@ -69,8 +69,7 @@ static inline void DropoutRow(const AttentionProblem& p, int64_t b, int64_t n, i
   const VU k0 = VU{} + key.k0, k1 = VU{} + key.k1;
   const VU lane = (VU)LaneIndices();
   for (int64_t j = 0; j < count; j += kVL) {
-    const VI keep = DropoutKeep(k0, k1, lane + static_cast<uint32_t>(s0 + j),
-                                p.dropout_threshold);
+    const VI keep = DropoutKeep(k0, k1, lane + static_cast<uint32_t>(s0 + j), p.dropout_threshold);
     const VF v = Load(x + j) * scale;
     Store(x + j, (VF)((VI)v & keep));
   }
@@ -114,8 +113,7 @@ static inline void DropoutRowKeys(const AttentionProblem& p, int64_t b, const Ro
 }
 static inline void DropoutKeyMajor(const AttentionProblem& p, const uint32_t* k0,
                                    const uint32_t* k1, int64_t s0, int64_t num_keys,
-                                   int64_t rows_padded, const float* src, float* dst,
-                                   float scale) {
+                                   int64_t rows_padded, const float* src, float* dst, float scale) {
   for (int64_t i = 0; i < num_keys; ++i) {
     const VU s = VU{} + static_cast<uint32_t>(s0 + i);
     for (int64_t j = 0; j < rows_padded; j += kVL) {
