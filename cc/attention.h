@@ -65,6 +65,12 @@ struct AttentionProblem {
   // N] float32; nullptr: off.
   const float* alibi_slopes = nullptr;
   int64_t alibi_batch = 1;
+  // Dropout on the attention weights (cc/dropout.h): seeds [dropout_batch, N, 2] read at
+  // b % dropout_batch; a weight is kept where its hash >= dropout_threshold and scaled by
+  // 1 / (1 - threshold / 2^32). nullptr: off. FlashJvp does not take it.
+  const uint32_t* dropout_seeds = nullptr;
+  int64_t dropout_batch = 1;
+  uint32_t dropout_threshold = 0;
 };
 
 struct FlashForwardResult {

@@ -996,6 +996,8 @@ static inline void OnlineSoftmaxStep(float* sr, int64_t nk, int64_t nkp, float* 
   }
 }
 
+#include "dropout.h"
+
 // Tasks go head by head (consecutive tasks share K/V tiles in cache), and within a head the
 // costliest tiles first: under a causal mask the last query tiles see the most keys (and the
 // first key tiles the most queries). Claimed from a shared counter in that order, the threads
@@ -1124,6 +1126,13 @@ static void ForwardTask(void* job_ptr, int64_t task) {
                           transform ? 1.0f : PairsScale(c),
                           prob_words != nullptr ? prob_words + r * (nkp / 2) : nullptr,
                           transform ? 0.0f : p.soft_cap);
+        if (HasDropout(p)) {  // after the normaliser took the undropped weights
+          if (prob_words != nullptr) {
+            DropoutRowPairs(p, b, rows[r].n, rows[r].t, s0, prob_words + r * (nkp / 2), nkp / 2);
+          } else {
+            DropoutRow(p, b, rows[r].n, rows[r].t, s0, s + r * nkp, nkp, 1.0f);
+          }
+        }
       }
       const float* prob = prob_words != nullptr ? prob_pairs + r0 * (nkp / 2) : ss;
       ProductGemm(c, nr, c.hvp, nk, prob, prob_words != nullptr ? nkp / 2 : nkp, value_pairs,
@@ -1135,7 +1144,7 @@ static void ForwardTask(void* job_ptr, int64_t task) {
     const int64_t row = (b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;
     void* out_row = Offset(job.res.out, p.dtype, row * p.value_dim);
     if (l[r] > 0.0f || l[r] != l[r]) {
-      StoreRow(p.dtype, o + r * c.hvp, p.value_dim, 1.0f / l[r], out_row);
+      StoreRow(p.dtype, o + r * c.hvp, p.value_dim, DropoutKeepScale(p) / l[r], out_row);
       job.res.lse[row] = m[r] + __builtin_logf(l[r]);
     } else {
       __builtin_memset(out_row, 0, p.value_dim * DTypeSize(p.dtype));
@@ -1460,6 +1469,9 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
         sum += e;
       }
       psum[r] += HorizontalSum(sum);
+      if (HasDropout(p)) {
+        DropoutRow(p, b, rows[r].n, rows[r].t, s0, dp + r * nkp, nkp, DropoutKeepScale(p));
+      }
       LogitsGradRow(sr, dp + r * nkp, has_cap ? th + r * nkp : nullptr, nkp, delta[r],
                     nullptr);
       if (a.dlogits != nullptr) {
@@ -1515,7 +1527,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   Carver carve{tls_scratch.Get(kScratchSlack +
       16 * 23 + bk * (2 * c.hp + 2 * c.hvp + 4 * rp + 2) + c.hp * rp + c.hvp * rp +
       rp * (c.hp + c.hvp) + max_rows * 6 + rp * 3 + kVL * MaxI(c.hp, c.hvp) +
-      (one_pass ? c.hp * bk : 0))};
+      (one_pass ? c.hp * bk : 0) + (HasDropout(p) ? bk * rp + 2 * rp + 32 : 0))};
   RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
   int64_t* offsets =
       reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
@@ -1536,6 +1548,9 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   float* block = carve.Take(kVL * MaxI(c.hp, c.hvp));
   float* pairs = carve.Take(bk * rp / 2);
   float* key_columns = one_pass ? carve.Take(c.hp * bk) : nullptr;  // K^T, for dQ^T
+  // Dropout: the kept, scaled probabilities (for dV) and the row keys of the query tile.
+  float* kept = HasDropout(p) ? carve.Take(bk * rp) : nullptr;
+  uint32_t* row_keys = HasDropout(p) ? reinterpret_cast<uint32_t*>(carve.Take(2 * rp)) : nullptr;
 
   __builtin_memset(dk, 0, bk * c.hp * sizeof(float));
   __builtin_memset(dv, 0, bk * c.hvp * sizeof(float));
@@ -1608,11 +1623,22 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
           Store(si + j, Exp(Load(si + j) - Load(row_lse + j) - Load(row_norm + j)));
         }
       }
+      const float* prob_for_v = st;
+      if (HasDropout(p)) {
+        DropoutRowKeys(p, b, rows, num_rows, nrp, row_keys, row_keys + rp);
+        DropoutKeyMajor(p, row_keys, row_keys + rp, s0, nk, nrp, st, kept,
+                        DropoutKeepScale(p));
+        prob_for_v = kept;
+      }
       int64_t lda;
-      const float* prob_t = ComputedOperand(c, st, nk, num_rows, nrp, pairs, &lda);
+      const float* prob_t = ComputedOperand(c, prob_for_v, nk, num_rows, nrp, pairs, &lda);
       ProductGemm(c, nk, c.hvp, num_rows, prob_t, lda, dout_rows, c.hvp, dv, c.hvp, true);
       ProductGemm(c, nk, nrp, p.value_dim, v, DotLd(c, p.value_dim), dout_columns, ld_t, dpt,
                   nrp, false);
+      if (HasDropout(p)) {
+        DropoutKeyMajor(p, row_keys, row_keys + rp, s0, nk, nrp, dpt, dpt,
+                        DropoutKeepScale(p));
+      }
       for (int64_t i = 0; i < nk; ++i) {
         LogitsGradRow(st + i * nrp, dpt + i * nrp, has_cap ? tht + i * nrp : nullptr, nrp,
                       0.0f, row_delta);

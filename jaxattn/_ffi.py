@@ -136,16 +136,28 @@ def _unfold_results(multiple_results: bool, outs, size: int):
 
 
 class _Primitive(Primitive):
-    """A kernel primitive: operands are first cast to one set of varying manual axes."""
+    """A kernel primitive: operands are first cast to one set of varying manual axes.
+
+    A _v3 flash or block-sparse primitive (``dropout_arity``: its number of operands) may be
+    bound without the trailing dropout seeds and ``dropout_threshold``, as the _v2 layout
+    was: they default to no dropout.
+    """
+
+    dropout_arity: int | None = None
 
     def bind(self, *args, **params):
+        if self.dropout_arity is not None:
+            if len(args) == self.dropout_arity - 1:
+                args = (*args, no_dropout_seeds())
+            params.setdefault("dropout_threshold", np.int64(0))
         return super().bind(*_sharding.match_varying(args), **params)
 
 
 def _define(name: str, target: str, abstract_eval: Callable, batched: int | None = None,
             full_batch: Sequence[int] = (), batch_rule: Callable | None = None,
             axes: str | None = None, partition: str = "bh",
-            trailing_batched: int = 0, aliases: dict[int, int] | None = None) -> Primitive:
+            trailing_batched: int = 0, aliases: dict[int, int] | None = None,
+            dropout_arity: int | None = None) -> Primitive:
     """One primitive for one FFI target.
 
     ``batched``: how many leading operands have a batch axis (None: all of them), and
@@ -162,6 +174,7 @@ def _define(name: str, target: str, abstract_eval: Callable, batched: int | None
     if aliases and axes is None:
         raise ValueError(f"{name}: aliases need axes")
     prim = _Primitive(name)
+    prim.dropout_arity = dropout_arity
     prim.multiple_results = True
     prim.def_impl(partial(xla.apply_primitive, prim))
     if axes is None:
@@ -224,20 +237,25 @@ def _flash_dlogits_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse
 # (last, after the backward's out, lse, dout, dlse) the token operands query_positions [B,T],
 # key_value_positions [B,S], query_segment_ids [B,T], key_value_segment_ids [B,S] (int32) and
 # alibi_slopes [B,N] (float32), each of batch 1 or B (absent optional operands are empty
-# arrays); attributes: scale, soft_cap, is_causal, window_left, window_right.
+# arrays), and (the _v3 targets: not the tangent's) the dropout seeds [B,N,2] uint32
+# (jaxattn/dropout.py); attributes: scale, soft_cap, is_causal, window_left, window_right, and
+# for _v3 dropout_threshold (0: no dropout).
 _FLASH_OPERANDS = "btnh,bskh,bskd,bnts,bnts,b,b"
 _TOKEN_OPERANDS = "bt,bs,bt,bs,bn"
-flash_fwd_p = _define("jaxattn_flash_fwd", "jaxattn_flash_fwd_v2", _flash_fwd_abstract,
-                      axes=f"{_FLASH_OPERANDS},{_TOKEN_OPERANDS}->btnd,btn")
+_V3_TOKEN_OPERANDS = f"{_TOKEN_OPERANDS},bnz"
+flash_fwd_p = _define("jaxattn_flash_fwd", "jaxattn_flash_fwd_v3", _flash_fwd_abstract,
+                      axes=f"{_FLASH_OPERANDS},{_V3_TOKEN_OPERANDS}->btnd,btn",
+                      dropout_arity=13)
 # ... plus out, lse, dout, dlse (before the token operands) -> dq, dk, dv
-flash_bwd_p = _define("jaxattn_flash_bwd", "jaxattn_flash_bwd_v2", _flash_bwd_abstract,
+flash_bwd_p = _define("jaxattn_flash_bwd", "jaxattn_flash_bwd_v3", _flash_bwd_abstract,
                       full_batch=(7, 8, 9, 10),
-                      axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn,{_TOKEN_OPERANDS}"
-                           "->btnh,bskh,bskd")
+                      axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn,{_V3_TOKEN_OPERANDS}"
+                           "->btnh,bskh,bskd", dropout_arity=17)
 # ... plus out, lse, dout, dlse -> d loss / d logits [B, N, T, S] float32 (for a bias gradient)
-flash_dlogits_p = _define("jaxattn_flash_dlogits", "jaxattn_flash_dlogits_v2",
+flash_dlogits_p = _define("jaxattn_flash_dlogits", "jaxattn_flash_dlogits_v3",
                           _flash_dlogits_abstract, full_batch=(7, 8, 9, 10),
-                          axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn,{_TOKEN_OPERANDS}->bnts")
+                          axes=f"{_FLASH_OPERANDS},btnd,btn,btnd,btn,{_V3_TOKEN_OPERANDS}"
+                               "->bnts", dropout_arity=17)
 
 
 def _flash_jvp_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dq, dk, dv,
@@ -263,6 +281,11 @@ def no_tokens() -> tuple[jax.Array, ...]:
     """The five absent token operands of the flash targets."""
     ints = jnp.zeros((0,), jnp.int32)
     return (ints, ints, ints, ints, jnp.zeros((0,), jnp.float32))
+
+
+def no_dropout_seeds() -> jax.Array:
+    """The absent dropout seeds operand of the _v3 flash and block-sparse targets."""
+    return jnp.zeros((0,), jnp.uint32)
 
 
 def _decode_abstract(q, k, v, kv_lengths, *tokens, **_):
@@ -389,6 +412,11 @@ def attention_attrs(scale: float, soft_cap: float | None, is_causal: bool,
                 window_right=np.int64(right))
 
 
+def dropout_attrs(threshold: int) -> dict:
+    """The dropout attribute of the _v3 flash and block-sparse targets (0: no dropout)."""
+    return dict(dropout_threshold=np.int64(threshold))
+
+
 def _sparse_fwd_abstract(q, k, v, q_indptr, q_entries, masks, *tokens, **_):
     b = _output_batch(q, k, v, *tokens)
     _, t, n, _ = q.shape
@@ -407,24 +435,27 @@ def _sparse_bwd_abstract(q, k, v, out, lse, dout, dlse, *tables_and_tokens, **_)
 # Block-sparse attention. Operands: query, key, value, then the mask's tables for the kernels'
 # tiling (unbatched): q_indptr, q_entries, masks, then the five token operands of the flash
 # targets (batched; empty when absent); attributes: scale, soft_cap.
-_SPARSE_FWD_AXES = f"btnh,bskh,bskd,x,xy,xyz,{_TOKEN_OPERANDS}->btnd,btn"
-sparse_fwd_p = _define("jaxattn_sparse_fwd", "jaxattn_sparse_fwd_v2", _sparse_fwd_abstract,
-                       batched=3, trailing_batched=5, axes=_SPARSE_FWD_AXES)
+_SPARSE_FWD_AXES = f"btnh,bskh,bskd,x,xy,xyz,{_V3_TOKEN_OPERANDS}->btnd,btn"
+sparse_fwd_p = _define("jaxattn_sparse_fwd", "jaxattn_sparse_fwd_v3", _sparse_fwd_abstract,
+                       batched=3, trailing_batched=6, axes=_SPARSE_FWD_AXES,
+                       dropout_arity=12)
 # query, key, value, out, lse, dout, dlse (batched), then q_indptr, q_entries, k_indptr,
-# k_entries, masks, masks_t, then the token operands -> dq, dk, dv
-_SPARSE_BWD_AXES = (f"btnh,bskh,bskd,btnd,btn,btnd,btn,x,xy,x,xy,xyz,xyz,{_TOKEN_OPERANDS}"
-                    "->btnh,bskh,bskd")
-sparse_bwd_p = _define("jaxattn_sparse_bwd", "jaxattn_sparse_bwd_v2", _sparse_bwd_abstract,
-                       batched=7, full_batch=(3, 4, 5, 6), trailing_batched=5,
-                       axes=_SPARSE_BWD_AXES)
+# k_entries, masks, masks_t, then the token operands (with the dropout seeds, as the flash _v3
+# targets; attribute dropout_threshold) -> dq, dk, dv
+_SPARSE_BWD_AXES = (f"btnh,bskh,bskd,btnd,btn,btnd,btn,x,xy,x,xy,xyz,xyz,"
+                    f"{_V3_TOKEN_OPERANDS}->btnh,bskh,bskd")
+sparse_bwd_p = _define("jaxattn_sparse_bwd", "jaxattn_sparse_bwd_v3", _sparse_bwd_abstract,
+                       batched=7, full_batch=(3, 4, 5, 6), trailing_batched=6,
+                       axes=_SPARSE_BWD_AXES, dropout_arity=19)
 # The same targets for a per-head mask, whose tables are indexed by kv head: a sharded jit may
 # split the batch only (tables shared by all heads, above, allow batch and heads).
-sparse_fwd_per_head_p = _define("jaxattn_sparse_fwd_per_head", "jaxattn_sparse_fwd_v2",
-                                _sparse_fwd_abstract, batched=3, trailing_batched=5,
-                                axes=_SPARSE_FWD_AXES, partition="b")
-sparse_bwd_per_head_p = _define("jaxattn_sparse_bwd_per_head", "jaxattn_sparse_bwd_v2",
+sparse_fwd_per_head_p = _define("jaxattn_sparse_fwd_per_head", "jaxattn_sparse_fwd_v3",
+                                _sparse_fwd_abstract, batched=3, trailing_batched=6,
+                                axes=_SPARSE_FWD_AXES, partition="b", dropout_arity=12)
+sparse_bwd_per_head_p = _define("jaxattn_sparse_bwd_per_head", "jaxattn_sparse_bwd_v3",
                                 _sparse_bwd_abstract, batched=7, full_batch=(3, 4, 5, 6),
-                                trailing_batched=5, axes=_SPARSE_BWD_AXES, partition="b")
+                                trailing_batched=6, axes=_SPARSE_BWD_AXES, partition="b",
+                                dropout_arity=19)
 
 
 def block_sparse_tiling(group: int) -> tuple[int, int, int, int]:

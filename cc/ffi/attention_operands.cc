@@ -46,6 +46,21 @@ ffi::Error ParseTokens(const TokenOperands& in, AttentionProblem* p) {
     p->alibi_slopes = in.alibi_slopes.typed_data();
     p->alibi_batch = d[0];
   }
+  if (in.dropout_threshold != 0) {
+    if (in.dropout_threshold < 0 || in.dropout_threshold > 0xFFFFFFFFll) {
+      return InvalidArgument("dropout_threshold must be in [0, 2^32), got " +
+                             std::to_string(in.dropout_threshold));
+    }
+    const bool present = in.dropout_seeds != nullptr && in.dropout_seeds->element_count() != 0;
+    const auto d = present ? in.dropout_seeds->dimensions() : ffi::AnyBuffer::Dimensions();
+    if (!present || d.size() != 3 || d[1] != p->num_heads || d[2] != 2) {
+      return InvalidArgument("dropout seeds must have shape [B, " + std::to_string(p->num_heads) +
+                             ", 2], got " + ShapeString(d));
+    }
+    p->dropout_seeds = in.dropout_seeds->typed_data();
+    p->dropout_batch = d[0];
+    p->dropout_threshold = static_cast<uint32_t>(in.dropout_threshold);
+  }
   return ffi::Error::Success();
 }
 

@@ -17,6 +17,10 @@ struct TokenOperands {
   const S32Buffer& q_segments;    // [Bs, T]
   const S32Buffer& kv_segments;   // [Bs, S]
   const F32Buffer& alibi_slopes;  // [Ba, N]
+  // _v3 targets: dropout seeds [Bd, N, 2] and the keep threshold (cc/dropout.h); a threshold
+  // of 0 (or no seeds operand: the older layouts) means no dropout.
+  const U32Buffer* dropout_seeds = nullptr;
+  int64_t dropout_threshold = 0;
 };
 
 struct ProblemOperands {
@@ -70,6 +74,18 @@ auto BindTokens(Binding binding) {
       .template Arg<S32Buffer>()                        // query_segment_ids
       .template Arg<S32Buffer>()                        // key_value_segment_ids
       .template Arg<ffi::Buffer<ffi::F32>>();           // alibi_slopes
+}
+
+// The token operands of the _v3 flash and block-sparse targets: those above, then the dropout
+// seeds (0 elements: none).
+template <typename Binding>
+auto BindTokensV3(Binding binding) {
+  return std::move(binding).template Arg<S32Buffer>()  // query_positions (0 elements: none)
+      .template Arg<S32Buffer>()                        // key_value_positions
+      .template Arg<S32Buffer>()                        // query_segment_ids
+      .template Arg<S32Buffer>()                        // key_value_segment_ids
+      .template Arg<ffi::Buffer<ffi::F32>>()            // alibi_slopes
+      .template Arg<U32Buffer>();                       // dropout seeds [B, N, 2]
 }
 
 }  // namespace jaxattn

@@ -79,12 +79,14 @@ ffi::Error SparseForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
                              ffi::AnyBuffer masks, S32Buffer q_positions,
                              S32Buffer kv_positions, S32Buffer q_segments,
                              S32Buffer kv_segments, F32Buffer alibi_slopes,
-                             ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
-                             float soft_cap) {
+                             U32Buffer dropout_seeds, ffi::Result<ffi::AnyBuffer> out,
+                             F32Result lse, float scale, float soft_cap,
+                             int64_t dropout_threshold) {
   const auto od = out->dimensions();
   if (od.size() != 4) return InvalidArgument("output must have rank 4");
   AttentionProblem p;
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const TokenOperands tokens{q_positions,   kv_positions,   q_segments,       kv_segments,
+                             alibi_slopes, &dropout_seeds, dropout_threshold};
   JAXATTN_RETURN_IF_ERROR(
       ParseSparseProblem(query, key, value, od[0], scale, soft_cap, tokens, &p));
   if (out->element_type() != query.element_type() ||
@@ -107,13 +109,15 @@ ffi::Error SparseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::A
                               ffi::AnyBuffer masks, ffi::AnyBuffer masks_t,
                               S32Buffer q_positions, S32Buffer kv_positions,
                               S32Buffer q_segments, S32Buffer kv_segments,
-                              F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> dq,
-                              ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                              float scale, float soft_cap) {
+                              F32Buffer alibi_slopes, U32Buffer dropout_seeds,
+                              ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                              ffi::Result<ffi::AnyBuffer> dv, float scale, float soft_cap,
+                              int64_t dropout_threshold) {
   const auto dqd = dq->dimensions();
   if (dqd.size() != 4) return InvalidArgument("dq must have rank 4");
   AttentionProblem p;
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const TokenOperands tokens{q_positions,   kv_positions,   q_segments,       kv_segments,
+                             alibi_slopes, &dropout_seeds, dropout_threshold};
   JAXATTN_RETURN_IF_ERROR(
       ParseSparseProblem(query, key, value, dqd[0], scale, soft_cap, tokens, &p));
   FlashBackwardArgs args;
@@ -134,7 +138,8 @@ ffi::Error SparseForwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
                                F32Result lse, float scale, float soft_cap) {
   const S32Buffer none = AbsentBuffer<ffi::S32>();
   return SparseForwardImpl(pool, query, key, value, q_indptr, q_entries, masks, none, none, none,
-                           none, AbsentBuffer<ffi::F32>(), out, lse, scale, soft_cap);
+                           none, AbsentBuffer<ffi::F32>(), AbsentBuffer<ffi::U32>(), out, lse,
+                           scale, soft_cap, 0);
 }
 
 ffi::Error SparseBackwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
@@ -147,13 +152,43 @@ ffi::Error SparseBackwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi:
   const S32Buffer none = AbsentBuffer<ffi::S32>();
   return SparseBackwardImpl(pool, query, key, value, out, lse, dout, dlse, q_indptr, q_entries,
                             k_indptr, k_entries, masks, masks_t, none, none, none, none,
-                            AbsentBuffer<ffi::F32>(), dq, dk, dv, scale, soft_cap);
+                            AbsentBuffer<ffi::F32>(), AbsentBuffer<ffi::U32>(), dq, dk, dv, scale,
+                            soft_cap, 0);
+}
+
+// The _v2 block-sparse targets: the _v3 layout without the dropout seeds and threshold.
+ffi::Error SparseForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                               ffi::AnyBuffer value, S32Buffer q_indptr, S32Buffer q_entries,
+                               ffi::AnyBuffer masks, S32Buffer q_positions,
+                               S32Buffer kv_positions, S32Buffer q_segments,
+                               S32Buffer kv_segments, F32Buffer alibi_slopes,
+                               ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
+                               float soft_cap) {
+  return SparseForwardImpl(pool, query, key, value, q_indptr, q_entries, masks, q_positions,
+                           kv_positions, q_segments, kv_segments, alibi_slopes,
+                           AbsentBuffer<ffi::U32>(), out, lse, scale, soft_cap, 0);
+}
+
+ffi::Error SparseBackwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                                ffi::AnyBuffer value, ffi::AnyBuffer out, F32Buffer lse,
+                                ffi::AnyBuffer dout, F32Buffer dlse, S32Buffer q_indptr,
+                                S32Buffer q_entries, S32Buffer k_indptr, S32Buffer k_entries,
+                                ffi::AnyBuffer masks, ffi::AnyBuffer masks_t,
+                                S32Buffer q_positions, S32Buffer kv_positions,
+                                S32Buffer q_segments, S32Buffer kv_segments,
+                                F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> dq,
+                                ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                                float scale, float soft_cap) {
+  return SparseBackwardImpl(pool, query, key, value, out, lse, dout, dlse, q_indptr, q_entries,
+                            k_indptr, k_entries, masks, masks_t, q_positions, kv_positions,
+                            q_segments, kv_segments, alibi_slopes, AbsentBuffer<ffi::U32>(), dq,
+                            dk, dv, scale, soft_cap, 0);
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    SparseForwardHandler, SparseForwardImpl,
+    SparseForwardHandler, SparseForwardV2Impl,
     BindTokens(ffi::Ffi::Bind()
                    .Ctx<ffi::ThreadPool>()
                    .Arg<ffi::AnyBuffer>()     // query
@@ -168,7 +203,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<float>("soft_cap"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    SparseBackwardHandler, SparseBackwardImpl,
+    SparseBackwardHandler, SparseBackwardV2Impl,
     BindTokens(ffi::Ffi::Bind()
                    .Ctx<ffi::ThreadPool>()
                    .Arg<ffi::AnyBuffer>()     // query
@@ -189,6 +224,48 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::AnyBuffer>()     // dv
         .Attr<float>("scale")
         .Attr<float>("soft_cap"));
+
+// _v3: the _v2 layouts plus the dropout seeds after the token operands and the
+// dropout_threshold attribute (0: no dropout), as the flash _v3 targets.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    SparseForwardV3Handler, SparseForwardImpl,
+    BindTokensV3(ffi::Ffi::Bind()
+                     .Ctx<ffi::ThreadPool>()
+                     .Arg<ffi::AnyBuffer>()    // query
+                     .Arg<ffi::AnyBuffer>()    // key
+                     .Arg<ffi::AnyBuffer>()    // value
+                     .Arg<S32Buffer>()         // q_indptr
+                     .Arg<S32Buffer>()         // q_entries
+                     .Arg<ffi::AnyBuffer>())   // masks
+        .Ret<ffi::AnyBuffer>()          // out
+        .Ret<ffi::Buffer<ffi::F32>>()   // lse
+        .Attr<float>("scale")
+        .Attr<float>("soft_cap")
+        .Attr<int64_t>("dropout_threshold"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    SparseBackwardV3Handler, SparseBackwardImpl,
+    BindTokensV3(ffi::Ffi::Bind()
+                     .Ctx<ffi::ThreadPool>()
+                     .Arg<ffi::AnyBuffer>()          // query
+                     .Arg<ffi::AnyBuffer>()          // key
+                     .Arg<ffi::AnyBuffer>()          // value
+                     .Arg<ffi::AnyBuffer>()          // out
+                     .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                     .Arg<ffi::AnyBuffer>()          // dout
+                     .Arg<ffi::Buffer<ffi::F32>>()   // dlse (0 elements: none)
+                     .Arg<S32Buffer>()               // q_indptr
+                     .Arg<S32Buffer>()               // q_entries
+                     .Arg<S32Buffer>()               // k_indptr
+                     .Arg<S32Buffer>()               // k_entries
+                     .Arg<ffi::AnyBuffer>()          // masks
+                     .Arg<ffi::AnyBuffer>())         // masks_t (transposed)
+        .Ret<ffi::AnyBuffer>()  // dq
+        .Ret<ffi::AnyBuffer>()  // dk
+        .Ret<ffi::AnyBuffer>()  // dv
+        .Attr<float>("scale")
+        .Attr<float>("soft_cap")
+        .Attr<int64_t>("dropout_threshold"));
 
 // The original (_v1) layouts: no token operands.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -235,6 +312,8 @@ std::vector<FfiTarget> BlockSparseTargets() {
       {"jaxattn_sparse_bwd_v1", reinterpret_cast<void*>(SparseBackwardV1Handler)},
       {"jaxattn_sparse_fwd_v2", reinterpret_cast<void*>(SparseForwardHandler)},
       {"jaxattn_sparse_bwd_v2", reinterpret_cast<void*>(SparseBackwardHandler)},
+      {"jaxattn_sparse_fwd_v3", reinterpret_cast<void*>(SparseForwardV3Handler)},
+      {"jaxattn_sparse_bwd_v3", reinterpret_cast<void*>(SparseBackwardV3Handler)},
   };
 }
 

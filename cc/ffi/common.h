@@ -20,6 +20,7 @@ namespace ffi = xla::ffi;
 using S32Buffer = ffi::Buffer<ffi::S32>;
 using F32Buffer = ffi::Buffer<ffi::F32>;
 using F32Result = ffi::Result<ffi::Buffer<ffi::F32>>;
+using U32Buffer = ffi::Buffer<ffi::U32>;
 
 // Evaluates `expr` (an ffi::Error) and returns it from the calling function if it failed.
 #define JAXATTN_RETURN_IF_ERROR(expr)                              \

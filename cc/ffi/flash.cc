@@ -1,6 +1,6 @@
 // Flash attention targets: forward, backward, the logits gradient (for a bias's gradient)
-// and the forward-mode tangent (jvp), in their _v2 layout (token operands) and the original
-// _v1 layout.
+// and the forward-mode tangent (jvp): _v3 (token operands and dropout), _v2 (token operands)
+// and the original _v1 layout.
 #include <string>
 #include <utility>
 #include <vector>
@@ -16,14 +16,16 @@ ffi::Error FlashForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::Any
                             S32Buffer q_lengths, S32Buffer kv_lengths, S32Buffer q_positions,
                             S32Buffer kv_positions, S32Buffer q_segments,
                             S32Buffer kv_segments, F32Buffer alibi_slopes,
-                            ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
-                            float soft_cap, bool is_causal, int64_t window_left,
-                            int64_t window_right) {
+                            U32Buffer dropout_seeds, ffi::Result<ffi::AnyBuffer> out,
+                            F32Result lse, float scale, float soft_cap, bool is_causal,
+                            int64_t window_left, int64_t window_right,
+                            int64_t dropout_threshold) {
   const auto od = out->dimensions();
   if (od.size() != 4) return InvalidArgument("output must have rank 4");
   AttentionProblem p;
   const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const TokenOperands tokens{q_positions,   kv_positions,   q_segments,       kv_segments,
+                             alibi_slopes, &dropout_seeds, dropout_threshold};
   const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
   JAXATTN_RETURN_IF_ERROR(ParseProblem(in, attrs, od[0], &p));
   if (out->element_type() != query.element_type() ||
@@ -42,13 +44,15 @@ ffi::Error FlashBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
                              F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
                              S32Buffer q_positions, S32Buffer kv_positions,
                              S32Buffer q_segments, S32Buffer kv_segments,
-                             F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> dq,
-                             ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                             float scale, float soft_cap, bool is_causal, int64_t window_left,
-                             int64_t window_right) {
+                             F32Buffer alibi_slopes, U32Buffer dropout_seeds,
+                             ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                             ffi::Result<ffi::AnyBuffer> dv, float scale, float soft_cap,
+                             bool is_causal, int64_t window_left, int64_t window_right,
+                             int64_t dropout_threshold) {
   AttentionProblem p;
   const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const TokenOperands tokens{q_positions,   kv_positions,   q_segments,       kv_segments,
+                             alibi_slopes, &dropout_seeds, dropout_threshold};
   const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
   const auto dqd = dq->dimensions();
   if (dqd.size() != 4) return InvalidArgument("dq must have rank 4");
@@ -67,12 +71,14 @@ ffi::Error FlashLogitsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
                                F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
                                S32Buffer q_positions, S32Buffer kv_positions,
                                S32Buffer q_segments, S32Buffer kv_segments,
-                               F32Buffer alibi_slopes, F32Result dlogits, float scale,
-                               float soft_cap, bool is_causal, int64_t window_left,
-                               int64_t window_right) {
+                               F32Buffer alibi_slopes, U32Buffer dropout_seeds,
+                               F32Result dlogits, float scale, float soft_cap, bool is_causal,
+                               int64_t window_left, int64_t window_right,
+                               int64_t dropout_threshold) {
   AttentionProblem p;
   const ProblemAttrs attrs{scale, soft_cap, is_causal, window_left, window_right};
-  const TokenOperands tokens{q_positions, kv_positions, q_segments, kv_segments, alibi_slopes};
+  const TokenOperands tokens{q_positions,   kv_positions,   q_segments,       kv_segments,
+                             alibi_slopes, &dropout_seeds, dropout_threshold};
   const ProblemOperands in{query, key, value, bias, mask, q_lengths, kv_lengths, &tokens};
   const auto gd = dlogits->dimensions();
   if (gd.size() != 4) return InvalidArgument("dlogits must have rank 4");
@@ -155,8 +161,8 @@ ffi::Error FlashForwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::A
                               int64_t window_right) {
   const S32Buffer none = AbsentBuffer<ffi::S32>();
   return FlashForwardImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, none,
-                          none, none, none, AbsentBuffer<ffi::F32>(), out, lse, scale, soft_cap,
-                          is_causal, window_left, window_right);
+                          none, none, none, AbsentBuffer<ffi::F32>(), AbsentBuffer<ffi::U32>(),
+                          out, lse, scale, soft_cap, is_causal, window_left, window_right, 0);
 }
 
 ffi::Error FlashBackwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
@@ -168,8 +174,9 @@ ffi::Error FlashBackwardV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
                                bool is_causal, int64_t window_left, int64_t window_right) {
   const S32Buffer none = AbsentBuffer<ffi::S32>();
   return FlashBackwardImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, out, lse,
-                           dout, dlse, none, none, none, none, AbsentBuffer<ffi::F32>(), dq, dk,
-                           dv, scale, soft_cap, is_causal, window_left, window_right);
+                           dout, dlse, none, none, none, none, AbsentBuffer<ffi::F32>(),
+                           AbsentBuffer<ffi::U32>(), dq, dk, dv, scale, soft_cap, is_causal,
+                           window_left, window_right, 0);
 }
 
 ffi::Error FlashLogitsGradV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
@@ -181,7 +188,54 @@ ffi::Error FlashLogitsGradV1Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi
   const S32Buffer none = AbsentBuffer<ffi::S32>();
   return FlashLogitsGradImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, out,
                              lse, dout, dlse, none, none, none, none, AbsentBuffer<ffi::F32>(),
-                             dlogits, scale, soft_cap, is_causal, window_left, window_right);
+                             AbsentBuffer<ffi::U32>(), dlogits, scale, soft_cap, is_causal,
+                             window_left, window_right, 0);
+}
+
+// The _v2 flash targets: the _v3 layout without the dropout seeds and threshold.
+ffi::Error FlashForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                              ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
+                              S32Buffer q_lengths, S32Buffer kv_lengths, S32Buffer q_positions,
+                              S32Buffer kv_positions, S32Buffer q_segments,
+                              S32Buffer kv_segments, F32Buffer alibi_slopes,
+                              ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
+                              float soft_cap, bool is_causal, int64_t window_left,
+                              int64_t window_right) {
+  return FlashForwardImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths,
+                          q_positions, kv_positions, q_segments, kv_segments, alibi_slopes,
+                          AbsentBuffer<ffi::U32>(), out, lse, scale, soft_cap, is_causal,
+                          window_left, window_right, 0);
+}
+
+ffi::Error FlashBackwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                               ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
+                               S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
+                               F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
+                               S32Buffer q_positions, S32Buffer kv_positions,
+                               S32Buffer q_segments, S32Buffer kv_segments,
+                               F32Buffer alibi_slopes, ffi::Result<ffi::AnyBuffer> dq,
+                               ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                               float scale, float soft_cap, bool is_causal,
+                               int64_t window_left, int64_t window_right) {
+  return FlashBackwardImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, out, lse,
+                           dout, dlse, q_positions, kv_positions, q_segments, kv_segments,
+                           alibi_slopes, AbsentBuffer<ffi::U32>(), dq, dk, dv, scale, soft_cap,
+                           is_causal, window_left, window_right, 0);
+}
+
+ffi::Error FlashLogitsGradV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                                 ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
+                                 S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
+                                 F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
+                                 S32Buffer q_positions, S32Buffer kv_positions,
+                                 S32Buffer q_segments, S32Buffer kv_segments,
+                                 F32Buffer alibi_slopes, F32Result dlogits, float scale,
+                                 float soft_cap, bool is_causal, int64_t window_left,
+                                 int64_t window_right) {
+  return FlashLogitsGradImpl(pool, query, key, value, bias, mask, q_lengths, kv_lengths, out,
+                             lse, dout, dlse, q_positions, kv_positions, q_segments,
+                             kv_segments, alibi_slopes, AbsentBuffer<ffi::U32>(), dlogits, scale,
+                             soft_cap, is_causal, window_left, window_right, 0);
 }
 
 // The operands every flash target starts with, in order.
@@ -209,13 +263,13 @@ auto BindAttrs(Binding binding) {
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FlashForwardHandler, FlashForwardImpl,
+    FlashForwardHandler, FlashForwardV2Impl,
     BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()))
                   .Ret<ffi::AnyBuffer>()    // out
                   .Ret<ffi::Buffer<ffi::F32>>()));  // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FlashBackwardHandler, FlashBackwardImpl,
+    FlashBackwardHandler, FlashBackwardV2Impl,
     BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
                              .Arg<ffi::AnyBuffer>()          // out
                              .Arg<ffi::Buffer<ffi::F32>>()   // lse
@@ -226,7 +280,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                   .Ret<ffi::AnyBuffer>()));          // dv
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FlashLogitsGradHandler, FlashLogitsGradImpl,
+    FlashLogitsGradHandler, FlashLogitsGradV2Impl,
     BindAttrs(BindTokens(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
                              .Arg<ffi::AnyBuffer>()          // out
                              .Arg<ffi::Buffer<ffi::F32>>()   // lse
@@ -245,6 +299,37 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                              .Arg<ffi::AnyBuffer>())         // dbias (0 elements: none)
                   .Ret<ffi::AnyBuffer>()             // dout
                   .Ret<ffi::Buffer<ffi::F32>>()));   // dlse
+
+// _v3: the _v2 layouts plus the dropout seeds [B, N, 2] uint32 after the token operands and
+// the dropout_threshold attribute (0: no dropout).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FlashForwardV3Handler, FlashForwardImpl,
+    BindAttrs(BindTokensV3(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()))
+                  .Ret<ffi::AnyBuffer>()           // out
+                  .Ret<ffi::Buffer<ffi::F32>>())   // lse
+        .Attr<int64_t>("dropout_threshold"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FlashBackwardV3Handler, FlashBackwardImpl,
+    BindAttrs(BindTokensV3(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                               .Arg<ffi::AnyBuffer>()          // out
+                               .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                               .Arg<ffi::AnyBuffer>()          // dout
+                               .Arg<ffi::Buffer<ffi::F32>>())  // dlse (0 elements: none)
+                  .Ret<ffi::AnyBuffer>()   // dq
+                  .Ret<ffi::AnyBuffer>()   // dk
+                  .Ret<ffi::AnyBuffer>())  // dv
+        .Attr<int64_t>("dropout_threshold"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FlashLogitsGradV3Handler, FlashLogitsGradImpl,
+    BindAttrs(BindTokensV3(BindProblem(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
+                               .Arg<ffi::AnyBuffer>()          // out
+                               .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                               .Arg<ffi::AnyBuffer>()          // dout
+                               .Arg<ffi::Buffer<ffi::F32>>())  // dlse
+                  .Ret<ffi::Buffer<ffi::F32>>())  // dlogits
+        .Attr<int64_t>("dropout_threshold"));
 
 // The original (_v1) layouts: no token operands.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -281,6 +366,9 @@ std::vector<FfiTarget> FlashTargets() {
       {"jaxattn_flash_fwd_v2", reinterpret_cast<void*>(FlashForwardHandler)},
       {"jaxattn_flash_bwd_v2", reinterpret_cast<void*>(FlashBackwardHandler)},
       {"jaxattn_flash_dlogits_v2", reinterpret_cast<void*>(FlashLogitsGradHandler)},
+      {"jaxattn_flash_fwd_v3", reinterpret_cast<void*>(FlashForwardV3Handler)},
+      {"jaxattn_flash_bwd_v3", reinterpret_cast<void*>(FlashBackwardV3Handler)},
+      {"jaxattn_flash_dlogits_v3", reinterpret_cast<void*>(FlashLogitsGradV3Handler)},
       {"jaxattn_flash_jvp_v1", reinterpret_cast<void*>(FlashJvpHandler)},
   };
 }

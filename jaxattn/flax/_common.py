@@ -111,12 +111,17 @@ def check_implementation(implementation: str, cfg: AttentionConfig) -> str:
 
 def _attend(implementation: str, q: Array, k: Array, v: Array, mask: Array | None, *,
             is_causal: bool, window: tuple[int, int] | None,
-            soft_cap: float | None, segment_ids: Array | None = None) -> Array:
+            soft_cap: float | None, segment_ids: Array | None = None,
+            dropout: dict | None = None) -> Array:
     """One attention call through jaxattn's kernels or, for comparisons, XLA's.
 
     ``segment_ids``: int ``[B, T]`` of a self-attention call (packed sequences), or None.
+    ``dropout``: ``flash_attention``'s dropout keywords, or None.
     """
     if implementation == "xla":
+        if dropout:
+            raise NotImplementedError("implementation='xla' has no attention dropout; use "
+                                      "implementation='jaxattn' or deterministic=True")
         if segment_ids is not None:  # the same visibility as a dense mask
             same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
             mask = same if mask is None else mask & same
@@ -124,7 +129,7 @@ def _attend(implementation: str, q: Array, k: Array, v: Array, mask: Array | Non
                                             local_window_size=window, implementation="xla")
     return flash_attention(q, k, v, mask=mask, is_causal=is_causal, local_window_size=window,
                            logits_soft_cap=soft_cap, query_segment_ids=segment_ids,
-                           key_value_segment_ids=segment_ids)
+                           key_value_segment_ids=segment_ids, **(dropout or {}))
 
 
 def fold_segment_ids(segment_ids: Any, batch_shape: tuple[int, ...], length: int,
@@ -177,12 +182,14 @@ def _combined_mask(cfg: AttentionConfig, m: Any) -> Any:
 
 def full_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array,
                    mask: Array | None, implementation: str = "jaxattn",
-                   sparse_mask: Any | None = None, segment_ids: Array | None = None) -> Array:
+                   sparse_mask: Any | None = None, segment_ids: Array | None = None,
+                   dropout: dict | None = None) -> Array:
     """Self-attention over the whole input: q ``[B, T, N, H]``, k/v ``[B, T, K, H]``.
 
     ``sparse_mask``: the layer's complete mask from ``layer_sparse_mask`` (causality and window
     included), or None. ``segment_ids``: int ``[B or 1, T]`` (``fold_segment_ids``): packed
-    sequences, token ``i`` attends to ``j`` only where their ids are equal.
+    sequences, token ``i`` attends to ``j`` only where their ids are equal. ``dropout``:
+    ``flash_attention``'s dropout keywords (``dropout_layer_options``), or None.
     """
     if cfg.use_rope:
         positions = jnp.arange(q.shape[1])
@@ -199,9 +206,10 @@ def full_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array,
                              f"an input of {q.shape[1]}")
         if implementation == "xla":  # the same mask, dense, for comparisons
             dense = jnp.asarray(sparse_mask.to_dense())[None]
-            return _attend("xla", q, k, v, dense, is_causal=False, window=None, soft_cap=None)
+            return _attend("xla", q, k, v, dense, is_causal=False, window=None, soft_cap=None,
+                           dropout=dropout)
         return jaxattn.block_sparse_attention(q, k, v, sparse_mask,
-                                              logits_soft_cap=cfg.soft_cap)
+                                              logits_soft_cap=cfg.soft_cap, **(dropout or {}))
     if mask is not None:
         mask = jnp.asarray(mask)
         if mask.dtype != jnp.bool_:
@@ -209,7 +217,24 @@ def full_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array,
     if segment_ids is not None and segment_ids.shape[0] != q.shape[0]:
         segment_ids = jnp.broadcast_to(segment_ids, (q.shape[0], segment_ids.shape[1]))
     return _attend(implementation, q, k, v, mask, is_causal=cfg.is_causal, window=cfg.window,
-                   soft_cap=cfg.soft_cap, segment_ids=segment_ids)
+                   soft_cap=cfg.soft_cap, segment_ids=segment_ids, dropout=dropout)
+
+
+def dropout_layer_options(rate: float, broadcast: bool, deterministic: bool | None,
+                          default_deterministic: bool | None, make_rng: Any) -> dict | None:
+    """The dropout keywords of one layer call (None: no dropout), as Flax's attention layers
+    decide: ``deterministic`` from the call, else the layer's, required when ``rate > 0``;
+    ``make_rng()`` gives the key."""
+    if not rate:
+        return None
+    if deterministic is None:
+        deterministic = default_deterministic
+    if deterministic is None:
+        raise ValueError("this layer has dropout_rate > 0: pass deterministic=True or False "
+                         "(to the call or the constructor)")
+    if deterministic:
+        return None
+    return dict(dropout_rate=rate, dropout_rng=make_rng(), dropout_broadcast=bool(broadcast))
 
 
 def _overflow_message(current: int, steps: int, max_length: int) -> str:
