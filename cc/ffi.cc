@@ -568,6 +568,8 @@ struct DecodeTokenOperands {
   const S32Buffer& q_positions;
   const S32Buffer& kv_positions;
   const F32Buffer& alibi_slopes;
+  // The _v3 (quantized: _v2) targets: query_lengths [Bq] (0 elements: T each).
+  const S32Buffer* q_lengths = nullptr;
 };
 
 ffi::Error ReadDecodeTokens(const DecodeTokenOperands& in, DecodeAttentionProblem* p) {
@@ -601,6 +603,14 @@ ffi::Error ReadDecodeTokens(const DecodeTokenOperands& in, DecodeAttentionProble
     }
     p->alibi_slopes = in.alibi_slopes.typed_data();
     p->alibi_batch = in.alibi_slopes.dimensions()[0];
+  }
+  if (in.q_lengths != nullptr && in.q_lengths->element_count() != 0) {
+    if (in.q_lengths->dimensions().size() != 1) {
+      return InvalidArgument("decode: query_lengths must have shape [B], got " +
+                             ShapeString(in.q_lengths->dimensions()));
+    }
+    p->q_lengths = in.q_lengths->typed_data();
+    p->q_lengths_batch = in.q_lengths->element_count();
   }
   return ffi::Error::Success();
 }
@@ -791,6 +801,58 @@ ffi::Error QuantPagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer quer
                    lse, scale, soft_cap, window_left, strict_lengths, &key_scale, &value_scale);
 }
 
+// _v3 (quantized: _v2): the targets above plus query_lengths [B] int32 (0 elements: T each)
+// after the token operands; any T (beyond 16 tokens the flash kernels run over the cache).
+ffi::Error DecodeForwardV3Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                               ffi::AnyBuffer value, S32Buffer kv_lengths,
+                               S32Buffer q_positions, S32Buffer kv_positions,
+                               F32Buffer alibi_slopes, S32Buffer q_lengths,
+                               ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
+                               float soft_cap, int64_t window_left, bool strict_lengths) {
+  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes, &q_lengths};
+  return DecodeRun(pool, query, key, value, nullptr, kv_lengths, &tokens, out, lse, scale,
+                   soft_cap, window_left, strict_lengths);
+}
+
+ffi::Error PagedDecodeForwardV3Impl(ffi::ThreadPool pool, ffi::AnyBuffer query,
+                                    ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
+                                    S32Buffer block_tables, S32Buffer kv_lengths,
+                                    S32Buffer q_positions, S32Buffer kv_positions,
+                                    F32Buffer alibi_slopes, S32Buffer q_lengths,
+                                    ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
+                                    float soft_cap, int64_t window_left, bool strict_lengths) {
+  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes, &q_lengths};
+  return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, &tokens, out,
+                   lse, scale, soft_cap, window_left, strict_lengths);
+}
+
+ffi::Error QuantDecodeForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query,
+                                    ffi::AnyBuffer key, ffi::AnyBuffer value,
+                                    F32Buffer key_scale, F32Buffer value_scale,
+                                    S32Buffer kv_lengths, S32Buffer q_positions,
+                                    S32Buffer kv_positions, F32Buffer alibi_slopes,
+                                    S32Buffer q_lengths, ffi::Result<ffi::AnyBuffer> out,
+                                    F32Result lse, float scale, float soft_cap,
+                                    int64_t window_left, bool strict_lengths) {
+  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes, &q_lengths};
+  return DecodeRun(pool, query, key, value, nullptr, kv_lengths, &tokens, out, lse, scale,
+                   soft_cap, window_left, strict_lengths, &key_scale, &value_scale);
+}
+
+ffi::Error QuantPagedDecodeForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query,
+                                         ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
+                                         F32Buffer key_scale, F32Buffer value_scale,
+                                         S32Buffer block_tables, S32Buffer kv_lengths,
+                                         S32Buffer q_positions, S32Buffer kv_positions,
+                                         F32Buffer alibi_slopes, S32Buffer q_lengths,
+                                         ffi::Result<ffi::AnyBuffer> out, F32Result lse,
+                                         float scale, float soft_cap, int64_t window_left,
+                                         bool strict_lengths) {
+  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes, &q_lengths};
+  return DecodeRun(pool, query, key_pages, value_pages, &block_tables, kv_lengths, &tokens, out,
+                   lse, scale, soft_cap, window_left, strict_lengths, &key_scale, &value_scale);
+}
+
 // Cache writes: pool [P, L, ...] (aliased to the result: in place under buffer donation),
 // rows [B, T, ...] of the pool's dtype and trailing shape, pages and slots [B, T] int32.
 ffi::Error CacheWriteImpl(ffi::AnyBuffer pool, ffi::AnyBuffer rows, S32Buffer pages,
@@ -939,6 +1001,12 @@ auto BindDecodeTokens(Binding binding) {
   return std::move(binding).template Arg<S32Buffer>()  // query_positions (0 elements: none)
       .template Arg<S32Buffer>()                        // key_value_positions
       .template Arg<ffi::Buffer<ffi::F32>>();           // alibi_slopes
+}
+
+// ... and query_lengths after them (the _v3 and quantized _v2 targets).
+template <typename Binding>
+auto BindDecodeTokensV3(Binding binding) {
+  return BindDecodeTokens(std::move(binding)).template Arg<S32Buffer>();  // query_lengths
 }
 
 template <typename Binding>
@@ -1169,6 +1237,48 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<S32Buffer>()          // block_tables
                           .Arg<S32Buffer>())));      // kv_lengths
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DecodeForwardV3Handler, DecodeForwardV3Impl,
+    BindDecodeResultsV2(BindDecodeTokensV3(ffi::Ffi::Bind()
+                            .Ctx<ffi::ThreadPool>()
+                            .Arg<ffi::AnyBuffer>()     // query
+                            .Arg<ffi::AnyBuffer>()     // key_cache
+                            .Arg<ffi::AnyBuffer>()     // value_cache
+                            .Arg<S32Buffer>())));      // kv_lengths
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PagedDecodeForwardV3Handler, PagedDecodeForwardV3Impl,
+    BindDecodeResultsV2(BindDecodeTokensV3(ffi::Ffi::Bind()
+                            .Ctx<ffi::ThreadPool>()
+                            .Arg<ffi::AnyBuffer>()     // query
+                            .Arg<ffi::AnyBuffer>()     // key_pages
+                            .Arg<ffi::AnyBuffer>()     // value_pages
+                            .Arg<S32Buffer>()          // block_tables
+                            .Arg<S32Buffer>())));      // kv_lengths
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    QuantDecodeForwardV2Handler, QuantDecodeForwardV2Impl,
+    BindDecodeResultsV2(BindDecodeTokensV3(ffi::Ffi::Bind()
+                          .Ctx<ffi::ThreadPool>()
+                          .Arg<ffi::AnyBuffer>()     // query
+                          .Arg<ffi::AnyBuffer>()     // key_cache (int8 / float8)
+                          .Arg<ffi::AnyBuffer>()     // value_cache
+                          .Arg<F32Buffer>()          // key_scale (0 elements: 1)
+                          .Arg<F32Buffer>()          // value_scale
+                          .Arg<S32Buffer>())));      // kv_lengths
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    QuantPagedDecodeForwardV2Handler, QuantPagedDecodeForwardV2Impl,
+    BindDecodeResultsV2(BindDecodeTokensV3(ffi::Ffi::Bind()
+                          .Ctx<ffi::ThreadPool>()
+                          .Arg<ffi::AnyBuffer>()     // query
+                          .Arg<ffi::AnyBuffer>()     // key_pages (int8 / float8)
+                          .Arg<ffi::AnyBuffer>()     // value_pages
+                          .Arg<F32Buffer>()          // key_scale (0 elements: 1)
+                          .Arg<F32Buffer>()          // value_scale
+                          .Arg<S32Buffer>()          // block_tables
+                          .Arg<S32Buffer>())));      // kv_lengths
+
 }  // namespace jaxattn
 
 // Gated linear attention (gated_linear.h).
@@ -1364,6 +1474,11 @@ std::vector<FfiTarget> FfiTargets() {
       {"jaxattn_quant_decode_fwd_v1", reinterpret_cast<void*>(QuantDecodeForwardHandler)},
       {"jaxattn_quant_paged_decode_fwd_v1",
        reinterpret_cast<void*>(QuantPagedDecodeForwardHandler)},
+      {"jaxattn_decode_fwd_v3", reinterpret_cast<void*>(DecodeForwardV3Handler)},
+      {"jaxattn_paged_decode_fwd_v3", reinterpret_cast<void*>(PagedDecodeForwardV3Handler)},
+      {"jaxattn_quant_decode_fwd_v2", reinterpret_cast<void*>(QuantDecodeForwardV2Handler)},
+      {"jaxattn_quant_paged_decode_fwd_v2",
+       reinterpret_cast<void*>(QuantPagedDecodeForwardV2Handler)},
       {"jaxattn_cache_write_v1", reinterpret_cast<void*>(CacheWriteHandler)},
       {"jaxattn_sparse_fwd_v1", reinterpret_cast<void*>(SparseForwardV1Handler)},
       {"jaxattn_sparse_bwd_v1", reinterpret_cast<void*>(SparseBackwardV1Handler)},
