@@ -32,7 +32,7 @@ static constexpr Float8Table MakeFloat8Table(int mantissa_bits, int bias, bool i
   const int exponents = 1 << (7 - mantissa_bits), mantissas = 1 << mantissa_bits;
   for (int byte = 0; byte < 256; ++byte) {
     const int e = (byte & 0x7f) >> mantissa_bits, m = byte & (mantissas - 1);
-    float x;
+    float x = 0.0f;
     if (e == 0) {
       x = static_cast<float>(m) * Pow2(1 - bias - mantissa_bits);
     } else {

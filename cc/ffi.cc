@@ -1003,12 +1003,6 @@ auto BindDecodeTokens(Binding binding) {
       .template Arg<ffi::Buffer<ffi::F32>>();           // alibi_slopes
 }
 
-// ... and query_lengths after them (the _v3 and quantized _v2 targets).
-template <typename Binding>
-auto BindDecodeTokensV3(Binding binding) {
-  return BindDecodeTokens(std::move(binding)).template Arg<S32Buffer>();  // query_lengths
-}
-
 template <typename Binding>
 auto BindDecodeResultsV2(Binding binding) {
   return std::move(binding).template Ret<ffi::AnyBuffer>()  // out
@@ -1239,37 +1233,40 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DecodeForwardV3Handler, DecodeForwardV3Impl,
-    BindDecodeResultsV2(BindDecodeTokensV3(ffi::Ffi::Bind()
+    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
                             .Ctx<ffi::ThreadPool>()
                             .Arg<ffi::AnyBuffer>()     // query
                             .Arg<ffi::AnyBuffer>()     // key_cache
                             .Arg<ffi::AnyBuffer>()     // value_cache
-                            .Arg<S32Buffer>())));      // kv_lengths
+                            .Arg<S32Buffer>())     // kv_lengths
+                        .Arg<S32Buffer>()));       // query_lengths
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     PagedDecodeForwardV3Handler, PagedDecodeForwardV3Impl,
-    BindDecodeResultsV2(BindDecodeTokensV3(ffi::Ffi::Bind()
+    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
                             .Ctx<ffi::ThreadPool>()
                             .Arg<ffi::AnyBuffer>()     // query
                             .Arg<ffi::AnyBuffer>()     // key_pages
                             .Arg<ffi::AnyBuffer>()     // value_pages
                             .Arg<S32Buffer>()          // block_tables
-                            .Arg<S32Buffer>())));      // kv_lengths
+                            .Arg<S32Buffer>())     // kv_lengths
+                        .Arg<S32Buffer>()));       // query_lengths
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     QuantDecodeForwardV2Handler, QuantDecodeForwardV2Impl,
-    BindDecodeResultsV2(BindDecodeTokensV3(ffi::Ffi::Bind()
+    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
                           .Ctx<ffi::ThreadPool>()
                           .Arg<ffi::AnyBuffer>()     // query
                           .Arg<ffi::AnyBuffer>()     // key_cache (int8 / float8)
                           .Arg<ffi::AnyBuffer>()     // value_cache
                           .Arg<F32Buffer>()          // key_scale (0 elements: 1)
                           .Arg<F32Buffer>()          // value_scale
-                          .Arg<S32Buffer>())));      // kv_lengths
+                          .Arg<S32Buffer>())     // kv_lengths
+                        .Arg<S32Buffer>()));       // query_lengths
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     QuantPagedDecodeForwardV2Handler, QuantPagedDecodeForwardV2Impl,
-    BindDecodeResultsV2(BindDecodeTokensV3(ffi::Ffi::Bind()
+    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
                           .Ctx<ffi::ThreadPool>()
                           .Arg<ffi::AnyBuffer>()     // query
                           .Arg<ffi::AnyBuffer>()     // key_pages (int8 / float8)
@@ -1277,7 +1274,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<F32Buffer>()          // key_scale (0 elements: 1)
                           .Arg<F32Buffer>()          // value_scale
                           .Arg<S32Buffer>()          // block_tables
-                          .Arg<S32Buffer>())));      // kv_lengths
+                          .Arg<S32Buffer>())     // kv_lengths
+                        .Arg<S32Buffer>()));       // query_lengths
 
 }  // namespace jaxattn
 
