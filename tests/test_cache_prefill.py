@@ -280,7 +280,7 @@ _THREAD_SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng(0)
     outs = []
     for dtype, cache in [(np.float32, None), (jnp.bfloat16, None), (np.float32, jnp.int8)]:
-        b, t, s, n, k, h = 2, 150, 700, 8, 2, 64
+        b, t, s, n, k, h = 2, 150, 704, 8, 2, 64
         q = rng.standard_normal((b, t, n, h)).astype(dtype)
         kc = rng.standard_normal((b, s, k, h)).astype(np.float32)
         vc = rng.standard_normal((b, s, k, h)).astype(np.float32)
@@ -300,7 +300,7 @@ _THREAD_SCRIPT = textwrap.dedent("""
             scales = {name: x[tables.ravel()] for name, x in scales.items()}
         tables = np.arange(b * s // 16, dtype=np.int32).reshape(b, -1)
         out, lse = jaxattn.paged_decode_attention(
-            q, pk, pv, tables, np.array([700, 333], np.int32), return_residual=True,
+            q, pk, pv, tables, np.array([704, 333], np.int32), return_residual=True,
             query_lengths=np.array([150, 120], np.int32), **scales)
         outs += [np.asarray(out).view(np.uint8).ravel(), np.asarray(lse).view(np.uint8).ravel()]
     np.save(sys.argv[1], np.concatenate(outs))
