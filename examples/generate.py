@@ -100,7 +100,7 @@ def finish_block(layer: dict, x: Array, attn: Array) -> Array:
 
 
 def logits_of(params: dict, x: Array) -> Array:
-    return rms_norm(x) @ params["embed"].T
+    return rms_norm(x) @ params["embed"].T / np.sqrt(x.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +123,9 @@ def new_pools(config: Config, num_pages: int, page_size: int, dtype: Any) -> lis
                                      jnp.dtype(jnp.float8_e5m2))
     pools = []
     for _ in range(config.layers):
-        scales = (jnp.zeros(shape[:3], jnp.float32),) * 2 if quantized else (None, None)
+        # Two arrays, never one twice: the pools are donated to the steps.
+        scales = tuple(jnp.zeros(shape[:3], jnp.float32) for _ in range(2)) if quantized \
+            else (None, None)
         pools.append(Pool(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), *scales))
     return pools
 
@@ -330,21 +332,33 @@ def full_logits(config: Config, params: dict, tokens: Array) -> Array:
     return logits_of(params, x)
 
 
+def last_logits(config: Config, params: dict, seqs: list[list[int]], width: int) -> np.ndarray:
+    """Logits [len(seqs), V] after each sequence, the sequences padded to `width` tokens (one
+    compilation for every length; causal, so the padding after a token never reaches it)."""
+    tokens = np.zeros((len(seqs), -(-width // 64) * 64), np.int32)  # few distinct shapes
+    for i, seq in enumerate(seqs):
+        tokens[i, :len(seq)] = seq
+    logits = np.asarray(full_logits(config, params, jnp.asarray(tokens)))
+    return logits[np.arange(len(seqs)), [len(seq) - 1 for seq in seqs]]
+
+
 def reference_greedy(config, params, prompt: list[int], new_tokens: int) -> np.ndarray:
-    seq = list(prompt)
+    seq, width = list(prompt), len(prompt) + new_tokens
     for _ in range(new_tokens):
-        seq.append(int(np.asarray(full_logits(config, params, jnp.asarray([seq]))[0, -1]).argmax()))
+        seq.append(int(last_logits(config, params, [seq], width)[0].argmax()))
     return np.array(seq[len(prompt):])
 
 
 def reference_beam(config, params, prompt: list[int], width: int, new_tokens: int):
-    logp = np.asarray(jax.nn.log_softmax(full_logits(config, params, jnp.asarray([prompt]))[0, -1]),
+    length = len(prompt) + new_tokens
+    logp = np.asarray(jax.nn.log_softmax(last_logits(config, params, [prompt], length)[0]),
                       np.float64)
     first = np.argsort(-logp, kind="stable")[:width]
     beams, scores = [[int(t)] for t in first], logp[first]
     for _ in range(new_tokens - 1):
-        seqs = jnp.asarray([prompt + beam for beam in beams])
-        logp = np.asarray(jax.nn.log_softmax(full_logits(config, params, seqs)[:, -1]), np.float64)
+        seqs = [prompt + beam for beam in beams]
+        logp = np.asarray(jax.nn.log_softmax(last_logits(config, params, seqs, length)),
+                          np.float64)
         total = (scores[:, None] + logp).ravel()
         best = np.argsort(-total, kind="stable")[:width]
         beams = [beams[i // config.vocab] + [int(i % config.vocab)] for i in best]

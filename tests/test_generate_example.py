@@ -5,6 +5,7 @@ attention over the whole sequence, recomputed every step)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ def generate():
     path = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
     spec = importlib.util.spec_from_file_location("generate_example", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
