@@ -1033,9 +1033,10 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   const int64_t bk = c.keys_per_tile, bkp = PaddedInner(c, bk);
   AmxTaskTiles amx_tiles(c.mode == ProductMode::kAmxTiles);
 
+  const int64_t cache_tile = KvTileScratch(p, bk, MaxI(p.head_dim, p.value_dim));
   Carver carve{tls_scratch.Get(kScratchSlack +
-      16 * 13 + mrp * (c.hp + c.hvp + bkp + bkp / 2) + max_rows * 6 + c.hp * bkp +
-      bk * c.hvp + kVL * c.hp + bk + 64)};
+      16 * 14 + mrp * (c.hp + c.hvp + bkp + bkp / 2) + max_rows * 6 + c.hp * bkp +
+      bk * c.hvp + kVL * c.hp + bk + 64 + cache_tile)};
   RowInfo* rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
   int64_t* offsets = reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
   float* q = carve.Take(mrp * c.hp);
@@ -1047,6 +1048,7 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   float* v = carve.Take(bk * c.hvp);
   float* block = carve.Take(kVL * c.hp);
   float* prob_pairs = carve.Take(mrp * bkp / 2);
+  float* cache_rows = carve.Take(cache_tile);  // a quantized cache's dequantised tile
 
   const int64_t num_rows = QueryTileRows(c, kv_head, t0, tv1, rows);
   {
@@ -1089,10 +1091,10 @@ static void ForwardTask(void* job_ptr, int64_t task) {
           ((vb * p.num_kv_heads + kv_head) * blocks + block) * c.value_block_floats;
       ld_keys = bk;
     } else {
-      KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
-      PackDotColumns(c, p.key, offsets, nk, p.head_dim, 1.0f, kt, nkp, block);
-      KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
-      PackAcrossRows(c, p.value, offsets, nk, p.value_dim, v);
+      const void* keys = KvTileRows(p, false, kb, s0, nk, kv_head, offsets, cache_rows);
+      PackDotColumns(c, keys, offsets, nk, p.head_dim, 1.0f, kt, nkp, block);
+      const void* values = KvTileRows(p, true, vb, s0, nk, kv_head, offsets, cache_rows);
+      PackAcrossRows(c, values, offsets, nk, p.value_dim, v);
     }
 
     const bool full = kind == TileKind::kFull;
@@ -1204,16 +1206,19 @@ static void PackKeyValueTask(void* job_ptr, int64_t task) {
   const int64_t kv_head = head % p.num_kv_heads, batch = head / p.num_kv_heads;
   const int64_t s0 = block * bk, nk = MinI(bk, p.kv_len - s0);
   const int64_t dim = keys ? p.head_dim : p.value_dim;
-  Carver carve{tls_scratch.Get(kScratchSlack + 16 * 2 + bk * 2 + kVL * RoundUp(dim, kVL))};
+  const int64_t cache_tile = KvTileScratch(p, bk, dim);
+  Carver carve{tls_scratch.Get(kScratchSlack + 16 * 3 + bk * 2 + kVL * RoundUp(dim, kVL) +
+                               cache_tile)};
   int64_t* offsets = reinterpret_cast<int64_t*>(carve.Take(bk * 2));
   float* transpose_block = carve.Take(kVL * RoundUp(dim, kVL));
-  KeyOffsets(s0, nk, batch, p.kv_len, kv_head, p.num_kv_heads, dim, offsets);
+  float* cache_rows = carve.Take(cache_tile);
+  const void* base = KvTileRows(p, !keys, batch, s0, nk, kv_head, offsets, cache_rows);
   if (keys) {
     float* dst = const_cast<float*>(c.packed_keys) + index * c.key_block_floats;
-    PackDotColumns(c, p.key, offsets, nk, dim, 1.0f, dst, bk, transpose_block);
+    PackDotColumns(c, base, offsets, nk, dim, 1.0f, dst, bk, transpose_block);
   } else {
     float* dst = const_cast<float*>(c.packed_values) + index * c.value_block_floats;
-    PackAcrossRows(c, p.value, offsets, nk, dim, dst);
+    PackAcrossRows(c, base, offsets, nk, dim, dst);
   }
 }
 

@@ -302,6 +302,11 @@ def _paged_decode_abstract(q, key_pages, value_pages, block_tables, kv_lengths, 
             q.update(shape=(b, t, n), dtype=jnp.float32))
 
 
+# The decode targets' operands after kv_lengths: query_positions, key_value_positions,
+# alibi_slopes, query_lengths (each empty when absent).
+_DECODE_TOKENS = 4
+
+
 def _paged_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
                              dims: Sequence[int | None], **params):
     """Folds the vmapped axis into the batch of query, block_tables and kv_lengths.
@@ -312,9 +317,9 @@ def _paged_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
     V*P pages and instance v's page ids are shifted by v*P; out-of-range ids stay out of range
     (-1) so that the kernel still rejects them.
     """
-    q, *pools, block_tables, kv_lengths = args[:len(args) - 3]
-    q_dim, *pool_dims, bt_dim, len_dim = dims[:len(dims) - 3]
-    tokens, token_dims = args[len(args) - 3:], dims[len(dims) - 3:]
+    q, *pools, block_tables, kv_lengths = args[:len(args) - _DECODE_TOKENS]
+    q_dim, *pool_dims, bt_dim, len_dim = dims[:len(dims) - _DECODE_TOKENS]
+    tokens, token_dims = args[len(args) - _DECODE_TOKENS:], dims[len(dims) - _DECODE_TOKENS:]
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     if any(d is not None for d in pool_dims):
         def mapped(x, d):
@@ -364,35 +369,36 @@ def _quant_decode_batch_rule(prim: Primitive, args: Sequence[jax.Array],
 
 # Operands: query [B,T,N,H], key_cache [B,Smax,K,H], value_cache [B,Smax,K,Hv] (key and value
 # caches may differ in batch: a vmap mapping one of them), kv_lengths [B] int32, then
-# query_positions [B,T], key_value_positions [B,Smax] (int32) and alibi_slopes [B,N]
-# (float32), each of batch 1 or B or empty (absent); attributes: scale, soft_cap,
-# window_left, strict_lengths. Results: out [B,T,N,Hv], lse [B,T,N] f32.
-decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v2", _decode_abstract,
-                       axes="btnh,bskh,bskd,b,bt,bs,bn->btnd,btn")
+# query_positions [B,T], key_value_positions [B,Smax] (int32), alibi_slopes [B,N] (float32)
+# and query_lengths [B] (int32), each of batch 1 or B or empty (absent); attributes: scale,
+# soft_cap, window_left, strict_lengths. Results: out [B,T,N,Hv], lse [B,T,N] f32. Any T
+# (beyond 16 tokens the kernel runs the flash tiles over the cache).
+decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v3", _decode_abstract,
+                       axes="btnh,bskh,bskd,b,bt,bs,bn,b->btnd,btn")
 # Operands: query, key_pages [P,page,K,H], value_pages [P,page,K,Hv], block_tables
 # [B,max_pages] int32, kv_lengths [B] int32, then the token operands as decode_fwd_p
 # (key_value_positions [B, max_pages * page]); attributes and results as decode_fwd_p.
-paged_decode_fwd_p = _define("jaxattn_paged_decode_fwd", "jaxattn_paged_decode_fwd_v2",
+paged_decode_fwd_p = _define("jaxattn_paged_decode_fwd", "jaxattn_paged_decode_fwd_v3",
                              _paged_decode_abstract, batch_rule=_paged_decode_batch_rule,
-                             axes="btnh,pskh,pskd,bm,b,bt,bj,bn->btnd,btn",
+                             axes="btnh,pskh,pskd,bm,b,bt,bj,bn,b->btnd,btn",
                              partition="h")  # P is no batch
 
 
 def no_decode_tokens() -> tuple[jax.Array, ...]:
-    """The three absent token operands of the decode targets."""
+    """The four absent token operands of the decode targets."""
     ints = jnp.zeros((0,), jnp.int32)
-    return (ints, ints, jnp.zeros((0,), jnp.float32))
+    return (ints, ints, jnp.zeros((0,), jnp.float32), ints)
 
 
 # Quantized caches (int8, float8_e4m3fn, float8_e5m2): the operands above plus key_scale and
 # value_scale after the caches, float32 [B,Smax,K] / [P,page,K] or empty (scale 1).
-quant_decode_fwd_p = _define("jaxattn_quant_decode_fwd", "jaxattn_quant_decode_fwd_v1",
+quant_decode_fwd_p = _define("jaxattn_quant_decode_fwd", "jaxattn_quant_decode_fwd_v2",
                              _quant_decode_abstract, batch_rule=_quant_decode_batch_rule,
-                             axes="btnh,bskh,bskd,bsk,bsk,b,bt,bs,bn->btnd,btn")
+                             axes="btnh,bskh,bskd,bsk,bsk,b,bt,bs,bn,b->btnd,btn")
 quant_paged_decode_fwd_p = _define(
-    "jaxattn_quant_paged_decode_fwd", "jaxattn_quant_paged_decode_fwd_v1",
+    "jaxattn_quant_paged_decode_fwd", "jaxattn_quant_paged_decode_fwd_v2",
     _quant_paged_decode_abstract, batch_rule=_paged_decode_batch_rule,
-    axes="btnh,pskh,pskd,psk,psk,bm,b,bt,bj,bn->btnd,btn", partition="h")
+    axes="btnh,pskh,pskd,psk,psk,bm,b,bt,bj,bn,b->btnd,btn", partition="h")
 
 
 def decode_attrs(scale: float, soft_cap: float | None, window_left: int | None,

@@ -487,8 +487,8 @@ def test_nnx_decode_under_jit(rng):
 
 # A step past max_length under jit: dynamic_update_slice clamps the write, so the step would
 # attend to a wrong cache. It must fail at run time instead (issue 13, item 2): the decode
-# kernel's strict_lengths check for steps of <= 16 tokens, a host check for longer chunks and
-# for implementation="xla".
+# kernel's strict_lengths check for steps and prefill chunks of any size, a host check for
+# implementation="xla".
 # (A host callback's error reaches Python as a ValueError, a kernel's as JaxRuntimeError.)
 RUN_TIME_ERRORS = (jax.errors.JaxRuntimeError, ValueError)
 OVERFLOWS = {"decode_kernel": ((1,) * 4, 1), "prefill_chunk": ((20,), 20),
@@ -731,8 +731,8 @@ def _quantized_reference(project, x, cache_dtype):
                          ids=["int8", "e4m3", "e5m2"])
 @pytest.mark.parametrize("chunks", [(20, 1, 1), (1,) * 6, (9, 3, 10)])
 def test_nnx_quantized_cache_prefill_then_decode(rng, cache_dtype, chunks):
-    """A prompt prefilled in one call (T = 20 > 16: flash over the dequantised cache; T <= 16:
-    the decode kernel on the quantized cache), then token-by-token decoding: the output of
+    """A prompt prefilled in one call (T = 20 > 16: the flash tiles over the quantized cache;
+    T <= 16: the split-KV decode kernel), then token-by-token decoding: the output of
     attention over the quantized-then-dequantised keys and values."""
     model = NnxFlash(32, 4, num_kv_heads=2, use_rope=True, kv_cache_dtype=cache_dtype,
                      rngs=nnx.Rngs(0))

@@ -1,5 +1,6 @@
-// Decoding attention targets (cc/decode_impl.h): a few query tokens against a contiguous or
-// paged KV cache, optionally quantized (int8 / float8 with float32 scales).
+// Decoding attention targets (cc/decode_impl.h; beyond 16 tokens cc/cache_attention.cc): query
+// tokens against a contiguous or paged KV cache, optionally quantized (int8 / float8 with
+// float32 scales).
 #include <string>
 #include <utility>
 #include <vector>
@@ -39,6 +40,8 @@ struct DecodeTokenOperands {
   const S32Buffer& q_positions;
   const S32Buffer& kv_positions;
   const F32Buffer& alibi_slopes;
+  // The _v3 (quantized: _v2) targets: query_lengths [Bq] (0 elements: T each).
+  const S32Buffer* q_lengths = nullptr;
 };
 
 ffi::Error ParseDecodeTokens(const DecodeTokenOperands& in, DecodeAttentionProblem* p) {
@@ -72,6 +75,14 @@ ffi::Error ParseDecodeTokens(const DecodeTokenOperands& in, DecodeAttentionProbl
     }
     p->alibi_slopes = in.alibi_slopes.typed_data();
     p->alibi_batch = in.alibi_slopes.dimensions()[0];
+  }
+  if (in.q_lengths != nullptr && in.q_lengths->element_count() != 0) {
+    if (in.q_lengths->dimensions().size() != 1) {
+      return InvalidArgument("decode: query_lengths must have shape [B], got " +
+                             ShapeString(in.q_lengths->dimensions()));
+    }
+    p->q_lengths = in.q_lengths->typed_data();
+    p->q_lengths_batch = in.q_lengths->element_count();
   }
   return ffi::Error::Success();
 }
@@ -255,6 +266,58 @@ ffi::Error QuantPagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer quer
                    lse, scale, soft_cap, window_left, strict_lengths, &key_scale, &value_scale);
 }
 
+// _v3 (quantized: _v2): the targets above plus query_lengths [B] int32 (0 elements: T each)
+// after the token operands; any T (beyond 16 tokens the flash kernels run over the cache).
+ffi::Error DecodeForwardV3Impl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                               ffi::AnyBuffer value, S32Buffer kv_lengths,
+                               S32Buffer q_positions, S32Buffer kv_positions,
+                               F32Buffer alibi_slopes, S32Buffer q_lengths,
+                               ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
+                               float soft_cap, int64_t window_left, bool strict_lengths) {
+  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes, &q_lengths};
+  return RunDecode(pool, query, key, value, nullptr, kv_lengths, &tokens, out, lse, scale,
+                   soft_cap, window_left, strict_lengths);
+}
+
+ffi::Error PagedDecodeForwardV3Impl(ffi::ThreadPool pool, ffi::AnyBuffer query,
+                                    ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
+                                    S32Buffer block_tables, S32Buffer kv_lengths,
+                                    S32Buffer q_positions, S32Buffer kv_positions,
+                                    F32Buffer alibi_slopes, S32Buffer q_lengths,
+                                    ffi::Result<ffi::AnyBuffer> out, F32Result lse, float scale,
+                                    float soft_cap, int64_t window_left, bool strict_lengths) {
+  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes, &q_lengths};
+  return RunDecode(pool, query, key_pages, value_pages, &block_tables, kv_lengths, &tokens, out,
+                   lse, scale, soft_cap, window_left, strict_lengths);
+}
+
+ffi::Error QuantDecodeForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query,
+                                    ffi::AnyBuffer key, ffi::AnyBuffer value,
+                                    F32Buffer key_scale, F32Buffer value_scale,
+                                    S32Buffer kv_lengths, S32Buffer q_positions,
+                                    S32Buffer kv_positions, F32Buffer alibi_slopes,
+                                    S32Buffer q_lengths, ffi::Result<ffi::AnyBuffer> out,
+                                    F32Result lse, float scale, float soft_cap,
+                                    int64_t window_left, bool strict_lengths) {
+  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes, &q_lengths};
+  return RunDecode(pool, query, key, value, nullptr, kv_lengths, &tokens, out, lse, scale,
+                   soft_cap, window_left, strict_lengths, &key_scale, &value_scale);
+}
+
+ffi::Error QuantPagedDecodeForwardV2Impl(ffi::ThreadPool pool, ffi::AnyBuffer query,
+                                         ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
+                                         F32Buffer key_scale, F32Buffer value_scale,
+                                         S32Buffer block_tables, S32Buffer kv_lengths,
+                                         S32Buffer q_positions, S32Buffer kv_positions,
+                                         F32Buffer alibi_slopes, S32Buffer q_lengths,
+                                         ffi::Result<ffi::AnyBuffer> out, F32Result lse,
+                                         float scale, float soft_cap, int64_t window_left,
+                                         bool strict_lengths) {
+  const DecodeTokenOperands tokens{q_positions, kv_positions, alibi_slopes, &q_lengths};
+  return RunDecode(pool, query, key_pages, value_pages, &block_tables, kv_lengths, &tokens, out,
+                   lse, scale, soft_cap, window_left, strict_lengths, &key_scale, &value_scale);
+}
+
 // The results and attributes of the _v1 decode targets.
 template <typename Binding>
 auto BindDecodeResults(Binding binding) {
@@ -347,6 +410,53 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<S32Buffer>()          // block_tables
                           .Arg<S32Buffer>())));      // kv_lengths
 
+// _v3 / quantized _v2: query_lengths after the token operands.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DecodeForwardV3Handler, DecodeForwardV3Impl,
+    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
+                            .Ctx<ffi::ThreadPool>()
+                            .Arg<ffi::AnyBuffer>()     // query
+                            .Arg<ffi::AnyBuffer>()     // key_cache
+                            .Arg<ffi::AnyBuffer>()     // value_cache
+                            .Arg<S32Buffer>())     // kv_lengths
+                        .Arg<S32Buffer>()));       // query_lengths
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PagedDecodeForwardV3Handler, PagedDecodeForwardV3Impl,
+    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
+                            .Ctx<ffi::ThreadPool>()
+                            .Arg<ffi::AnyBuffer>()     // query
+                            .Arg<ffi::AnyBuffer>()     // key_pages
+                            .Arg<ffi::AnyBuffer>()     // value_pages
+                            .Arg<S32Buffer>()          // block_tables
+                            .Arg<S32Buffer>())     // kv_lengths
+                        .Arg<S32Buffer>()));       // query_lengths
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    QuantDecodeForwardV2Handler, QuantDecodeForwardV2Impl,
+    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
+                          .Ctx<ffi::ThreadPool>()
+                          .Arg<ffi::AnyBuffer>()     // query
+                          .Arg<ffi::AnyBuffer>()     // key_cache (int8 / float8)
+                          .Arg<ffi::AnyBuffer>()     // value_cache
+                          .Arg<F32Buffer>()          // key_scale (0 elements: 1)
+                          .Arg<F32Buffer>()          // value_scale
+                          .Arg<S32Buffer>())     // kv_lengths
+                        .Arg<S32Buffer>()));       // query_lengths
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    QuantPagedDecodeForwardV2Handler, QuantPagedDecodeForwardV2Impl,
+    BindDecodeResultsV2(BindDecodeTokens(ffi::Ffi::Bind()
+                          .Ctx<ffi::ThreadPool>()
+                          .Arg<ffi::AnyBuffer>()     // query
+                          .Arg<ffi::AnyBuffer>()     // key_pages (int8 / float8)
+                          .Arg<ffi::AnyBuffer>()     // value_pages
+                          .Arg<F32Buffer>()          // key_scale (0 elements: 1)
+                          .Arg<F32Buffer>()          // value_scale
+                          .Arg<S32Buffer>()          // block_tables
+                          .Arg<S32Buffer>())     // kv_lengths
+                        .Arg<S32Buffer>()));       // query_lengths
+
 std::vector<FfiTarget> DecodeTargets() {
   return {
       {"jaxattn_decode_fwd_v1", reinterpret_cast<void*>(DecodeForwardHandler)},
@@ -356,6 +466,11 @@ std::vector<FfiTarget> DecodeTargets() {
       {"jaxattn_quant_decode_fwd_v1", reinterpret_cast<void*>(QuantDecodeForwardHandler)},
       {"jaxattn_quant_paged_decode_fwd_v1",
        reinterpret_cast<void*>(QuantPagedDecodeForwardHandler)},
+      {"jaxattn_decode_fwd_v3", reinterpret_cast<void*>(DecodeForwardV3Handler)},
+      {"jaxattn_paged_decode_fwd_v3", reinterpret_cast<void*>(PagedDecodeForwardV3Handler)},
+      {"jaxattn_quant_decode_fwd_v2", reinterpret_cast<void*>(QuantDecodeForwardV2Handler)},
+      {"jaxattn_quant_paged_decode_fwd_v2",
+       reinterpret_cast<void*>(QuantPagedDecodeForwardV2Handler)},
   };
 }
 

@@ -17,11 +17,6 @@ from jaxattn.flash import flash_attention
 
 Array = jax.Array
 
-# decode_attention takes the newest T <= 16 tokens; longer chunks (a prompt prefill) go
-# through flash_attention with an explicit mask over the cache.
-MAX_DECODE_CHUNK = 16
-
-
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Validated, hashable options of a ``FlashSelfAttention`` layer."""
@@ -290,7 +285,9 @@ def cached_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array, cached_
         raise ValueError(f"decode input has batch size {k.shape[0]} but the cache was made for "
                          f"batch_size={cached_key.shape[0]}")
     checked = check_cache_room(index, steps, max_length)
-    uses_decode_kernel = implementation == "jaxattn" and steps <= MAX_DECODE_CHUNK
+    # decode_attention takes any number of new tokens (a whole prompt prefill included);
+    # the XLA reference implementation attends over the cache with an explicit mask.
+    uses_decode_kernel = implementation == "jaxattn"
     if not checked and not uses_decode_kernel:
         # Under jit the index is traced: an overflowing write would be clamped by
         # dynamic_update_slice and attended to as if it were right. Fail at run time instead.
