@@ -830,3 +830,26 @@ def test_from_function_with_a_block_classifier_evaluates_only_partial_blocks(mon
     assert sum(evaluated) <= 3 * t * 64, f"{sum(evaluated)} pairs evaluated"
     monkeypatch.setattr(masks, "_call_predicate", real)
     assert m == masks.local(t, window=(300, 0))
+
+
+def test_kernel_tables_of_empty_and_clipped_masks():
+    """No block at all, and masks whose every block is clipped at a sequence end, on every
+    table path."""
+    empty = BlockSparseMask.from_dense(np.zeros((130, 200), bool), block_q=64, block_kv=64)
+    tiny = masks.causal(5, 3, block_q=64, block_kv=64)  # one block, clipped both ways
+    for m in (empty, tiny):
+        want = _mask_tables._compile_by_tiles(m, 32, 64, 2, 1)
+        for got in (_mask_tables._compile_aligned(m, 32, 64, 2, 1),
+                    _mask_tables._compile_from_dense(m, 32, 64, 2, 1)):
+            for x, y in zip(got, want):
+                np.testing.assert_array_equal(x, y, err_msg=repr(m))
+    assert _mask_tables.compile_tables(empty, 64, 64, 1, 1)[1].shape == (0, 2)
+
+
+def test_stable_argsort_equals_numpys(rng):
+    """The radix argsort behind the key-major tables (one or two 16-bit passes) is NumPy's
+    stable argsort."""
+    for bound in (7, 1 << 16, (1 << 16) + 1, 1 << 20, 1 << 33):
+        key = rng.integers(0, bound, 5000)
+        np.testing.assert_array_equal(_mask_tables._stable_argsort(key, bound),
+                                      np.argsort(key, kind="stable"), err_msg=str(bound))
