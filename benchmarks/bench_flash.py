@@ -6,12 +6,14 @@ is their share of the machine's matrix-product rate in the same dtype (PyTorch's
 4096^3: oneDNN, on AMX for bf16 where the CPU has it).
 
     python benchmarks/bench_flash.py [--quick] [--dtypes float32 bfloat16] [--memory]
-        [--passes fwd fwd+bwd] [--isas amx avx512] [--soft-cap]
+        [--passes fwd fwd+bwd] [--isas amx avx512] [--soft-cap] [--dropout]
 
 --isas runs the benchmark once per jaxattn kernel set (JAXATTN_ISA), each in its own process
 with PyTorch timed in that process, and ends with a table comparing the kernel sets per shape.
 --soft-cap adds the cost of a logit soft cap (Gemma 2's, cap 50): jaxattn with and without it
 on Gemma-like shapes, forward and forward+backward, timed in alternating turns.
+--dropout adds the cost of dropout on the attention weights (rate 0.1) the same way (the
+quick shapes with --quick).
 """
 
 from __future__ import annotations
@@ -167,12 +169,17 @@ CAP_SHAPES = (Shape(1, 2048, 8, 4, 256, True), Shape(1, 2048, 16, 16, 128, True)
 
 def run_soft_cap(dtypes, cap: float = 50.0) -> str:
     """The overhead of ``logits_soft_cap=cap`` over the same call without it."""
+    return run_overhead(dtypes, CAP_SHAPES, f"cap {cap:g}", logits_soft_cap=cap)
+
+
+def run_overhead(dtypes, shapes, label: str, **options) -> str:
+    """The overhead of ``flash_attention``'s ``options`` over the same call without them."""
     rows = []
     for backward in (False, True):
         for dtype_name in dtypes:
-            for shape in CAP_SHAPES:
+            for shape in shapes:
                 q, k, v = inputs(shape, jnp.dtype(dtype_name))
-                capped = functools.partial(jaxattn.flash_attention, logits_soft_cap=cap)
+                capped = functools.partial(jaxattn.flash_attention, **options)
                 plain = jax_runner(jaxattn.flash_attention, shape, backward)
                 with_cap = jax_runner(capped, shape, backward)
                 # Alternate the two so that both see the same machine state.
@@ -183,7 +190,7 @@ def run_soft_cap(dtypes, cap: float = 50.0) -> str:
                 t_plain, t_cap = float(np.median(t_plain)), float(np.median(t_cap))
                 rows.append([("fwd+bwd" if backward else "fwd"), dtype_name, str(shape),
                              t_plain * 1e3, t_cap * 1e3, 100.0 * (t_cap / t_plain - 1.0)])
-    return markdown_table(["pass", "dtype", "shape", "no cap ms", f"cap {cap:g} ms",
+    return markdown_table(["pass", "dtype", "shape", "without ms", f"{label} ms",
                            "overhead %"], rows)
 
 
@@ -226,6 +233,9 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--memory", action="store_true", help="also peak memory at T=8192")
     parser.add_argument("--soft-cap", action="store_true", help="also the soft cap's overhead")
+    parser.add_argument("--dropout", action="store_true", help="also dropout's overhead")
+    parser.add_argument("--only-overheads", action="store_true",
+                        help="skip the speed table (with --soft-cap / --dropout)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--json", help="write the summary here")
     parser.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"],
@@ -242,13 +252,19 @@ def main() -> None:
     print(f"machine: f32 matmul {fig['matmul_gflops']:.0f} GFLOP/s (XLA), "
           f"copy {fig['copy_gbs']:.1f} GB/s; torch: "
           f"{torch.__version__ if torch else 'not installed'}\n")
-    table, summary = run_speed(QUICK_SHAPES if args.quick else SHAPES, args.dtypes, torch,
-                               args.passes)
-    print("torch.mm 4096^3: " + ", ".join(f"{d} {g:.0f} GFLOP/s"
-                                          for d, g in summary["matmul_gflops"].items()) + "\n")
-    print(table)
+    summary = {}
+    if not args.only_overheads:
+        table, summary = run_speed(QUICK_SHAPES if args.quick else SHAPES, args.dtypes, torch,
+                                   args.passes)
+        print("torch.mm 4096^3: " + ", ".join(f"{d} {g:.0f} GFLOP/s"
+                                              for d, g in summary["matmul_gflops"].items()) + "\n")
+        print(table)
     if args.soft_cap:
         print("\n" + run_soft_cap(args.dtypes))
+    if args.dropout:
+        print("\n" + run_overhead(args.dtypes, QUICK_SHAPES[:2] if args.quick else CAP_SHAPES,
+                                  "dropout 0.1", dropout_rate=0.1,
+                                  dropout_rng=jax.random.key(0)))
     if args.memory:
         print("\n" + run_memory(8192))
     if args.json:

@@ -6,12 +6,13 @@ masked quadratic product with the gates factored around the chunk midpoint, per-
 contributions as one batched matmul, and a scan of the [Hk, Hv] states over chunks only (its
 gradient is JAX's autodiff of the same code). Ratios > 1 mean jaxattn is faster.
 
-    python benchmarks/bench_linear.py [--threads N] [--quick] [--decode] [--crossover PNG]
+    python benchmarks/bench_linear.py [--threads N] [--quick] [--decode | --only-decode]
 
 ``--decode`` also times one decoding step (T = 1 with a state) as state bytes moved (read +
-write) per second against the machine's copy bandwidth; ``--crossover PNG`` times GLA against
-causal ``flash_attention`` over T and head dim (forward and forward+backward) and plots it.
+write) per second against the all-threads copy bandwidth (see ``bench_decode``).
 ``--threads N`` pins the process to its first N CPUs before XLA sizes its thread pool.
+GLA against causal ``flash_attention`` (the crossover): benchmarks/bench_gla_crossover.py;
+against flash-linear-attention's PyTorch reference functions: benchmarks/bench_fla.py.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import (copy_bandwidth, describe_machine, geomean, interleaved_seconds,  # noqa: E402
+from common import (copy_workload, describe_machine, geomean, interleaved_seconds,  # noqa: E402
                     markdown_table)
 
 import jaxattn  # noqa: E402
@@ -133,72 +134,76 @@ def bench_vs_jax(shapes, dtype, rng, min_seconds):
                                            "rows": rows}
 
 
-def bench_decode(rng, min_seconds):
-    """One token with a state: bytes = the state read and written once (float32)."""
-    headers = ["B", "N", "Hk", "Hv", "us / step", "state GB/s", "of copy bandwidth",
-               "JAX recurrence us", "ratio"]
-    copy = copy_bandwidth()
-    rows = []
-    for (b, n, hk, hv) in ((1, 8, 128, 128), (8, 16, 128, 128), (4, 16, 256, 256)):
+DECODE_SHAPES = ((1, 8, 64, 64), (1, 8, 128, 128), (8, 16, 128, 128), (4, 16, 256, 256),
+                 (16, 32, 128, 128), (8, 32, 256, 256))
+DECODE_LOOP_STEPS = 16
+
+
+def bench_decode(rng, min_seconds, shapes=DECODE_SHAPES):
+    """One token with a state [B, N, Hk, Hv] float32: bytes = the state read and written once,
+    against a numpy copy of 256 MiB by every thread (read + write bytes), timed in turns with
+    the steps. Three ways to call a step: a jitted call that keeps its input state (XLA copies
+    it first: the kernel updates final_state in initial_state's buffer), one that donates it
+    (``donate_argnums``: updated in place), and DECODE_LOOP_STEPS steps in one
+    ``lax.fori_loop`` carrying the state (in place, no per-call dispatch). The pure-JAX step
+    (``jnp``, donated) is the baseline of the last column. Every figure is the fastest of its
+    runs (the copy's too): the hardware's rate, which other processes' load only lowers."""
+    headers = ["B", "N", "Hk", "Hv", "state MiB", "call us", "donated us", "in loop us",
+               "donated GB/s", "in loop GB/s", "call % copy", "donated % copy",
+               "in loop % copy", "jnp donated us", "x jnp"]
+    copy, copy_bytes = copy_workload(256, threads=None)
+    rows, summary = [], []
+    for (b, n, hk, hv) in shapes:
         q, k, v, g = make_inputs(rng, b, 1, n, hk, hv, jnp.float32)
         state = jnp.asarray(rng.standard_normal((b, n, hk, hv)), jnp.float32)
-        ours = jax.jit(lambda q, k, v, g, s: jaxattn.gated_linear_attention(
-            q, k, v, g, initial_state=s, return_final_state=True))
 
-        def plain(q, k, v, g, s):
+        def step(q, k, v, g, s):
+            return jaxattn.gated_linear_attention(q, k, v, g, initial_state=s,
+                                                  return_final_state=True)
+
+        def jnp_step(q, k, v, g, s):
             s = jnp.exp(g[:, 0])[..., None] * s + k[:, 0, :, :, None] * v[:, 0, :, None, :]
             return jnp.einsum("bni,bnid->bnd", q[:, 0] * hk ** -0.5, s)[:, None], s
 
-        theirs = jax.jit(plain)
-        times = interleaved_seconds({"ours": lambda: ours(q, k, v, g, state),
-                                     "jax": lambda: theirs(q, k, v, g, state)},
-                                    min_seconds=min_seconds)
+        def loop(q, k, v, g, s):
+            def body(_, carry):
+                out, s = step(q, k, v, g, carry[1])
+                return carry[0] + out, s
+            return jax.lax.fori_loop(0, DECODE_LOOP_STEPS, body, (jnp.zeros_like(v), s))
+
+        def donating(fn):
+            """fn jitted with the state donated, as a no-argument callable carrying it."""
+            jitted, box = jax.jit(fn, donate_argnums=4), [jnp.array(state)]
+
+            def run():
+                out, box[0] = jitted(q, k, v, g, box[0])
+                return out
+            return run
+
+        call = jax.jit(step)
+        times = interleaved_seconds({"copy": copy, "call": lambda: call(q, k, v, g, state),
+                                     "donated": donating(step), "loop": donating(loop),
+                                     "jnp": donating(jnp_step)},
+                                    min_seconds=min_seconds, min_runs=10, max_runs=400,
+                                    statistic=min)
+        times["loop"] /= DECODE_LOOP_STEPS
+        copy_gbs = copy_bytes / times["copy"] / 1e9
         nbytes = 2 * 4 * b * n * hk * hv
-        gbs = nbytes / times["ours"] / 1e9
-        rows.append([b, n, hk, hv, 1e6 * times["ours"], gbs, gbs / copy, 1e6 * times["jax"],
-                     times["jax"] / times["ours"]])
-        print(markdown_table(headers, rows[-1:]).splitlines()[-1], flush=True)
-    return markdown_table(headers, rows) + f"\n\ncopy bandwidth (numpy, read + write): " \
-        f"{copy:.1f} GB/s"
-
-
-def bench_crossover(rng, path, lengths, head_dims, min_seconds):
-    """GLA vs causal flash attention over T and head dim (B=1, N=8, f32), fwd and fwd+bwd."""
-    results = []
-    for h in head_dims:
-        for t in lengths:
-            q, k, v, g = make_inputs(rng, 1, t, 8, h, h, jnp.float32)
-            gla = lambda q, k, v, g: jaxattn.gated_linear_attention(q, k, v, g)
-            flash = lambda q, k, v, g: jaxattn.flash_attention(q, k, v, is_causal=True)
-            fns = {"gla": jax.jit(gla), "flash": jax.jit(flash),
-                   "gla_bwd": fwd_bwd(gla), "flash_bwd": fwd_bwd(flash)}
-            times = interleaved_seconds({n_: (lambda f=f: f(q, k, v, g)) for n_, f in fns.items()},
-                                        min_seconds=min_seconds)
-            results.append({"T": t, "H": h, **{n_: 1e3 * s for n_, s in times.items()}})
-            print(results[-1], flush=True)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, suffix, title in ((axes[0], "", "forward"), (axes[1], "_bwd", "forward + backward")):
-        for i, h in enumerate(head_dims):
-            rs = [r for r in results if r["H"] == h]
-            color = f"C{i}"
-            ax.plot([r["T"] for r in rs], [r["gla" + suffix] for r in rs], "-o", color=color,
-                    label=f"GLA H={h}")
-            ax.plot([r["T"] for r in rs], [r["flash" + suffix] for r in rs], "--s", color=color,
-                    label=f"flash causal H={h}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("T")
-        ax.set_ylabel("ms (B=1, N=8, f32)")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"jaxattn GLA vs causal flash attention, {len(os.sched_getaffinity(0))} cores")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return results
+        gbs = {name: nbytes / times[name] / 1e9 for name in ("call", "donated", "loop")}
+        rows.append([b, n, hk, hv, nbytes / 2 / 2**20, 1e6 * times["call"],
+                     1e6 * times["donated"], 1e6 * times["loop"], gbs["donated"], gbs["loop"],
+                     100 * gbs["call"] / copy_gbs, 100 * gbs["donated"] / copy_gbs,
+                     100 * gbs["loop"] / copy_gbs, 1e6 * times["jnp"],
+                     times["jnp"] / times["donated"]])
+        summary.append({"shape": [b, n, hk, hv], "copy_gbs": copy_gbs,
+                        **{f"{name}_us": 1e6 * times[name] for name in times if name != "copy"},
+                        **{f"{name}_copy_fraction": gbs[name] / copy_gbs for name in gbs}})
+        print(markdown_table(headers, rows[-1:]).splitlines()[-1], f"(copy {copy_gbs:.1f} GB/s)",
+              flush=True)
+    copies = [r["copy_gbs"] for r in summary]
+    return (markdown_table(headers, rows) + f"\n\ncopy bandwidth (numpy, every thread, read + "
+            f"write, timed in turns with the steps, fastest run): {min(copies):.1f}-{max(copies):.1f} GB/s",
+            summary)
 
 
 def main() -> None:
@@ -207,7 +212,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--decode", action="store_true", help="also time decoding steps")
-    parser.add_argument("--crossover", metavar="PNG", help="GLA vs flash attention plot")
+    parser.add_argument("--only-decode", action="store_true",
+                        help="time decoding steps only (not the training kernels)")
     parser.add_argument("--json", help="write the summary here")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -217,18 +223,15 @@ def main() -> None:
     if not args.quick:
         shapes += [(4, 1024, 8, 64, 64), (1, 4096, 8, 128, 64)]
     summary = {}
-    for dtype in args.dtypes:
+    for dtype in () if args.only_decode else args.dtypes:
         table, s = bench_vs_jax(shapes, jnp.dtype(dtype), rng, min_seconds)
         print(f"\n{table}\n\ngeomean: forward {s['fwd_vs_jax']:.2f}x, forward+backward "
               f"{s['fwd_bwd_vs_jax']:.2f}x faster than the pure-JAX chunked version\n")
         summary[dtype] = s
-    if args.decode:
-        print(bench_decode(rng, min_seconds))
-    if args.crossover:
-        lengths = (256, 1024, 4096) if args.quick else (256, 512, 1024, 2048, 4096, 8192)
-        head_dims = (32, 128) if args.quick else (32, 64, 128, 256)
-        summary["crossover"] = bench_crossover(rng, args.crossover, lengths, head_dims,
-                                               min_seconds)
+    if args.decode or args.only_decode:
+        table, summary["decode"] = bench_decode(
+            rng, min_seconds, DECODE_SHAPES[:-1] if args.quick else DECODE_SHAPES)
+        print(f"\n{table}\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": len(os.sched_getaffinity(0)), "summary": summary}, f,

@@ -52,8 +52,11 @@ def machine_figures() -> dict[str, float]:
 
 def interleaved_seconds(fns: dict[str, Callable[[], object]], *, min_seconds: float = 1.0,
                         min_runs: int = 3, max_runs: int = 50,
-                        slow_seconds: float = 3.0, warmup: bool = True) -> dict[str, float]:
-    """Median wall time of each ``fns[name]()``, the callables timed in turns (ABAB...).
+                        slow_seconds: float = 3.0, warmup: bool = True,
+                        statistic: Callable[[list[float]], float] = statistics.median
+                        ) -> dict[str, float]:
+    """Median (or ``statistic``) wall time of each ``fns[name]()``, the callables timed in
+    turns (ABAB...).
 
     On a shared machine, load that comes and goes then hits every alternative alike, so
     their ratios stay meaningful. Each is called once untimed first (compilation). A
@@ -78,7 +81,7 @@ def interleaved_seconds(fns: dict[str, Callable[[], object]], *, min_seconds: fl
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn())
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: statistic(ts) for name, ts in times.items()}
 
 
 def best_seconds(fn: Callable[[], object], *, min_runs: int = 5,
@@ -129,11 +132,24 @@ def matmul_peak(dtype: str = "float32", torch=None, sizes: Sequence[int] = (2048
                for label, fn, flops in matmul_candidates(dtype, torch, sizes))
 
 
-def copy_workload(mib: int = 256) -> tuple[Callable[[], object], float]:
-    """A numpy copy of ``mib`` MiB, far beyond the caches, and its bytes (read + write)."""
+def copy_workload(mib: int = 256, threads: int | None = 1
+                  ) -> tuple[Callable[[], object], float]:
+    """A numpy copy of ``mib`` MiB, far beyond the caches, and its bytes (read + write), by
+    ``threads`` threads (None: every core of the process), each copying its contiguous slice
+    (numpy releases the GIL in the copy, so the threads copy in parallel). The destination is
+    written once first (no page faults in the timed copies)."""
     src = np.ones(mib * 2**20 // 4, np.float32)
-    dst = np.empty_like(src)
-    return (lambda: np.copyto(dst, src)), 2.0 * src.nbytes
+    dst = np.zeros_like(src)
+    threads = threads or len(os.sched_getaffinity(0))
+    if threads == 1:
+        return (lambda: np.copyto(dst, src)), 2.0 * src.nbytes
+    import concurrent.futures
+    pairs = list(zip(np.array_split(dst, threads), np.array_split(src, threads)))
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
+
+    def copy() -> None:
+        list(pool.map(lambda pair: np.copyto(*pair), pairs))
+    return copy, 2.0 * src.nbytes
 
 
 def read_workload(mib: int = 1024, threads: int | None = None
@@ -151,12 +167,6 @@ def read_workload(mib: int = 1024, threads: int | None = None
     def read() -> float:
         return sum(pool.map(np.sum, slices))
     return read, float(data.nbytes)
-
-
-def copy_bandwidth() -> float:
-    """Best numpy copy GB/s (read + write bytes) of 256 MiB."""
-    fn, nbytes = copy_workload()
-    return nbytes / best_seconds(fn) / 1e9
 
 
 def describe_machine() -> str:

@@ -27,6 +27,22 @@ struct Broadcast4 {
   DType dtype = DType::kF32;  // the bias's own element type (a mask is bytes)
 };
 
+// Where the keys and values of a flash problem live when they are a decode cache (attention
+// of many query tokens against a paged or quantized cache, CacheAttentionForward): key s of
+// sequence b is global row page * page_size + s % page_size with page block_tables[b % bt
+// batch][s / page_size], or without a block table row (b % num_pages) * page_size + s (values:
+// b % value_num_pages when nonzero). The rows of key/value are [rows, K, H|Hv] elements of
+// `quant` (kNone: the problem's dtype); a quantized row stands for its elements times
+// scale[row * K + kv head] (nullptr: 1), dequantised a tile at a time (cache_rows_impl.h).
+struct KvCacheLayout {
+  const int32_t* block_tables = nullptr;  // nullptr: contiguous
+  int64_t block_tables_batch = 1, max_pages = 1;
+  int64_t num_pages = 1, page_size = 1, value_num_pages = 0;
+  CacheQuant quant = CacheQuant::kNone;
+  const float* key_scale = nullptr;
+  const float* value_scale = nullptr;
+};
+
 struct AttentionProblem {
   DType dtype = DType::kF32;
   int64_t batch = 0;  // B of the outputs; every operand batch divides it
@@ -65,6 +81,16 @@ struct AttentionProblem {
   // N] float32; nullptr: off.
   const float* alibi_slopes = nullptr;
   int64_t alibi_batch = 1;
+  // Dropout on the attention weights (cc/dropout.h): seeds [dropout_batch, N, 2] read at
+  // b % dropout_batch; a weight is kept where its hash >= dropout_threshold and scaled by
+  // 1 / (1 - threshold / 2^32). nullptr: off. FlashJvp does not take it.
+  const uint32_t* dropout_seeds = nullptr;
+  int64_t dropout_batch = 1;
+  uint32_t dropout_threshold = 0;
+  // Forward only: keys and values read from a decode cache (nullptr: key [kv_batch, S, K, H]
+  // and value [value_batch, S, K, Hv] in the problem's dtype). The kernels then read batch
+  // element b's keys at index b % kv_batch of the layout.
+  const KvCacheLayout* kv_cache = nullptr;
 };
 
 struct FlashForwardResult {
@@ -136,9 +162,12 @@ struct BlockSparseTiling {
 // Checks the problem for what the kernels rely on; returns nullptr or a message.
 const char* ValidateProblem(const AttentionProblem& problem);
 
-// Decoding: the newest T (1..16) query tokens against a KV cache, causal among themselves:
-// query t of sequence b sits at absolute position kv_lengths[b] - T + t and sees keys
-// j <= that position (and j >= position - window_left when window_left >= 0).
+// Decoding: the newest T query tokens against a KV cache, causal among themselves: query t of
+// sequence b sits at absolute position kv_lengths[b] - T_b + t and sees keys j <= that
+// position (and j >= position - window_left when window_left >= 0), where T_b is T or the
+// sequence's query length (q_lengths; rows t >= T_b output 0 and lse -inf). Up to
+// kDecodeMaxTokens tokens run the split-KV decode kernel; more run the flash forward over the
+// cache (CacheAttentionForward: chunked prefill, prefix caching), with the same semantics.
 //
 // The cache is a pool of pages [num_pages, page_size, K, H] (values [.., Hv]); sequence b's
 // key j lives in page block_tables[b % block_tables_batch][j / page_size] at row
@@ -186,7 +215,14 @@ struct DecodeAttentionProblem {
   // the logits of head n before the soft cap. [alibi_batch, N] float32; nullptr: off.
   const float* alibi_slopes = nullptr;
   int64_t alibi_batch = 1;
+  // Ragged queries: sequence b has q_lengths[b % q_lengths_batch] (clamped to [0, T]) new
+  // tokens in query rows 0..; nullptr: T each.
+  const int32_t* q_lengths = nullptr;
+  int64_t q_lengths_batch = 1;
 };
+
+// Query tokens up to which decoding runs the split-KV kernel (beyond: the flash tiles).
+constexpr int64_t kDecodeMaxTokens = 16;
 
 struct DecodeResult {
   void* out = nullptr;   // [B,T,N,Hv], dtype
@@ -206,6 +242,11 @@ int64_t DecodePartitionSize(const DecodeAttentionProblem& problem);
 // allocation that failed (the outputs are then incomplete).
 int64_t DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
                       const Parallel& parallel);
+// The same problem through the flash forward kernels (tiles of query rows against tiles of
+// cache keys gathered through the block table, dequantised a tile at a time): what
+// DecodeForward runs for T > kDecodeMaxTokens; any T works. Returns as DecodeForward.
+int64_t CacheAttentionForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
+                              const Parallel& parallel);
 
 // The flash and block-sparse entry points return 0, or the size in bytes of a scratch
 // allocation that failed (the outputs are then incomplete), as DecodeForward.

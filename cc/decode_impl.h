@@ -510,6 +510,12 @@ static inline int64_t DecodeLength(const DecodeAttentionProblem& p, int64_t capa
   return MinI(capacity, MaxI(0, p.kv_lengths[b % p.kv_lengths_batch]));
 }
 
+// Sequence b's new tokens: query rows t < this count are live, the rest output 0.
+static inline int64_t DecodeQueryCount(const DecodeAttentionProblem& p, int64_t b) {
+  if (p.q_lengths == nullptr) return p.q_len;
+  return MinI(p.q_len, MaxI(0, p.q_lengths[b % p.q_lengths_batch]));
+}
+
 // Sequence b's query and key positions (nullptr: the defaults) and ALiBi slopes.
 struct DecodePositions {
   const int32_t* q_pos = nullptr;
@@ -535,7 +541,7 @@ static inline DecodePositions DecodePositionsOf(const DecodeAttentionProblem& p,
   if (p.q_positions) dp.q_pos = p.q_positions + (b % p.q_positions_batch) * p.q_len;
   if (p.kv_positions) dp.kv_pos = p.kv_positions + (b % p.kv_positions_batch) * capacity;
   if (p.alibi_slopes) dp.slopes = p.alibi_slopes + (b % p.alibi_batch) * p.num_heads;
-  dp.q_offset = len - p.q_len;
+  dp.q_offset = len - DecodeQueryCount(p, b);
   return dp;
 }
 
@@ -667,11 +673,16 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
   const int64_t len = DecodeLength(p, job.capacity, b);
   const DecodePositions dp = DecodePositionsOf(p, b, len);
   const bool by_position = dp.q_pos != nullptr || dp.kv_pos != nullptr;
+  // Rows of tokens past the sequence's query count (ragged queries) see no key.
+  const int64_t live_tokens = DecodeQueryCount(p, b), live = live_tokens * G;
   int64_t rows_lo = int64_t{1} << 62, rows_hi = -(int64_t{1} << 62);  // by position
   for (int64_t t = 0; t < T; ++t) {
     const int64_t pos = dp.QueryPosition(t);
     for (int64_t g = 0; g < G; ++g) {
-      if (by_position) {
+      if (t >= live_tokens) {  // an empty range either way: every key is below lo
+        row_lo[t * G + g] = int64_t{1} << 62;
+        row_hi[t * G + g] = -(int64_t{1} << 62);
+      } else if (by_position) {
         row_hi[t * G + g] = pos + 1;
         row_lo[t * G + g] = p.window_left < 0 ? -(int64_t{1} << 62) : pos - p.window_left;
       } else {
@@ -679,6 +690,7 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
         row_lo[t * G + g] = p.window_left < 0 ? 0 : MaxI(0, pos - p.window_left);
       }
     }
+    if (t >= live_tokens) continue;
     rows_lo = MinI(rows_lo, row_lo[t * G]);
     rows_hi = MaxI(rows_hi, row_hi[t * G]);
   }
@@ -686,8 +698,9 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
   const int64_t part_end = MinI(len, part_begin + job.partition);
   // Row 0 sees the earliest keys, the last row the latest (by index); by position every key
   // below len is a candidate and blocks are cut by their positions below.
-  const int64_t begin = by_position ? part_begin : MaxI(part_begin, row_lo[0]);
-  const int64_t end = by_position ? part_end : MinI(part_end, row_hi[R - 1]);
+  const int64_t begin = by_position || live == 0 ? part_begin : MaxI(part_begin, row_lo[0]);
+  const int64_t end = live == 0 ? begin
+                      : by_position ? part_end : MinI(part_end, row_hi[live - 1]);
 
   for (int64_t i = 0; i < heads * R; ++i) {
     m[i] = -kInf;
@@ -748,7 +761,7 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
     const int64_t nk_ahead = MinI(bk + kKeyPrefetch, end - s0);  // rows known, for prefetching
     KeyRows(p, b, s0, nk_ahead, key_rows);
     // Rows whose visible range covers the whole block need no mask.
-    if (!by_position) full = row_lo[R - 1] <= s0 && s0 + nk <= row_hi[0];
+    if (!by_position) full = live == R && row_lo[R - 1] <= s0 && s0 + nk <= row_hi[0];
 
     // Scores of every head. K is read strictly in memory order (key by key, the heads of a
     // key are adjacent) so the hardware prefetchers see one sequential stream; the V rows

@@ -235,7 +235,6 @@ const char* ValidateDecodeProblem(const DecodeAttentionProblem& p) {
       p.max_pages <= 0) {
     return "every dimension must be positive";
   }
-  if (p.q_len > 16) return "decode supports 1 to 16 query tokens";
   if (p.num_heads % p.num_kv_heads != 0) {
     return "the number of query heads must be a multiple of the number of kv heads";
   }
@@ -263,6 +262,9 @@ const char* ValidateDecodeProblem(const DecodeAttentionProblem& p) {
   if (!divides(p.q_positions, p.q_positions_batch) ||
       !divides(p.kv_positions, p.kv_positions_batch) || !divides(p.alibi_slopes, p.alibi_batch)) {
     return "positions and ALiBi slopes must have batch 1 or B";
+  }
+  if (p.q_lengths != nullptr && (p.q_lengths_batch <= 0 || p.batch % p.q_lengths_batch != 0)) {
+    return "query lengths must have one entry per batch element";
   }
   return nullptr;
 }
@@ -295,6 +297,7 @@ int64_t DecodePartitionSize(const DecodeAttentionProblem& problem) {
 
 int64_t DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
                       const Parallel& parallel) {
+  if (problem.q_len > kDecodeMaxTokens) return CacheAttentionForward(problem, result, parallel);
   return Kernels().decode_forward(problem, result, parallel);
 }
 

@@ -27,17 +27,23 @@
 //
 // Work is split over (batch, head) pairs, each processed start to end by one task: results are
 // bitwise identical for any thread count. A forward with T <= kGlaRecurrentMaxLen (decoding)
-// runs the recurrence step by step instead: the state is read and written once per token.
+// runs the recurrence step by step instead, split over (b, n, block of value columns): the
+// state is read and written once per call, in place when the two are one buffer.
 
 constexpr int64_t kGlaChunk = kGatedLinearChunk;
 constexpr float kGlaMaxSpan = 96.0f;
 constexpr int64_t kGlaRecurrentMaxLen = kGatedLinearRecurrentMaxLen;
+// The recurrent kernel's tasks: about this many per thread (for balance), each at least this
+// many value columns wide.
+constexpr int64_t kGlaTasksPerThread = 2;
+constexpr int64_t kGlaMinBlockColumns = 32;
 
 struct GlaContext {
   const GatedLinearProblem* p = nullptr;
   int64_t hk = 0, hv = 0, hkp = 0, hvp = 0;  // head dims, rounded up to a vector
   int64_t cp = 0;                            // kGlaChunk rounded up to a vector
   int64_t num_chunks = 0;
+  int64_t column_blocks = 1, block_columns = 0;  // the recurrent kernel's split of Hv
   const GatedLinearForwardResult* fwd = nullptr;
   const GatedLinearBackwardArgs* bwd = nullptr;
   int failed = 0;  // set (atomically) by a task that could not allocate its buffers
@@ -307,21 +313,28 @@ static void GlaStoreState(const GlaContext& c, int64_t b, int64_t n, const float
   }
 }
 
-// The step-by-step recurrence (decoding, T <= kGlaRecurrentMaxLen): one pass over the state,
-// row by row: each row of S is read once (from initial_state), updated through the T steps
-// (decay, + k_ti v_t, out_t += scale q_ti S_i) and written once (to final_state).
+// The step-by-step recurrence (decoding, T <= kGlaRecurrentMaxLen): one pass over the state.
+// A task takes the columns [j0, j1) of S for one (b, n) (output column j depends on column j of
+// S only, so the split changes no result): each element of S is loaded once from
+// initial_state into a register, updated through the T steps (decay, + k_ti v_tj,
+// out_tj += scale q_ti S_ij) and stored once to final_state. The loads and stores go straight
+// to the state (no staging copy), and an element is read before it is written, so
+// final_state may alias initial_state (the decode primitive's in-place update).
 static void GlaRecurrentTask(void* context, int64_t task) {
   const GlaContext& c = *static_cast<const GlaContext*>(context);
   const GatedLinearProblem& p = *c.p;
-  const int64_t b = task / p.num_heads, n = task % p.num_heads;
+  const int64_t bn = task / c.column_blocks, block = task % c.column_blocks;
+  const int64_t b = bn / p.num_heads, n = bn % p.num_heads;
   const int64_t T = p.seq_len, hk = c.hk, hv = c.hv, hkp = c.hkp, hvp = c.hvp;
-  // q (scaled), k, decay [T, hkp]; v, out [T, hvp]; one state row [hvp].
-  const int64_t total = 3 * T * hkp + 2 * T * hvp + hvp;
-  float* block = tls_scratch.Get(total + kScratchSlack);
-  if (block == nullptr) return GlaFail(c);
-  __builtin_memset(block, 0, total * sizeof(float));
-  float *q = block, *k = q + T * hkp, *decay = k + T * hkp, *v = decay + T * hkp;
-  float *out = v + T * hvp, *row = out + T * hvp;
+  const int64_t j0 = block * c.block_columns, j1 = MinI(hv, j0 + c.block_columns);
+  const int64_t j1_full = j0 + (j1 - j0) / kVL * kVL;
+  // q (scaled), k, decay [T, hkp]; v, out [T, hvp] (whole rows: they are small).
+  const int64_t total = 3 * T * hkp + 2 * T * hvp;
+  float* block_scratch = tls_scratch.Get(total + kScratchSlack);
+  if (block_scratch == nullptr) return GlaFail(c);
+  __builtin_memset(block_scratch, 0, total * sizeof(float));
+  float *q = block_scratch, *k = q + T * hkp, *decay = k + T * hkp, *v = decay + T * hkp;
+  float* out = v + T * hvp;
   for (int64_t t = 0; t < T; ++t) {
     LoadRow(p.dtype, Offset(p.query, p.dtype, GlaRow(p, p.q_batch, b, t, n, hk)), hk, p.scale,
             q + t * hkp);
@@ -339,20 +352,28 @@ static void GlaRecurrentTask(void* context, int64_t task) {
       : p.initial_state + ((b % p.state_batch) * p.num_heads + n) * hk * hv;
   float* final_state = c.fwd->final_state + (b * p.num_heads + n) * hk * hv;
   for (int64_t i = 0; i < hk; ++i) {
-    if (init != nullptr) __builtin_memcpy(row, init + i * hv, hv * sizeof(float));
-    for (int64_t j = 0; j < hvp; j += kVL) {
-      VF s = init != nullptr ? Load(row + j) : VF{};
+    const float* src = init == nullptr ? nullptr : init + i * hv;
+    float* dst = final_state + i * hv;
+    for (int64_t j = j0; j < j1_full; j += kVL) {
+      VF s = src != nullptr ? Load(src + j) : VF{};
       for (int64_t t = 0; t < T; ++t) {
         s = Splat(decay[t * hkp + i]) * s + Splat(k[t * hkp + i]) * Load(v + t * hvp + j);
         Store(out + t * hvp + j, Load(out + t * hvp + j) + Splat(q[t * hkp + i]) * s);
       }
-      Store(row + j, s);
+      Store(dst + j, s);
     }
-    __builtin_memcpy(final_state + i * hv, row, hv * sizeof(float));
+    for (int64_t j = j1_full; j < j1; ++j) {  // the last columns, fewer than a vector
+      float s = src != nullptr ? src[j] : 0.0f;
+      for (int64_t t = 0; t < T; ++t) {
+        s = decay[t * hkp + i] * s + k[t * hkp + i] * v[t * hvp + j];
+        out[t * hvp + j] += q[t * hkp + i] * s;
+      }
+      dst[j] = s;
+    }
   }
   for (int64_t t = 0; t < T; ++t) {
-    StoreRow(p.dtype, out + t * hvp, hv, 1.0f,
-             Offset(c.fwd->out, p.dtype, GlaRow(p, p.batch, b, t, n, hv)));
+    StoreRow(p.dtype, out + t * hvp + j0, j1 - j0, 1.0f,
+             Offset(c.fwd->out, p.dtype, GlaRow(p, p.batch, b, t, n, hv) + j0));
   }
 }
 
@@ -553,8 +574,20 @@ static const char* GlaForwardImpl(const GatedLinearProblem& p,
                                   const GatedLinearForwardResult& res, const Parallel& parallel) {
   GlaContext c = MakeGlaContext(p);
   c.fwd = &res;
-  const bool recurrent = p.seq_len <= kGlaRecurrentMaxLen;
-  parallel.For(p.batch * p.num_heads, recurrent ? GlaRecurrentTask : GlaForwardTask, &c);
+  if (p.seq_len > kGlaRecurrentMaxLen) {
+    parallel.For(p.batch * p.num_heads, GlaForwardTask, &c);
+  } else {
+    // Decoding streams the state once: every thread should have a share of it, so the value
+    // columns are split when B * N pairs are too few, down to kGlaMinBlockColumns (whole
+    // cache lines, and enough state per task that the pool's scheduling cost stays small).
+    const int64_t pairs = p.batch * p.num_heads;
+    const int64_t wanted = CeilDiv(kGlaTasksPerThread * parallel.num_threads(), pairs);
+    const int64_t most = MaxI(1, c.hv / kGlaMinBlockColumns);
+    c.column_blocks = MinI(wanted, most);
+    c.block_columns = RoundUp(CeilDiv(c.hv, c.column_blocks), kVL);
+    c.column_blocks = CeilDiv(c.hv, c.block_columns);
+    parallel.For(pairs * c.column_blocks, GlaRecurrentTask, &c);
+  }
   return __atomic_load_n(&c.failed, __ATOMIC_RELAXED) ? kGlaOutOfMemory : nullptr;
 }
 

@@ -12,6 +12,7 @@ namespace JAXATTN_ISA_NAMESPACE {
 
 #include "simd.h"
 #include "gemm.h"
+#include "cache_rows_impl.h"
 #include "flash_impl.h"
 #include "flash_jvp_impl.h"
 #include "sparse_impl.h"

@@ -50,6 +50,18 @@ static inline float HorizontalSum(VF v) {
   return v[0];
 }
 
+// Whether some lane of a comparison result (lanes 0 or -1) is set: a mask test (vptestmd
+// and kortest, or vmovmskps), not a reduction through shuffles.
+static inline bool AnyLane(VI m) {
+#if JAXATTN_VL == 16
+  return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0;
+#elif JAXATTN_VL == 8
+  return _mm256_movemask_ps((__m256)m) != 0;
+#else
+  return _mm_movemask_ps((__m128)m) != 0;
+#endif
+}
+
 // exp(x) with ~2 ulp error; exactly 0 for x below -87.3 (and for -inf), as masked logits need.
 static inline VF Exp(VF x) {
   // Clamps written so that NaN passes through unchanged.
@@ -79,8 +91,10 @@ static inline VF Exp(VF x) {
 // polynomial x + x^3 Q(x^2) (Q a near-minimax fit), above it 1 - 2 / (exp(2|x|) + 1).
 // +-inf give +-1, NaN stays NaN.
 static inline VF Tanh(VF x) {
-  const VI negative = x < 0.0f;
-  const VF ax = negative ? -x : x;
+  // |x| and the sign put back by bit operations (one instruction each, not compare and
+  // blend); -0 and NaN keep their sign bit either way.
+  const VI sign = (VI)x & (VI{} + INT32_MIN);
+  const VF ax = (VF)((VI)x ^ sign);
   const VF z = ax * ax;
   VF q = Splat(1.622019036e-03f);
   q = q * z + -7.517373409e-03f;
@@ -90,13 +104,13 @@ static inline VF Tanh(VF x) {
   q = q * z + -3.333332878e-01f;
   VF y = ax + ax * z * q;
   // Capped logits are mostly small: skip the exp and the division when every lane is (a NaN
-  // lane counts as large: HorizontalMax of ax itself could drop it and hide a large lane).
+  // lane counts as large).
   const VI small = ax < 0.85f;
-  if (HorizontalMax(small ? VF{} : Splat(1.0f)) != 0.0f) {
+  if (AnyLane(small == 0)) {
     const VF large = 1.0f - 2.0f / (Exp(ax + ax) + 1.0f);
-    y = ax < 0.85f ? y : large;
+    y = small != 0 ? y : large;
   }
-  return negative ? -y : y;
+  return (VF)((VI)y ^ sign);
 }
 
 // Transposes a kVL x kVL block of 32-bit elements held as floats (rows r[0..kVL)) in

@@ -15,7 +15,9 @@ from jaxattn import masks
 from jaxattn._export import export_disabled_checks
 from jaxattn._ffi import available_kernel_isas, kernel_isa, kernel_isas
 from jaxattn.cache import dequantize_kv, quantize_kv, update_kv_cache, update_paged_kv_cache
-from jaxattn.decode import decode_attention, merge_attention_states, paged_decode_attention
+from jaxattn.decode import decode_attention, paged_decode_attention
+from jaxattn.dropout import dropout_mask
+from jaxattn.merge import merge_attention_states
 from jaxattn.flash import flash_attention
 from jaxattn.linear import gated_linear_attention
 from jaxattn.masks import BlockSparseMask
@@ -29,6 +31,7 @@ __all__ = [
     "block_sparse_attention",
     "decode_attention",
     "dequantize_kv",
+    "dropout_mask",
     "export_disabled_checks",
     "flash_attention",
     "gated_linear_attention",

@@ -143,14 +143,26 @@ def _unfold_results(multiple_results: bool, outs, size: int):
 
 
 class _Primitive(Primitive):
-    """A kernel primitive: operands are first cast to one set of varying manual axes."""
+    """A kernel primitive: operands are first cast to one set of varying manual axes.
+
+    A _v3 flash or block-sparse primitive (``dropout_arity``: its number of operands) may be
+    bound without the trailing dropout seeds and ``dropout_threshold``, as the _v2 layout
+    was: they default to no dropout.
+    """
+
+    dropout_arity: int | None = None
 
     def bind(self, *args, **params):
+        if self.dropout_arity is not None:
+            if len(args) == self.dropout_arity - 1:
+                args = (*args, no_dropout_seeds())
+            params.setdefault("dropout_threshold", np.int64(0))
         return super().bind(*_sharding.match_varying(args), **params)
 
 
 def _define(name: str, target: str, abstract_eval: Callable, axes: str,
-            batch_rule: Callable | None = None, partition: str = "bh") -> Primitive:
+            batch_rule: Callable | None = None, partition: str = "bh",
+            aliases: dict[int, int] | None = None, dropout: bool = False) -> Primitive:
     """One primitive for one FFI target.
 
     ``axes`` names each operand's and result's axes, ``"btnh,bskh,...->btnd,btn"``: ``b``
@@ -161,14 +173,21 @@ def _define(name: str, target: str, abstract_eval: Callable, axes: str,
     axis into the operands with a leading batch axis (``b`` or ``B``) and rejects a vmapped
     operand without one (``_fold_batch_rule``), or is ``batch_rule(prim, operand_axes, args,
     dims, **params)``, a rule of the primitive's own.
+    ``aliases`` {operand: result}: buffers the kernel may update in place, see
+    ``_sharding.partitionable_lowering``.
+    ``dropout``: a _v3 flash or block-sparse target, whose last operand is the dropout seeds
+    and whose attributes include ``dropout_threshold``; the primitive's ``dropout_arity`` (its
+    number of operands, from ``axes``) lets it be bound without them (``_Primitive.bind``).
     """
     prim = _Primitive(name)
+    prim.dropout_arity = len(_operand_axes(axes)) if dropout else None
     prim.multiple_results = True
     prim.def_impl(partial(xla.apply_primitive, prim))
     # For sharding, a B axis is a batch axis like any other.
     spec = _sharding.Axes.parse(axes.replace("B", "b"), partition)
     prim.def_abstract_eval(_sharding.with_sharding(abstract_eval, spec))
-    mlir.register_lowering(prim, _sharding.partitionable_lowering(target, spec), platform="cpu")
+    mlir.register_lowering(prim, _sharding.partitionable_lowering(target, spec, aliases),
+                           platform="cpu")
     batching.primitive_batchers[prim] = partial(batch_rule or _fold_batch_rule, prim,
                                                 _operand_axes(axes))
     return prim
@@ -219,22 +238,26 @@ def _flash_dlogits_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse
 # (last, after the backward's out, lse, dout, dlse) the token operands query_positions [B,T],
 # key_value_positions [B,S], query_segment_ids [B,T], key_value_segment_ids [B,S] (int32) and
 # alibi_slopes [B,N] (float32), each of batch 1 or B (absent optional operands are empty
-# arrays); attributes: scale, soft_cap, is_causal, window_left, window_right.
+# arrays), and (the _v3 targets: not the tangent's) the dropout seeds [B,N,2] uint32
+# (jaxattn/dropout.py); attributes: scale, soft_cap, is_causal, window_left, window_right, and
+# for _v3 dropout_threshold (0: no dropout).
 _FLASH_OPERANDS = "btnh,bskh,bskd,bnts,bnts,b,b"
 _TOKEN_OPERANDS = "bt,bs,bt,bs,bn"
 # The forward's out and lse and their cotangents dout, dlse: read at the output's batch (B).
 _BACKWARD_OPERANDS = "Btnd,Btn,Btnd,Btn"
-flash_fwd_p = _define("jaxattn_flash_fwd", "jaxattn_flash_fwd_v2", _flash_fwd_abstract,
-                      axes=f"{_FLASH_OPERANDS},{_TOKEN_OPERANDS}->btnd,btn")
+# The token operands of the _v3 targets: those above, then the dropout seeds [B, N, 2].
+_V3_TOKEN_OPERANDS = f"{_TOKEN_OPERANDS},bnz"
+flash_fwd_p = _define("jaxattn_flash_fwd", "jaxattn_flash_fwd_v3", _flash_fwd_abstract,
+                      axes=f"{_FLASH_OPERANDS},{_V3_TOKEN_OPERANDS}->btnd,btn", dropout=True)
 # ... plus out, lse, dout, dlse (before the token operands) -> dq, dk, dv
-flash_bwd_p = _define("jaxattn_flash_bwd", "jaxattn_flash_bwd_v2", _flash_bwd_abstract,
-                      axes=f"{_FLASH_OPERANDS},{_BACKWARD_OPERANDS},{_TOKEN_OPERANDS}"
-                           "->btnh,bskh,bskd")
+flash_bwd_p = _define("jaxattn_flash_bwd", "jaxattn_flash_bwd_v3", _flash_bwd_abstract,
+                      axes=f"{_FLASH_OPERANDS},{_BACKWARD_OPERANDS},{_V3_TOKEN_OPERANDS}"
+                           "->btnh,bskh,bskd", dropout=True)
 # ... plus out, lse, dout, dlse -> d loss / d logits [B, N, T, S] float32 (for a bias gradient)
-flash_dlogits_p = _define("jaxattn_flash_dlogits", "jaxattn_flash_dlogits_v2",
+flash_dlogits_p = _define("jaxattn_flash_dlogits", "jaxattn_flash_dlogits_v3",
                           _flash_dlogits_abstract,
-                          axes=f"{_FLASH_OPERANDS},{_BACKWARD_OPERANDS},{_TOKEN_OPERANDS}"
-                               "->bnts")
+                          axes=f"{_FLASH_OPERANDS},{_BACKWARD_OPERANDS},{_V3_TOKEN_OPERANDS}"
+                               "->bnts", dropout=True)
 
 
 def _flash_jvp_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dq, dk, dv,
@@ -259,6 +282,11 @@ def no_tokens() -> tuple[jax.Array, ...]:
     """The five absent token operands of the flash targets."""
     ints = jnp.zeros((0,), jnp.int32)
     return (ints, ints, ints, ints, jnp.zeros((0,), jnp.float32))
+
+
+def no_dropout_seeds() -> jax.Array:
+    """The absent dropout seeds operand of the _v3 flash and block-sparse targets."""
+    return jnp.zeros((0,), jnp.uint32)
 
 
 def _decode_abstract(q, k, v, kv_lengths, *tokens, **_):
@@ -343,35 +371,36 @@ def _quant_decode_batch_rule(prim: Primitive, operand_axes: Sequence[str],
 
 # Operands: query [B,T,N,H], key_cache [B,Smax,K,H], value_cache [B,Smax,K,Hv] (key and value
 # caches may differ in batch: a vmap mapping one of them), kv_lengths [B] int32, then
-# query_positions [B,T], key_value_positions [B,Smax] (int32) and alibi_slopes [B,N]
-# (float32), each of batch 1 or B or empty (absent); attributes: scale, soft_cap,
-# window_left, strict_lengths. Results: out [B,T,N,Hv], lse [B,T,N] f32.
-decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v2", _decode_abstract,
-                       axes="btnh,bskh,bskd,b,bt,bs,bn->btnd,btn")
+# query_positions [B,T], key_value_positions [B,Smax] (int32), alibi_slopes [B,N] (float32)
+# and query_lengths [B] (int32), each of batch 1 or B or empty (absent); attributes: scale,
+# soft_cap, window_left, strict_lengths. Results: out [B,T,N,Hv], lse [B,T,N] f32. Any T
+# (beyond 16 tokens the kernel runs the flash tiles over the cache).
+decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v3", _decode_abstract,
+                       axes="btnh,bskh,bskd,b,bt,bs,bn,b->btnd,btn")
 # Operands: query, key_pages [P,page,K,H], value_pages [P,page,K,Hv], block_tables
 # [B,max_pages] int32, kv_lengths [B] int32, then the token operands as decode_fwd_p
 # (key_value_positions [B, max_pages * page]); attributes and results as decode_fwd_p.
-paged_decode_fwd_p = _define("jaxattn_paged_decode_fwd", "jaxattn_paged_decode_fwd_v2",
+paged_decode_fwd_p = _define("jaxattn_paged_decode_fwd", "jaxattn_paged_decode_fwd_v3",
                              _paged_decode_abstract, batch_rule=_paged_decode_batch_rule,
-                             axes="btnh,pskh,pskd,bm,b,bt,bj,bn->btnd,btn",
+                             axes="btnh,pskh,pskd,bm,b,bt,bj,bn,b->btnd,btn",
                              partition="h")  # P is no batch
 
 
 def no_decode_tokens() -> tuple[jax.Array, ...]:
-    """The three absent token operands of the decode targets."""
+    """The four absent token operands of the decode targets."""
     ints = jnp.zeros((0,), jnp.int32)
-    return (ints, ints, jnp.zeros((0,), jnp.float32))
+    return (ints, ints, jnp.zeros((0,), jnp.float32), ints)
 
 
 # Quantized caches (int8, float8_e4m3fn, float8_e5m2): the operands above plus key_scale and
 # value_scale after the caches, float32 [B,Smax,K] / [P,page,K] or empty (scale 1).
-quant_decode_fwd_p = _define("jaxattn_quant_decode_fwd", "jaxattn_quant_decode_fwd_v1",
+quant_decode_fwd_p = _define("jaxattn_quant_decode_fwd", "jaxattn_quant_decode_fwd_v2",
                              _quant_decode_abstract, batch_rule=_quant_decode_batch_rule,
-                             axes="btnh,bskh,bskd,bsk,bsk,b,bt,bs,bn->btnd,btn")
+                             axes="btnh,bskh,bskd,bsk,bsk,b,bt,bs,bn,b->btnd,btn")
 quant_paged_decode_fwd_p = _define(
-    "jaxattn_quant_paged_decode_fwd", "jaxattn_quant_paged_decode_fwd_v1",
+    "jaxattn_quant_paged_decode_fwd", "jaxattn_quant_paged_decode_fwd_v2",
     _quant_paged_decode_abstract, batch_rule=_paged_decode_batch_rule,
-    axes="btnh,pskh,pskd,psk,psk,bm,b,bt,bj,bn->btnd,btn", partition="h")
+    axes="btnh,pskh,pskd,psk,psk,bm,b,bt,bj,bn,b->btnd,btn", partition="h")
 
 
 def decode_attrs(scale: float, soft_cap: float | None, window_left: int | None,
@@ -391,6 +420,11 @@ def attention_attrs(scale: float, soft_cap: float | None, is_causal: bool,
                 window_right=np.int64(right))
 
 
+def dropout_attrs(threshold: int) -> dict:
+    """The dropout attribute of the _v3 flash and block-sparse targets (0: no dropout)."""
+    return dict(dropout_threshold=np.int64(threshold))
+
+
 def _sparse_fwd_abstract(q, k, v, q_indptr, q_entries, masks, *tokens, **_):
     b = _output_batch(q, k, v, *tokens)
     _, t, n, _ = q.shape
@@ -407,23 +441,27 @@ def _sparse_bwd_abstract(q, k, v, out, lse, dout, dlse, *tables_and_tokens, **_)
 
 
 # Block-sparse attention. Operands: query, key, value, then the mask's tables for the kernels'
-# tiling (unbatched): q_indptr, q_entries, masks, then the five token operands of the flash
-# targets (batched; empty when absent); attributes: scale, soft_cap.
-_SPARSE_FWD_AXES = f"btnh,bskh,bskd,x,xy,xyz,{_TOKEN_OPERANDS}->btnd,btn"
-sparse_fwd_p = _define("jaxattn_sparse_fwd", "jaxattn_sparse_fwd_v2", _sparse_fwd_abstract,
-                       axes=_SPARSE_FWD_AXES)
+# tiling (unbatched): q_indptr, q_entries, masks, then the token operands of the _v3 flash
+# targets (batched; empty when absent: the five tokens and the dropout seeds); attributes:
+# scale, soft_cap, dropout_threshold (0: no dropout).
+_SPARSE_FWD_AXES = f"btnh,bskh,bskd,x,xy,xyz,{_V3_TOKEN_OPERANDS}->btnd,btn"
+sparse_fwd_p = _define("jaxattn_sparse_fwd", "jaxattn_sparse_fwd_v3", _sparse_fwd_abstract,
+                       axes=_SPARSE_FWD_AXES, dropout=True)
 # query, key, value, out, lse, dout, dlse (batched), then q_indptr, q_entries, k_indptr,
-# k_entries, masks, masks_t, then the token operands -> dq, dk, dv
-_SPARSE_BWD_AXES = (f"btnh,bskh,bskd,{_BACKWARD_OPERANDS},x,xy,x,xy,xyz,xyz,{_TOKEN_OPERANDS}"
-                    "->btnh,bskh,bskd")
-sparse_bwd_p = _define("jaxattn_sparse_bwd", "jaxattn_sparse_bwd_v2", _sparse_bwd_abstract,
-                       axes=_SPARSE_BWD_AXES)
+# k_entries, masks, masks_t, then the token operands (with the dropout seeds, as the flash _v3
+# targets; attribute dropout_threshold) -> dq, dk, dv
+_SPARSE_BWD_AXES = (f"btnh,bskh,bskd,{_BACKWARD_OPERANDS},x,xy,x,xy,xyz,xyz,"
+                    f"{_V3_TOKEN_OPERANDS}->btnh,bskh,bskd")
+sparse_bwd_p = _define("jaxattn_sparse_bwd", "jaxattn_sparse_bwd_v3", _sparse_bwd_abstract,
+                       axes=_SPARSE_BWD_AXES, dropout=True)
 # The same targets for a per-head mask, whose tables are indexed by kv head: a sharded jit may
 # split the batch only (tables shared by all heads, above, allow batch and heads).
-sparse_fwd_per_head_p = _define("jaxattn_sparse_fwd_per_head", "jaxattn_sparse_fwd_v2",
-                                _sparse_fwd_abstract, axes=_SPARSE_FWD_AXES, partition="b")
-sparse_bwd_per_head_p = _define("jaxattn_sparse_bwd_per_head", "jaxattn_sparse_bwd_v2",
-                                _sparse_bwd_abstract, axes=_SPARSE_BWD_AXES, partition="b")
+sparse_fwd_per_head_p = _define("jaxattn_sparse_fwd_per_head", "jaxattn_sparse_fwd_v3",
+                                _sparse_fwd_abstract, axes=_SPARSE_FWD_AXES, partition="b",
+                                dropout=True)
+sparse_bwd_per_head_p = _define("jaxattn_sparse_bwd_per_head", "jaxattn_sparse_bwd_v3",
+                                _sparse_bwd_abstract, axes=_SPARSE_BWD_AXES, partition="b",
+                                dropout=True)
 
 
 def block_sparse_tiling(group: int) -> tuple[int, int, int, int]:
@@ -457,10 +495,12 @@ def _gla_bwd_abstract(q, k, v, log_gate, initial_state, dout, dfinal_state, **_)
 
 # Gated linear attention. Operands: query [B,T,N,Hk], key [B,T,N,Hk], value [B,T,N,Hv],
 # log_gate [B,T,N,Hk], initial_state [B,N,Hk,Hv] float32 (empty: none); attribute: scale.
-# Results: out [B,T,N,Hv], final_state [B,N,Hk,Hv] float32.
+# Results: out [B,T,N,Hv], final_state [B,N,Hk,Hv] float32, aliased to initial_state where
+# the shapes agree: a decoding step updates a donated (or loop-carried) state in place, the
+# state read and written once (the kernels read every element before writing it).
 _GLA_OPERANDS = "btnh,btnh,btnd,btnh,bnhd"
 gla_fwd_p = _define("jaxattn_gla_fwd", "jaxattn_gla_fwd_v1", _gla_fwd_abstract,
-                    axes=f"{_GLA_OPERANDS}->btnd,bnhd")
+                    axes=f"{_GLA_OPERANDS}->btnd,bnhd", aliases={4: 1})
 # ... plus dout, dfinal_state (empty: none) -> dquery, dkey, dvalue, dlog_gate, dinitial_state
 gla_bwd_p = _define("jaxattn_gla_bwd", "jaxattn_gla_bwd_v1", _gla_bwd_abstract,
                     axes=f"{_GLA_OPERANDS},Btnd,Bnhd->btnh,btnh,btnd,btnh,bnhd")

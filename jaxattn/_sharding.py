@@ -25,8 +25,10 @@ mesh axis explicit, no head axis sharded), the call partitions the batch only an
 come back as bitcasts. Single-device programs, fully manual
 ``shard_map`` bodies and ``pmap`` lower to the plain custom call and pay nothing.
 
-The sharding-rule helpers come from ``jax._src`` (jax's own linalg lowerings use them; there is
-no public API for a custom call's Shardy rule): pin jax when upgrading.
+Only public jax APIs are used: the Shardy rule is built with the ``sdy`` MLIR dialect that jax
+ships (``jax.extend.mlir.dialects.sdy``: jax's own helper for it, ``sdy_sharding_rule_to_mlir``,
+is private), the view ops with ``stablehlo``. Tested on jax 0.10.2 and 0.12.1 (README,
+"Supported versions").
 
 Axis letters: ``b`` batch, ``n`` query heads, ``k`` kv heads (``n = k * g`` with g the GQA
 group); any other letter is an axis that is not partitioned. Query heads and kv heads are one
@@ -41,15 +43,10 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
-from jax._src import config as jax_config
-from jax._src import core
-from jax._src.custom_partitioning_sharding_rule import (
-    ArrayMapping,
-    CompoundFactor,
-    SdyShardingRule,
-    sdy_sharding_rule_to_mlir,
-)
-from jax._src.lib.mlir.dialects import hlo
+from jax.core import ShapedArray
+from jax.extend.mlir import ir
+from jax.extend.mlir.dialects import sdy
+from jax.extend.mlir.dialects import stablehlo as hlo
 from jax.interpreters import mlir
 from jax.sharding import AxisType, PartitionSpec
 
@@ -100,7 +97,10 @@ def with_sharding(abstract_eval: Callable, axes: Axes) -> Callable:
     union of their varying manual axes."""
 
     def rule(*avals_in, **params):
-        avals_out = abstract_eval(*avals_in, **params)
+        # The shapes come from avals without a mesh: newer jax checks a sharding's rank
+        # against the shape in aval.update, and results may differ in rank from the operands.
+        avals_out = abstract_eval(
+            *(ShapedArray(a.shape, a.dtype, a.weak_type) for a in avals_in), **params)
         # Each factor takes the mesh axes of the first operand that has it unbroadcast.
         entries: dict[str, object] = {}
         for aval, letters in zip(avals_in, axes.operands):
@@ -132,7 +132,7 @@ def match_varying(args: Sequence[jax.Array]) -> list[jax.Array]:
     must produce a varying output, and the transpose of the cast (a psum) then sums the
     gradient of a replicated operand over the devices.
     """
-    varying = [core.typeof(a).mat.varying for a in args]
+    varying = [jax.typeof(a).mat.varying for a in args]
     union = frozenset().union(*varying)
     if not union:
         return list(args)
@@ -166,7 +166,7 @@ class _View:
     layout: tuple[int, ...] | None  # minor-to-major of the view (None: row-major)
     codes: list[int]  # handler dims: view axis (>= 0) or constant -c-1
     factor_axes: list[tuple[int, str, int]]  # (view axis, factor, global size)
-    sdy: list  # one ArrayMapping entry per view axis
+    sdy_factors: list[tuple[str, ...]]  # per view axis: its Shardy factors (two: compound)
     perm: tuple[int, ...] = ()  # view position of each kept original axis, in order
     physical: tuple[int, ...] = ()  # view axes, major to minor, without broadcast ones
     dropped: tuple[int, ...] = ()  # size-1 axes removed before the transpose
@@ -202,25 +202,28 @@ class _Planner:
             factors = factors.replace("h", "")
         self.factors = factors + "u" if len(factors) == 1 else factors
         self.group = n // k if k else 1
-        self._unique = 0
+        # Shardy factor sizes: b batch, k kv heads, g the GQA group (query heads = k * g),
+        # x1, x2, ... one per axis that is not partitioned.
+        self.sdy_sizes = {"b": self.full["b"], "k": self.full["k"], "g": self.group}
 
-    def _fresh(self) -> str:
-        self._unique += 1
-        return f"x{self._unique}"
+    def _fresh(self, size: int) -> tuple[str, ...]:
+        name = f"x{len(self.sdy_sizes)}"
+        self.sdy_sizes[name] = size
+        return (name,)
 
-    def _sdy_factor(self, factor: str, size: int):
+    def _sdy_factor(self, factor: str, size: int) -> tuple[str, ...]:
         if factor == "u":
-            return self._fresh()
+            return self._fresh(1)
         if factor == "b":
-            return "b"
+            return ("b",)
         if size == self.full["k"]:
-            return "k"
-        return CompoundFactor("k", "g")
+            return ("k",)
+        return ("k", "g")
 
     def _flat(self, shape: tuple[int, ...]) -> _View:
-        return _View(shape=(int(np.prod(shape, dtype=np.int64)),), layout=None,
-                     codes=[-d - 1 for d in shape], factor_axes=[], sdy=[self._fresh()],
-                     flat=True)
+        size = int(np.prod(shape, dtype=np.int64))
+        return _View(shape=(size,), layout=None, codes=[-d - 1 for d in shape], factor_axes=[],
+                     sdy_factors=[self._fresh(size)], flat=True)
 
     def plan(self, aval, letters: str, is_result: bool) -> _View:
         shape = tuple(aval.shape)
@@ -262,12 +265,12 @@ class _Planner:
         view_axes: list[int | str] = [
             where[f] if status[f] in ("whole", "tile") else f for f in self.factors]
         view_axes += [a for a in kept if a not in lead]
-        view_shape, sdy, factor_axes, added = [], [], [], []
+        view_shape, sdy_factors, factor_axes, added = [], [], [], []
         for v, a in enumerate(view_axes):
             if isinstance(a, str):  # added: batch, kv heads (the smaller head count) or unit
                 size = {"b": self.full["b"], "h": self.full["k"], "u": 1}[a]
                 view_shape.append(size)
-                sdy.append(self._sdy_factor(a, size))
+                sdy_factors.append(self._sdy_factor(a, size))
                 if a != "u":
                     factor_axes.append((v, a, size))
                 added.append(v)
@@ -276,10 +279,10 @@ class _Planner:
             view_shape.append(size)
             factor = _FACTOR_OF.get(letters[a])
             if a in lead:
-                sdy.append(self._sdy_factor(factor, size))
+                sdy_factors.append(self._sdy_factor(factor, size))
                 factor_axes.append((v, factor, size))
             else:
-                sdy.append(self._fresh())
+                sdy_factors.append(self._fresh(size))
         view_of = {a: v for v, a in enumerate(view_axes) if not isinstance(a, str)}
         codes = [view_of[a] if a in view_of else -2 for a in range(len(shape))]  # -2: const 1
         # Physical order: broadcast axes outermost (their first slice is the original), then
@@ -291,7 +294,7 @@ class _Planner:
         broadcast = [v for v in added if view_axes[v] != "u"]
         layout = tuple(reversed(broadcast + physical))
         return _View(shape=tuple(view_shape), layout=layout, codes=codes,
-                     factor_axes=factor_axes, sdy=sdy,
+                     factor_axes=factor_axes, sdy_factors=sdy_factors,
                      perm=tuple(view_of[a] for a in kept), physical=tuple(physical),
                      dropped=dropped, tiles=tiles, broadcast_axes=tuple(added))
 
@@ -312,8 +315,33 @@ def _encode(views_in: Sequence[_View], views_out: Sequence[_View], factors: str)
     return np.asarray(data, np.int64)
 
 
+def _sdy_rule(views_in: Sequence[_View], views_out: Sequence[_View],
+              sizes: dict[str, int]) -> ir.Attribute:
+    """The ``sdy.sharding_rule`` attribute of a call on these views: each view axis maps to
+    its factors (a head axis of query heads to the compound (k, g))."""
+    index: dict[str, int] = {}
+    for view in (*views_in, *views_out):
+        for names in view.sdy_factors:
+            for name in names:
+                index.setdefault(name, len(index))
+
+    def tensor(view: _View):
+        return sdy.TensorMappingAttr.get(dim_mappings=[
+            sdy.DimMappingAttr.get(factor_indices=[index[n] for n in names])
+            for names in view.sdy_factors])
+
+    return sdy.OpShardingRuleAttr.get(
+        factor_sizes=[sizes[name] for name in index],
+        operand_mappings=[tensor(v) for v in views_in],
+        result_mappings=[tensor(v) for v in views_out], is_custom=True)
+
+
 def _ir_type(ctx, shape, dtype):
-    return mlir.aval_to_ir_type(ctx.module_context, core.ShapedArray(shape, dtype))
+    return mlir.aval_to_ir_type(ctx.module_context, ShapedArray(shape, dtype))
+
+
+def _static_shape(shape) -> bool:
+    return all(isinstance(d, (int, np.integer)) for d in shape)
 
 
 def _to_view(ctx, x, aval, view: _View):
@@ -354,27 +382,45 @@ def _from_view(ctx, x, aval, view: _View):
 
 def _heads_known_unsharded(avals_in, axes: Axes) -> bool:
     """Whether the types say no head axis is split: every mesh axis explicit (or manual) and
-    no head axis sharded. Then batch-only views need no result copies (bitcasts only)."""
+    no head axis sharded. Then batch-only views need no result copies (bitcasts only).
+
+    An operand typed without a mesh (jax 0.12 makes the zero cotangent of an unused lse so)
+    says nothing either way and is skipped; at least one operand must carry a mesh. Batch-only
+    views are correct whatever the shardings turn out to be (the partitioner gathers heads).
+    """
+    typed = False
     for aval, letters in zip(avals_in, axes.operands):
         if aval.size == 0 or aval.ndim != len(letters):
             continue
         mesh = aval.sharding.mesh
-        if mesh.empty or any(t not in (AxisType.Explicit, AxisType.Manual)
-                             for t in mesh.axis_types):
+        if mesh.empty:
+            continue
+        if any(t not in (AxisType.Explicit, AxisType.Manual) for t in mesh.axis_types):
             return False
         if any(_FACTOR_OF.get(c) == "h" and _spec_entry(aval, axis) is not None
                for axis, c in enumerate(letters)):
             return False
-    return True
+        typed = True
+    return typed
 
 
-def partitionable_lowering(target: str, axes: Axes) -> Callable:
-    """The lowering of a primitive whose custom call XLA may split along batch and heads."""
-    plain = jax.ffi.ffi_lowering(target)
+def partitionable_lowering(target: str, axes: Axes,
+                           aliases: dict[int, int] | None = None) -> Callable:
+    """The lowering of a primitive whose custom call XLA may split along batch and heads.
+
+    ``aliases`` {operand: result}: pairs XLA may give one buffer (the kernel updates the
+    operand in place; XLA copies it first unless it is donated or dead), applied where the
+    two have one shape and dtype."""
+
+    def matching_aliases(ctx: mlir.LoweringRuleContext) -> dict[int, int]:
+        return {i: o for i, o in (aliases or {}).items()
+                if ctx.avals_in[i].shape == ctx.avals_out[o].shape
+                and ctx.avals_in[i].dtype == ctx.avals_out[o].dtype}
 
     def lowering(ctx: mlir.LoweringRuleContext, *args, **attrs):
+        plain = jax.ffi.ffi_lowering(target, operand_output_aliases=matching_aliases(ctx))
         if not _partitioned(ctx) or any(
-                not core.is_constant_shape(a.shape) for a in (*ctx.avals_in, *ctx.avals_out)):
+                not _static_shape(a.shape) for a in (*ctx.avals_in, *ctx.avals_out)):
             return plain(ctx, *args, **attrs)
         planner = _Planner(axes, ctx.avals_in, ctx.avals_out,
                            heads=not _heads_known_unsharded(ctx.avals_in, axes))
@@ -383,28 +429,23 @@ def partitionable_lowering(target: str, axes: Axes) -> Callable:
         views_in = [planner.plan(a, l, False) for a, l in zip(ctx.avals_in, axes.operands)]
         views_out = [planner.plan(a, l, True) for a, l in zip(ctx.avals_out, axes.results)]
         operands = [_to_view(ctx, x, a, v) for x, a, v in zip(args, ctx.avals_in, views_in)]
-        avals_in = [core.ShapedArray(v.shape, a.dtype) for a, v in zip(ctx.avals_in, views_in)]
-        avals_out = [core.ShapedArray(v.shape, a.dtype)
+        avals_in = [ShapedArray(v.shape, a.dtype) for a, v in zip(ctx.avals_in, views_in)]
+        avals_out = [ShapedArray(v.shape, a.dtype)
                      for a, v in zip(ctx.avals_out, views_out)]
+        # The Shardy rule is emitted whatever jax_use_shardy_partitioner says: jaxlib 0.12's
+        # XLA propagates shardings with Shardy even with the flag off (without the rule it
+        # replicates the results), and GSPMD (jax 0.10) ignores the attribute.
         extra = {"mhlo.frontend_attributes":
-                 mlir.ir_attribute({"num_batch_dims": str(len(planner.factors))})}
-        if jax_config.use_shardy_partitioner.value:
-            sizes = {}
-            mapped = [f for v in views_in + views_out for f in v.sdy]
-            if any(isinstance(f, CompoundFactor) for f in mapped):
-                sizes["g"] = planner.group
-                if "k" not in mapped:  # k only inside (k g): Shardy needs its size
-                    sizes["k"] = planner.full["k"]
-            rule = SdyShardingRule(tuple(ArrayMapping(*v.sdy) for v in views_in),
-                                   tuple(ArrayMapping(*v.sdy) for v in views_out), **sizes)
-            extra["sdy.sharding_rule"] = sdy_sharding_rule_to_mlir(
-                rule, [_ir_type(ctx, a.shape, a.dtype) for a in avals_in],
-                [_ir_type(ctx, a.shape, a.dtype) for a in avals_out])
+                 mlir.ir_attribute({"num_batch_dims": str(len(planner.factors))}),
+                 "sdy.sharding_rule": _sdy_rule(views_in, views_out, planner.sdy_sizes)}
         attrs[VIEWS_ATTR] = _encode(views_in, views_out, planner.factors)
+        view_ctx = ctx.replace(avals_in=avals_in, avals_out=avals_out)
         call = jax.ffi.ffi_lowering(
             target, operand_layouts=[v.layout for v in views_in],
-            result_layouts=[v.layout for v in views_out], extra_attributes=extra)
-        results = call(ctx.replace(avals_in=avals_in, avals_out=avals_out), *operands, **attrs)
+            result_layouts=[v.layout for v in views_out], extra_attributes=extra,
+            operand_output_aliases={i: o for i, o in matching_aliases(view_ctx).items()
+                                    if views_in[i].layout == views_out[o].layout})
+        results = call(view_ctx, *operands, **attrs)
         return [_from_view(ctx, x, a, v)
                 for x, a, v in zip(results, ctx.avals_out, views_out)]
 

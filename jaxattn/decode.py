@@ -3,7 +3,8 @@
 ``decode_attention`` and ``paged_decode_attention`` run a split-KV ("flash decoding") C++
 kernel: the cache is cut into fixed-size partitions computed in parallel on XLA's CPU thread
 pool and merged in a fixed order, so results are bitwise identical for any thread count.
-``merge_attention_states`` combines attention computed over disjoint key sets.
+(``merge_attention_states``, which combines attention over disjoint key sets, lives in
+``jaxattn.merge``.)
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ from jaxattn._validation import (
 )
 
 Array = jax.Array
-
-MAX_QUERY_TOKENS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +122,9 @@ def _check_query(query: Array) -> None:
     if query.ndim != 4:
         raise ValueError(f"query must have shape [B, T, N, H], got {query.shape}")
     check_dtype(query, "query")
-    t = query.shape[1]
-    if not 1 <= t <= MAX_QUERY_TOKENS:
-        raise ValueError(f"query must hold 1 to {MAX_QUERY_TOKENS} tokens (T = query.shape[1]), "
-                         f"got T={t}; use flash_attention for longer queries")
+    if query.shape[1] < 1:
+        raise ValueError(f"query must hold at least one token (T = query.shape[1]), got "
+                         f"{query.shape}")
     if query.shape[2] == 0 or query.shape[3] == 0:
         raise ValueError(f"query must have N >= 1 heads and head dim H >= 1, got {query.shape}")
 
@@ -227,12 +225,14 @@ def _options(query: Array, scale: float | None, local_window_size: Any,
                     check_bool(strict_lengths, "strict_lengths"))
 
 
-def _tokens(query_positions: Any, key_value_positions: Any, alibi_slopes: Any, batch: int,
-            q_len: int, capacity: int, num_heads: int) -> tuple[Array, Array, Array]:
+def _tokens(query_positions: Any, key_value_positions: Any, alibi_slopes: Any,
+            query_lengths: Any, batch: int, q_len: int, capacity: int,
+            num_heads: int) -> tuple[Array, Array, Array, Array]:
     """The decode targets' token operands (absent ones empty)."""
     return (check_token_ids(query_positions, "query_positions", batch, q_len, False),
             check_token_ids(key_value_positions, "key_value_positions", batch, capacity, False),
-            check_alibi_slopes(alibi_slopes, batch, num_heads, False))
+            check_alibi_slopes(alibi_slopes, batch, num_heads, False),
+            check_lengths(query_lengths, "query_lengths", batch, unbatched=False))
 
 
 def _finish(out: Array, lse: Array, return_residual: bool):
@@ -261,15 +261,19 @@ def decode_attention(
     query_positions: Any | None = None,
     key_value_positions: Any | None = None,
     alibi_slopes: Any | None = None,
+    query_lengths: Any | None = None,
 ) -> Array | tuple[Array, Array]:
     """Attention of the newest T tokens against a contiguous KV cache (split-KV decoding).
 
     Query token ``i`` of sequence ``b`` sits at absolute position ``kv_lengths[b] - T + i``
     (the T new tokens are already written to the cache) and sees cache keys ``j`` up to that
-    position: causal among the new tokens, all of the older cache.
+    position: causal among the new tokens, all of the older cache. Any T: one token
+    (decoding), a few (speculative decoding), or a whole chunk of a prompt against its cached
+    prefix (chunked prefill, prefix caching; beyond 16 tokens the flash kernels run over the
+    cache).
 
     Args:
-      query: ``[B, T, N, H]`` with ``1 <= T <= 16``; float32, bfloat16 or float16.
+      query: ``[B, T, N, H]``, ``T >= 1``; float32, bfloat16 or float16.
       key_cache: ``[B, Smax, K, H]`` in the query dtype, or a quantized cache (``int8``,
         ``float8_e4m3fn`` or ``float8_e5m2``, see ``jaxattn.quantize_kv``) whatever the query
         dtype; ``N % K == 0`` (query head ``n`` uses kv head ``n // (N // K)``; ``K = 1`` is
@@ -302,6 +306,10 @@ def decode_attention(
       alibi_slopes: optional float ``[N]`` or ``[B, N]``: ALiBi, adds
         ``-slope[n] * |query position - key position|`` (the positions above) to the logits
         before the soft cap.
+      query_lengths: optional int ``[B]``, ragged queries: sequence ``b`` has
+        ``T_b = query_lengths[b]`` (clamped to ``[0, T]``) new tokens in query rows
+        ``0 .. T_b - 1``, at positions ``kv_lengths[b] - T_b + i``; rows ``i >= T_b`` output 0
+        (lse ``-inf``). Default: ``T`` each.
 
     Returns:
       ``[B, T, N, Hv]`` in the query dtype (and the lse when ``return_residual``). A row with
@@ -324,7 +332,8 @@ def decode_attention(
     kv_lengths = _check_kv_lengths(kv_lengths, b)
     options = _options(query, scale, local_window_size, logits_soft_cap, strict_lengths)
     return_residual = check_bool(return_residual, "return_residual")
-    tokens = _tokens(query_positions, key_value_positions, alibi_slopes, b, query.shape[1],
+    tokens = _tokens(query_positions, key_value_positions, alibi_slopes, query_lengths, b,
+                     query.shape[1],
                      key_cache.shape[1], query.shape[2])
     if any_zero(b, key_cache.shape[1]):
         return _empty_result(query, value_cache.shape[3], return_residual)
@@ -353,6 +362,7 @@ def paged_decode_attention(
     query_positions: Any | None = None,
     key_value_positions: Any | None = None,
     alibi_slopes: Any | None = None,
+    query_lengths: Any | None = None,
 ) -> Array | tuple[Array, Array]:
     """``decode_attention`` over a paged (vLLM-style) KV cache.
 
@@ -361,7 +371,7 @@ def paged_decode_attention(
     sequences; any page size ``>= 1`` works.
 
     Args:
-      query: ``[B, T, N, H]`` with ``1 <= T <= 16``.
+      query: ``[B, T, N, H]``, ``T >= 1`` (as in ``decode_attention``).
       key_pages: ``[P, page_size, K, H]``, the page pool, in the query dtype or quantized
         (as in ``decode_attention``).
       value_pages: ``[P, page_size, K, Hv]``, of the key pages' dtype.
@@ -372,7 +382,7 @@ def paged_decode_attention(
       kv_lengths: int ``[B]``, clamped to ``[0, max_pages * page_size]`` (with
         ``strict_lengths``, a value outside that range is a run-time error).
       scale, local_window_size, logits_soft_cap, return_residual, strict_lengths,
-        query_positions, alibi_slopes: as in ``decode_attention``.
+        query_positions, alibi_slopes, query_lengths: as in ``decode_attention``.
       key_scale, value_scale: quantized pages only: float32 ``[P, page_size, K]`` (as in
         ``decode_attention``).
       key_value_positions: optional int ``[B, max_pages * page_size]``: the position of each
@@ -398,7 +408,8 @@ def paged_decode_attention(
     kv_lengths = _check_kv_lengths(kv_lengths, b)
     options = _options(query, scale, local_window_size, logits_soft_cap, strict_lengths)
     return_residual = check_bool(return_residual, "return_residual")
-    tokens = _tokens(query_positions, key_value_positions, alibi_slopes, b, query.shape[1],
+    tokens = _tokens(query_positions, key_value_positions, alibi_slopes, query_lengths, b,
+                     query.shape[1],
                      block_tables.shape[1] * key_pages.shape[1], query.shape[2])
     if any_zero(b, *key_pages.shape[:2], block_tables.shape[1]):
         return _empty_result(query, value_pages.shape[3], return_residual)
@@ -409,52 +420,3 @@ def paged_decode_attention(
     out, lse = _paged_decode(options, query, key_pages, value_pages, block_tables, kv_lengths,
                              tokens)
     return _finish(out, lse, return_residual)
-
-
-def merge_attention_states(outputs: Any, lses: Any) -> tuple[Array, Array]:
-    """Combines attention results over disjoint key sets into attention over their union.
-
-    With ``o_i = softmax(s_i) v_i`` and ``lse_i = logsumexp(s_i)`` for key sets ``i``, the
-    attention over all keys is ``sum_i exp(lse_i - lse) o_i`` with
-    ``lse = logsumexp_i(lse_i)``. Exact up to rounding, differentiable, and an empty part
-    (``lse_i = -inf``, any output) contributes nothing; if every part is empty the result is 0
-    with lse ``-inf`` and zero gradients. NaN propagates as attention over the union would
-    propagate it: a part with a NaN lse or output makes the merged row (and its lse) NaN.
-
-    Args:
-      outputs: ``[M, ..., Hv]``: M partial outputs (e.g. ``[M, B, T, N, Hv]``), any float dtype.
-      lses: ``[M, ...]``: their log-sum-exps (the residuals of ``return_residual=True``).
-
-    Returns:
-      ``(out [..., Hv] in the outputs' dtype, lse [...] float32)``.
-
-    The contract: docs/semantics.md, section 4.
-    """
-    outputs = as_array(outputs, "outputs")
-    lses = as_array(lses, "lses")
-    if not jnp.issubdtype(outputs.dtype, jnp.floating):
-        raise TypeError(f"outputs must be a floating array, got dtype {outputs.dtype}")
-    if not jnp.issubdtype(lses.dtype, jnp.floating):
-        raise TypeError(f"lses must be a floating array, got dtype {lses.dtype}")
-    if outputs.ndim < 2 or outputs.shape[:-1] != lses.shape:
-        raise ValueError(f"outputs must be [M, ..., Hv] and lses [M, ...] with matching leading "
-                         f"axes, got {outputs.shape} and {lses.shape}")
-    if outputs.shape[0] == 0:
-        raise ValueError("merge_attention_states needs at least one part (M >= 1)")
-    lses = lses.astype(jnp.float32)
-    # The max only conditions the exponentials: the result does not depend on it, so keep it
-    # out of the gradient (ties and -inf would otherwise route gradients through argmax).
-    top = jax.lax.stop_gradient(jnp.max(lses, axis=0))
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    # Only lse = -inf marks an empty part: a NaN lse (a NaN logit among the part's keys) is
-    # live and makes the merged row NaN, as attention over the union would.
-    live = lses != -jnp.inf
-    weights = jnp.where(live, jnp.exp(jnp.where(live, lses - top, 0.0)), 0.0)  # [M, ...]
-    total = weights.sum(axis=0)
-    nonempty = total != 0  # NaN totals are not empty
-    safe_total = jnp.where(nonempty, total, 1.0)
-    # An empty part's output may be anything (even NaN): select, don't multiply by zero.
-    parts = jnp.where(live[..., None], outputs.astype(jnp.float32), 0.0)
-    out = ((weights / safe_total)[..., None] * parts).sum(axis=0)
-    lse = jnp.where(nonempty, top + jnp.log(safe_total), -jnp.inf)
-    return out.astype(outputs.dtype), lse

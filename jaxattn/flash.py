@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.interpreters import ad
 
 from jaxattn import _ffi
-from jaxattn._autodiff import forbid_second_derivatives
+from jaxattn._autodiff import check_reverse_mode_only, forbid_second_derivatives
 from jaxattn._sharding import match_varying
 from jaxattn._validation import (
     any_zero,
@@ -25,6 +25,7 @@ from jaxattn._validation import (
     normalize_window,
     check_token_ids,
 )
+from jaxattn.dropout import check_dropout, dropout_seeds, dropout_threshold
 
 Array = jax.Array
 
@@ -37,9 +38,15 @@ class _Options:
     soft_cap: float | None
     is_causal: bool
     window: tuple[int, int] | None
+    dropout_threshold: int = 0  # 0: no dropout (jaxattn/dropout.py)
 
     def attrs(self) -> dict:
+        """The attributes of the tangent target (which has no dropout)."""
         return _ffi.attention_attrs(self.scale, self.soft_cap, self.is_causal, self.window)
+
+    def attrs_v3(self) -> dict:
+        """The attributes of the forward, backward and dlogits targets."""
+        return {**self.attrs(), **_ffi.dropout_attrs(self.dropout_threshold)}
 
 
 def _empty(dtype) -> Array:
@@ -53,7 +60,7 @@ def _empty(dtype) -> Array:
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _flash(options: _Options, q, k, v, bias, mask, q_lengths, kv_lengths, tokens):
     # tokens: query_positions, key_value_positions, query_segment_ids, key_value_segment_ids,
-    # alibi_slopes (absent ones empty)
+    # alibi_slopes (absent ones empty); no dropout on this path (see _flash_dropout)
     out, lse = _ffi.flash_fwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths, *tokens,
                                      **options.attrs())
     return out, lse
@@ -80,23 +87,64 @@ def _flash_jvp_transpose(cotangents, q, k, v, bias, mask, q_lengths, kv_lengths,
     # zeros_like keeps the residuals' shardings (explicit mesh axes).
     dout, dlse = (jnp.zeros_like(x) if type(c) is ad.Zero else c
                   for c, x in zip(cotangents, (out, lse)))
-    operands = (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout.astype(out.dtype),
-                dlse.astype(jnp.float32), *tokens)
+    operands = (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse, *tokens,
+                _ffi.no_dropout_seeds())
     tangents = (dq, dk, dv, dbias)
     linear = [ad.is_undefined_primal(x) for x in tangents]
-    grads = [None] * 4
-    if any(linear[:3]):
-        grads[:3] = _ffi.flash_bwd_p.bind(*operands, **attrs)
-    if linear[3] and bias.size:
-        (grads[3],) = _ffi.flash_dlogits_p.bind(*operands, **attrs)
-    # The kernels write gradients at the output's batch; a tangent of a smaller batch (an
-    # operand not mapped by vmap, read at b % its batch) gets the sum over the rows it fed.
+    shapes = [(x.aval.shape, x.aval.dtype) for x in tangents]
+    grads = _backward(operands, {**attrs, **_ffi.dropout_attrs(0)}, linear, shapes)
     # None for the 7 flash operands, out and lse before the tangents, and the tokens after.
-    return (None,) * 9 + tuple(
-        None if not is_linear else
-        jnp.zeros(x.aval.shape, x.aval.dtype) if g is None else
-        _sum_to_shape(g, x.aval.shape).astype(x.aval.dtype)
-        for g, x, is_linear in zip(grads, tangents, linear)) + (None,) * len(tokens)
+    return (None,) * 9 + tuple(grads) + (None,) * len(tokens)
+
+
+def _backward(operands: tuple, attrs: dict, wanted: list[bool],
+              shapes: list[tuple[tuple[int, ...], Any]]) -> list[Array | None]:
+    """Gradients of query, key, value and bias (None where not ``wanted``) from the backward
+    kernels' operands (the forward's operands, out, lse, dout, dlse, the token operands and
+    the dropout seeds), summed onto ``shapes`` (shape, dtype) of the primal operands."""
+    out, lse, dout, dlse = operands[7:11]
+    operands = (*operands[:9], dout.astype(out.dtype), dlse.astype(jnp.float32),
+                *operands[11:])
+    bias = operands[3]
+    grads = [None] * 4
+    if any(wanted[:3]):
+        grads[:3] = _ffi.flash_bwd_p.bind(*operands, **attrs)
+    if wanted[3] and bias.size:
+        (grads[3],) = _ffi.flash_dlogits_p.bind(*operands, **attrs)
+    # The kernels write gradients at the output's batch; an operand of a smaller batch (one
+    # not mapped by vmap, read at b % its batch) gets the sum over the rows it fed.
+    return [None if not want else
+            jnp.zeros(shape, dtype) if g is None else _sum_to_shape(g, shape).astype(dtype)
+            for g, want, (shape, dtype) in zip(grads, wanted, shapes)]
+
+
+# With dropout: a custom VJP (the tangent kernel has no dropout; forward mode raises in
+# flash_attention). tokens: the five token operands and the dropout seeds.
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash_dropout(options: _Options, q, k, v, bias, mask, q_lengths, kv_lengths, tokens):
+    return _ffi.flash_fwd_p.bind(q, k, v, bias, mask, q_lengths, kv_lengths, *tokens,
+                                 **options.attrs_v3())
+
+
+def _flash_dropout_fwd(options, q, k, v, bias, mask, q_lengths, kv_lengths, tokens):
+    out, lse = _flash_dropout(options, q, k, v, bias, mask, q_lengths, kv_lengths, tokens)
+    return (out, lse), (q, k, v, bias, mask, q_lengths, kv_lengths, tokens, out, lse)
+
+
+def _flash_dropout_bwd(options, residuals, cotangents):
+    q, k, v, bias, mask, q_lengths, kv_lengths, tokens, out, lse = residuals
+    dout, dlse = cotangents
+    operands = (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse, *tokens)
+    primals = (q, k, v, bias)
+    dq, dk, dv, dbias = _backward(operands, options.attrs_v3(), [True] * 4,
+                                  [(x.shape, x.dtype) for x in primals])
+    # The slopes get no gradient (as without dropout); integer operands none at all.
+    dtokens = tuple(jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else None
+                    for x in tokens)
+    return dq, dk, dv, dbias, None, None, None, dtokens
+
+
+_flash_dropout.defvjp(_flash_dropout_fwd, _flash_dropout_bwd)
 
 
 ad.primitive_transposes[_ffi.flash_jvp_p] = _flash_jvp_transpose
@@ -181,6 +229,9 @@ def flash_attention(
     query_segment_ids: Any | None = None,
     key_value_segment_ids: Any | None = None,
     alibi_slopes: Any | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Any | None = None,
+    dropout_broadcast: bool = False,
 ) -> Array | tuple[Array, Array]:
     """Scaled dot-product attention with fused, memory-linear C++ kernels.
 
@@ -224,6 +275,16 @@ def flash_attention(
         ``-slope[n] * |qp - kp|`` to the logits of head ``n`` (positions as above, else
         indices), after the bias and before the soft cap, computed in the kernels. No
         gradient flows to the slopes (they are treated as constants).
+      dropout_rate: dropout on the attention weights, in ``[0, 1)``: each normalised weight
+        is dropped with this probability inside the kernels and the kept ones are scaled by
+        ``1 / (1 - rate)``; the backward regenerates the same mask. The mask is a hash of
+        ``(dropout_rng, batch, head, query, key)`` (``jaxattn.dropout_mask`` computes it):
+        the same for a key whatever the thread count, different for different keys. The lse
+        is that of the undropped weights. Reverse-mode gradients only (forward mode raises
+        ``NotImplementedError``).
+      dropout_rng: a JAX PRNG key (``jax.random.key``), required when ``dropout_rate > 0``.
+      dropout_broadcast: one ``[T, S]`` dropout mask shared by the batch and the heads
+        (Flax's ``broadcast_dropout=True``); default a mask per batch row and head.
 
     Returns:
       ``[B, T, N, Hv]`` in the input dtype (and the lse when ``return_residual``). A row that
@@ -246,6 +307,8 @@ def flash_attention(
     window = normalize_window(local_window_size)
     is_causal = check_bool(is_causal, "is_causal")
     return_residual = check_bool(return_residual, "return_residual")
+    dropout_rate, dropout_rng = check_dropout(dropout_rate, dropout_rng)
+    dropout_broadcast = check_bool(dropout_broadcast, "dropout_broadcast")
     full = (b, n, t, s)
 
     if bias is not None:
@@ -283,15 +346,25 @@ def flash_attention(
         out = jnp.zeros((b, t, n, hv), query.dtype)
         lse = jnp.full((b, t, n), -jnp.inf, jnp.float32)
     else:
-        options = _Options(float(scale), soft_cap, bool(is_causal), window)
+        options = _Options(float(scale), soft_cap, bool(is_causal), window,
+                           dropout_threshold(dropout_rate))
         # Hv = 0: the output is empty but the lse still depends on the logits; the kernels
         # need Hv >= 1, so attend to a zero value of width 1 and drop it.
         kernel_value = value if hv else jnp.zeros(value.shape[:3] + (1,), value.dtype)
+        if dropout_rng is not None:
+            check_reverse_mode_only(
+                "jaxattn.flash_attention", query, key, value, bias, message=(
+                    "jaxattn.flash_attention: forward-mode differentiation (jax.jvp, "
+                    "jax.linearize, jax.jacfwd, jax.hessian) with dropout_rate > 0 is not "
+                    "implemented; use reverse mode (jax.grad, jax.vjp, jax.jacrev), or "
+                    "dropout_rate=0 for forward mode."))
+            tokens = (*tokens, dropout_seeds(dropout_rng, b, n, dropout_broadcast))
         # In shard_map, a replicated operand is cast to varying here, outside the custom_vjp,
         # so that autodiff sums its gradient over the devices (the transpose of the cast).
         operands = match_varying((query, key, kernel_value, bias, mask, q_lengths, kv_lengths,
                                   *tokens))
-        out, lse = _flash(options, *operands[:7], tuple(operands[7:]))
+        attention = _flash if dropout_rng is None else _flash_dropout
+        out, lse = attention(options, *operands[:7], tuple(operands[7:]))
         if not hv:
             out = out[..., :0]
     if unbatched:

@@ -9,9 +9,10 @@ applied); the element masks of partial blocks are stored once per distinct patte
 Masks live on the host (NumPy) and are immutable and hashable, so they can be closed over or
 passed as a static argument of ``jax.jit``. ``block_sparse_attention`` compiles a mask, once
 per mask and GQA group size, into compact tables for the kernels' own tiling (as Pallas splash
-attention does): per kernel query tile the non-empty kernel key tiles, each full or partial with
-an index into a deduplicated pool of element masks, and the transposed tables for the backward
-pass.
+attention keeps its mask apart from its "mask info"): per kernel query tile the non-empty
+kernel key tiles, each full or partial with an index into a deduplicated pool of element masks,
+and the transposed tables for the backward pass. That compilation lives in
+``jaxattn._mask_tables``; ``jaxattn.sparse.prepare_tables`` runs it ahead of time.
 
 Builders: ``causal``, ``local`` (sliding window), ``global_local`` (Longformer), ``strided``
 (Sparse Transformer), ``random`` (BigBird's random blocks, seeded) and ``from_function``.
@@ -36,16 +37,14 @@ __all__ = [
     "strided",
     "random",
     "from_function",
+    "BLOCK_EMPTY",
+    "BLOCK_FULL",
+    "BLOCK_PARTIAL",
 ]
 
 DEFAULT_BLOCK = 64
 _FULL = -1  # block id of a full block; ids >= 0 index the pool of partial element masks
 _STRIPE_ELEMENTS = 1 << 22  # dense elements materialised at a time while building masks
-_LOOKUP_ELEMENTS = 1 << 20  # elements looked up at a time while compiling kernel tables
-_TABLE_BLOCKS_PER_BAND = 1 << 16  # blocks whose tiles are worked out at a time
-# Compile kernel tables through the dense mask when it has at most this many elements per
-# block (tiny blocks, where per-block bookkeeping would outweigh the dense mask).
-_DENSE_TABLES_RATIO = 32
 
 
 def _positive_int(x: Any, name: str) -> int:
@@ -75,6 +74,20 @@ def _readonly(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct rows in byte order, index of each row's distinct row) of a 2-D array, as
+    ``np.unique(rows, axis=0, return_inverse=True)`` gives for uint8 rows, but sorting the rows
+    as opaque byte strings (np.unique's axis=0 compares them one column at a time: 100x slower
+    for element masks of 4096 bytes)."""
+    rows = np.ascontiguousarray(rows)
+    width = rows.shape[1] * rows.dtype.itemsize
+    if rows.shape[0] == 0 or width == 0:
+        return rows[:min(1, rows.shape[0])], np.zeros(rows.shape[0], np.int64)
+    as_bytes = rows.view(np.dtype((np.void, width))).reshape(-1)
+    unique, inverse = np.unique(as_bytes, return_inverse=True)
+    return unique.view(rows.dtype).reshape(-1, rows.shape[1]), inverse.reshape(-1)
+
+
 class BlockSparseMask:
     """An immutable block-sparse attention mask, bool ``[1 or N, T, S]`` in R x C blocks.
 
@@ -93,7 +106,8 @@ class BlockSparseMask:
         for name, value in zip(("q_len", "kv_len", "block_q", "block_kv", "num_heads"), _shape):
             init(name, int(value))
         init("_keys", _readonly(_keys))  # int64 [nnz]: (h * nbq + i) * nbk + j, increasing
-        init("_ids", _readonly(_ids))  # int32 [nnz]: _FULL or a pool index
+        # int32 [nnz]: _FULL or a pool index (all _FULL may be a broadcast view: no memory)
+        init("_ids", _ids if _ids.ndim == 1 and _ids.strides == (0,) else _readonly(_ids))
         init("_pool", _readonly(_pool))  # bool [P, R, C], distinct, False past the ends
         init("_digest", None)  # lazily: content hash
         init("_tables", {})  # lazily: kernel tables per tiling
@@ -124,8 +138,7 @@ class BlockSparseMask:
         if block_q == block_kv == 1:
             # Every attending element is a full block, and its flat index is its block key.
             keys = np.flatnonzero(dense)
-            return BlockSparseMask(_shape=shape, _keys=keys,
-                                   _ids=np.full(keys.shape, _FULL, np.int32),
+            return BlockSparseMask(_shape=shape, _keys=keys, _ids=_all_full(keys.size),
                                    _pool=np.zeros((0, 1, 1), bool))
         return _from_stripes(shape, lambda t0, t1: dense[:, t0:t1])
 
@@ -188,8 +201,7 @@ class BlockSparseMask:
                              f"0..{nbk - 1} for kv_len={kv_len}, block_kv={block_kv}")
         keys = np.unique(owner * nbk + cols)
         shape = (q_len, kv_len, block_q, block_kv, num_heads)
-        return BlockSparseMask(_shape=shape, _keys=keys,
-                               _ids=np.full(keys.shape, _FULL, np.int32),
+        return BlockSparseMask(_shape=shape, _keys=keys, _ids=_all_full(keys.size),
                                _pool=np.zeros((0, block_q, block_kv), bool))
 
     # ------------------------------------------------------------------ views
@@ -317,29 +329,16 @@ class BlockSparseMask:
 
     def kernel_tables(self, positions: int, keys: int, group: int, groups: int,
                       rows_padded: int | None = None) -> tuple[np.ndarray, ...]:
-        """The tables for kernel tiles of ``positions`` queries x ``group`` heads by ``keys``.
+        """The tables for kernel tiles of ``positions`` queries x ``group`` heads by ``keys``;
+        see ``jaxattn._mask_tables.kernel_tables`` (compiled once, cached on the mask)."""
+        from jaxattn import _mask_tables  # the tables depend on the mask, not the reverse
 
-        ``groups`` is 1 for a mask shared by all heads, or K for a per-head mask (table g
-        serves query heads ``g*group .. g*group + group - 1``; needs ``num_heads == K*group``).
-        Returns ``(q_indptr, q_entries, k_indptr, k_entries, masks, masks_t)``: int32 CSR
-        over (group, query tile) of entries (key tile, mask id or -1 for full), the same over
-        (group, key tile) of (query tile, mask id), the deduplicated element masks, bool
-        ``[P, positions * group, keys]`` (row ``(t - t0) * group + g``), and the same
-        transposed, ``[P, keys, rows_padded]`` (rows zero-padded to ``rows_padded``, default
-        no padding) for the backward's key-major pass. Cached per arguments.
-        """
-        rows = positions * group
-        rows_padded = rows if rows_padded is None else rows_padded
-        if rows_padded < rows:
-            raise ValueError(f"rows_padded={rows_padded} < rows per tile {rows}")
-        cache_key = (positions, keys, group, groups, rows_padded)
-        if cache_key not in self._tables:
-            tables = _compile_tables(self, positions, keys, group, groups)
-            pool = tables[-1]
-            pool_t = np.zeros((pool.shape[0], keys, rows_padded), bool)
-            pool_t[:, :, :rows] = pool.transpose(0, 2, 1)
-            self._tables[cache_key] = tuple(_readonly(x) for x in tables + (pool_t,))
-        return self._tables[cache_key]
+        return _mask_tables.kernel_tables(self, positions, keys, group, groups, rows_padded)
+
+
+def _all_full(count: int) -> np.ndarray:
+    """The block ids of ``count`` full blocks: a read-only broadcast of _FULL (no memory)."""
+    return np.broadcast_to(np.int32(_FULL), (count,))
 
 
 def _rebuild(shape, keys, ids, pool) -> BlockSparseMask:
@@ -392,9 +391,9 @@ def _canonical(shape: tuple[int, ...], keys: np.ndarray, full: np.ndarray,
         mixed = pk[(counts > 0) & ~all_true]
         if mixed.size:
             rows = elems[(counts > 0) & ~all_true].reshape(mixed.size, r * c)
-            pool_flat, inverse = np.unique(rows.view(np.uint8), axis=0, return_inverse=True)
+            pool_flat, inverse = unique_rows(rows.view(np.uint8))
             pool = pool_flat.reshape(-1, r, c).astype(bool)
-            ids[mixed] = inverse.reshape(-1).astype(np.int32)
+            ids[mixed] = inverse.astype(np.int32)
     return BlockSparseMask(_shape=shape, _keys=keys[keep], _ids=ids[keep], _pool=pool)
 
 
@@ -437,7 +436,8 @@ def _from_stripes(shape: tuple[int, ...],
 # sequence end), so time and memory follow the number of blocks, not T x S.
 
 _REP_ELEMENTS = 1 << 20  # elements of representative blocks evaluated at a time
-_BLOCK_ROWS_PER_CHUNK = 1024  # block rows whose candidate blocks are listed at a time
+_BLOCK_ROWS_PER_CHUNK = 1024  # block rows whose candidate blocks are listed at a time, at most
+_CANDIDATES_PER_CHUNK = 1 << 19  # candidate blocks listed and classified at a time, about
 
 
 def _ranges(starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -482,9 +482,9 @@ def _structured(shape: tuple[int, ...], predicate: Callable[[np.ndarray, np.ndar
     q_len, kv_len, r, c, _ = shape
     nbq, nbk = -(-q_len // r), -(-kv_len // c)
     blocks, ids, open_at, open_keys = [], [], [], []
-    count = 0
-    for i0 in range(0, nbq, _BLOCK_ROWS_PER_CHUNK):
-        i, j = candidates(np.arange(i0, min(nbq, i0 + _BLOCK_ROWS_PER_CHUNK), dtype=np.int64))
+    count, i0, rows = 0, 0, 16
+    while i0 < nbq:
+        i, j = candidates(np.arange(i0, min(nbq, i0 + rows), dtype=np.int64))
         full, key = classify(i, j)
         # Blocks at a sequence end are clipped: each is its own pattern (key < 0).
         edge = ((i + 1) * r > q_len) | ((j + 1) * c > kv_len)
@@ -494,6 +494,10 @@ def _structured(shape: tuple[int, ...], predicate: Callable[[np.ndarray, np.ndar
         open_at.append(np.nonzero(~full)[0] + count)
         open_keys.append(key[~full])
         count += i.size
+        # Next: about _CANDIDATES_PER_CHUNK blocks (rows grow or shrink with the pattern).
+        i0 += rows
+        rows = int(np.clip(_CANDIDATES_PER_CHUNK * rows // max(1, i.size), 1,
+                           _BLOCK_ROWS_PER_CHUNK))
     blocks = np.concatenate(blocks)
     ids = np.concatenate(ids)
     open_at = np.concatenate(open_at)
@@ -525,7 +529,7 @@ def _structured(shape: tuple[int, ...], predicate: Callable[[np.ndarray, np.ndar
         mixed = np.nonzero(rep_class == 2)[0]
         if mixed.size:
             rows = np.concatenate(patterns).reshape(mixed.size, r * c)
-            pool_flat, pool_index = np.unique(rows.view(np.uint8), axis=0, return_inverse=True)
+            pool_flat, pool_index = unique_rows(rows.view(np.uint8))
             pool = pool_flat.reshape(-1, r, c).astype(bool)
             rep_id[mixed] = pool_index.reshape(-1)
         ids[open_at] = rep_id[inverse.reshape(-1)]
@@ -545,6 +549,41 @@ def _mixed_radix(columns: Sequence[np.ndarray], sizes: Sequence[int]) -> np.ndar
     for column, size in zip(columns, sizes):
         key = key * int(size) + column
     return key
+
+
+def _union_of_two_ranges(rows: np.ndarray, a_start: np.ndarray, a_stop: np.ndarray,
+                         b_start: np.ndarray, b_stop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(i, j) of the blocks ``j`` in [a_start, a_stop) or [b_start, b_stop) of block rows
+    ``rows`` (an empty range: stop <= start), sorted by (i, j), each once."""
+    a_empty, b_empty = a_stop <= a_start, b_stop <= b_start
+    a_start, a_stop = np.where(a_empty, b_start, a_start), np.where(a_empty, b_stop, a_stop)
+    b_start, b_stop = np.where(b_empty, a_start, b_start), np.where(b_empty, a_stop, b_stop)
+    lo_first = a_start <= b_start
+    first = (np.where(lo_first, a_start, b_start), np.where(lo_first, a_stop, b_stop))
+    second = (np.where(lo_first, b_start, a_start), np.where(lo_first, b_stop, a_stop))
+    joined = second[0] <= first[1]  # overlapping or touching: one range
+    starts = np.stack([first[0], np.where(joined, 0, second[0])], axis=1)
+    stops = np.stack([np.where(joined, np.maximum(first[1], second[1]), first[1]),
+                      np.where(joined, 0, second[1])], axis=1)
+    owner, j = _ranges(starts.reshape(-1), stops.reshape(-1))
+    return rows[owner // 2], j
+
+
+def _union_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The union of two sorted arrays of distinct values, sorted, without sorting them again
+    (b is expected to be the shorter)."""
+    if not a.size or not b.size:
+        return b if not a.size else a
+    pos = np.searchsorted(a, b)
+    new = a[np.minimum(pos, a.size - 1)] != b
+    b, pos = b[new], pos[new]
+    out = np.empty(a.size + b.size, a.dtype)
+    at = pos + np.arange(b.size)
+    from_a = np.ones(out.size, bool)
+    from_a[at] = False
+    out[at] = b
+    out[from_a] = a
+    return out
 
 
 def _unique_blocks(i: np.ndarray, j: np.ndarray, nbk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -649,7 +688,7 @@ def _combine(a: BlockSparseMask, b: BlockSparseMask, union: bool) -> BlockSparse
     pool = np.zeros((0, a.block_q, a.block_kv), bool)
     if mixed.size:
         rows = elems[mixed].reshape(mixed.size, -1)
-        pool_flat, pool_index = np.unique(rows.view(np.uint8), axis=0, return_inverse=True)
+        pool_flat, pool_index = unique_rows(rows.view(np.uint8))
         pool = pool_flat.reshape(-1, a.block_q, a.block_kv).astype(bool)
         combo_id[mixed] = pool_index.reshape(-1)
     ids = np.full(keys.shape, _FULL, np.int64)
@@ -657,232 +696,6 @@ def _combine(a: BlockSparseMask, b: BlockSparseMask, union: bool) -> BlockSparse
     keep = ids != -3
     return BlockSparseMask(_shape=shape, _keys=keys[keep], _ids=ids[keep].astype(np.int32),
                            _pool=pool)
-
-
-# ---------------------------------------------------------------------------- kernel tables
-
-
-def _compile_tables(mask: BlockSparseMask, positions: int, keys_per_tile: int, group: int,
-                    groups: int) -> tuple[np.ndarray, ...]:
-    """See BlockSparseMask.kernel_tables."""
-    per_head = mask.num_heads > 1
-    if (groups != 1 and not per_head) or (per_head and mask.num_heads != groups * group):
-        raise ValueError(f"a mask of {mask.num_heads} heads cannot have {groups} table groups "
-                         f"of {group} heads")
-    q_len, kv_len = mask.q_len, mask.kv_len
-    r = mask.block_q
-    tq, tk = positions, keys_per_tile
-    nqt, nkt = -(-q_len // tq), -(-kv_len // tk)
-    rows_per_tile = tq * group
-    if mask.num_heads * q_len * kv_len <= _DENSE_TABLES_RATIO * max(1, mask._keys.size):
-        # Blocks so small that the dense mask is smaller than the per-block bookkeeping
-        # (e.g. 1x1 blocks): cut the dense mask into kernel tiles instead.
-        return _compile_tables_from_dense(mask, positions, keys_per_tile, group, groups)
-
-    # Steps 1-3 a band of query tile rows at a time, so that the per-block bookkeeping (a few
-    # dozen int64 per block) stays bounded; element masks are deduplicated over all bands.
-    nbq, nbk = mask.grid
-    per_tile_row = max(1, mask._keys.size // max(1, nqt))
-    band = max(1, _TABLE_BLOCKS_PER_BAND // per_tile_row)
-    parts, patterns = [], [np.zeros((0, rows_per_tile * tk), np.uint8)]
-    for a_start in range(0, nqt, band):
-        tile_rows = (a_start, min(nqt, a_start + band))
-        i_lo = tile_rows[0] * tq // r
-        i_hi = min(nbq, (tile_rows[1] * tq - 1) // r + 1)
-        head_base = np.arange(mask.num_heads, dtype=np.int64) * nbq * nbk
-        lo = np.searchsorted(mask._keys, head_base + i_lo * nbk)
-        hi = np.searchsorted(mask._keys, head_base + i_hi * nbk)
-        sel = np.concatenate([np.arange(x, y) for x, y in zip(lo, hi)])
-        if not sel.size:
-            continue
-        g_of, a_of, b_of, ids, found = _tables_of_tile_rows(
-            mask, mask._keys[sel], mask._ids[sel], tile_rows, positions, keys_per_tile, group,
-            per_head)
-        ids = np.where(ids >= 0, ids + sum(x.shape[0] for x in patterns), ids)
-        parts.append((g_of, a_of, b_of, ids))
-        patterns.append(found)
-    if not parts:
-        return _csr_tables(*(np.zeros(0, np.int64),) * 4, np.zeros((0, rows_per_tile, tk), bool),
-                           groups, nqt, nkt)
-    g_of, a_of, b_of, ids = (np.concatenate(x) for x in zip(*parts))
-    order = np.lexsort((b_of, a_of, g_of))
-    g_of, a_of, b_of, ids = g_of[order], a_of[order], b_of[order], ids[order]
-    masks = np.zeros((0, rows_per_tile, tk), bool)
-    patterns = np.concatenate(patterns)
-    if patterns.shape[0]:
-        unique, inverse = np.unique(patterns, axis=0, return_inverse=True)
-        masks = unique.reshape(-1, rows_per_tile, tk).astype(bool)
-        partial = ids >= 0
-        ids[partial] = inverse.reshape(-1)[ids[partial]]
-    return _csr_tables(g_of, a_of, b_of, ids, masks, groups, nqt, nkt)
-
-
-def _tables_of_tile_rows(mask: BlockSparseMask, block_keys: np.ndarray, block_ids: np.ndarray,
-                         tile_rows: tuple[int, int], positions: int, keys_per_tile: int,
-                         group: int, per_head: bool) -> tuple[np.ndarray, ...]:
-    """The non-empty tiles of query tile rows [tile_rows[0], tile_rows[1]) from the blocks
-    that overlap them: (group, query tile, key tile, id) sorted by (group, query tile, key
-    tile), id _FULL or an index into the returned element masks (uint8 rows, deduplicated)."""
-    q_len, kv_len = mask.q_len, mask.kv_len
-    r, c = mask.block_q, mask.block_kv
-    tq, tk = positions, keys_per_tile
-    nqt, nkt = -(-q_len // tq), -(-kv_len // tk)
-    rows_per_tile = tq * group
-
-    # 1. Every (head, kernel tile) a non-empty block overlaps, and the area full blocks cover.
-    h, i, j = mask._unravel(block_keys)
-    t_lo, t_hi = i * r, np.minimum(q_len, (i + 1) * r)
-    s_lo, s_hi = j * c, np.minimum(kv_len, (j + 1) * c)
-    a0, a1 = t_lo // tq, (t_hi - 1) // tq
-    b0, b1 = s_lo // tk, (s_hi - 1) // tk
-    na, nb = a1 - a0 + 1, b1 - b0 + 1
-    pairs = na * nb
-    owner = np.repeat(np.arange(h.size), pairs)
-    offset = np.arange(int(pairs.sum())) - np.repeat(np.cumsum(pairs) - pairs, pairs)
-    a = a0[owner] + offset // nb[owner]
-    b = b0[owner] + offset % nb[owner]
-    inside_rows = (a >= tile_rows[0]) & (a < tile_rows[1])  # this chunk's query tiles
-    owner, a, b = owner[inside_rows], a[inside_rows], b[inside_rows]
-    rows_in = np.minimum(t_hi[owner], np.minimum(q_len, (a + 1) * tq)) - np.maximum(
-        t_lo[owner], a * tq)
-    cols_in = np.minimum(s_hi[owner], np.minimum(kv_len, (b + 1) * tk)) - np.maximum(
-        s_lo[owner], b * tk)
-    full_area = np.where(block_ids[owner] == _FULL, rows_in * cols_in, 0)
-    head_tile = (h[owner] * nqt + a) * nkt + b
-    head_tiles, inverse = np.unique(head_tile, return_inverse=True)
-    covered = np.bincount(inverse.reshape(-1), weights=full_area, minlength=head_tiles.size)
-    th = head_tiles // (nqt * nkt)
-    ta = (head_tiles // nkt) % nqt
-    tb = head_tiles % nkt
-    tile_area = ((np.minimum(q_len, (ta + 1) * tq) - ta * tq) *
-                 (np.minimum(kv_len, (tb + 1) * tk) - tb * tk))
-    head_full = covered == tile_area  # full blocks cover the (head, tile) entirely
-
-    # 2. Per (table group, tile): non-empty if any of its heads is, full if all of them are.
-    tg = th // group if per_head else np.zeros_like(th)
-    group_tile = (tg * nqt + ta) * nkt + tb
-    tiles, inverse = np.unique(group_tile, return_inverse=True)
-    heads_needed = group if per_head else 1
-    full_heads = np.bincount(inverse.reshape(-1), weights=head_full, minlength=tiles.size)
-    tile_full = full_heads == heads_needed
-    g_of = tiles // (nqt * nkt)
-    a_of = (tiles // nkt) % nqt
-    b_of = tiles % nkt
-
-    # 3. Element masks of the other tiles. A tile's elements follow from its clipping at the
-    # sequence ends and from the blocks overlapping it (head within the group, offset from the
-    # tile's origin, pattern id): tiles with the same such signature share their elements,
-    # which are looked up once, on one tile per signature.
-    mask_id = np.full(tiles.size, _FULL, np.int64)
-    keep = np.ones(tiles.size, bool)
-    masks = np.zeros((0, rows_per_tile, tk), bool)
-    todo = np.nonzero(~tile_full)[0]
-    if todo.size:
-        pair_group = h[owner] // group if per_head else np.zeros_like(owner)
-        pos = np.searchsorted(tiles, (pair_group * nqt + a) * nkt + b)
-        need = ~tile_full[pos]
-        pos, by = pos[need], owner[need]
-        columns = (h[by] % group if per_head else np.zeros_like(by),
-                   t_lo[by] - a[need] * tq, s_lo[by] - b[need] * tk,
-                   block_ids[by].astype(np.int64))
-        order = np.lexsort(columns[::-1] + (pos,))
-        slot = np.full(tiles.size, -1, np.int64)
-        slot[todo] = np.arange(todo.size)
-        row = slot[pos[order]]  # non-decreasing
-        per_tile = np.bincount(row, minlength=todo.size)
-        rank = np.arange(row.size) - np.repeat(np.cumsum(per_tile) - per_tile, per_tile)
-        signature = np.full((todo.size, 2 + 4 * int(per_tile.max())), -(2**62), np.int64)
-        signature[:, 0] = np.minimum(q_len, (a_of[todo] + 1) * tq) - a_of[todo] * tq
-        signature[:, 1] = np.minimum(kv_len, (b_of[todo] + 1) * tk) - b_of[todo] * tk
-        for k, column in enumerate(columns):
-            signature[row, 2 + 4 * rank + k] = column[order]
-        _, first, same = np.unique(signature, axis=0, return_index=True, return_inverse=True)
-        del signature
-        reps = todo[first]
-        rep_id = np.full(reps.size, _FULL, np.int64)  # -3: empty
-        row = np.arange(rows_per_tile)
-        row_pos, row_head = row // group, row % group
-        col = np.arange(tk)
-        mixed_reps, patterns = [], []
-        chunk = max(1, _LOOKUP_ELEMENTS // (rows_per_tile * tk))
-        for start in range(0, reps.size, chunk):
-            sel = reps[start:start + chunk]
-            t = a_of[sel, None, None] * tq + row_pos[None, :, None]
-            s = b_of[sel, None, None] * tk + col[None, None, :]
-            if per_head:
-                head = g_of[sel, None, None] * group + row_head[None, :, None]
-            else:
-                head = np.zeros((1, 1, 1), np.int64)
-            elems = mask._lookup(head, t, s)  # [m, rows, keys], False past the sequence ends
-            inside = (t < q_len) & (s < kv_len)
-            count = elems.reshape(sel.size, -1).sum(axis=1)
-            area = np.broadcast_to(inside, elems.shape).reshape(sel.size, -1).sum(axis=1)
-            rep_id[start + np.nonzero(count == 0)[0]] = -3
-            mixed = (count > 0) & (count < area)
-            mixed_reps.append(start + np.nonzero(mixed)[0])
-            patterns.append(elems[mixed])
-        mixed_reps = np.concatenate(mixed_reps)
-        if mixed_reps.size:
-            elems = np.concatenate(patterns).reshape(mixed_reps.size, -1)
-            unique, inverse = np.unique(elems.view(np.uint8), axis=0, return_inverse=True)
-            masks = unique.reshape(-1, rows_per_tile, tk).astype(bool)
-            rep_id[mixed_reps] = inverse.reshape(-1)
-        ids = rep_id[same.reshape(-1)]
-        keep[todo[ids == -3]] = False
-        mask_id[todo] = ids
-
-    found = masks.reshape(masks.shape[0], rows_per_tile * tk).view(np.uint8)
-    return g_of[keep], a_of[keep], b_of[keep], mask_id[keep], found
-
-
-
-def _compile_tables_from_dense(mask: BlockSparseMask, positions: int, keys_per_tile: int,
-                               group: int, groups: int) -> tuple[np.ndarray, ...]:
-    """_compile_tables through the dense mask, in memory a small multiple of it (the same
-    tables as the block path: tiles classified by their elements, masks deduplicated)."""
-    q_len, kv_len = mask.q_len, mask.kv_len
-    tq, tk = positions, keys_per_tile
-    nqt, nkt = -(-q_len // tq), -(-kv_len // tk)
-    per_head = mask.num_heads > 1
-    heads = group if per_head else 1  # heads of a table group held in the dense mask
-    padded = np.zeros((groups, heads, nqt * tq, nkt * tk), bool)
-    padded[:, :, :q_len, :kv_len] = mask.to_dense().reshape(groups, heads, q_len, kv_len)
-    # [group, query tile, key tile, position, head, key]: a tile's rows are (position, head).
-    tiles = padded.reshape(groups, heads, nqt, tq, nkt, tk).transpose(0, 2, 4, 3, 1, 5)
-    del padded
-    counts = np.count_nonzero(tiles.reshape(groups, nqt, nkt, -1), axis=3) * (group // heads)
-    rows_in = np.minimum(tq, q_len - np.arange(nqt) * tq)
-    cols_in = np.minimum(tk, kv_len - np.arange(nkt) * tk)
-    area = (rows_in[:, None] * cols_in[None, :] * group)[None]
-    g_of, a_of, b_of = (x.astype(np.int64) for x in np.nonzero(counts))  # sorted (g, a, b)
-    mixed = counts[g_of, a_of, b_of] < area[0, a_of, b_of]
-    mask_id = np.full(g_of.size, _FULL, np.int64)
-    masks = np.zeros((0, tq * group, tk), bool)
-    if mixed.any():
-        sel = tiles[g_of[mixed], a_of[mixed], b_of[mixed]]  # [m, tq, heads, tk]
-        sel = np.broadcast_to(sel, sel.shape[:2] + (group, tk)).reshape(sel.shape[0], -1)
-        unique, inverse = np.unique(sel.view(np.uint8), axis=0, return_inverse=True)
-        masks = unique.reshape(-1, tq * group, tk).astype(bool)
-        mask_id[mixed] = inverse.reshape(-1)
-    return _csr_tables(g_of, a_of, b_of, mask_id, masks, groups, nqt, nkt)
-
-
-def _csr_tables(g_of: np.ndarray, a_of: np.ndarray, b_of: np.ndarray, mask_id: np.ndarray,
-                masks: np.ndarray, groups: int, nqt: int, nkt: int) -> tuple[np.ndarray, ...]:
-    """The CSR tables in both orders of the non-empty tiles (sorted by (group, query tile,
-    key tile)) with their mask ids; see BlockSparseMask.kernel_tables."""
-    if g_of.size >= 2**31 or masks.shape[0] >= 2**31:
-        raise ValueError("block-sparse mask too large for int32 kernel tables")
-    q_indptr = np.zeros(groups * nqt + 1, np.int64)
-    q_indptr[1:] = np.cumsum(np.bincount(g_of * nqt + a_of, minlength=groups * nqt))
-    q_entries = np.stack([b_of, mask_id], axis=1)
-    order = np.lexsort((a_of, b_of, g_of))
-    k_indptr = np.zeros(groups * nkt + 1, np.int64)
-    k_indptr[1:] = np.cumsum(np.bincount(g_of * nkt + b_of, minlength=groups * nkt))
-    k_entries = np.stack([a_of[order], mask_id[order]], axis=1)
-    as32 = lambda x: x.astype(np.int32).reshape(x.shape)
-    return (as32(q_indptr), as32(q_entries).reshape(-1, 2), as32(k_indptr),
-            as32(k_entries).reshape(-1, 2), masks)
 
 
 # ---------------------------------------------------------------------------- builders
@@ -917,23 +730,48 @@ def _call_predicate(f: Callable, *index: np.ndarray) -> np.ndarray:
     return out
 
 
+BLOCK_EMPTY, BLOCK_FULL, BLOCK_PARTIAL = 0, 1, 2  # what a block classifier returns
+
+
 def from_function(f: Callable[..., Any], q_len: int, kv_len: int | None = None, *,
                   num_heads: int | None = None, block_q: int = DEFAULT_BLOCK,
-                  block_kv: int = DEFAULT_BLOCK) -> BlockSparseMask:
+                  block_kv: int = DEFAULT_BLOCK,
+                  block_class: Callable[..., Any] | None = None) -> BlockSparseMask:
     """The mask ``f(q_idx, kv_idx) -> bool`` (True = attend), or per head
     ``f(head, q_idx, kv_idx)`` when ``num_heads`` is given.
 
     ``f`` should be vectorised over NumPy index arrays that broadcast (``lambda q, k: k <= q``);
-    a scalar-only ``f`` still works, one element at a time. An arbitrary ``f`` cannot tell which
-    blocks are full or empty without being evaluated, so it is evaluated for every pair (time
-    grows with T x S; memory stays bounded: a few block rows at a time). For long sequences
-    use the structured builders (``causal``, ``local``, ``global_local``, ``strided``,
-    ``random``), whose cost follows the number of blocks, or ``from_block_indices``, and
-    combine them with ``|`` and ``&``.
+    a scalar-only ``f`` still works, one element at a time.
+
+    An arbitrary ``f`` cannot tell which blocks are full or empty without being evaluated: by
+    itself it is evaluated on every pair (time grows with T x S; memory stays bounded: a few
+    block rows at a time). Give ``block_class`` to evaluate it only inside the blocks it may
+    cut: ``block_class(q_start, q_stop, kv_start, kv_stop)`` (per head: ``block_class(head,
+    q_start, q_stop, kv_start, kv_stop)``), vectorised over broadcasting int64 arrays of block
+    bounds (queries ``[q_start, q_stop)``, keys ``[kv_start, kv_stop)``, clipped to the
+    sequences), returns per block ``masks.BLOCK_EMPTY`` (0: ``f`` is False on every pair),
+    ``masks.BLOCK_FULL`` (1: True on every pair) or ``masks.BLOCK_PARTIAL`` (2: unknown,
+    evaluate ``f``). It is called once per block of the grid, ``f`` only on the partial
+    blocks' elements. The classification is trusted, not checked: a block called empty or
+    full is taken as such whatever ``f`` says there. For example, causal::
+
+        masks.from_function(lambda q, k: k <= q, T,
+                            block_class=lambda q0, q1, k0, k1: np.where(
+                                k1 - 1 <= q0, 1, np.where(k0 > q1 - 1, 0, 2)))
+
+    For long sequences prefer the structured builders (``causal``, ``local``,
+    ``global_local``, ``strided``, ``random``), whose cost follows the number of non-empty
+    blocks (the grid is never walked), or ``from_block_indices``, combined with ``|`` and
+    ``&``.
     """
     q_len, kv_len = _lengths(q_len, kv_len)
     heads = 1 if num_heads is None else _positive_int(num_heads, "num_heads")
     shape = _check_shape(q_len, kv_len, block_q, block_kv, heads)
+    if block_class is not None:
+        if not callable(block_class):
+            raise TypeError(f"block_class must be a function of the block bounds, got "
+                            f"{block_class!r}")
+        return _from_block_classes(shape, f, block_class, per_head=num_heads is not None)
     cols = np.arange(kv_len, dtype=np.int64)
 
     def stripe(t0: int, t1: int) -> np.ndarray:
@@ -944,6 +782,58 @@ def from_function(f: Callable[..., Any], q_len: int, kv_len: int | None = None, 
                                cols[None, None, :])
 
     return _from_stripes(shape, stripe)
+
+
+def _from_block_classes(shape: tuple[int, ...], f: Callable, block_class: Callable,
+                        per_head: bool) -> BlockSparseMask:
+    """from_function with a block classifier: ``f`` evaluated on the partial blocks only."""
+    q_len, kv_len, r, c, heads = shape
+    nbq, nbk = -(-q_len // r), -(-kv_len // c)
+    name = getattr(block_class, "__qualname__", None) or repr(block_class)
+    s0 = np.arange(nbk, dtype=np.int64) * c
+    s1 = np.minimum(kv_len, s0 + c)
+    head = np.arange(heads, dtype=np.int64)[:, None, None]
+    block_rows = max(1, _STRIPE_ELEMENTS // (heads * nbk))
+    all_keys, all_full, all_elems = [], [], []
+    for i0 in range(0, nbq, block_rows):
+        i = np.arange(i0, min(nbq, i0 + block_rows), dtype=np.int64)
+        t0, t1 = i * r, np.minimum(q_len, (i + 1) * r)
+        want = (heads, i.size, nbk)
+        bounds = (t0[:, None], t1[:, None], s0[None, :], s1[None, :])
+        got = np.asarray(block_class(head, *(x[None] for x in bounds)) if per_head
+                         else block_class(*bounds))
+        try:
+            cls = np.broadcast_to(got if per_head else got[None], want)
+        except (ValueError, IndexError):
+            raise ValueError(f"the block classifier {name} returned shape {got.shape} for "
+                             f"block bounds of broadcast shape {want if per_head else want[1:]}"
+                             f": it must return one class per block") from None
+        if not np.issubdtype(cls.dtype, np.integer) and cls.dtype != np.bool_:
+            raise TypeError(f"the block classifier {name} must return ints (0 empty, 1 full, 2 "
+                            f"partial), got dtype {cls.dtype}")
+        if cls.size and (cls.min() < 0 or cls.max() > 2):
+            raise ValueError(f"the block classifier {name} must return 0 (empty), 1 (full) or "
+                             f"2 (partial), got {int(cls.min())}..{int(cls.max())}")
+        h, il, j = (x.astype(np.int64) for x in np.nonzero(cls))
+        full = cls[h, il, j] == BLOCK_FULL
+        all_keys.append((h * nbq + i0 + il) * nbk + j)
+        all_full.append(full)
+        # f on the partial blocks' elements, a chunk of blocks at a time
+        ph, pi, pj = h[~full], i0 + il[~full], j[~full]
+        per_chunk = max(1, _REP_ELEMENTS // (r * c))
+        for k0 in range(0, ph.size, per_chunk):
+            bh, bi, bj = (x[k0:k0 + per_chunk] for x in (ph, pi, pj))
+            t = bi[:, None, None] * r + np.arange(r)[None, :, None]
+            s = bj[:, None, None] * c + np.arange(c)[None, None, :]
+            inside = (t < q_len) & (s < kv_len)
+            # (indices clipped to the sequences: f may index per-position tables)
+            t, s = np.minimum(t, q_len - 1), np.minimum(s, kv_len - 1)
+            elems = (_call_predicate(f, bh[:, None, None], t, s) if per_head
+                     else _call_predicate(f, t, s))
+            all_elems.append(elems & inside)
+    keys = np.concatenate(all_keys) if all_keys else np.zeros(0, np.int64)
+    elems = np.concatenate(all_elems) if all_elems else np.zeros((0, r, c), bool)
+    return _canonical(shape, keys, np.concatenate(all_full), elems)
 
 
 def causal(q_len: int, kv_len: int | None = None, *, block_q: int = DEFAULT_BLOCK,
@@ -1088,32 +978,54 @@ def strided(q_len: int, kv_len: int | None = None, *, stride: int, is_causal: bo
         # The runs of the block's queries: keys [t0 // s * s, ((t1 - 1) // s + 1) * s).
         run_start = np.minimum(nbk, (t0 // s * s) // c)
         run_stop = np.minimum(reach, (((t1 - 1) // s + 1) * s - 1) // c + 1)
-        owner, j = _ranges(run_start, run_stop)
         # The diagonals q - k = m * s crossing the block row: keys [t0 - m s, t1 - 1 - m s].
         m_lo = -((kv_len - 1 - t0) // s)  # ceil((t0 - kv_len + 1) / s)
         if is_causal:
             m_lo = np.maximum(m_lo, 0)
-        m_owner, m = _ranges(m_lo, (t1 - 1) // s + 1)
-        d = m * s
+        m_hi = (t1 - 1) // s
+        if r + c > s:
+            # No whole key block fits between two diagonals: they reach one range of blocks,
+            # which joins the run's range into one or two ranges per row, in order.
+            k_lo = np.maximum(0, t0 - m_hi * s)
+            k_hi = np.minimum(kv_len - 1, t1 - 1 - m_lo * s)
+            has = (m_lo <= m_hi) & (k_lo <= k_hi)
+            d_start = np.where(has, k_lo // c, 0)
+            d_stop = np.where(has, k_hi // c + 1, 0)
+            return _union_of_two_ranges(rows, run_start, run_stop, d_start, d_stop)
+        # Diagonals at least a block apart: each reaches its own blocks, in increasing key
+        # order as m decreases; the run's blocks are merged in (both lists sorted, unique).
+        m_owner, step = _ranges(np.zeros_like(m_lo), np.maximum(m_hi - m_lo + 1, 0))
+        d = (m_hi[m_owner] - step) * s
         k_lo = np.maximum(0, t0[m_owner] - d)
         k_hi = np.minimum(kv_len - 1, t1[m_owner] - 1 - d)
         d_owner, dj = _ranges(k_lo // c, np.where(k_hi >= k_lo, k_hi // c + 1, 0))
-        return _unique_blocks(np.concatenate([rows[owner], rows[m_owner[d_owner]]]),
-                              np.concatenate([j, dj]), nbk)
+        diagonal = rows[m_owner[d_owner]] * nbk + dj
+        owner, j = _ranges(run_start, run_stop)
+        blocks = _union_sorted(diagonal, rows[owner] * nbk + j)
+        return blocks // nbk, blocks % nbk
 
     # The pattern of a block depends on its offsets within the runs (t0 % s, s0 % s), on the
     # difference of their run numbers (nothing shared beyond +-span) and, near the causal
     # diagonal, on s0 - t0 (every key visible from s0 - t0 <= -(c - 1) on).
+    # A block whose queries and keys share no run sees only the diagonals: its pattern
+    # depends on (t0 - s0) mod s and s0 - t0 only (far fewer patterns to evaluate); one
+    # inside a single run is full (below the diagonal, when causal).
     span = (r + c) // s + 2
+    offsets = r + c + 1
+    diagonal_keys = s * offsets
 
     def classify(i: np.ndarray, j: np.ndarray):
-        t0, _, s0, _ = _block_bounds(shape, i, j)
+        t0, t1, s0, s1 = _block_bounds(shape, i, j)
         runs = np.clip(t0 // s - s0 // s, -span, span) + span
         causal_offset = (np.clip(s0 - t0, -(c - 1), r) + c - 1 if is_causal
                          else np.zeros(i.shape, np.int64))
-        key = _mixed_radix([t0 % s, s0 % s, runs, causal_offset],
-                           [s, s, 2 * span + 1, r + c + 1])
-        return np.zeros(i.shape, bool), key
+        apart = ((t1 - 1) // s < s0 // s) | ((s1 - 1) // s < t0 // s)
+        key = np.where(apart, _mixed_radix([(t0 - s0) % s, causal_offset], [s, offsets]),
+                       diagonal_keys + _mixed_radix([t0 % s, s0 % s, runs, causal_offset],
+                                                    [s, s, 2 * span + 1, offsets]))
+        # queries and keys all in one run (and, causal, every key before every query): full
+        full = (t0 // s == (t1 - 1) // s) & (s0 // s == (s1 - 1) // s) & (t0 // s == s0 // s)
+        return (full & (s1 - 1 <= t0)) if is_causal else full, key
 
     return _structured(shape, predicate, candidates, classify)
 

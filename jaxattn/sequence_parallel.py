@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
+from jaxattn._sharding import match_varying
 from jaxattn._validation import (
     as_array,
     check_attention_inputs,
@@ -23,7 +24,7 @@ from jaxattn._validation import (
     check_lengths,
     check_scale,
 )
-from jaxattn.decode import merge_attention_states
+from jaxattn.merge import merge_attention_states
 from jaxattn.flash import flash_attention
 
 Array = jax.Array
@@ -47,6 +48,11 @@ def _local_partial(query, key, value, q_lengths, kv_lengths, *, axis_name, is_ca
     # on the diagonal (r == device: causal within the block) or fully visible (r > device);
     # the device index is traced, so the case is chosen with lax.cond.
     device = jax.lax.axis_index(axis_name)
+    # Cast the operands to varying here, outside the conds: the kernels' own cast of the
+    # replicated query would otherwise sit inside the branches, and its transpose (a psum over
+    # the axis) would be a different all-reduce in each branch, which devices taking different
+    # branches never meet in (a hang on jax 0.12).
+    query, key, value = match_varying([query, key, value])
     outs, lses = [], []
     for r, start in enumerate(range(0, query.shape[1], block)):
         stop = min(query.shape[1], start + block)

@@ -18,10 +18,12 @@ from jaxattn._validation import (
     as_array,
     check_alibi_slopes,
     check_attention_inputs,
+    check_bool,
     check_scale,
     check_soft_cap,
     check_token_ids,
 )
+from jaxattn.dropout import check_dropout, dropout_seeds, dropout_threshold
 from jaxattn.masks import BlockSparseMask
 
 Array = jax.Array
@@ -34,15 +36,17 @@ class _Options:
     scale: float
     soft_cap: float | None
     per_head: bool = False  # tables per kv head: a sharded jit may split the batch only
+    dropout_threshold: int = 0  # 0: no dropout (jaxattn/dropout.py)
 
     def attrs(self) -> dict:
-        return dict(scale=np.float32(self.scale), soft_cap=np.float32(self.soft_cap or 0.0))
+        return dict(scale=np.float32(self.scale), soft_cap=np.float32(self.soft_cap or 0.0),
+                    **_ffi.dropout_attrs(self.dropout_threshold))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sparse(options: _Options, q, k, v, tables, tokens):
     # tokens: query_positions, key_value_positions, query_segment_ids, key_value_segment_ids,
-    # alibi_slopes (absent ones empty), as for flash attention
+    # alibi_slopes (absent ones empty), the dropout seeds (empty: none), as for flash attention
     q_indptr, q_entries, _, _, masks, _ = tables
     fwd_p = _ffi.sparse_fwd_per_head_p if options.per_head else _ffi.sparse_fwd_p
     out, lse = fwd_p.bind(q, k, v, q_indptr, q_entries, masks, *tokens, **options.attrs())
@@ -61,7 +65,7 @@ def _sparse_bwd(options, residuals, cotangents):
     dq, dk, dv = bwd_p.bind(q, k, v, out, lse, dout.astype(out.dtype),
                             dlse.astype(jnp.float32), *tables, *tokens, **options.attrs())
     # The slopes get no gradient (as in flash_attention).
-    dtokens = (None, None, None, None, jnp.zeros_like(tokens[4]))
+    dtokens = (None, None, None, None, jnp.zeros_like(tokens[4]), None)
     return dq, dk, dv, tuple(None for _ in tables), dtokens
 
 
@@ -69,6 +73,18 @@ _sparse.defvjp(_sparse_fwd, _sparse_bwd)
 for _primitive in (_ffi.sparse_fwd_p, _ffi.sparse_bwd_p, _ffi.sparse_fwd_per_head_p,
                    _ffi.sparse_bwd_per_head_p):
     forbid_forward_mode(_primitive, "jaxattn.block_sparse_attention")
+
+
+def prepare_tables(mask: BlockSparseMask, num_heads: int,
+                   num_kv_heads: int) -> tuple[np.ndarray, ...]:
+    """The kernel tables ``block_sparse_attention`` runs on for ``mask`` with N = ``num_heads``
+    query heads and K = ``num_kv_heads`` kv heads (host arrays, compiled once per mask and
+    GQA group size and cached on the mask; see ``jaxattn._mask_tables.kernel_tables``).
+    Calling it ahead of time moves the compilation out of the first attention call."""
+    group = num_heads // num_kv_heads
+    positions, _, keys_per_tile, rows_padded = _ffi.block_sparse_tiling(group)
+    groups = 1 if mask.num_heads == 1 else num_kv_heads
+    return mask.kernel_tables(positions, keys_per_tile, group, groups, rows_padded)
 
 
 def block_sparse_attention(
@@ -85,6 +101,9 @@ def block_sparse_attention(
     query_segment_ids: Any | None = None,
     key_value_segment_ids: Any | None = None,
     alibi_slopes: Any | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Any | None = None,
+    dropout_broadcast: bool = False,
 ) -> Array | tuple[Array, Array]:
     """Attention restricted to a block-sparse mask; empty blocks are never computed.
 
@@ -111,6 +130,10 @@ def block_sparse_attention(
         neither): packed sequences, ANDed with the block mask; tiles whose ids do not match
         are skipped too.
       alibi_slopes: optional float ``[N]`` or ``[B, N]``: ALiBi, as in ``flash_attention``.
+      dropout_rate, dropout_rng: dropout on the attention weights, as in ``flash_attention``
+        (the same mask for the same key and shapes: ``jaxattn.dropout_mask``).
+      dropout_broadcast: one ``[T, S]`` dropout mask shared by the batch and the heads
+        (Flax's ``broadcast_dropout=True``); default a mask per batch row and head.
 
     Returns:
       ``[B, T, N, Hv]`` in the input dtype (and the lse when ``return_residual``). A row that
@@ -147,21 +170,22 @@ def block_sparse_attention(
               check_token_ids(query_segment_ids, "query_segment_ids", b, t, unbatched),
               check_token_ids(key_value_segment_ids, "key_value_segment_ids", b, s, unbatched),
               check_alibi_slopes(alibi_slopes, b, n, unbatched))
+    dropout_rate, dropout_rng = check_dropout(dropout_rate, dropout_rng)
+    tokens = (*tokens, _ffi.no_dropout_seeds() if dropout_rng is None else
+              dropout_seeds(dropout_rng, b, n, check_bool(dropout_broadcast,
+                                                          "dropout_broadcast")))
 
     if any_zero(b, n, hv):  # nothing to compute
         out = jnp.zeros((b, t, n, hv), query.dtype)
         lse = jnp.full((b, t, n), -jnp.inf, jnp.float32)
     else:
-        group = n // kv_heads
-        positions, _, keys_per_tile, rows_padded = _ffi.block_sparse_tiling(group)
         groups = 1 if mask.num_heads == 1 else kv_heads
-        tables = tuple(jnp.asarray(x) for x in mask.kernel_tables(
-            positions, keys_per_tile, group, groups, rows_padded))
+        tables = tuple(jnp.asarray(x) for x in prepare_tables(mask, n, kv_heads))
         # shard_map: a replicated operand is cast to varying outside the custom_vjp, so that
         # its gradient is summed over the devices.
         query, key, value, *tokens = match_varying((query, key, value, *tokens))
-        out, lse = _sparse(_Options(scale, soft_cap, groups > 1), query, key, value, tables,
-                           tuple(tokens))
+        options = _Options(scale, soft_cap, groups > 1, dropout_threshold(dropout_rate))
+        out, lse = _sparse(options, query, key, value, tables, tuple(tokens))
     if unbatched:
         out, lse = out[0], lse[0]
     return (out, lse) if return_residual else out

@@ -192,6 +192,7 @@ class _Forward:
     cap: float | None
     capped_tanh: Array | None  # tanh(logits / cap) [B,N,T,S] when a soft cap is used
     probs: Array  # [B,N,T,S], 0 where invisible
+    dropout: Array | None  # [B,N,T,S] keep / (1 - rate) multiplying probs in out, or None
     out: Array  # [B,T,N,Hv]
     lse: Array  # [B,T,N]
     num_kv_heads: int
@@ -213,12 +214,16 @@ def _forward(
     key_value_seq_lengths: Array | None = None,
     local_window_size: Window = None,
     logits_soft_cap: float | None = None,
+    dropout_multiplier: Array | None = None,
     **tokens: Any,
 ) -> _Forward:
     """Attention forward pass, rounding each operation's result with ``precision``.
 
     ``tokens``: ``query_positions``, ``key_value_positions``, ``query_segment_ids``,
     ``key_value_segment_ids``, ``alibi_slopes`` (see ``visibility`` and ``alibi_bias``).
+    ``dropout_multiplier``: dropout on the weights, ``keep / (1 - rate)`` broadcastable to
+    ``[B, N, T, S]``, multiplying the normalised weights before the product with V (the lse
+    is that of the undropped weights).
     """
     r = precision.round
     unbatched = np.ndim(q) == 3
@@ -266,7 +271,12 @@ def _forward(
     exp = np.exp(masked - row_max)  # 0 where invisible
     denom = exp.sum(axis=-1, keepdims=True)
     probs = r(exp / np.where(denom > 0, denom, 1))  # softmax is one operation: one rounding
-    out = r(np.matmul(probs, v.transpose(0, 2, 1, 3)))  # [B,N,T,Hv]
+    dropout = None
+    weights = probs
+    if dropout_multiplier is not None:
+        dropout = np.broadcast_to(np.asarray(dropout_multiplier, np.float64), probs.shape)
+        weights = r(probs * dropout)
+    out = r(np.matmul(weights, v.transpose(0, 2, 1, 3)))  # [B,N,T,Hv]
     with np.errstate(divide="ignore"):
         lse = (row_max + np.log(denom))[..., 0]  # -inf for rows without a visible key
     return _Forward(
@@ -278,6 +288,7 @@ def _forward(
         cap=logits_soft_cap,
         capped_tanh=capped_tanh,
         probs=probs,
+        dropout=dropout,
         out=out.transpose(0, 2, 1, 3),
         lse=lse.transpose(0, 2, 1),
         num_kv_heads=num_kv_heads,
@@ -293,8 +304,11 @@ def _backward(
     r = precision.round
     dout = r(dout[None] if fwd.unbatched else dout).transpose(0, 2, 1, 3)  # [B,N,T,Hv]
     probs = fwd.probs
-    dv = r(np.matmul(probs.transpose(0, 1, 3, 2), dout))  # [B,N,S,Hv]
+    weights = probs if fwd.dropout is None else r(probs * fwd.dropout)
+    dv = r(np.matmul(weights.transpose(0, 1, 3, 2), dout))  # [B,N,S,Hv]
     dprobs = r(np.matmul(dout, fwd.v.transpose(0, 2, 3, 1)))  # [B,N,T,S]
+    if fwd.dropout is not None:  # out = (probs * dropout) V
+        dprobs = r(dprobs * fwd.dropout)
     # Softmax backward, one operation. Rows without a visible key have probs == 0: no gradient.
     dlogits = r(probs * (dprobs - (probs * dprobs).sum(axis=-1, keepdims=True)))
     if fwd.cap is not None:

@@ -131,9 +131,20 @@ def flash_case(name: str, shape: Shape, dtype: np.dtype, *, bias: str | None = N
         (grads,) = vjp((dout, jnp.zeros_like(lse)))
         return {"out": out, "lse": lse, **{f"d{k}": g for k, g in grads.items()}}
 
+    # Dropout (a key seeded by `seed`): the oracle applies the kernels' mask.
+    rate = options.pop("dropout_rate", 0.0)
+    oracle_options = dict(options)
+    if rate:
+        options["dropout_rate"] = rate
+        options["dropout_rng"] = jax.random.key(seed)
+        keep = jaxattn.dropout_mask(options["dropout_rng"], rate, shape.batch, shape.num_heads,
+                                    shape.q_len, shape.kv_len)
+        oracle_options["dropout_multiplier"] = np.asarray(keep, np.float64) / (1.0 - rate)
+
     def check(args: tuple[Any, ...], outputs: Outputs) -> None:
         inputs, dout = args
         q, k, v, b, m = (inputs[n] for n in ("query", "key", "value", "bias", "mask"))
+        options = oracle_options
         out, lse = attention_reference(q, k, v, b, m, **options)
         naive_out, naive_lse = naive_low_precision(q, k, v, dtype, b, m, **options)
         assert_close_to_oracle(outputs["out"], out, naive_out, dtype=dtype, name=f"{name}: out")
@@ -288,6 +299,11 @@ CASES: list[OpCase] = [
                query_positions=np.arange(200, dtype=np.int32) % 70,
                key_value_positions=np.arange(200, dtype=np.int32) % 70,
                alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625], np.float32), seed=10),
+    # Dropout: the mask regenerated in the backward, whatever the thread count.
+    flash_case("flash_f32_dropout", Shape(2, 130, 150, 4, 2, 64), F32, bias="1NTS",
+               is_causal=True, dropout_rate=0.3, seed=13),
+    flash_case("flash_bf16_dropout_window", Shape(1, 97, 97, 4, 4, 40), BF16,
+               local_window_size=(20, 5), dropout_rate=0.5, seed=14),
     # Long caches: many partitions, merged in a fixed order whatever the thread count.
     decode_case("decode_f32_gqa_long", Shape(2, 1, 4096, 8, 2, 64), F32, _lengths(4096, 1500),
                 seed=4),

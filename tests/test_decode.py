@@ -254,7 +254,8 @@ def test_bad_inputs(rng):
     lengths = np.array([10, 10], np.int32)
     bad = [
         (dict(query=q[:, :, :, :, None]), ValueError, "query"),
-        (dict(query=np.zeros((2, 17, 4, 16), np.float32)), ValueError, "1 to 16"),
+        (dict(query=np.zeros((2, 0, 4, 16), np.float32)), ValueError, "at least one token"),
+        (dict(query_lengths=np.array([1, 2, 3])), ValueError, "query_lengths"),
         (dict(query=q.astype(np.int32)), TypeError, "query"),
         (dict(key_cache=k.astype(jnp.bfloat16)), TypeError, "dtype"),
         (dict(key_cache=k[:, :, :1].repeat(3, 2), value_cache=v[:, :, :1].repeat(3, 2)),

@@ -83,21 +83,81 @@ def test_attention_fn_matches_flax_function(rng, case):
         np.testing.assert_allclose(actual, expected, **F32_TOL)
 
 
-def test_attention_fn_dropout_raises_and_deterministic_runs(rng):
+def test_attention_fn_dropout_runs_and_deterministic_does_not_drop(rng):
     q = _normal(rng, (1, 5, 2, 8))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        attention_fn(q, q, q, dropout_rate=0.1, deterministic=False,
-                     dropout_rng=jax.random.key(0))
+    dropped = attention_fn(q, q, q, dropout_rate=0.5, deterministic=False,
+                           dropout_rng=jax.random.key(0))
+    np.testing.assert_array_equal(dropped, jaxattn.flash_attention(
+        q, q, q, dropout_rate=0.5, dropout_rng=jax.random.key(0), dropout_broadcast=True))
     np.testing.assert_allclose(attention_fn(q, q, q, dropout_rate=0.1, deterministic=True),
                                nnx.dot_product_attention(q, q, q), **F32_TOL)
     layer = nnx.MultiHeadAttention(2, 16, dropout_rate=0.1, attention_fn=attention_fn,
                                    decode=False, rngs=nnx.Rngs(0))
     x = _normal(rng, (1, 5, 16))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        layer(x, deterministic=False)
+    assert layer(x, deterministic=False).shape == x.shape
     layer(x, deterministic=True)
-    with pytest.raises(NotImplementedError, match="einsum"):
+    with pytest.raises(ValueError, match="dropout_rng"):
+        attention_fn(q, q, q, dropout_rate=0.1, deterministic=False)
+    # Custom einsums: Flax's ValueErrors for inconsistent ones, else not implemented.
+    with pytest.raises(ValueError, match="together"):
         attention_fn(q, q, q, qk_attn_weights_einsum=jnp.einsum)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        attention_fn(q, q, q, precision=jax.lax.Precision.DEFAULT,
+                     qk_attn_weights_einsum=jnp.einsum, attn_weights_value_einsum=jnp.einsum)
+    with pytest.raises(NotImplementedError, match="einsum"):
+        attention_fn(q, q, q, qk_attn_weights_einsum=jnp.einsum,
+                     attn_weights_value_einsum=jnp.einsum)
+
+
+@pytest.mark.parametrize("q_shape, k_shape, v_shape, match", [
+    ((2, 16, 4, 8), (16, 4, 8), (16, 4, 8), "same rank"),
+    ((2, 16, 4, 8), (3, 16, 4, 8), (3, 16, 4, 8), "batch dims"),
+    ((2, 16, 4, 8), (2, 16, 4, 8), (2, 15, 4, 8), "lengths must match"),
+    ((2, 16, 4, 8), (2, 16, 4, 7), (2, 16, 4, 8), "depths must match"),
+    ((1, 4, 5, 8), (1, 4, 2, 8), (1, 4, 2, 8), "must be (a )?multiple"),
+])
+def test_attention_fn_invalid_shapes_raise_as_flax(q_shape, k_shape, v_shape, match):
+    """Flax's own messages (its tests match them), also with dropout on."""
+    q, k, v = jnp.ones(q_shape), jnp.ones(k_shape), jnp.ones(v_shape)
+    for flavour in (nnx.dot_product_attention, attention_fn):
+        with pytest.raises(ValueError, match=match):
+            flavour(q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0))
+
+
+def test_attention_fn_complex_inputs_raise_type_error():
+    q = jnp.ones((1, 4, 2, 8), jnp.complex64)
+    with pytest.raises(TypeError, match="complex"):
+        attention_fn(q, q, q)
+    with pytest.raises(TypeError, match="complex64"):
+        jaxattn.flash_attention(q, q, q)
+
+
+@pytest.mark.parametrize("api", ["nnx", "linen"])
+def test_force_fp32_for_softmax_sows_float32_weights(rng, api):
+    q = _normal(rng, (1, 6, 2, 8), jnp.bfloat16)
+    if api == "linen":
+        class Sower(nn.Module):
+            force: bool
+
+            @nn.compact
+            def __call__(self, q):
+                return attention_fn(q, q, q, module=self, force_fp32_for_softmax=self.force)
+
+        for force, dtype in ((True, jnp.float32), (False, jnp.bfloat16)):
+            _, state = Sower(force).apply({}, q, mutable=["intermediates"])
+            (weights,) = state["intermediates"]["attention_weights"]
+            assert weights.dtype == dtype
+    else:
+        class Sower(nnx.Module):
+            pass
+
+        for force, dtype in ((True, jnp.float32), (False, jnp.bfloat16)):
+            module = Sower()
+            _, state = nnx.capture(lambda m: attention_fn(q, q, q, module=m,
+                                                          force_fp32_for_softmax=force),
+                                   nnx.Intermediate)(module)
+            weights = jax.tree.leaves(state)[0]
+            assert weights.dtype == dtype
 
 
 def test_attention_fn_dtype_promotion(rng):
@@ -427,8 +487,8 @@ def test_nnx_decode_under_jit(rng):
 
 # A step past max_length under jit: dynamic_update_slice clamps the write, so the step would
 # attend to a wrong cache. It must fail at run time instead (issue 13, item 2): the decode
-# kernel's strict_lengths check for steps of <= 16 tokens, a host check for longer chunks and
-# for implementation="xla".
+# kernel's strict_lengths check for steps and prefill chunks of any size, a host check for
+# implementation="xla".
 # (A host callback's error reaches Python as a ValueError, a kernel's as JaxRuntimeError.)
 RUN_TIME_ERRORS = (jax.errors.JaxRuntimeError, ValueError)
 OVERFLOWS = {"decode_kernel": ((1,) * 4, 1), "prefill_chunk": ((20,), 20),
@@ -671,8 +731,8 @@ def _quantized_reference(project, x, cache_dtype):
                          ids=["int8", "e4m3", "e5m2"])
 @pytest.mark.parametrize("chunks", [(20, 1, 1), (1,) * 6, (9, 3, 10)])
 def test_nnx_quantized_cache_prefill_then_decode(rng, cache_dtype, chunks):
-    """A prompt prefilled in one call (T = 20 > 16: flash over the dequantised cache; T <= 16:
-    the decode kernel on the quantized cache), then token-by-token decoding: the output of
+    """A prompt prefilled in one call (T = 20 > 16: the flash tiles over the quantized cache;
+    T <= 16: the split-KV decode kernel), then token-by-token decoding: the output of
     attention over the quantized-then-dequantised keys and values."""
     model = NnxFlash(32, 4, num_kv_heads=2, use_rope=True, kv_cache_dtype=cache_dtype,
                      rngs=nnx.Rngs(0))

@@ -214,6 +214,28 @@ def test_decoding_in_steps_matches_one_call(rng, step):
     np.testing.assert_allclose(state, full_state, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("length", [1, 3, 70])
+def test_donated_state_is_updated_in_place(rng, length):
+    """final_state is aliased to initial_state: a donated state is updated in its own buffer
+    (no copy in the compiled program), with the results of a call that keeps its input."""
+    q, k, v, g, s0 = make_inputs(rng, 2, length, 3, 40, 100, decay=1.0, state=True)
+    step = lambda q, k, v, g, s: jaxattn.gated_linear_attention(
+        q, k, v, g, initial_state=s, return_final_state=True)
+    expected = jax.jit(step)(q, k, v, g, s0)
+    donating = jax.jit(step, donate_argnums=4)
+    hlo = donating.lower(q, k, v, g, s0).compile().as_text()
+    assert "output_to_operand_aliasing" in hlo
+    assert not [line for line in hlo.splitlines() if " copy(" in line and "100]" in line]
+    state = jnp.array(s0)
+    buffer = state.unsafe_buffer_pointer()
+    out, final = donating(q, k, v, g, state)
+    assert state.is_deleted()
+    assert final.unsafe_buffer_pointer() == buffer
+    np.testing.assert_array_equal(out, expected[0])
+    np.testing.assert_array_equal(final, expected[1])
+    check_forward(q, k, v, g, s0)
+
+
 def test_recurrent_kernel_against_oracle(rng):
     for length in (1, 2, 4):
         check_forward(*make_inputs(rng, 3, length, 2, 33, 17, decay=3.0, state=True))

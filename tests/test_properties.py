@@ -1,8 +1,9 @@
 """Property-based tests (hypothesis): random shapes, options and masks against the float64 oracle.
 
 Each example draws a whole problem: dtype, B/T/S/N/K/H/Hv (odd sizes included), optional bias
-and mask of random broadcast shapes, causal, window, soft cap, scale, and query/key lengths that
-may be negative or past the end (the kernels clamp). When lengths are given, the inputs past
+and mask of random broadcast shapes, causal, window, soft cap, scale, query/key lengths that
+may be negative or past the end (the kernels clamp), and dropout (the oracle applies
+``jaxattn.dropout_mask``'s mask). When lengths are given, the inputs past
 them may be filled with NaN (they must not be read). Forward and, for some examples, gradients
 must pass FlashAttention's tolerance rule against the oracle.
 
@@ -64,6 +65,7 @@ class Problem:
     nan_padding: bool
     gradients: bool
     seed: int
+    dropout: float | None = None
 
     def __repr__(self) -> str:  # shown by hypothesis on failure
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -110,7 +112,8 @@ def problems(draw: st.DrawFn) -> Problem:
         shape=shape, dtype=dtype, unbatched=unbatched, bias=bias, mask=mask,
         mask_density=draw(st.sampled_from([0.3, 0.8, 1.0])), options=options,
         nan_padding=has_lengths and draw(st.booleans()), gradients=draw(st.booleans()),
-        seed=draw(st.integers(0, 2**32 - 1)))
+        seed=draw(st.integers(0, 2**32 - 1)),
+        dropout=draw(st.one_of(st.none(), st.sampled_from([0.2, 0.6]))))
 
 
 def make_inputs(problem: Problem) -> tuple[dict[str, np.ndarray | None], dict[str, np.ndarray | None]]:
@@ -150,11 +153,20 @@ def make_inputs(problem: Problem) -> tuple[dict[str, np.ndarray | None], dict[st
 @given(problems())
 def test_flash_matches_oracle(problem: Problem) -> None:
     inputs, oracle_inputs = make_inputs(problem)
-    dtype, options = problem.dtype, problem.options
+    dtype, options = problem.dtype, dict(problem.options)
     present = [n for n in DIFFERENTIABLE if inputs[n] is not None]
+    flash_options = dict(options)
+    if problem.dropout is not None:
+        key = jax.random.key(problem.seed % 2**31)
+        flash_options.update(dropout_rate=problem.dropout, dropout_rng=key)
+        shape = problem.shape
+        keep = jaxattn.dropout_mask(key, problem.dropout, shape.batch, shape.num_heads,
+                                    shape.q_len, shape.kv_len)
+        options["dropout_multiplier"] = np.asarray(keep, np.float64) / (1 - problem.dropout)
 
     def attend(diff: dict[str, jax.Array]):
-        return jaxattn.flash_attention(**{**inputs, **diff}, **options, return_residual=True)
+        return jaxattn.flash_attention(**{**inputs, **diff}, **flash_options,
+                                       return_residual=True)
 
     out, lse = attend({n: inputs[n] for n in present})
     q, k, v, b, m = (oracle_inputs[n] for n in ("query", "key", "value", "bias", "mask"))

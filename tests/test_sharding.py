@@ -49,7 +49,6 @@ else:
     import numpy as np
     import pytest
     from jax import export
-    from jax._src import config as jax_config
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -278,9 +277,13 @@ else:
         ct = rng.standard_normal((B, T, N, HV), np.float32)
         args = [put(x, mesh, SPECS["batch_heads"]) for x in (q, k, v, ct)]
         grads = jax.jit(vjp_fn(jaxattn.flash_attention))
-        with jax_config.use_shardy_partitioner(False):
+        shardy = jax.config.jax_use_shardy_partitioner
+        jax.config.update("jax_use_shardy_partitioner", False)
+        try:
             assert collectives(grads, *args) == []
             actual = grads(*args)
+        finally:
+            jax.config.update("jax_use_shardy_partitioner", shardy)
         assert_close(actual, vjp_fn(jaxattn.flash_attention)(q, k, v, ct), rtol=0, atol=0)
 
     PARTITIONED_FWD = {

@@ -7,6 +7,7 @@ forward and backward: both run the same tile routine over the same tile grid.
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ import pytest
 import jaxattn
 from _subprocess import CWD, python_env
 from isa_support import skip_reason as isa_skip_reason
-from jaxattn import masks
+from jaxattn import _mask_tables, masks
 from jaxattn.masks import BlockSparseMask
 from oracle import (
     assert_close_to_oracle,
@@ -303,6 +304,17 @@ def test_invalid_mask_metadata():
            num_heads=0)
     raises(ValueError, "num_heads must be >= 1", masks.from_function, lambda h, q, k: k <= q,
            10, num_heads=0)
+    causal_class = lambda q0, q1, k0, k1: np.where(k1 - 1 <= q0, 1, np.where(k0 >= q1, 0, 2))
+    raises(ValueError, r"block classifier .*lambda.* returned shape \(3,\) for block bounds "
+           r"of broadcast shape \(5, 5\)", masks.from_function, lambda q, k: k <= q, 10,
+           block_q=2, block_kv=2, block_class=lambda q0, q1, k0, k1: np.zeros(3, int))
+    raises(ValueError, r"must return 0 \(empty\), 1 \(full\) or 2", masks.from_function,
+           lambda q, k: k <= q, 10, block_q=2, block_kv=2,
+           block_class=lambda q0, q1, k0, k1: causal_class(q0, q1, k0, k1) + 1)
+    raises(TypeError, "must return ints", masks.from_function, lambda q, k: k <= q, 10,
+           block_class=lambda q0, q1, k0, k1: 0.5 + 0 * q0 * k0)
+    raises(TypeError, "block_class must be a function", masks.from_function,
+           lambda q, k: k <= q, 10, block_class=2)
     a, b = masks.causal(10, block_q=2, block_kv=2), masks.causal(10, block_q=2, block_kv=5)
     raises(ValueError, "different block_kv", lambda: a | b)
     raises(ValueError, "different q_len", lambda: a & masks.causal(12, 10, block_q=2,
@@ -625,26 +637,46 @@ def test_structured_builders_match_their_definitions_on_random_shapes(rng):
         assert m == BlockSparseMask.from_dense(want, block_q=m.block_q, block_kv=m.block_kv)
 
 
-def test_kernel_tables_from_blocks_and_from_dense_agree(rng, monkeypatch):
+def test_kernel_tables_agree_on_every_path(rng, monkeypatch):
     """Tables compiled per block (in bands of query tile rows, pattern signatures looked up
-    once) and through the dense mask (tiny blocks) are identical."""
-    for it in range(60):
+    once), from blocks of whole tiles (split once per pattern and clipping, expanded in
+    order) and through the dense mask (tiny blocks) are identical."""
+    for it in range(80):
         n = int(rng.choice([1, 2, 4]))
         t, s = int(rng.integers(1, 80)), int(rng.integers(1, 80))
         dense = rng.random((n, t, s)) < rng.choice([0.05, 0.4, 1.0])
         dense |= np.tri(t, s, dtype=bool) & bool(rng.integers(0, 2))
-        m = BlockSparseMask.from_dense(dense, block_q=int(rng.integers(1, 9)),
-                                       block_kv=int(rng.integers(1, 9)))
-        group, groups = (int(rng.integers(1, 4)), 1) if n == 1 else (n // 2, 2)
         tq, tk = int(rng.integers(1, 20)), int(rng.integers(1, 20))
+        if it % 2:  # blocks of whole tiles (the aligned path)
+            tq, tk = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+            r, c = tq * int(rng.integers(1, 4)), tk * int(rng.integers(1, 4))
+        else:
+            r, c = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        m = BlockSparseMask.from_dense(dense, block_q=r, block_kv=c)
+        if n == 1:
+            group, groups = int(rng.integers(1, 4)), 1
+        else:
+            group = int(rng.choice([1, n // 2]))
+            groups = n // group
         # per block: a band of query tile rows at a time (tiny bands here, to cross them)
-        monkeypatch.setattr(masks, "_TABLE_BLOCKS_PER_BAND", int(rng.choice([3, 1 << 16])))
-        monkeypatch.setattr(masks, "_DENSE_TABLES_RATIO", 0)
-        by_blocks = masks._compile_tables(m, tq, tk, group, groups)
-        monkeypatch.setattr(masks, "_DENSE_TABLES_RATIO", 10**9)
-        by_dense = masks._compile_tables(m, tq, tk, group, groups)
-        for x, y in zip(by_blocks, by_dense):
-            np.testing.assert_array_equal(x, y, err_msg=f"case {it}")
+        monkeypatch.setattr(_mask_tables, "_TABLE_BLOCKS_PER_BAND", int(rng.choice([3, 1 << 16])))
+        monkeypatch.setattr(_mask_tables, "_BLOCKS_PER_CHUNK", int(rng.choice([1, 5, 1 << 20])))
+        by_tiles = _mask_tables._compile_by_tiles(m, tq, tk, group, groups)
+        paths = {"dense": _mask_tables._compile_from_dense(m, tq, tk, group, groups),
+                 "public": _mask_tables.compile_tables(m, tq, tk, group, groups)}
+        if r % tq == 0 and c % tk == 0 and (group == 1 or n == 1):
+            paths["aligned"] = _mask_tables._compile_aligned(m, tq, tk, group, groups)
+        for name, tables in paths.items():
+            for x, y in zip(tables, by_tiles):
+                assert x.dtype == y.dtype and x.shape == y.shape, f"case {it} {name}"
+                np.testing.assert_array_equal(x, y, err_msg=f"case {it} {name}")
+    # long block rows (entries written one row slice at a time), GQA groups, clipped ends
+    for m, group in ((masks.causal(4100, block_q=128, block_kv=128), 1),
+                     (masks.strided(3000, 2900, stride=200, block_q=64, block_kv=128), 2),
+                     (masks.local(5000, window=(700, 30), block_q=128, block_kv=64), 4)):
+        want = _mask_tables._compile_by_tiles(m, 64 // group, 64, group, 1)
+        for x, y in zip(_mask_tables.compile_tables(m, 64 // group, 64, group, 1), want):
+            np.testing.assert_array_equal(x, y, err_msg=repr(m))
 
 
 @pytest.mark.parametrize("builder", ["causal", "local", "global_local", "strided"])
@@ -708,8 +740,12 @@ def test_one_by_one_blocks_memory_follows_the_dense_mask(rng):
         return m
 
     m, peak = _peak_bytes(build)
-    assert peak <= 12 * dense.nbytes, f"{peak / dense.nbytes:.1f}x the dense mask"
+    # (8.6x before the all-full block ids became a broadcast view; 6.4x measured)
+    assert peak <= 8 * dense.nbytes, f"{peak / dense.nbytes:.1f}x the dense mask"
     np.testing.assert_array_equal(m.to_dense()[0], dense)
+    again = pickle.loads(pickle.dumps(m))  # the broadcast ids survive a round trip
+    assert again == m and hash(again) == hash(m)
+    np.testing.assert_array_equal(again.to_dense()[0], dense)
     small = BlockSparseMask.from_dense(dense[:100, :90], block_q=1, block_kv=1)
     assert small == BlockSparseMask.from_dense(dense[:100, :90], block_q=1, block_kv=1)
     np.testing.assert_array_equal(small.with_block_size(7, 5).to_dense()[0], dense[:100, :90])
@@ -740,3 +776,80 @@ def test_or_and_on_random_masks_equal_the_dense_combination(rng):
         for got, want in ((a | b, da | db), (a & b, da & db)):
             want = want if want.shape[0] > 1 else want[0]
             assert got == BlockSparseMask.from_dense(want, block_q=r, block_kv=c), it
+
+
+def _window_class(left: int, right: int):
+    """The block classifier of keys q - left <= k <= q + right (bounds are half-open)."""
+    def classify(q0, q1, k0, k1):
+        full = (k0 >= q1 - 1 - left) & (k1 - 1 <= q0 + right)
+        empty = (k1 - 1 < q0 - left) | (k0 > q1 - 1 + right)
+        return np.where(full, masks.BLOCK_FULL,
+                        np.where(empty, masks.BLOCK_EMPTY, masks.BLOCK_PARTIAL))
+    return classify
+
+
+def test_from_function_with_a_block_classifier_equals_the_full_evaluation(rng):
+    """Issue 13, item 8: with block_class, f runs on the partial blocks only, and the mask is
+    the one evaluating every pair gives (shared and per head, any block size)."""
+    for it in range(40):
+        t, s = int(rng.integers(1, 70)), int(rng.integers(1, 70))
+        r, c = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        left, right = (int(x) for x in rng.integers(0, 12, 2))
+        f = lambda q, k: (k >= q - left) & (k <= q + right) & ((q + k) % 3 != 0)
+        # f is not the window: the window's full blocks are only partial for it
+        not_full = lambda *b: np.where(_window_class(left, right)(*b) == masks.BLOCK_EMPTY,
+                                       masks.BLOCK_EMPTY, masks.BLOCK_PARTIAL)
+        fast = masks.from_function(f, t, s, block_q=r, block_kv=c, block_class=not_full)
+        assert fast == masks.from_function(f, t, s, block_q=r, block_kv=c), it
+        window = lambda q, k: (k >= q - left) & (k <= q + right)
+        assert masks.from_function(window, t, s, block_q=r, block_kv=c,
+                                   block_class=_window_class(left, right)) == masks.local(
+                                       t, s, window=(left, right), block_q=r, block_kv=c), it
+        per_head = lambda h, q, k: (k >= q - left - h) & (k <= q + right)
+        per_head_class = lambda h, q0, q1, k0, k1: _window_class(left + h, right)(q0, q1, k0, k1)
+        assert masks.from_function(per_head, t, s, num_heads=3, block_q=r, block_kv=c,
+                                   block_class=per_head_class) == masks.from_function(
+                                       per_head, t, s, num_heads=3, block_q=r, block_kv=c), it
+
+
+def test_from_function_with_a_block_classifier_evaluates_only_partial_blocks(monkeypatch):
+    """At T = S = 16384 in 64 x 64 blocks a causal window evaluates its diagonal blocks'
+    elements, not the 268M pairs."""
+    evaluated = []
+    real = masks._call_predicate
+
+    def counting(f, *index):
+        out = real(f, *index)
+        evaluated.append(out.size)
+        return out
+
+    monkeypatch.setattr(masks, "_call_predicate", counting)
+    t = 16384
+    m = masks.from_function(lambda q, k: (k <= q) & (k >= q - 300), t,
+                            block_class=_window_class(300, 0))
+    assert sum(evaluated) <= 3 * t * 64, f"{sum(evaluated)} pairs evaluated"
+    monkeypatch.setattr(masks, "_call_predicate", real)
+    assert m == masks.local(t, window=(300, 0))
+
+
+def test_kernel_tables_of_empty_and_clipped_masks():
+    """No block at all, and masks whose every block is clipped at a sequence end, on every
+    table path."""
+    empty = BlockSparseMask.from_dense(np.zeros((130, 200), bool), block_q=64, block_kv=64)
+    tiny = masks.causal(5, 3, block_q=64, block_kv=64)  # one block, clipped both ways
+    for m in (empty, tiny):
+        want = _mask_tables._compile_by_tiles(m, 32, 64, 2, 1)
+        for got in (_mask_tables._compile_aligned(m, 32, 64, 2, 1),
+                    _mask_tables._compile_from_dense(m, 32, 64, 2, 1)):
+            for x, y in zip(got, want):
+                np.testing.assert_array_equal(x, y, err_msg=repr(m))
+    assert _mask_tables.compile_tables(empty, 64, 64, 1, 1)[1].shape == (0, 2)
+
+
+def test_stable_argsort_equals_numpys(rng):
+    """The radix argsort behind the key-major tables (one or two 16-bit passes) is NumPy's
+    stable argsort."""
+    for bound in (7, 1 << 16, (1 << 16) + 1, 1 << 20, 1 << 33):
+        key = rng.integers(0, bound, 5000)
+        np.testing.assert_array_equal(_mask_tables._stable_argsort(key, bound),
+                                      np.argsort(key, kind="stable"), err_msg=str(bound))

@@ -71,7 +71,7 @@ def _concrete(rng, name, spec, sizes):
     return _normal(rng, shape)
 
 
-@pytest.mark.parametrize("name", list(_export_cases(*([None] * 5))))
+@pytest.mark.parametrize("name", list(_export_cases(*([1] * 5))))  # names only
 def test_export_with_symbolic_batch_and_lengths(rng, name):
     b, t, s, p, m = export.symbolic_shape("b, t, s, p, m")
     fn, specs = _export_cases(b, t, s, p, m)[name]

@@ -20,7 +20,7 @@ ffi::Error ParseTokenOperands(const ffi::RemainingArgs& rest, size_t count,
                               TokenOperands* tokens) {
   return ParseTrailingOperands(rest, count, &tokens->q_positions, &tokens->kv_positions,
                                &tokens->q_segments, &tokens->kv_segments,
-                               &tokens->alibi_slopes);
+                               &tokens->alibi_slopes, &tokens->dropout_seeds);
 }
 
 ffi::Error ParseTokens(const TokenOperands& in, AttentionProblem* p) {
@@ -52,6 +52,21 @@ ffi::Error ParseTokens(const TokenOperands& in, AttentionProblem* p) {
     }
     p->alibi_slopes = in.alibi_slopes.typed_data();
     p->alibi_batch = d[0];
+  }
+  if (in.dropout_threshold != 0) {
+    if (in.dropout_threshold < 0 || in.dropout_threshold > 0xFFFFFFFFll) {
+      return InvalidArgument("dropout_threshold must be in [0, 2^32), got " +
+                             std::to_string(in.dropout_threshold));
+    }
+    const auto d = in.dropout_seeds.dimensions();
+    if (in.dropout_seeds.element_count() == 0 || d.size() != 3 || d[1] != p->num_heads ||
+        d[2] != 2) {
+      return InvalidArgument("dropout seeds must have shape [B, " + std::to_string(p->num_heads) +
+                             ", 2], got " + ShapeString(d));
+    }
+    p->dropout_seeds = in.dropout_seeds.typed_data();
+    p->dropout_batch = d[0];
+    p->dropout_threshold = static_cast<uint32_t>(in.dropout_threshold);
   }
   return ffi::Error::Success();
 }

@@ -10,21 +10,26 @@
 
 namespace jaxattn {
 
-// Token positions, segment ids and ALiBi slopes (each 0 elements: absent), the operands
-// that end the argument list of the _v2 flash and block-sparse targets (the _v1 layouts
-// predate them: all absent).
+// Token positions, segment ids, ALiBi slopes and dropout seeds (each 0 elements: absent), the
+// operands that end the argument list of the _v2 and _v3 flash and block-sparse targets (the
+// _v1 layouts predate them: all absent; the _v2 layouts predate the seeds).
 struct TokenOperands {
   S32Buffer q_positions = AbsentBuffer<ffi::S32>();   // [Bp, T]
   S32Buffer kv_positions = AbsentBuffer<ffi::S32>();  // [Bp, S]
   S32Buffer q_segments = AbsentBuffer<ffi::S32>();    // [Bs, T]
   S32Buffer kv_segments = AbsentBuffer<ffi::S32>();   // [Bs, S]
   F32Buffer alibi_slopes = AbsentBuffer<ffi::F32>();  // [Ba, N]
+  // _v3 layouts: the dropout seeds [Bd, N, 2] after the operands above, and the keep
+  // threshold from the attributes (cc/dropout.h); 0 (the older layouts) means no dropout.
+  U32Buffer dropout_seeds = AbsentBuffer<ffi::U32>();
+  int64_t dropout_threshold = 0;
 };
-constexpr size_t kNumTokenOperands = 5;
-constexpr size_t kNoTokenOperands = 0;  // the _v1 layouts
+constexpr size_t kNumTokenOperands = 5;      // the _v2 layouts
+constexpr size_t kNoTokenOperands = 0;       // the _v1 layouts
+constexpr size_t kDropoutTokenOperands = 6;  // the _v3 layouts: the _v2 ones, then the seeds
 
-// The token operands among the trailing operands `rest`: kNumTokenOperands of them, or
-// kNoTokenOperands.
+// The token operands among the trailing operands `rest`: the first `count` of them
+// (kNoTokenOperands, kNumTokenOperands or kDropoutTokenOperands); the rest stay absent.
 ffi::Error ParseTokenOperands(const ffi::RemainingArgs& rest, size_t count,
                               TokenOperands* tokens);
 
@@ -47,6 +52,18 @@ struct FlashAttrs {
   int64_t window_left;
   int64_t window_right;
 };
+
+// The attributes of the _v3 flash targets: those above and the dropout keep threshold
+// (cc/dropout.h; 0: no dropout).
+struct FlashDropoutAttrs : FlashAttrs {
+  int64_t dropout_threshold;
+};
+
+// The dropout threshold an attribute struct carries (0 for the layouts without dropout).
+inline int64_t DropoutThreshold(const FlashAttrs&) { return 0; }
+inline int64_t DropoutThreshold(const FlashDropoutAttrs& attrs) {
+  return attrs.dropout_threshold;
+}
 
 // An optional [B', N', T', S'] operand; zero elements means absent.
 ffi::Error ParseBroadcast(const ffi::AnyBuffer& buffer, const char* name, Broadcast4* out);
@@ -79,3 +96,9 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jaxattn::FlashAttrs, StructMember<float>
                                       StructMember<bool>("is_causal"),
                                       StructMember<int64_t>("window_left"),
                                       StructMember<int64_t>("window_right"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jaxattn::FlashDropoutAttrs, StructMember<float>("scale"),
+                                      StructMember<float>("soft_cap"),
+                                      StructMember<bool>("is_causal"),
+                                      StructMember<int64_t>("window_left"),
+                                      StructMember<int64_t>("window_right"),
+                                      StructMember<int64_t>("dropout_threshold"));

@@ -1,6 +1,7 @@
 // Block-sparse attention targets (cc/sparse_impl.h): forward and backward over a mask's tile
-// tables (jaxattn/masks.py). The _v1 and _v2 layouts of a target differ only in the token
-// operands that end the _v2 argument list: one handler serves both (kTokens operands).
+// tables (jaxattn/masks.py). The _v1, _v2 and _v3 layouts of a target differ only in the token
+// operands that end the argument list (none, kNumTokenOperands, and those plus the dropout
+// seeds) and, for _v3, the dropout_threshold attribute: one handler serves them all.
 #include <cstddef>
 #include <string>
 #include <vector>
@@ -16,10 +17,25 @@ struct SparseAttrs {
   float soft_cap;
 };
 
+// The attributes of the _v3 block-sparse targets: those above and the dropout keep threshold
+// (cc/dropout.h; 0: no dropout).
+struct SparseDropoutAttrs : SparseAttrs {
+  int64_t dropout_threshold;
+};
+
+inline int64_t DropoutThreshold(const SparseAttrs&) { return 0; }
+inline int64_t DropoutThreshold(const SparseDropoutAttrs& attrs) {
+  return attrs.dropout_threshold;
+}
+
 }  // namespace jaxattn
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jaxattn::SparseAttrs, StructMember<float>("scale"),
                                       StructMember<float>("soft_cap"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jaxattn::SparseDropoutAttrs,
+                                      StructMember<float>("scale"),
+                                      StructMember<float>("soft_cap"),
+                                      StructMember<int64_t>("dropout_threshold"));
 
 namespace jaxattn {
 namespace {
@@ -90,16 +106,17 @@ ffi::Error ParseSparseProblem(const ffi::AnyBuffer& query, const ffi::AnyBuffer&
   return ffi::Error::Success();
 }
 
-template <size_t kTokens>
+template <size_t kTokens, typename Attributes>
 ffi::Error SparseForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                              ffi::AnyBuffer value, S32Buffer q_indptr, S32Buffer q_entries,
                              ffi::AnyBuffer masks, ffi::RemainingArgs token_args,
                              ffi::Result<ffi::AnyBuffer> out, F32Result lse,
-                             SparseAttrs attrs) {
+                             Attributes attrs) {
   const auto od = out->dimensions();
   if (od.size() != 4) return InvalidArgument("output must have rank 4");
   TokenOperands tokens;
   JAXATTN_RETURN_IF_ERROR(ParseTokenOperands(token_args, kTokens, &tokens));
+  tokens.dropout_threshold = DropoutThreshold(attrs);
   AttentionProblem p;
   JAXATTN_RETURN_IF_ERROR(ParseSparseProblem(query, key, value, od[0], attrs, tokens, &p));
   if (out->element_type() != query.element_type() ||
@@ -116,7 +133,7 @@ ffi::Error SparseForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
                          XlaParallel(pool)));
 }
 
-template <size_t kTokens>
+template <size_t kTokens, typename Attributes>
 ffi::Error SparseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                               ffi::AnyBuffer value, ffi::AnyBuffer out, F32Buffer lse,
                               ffi::AnyBuffer dout, F32Buffer dlse, S32Buffer q_indptr,
@@ -124,11 +141,12 @@ ffi::Error SparseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::A
                               ffi::AnyBuffer masks, ffi::AnyBuffer masks_t,
                               ffi::RemainingArgs token_args, ffi::Result<ffi::AnyBuffer> dq,
                               ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                              SparseAttrs attrs) {
+                              Attributes attrs) {
   const auto dqd = dq->dimensions();
   if (dqd.size() != 4) return InvalidArgument("dq must have rank 4");
   TokenOperands tokens;
   JAXATTN_RETURN_IF_ERROR(ParseTokenOperands(token_args, kTokens, &tokens));
+  tokens.dropout_threshold = DropoutThreshold(attrs);
   AttentionProblem p;
   JAXATTN_RETURN_IF_ERROR(ParseSparseProblem(query, key, value, dqd[0], attrs, tokens, &p));
   FlashBackwardArgs args;
@@ -141,6 +159,7 @@ ffi::Error SparseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::A
                       BlockSparseBackward(p, tables, args, XlaParallel(pool)));
 }
 
+template <typename Attributes>
 auto BindForward() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -150,12 +169,13 @@ auto BindForward() {
       .Arg<S32Buffer>()              // q_indptr
       .Arg<S32Buffer>()              // q_entries
       .Arg<ffi::AnyBuffer>()         // masks
-      .RemainingArgs()               // the token operands (_v2) or none (_v1)
+      .RemainingArgs()               // the token operands (_v2, _v3) or none (_v1)
       .Ret<ffi::AnyBuffer>()         // out
       .Ret<ffi::Buffer<ffi::F32>>()  // lse
-      .Attrs<SparseAttrs>();
+      .template Attrs<Attributes>();
 }
 
+template <typename Attributes>
 auto BindBackward() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -172,23 +192,35 @@ auto BindBackward() {
       .Arg<S32Buffer>()              // k_entries
       .Arg<ffi::AnyBuffer>()         // masks
       .Arg<ffi::AnyBuffer>()         // masks_t (transposed)
-      .RemainingArgs()               // the token operands (_v2) or none (_v1)
+      .RemainingArgs()               // the token operands (_v2, _v3) or none (_v1)
       .Ret<ffi::AnyBuffer>()         // dq
       .Ret<ffi::AnyBuffer>()         // dk
       .Ret<ffi::AnyBuffer>()         // dv
-      .Attrs<SparseAttrs>();
+      .template Attrs<Attributes>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseForwardV1Handler, SparseForwardImpl<kNoTokenOperands>,
-                              BindForward());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseForwardHandler, SparseForwardImpl<kNumTokenOperands>,
-                              BindForward());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseBackwardV1Handler, SparseBackwardImpl<kNoTokenOperands>,
-                              BindBackward());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseBackwardHandler, SparseBackwardImpl<kNumTokenOperands>,
-                              BindBackward());
+// The layouts of each target: _v1 (no token operands), _v2 (token operands), _v3 (token
+// operands, dropout seeds [B, N, 2] uint32 and the dropout_threshold attribute).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseForwardV1Handler,
+                              (SparseForwardImpl<kNoTokenOperands, SparseAttrs>),
+                              BindForward<SparseAttrs>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseForwardHandler,
+                              (SparseForwardImpl<kNumTokenOperands, SparseAttrs>),
+                              BindForward<SparseAttrs>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseForwardV3Handler,
+                              (SparseForwardImpl<kDropoutTokenOperands, SparseDropoutAttrs>),
+                              BindForward<SparseDropoutAttrs>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseBackwardV1Handler,
+                              (SparseBackwardImpl<kNoTokenOperands, SparseAttrs>),
+                              BindBackward<SparseAttrs>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseBackwardHandler,
+                              (SparseBackwardImpl<kNumTokenOperands, SparseAttrs>),
+                              BindBackward<SparseAttrs>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseBackwardV3Handler,
+                              (SparseBackwardImpl<kDropoutTokenOperands, SparseDropoutAttrs>),
+                              BindBackward<SparseDropoutAttrs>());
 
 std::vector<FfiTarget> BlockSparseTargets() {
   return {
@@ -196,6 +228,8 @@ std::vector<FfiTarget> BlockSparseTargets() {
       {"jaxattn_sparse_bwd_v1", reinterpret_cast<void*>(SparseBackwardV1Handler)},
       {"jaxattn_sparse_fwd_v2", reinterpret_cast<void*>(SparseForwardHandler)},
       {"jaxattn_sparse_bwd_v2", reinterpret_cast<void*>(SparseBackwardHandler)},
+      {"jaxattn_sparse_fwd_v3", reinterpret_cast<void*>(SparseForwardV3Handler)},
+      {"jaxattn_sparse_bwd_v3", reinterpret_cast<void*>(SparseBackwardV3Handler)},
   };
 }
 

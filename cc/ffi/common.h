@@ -22,6 +22,7 @@ namespace ffi = xla::ffi;
 using S32Buffer = ffi::Buffer<ffi::S32>;
 using F32Buffer = ffi::Buffer<ffi::F32>;
 using F32Result = ffi::Result<ffi::Buffer<ffi::F32>>;
+using U32Buffer = ffi::Buffer<ffi::U32>;
 
 // Evaluates `expr` (an ffi::Error) and returns it from the calling function if it failed.
 #define JAXATTN_RETURN_IF_ERROR(expr)                              \
@@ -54,12 +55,17 @@ ffi::Buffer<kType> AbsentBuffer() {
 }
 
 // The optional operands that end a target's argument list (bound as ffi::RemainingArgs so
-// that one handler serves every layout of a target): all of `buffers` in the newer layouts
-// (count = their number), none in the older ones that predate them (count = 0; each buffer
-// keeps the absent value it was initialised with).
+// that one handler serves every layout of a target): each layout appends to the one before,
+// so a layout is the number `count` of leading `buffers` it passes (all of them in the newest
+// layout, none in the oldest); the others keep the absent value they were initialised with.
 template <typename... Buffers>
 ffi::Error ParseTrailingOperands(const ffi::RemainingArgs& rest, size_t count,
                                  Buffers*... buffers) {
+  if (count > sizeof...(Buffers)) {
+    return InvalidArgument("a layout of " + std::to_string(count) +
+                           " trailing operands; at most " +
+                           std::to_string(sizeof...(Buffers)) + " exist");
+  }
   if (rest.size() != count) {
     return InvalidArgument("expected " + std::to_string(count) + " trailing operands, got " +
                            std::to_string(rest.size()));
@@ -68,6 +74,7 @@ ffi::Error ParseTrailingOperands(const ffi::RemainingArgs& rest, size_t count,
   size_t index = 0;
   ffi::Error error;
   const auto read = [&](auto* buffer) {
+    if (index >= count) return;
     using Buffer = std::remove_pointer_t<decltype(buffer)>;
     ffi::ErrorOr<Buffer> decoded = rest.template get<Buffer>(index);
     if (decoded.has_value()) {

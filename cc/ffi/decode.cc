@@ -1,7 +1,9 @@
-// Decoding attention targets (cc/decode_impl.h): a few query tokens against a contiguous or
-// paged KV cache, optionally quantized (int8 / float8 with float32 scales). The _v1 and _v2
-// layouts of a target differ in the token operands that end the _v2 argument list and the
-// strict_lengths attribute: one handler serves both (kTokens operands, Attrs).
+// Decoding attention targets (cc/decode_impl.h; beyond 16 tokens cc/cache_attention.cc): query
+// tokens against a contiguous or paged KV cache, optionally quantized (int8 / float8 with
+// float32 scales). The layouts of a target differ in the token operands that end the argument
+// list (_v1: none; _v2 and quantized _v1: kNumDecodeTokenOperands; _v3 and quantized _v2:
+// those and query_lengths) and the strict_lengths attribute (not in _v1): one handler serves
+// them all (kTokens operands, Attrs).
 #include <cstddef>
 #include <string>
 #include <utility>
@@ -67,15 +69,18 @@ ffi::Error ParseCacheScale(const F32Buffer* scale, const char* name,
 // Decode: query [Bq,T,N,H]; key/value storage [P, page, K, H|Hv] (a contiguous cache is P = Bk
 // pages of page = Smax); block_tables [Bt, max_pages] (nullptr: contiguous); kv_lengths [Bl].
 // Decode's optional token operands (0 elements: absent): query_positions [Bp, T],
-// key_value_positions [Bp, max_pages * page_size], alibi_slopes [Ba, N]. They end the
-// argument list of the _v2 and quantized targets; the _v1 targets predate them (all absent).
+// key_value_positions [Bp, max_pages * page_size], alibi_slopes [Ba, N], then query_lengths
+// [Bq] (0 elements: T each). They end the argument list of the _v2, _v3 and quantized targets;
+// the _v1 targets predate them (all absent), the _v2 (quantized: _v1) ones query_lengths.
 struct DecodeTokenOperands {
   S32Buffer q_positions = AbsentBuffer<ffi::S32>();
   S32Buffer kv_positions = AbsentBuffer<ffi::S32>();
   F32Buffer alibi_slopes = AbsentBuffer<ffi::F32>();
+  S32Buffer q_lengths = AbsentBuffer<ffi::S32>();
 };
-constexpr size_t kNumDecodeTokenOperands = 3;
-constexpr size_t kNoDecodeTokenOperands = 0;  // the _v1 layouts
+constexpr size_t kNoDecodeTokenOperands = 0;       // the _v1 layouts
+constexpr size_t kNumDecodeTokenOperands = 3;      // _v2; quantized _v1
+constexpr size_t kQueryLengthTokenOperands = 4;    // _v3; quantized _v2: and query_lengths
 
 ffi::Error ParseDecodeTokens(const DecodeTokenOperands& in, DecodeAttentionProblem* p) {
   const auto rows = [](const ffi::AnyBuffer::Dimensions d, int64_t len) {
@@ -108,6 +113,14 @@ ffi::Error ParseDecodeTokens(const DecodeTokenOperands& in, DecodeAttentionProbl
     }
     p->alibi_slopes = in.alibi_slopes.typed_data();
     p->alibi_batch = in.alibi_slopes.dimensions()[0];
+  }
+  if (in.q_lengths.element_count() != 0) {
+    if (in.q_lengths.dimensions().size() != 1) {
+      return InvalidArgument("decode: query_lengths must have shape [B], got " +
+                             ShapeString(in.q_lengths.dimensions()));
+    }
+    p->q_lengths = in.q_lengths.typed_data();
+    p->q_lengths_batch = in.q_lengths.element_count();
   }
   return ffi::Error::Success();
 }
@@ -183,7 +196,8 @@ ffi::Error RunDecode(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
   p.window_left = attrs.window_left;
   DecodeTokenOperands tokens;
   JAXATTN_RETURN_IF_ERROR(ParseTrailingOperands(token_args, num_tokens, &tokens.q_positions,
-                                                &tokens.kv_positions, &tokens.alibi_slopes));
+                                                &tokens.kv_positions, &tokens.alibi_slopes,
+                                                &tokens.q_lengths));
   JAXATTN_RETURN_IF_ERROR(ParseDecodeTokens(tokens, &p));
   if (const char* message = ValidateDecodeProblem(p)) {
     return InvalidArgument(std::string("decode: ") + message);
@@ -239,7 +253,8 @@ ffi::Error PagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                    kTokens, out, lse, ToDecodeAttrs(attrs));
 }
 
-// Quantized caches: the _v2 targets plus key_scale and value_scale after the caches.
+// Quantized caches: the _v2 (_v3) targets plus key_scale and value_scale after the caches.
+template <size_t kTokens>
 ffi::Error QuantDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                   ffi::AnyBuffer key, ffi::AnyBuffer value, F32Buffer key_scale,
                                   F32Buffer value_scale, S32Buffer kv_lengths,
@@ -247,9 +262,10 @@ ffi::Error QuantDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                   ffi::Result<ffi::AnyBuffer> out, F32Result lse,
                                   DecodeAttrs attrs) {
   return RunDecode(pool, query, key, value, nullptr, kv_lengths, token_args,
-                   kNumDecodeTokenOperands, out, lse, attrs, &key_scale, &value_scale);
+                   kTokens, out, lse, attrs, &key_scale, &value_scale);
 }
 
+template <size_t kTokens>
 ffi::Error QuantPagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                        ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
                                        F32Buffer key_scale, F32Buffer value_scale,
@@ -258,14 +274,14 @@ ffi::Error QuantPagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer quer
                                        ffi::Result<ffi::AnyBuffer> out, F32Result lse,
                                        DecodeAttrs attrs) {
   return RunDecode(pool, query, key_pages, value_pages, &block_tables, kv_lengths, token_args,
-                   kNumDecodeTokenOperands, out, lse, attrs, &key_scale, &value_scale);
+                   kTokens, out, lse, attrs, &key_scale, &value_scale);
 }
 
 // The results and attributes (Attrs: DecodeAttrs or DecodeAttrsV1) after the operands.
 template <typename Attrs, typename Binding>
 auto BindDecodeResults(Binding binding) {
   return std::move(binding)
-      .RemainingArgs()               // the token operands (_v2, quantized) or none (_v1)
+      .RemainingArgs()               // the token operands (_v2, _v3, quantized) or none (_v1)
       .template Ret<ffi::AnyBuffer>()         // out
       .template Ret<ffi::Buffer<ffi::F32>>()  // lse
       .template Attrs<Attrs>();
@@ -327,10 +343,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     PagedDecodeForwardV2Handler, (PagedDecodeForwardImpl<kNumDecodeTokenOperands, DecodeAttrs>),
     BindDecodeResults<DecodeAttrs>(BindPaged()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantDecodeForwardHandler, QuantDecodeForwardImpl,
-                              BindDecodeResults<DecodeAttrs>(BindQuantContiguous()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantPagedDecodeForwardHandler, QuantPagedDecodeForwardImpl,
-                              BindDecodeResults<DecodeAttrs>(BindQuantPaged()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    QuantDecodeForwardHandler, QuantDecodeForwardImpl<kNumDecodeTokenOperands>,
+    BindDecodeResults<DecodeAttrs>(BindQuantContiguous()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    QuantPagedDecodeForwardHandler, QuantPagedDecodeForwardImpl<kNumDecodeTokenOperands>,
+    BindDecodeResults<DecodeAttrs>(BindQuantPaged()));
+
+// _v3 / quantized _v2: query_lengths [B] int32 (0 elements: T each) after the token operands;
+// any T (beyond 16 tokens the flash kernels run over the cache).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DecodeForwardV3Handler, (DecodeForwardImpl<kQueryLengthTokenOperands, DecodeAttrs>),
+    BindDecodeResults<DecodeAttrs>(BindContiguous()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PagedDecodeForwardV3Handler,
+    (PagedDecodeForwardImpl<kQueryLengthTokenOperands, DecodeAttrs>),
+    BindDecodeResults<DecodeAttrs>(BindPaged()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    QuantDecodeForwardV2Handler, QuantDecodeForwardImpl<kQueryLengthTokenOperands>,
+    BindDecodeResults<DecodeAttrs>(BindQuantContiguous()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    QuantPagedDecodeForwardV2Handler, QuantPagedDecodeForwardImpl<kQueryLengthTokenOperands>,
+    BindDecodeResults<DecodeAttrs>(BindQuantPaged()));
 
 std::vector<FfiTarget> DecodeTargets() {
   return {
@@ -341,6 +375,11 @@ std::vector<FfiTarget> DecodeTargets() {
       {"jaxattn_quant_decode_fwd_v1", reinterpret_cast<void*>(QuantDecodeForwardHandler)},
       {"jaxattn_quant_paged_decode_fwd_v1",
        reinterpret_cast<void*>(QuantPagedDecodeForwardHandler)},
+      {"jaxattn_decode_fwd_v3", reinterpret_cast<void*>(DecodeForwardV3Handler)},
+      {"jaxattn_paged_decode_fwd_v3", reinterpret_cast<void*>(PagedDecodeForwardV3Handler)},
+      {"jaxattn_quant_decode_fwd_v2", reinterpret_cast<void*>(QuantDecodeForwardV2Handler)},
+      {"jaxattn_quant_paged_decode_fwd_v2",
+       reinterpret_cast<void*>(QuantPagedDecodeForwardV2Handler)},
   };
 }
 

@@ -1,6 +1,8 @@
 // Flash attention targets: forward, backward, the logits gradient (for a bias's gradient)
-// and the forward-mode tangent (jvp). The _v1 and _v2 layouts of a target differ only in the
-// token operands that end the _v2 argument list: one handler serves both (kTokens operands).
+// and the forward-mode tangent (jvp). The _v1, _v2 and _v3 layouts of a target differ only in
+// the token operands that end the argument list (none, kNumTokenOperands, and those plus the
+// dropout seeds) and, for _v3, the dropout_threshold attribute: one handler serves them all
+// (kTokens operands, attributes FlashAttrs or FlashDropoutAttrs).
 #include <cstddef>
 #include <vector>
 
@@ -10,16 +12,17 @@
 namespace jaxattn {
 namespace {
 
-template <size_t kTokens>
+template <size_t kTokens, typename Attributes>
 ffi::Error FlashForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                             ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                             S32Buffer q_lengths, S32Buffer kv_lengths,
                             ffi::RemainingArgs token_args, ffi::Result<ffi::AnyBuffer> out,
-                            F32Result lse, FlashAttrs attrs) {
+                            F32Result lse, Attributes attrs) {
   const auto od = out->dimensions();
   if (od.size() != 4) return InvalidArgument("output must have rank 4");
   TokenOperands tokens;
   JAXATTN_RETURN_IF_ERROR(ParseTokenOperands(token_args, kTokens, &tokens));
+  tokens.dropout_threshold = DropoutThreshold(attrs);
   AttentionProblem p;
   JAXATTN_RETURN_IF_ERROR(ParseProblem({query, key, value, bias, mask, q_lengths, kv_lengths},
                                        tokens, attrs, od[0], &p));
@@ -33,18 +36,19 @@ ffi::Error FlashForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::Any
                                    XlaParallel(pool)));
 }
 
-template <size_t kTokens>
+template <size_t kTokens, typename Attributes>
 ffi::Error FlashBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                              ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                              S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
                              F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
                              ffi::RemainingArgs token_args, ffi::Result<ffi::AnyBuffer> dq,
                              ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                             FlashAttrs attrs) {
+                             Attributes attrs) {
   const auto dqd = dq->dimensions();
   if (dqd.size() != 4) return InvalidArgument("dq must have rank 4");
   TokenOperands tokens;
   JAXATTN_RETURN_IF_ERROR(ParseTokenOperands(token_args, kTokens, &tokens));
+  tokens.dropout_threshold = DropoutThreshold(attrs);
   AttentionProblem p;
   JAXATTN_RETURN_IF_ERROR(ParseProblem({query, key, value, bias, mask, q_lengths, kv_lengths},
                                        tokens, attrs, dqd[0], &p));
@@ -56,17 +60,18 @@ ffi::Error FlashBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
 }
 
 // d loss / d logits [B, N, T, S] in float32, for the gradient of a bias.
-template <size_t kTokens>
+template <size_t kTokens, typename Attributes>
 ffi::Error FlashLogitsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                                ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                                S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
                                F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
                                ffi::RemainingArgs token_args, F32Result dlogits,
-                               FlashAttrs attrs) {
+                               Attributes attrs) {
   const auto gd = dlogits->dimensions();
   if (gd.size() != 4) return InvalidArgument("dlogits must have rank 4");
   TokenOperands tokens;
   JAXATTN_RETURN_IF_ERROR(ParseTokenOperands(token_args, kTokens, &tokens));
+  tokens.dropout_threshold = DropoutThreshold(attrs);
   AttentionProblem p;
   JAXATTN_RETURN_IF_ERROR(ParseProblem({query, key, value, bias, mask, q_lengths, kv_lengths},
                                        tokens, attrs, gd[0], &p));
@@ -149,12 +154,13 @@ auto BindProblem() {
       .Arg<S32Buffer>();      // key_value_seq_lengths
 }
 
+template <typename Attributes>
 auto BindForward() {
   return BindProblem()
-      .RemainingArgs()               // the token operands (_v2) or none (_v1)
+      .RemainingArgs()               // the token operands (_v2, _v3) or none (_v1)
       .Ret<ffi::AnyBuffer>()         // out
       .Ret<ffi::Buffer<ffi::F32>>()  // lse
-      .Attrs<FlashAttrs>();
+      .template Attrs<Attributes>();
 }
 
 // The forward's results and their cotangents, then the token operands.
@@ -164,21 +170,23 @@ auto BindBackwardOperands() {
       .Arg<ffi::Buffer<ffi::F32>>()   // lse
       .Arg<ffi::AnyBuffer>()          // dout
       .Arg<ffi::Buffer<ffi::F32>>()   // dlse (0 elements: none)
-      .RemainingArgs();               // the token operands (_v2) or none (_v1)
+      .RemainingArgs();               // the token operands (_v2, _v3) or none (_v1)
 }
 
+template <typename Attributes>
 auto BindBackward() {
   return BindBackwardOperands()
       .Ret<ffi::AnyBuffer>()  // dq
       .Ret<ffi::AnyBuffer>()  // dk
       .Ret<ffi::AnyBuffer>()  // dv
-      .Attrs<FlashAttrs>();
+      .template Attrs<Attributes>();
 }
 
+template <typename Attributes>
 auto BindLogitsGrad() {
   return BindBackwardOperands()
       .Ret<ffi::Buffer<ffi::F32>>()  // dlogits
-      .Attrs<FlashAttrs>();
+      .template Attrs<Attributes>();
 }
 
 auto BindJvp() {
@@ -197,18 +205,35 @@ auto BindJvp() {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashForwardV1Handler, FlashForwardImpl<kNoTokenOperands>,
-                              BindForward());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashForwardHandler, FlashForwardImpl<kNumTokenOperands>,
-                              BindForward());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBackwardV1Handler, FlashBackwardImpl<kNoTokenOperands>,
-                              BindBackward());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBackwardHandler, FlashBackwardImpl<kNumTokenOperands>,
-                              BindBackward());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashLogitsGradV1Handler, FlashLogitsGradImpl<kNoTokenOperands>,
-                              BindLogitsGrad());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashLogitsGradHandler, FlashLogitsGradImpl<kNumTokenOperands>,
-                              BindLogitsGrad());
+// The layouts of each target: _v1 (no token operands), _v2 (token operands), _v3 (token
+// operands, dropout seeds [B, N, 2] uint32 and the dropout_threshold attribute).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashForwardV1Handler,
+                              (FlashForwardImpl<kNoTokenOperands, FlashAttrs>),
+                              BindForward<FlashAttrs>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashForwardHandler,
+                              (FlashForwardImpl<kNumTokenOperands, FlashAttrs>),
+                              BindForward<FlashAttrs>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashForwardV3Handler,
+                              (FlashForwardImpl<kDropoutTokenOperands, FlashDropoutAttrs>),
+                              BindForward<FlashDropoutAttrs>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBackwardV1Handler,
+                              (FlashBackwardImpl<kNoTokenOperands, FlashAttrs>),
+                              BindBackward<FlashAttrs>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBackwardHandler,
+                              (FlashBackwardImpl<kNumTokenOperands, FlashAttrs>),
+                              BindBackward<FlashAttrs>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBackwardV3Handler,
+                              (FlashBackwardImpl<kDropoutTokenOperands, FlashDropoutAttrs>),
+                              BindBackward<FlashDropoutAttrs>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashLogitsGradV1Handler,
+                              (FlashLogitsGradImpl<kNoTokenOperands, FlashAttrs>),
+                              BindLogitsGrad<FlashAttrs>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashLogitsGradHandler,
+                              (FlashLogitsGradImpl<kNumTokenOperands, FlashAttrs>),
+                              BindLogitsGrad<FlashAttrs>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashLogitsGradV3Handler,
+                              (FlashLogitsGradImpl<kDropoutTokenOperands, FlashDropoutAttrs>),
+                              BindLogitsGrad<FlashDropoutAttrs>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashJvpHandler, FlashJvpImpl, BindJvp());
 
 std::vector<FfiTarget> FlashTargets() {
@@ -219,6 +244,9 @@ std::vector<FfiTarget> FlashTargets() {
       {"jaxattn_flash_fwd_v2", reinterpret_cast<void*>(FlashForwardHandler)},
       {"jaxattn_flash_bwd_v2", reinterpret_cast<void*>(FlashBackwardHandler)},
       {"jaxattn_flash_dlogits_v2", reinterpret_cast<void*>(FlashLogitsGradHandler)},
+      {"jaxattn_flash_fwd_v3", reinterpret_cast<void*>(FlashForwardV3Handler)},
+      {"jaxattn_flash_bwd_v3", reinterpret_cast<void*>(FlashBackwardV3Handler)},
+      {"jaxattn_flash_dlogits_v3", reinterpret_cast<void*>(FlashLogitsGradV3Handler)},
       {"jaxattn_flash_jvp_v1", reinterpret_cast<void*>(FlashJvpHandler)},
   };
 }

@@ -27,8 +27,57 @@ Array = jax.Array
 __all__ = ["attention_fn"]
 
 
-def _sow_weights(module: Any, query, key, bias, mask, dtype, precision, is_causal) -> None:
-    """Sows the attention weights as Flax's default would (they are only computed for this)."""
+def _check_custom_einsums(precision, einsum_dot_general, qk_attn_weights_einsum,
+                          attn_weights_value_einsum) -> None:
+    """Flax's ValueErrors for inconsistent einsum arguments, then NotImplementedError for any
+    custom einsum (the fused kernel computes the products itself)."""
+    if (qk_attn_weights_einsum is None) != (attn_weights_value_einsum is None):
+        raise ValueError("qk_attn_weights_einsum and attn_weights_value_einsum must be "
+                         "specified together")
+    if (precision is not None or einsum_dot_general is not None) and \
+            qk_attn_weights_einsum is not None:
+        raise ValueError("precision/einsum_dot_general and qk_attn_weights_einsum/"
+                         "attn_weights_value_einsum are mutually exclusive")
+    for custom, name in ((einsum_dot_general, "einsum_dot_general"),
+                         (qk_attn_weights_einsum, "qk_attn_weights_einsum"),
+                         (attn_weights_value_einsum, "attn_weights_value_einsum")):
+        if custom is not None:
+            raise NotImplementedError(
+                f"jaxattn.flax.attention_fn cannot apply a custom {name} (e.g. quantised "
+                f"einsums): the fused kernel computes the products itself")
+
+
+def _check_flax_shapes(query: Array, key: Array, value: Array) -> None:
+    """The shape checks of Flax's ``dot_product_attention``, with its messages (ValueError)."""
+    if not query.ndim == key.ndim == value.ndim:
+        raise ValueError(f"q, k, v must have same rank, but got {query.ndim}, {key.ndim}, "
+                         f"{value.ndim}.")
+    if query.ndim < 3:
+        raise ValueError(f"query must have shape [batch..., T, N, H], got {query.shape}")
+    if not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]:
+        raise ValueError(f"q, k, v batch dims must match, but got shapes {query.shape}, "
+                         f"{key.shape}, {value.shape}.")
+    if key.shape[-3] != value.shape[-3]:
+        raise ValueError(f"k, v lengths must match, but got {key.shape[-3]} and "
+                         f"{value.shape[-3]}.")
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"q, k depths must match, but got {query.shape[-1]} and "
+                         f"{key.shape[-1]}.")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"k, v num_heads must match, but got {key.shape[-2]} and "
+                         f"{value.shape[-2]}.")
+    if key.shape[-2] == 0 or query.shape[-2] % key.shape[-2]:
+        raise ValueError(f"Query heads ({query.shape[-2]}) must be a multiple of key/value "
+                         f"heads ({key.shape[-2]}) for grouped-query attention.")
+
+
+def _sow_weights(module: Any, query, key, bias, mask, dtype, precision, is_causal,
+                 force_fp32_for_softmax: bool) -> None:
+    """Sows the attention weights as Flax's default would (they are only computed for this).
+
+    With ``force_fp32_for_softmax`` and a dtype other than float32 the softmax runs in
+    float32 and the sown weights are float32, as in Flax (nnx's weights function has no such
+    argument: there the weights are computed in float32 throughout)."""
     import flax.linen  # local: keeps `import jaxattn.flax` cheap for nnx-only users
     from flax.nnx.nn import attention as nnx_attention
 
@@ -39,8 +88,10 @@ def _sow_weights(module: Any, query, key, bias, mask, dtype, precision, is_causa
             mask = causal if mask is None else jnp.logical_and(mask, causal)
         flax.linen.dot_product_attention_weights(
             query, key, bias, mask, deterministic=True, dtype=dtype, precision=precision,
-            module=module)
+            module=module, force_fp32_for_softmax=force_fp32_for_softmax)
     else:
+        if force_fp32_for_softmax and dtype != jnp.float32:
+            dtype = jnp.float32
         nnx_attention.dot_product_attention_weights(
             query, key, bias, mask, deterministic=True, dtype=dtype, precision=precision,
             module=module, is_causal=is_causal)
@@ -81,9 +132,12 @@ def attention_fn(
       bias: optional, broadcastable to ``[batch..., N, T, S]``; added to the scaled logits.
       mask: optional, broadcastable to ``[batch..., N, T, S]`` (e.g. ``make_causal_mask`` or
         ``make_attention_mask`` output); nonzero / True means attend. Any dtype.
-      broadcast_dropout, dropout_rng, dropout_rate, deterministic: attention-weight dropout.
-        The fused kernel never materialises the weights, so dropout is not implemented:
-        ``dropout_rate > 0`` with ``deterministic=False`` raises ``NotImplementedError``.
+      broadcast_dropout, dropout_rng, dropout_rate, deterministic: dropout on the attention
+        weights, as in Flax, applied inside the kernels (``flash_attention``'s
+        ``dropout_rate``/``dropout_rng``) when ``dropout_rate > 0`` and not
+        ``deterministic``; ``broadcast_dropout=True`` shares one ``[T, S]`` mask over the
+        batch and the heads. The masks are jaxattn's own (``jaxattn.dropout_mask``), not
+        the bits ``jax.random.bernoulli`` would draw from the same key.
       dtype: computation dtype; inputs are promoted to it (default: their common dtype). Must
         end up float32, bfloat16 or float16.
       precision: accepted for compatibility; the kernels always accumulate in float32.
@@ -91,7 +145,8 @@ def attention_fn(
         it (``sow_weights=True``); the output still comes from the fused kernel.
       promote_dtype: optional Flax-style ``promote_dtype((q, k, v), dtype=dtype)`` function.
       is_causal: query ``i`` sees keys ``j <= i`` (top-left aligned, as Flax and ``jax.nn``).
-      force_fp32_for_softmax: accepted; the softmax is always computed in float32.
+      force_fp32_for_softmax: the kernels always compute the softmax in float32; with
+        ``module`` and a dtype other than float32 the sown weights are float32 (as in Flax).
       einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum: custom einsums
         (e.g. AQT quantisation) cannot be honoured by the fused kernel; passing one raises
         ``NotImplementedError``.
@@ -103,20 +158,13 @@ def attention_fn(
     Flax's default returns the mean of ``value`` there. All other rows match Flax's default up
     to float32 rounding.
     """
-    del broadcast_dropout, dropout_rng, force_fp32_for_softmax  # see docstring
-    if dropout_rate > 0.0 and not deterministic:
-        raise NotImplementedError(
-            f"jaxattn.flax.attention_fn does not implement dropout on the attention weights "
-            f"(dropout_rate={dropout_rate}, deterministic=False): the fused kernel never "
-            f"materialises them. Use dropout_rate=0 (dropout elsewhere in the model), run with "
-            f"deterministic=True, or keep Flax's default attention_fn for this layer.")
-    for custom, name in ((einsum_dot_general, "einsum_dot_general"),
-                         (qk_attn_weights_einsum, "qk_attn_weights_einsum"),
-                         (attn_weights_value_einsum, "attn_weights_value_einsum")):
-        if custom is not None:
-            raise NotImplementedError(
-                f"jaxattn.flax.attention_fn cannot apply a custom {name} (e.g. quantised "
-                f"einsums): the fused kernel computes the products itself")
+    _check_custom_einsums(precision, einsum_dot_general, qk_attn_weights_einsum,
+                          attn_weights_value_einsum)
+    for x, name in ((query, "query"), (key, "key"), (value, "value"), (bias, "bias")):
+        if x is not None and jnp.iscomplexobj(x):
+            raise TypeError(f"jaxattn.flax.attention_fn: {name} is complex "
+                            f"({jnp.asarray(x).dtype}); "
+                            "the kernels take real float32, bfloat16 or float16 inputs")
 
     if promote_dtype is not None:
         query, key, value = promote_dtype((query, key, value), dtype=dtype)
@@ -125,12 +173,7 @@ def attention_fn(
         target = dtype if dtype is not None else jnp.result_type(query, key, value)
         query, key, value = (x.astype(target) for x in (query, key, value))
 
-    if query.ndim < 3:
-        raise ValueError(f"query must have shape [batch..., T, N, H], got {query.shape}")
-    for x, name in ((key, "key"), (value, "value")):
-        if x.ndim != query.ndim or x.shape[:-3] != query.shape[:-3]:
-            raise ValueError(f"{name} must have the batch dims of query {query.shape[:-3]}, "
-                             f"got shape {x.shape} (query {query.shape})")
+    _check_flax_shapes(query, key, value)
     if mask is not None:
         mask = jnp.asarray(mask)
         if mask.dtype != jnp.bool_:  # Flax masks are often float (make_causal_mask): != 0
@@ -139,17 +182,22 @@ def attention_fn(
         bias = jnp.asarray(bias)
 
     if module is not None:
-        _sow_weights(module, query, key, bias, mask, query.dtype, precision, is_causal)
+        _sow_weights(module, query, key, bias, mask, query.dtype, precision, is_causal,
+                     bool(force_fp32_for_softmax))
 
+    dropout = {}
+    if not deterministic and dropout_rate > 0.0:
+        dropout = dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                       dropout_broadcast=bool(broadcast_dropout))
     batch_shape = query.shape[:-3]
     if len(batch_shape) > 1:  # the kernels take one batch dim: fold the others into it
         fold = lambda x: x.reshape((math.prod(batch_shape),) + x.shape[-3:])
         out = flash_attention(fold(query), fold(key), fold(value),
                               fold_batch(bias, batch_shape, "bias"),
                               fold_batch(mask, batch_shape, "mask"),
-                              is_causal=bool(is_causal))
+                              is_causal=bool(is_causal), **dropout)
         return out.reshape(batch_shape + out.shape[-3:])
-    return flash_attention(query, key, value, bias, mask, is_causal=bool(is_causal))
+    return flash_attention(query, key, value, bias, mask, is_causal=bool(is_causal), **dropout)
 
 
 def __getattr__(name: str):

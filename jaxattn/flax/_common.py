@@ -17,11 +17,6 @@ from jaxattn.flash import flash_attention
 
 Array = jax.Array
 
-# decode_attention takes the newest T <= 16 tokens; longer chunks (a prompt prefill) go
-# through flash_attention with an explicit mask over the cache.
-MAX_DECODE_CHUNK = 16
-
-
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Validated, hashable options of a ``FlashSelfAttention`` layer."""
@@ -111,12 +106,17 @@ def check_implementation(implementation: str, cfg: AttentionConfig) -> str:
 
 def _attend(implementation: str, q: Array, k: Array, v: Array, mask: Array | None, *,
             is_causal: bool, window: tuple[int, int] | None,
-            soft_cap: float | None, segment_ids: Array | None = None) -> Array:
+            soft_cap: float | None, segment_ids: Array | None = None,
+            dropout: dict | None = None) -> Array:
     """One attention call through jaxattn's kernels or, for comparisons, XLA's.
 
     ``segment_ids``: int ``[B, T]`` of a self-attention call (packed sequences), or None.
+    ``dropout``: ``flash_attention``'s dropout keywords, or None.
     """
     if implementation == "xla":
+        if dropout:
+            raise NotImplementedError("implementation='xla' has no attention dropout; use "
+                                      "implementation='jaxattn' or deterministic=True")
         if segment_ids is not None:  # the same visibility as a dense mask
             same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
             mask = same if mask is None else mask & same
@@ -124,7 +124,7 @@ def _attend(implementation: str, q: Array, k: Array, v: Array, mask: Array | Non
                                             local_window_size=window, implementation="xla")
     return flash_attention(q, k, v, mask=mask, is_causal=is_causal, local_window_size=window,
                            logits_soft_cap=soft_cap, query_segment_ids=segment_ids,
-                           key_value_segment_ids=segment_ids)
+                           key_value_segment_ids=segment_ids, **(dropout or {}))
 
 
 def fold_segment_ids(segment_ids: Any, batch_shape: tuple[int, ...], length: int,
@@ -177,12 +177,14 @@ def _combined_mask(cfg: AttentionConfig, m: Any) -> Any:
 
 def full_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array,
                    mask: Array | None, implementation: str = "jaxattn",
-                   sparse_mask: Any | None = None, segment_ids: Array | None = None) -> Array:
+                   sparse_mask: Any | None = None, segment_ids: Array | None = None,
+                   dropout: dict | None = None) -> Array:
     """Self-attention over the whole input: q ``[B, T, N, H]``, k/v ``[B, T, K, H]``.
 
     ``sparse_mask``: the layer's complete mask from ``layer_sparse_mask`` (causality and window
     included), or None. ``segment_ids``: int ``[B or 1, T]`` (``fold_segment_ids``): packed
-    sequences, token ``i`` attends to ``j`` only where their ids are equal.
+    sequences, token ``i`` attends to ``j`` only where their ids are equal. ``dropout``:
+    ``flash_attention``'s dropout keywords (``dropout_layer_options``), or None.
     """
     if cfg.use_rope:
         positions = jnp.arange(q.shape[1])
@@ -199,9 +201,10 @@ def full_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array,
                              f"an input of {q.shape[1]}")
         if implementation == "xla":  # the same mask, dense, for comparisons
             dense = jnp.asarray(sparse_mask.to_dense())[None]
-            return _attend("xla", q, k, v, dense, is_causal=False, window=None, soft_cap=None)
+            return _attend("xla", q, k, v, dense, is_causal=False, window=None, soft_cap=None,
+                           dropout=dropout)
         return jaxattn.block_sparse_attention(q, k, v, sparse_mask,
-                                              logits_soft_cap=cfg.soft_cap)
+                                              logits_soft_cap=cfg.soft_cap, **(dropout or {}))
     if mask is not None:
         mask = jnp.asarray(mask)
         if mask.dtype != jnp.bool_:
@@ -209,7 +212,24 @@ def full_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array,
     if segment_ids is not None and segment_ids.shape[0] != q.shape[0]:
         segment_ids = jnp.broadcast_to(segment_ids, (q.shape[0], segment_ids.shape[1]))
     return _attend(implementation, q, k, v, mask, is_causal=cfg.is_causal, window=cfg.window,
-                   soft_cap=cfg.soft_cap, segment_ids=segment_ids)
+                   soft_cap=cfg.soft_cap, segment_ids=segment_ids, dropout=dropout)
+
+
+def dropout_layer_options(rate: float, broadcast: bool, deterministic: bool | None,
+                          default_deterministic: bool | None, make_rng: Any) -> dict | None:
+    """The dropout keywords of one layer call (None: no dropout), as Flax's attention layers
+    decide: ``deterministic`` from the call, else the layer's, required when ``rate > 0``;
+    ``make_rng()`` gives the key."""
+    if not rate:
+        return None
+    if deterministic is None:
+        deterministic = default_deterministic
+    if deterministic is None:
+        raise ValueError("this layer has dropout_rate > 0: pass deterministic=True or False "
+                         "(to the call or the constructor)")
+    if deterministic:
+        return None
+    return dict(dropout_rate=rate, dropout_rng=make_rng(), dropout_broadcast=bool(broadcast))
 
 
 def _overflow_message(current: int, steps: int, max_length: int) -> str:
@@ -265,7 +285,9 @@ def cached_attention(cfg: AttentionConfig, q: Array, k: Array, v: Array, cached_
         raise ValueError(f"decode input has batch size {k.shape[0]} but the cache was made for "
                          f"batch_size={cached_key.shape[0]}")
     checked = check_cache_room(index, steps, max_length)
-    uses_decode_kernel = implementation == "jaxattn" and steps <= MAX_DECODE_CHUNK
+    # decode_attention takes any number of new tokens (a whole prompt prefill included);
+    # the XLA reference implementation attends over the cache with an explicit mask.
+    uses_decode_kernel = implementation == "jaxattn"
     if not checked and not uses_decode_kernel:
         # Under jit the index is traced: an overflowing write would be clamped by
         # dynamic_update_slice and attended to as if it were right. Fail at run time instead.

@@ -58,6 +58,12 @@ class FlashSelfAttention(nn.Module):
         cache is quantized (``jaxattn.quantize_kv`` per token and kv head, float32 scales
         ``cached_key_scale`` / ``cached_value_scale`` in the ``'cache'`` collection); None
         (default): the cache holds the layer's ``dtype``.
+      dropout_rate: dropout on the attention weights inside the kernels (as
+        ``nn.MultiHeadDotProductAttention``'s); 0 (default): none.
+      broadcast_dropout: one ``[T, T]`` mask shared by the batch and the heads (Flax's
+        default, True) or a mask per row and head.
+      deterministic: default for the call's ``deterministic`` (no dropout when True).
+        The key comes from ``make_rng('dropout')``.
     """
 
     num_heads: int
@@ -79,6 +85,9 @@ class FlashSelfAttention(nn.Module):
     precision: Any = None
     implementation: str = "jaxattn"
     kv_cache_dtype: Any | None = None
+    dropout_rate: float = 0.0
+    broadcast_dropout: bool = True
+    deterministic: bool | None = None
 
     def _config(self, features: int) -> _common.AttentionConfig:
         head_dim = self.head_dim
@@ -94,7 +103,7 @@ class FlashSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None, decode: bool = False,
-                 segment_ids: Array | None = None) -> Array:
+                 segment_ids: Array | None = None, deterministic: bool | None = None) -> Array:
         """Self-attention of ``x``.
 
         Args:
@@ -108,6 +117,8 @@ class FlashSelfAttention(nn.Module):
             causal, window and ``mask`` masks; tiles of different sequences are never
             computed). RoPE positions still count from the start of the row. Not available
             in decode mode (the cache holds one sequence per row) or with a ``sparse_mask``.
+          deterministic: no dropout when True (default: the attribute); decode calls have no
+            dropout.
 
         Returns:
           ``[batch..., T, out_features]``.
@@ -162,10 +173,14 @@ class FlashSelfAttention(nn.Module):
 
         batch_shape = x.shape[:-2]
         x3 = x.reshape((-1,) + x.shape[-2:])  # fold leading batch dims into one
+        dropout = _common.dropout_layer_options(
+            self.dropout_rate, self.broadcast_dropout, deterministic, self.deterministic,
+            lambda: self.make_rng("dropout"))
         y = _common.full_attention(cfg, query(x3), key(x3), value(x3),
                                    _common.fold_batch(mask, batch_shape, "mask"),
                                    implementation,
-                                   _common.layer_sparse_mask(cfg, self.sparse_mask), segment_ids)
+                                   _common.layer_sparse_mask(cfg, self.sparse_mask), segment_ids,
+                                   dropout)
         return out(y).reshape(batch_shape + (x.shape[-2], out_features))
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any | None = None) -> None:

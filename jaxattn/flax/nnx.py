@@ -57,7 +57,13 @@ class FlashSelfAttention(nnx.Module):
       kv_cache_dtype: ``jnp.int8``, ``jnp.float8_e4m3fn`` or ``jnp.float8_e5m2``: the decode
         cache is quantized (``jaxattn.quantize_kv`` per token and kv head, float32 scales in
         the cache state); None (default): the cache holds the layer's ``dtype``.
-      rngs: ``nnx.Rngs`` for the parameter initialisers.
+      dropout_rate: dropout on the attention weights inside the kernels (as
+        ``nnx.MultiHeadAttention``'s); 0 (default): none.
+      broadcast_dropout: one ``[T, T]`` mask shared by the batch and the heads (Flax's
+        default, True) or a mask per row and head.
+      deterministic: default for the call's ``deterministic`` (no dropout when True).
+      rngs: ``nnx.Rngs`` for the parameter initialisers (and, with dropout, the ``dropout``
+        stream, forked and kept as ``self.rngs`` as ``nnx.MultiHeadAttention`` does).
     """
 
     def __init__(
@@ -83,6 +89,9 @@ class FlashSelfAttention(nnx.Module):
         precision: Any = None,
         implementation: str = "jaxattn",
         kv_cache_dtype: Any | None = None,
+        dropout_rate: float = 0.0,
+        broadcast_dropout: bool = True,
+        deterministic: bool | None = None,
         rngs: nnx.Rngs,
     ):
         if not isinstance(in_features, int) or in_features <= 0:
@@ -103,6 +112,10 @@ class FlashSelfAttention(nnx.Module):
         self.in_features = in_features
         self.out_features = out_features if out_features is not None else in_features
         self.dtype = dtype
+        self.dropout_rate = dropout_rate
+        self.broadcast_dropout = broadcast_dropout
+        self.deterministic = deterministic
+        self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
         cfg = self.config
 
         def linear(in_f, out_f, **kwargs):
@@ -138,7 +151,8 @@ class FlashSelfAttention(nnx.Module):
             setattr(self, name, nnx.Cache(array))
 
     def __call__(self, x: Array, *, mask: Array | None = None, decode: bool = False,
-                 segment_ids: Array | None = None) -> Array:
+                 segment_ids: Array | None = None, deterministic: bool | None = None,
+                 rngs: nnx.Rngs | None = None) -> Array:
         """Self-attention of ``x``.
 
         Args:
@@ -153,6 +167,9 @@ class FlashSelfAttention(nnx.Module):
             causal, window and ``mask`` masks; tiles of different sequences are never
             computed). RoPE positions still count from the start of the row. Not available
             in decode mode (the cache holds one sequence per row) or with a ``sparse_mask``.
+          deterministic: no dropout when True (default: the constructor's); decode calls
+            have no dropout.
+          rngs: ``nnx.Rngs`` whose ``dropout`` stream gives the key (default: the layer's).
 
         Returns:
           ``[batch..., T, out_features]``.
@@ -190,9 +207,13 @@ class FlashSelfAttention(nnx.Module):
         batch_shape = x.shape[:-2]
         x3 = x.reshape((-1,) + x.shape[-2:])  # fold leading batch dims into one
         q, k, v = self.query(x3), self.key(x3), self.value(x3)
+        stream = rngs.dropout if rngs is not None else self.rngs
+        dropout = _common.dropout_layer_options(
+            self.dropout_rate, self.broadcast_dropout, deterministic, self.deterministic,
+            lambda: stream())
         y = _common.full_attention(self.config, q, k, v,
                                    _common.fold_batch(mask, batch_shape, "mask"),
-                                   self.implementation, self.sparse_mask, segment_ids)
+                                   self.implementation, self.sparse_mask, segment_ids, dropout)
         return self.out(y).reshape(batch_shape + (x.shape[-2], self.out_features))
 
 

@@ -6,6 +6,7 @@
 // be read. Serial and thread-pool runs must agree bitwise; bad page ids must be rejected.
 // Quantized caches (int8, float8 e4m3fn / e5m2 bytes with float32 scales per row and kv head)
 // are checked against the reference on the dequantised values, decoded here independently.
+// More than 16 query tokens run the flash tiles over the cache (same semantics).
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -463,6 +464,15 @@ std::vector<Case> EdgeCases() {
     add(d, 2, 3, 4, 1, 40, 24, 700, 7, {700, 99});
     cases.back().quant = quants[(i + 1) % 3];
   }
+  // More than 16 tokens: the flash tiles over the cache (CacheAttentionForward), paged,
+  // contiguous, quantized; lengths shorter than T and 0.
+  add(DType::kF32, 3, 40, 8, 2, 32, 24, 301, 7, {301, 39, 0});
+  add(DType::kBF16, 2, 33, 4, 1, 64, 64, 500, 0, {500, 100});
+  add(DType::kF16, 2, 20, 4, 4, 16, 16, 90, 1, {90, 25});
+  add(DType::kF32, 2, 70, 8, 2, 48, 48, 600, 16, {600, 333});
+  cases.back().quant = CacheQuant::kInt8;
+  add(DType::kF32, 1, 17, 4, 2, 32, 32, 200, 8, {150});
+  cases.back().quant = CacheQuant::kF8E4M3;
   return cases;
 }
 
@@ -490,7 +500,9 @@ void CheckValidation(Failures* f) {
   };
   const std::vector<Bad> bad = {
       {"zero batch", [](P p) { p.batch = 0; }},
-      {"17 tokens", [](P p) { p.q_len = 17; }},
+      {"query lengths batch", [](P p) { static int32_t q[1] = {1}; p.batch = 2; p.q_batch = 2;
+                                        p.num_pages = 2; p.kv_lengths_batch = 2;
+                                        p.q_lengths = q; p.q_lengths_batch = 3; }},
       {"N % K", [](P p) { p.num_heads = 3; p.num_kv_heads = 2; }},
       {"q_batch not dividing", [](P p) { p.batch = 3; p.q_batch = 2; }},
       {"no lengths", [](P p) { p.kv_lengths = nullptr; }},

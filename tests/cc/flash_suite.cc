@@ -35,6 +35,9 @@ struct Case {
   // neither) and ALiBi slopes ([batch, N]); empty: absent.
   std::vector<int32_t> q_positions, kv_positions, q_segments, kv_segments;
   std::vector<float> alibi;
+  // Dropout on the weights: seeds [batch, N, 2] (batch 1 or B); empty: none.
+  std::vector<uint32_t> dropout_seeds;
+  uint32_t dropout_threshold = 0;
 
   std::string Describe() const {
     char buf[512];
@@ -61,6 +64,10 @@ struct Case {
     list("q_segments", q_segments);
     list("kv_segments", kv_segments);
     if (!alibi.empty()) s += " alibi=" + std::to_string(alibi.size());
+    if (!dropout_seeds.empty()) {
+      s += " dropout(threshold=" + std::to_string(dropout_threshold) +
+           ", seeds=" + std::to_string(dropout_seeds.size()) + ")";
+    }
     return s;
   }
   static std::string Dims(const int64_t* d) {
@@ -187,6 +194,11 @@ Case RandomCase(Random& rng) {
     c.alibi.resize((rng.Chance(0.5) ? c.B : 1) * c.N);
     for (float& x : c.alibi) x = static_cast<float>(rng.Pick({0.0, 0.01, 0.25, 1.0, -0.1}));
   }
+  if (rng.Chance(0.2)) {
+    c.dropout_seeds.resize((rng.Chance(0.5) ? c.B : 1) * c.N * 2);
+    for (uint32_t& x : c.dropout_seeds) x = static_cast<uint32_t>(rng.Int(0, 1 << 30)) * 7u;
+    c.dropout_threshold = static_cast<uint32_t>(rng.Pick({0.0, 0.1, 0.5, 0.95}) * 4294967296.0);
+  }
   return c;
 }
 
@@ -285,6 +297,26 @@ struct Semantics {
   int64_t KeyPosition(int64_t b, int64_t s) const {
     return c.kv_positions.empty() ? s
                                   : Clamp(Row(c.kv_positions, b, c.S, s), -(1 << 30), 1 << 30);
+  }
+  // Dropout: the multiplier of weight (b, n, t, s), keep / (1 - rate) or 0 (1 without), from
+  // the hash cc/dropout.h documents, computed here independently of the kernels.
+  static uint32_t Mix(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+  }
+  double Dropout(int64_t b, int64_t n, int64_t t, int64_t s) const {
+    if (c.dropout_seeds.empty()) return 1.0;
+    const int64_t batch = static_cast<int64_t>(c.dropout_seeds.size()) / (2 * c.N);
+    const uint32_t* seed = &c.dropout_seeds[((b % batch) * c.N + n) * 2];
+    const uint32_t tt = static_cast<uint32_t>(t);
+    const uint32_t row0 = Mix(seed[0] ^ Mix(tt)), row1 = Mix(seed[1] ^ Mix(tt + 0x9E3779B9u));
+    const uint32_t word = Mix(Mix(row0 ^ static_cast<uint32_t>(s)) ^ row1);
+    if (word < c.dropout_threshold) return 0.0;
+    return 1.0 / (1.0 - static_cast<double>(c.dropout_threshold) * std::ldexp(1.0, -32));
   }
   // -slope * |qp - kp| (0 without ALiBi).
   double Alibi(int64_t b, int64_t n, int64_t t, int64_t s) const {
@@ -431,6 +463,11 @@ AttentionProblem MakeProblem(const Case& c, Buffers& x) {
     p.alibi_slopes = c.alibi.data();
     p.alibi_batch = static_cast<int64_t>(c.alibi.size()) / c.N;
   }
+  if (!c.dropout_seeds.empty()) {
+    p.dropout_seeds = c.dropout_seeds.data();
+    p.dropout_batch = static_cast<int64_t>(c.dropout_seeds.size()) / (2 * c.N);
+    p.dropout_threshold = c.dropout_threshold;
+  }
   return p;
 }
 
@@ -502,7 +539,8 @@ Reference ComputeReference(const Case& c, const Buffers& x, const Tensor* rounde
           prob[s] /= sum;
           if (prob[s] == 0) continue;
           const double* v = &x.v.values[((kb * c.S + s) * c.K + kh) * c.Hv];
-          for (int64_t h = 0; h < c.Hv; ++h) o[h] += prob[s] * v[h];
+          const double kept = prob[s] * sem.Dropout(b, n, t, s);
+          for (int64_t h = 0; h < c.Hv; ++h) o[h] += kept * v[h];
         }
         if (!grads) continue;
         const double* dout = &x.dout.values[row * c.Hv];
@@ -514,6 +552,8 @@ Reference ComputeReference(const Case& c, const Buffers& x, const Tensor* rounde
           const double* v = &x.v.values[((kb * c.S + s) * c.K + kh) * c.Hv];
           double d = 0;
           for (int64_t h = 0; h < c.Hv; ++h) d += dout[h] * v[h];
+          const double z = sem.Dropout(b, n, t, s);  // out = (P o Z) V
+          d *= z;
           double ds = prob[s] * (d - delta + dlse);
           if (c.soft_cap > 0) ds *= 1 - th[s] * th[s];
           r.dlogits[((b * c.N + n) * c.T + t) * c.S + s] = ds;
@@ -526,7 +566,7 @@ Reference ComputeReference(const Case& c, const Buffers& x, const Tensor* rounde
             dq[h] += sc * ds * k[h];
             dk[h] += sc * ds * q[h];
           }
-          for (int64_t h = 0; h < c.Hv; ++h) dv[h] += prob[s] * dout[h];
+          for (int64_t h = 0; h < c.Hv; ++h) dv[h] += prob[s] * z * dout[h];
         }
       }
     }
@@ -705,7 +745,7 @@ void RunCase(const Case& c, uint64_t seed, ThreadPool* pool, Failures* f) {
     Compare("dq", a.dq, r.dq, Tolerance(c, r, true), f);
     Compare("dk", a.dk, r.dk, Tolerance(c, r, true), f);
     Compare("dv", a.dv, r.dv, Tolerance(c, r, true), f);
-    CheckJvp(c, x, a, r, rng, serial, threaded, f);
+    if (c.dropout_seeds.empty()) CheckJvp(c, x, a, r, rng, serial, threaded, f);  // no dropout
   }
 }
 

@@ -72,6 +72,7 @@ struct Case {
   // Full and reduced shapes: B, T, S, N, K, H.
   int64_t full[6];
   int64_t reduced[6];
+  float soft_cap;  // 0: none
 };
 
 const Case kCases[] = {
@@ -82,6 +83,14 @@ const Case kCases[] = {
     {"bwd_f32", Kind::kBackward, DType::kF32, false, {1, 2048, 2048, 8, 8, 128}, {1, 256, 256, 2, 2, 128}},
     {"bwd_f32_causal", Kind::kBackward, DType::kF32, true, {1, 2048, 2048, 8, 8, 128}, {1, 256, 256, 2, 2, 128}},
     {"bwd_bf16", Kind::kBackward, DType::kBF16, false, {1, 2048, 2048, 8, 8, 128}, {1, 256, 256, 2, 2, 128}},
+    // bench_flash.py's short shape (softmax- and packing-bound), and Gemma 2's soft cap.
+    {"fwd_f32_short", Kind::kForward, DType::kF32, false, {4, 512, 512, 12, 12, 64}, {1, 256, 256, 2, 2, 64}},
+    {"fwd_bf16_short", Kind::kForward, DType::kBF16, false, {4, 512, 512, 12, 12, 64}, {1, 256, 256, 2, 2, 64}},
+    {"bwd_f32_short", Kind::kBackward, DType::kF32, false, {4, 512, 512, 12, 12, 64}, {1, 256, 256, 2, 2, 64}},
+    {"bwd_bf16_short", Kind::kBackward, DType::kBF16, false, {4, 512, 512, 12, 12, 64}, {1, 256, 256, 2, 2, 64}},
+    {"fwd_f32_causal_cap", Kind::kForward, DType::kF32, true, {1, 2048, 2048, 8, 8, 128}, {1, 512, 512, 2, 2, 128}, 50.0f},
+    {"fwd_bf16_causal_cap", Kind::kForward, DType::kBF16, true, {1, 2048, 2048, 8, 8, 128}, {1, 512, 512, 2, 2, 128}, 50.0f},
+    {"bwd_f32_causal_cap", Kind::kBackward, DType::kF32, true, {1, 2048, 2048, 8, 8, 128}, {1, 256, 256, 2, 2, 128}, 50.0f},
     {"decode_f32", Kind::kDecode, DType::kF32, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}},
     {"decode_bf16", Kind::kDecode, DType::kBF16, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}},
 };
@@ -108,8 +117,9 @@ Result RunCase(const Case& c, bool reduced, int reps, double min_seconds) {
   const jaxattn::SerialParallel serial;
   Result r{};
   char shape[128];
-  std::snprintf(shape, sizeof(shape), "B=%ld T=%ld S=%ld N=%ld K=%ld H=%ld%s", long(B), long(T),
-                long(S), long(N), long(K), long(H), c.causal ? " causal" : "");
+  std::snprintf(shape, sizeof(shape), "B=%ld T=%ld S=%ld N=%ld K=%ld H=%ld%s%s", long(B),
+                long(T), long(S), long(N), long(K), long(H), c.causal ? " causal" : "",
+                c.soft_cap > 0 ? " cap 50" : "");
   r.shape = shape;
   std::vector<double> times;
   auto time_it = [&](auto&& call) {
@@ -167,6 +177,7 @@ Result RunCase(const Case& c, bool reduced, int reps, double min_seconds) {
     p.value = v.data();
     p.scale = 1.0f / std::sqrt(float(H));
     p.causal = c.causal;
+    p.soft_cap = c.soft_cap;
     if (const char* e = jaxattn::ValidateProblem(p)) {
       std::fprintf(stderr, "%s: %s\n", c.name, e);
       std::exit(1);

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The newest-jax check of README "Supported versions": a Python 3.12 venv (jax 0.11 and newer
+# need 3.12+) with the newest jax 0.12 the registry serves, the extension built for it in
+# build/jaxnew (its .so is named for Python 3.12, so it sits in jaxattn/ beside the 3.11 one
+# without a clash), then the sharding tests and the core test files (~20 min on 2 cores).
+#   tools/test_newest_jax.sh [PYTHON3.12] [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY312="${1:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python)}"
+shift || true
+VENV="${JAXATTN_NEW_VENV:-build/venv-jaxnew}"
+if [[ ! -x "$VENV/bin/python" ]]; then
+  "$PY312" -m venv "$VENV"
+  "$VENV/bin/pip" install -q "jax==0.12.*" flax pytest hypothesis numpy flatbuffers \
+    nanobind scikit-build-core ninja cmake
+fi
+"$VENV/bin/python" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__)"
+BUILD_DIR=build/jaxnew PYTHON="$(cd "$VENV" && pwd)/bin/python" tools/build_inplace.sh
+PYTHONPATH=. "$VENV/bin/python" -m pytest -x -q -p no:cacheprovider "$@" \
+  tests/test_sharding.py tests/test_flash.py tests/test_decode.py \
+  tests/test_transformations.py tests/test_flax.py
