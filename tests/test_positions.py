@@ -608,3 +608,54 @@ def test_each_layout_takes_exactly_its_token_operands(rng: np.random.Generator) 
     del attrs["window_right"]
     with pytest.raises(Exception, match="attributes"):
         jax.ffi.ffi_call("jaxattn_flash_fwd_v2", out_types)(*base, *tokens, **attrs)
+
+
+def test_v2_targets_keep_their_layout(rng: np.random.Generator) -> None:
+    """The public functions call the _v3 targets (dropout; decode: query_lengths). Programs
+    exported before them call the _v2 flash, block-sparse and decode targets and the _v1
+    quantized ones; those still run and equal the _v3 results without dropout."""
+    q = rng.standard_normal((2, 9, 4, 16)).astype(np.float32)
+    k = rng.standard_normal((2, 11, 2, 16)).astype(np.float32)
+    v = rng.standard_normal((2, 11, 2, 8)).astype(np.float32)
+    empty_f, empty_b, empty_i = (np.zeros((0,), t) for t in (np.float32, np.bool_, np.int32))
+    tokens = (empty_i, empty_i, empty_i, empty_i, empty_f)
+    out_types = (jax.ShapeDtypeStruct((2, 9, 4, 8), np.float32),
+                 jax.ShapeDtypeStruct((2, 9, 4), np.float32))
+    attrs = dict(scale=np.float32(0.25), soft_cap=np.float32(0), is_causal=True,
+                 window_left=np.int64(-1), window_right=np.int64(-1))
+    out, lse = jax.ffi.ffi_call("jaxattn_flash_fwd_v2", out_types)(
+        q, k, v, empty_f, empty_b, empty_i, empty_i, *tokens, **attrs)
+    want = jaxattn.flash_attention(q, k, v, scale=0.25, is_causal=True, return_residual=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(want[1]))
+
+    # _v3 takes exactly six trailing operands and the dropout_threshold attribute.
+    base = (q, k, v, empty_f, empty_b, empty_i, empty_i)
+    seeds = np.zeros((0,), np.uint32)
+    with pytest.raises(Exception, match="expected 6 trailing operands, got 5"):
+        jax.ffi.ffi_call("jaxattn_flash_fwd_v3", out_types)(
+            *base, *tokens, **attrs, dropout_threshold=np.int64(0))
+    with pytest.raises(Exception, match="attributes"):
+        jax.ffi.ffi_call("jaxattn_flash_fwd_v3", out_types)(*base, *tokens, seeds, **attrs)
+    with pytest.raises(Exception, match="dropout seeds must have shape"):
+        jax.ffi.ffi_call("jaxattn_flash_fwd_v3", out_types)(
+            *base, *tokens, seeds, **attrs, dropout_threshold=np.int64(1 << 31))
+
+    lengths = np.array([11, 5], np.int32)
+    qd = q[:, :3]
+    out_types = (jax.ShapeDtypeStruct((2, 3, 4, 8), np.float32),
+                 jax.ShapeDtypeStruct((2, 3, 4), np.float32))
+    decode_attrs = dict(scale=np.float32(0.25), soft_cap=np.float32(0),
+                        window_left=np.int64(-1), strict_lengths=False)
+    out, lse = jax.ffi.ffi_call("jaxattn_decode_fwd_v2", out_types)(
+        qd, k, v, lengths, empty_i, empty_i, empty_f, **decode_attrs)
+    want = jaxattn.decode_attention(qd, k, v, lengths, scale=0.25, return_residual=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(want[1]))
+    with pytest.raises(Exception, match="expected 4 trailing operands, got 3"):
+        jax.ffi.ffi_call("jaxattn_decode_fwd_v3", out_types)(
+            qd, k, v, lengths, empty_i, empty_i, empty_f, **decode_attrs)
+    out3, lse3 = jax.ffi.ffi_call("jaxattn_decode_fwd_v3", out_types)(
+        qd, k, v, lengths, empty_i, empty_i, empty_f, empty_i, **decode_attrs)
+    np.testing.assert_array_equal(np.asarray(out3), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(lse3), np.asarray(want[1]))
