@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "attention.h"
-#include "ffi.h"
+#include "ffi/targets.h"
 
 namespace nb = nanobind;
 

@@ -23,7 +23,8 @@ from jaxattn import _jaxattn, _sharding
 TARGETS: dict[str, object] = _jaxattn.registrations()
 for _name, _capsule in TARGETS.items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
-    # Every handler accepts the shard views of _sharding.py (cc/ffi.cc wraps them all).
+    # Every handler accepts the shard views of _sharding.py (cc/ffi/shard_views.cc wraps
+    # them all).
     jax.ffi.register_ffi_target_as_batch_partitionable(_name)
 
 

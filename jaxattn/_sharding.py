@@ -17,8 +17,8 @@ the [B] lengths), a broadcast along that axis laid out outermost, so that its fi
 original (materialised per shard: the only copy an operand ever gets); a buffer with no
 partitioned axis at all (a [1, 1, T, S] bias, an absent operand) is flattened to rank 1, which
 the partitioner replicates. The int64 attribute ``jaxattn_views`` tells the C++ side
-(cc/ffi.cc, ``CallWithViews``) how to recover the dims each handler expects: handlers and
-kernels never see views. Results come back through the inverse transpose, which XLA's CPU
+(cc/ffi/shard_views.cc, ``CallWithViews``) how to recover the dims each handler expects:
+handlers and kernels never see views. Results come back through the inverse transpose, which XLA's CPU
 layout assignment does not turn into a bitcast: one copy of each result (XLA emits it as two
 fused loops), the price of partitioning heads; when the types say the heads are whole (every
 mesh axis explicit, no head axis sharded), the call partitions the batch only and its results
@@ -297,7 +297,7 @@ class _Planner:
 
 
 def _encode(views_in: Sequence[_View], views_out: Sequence[_View], factors: str) -> np.ndarray:
-    """The ``jaxattn_views`` attribute (layout documented in cc/ffi.cc)."""
+    """The ``jaxattn_views`` attribute (layout documented in cc/ffi/shard_views.cc)."""
     views = list(views_in) + list(views_out)
     data = [1, len(views_in), len(views_out), len(factors)]
     for factor in factors:

@@ -565,7 +565,7 @@ else:
             export.export(jax.jit(jaxattn.flash_attention))(q, k, v)
 
     # ----------------------------------------------------------------------------------------
-    # The views adapter (cc/ffi.cc) never crashes on a malformed description
+    # The views adapter (cc/ffi/shard_views.cc) never crashes on a malformed description
 
     def flash_call(views: np.ndarray):
         q, k, v = (np.ones((1, 4, 2, 8), np.float32),) * 3

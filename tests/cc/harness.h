@@ -77,7 +77,7 @@ class ThreadPool {
   bool stop_ = false;
 };
 
-// jaxattn::Parallel on ThreadPool through RunOnPool, as cc/ffi.cc does on XLA's pool.
+// jaxattn::Parallel on ThreadPool through RunOnPool, as cc/ffi/common.cc does on XLA's pool.
 class PoolParallel final : public jaxattn::Parallel {
  public:
   explicit PoolParallel(ThreadPool* pool) : pool_(pool) {}
