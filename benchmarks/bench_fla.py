@@ -11,7 +11,9 @@ checkout (not ``import fla``: the package's ``__init__`` imports Triton), and re
    odd ones included (T = 1, T off the chunk, Hk != Hv, an initial state, strong decay);
 2. time side by side (medians, timed in turns): forward, and forward+backward (their
    functions differentiated by torch.autograd, ours by the kernels' backward), on the issue's
-   shapes (B=1, N=8, Hk=Hv in 32, 128, 256).
+   shapes (B=1, N=8, Hk=Hv in 32, 128, 256), PyTorch with the faster of 1 thread and every
+   core for each shape. ``naive_chunk_simple_gla``'s gate is one scalar per head and step:
+   jaxattn runs it as that scalar broadcast over Hk (its general per-dimension kernel).
 
 Where fla comes from, first found: ``--fla-path DIR`` or ``$JAXATTN_FLA_PATH`` (a directory
 holding ``fla/``: site-packages, a git checkout, an unpacked wheel), else the installed
@@ -19,7 +21,8 @@ holding ``fla/``: site-packages, a git checkout, an unpacked wheel), else the in
 says so and exits 0. To get it (pure Python; the references need only torch and einops)::
 
     pip install --no-deps fla-core einops
-    python benchmarks/bench_fla.py [--threads N] [--quick] [--fla-path DIR] [--json FILE]
+    python benchmarks/bench_fla.py [--threads N] [--quick] [--fla-path DIR]
+        [--torch-threads N] [--max-autograd-gib 4] [--json FILE]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 import types
 
 
@@ -85,7 +89,7 @@ def make_inputs(rng, b, t, n, hk, hv, *, scalar_gate=False, strength=16.0, state
     when ``scalar_gate``: [B, T, N]), and optionally an initial state [B, N, Hk, Hv]."""
     normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
     gate_shape = (b, t, n) if scalar_gate else (b, t, n, hk)
-    g = np.asarray(jax.nn.log_sigmoid(normal(*gate_shape)) / strength, np.float32)
+    g = np.array(jax.nn.log_sigmoid(normal(*gate_shape)) / strength, np.float32)  # writable
     return (normal(b, t, n, hk), normal(b, t, n, hk), normal(b, t, n, hv), g,
             normal(b, n, hk, hv) if state else None)
 
@@ -135,9 +139,35 @@ def check_agreement(torch, gla_naive, simple_naive, rng) -> tuple[str, bool]:
     return markdown_table(headers, rows), worst < 1e-4
 
 
-def bench(torch, gla_naive, simple_naive, rng, shapes, min_seconds):
-    """Forward and forward+backward times, jaxattn vs their references (float32)."""
-    headers = ["reference", "B", "T", "N", "Hk=Hv", "jaxattn fwd ms", "theirs fwd ms",
+def autograd_bytes(recurrent: bool, b: int, t: int, n: int, h: int) -> float:
+    """About what torch.autograd keeps of a reference's forward: the recurrent one saves some
+    four [B, N, H, H] float32 tensors per step, the chunked one per chunk of 64."""
+    return 4.0 * 4 * b * n * h * h * (t if recurrent else -(-t // 64))
+
+
+def fastest_thread_count(torch, fn, candidates) -> int:
+    """The PyTorch thread count among ``candidates`` with which one call of ``fn`` (after a
+    warm-up) is fastest, left set."""
+    best = None
+    for threads in sorted(set(candidates)):
+        torch.set_num_threads(threads)
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - t0
+        if best is None or elapsed < best[0]:
+            best = (elapsed, threads)
+    torch.set_num_threads(best[1])
+    return best[1]
+
+
+def bench(torch, gla_naive, simple_naive, rng, shapes, min_seconds, max_autograd_gib,
+          torch_threads):
+    """Forward and forward+backward times, jaxattn vs their references (float32). Their
+    backward is skipped ("-") where autograd would keep more than ``max_autograd_gib``.
+    PyTorch runs each shape with the faster of ``torch_threads`` (thread counts)."""
+    headers = ["reference", "B", "T", "N", "Hk=Hv", "torch threads", "jaxattn fwd ms",
+               "theirs fwd ms",
                "x fwd", "jaxattn fwd+bwd ms", "theirs fwd+bwd ms", "x fwd+bwd"]
     rows = []
     for (b, t, n, h) in shapes:
@@ -163,11 +193,16 @@ def bench(torch, gla_naive, simple_naive, rng, shapes, min_seconds):
                 (reference(*leaves)[0] ** 2).sum().backward()
                 return [x.grad for x in leaves]
 
-            times = interleaved_seconds(
-                {"fwd": lambda: fwd(q, k, v, g), "theirs_fwd": theirs_fwd,
-                 "fwd_bwd": lambda: fwd_bwd(q, k, v, g), "theirs_fwd_bwd": theirs_fwd_bwd},
-                min_seconds=min_seconds, min_runs=3, slow_seconds=min_seconds)
-            rows.append([name, b, t, n, h, 1e3 * times["fwd"], 1e3 * times["theirs_fwd"],
+            threads = fastest_thread_count(torch, theirs_fwd, torch_threads)
+            fns = {"fwd": lambda: fwd(q, k, v, g), "theirs_fwd": theirs_fwd,
+                   "fwd_bwd": lambda: fwd_bwd(q, k, v, g), "theirs_fwd_bwd": theirs_fwd_bwd}
+            if autograd_bytes(not scalar, b, t, n, h) > max_autograd_gib * 2**30:
+                del fns["theirs_fwd_bwd"]
+            times = interleaved_seconds(fns, min_seconds=min_seconds, min_runs=3,
+                                        slow_seconds=min_seconds)
+            times.setdefault("theirs_fwd_bwd", float("nan"))
+            rows.append([name, b, t, n, h, threads, 1e3 * times["fwd"],
+                         1e3 * times["theirs_fwd"],
                          times["theirs_fwd"] / times["fwd"], 1e3 * times["fwd_bwd"],
                          1e3 * times["theirs_fwd_bwd"],
                          times["theirs_fwd_bwd"] / times["fwd_bwd"]])
@@ -180,6 +215,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="pin to the first N CPUs")
     parser.add_argument("--quick", action="store_true", help="T=1024 instead of 4096")
     parser.add_argument("--fla-path", help="directory holding fla/ (or $JAXATTN_FLA_PATH)")
+    parser.add_argument("--max-autograd-gib", type=float, default=4.0,
+                        help="skip their fwd+bwd where autograd would keep more than this")
+    parser.add_argument("--torch-threads", type=int, nargs="+",
+                        help="PyTorch thread counts to try per shape, the faster one timed "
+                             "(default: 1 and every core of the process: their references "
+                             "are Python loops of small ops, where one thread can be faster)")
     parser.add_argument("--json", help="write the tables' rows here")
     args = parser.parse_args()
     torch = torch_or_none()
@@ -195,17 +236,20 @@ def main() -> None:
     except ImportError as e:  # einops missing: the chunked reference is skipped
         print(f"bench_fla: naive_chunk_simple_gla skipped ({e})")
         simple_naive = None
-    print(describe_machine(), f"| torch {torch.__version__}, {torch.get_num_threads()} threads "
-          f"| fla references from {root}")
+    print(describe_machine(), f"| torch {torch.__version__} | fla references from {root}",
+          flush=True)
     rng = np.random.default_rng(0)
     table, agree = check_agreement(torch, gla_naive, simple_naive, rng)
     print(f"\nAgreement with their references (float32 both):\n\n{table}\n\n"
-          f"{'agree' if agree else 'DISAGREE'} (every relative error below 1e-4: {agree})\n")
+          f"{'agree' if agree else 'DISAGREE'} (every relative error below 1e-4: {agree})\n",
+          flush=True)
     t = 1024 if args.quick else 4096
     shapes = [(1, t, 8, h) for h in (32, 128, 256)]
     table, rows = bench(torch, gla_naive, simple_naive, rng, shapes,
-                        0.5 if args.quick else 2.0)
-    print(f"\nTimes (float32; x = their time / ours):\n\n{table}\n")
+                        0.5 if args.quick else 2.0, args.max_autograd_gib,
+                        args.torch_threads or (1, len(os.sched_getaffinity(0))))
+    print(f"\nTimes (float32; x = their time / ours; '-': their backward skipped, autograd "
+          f"would keep over {args.max_autograd_gib:g} GiB):\n\n{table}\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": len(os.sched_getaffinity(0)), "agree": agree, "rows": rows},

@@ -195,8 +195,8 @@ def beam_step(config: Config, params: dict, prompt_pools: list[Pool], beam_pools
 
 
 def dtype_of(pool: Pool) -> Any:
-    """The query dtype for a pool: its own, or bfloat16 queries for quantized caches of a
-    bf16-or-smaller footprint (float32 for the float32 cache)."""
+    """The query dtype for a pool: the pool's own, or float32 against a quantized (int8 /
+    float8) pool, whose query keeps its own dtype."""
     if pool.key_scale is not None:
         return jnp.float32
     return pool.keys.dtype

@@ -81,6 +81,9 @@ def gated_linear_attention(
     product with the gates in log space, between chunks the state); ``T <= 4`` (decoding, with
     ``initial_state`` and ``return_final_state``) runs the recurrence step by step, reading and
     writing the state once: generation carries ``[B, N, Hk, Hv]`` instead of a KV cache.
+    The kernel writes ``final_state`` into ``initial_state``'s buffer: donate the state
+    (``jax.jit(step, donate_argnums=...)``) or carry it through ``lax.fori_loop``/``scan``
+    and each step updates it in place; a state the caller keeps is copied first by XLA.
 
     ``log_gate`` should be ``<= 0`` (the log of a forget gate in (0, 1]); ``-inf`` resets the
     state. Positive values are allowed and computed exactly, but make the state grow by

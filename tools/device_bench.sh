@@ -4,7 +4,10 @@
 # builds jaxattn without build isolation and runs the benchmarks on the CPU, writing logs into
 # $OUT (default ./bench_out/device). Usage:
 #   tools/device_bench.sh [flash] [cap] [threads] [decode] [quant] [linear] [sparse]
-#   (default: flash cap)
+#                         [gla_decode] [gla_crossover] [gla_crossover2] [fla]
+#   (default: flash cap). fla needs flash-linear-attention's reference files in a directory
+#   named by $JAXATTN_FLA_PATH (see benchmarks/bench_fla.py; einops beside them on PYTHONPATH
+#   for the chunked reference).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench_out/device}"
@@ -31,6 +34,15 @@ for part in "${parts[@]}"; do
     quant) "$PY" benchmarks/bench_decode.py --threads "$(nproc)" --only-quantized --no-torch \
              --cache-dtypes int8 float8_e4m3fn 2>&1 | tee "$OUT/quant.log" ;;
     linear) "$PY" benchmarks/bench_linear.py 2>&1 | tee "$OUT/linear.log" ;;
+    gla_decode) "$PY" benchmarks/bench_linear.py --only-decode --json "$OUT/gla_decode.json" \
+                  2>&1 | tee "$OUT/gla_decode.log" ;;
+    gla_crossover) "$PY" benchmarks/bench_gla_crossover.py --head-dims 32 64 128 256 512 \
+                     --lengths 256 512 1024 2048 4096 8192 --out "$OUT/gla_crossover_$(nproc)core" \
+                     2>&1 | tee "$OUT/gla_crossover.log" ;;
+    gla_crossover2) "$PY" benchmarks/bench_gla_crossover.py --threads 2 --head-dims 32 128 256 \
+                      --lengths 256 1024 4096 --min-seconds 0.5 --out "$OUT/gla_crossover_2core" \
+                      2>&1 | tee "$OUT/gla_crossover2.log" ;;
+    fla) "$PY" benchmarks/bench_fla.py --json "$OUT/fla.json" 2>&1 | tee "$OUT/fla.log" ;;
     sparse) "$PY" benchmarks/bench_sparse.py --reps 2 --densities 0.03,0.1,1.0 2>&1 | tee "$OUT/sparse.log" ;;
     *) echo "unknown part: $part" >&2 ;;
   esac

@@ -469,7 +469,7 @@ std::vector<Case> EdgeCases() {
   add(DType::kF32, 3, 40, 8, 2, 32, 24, 301, 7, {301, 39, 0});
   add(DType::kBF16, 2, 33, 4, 1, 64, 64, 500, 0, {500, 100});
   add(DType::kF16, 2, 20, 4, 4, 16, 16, 90, 1, {90, 25});
-  add(DType::kF32, 2, 70, 8, 2, 48, 48, 600, 16, {600, 333});
+  add(DType::kF32, 2, 70, 8, 2, 48, 48, 608, 16, {608, 333});  // S: whole pages (MaxPages)
   cases.back().quant = CacheQuant::kInt8;
   add(DType::kF32, 1, 17, 4, 2, 32, 32, 200, 8, {150});
   cases.back().quant = CacheQuant::kF8E4M3;
