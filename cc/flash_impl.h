@@ -1316,80 +1316,7 @@ struct BackwardJob {
   // so large that log(l) was rounded away from m + log(l): with a finite bias of -1e9 or
   // finfo.min masking a whole row, lse == m and every P would be 1 instead of 1/S.
   float* norm;
-  // One-pass backward (OnePassBackward): the query tiles packed once per call
-  // (QueryTileBlock), the dQ^T partials of every (key tile, query tile) pair (PartialDqBlock)
-  // and which were written; nullptr in the two-pass backward.
-  float* query_tiles = nullptr;
-  float* partial_dq = nullptr;
-  uint8_t* partial_written = nullptr;
-  uint8_t* lse_large = nullptr;  // per query tile: a row's |lse| rules the one pass out
 };
-
-// ------------------------------------------------------------------ one-pass backward
-// With float32 products and short key ranges the backward takes one pass over key tiles:
-//   pre-pass, per query tile: Q, Q^T, dO, dO^T packed once (the two passes pack them once per
-//     tile pair), D and the lse;
-//   per key tile: dV, dK as in pass 2, and the tile pair's dQ^T = K^T dS^T into a partial
-//     block of its own (no two tasks write one block);
-//   per query tile: dQ = the sum of its partial blocks in increasing key-tile order.
-// Five products per tile pair instead of seven, and the sum's order is fixed, so the result is
-// the same for any thread count. The choice depends on the shape and options only
-// (OnePassBackward), except that a row with |lse| > kOnePassMaxLse (where the float32 lse may
-// miss the recomputed normaliser, see BackwardJob::norm) sends the call to the two passes.
-constexpr int64_t kOnePassMaxKeyTiles = 8;
-constexpr int64_t kOnePassMaxPartialBytes = int64_t{256} << 20;
-constexpr float kOnePassMaxLse = 64.0f;
-
-// Floats of one packed query tile: Q rows, Q^T (scaled), dO rows, dO^T, lse, D, zeros (the
-// normaliser the one pass leaves out).
-static inline int64_t QueryTileFloats(const FlashContext& c) {
-  return 2 * c.rows_padded * (c.hp + c.hvp) + 3 * c.rows_padded;
-}
-
-struct QueryTileBlock {
-  float *rows, *columns, *dout_rows, *dout_columns, *lse, *delta, *norm;
-};
-static inline QueryTileBlock QueryTileOf(const BackwardJob& job, int64_t b, int64_t kv_head,
-                                         int64_t q_tile) {
-  const FlashContext& c = job.c;
-  const int64_t rp = c.rows_padded;
-  float* base = job.query_tiles +
-      ((b * c.p->num_kv_heads + kv_head) * c.num_q_tiles + q_tile) * QueryTileFloats(c);
-  QueryTileBlock t;
-  t.rows = base;
-  t.columns = t.rows + rp * c.hp;
-  t.dout_rows = t.columns + c.hp * rp;
-  t.dout_columns = t.dout_rows + rp * c.hvp;
-  t.lse = t.dout_columns + c.hvp * rp;
-  t.delta = t.lse + rp;
-  t.norm = t.delta + rp;
-  return t;
-}
-
-// Index of the (key tile, query tile) pair's partial dQ^T block ([hp, rows_padded] floats).
-static inline int64_t PartialDqIndex(const FlashContext& c, int64_t b, int64_t kv_head,
-                                     int64_t k_tile, int64_t q_tile) {
-  const int64_t k_tiles = CeilDiv(c.p->kv_len, c.keys_per_tile);
-  return ((b * c.p->num_kv_heads + kv_head) * k_tiles + k_tile) * c.num_q_tiles + q_tile;
-}
-
-// Whether this call's backward takes the one pass: float32 products (the bf16-pair layouts
-// would need K^T in pairs along the keys), dQ, dK and dV wanted and no dlogits, no dense mask,
-// positions, segment ids or ALiBi (their results stay bitwise those of the equivalent dense
-// mask, which takes the two passes), few key tiles and partial blocks within bounds.
-static bool OnePassBackward(const FlashContext& c, const FlashBackwardArgs& a) {
-  const AttentionProblem& p = *c.p;
-  if (c.mode != ProductMode::kFloat32 || c.sparse != nullptr || a.dq == nullptr ||
-      a.dk == nullptr || a.dv == nullptr || a.dlogits != nullptr || p.mask.data != nullptr ||
-      p.q_positions != nullptr || p.kv_positions != nullptr || p.q_segments != nullptr ||
-      p.alibi_slopes != nullptr) {
-    return false;
-  }
-  const int64_t k_tiles = CeilDiv(p.kv_len, c.keys_per_tile);
-  const int64_t partial_bytes =
-      p.batch * p.num_kv_heads * k_tiles * c.num_q_tiles * c.hp * c.rows_padded * 4;
-  return k_tiles <= kOnePassMaxKeyTiles && partial_bytes <= kOnePassMaxPartialBytes;
-}
 
 // P = exp(x - lse) in place for `count` logits sharing one lse, or per element with lse_vec.
 // An lse of -inf (a row that sees nothing) gives P = 0.
@@ -1583,7 +1510,6 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   const int64_t nk = sv1 - s0;
   const int64_t max_rows = c.positions_per_tile * c.group, rp = PaddedInner(c, max_rows);
   const bool has_cap = p.soft_cap > 0.0f;
-  const bool one_pass = job.query_tiles != nullptr;
   AmxTaskTiles amx_tiles(c.mode == ProductMode::kAmxTiles);
 
   RowInfo* rows = nullptr;
@@ -1591,7 +1517,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   float *k = nullptr, *v = nullptr, *dk = nullptr, *dv = nullptr, *st = nullptr;
   float *dpt = nullptr, *tht = nullptr, *qt = nullptr, *dot = nullptr, *qr = nullptr;
   float *dor = nullptr, *lse = nullptr, *delta = nullptr, *norm = nullptr, *block = nullptr;
-  float *pairs = nullptr, *key_columns = nullptr, *kept = nullptr;
+  float *pairs = nullptr, *kept = nullptr;
   uint32_t* row_keys = nullptr;
   if (!CarveTaskScratch(c, max_rows, [&](Carver& carve) {
         rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
@@ -1612,7 +1538,6 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
         norm = carve.Take(rp);
         block = carve.Take(kVL * MaxI(c.hp, c.hvp));
         pairs = carve.Take(bk * rp / 2);
-        if (one_pass) key_columns = carve.Take(c.hp * bk);  // K^T, for dQ^T
         // Dropout: the kept, scaled probabilities (for dV) and the row keys of the query tile.
         if (HasDropout(p)) {
           kept = carve.Take(bk * rp);
@@ -1632,65 +1557,43 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
     // differently, and with logits ~1e4 P = exp(s - lse) was off by ~1e-3 relative).
     PackDotRows(c, p.key, offsets, nk, p.head_dim, 1.0f, k);
     ZeroPaddingRows(c, k, nk, DotLd(c, p.head_dim));
-    if (one_pass) PackDotColumns(c, p.key, offsets, nk, p.head_dim, 1.0f, key_columns, bk, block);
     KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
     PackDotRows(c, p.value, offsets, nk, p.value_dim, 1.0f, v);
     ZeroPaddingRows(c, v, nk, DotLd(c, p.value_dim));
     const TokenInfo ti = TokenInfoOf(p, b);
     TileCursor tiles = QueryTilesOf(c, kv_head, k_tile, s0, sv1, q_len);
-    if (one_pass) {  // whole query tiles, as packed (rows that miss this key tile: P = 0)
-      tiles.next -= tiles.next % c.positions_per_tile;
-      tiles.length = q_len;
-    }
     for (Tile tile; NextTile(&tiles, &tile);) {
       const int64_t t0 = tile.start, t1 = t0 + tile.count;
       const TileKind kind = ClassifyTile(p, ti, t0, t1, s0, sv1, kv_len);
       if (kind == TileKind::kHidden) continue;
       const int64_t num_rows = QueryTileRows(c, kv_head, t0, t1, rows);
       const int64_t nrp = PaddedInner(c, num_rows);
-      // Packed query-side operands: Q rows, Q^T (scaled; columns of ld_t), dO rows, dO^T, and
-      // per row lse, D and the normaliser.
-      const float *q_rows = qr, *q_columns = qt, *dout_rows = dor, *dout_columns = dot;
-      const float *row_lse = lse, *row_delta = delta, *row_norm = norm;
-      int64_t ld_t = nrp;
-      if (one_pass) {
-        const QueryTileBlock qb = QueryTileOf(job, b, kv_head, t0 / c.positions_per_tile);
-        q_rows = qb.rows;
-        q_columns = qb.columns;
-        dout_rows = qb.dout_rows;
-        dout_columns = qb.dout_columns;
-        row_lse = qb.lse;
-        row_delta = qb.delta;
-        row_norm = qb.norm;
-        ld_t = c.rows_padded;
-      } else {
-        RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
-        PackAcrossRows(c, p.query, offsets, num_rows, p.head_dim, qr);
-        PackDotColumns(c, p.query, offsets, num_rows, p.head_dim, p.scale, qt, nrp, block);
-        RowOffsets(rows, num_rows, b, p.q_len, p.num_heads, p.value_dim, offsets);
-        PackAcrossRows(c, a.dout, offsets, num_rows, p.value_dim, dor);
-        PackDotColumns(c, a.dout, offsets, num_rows, p.value_dim, 1.0f, dot, nrp, block);
-        for (int64_t r = 0; r < nrp; ++r) {
-          if (r < num_rows) {
-            const int64_t row = (b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;
-            lse[r] = FiniteOrInf(a.lse[row]);
-            delta[r] = job.delta[row];
-            norm[r] = job.norm[row];
-          } else {
-            lse[r] = kInf;
-            delta[r] = 0.0f;
-            norm[r] = 0.0f;
-          }
+      RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
+      PackAcrossRows(c, p.query, offsets, num_rows, p.head_dim, qr);
+      PackDotColumns(c, p.query, offsets, num_rows, p.head_dim, p.scale, qt, nrp, block);
+      RowOffsets(rows, num_rows, b, p.q_len, p.num_heads, p.value_dim, offsets);
+      PackAcrossRows(c, a.dout, offsets, num_rows, p.value_dim, dor);
+      PackDotColumns(c, a.dout, offsets, num_rows, p.value_dim, 1.0f, dot, nrp, block);
+      for (int64_t r = 0; r < nrp; ++r) {
+        if (r < num_rows) {
+          const int64_t row = (b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;
+          lse[r] = FiniteOrInf(a.lse[row]);
+          delta[r] = job.delta[row];
+          norm[r] = job.norm[row];
+        } else {
+          lse[r] = kInf;
+          delta[r] = 0.0f;
+          norm[r] = 0.0f;
         }
       }
 
-      LogitsGemm(c, nk, nrp, k, q_columns, ld_t, st, nrp);
+      LogitsGemm(c, nk, nrp, k, qt, nrp, st, nrp);
       TransformLogits<true>(c, b, rows, num_rows, s0, nk, kv_len, kind == TileKind::kFull,
                             tile.mask, st, nrp, has_cap ? tht : nullptr);
       for (int64_t i = 0; i < nk; ++i) {
         float* si = st + i * nrp;
         for (int64_t j = 0; j < nrp; j += kVL) {
-          Store(si + j, Exp(Load(si + j) - Load(row_lse + j) - Load(row_norm + j)));
+          Store(si + j, Exp(Load(si + j) - Load(lse + j) - Load(norm + j)));
         }
       }
       const float* prob_for_v = st;
@@ -1702,25 +1605,19 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
       }
       int64_t lda;
       const float* prob_t = ComputedOperand(c, prob_for_v, nk, num_rows, nrp, pairs, &lda);
-      ProductGemm(c, nk, c.hvp, num_rows, prob_t, lda, dout_rows, c.hvp, dv, c.hvp, true);
-      ProductGemm(c, nk, nrp, p.value_dim, v, DotLd(c, p.value_dim), dout_columns, ld_t, dpt,
-                  nrp, false);
+      ProductGemm(c, nk, c.hvp, num_rows, prob_t, lda, dor, c.hvp, dv, c.hvp, true);
+      ProductGemm(c, nk, nrp, p.value_dim, v, DotLd(c, p.value_dim), dot, nrp, dpt, nrp,
+                  false);
       if (HasDropout(p)) {
         DropoutKeyMajor(p, row_keys, row_keys + rp, s0, nk, nrp, dpt, dpt,
                         DropoutKeepScale(p));
       }
       for (int64_t i = 0; i < nk; ++i) {
         LogitsGradRow(st + i * nrp, dpt + i * nrp, has_cap ? tht + i * nrp : nullptr, nrp,
-                      0.0f, row_delta);
+                      0.0f, delta);
       }
       const float* ds_t = ComputedOperand(c, dpt, nk, num_rows, nrp, pairs, &lda);
-      ProductGemm(c, nk, c.hp, num_rows, ds_t, lda, q_rows, c.hp, dk, c.hp, true);
-      if (one_pass) {  // dQ^T of this tile pair = K^T dS^T (float32: ds_t is dpt, nrp wide)
-        const int64_t index = PartialDqIndex(c, b, kv_head, k_tile, t0 / c.positions_per_tile);
-        ProductGemm(c, c.hp, nrp, nk, key_columns, bk, ds_t, nrp,
-                    job.partial_dq + index * c.hp * c.rows_padded, c.rows_padded, false);
-        job.partial_written[index] = 1;
-      }
+      ProductGemm(c, nk, c.hp, num_rows, ds_t, lda, qr, c.hp, dk, c.hp, true);
     }
   }
   for (int64_t j = 0; j < s1 - s0; ++j) {
@@ -1732,152 +1629,12 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   }
 }
 
-// One-pass pre-pass, per query tile: packs its operands (QueryTileOf), D and lse, zeros the
-// dQ rows past the query length, and flags a tile with a row whose |lse| is too large.
-static void PackQueryTileTask(void* job_ptr, int64_t task) {
-  const BackwardJob& job = *static_cast<const BackwardJob*>(job_ptr);
-  const FlashContext& c = job.c;
-  const AttentionProblem& p = *c.p;
-  const FlashBackwardArgs& a = job.args;
-  const TaskTile tt = TileOfTask(p, task, c.num_q_tiles, /*costliest_last=*/false);
-  const int64_t q_tile = tt.tile, kv_head = tt.kv_head, b = tt.b;
-  const int64_t t0 = q_tile * c.positions_per_tile;
-  const int64_t t1 = MinI(p.q_len, t0 + c.positions_per_tile);
-  const int64_t tv1 = MaxI(t0, MinI(t1, QueryLength(p, b)));
-  const int64_t max_rows = (t1 - t0) * c.group, rp = c.rows_padded;
-  RowInfo* rows = nullptr;
-  int64_t* offsets = nullptr;
-  float *block = nullptr, *dots = nullptr;
-  if (!CarveTaskScratch(c, 0, [&](Carver& carve) {
-        rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
-        offsets = reinterpret_cast<int64_t*>(carve.Take(max_rows * 2));
-        block = carve.Take(kVL * MaxI(c.hp, c.hvp));
-        dots = carve.Take(max_rows);
-      })) {
-    return;
-  }
-
-  for (int64_t t = tv1; t < t1; ++t) {
-    for (int64_t g = 0; g < c.group; ++g) {
-      const int64_t row = (b * p.q_len + t) * p.num_heads + kv_head * c.group + g;
-      __builtin_memset(Offset(a.dq, p.dtype, row * p.head_dim), 0,
-                       p.head_dim * DTypeSize(p.dtype));
-    }
-  }
-  const QueryTileBlock qb = QueryTileOf(job, b, kv_head, q_tile);
-  __builtin_memset(qb.rows, 0, QueryTileFloats(c) * sizeof(float));
-  for (int64_t r = 0; r < rp; ++r) qb.lse[r] = kInf;  // padding rows: P = 0
-  const int64_t num_rows = QueryTileRows(c, kv_head, t0, tv1, rows);
-  if (num_rows == 0) return;
-
-  RowOffsets(rows, num_rows, b, p.q_len, p.num_heads, p.value_dim, offsets);
-  PackAcrossRows(c, a.dout, offsets, num_rows, p.value_dim, qb.dout_rows);
-  PackDotColumns(c, a.dout, offsets, num_rows, p.value_dim, 1.0f, qb.dout_columns, rp, block);
-  // Float32 products: the packed dO rows are also PackDotRows' layout.
-  RowDots(c, a.out, offsets, num_rows, p.value_dim, qb.dout_rows, c.hvp, block, nullptr, dots);
-  bool large = false;
-  for (int64_t r = 0; r < num_rows; ++r) {
-    const int64_t row = (b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;
-    qb.delta[r] = a.dlse != nullptr ? dots[r] - a.dlse[row] : dots[r];
-    qb.lse[r] = FiniteOrInf(a.lse[row]);
-    large = large || (qb.lse[r] != kInf && !(__builtin_fabsf(qb.lse[r]) <= kOnePassMaxLse));
-  }
-  job.lse_large[(b * p.num_kv_heads + kv_head) * c.num_q_tiles + q_tile] = large;
-  RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
-  PackAcrossRows(c, p.query, offsets, num_rows, p.head_dim, qb.rows);
-  PackDotColumns(c, p.query, offsets, num_rows, p.head_dim, p.scale, qb.columns, rp, block);
-}
-
-// One-pass final step, per query tile: dQ = scale * (the sum of its partial dQ^T blocks, in
-// increasing key-tile order)^T.
-static void SumPartialDqTask(void* job_ptr, int64_t task) {
-  const BackwardJob& job = *static_cast<const BackwardJob*>(job_ptr);
-  const FlashContext& c = job.c;
-  const AttentionProblem& p = *c.p;
-  const TaskTile tt = TileOfTask(p, task, c.num_q_tiles, /*costliest_last=*/false);
-  const int64_t q_tile = tt.tile, kv_head = tt.kv_head, b = tt.b;
-  const int64_t t0 = q_tile * c.positions_per_tile;
-  const int64_t t1 = MinI(p.q_len, t0 + c.positions_per_tile);
-  const int64_t tv1 = MaxI(t0, MinI(t1, QueryLength(p, b)));
-  const int64_t max_rows = (t1 - t0) * c.group, rp = c.rows_padded;
-  RowInfo* rows = nullptr;
-  float *sum = nullptr, *dq = nullptr;
-  if (!CarveTaskScratch(c, 0, [&](Carver& carve) {
-        rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
-        sum = carve.Take(c.hp * rp);  // [hp, nrp]: dQ^T
-        dq = carve.Take(rp * c.hp);   // [nrp, hp]: its transpose
-      })) {
-    return;
-  }
-  const int64_t num_rows = QueryTileRows(c, kv_head, t0, tv1, rows);
-  if (num_rows == 0) return;
-  const int64_t nrp = PaddedInner(c, num_rows);
-  __builtin_memset(sum, 0, c.hp * nrp * sizeof(float));
-  const int64_t k_tiles = CeilDiv(p.kv_len, c.keys_per_tile);
-  for (int64_t k_tile = 0; k_tile < k_tiles; ++k_tile) {
-    const int64_t index = PartialDqIndex(c, b, kv_head, k_tile, q_tile);
-    if (!job.partial_written[index]) continue;
-    const float* part = job.partial_dq + index * c.hp * rp;
-    for (int64_t h = 0; h < c.hp; ++h) {
-      for (int64_t j = 0; j < nrp; j += kVL) {
-        Store(sum + h * nrp + j, Load(sum + h * nrp + j) + Load(part + h * rp + j));
-      }
-    }
-  }
-  for (int64_t r0 = 0; r0 < nrp; r0 += kVL) {
-    for (int64_t h0 = 0; h0 < c.hp; h0 += kVL) {
-      TransposeBlock(sum + h0 * nrp + r0, nrp, dq + r0 * c.hp + h0, c.hp);
-    }
-  }
-  for (int64_t r = 0; r < num_rows; ++r) {
-    const int64_t row = (b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;
-    StoreRow(p.dtype, dq + r * c.hp, p.head_dim, p.scale,
-             Offset(job.args.dq, p.dtype, row * p.head_dim));
-  }
-}
-
-// The one-pass backward (see OnePassBackward); false, having written nothing that the two
-// passes do not overwrite, where its buffers cannot be allocated or a row's lse rules it out.
-// A task's scratch that cannot be allocated stops it (c.scratch_failed: the call reports it).
-static bool RunOnePassBackward(BackwardJob* job, const Parallel& parallel) {
-  const FlashContext& c = job->c;
-  const AttentionProblem& p = *c.p;
-  const int64_t heads = p.batch * p.num_kv_heads, q_tasks = heads * c.num_q_tiles;
-  const int64_t k_tiles = CeilDiv(p.kv_len, c.keys_per_tile);
-  const int64_t pairs = q_tasks * k_tiles;
-  job->query_tiles =
-      static_cast<float*>(__builtin_malloc(q_tasks * QueryTileFloats(c) * sizeof(float)));
-  job->partial_dq =
-      static_cast<float*>(__builtin_malloc(pairs * c.hp * c.rows_padded * sizeof(float)));
-  job->partial_written = static_cast<uint8_t*>(__builtin_calloc(pairs, 1));
-  job->lse_large = static_cast<uint8_t*>(__builtin_calloc(q_tasks, 1));
-  bool ok = job->query_tiles != nullptr && job->partial_dq != nullptr &&
-            job->partial_written != nullptr && job->lse_large != nullptr;
-  if (ok) {
-    parallel.For(q_tasks, PackQueryTileTask, job);
-    for (int64_t i = 0; i < q_tasks; ++i) ok = ok && !job->lse_large[i];
-  }
-  if (ok && c.scratch_failed == 0) {
-    parallel.For(heads * k_tiles, KeyValueGradTask, job);
-    if (c.scratch_failed == 0) parallel.For(q_tasks, SumPartialDqTask, job);
-  }
-  __builtin_free(job->query_tiles);
-  __builtin_free(job->partial_dq);
-  __builtin_free(job->partial_written);
-  __builtin_free(job->lse_large);
-  job->query_tiles = job->partial_dq = nullptr;
-  job->partial_written = job->lse_large = nullptr;
-  return ok;
-}
-
 // Returns the bytes of memory that could not be allocated (0: none, the gradients are
 // written).
 static int64_t RunBackward(const AttentionProblem& p, const BlockSparseTables* sparse,
                            ProductMode bf16_mode, const FlashBackwardArgs& args,
                            const Parallel& parallel) {
   BackwardJob job{ContextFor(p, sparse, bf16_mode), args, nullptr, nullptr};
-  const bool one_pass_done = OnePassBackward(job.c, args) && RunOnePassBackward(&job, parallel);
-  if (one_pass_done || job.c.scratch_failed != 0) return job.c.scratch_failed;
   const int64_t row_bytes = MaxI(p.batch * p.q_len * p.num_heads, 1) * sizeof(float);
   job.delta = static_cast<float*>(__builtin_malloc(row_bytes));
   job.norm = static_cast<float*>(__builtin_malloc(row_bytes));
