@@ -17,8 +17,9 @@ CWD = str(Path(__file__).resolve().parent)  # holds no jaxattn package
 
 
 def python_env(**extra: str) -> dict[str, str]:
-    """os.environ with the tested jaxattn first on PYTHONPATH, plus ``extra``."""
-    env = dict(os.environ, **extra)
+    """os.environ with the tested jaxattn first on PYTHONPATH, faulthandler on, plus ``extra``."""
+    # A crash in the child prints its Python stack (faulthandler) into the test's report.
+    env = dict(os.environ, PYTHONFAULTHANDLER="1", **extra)
     env["PYTHONPATH"] = os.pathsep.join(
         [PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env

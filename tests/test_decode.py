@@ -452,8 +452,9 @@ def test_other_instruction_sets(tmp_path, isa):
     if isa == "avx2" and jaxattn.kernel_isa() == "generic":
         pytest.skip("no AVX2 on this CPU")
     cmd_isa = [sys.executable, "-c", "import jaxattn; print(jaxattn.kernel_isa())"]
-    default = subprocess.run(cmd_isa, capture_output=True, text=True, check=True,
-                             env=python_env(), cwd=CWD).stdout.strip()
+    found = subprocess.run(cmd_isa, capture_output=True, text=True, env=python_env(), cwd=CWD)
+    assert found.returncode == 0, f"exit {found.returncode}:\n{found.stderr[-4000:]}"
+    default = found.stdout.strip()
     ours = _run_script(_ISA_SCRIPT.replace("sys.argv[2]", repr(isa)), tmp_path / "isa.npz",
                        JAXATTN_ISA=isa)
     ref = _run_script(_ISA_SCRIPT.replace("sys.argv[2]", repr(default)), tmp_path / "ref.npz")
