@@ -6,7 +6,12 @@
 #   tools/test_newest_jax.sh [PYTHON3.12] [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY312="${1:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python)}"
+# A python3.12 on PATH may be a pyenv shim that refuses to run: take the first that runs.
+if [[ $# -ge 1 ]]; then PY312="$1"; else
+  for PY312 in python3.12 python3.13 /root/.pyenv/versions/3.12*/bin/python; do
+    "$PY312" -c "import sys; assert sys.version_info >= (3, 12)" 2> /dev/null && break
+  done
+fi
 shift || true
 VENV="${JAXATTN_NEW_VENV:-build/venv-jaxnew}"
 if [[ ! -x "$VENV/bin/python" ]]; then
