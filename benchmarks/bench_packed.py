@@ -25,41 +25,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import describe_machine  # noqa: E402
+from common import describe_machine, jit_forward_backward, paired_fastest  # noqa: E402
 
 import jaxattn  # noqa: E402
-
-
-def _seconds(fn, args) -> np.ndarray:
-    wall, cpu = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn(*args))
-    return np.array([time.perf_counter() - wall, time.process_time() - cpu])
-
-
-def _paired(fn, base, args, reps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fastest (wall, cpu) seconds of fn and of base over reps interleaved runs."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(base(*args))
-    times, base_times = [], []
-    for _ in range(reps):
-        times.append(_seconds(fn, args))
-        base_times.append(_seconds(base, args))
-    return np.min(times, axis=0), np.min(base_times, axis=0)
-
-
-def _fwd_bwd(attention):
-    def run(q, k, v, dout):
-        out, vjp = jax.vjp(attention, q, k, v)
-        return (out,) + vjp(dout)
-
-    return jax.jit(run)
 
 
 def positions_overhead(args: argparse.Namespace) -> None:
@@ -87,9 +61,9 @@ def positions_overhead(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|")
     for name, fn, base, fn_args in (
         ("fwd", jax.jit(by_position), jax.jit(by_index), (q, k, v)),
-        ("fwd+bwd", _fwd_bwd(by_position), _fwd_bwd(by_index), (q, k, v, dout)),
+        ("fwd+bwd", jit_forward_backward(by_position), jit_forward_backward(by_index), (q, k, v, dout)),
     ):
-        mine, theirs = _paired(fn, base, fn_args, args.reps)
+        mine, theirs = paired_fastest(fn, base, fn_args, args.reps)
         print(f"| {name} | {mine[0] * 1e3:.1f} / {mine[1] * 1e3:.1f} | "
               f"{theirs[0] * 1e3:.1f} / {theirs[1] * 1e3:.1f} | {mine[0] / theirs[0]:.2f} | "
               f"{mine[1] / theirs[1]:.2f} |", flush=True)
@@ -148,9 +122,9 @@ def main() -> None:
     for base_name, base in baselines:
         for name, fn, base_fn, fn_args in (
             ("fwd", fwd, jax.jit(base), (q, k, v)),
-            ("fwd+bwd", _fwd_bwd(packed), _fwd_bwd(base), (q, k, v, dout)),
+            ("fwd+bwd", jit_forward_backward(packed), jit_forward_backward(base), (q, k, v, dout)),
         ):
-            mine, theirs = _paired(fn, base_fn, fn_args, args.reps)
+            mine, theirs = paired_fastest(fn, base_fn, fn_args, args.reps)
             print(f"| {name} | {base_name} | {mine[0] * 1e3:.1f} / {mine[1] * 1e3:.1f} | "
                   f"{theirs[0] * 1e3:.1f} / {theirs[1] * 1e3:.1f} | {theirs[0] / mine[0]:.2f}x | "
                   f"{theirs[1] / mine[1]:.2f}x |", flush=True)

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -31,40 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import describe_machine, markdown_table  # noqa: E402
+from common import (describe_machine, jit_forward_backward, markdown_table,  # noqa: E402
+                    paired_fastest)
 
 import jaxattn  # noqa: E402
 from jaxattn import masks  # noqa: E402
 
 
 CLOCKS = ("wall", "cpu")
-
-
-def _seconds(fn, args) -> np.ndarray:
-    """(wall, process CPU) seconds of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn(*args))
-    return np.array([time.perf_counter() - wall, time.process_time() - cpu])
-
-
-def _paired(fn, base, args, reps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fastest (wall, cpu) seconds of fn(*args) and of base(*args), reps interleaved runs."""
-    jax.block_until_ready(fn(*args))  # compile
-    times, base_times = [], []
-    for _ in range(reps):
-        times.append(_seconds(fn, args))
-        base_times.append(_seconds(base, args))
-    return np.min(times, axis=0), np.min(base_times, axis=0)
-
-
-def _fwd_bwd(attention):
-    """jit of (out, dq, dk, dv) for cotangent dout: one forward and one backward pass."""
-
-    def run(q, k, v, dout):
-        out, vjp = jax.vjp(attention, q, k, v)
-        return (out,) + vjp(dout)
-
-    return jax.jit(run)
 
 
 def _band_global(seq: int, window: int, block: int) -> masks.BlockSparseMask:
@@ -134,7 +107,7 @@ def main() -> None:
     print(f"# block-sparse vs causal flash: {shape}; {machine}")
 
     causal_fwd = jax.jit(lambda q, k, v: jaxattn.flash_attention(q, k, v, is_causal=True))
-    causal_both = _fwd_bwd(lambda q, k, v: jaxattn.flash_attention(q, k, v, is_causal=True))
+    causal_both = jit_forward_backward(lambda q, k, v: jaxattn.flash_attention(q, k, v, is_causal=True))
     jax.block_until_ready(causal_fwd(q, k, v))
     jax.block_until_ready(causal_both(q, k, v, dout))
     causal_blocks = masks.causal(t, block_q=block, block_kv=block).num_blocks
@@ -157,9 +130,9 @@ def main() -> None:
     for family, mask in cases:
         density = mask.num_blocks / causal_blocks
         fwd = jax.jit(lambda q, k, v, m=mask: jaxattn.block_sparse_attention(q, k, v, m))
-        both = _fwd_bwd(lambda q, k, v, m=mask: jaxattn.block_sparse_attention(q, k, v, m))
-        tf, base_fwd = _paired(fwd, causal_fwd, (q, k, v), args.reps)
-        tb, base_both = _paired(both, causal_both, (q, k, v, dout), args.reps)
+        both = jit_forward_backward(lambda q, k, v, m=mask: jaxattn.block_sparse_attention(q, k, v, m))
+        tf, base_fwd = paired_fastest(fwd, causal_fwd, (q, k, v), args.reps)
+        tb, base_both = paired_fastest(both, causal_both, (q, k, v, dout), args.reps)
         rows.append(dict(family=family, density=density, partial=mask.num_partial_blocks,
                          blocks=mask.num_blocks, fwd=tf, both=tb, base_fwd=base_fwd,
                          base_both=base_both))

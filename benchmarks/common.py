@@ -27,6 +27,36 @@ def median_seconds(fn: Callable[[], object], *, warmup: int = 1, min_runs: int =
     return statistics.median(times)
 
 
+def wall_and_cpu_seconds(fn: Callable[..., object], args: Sequence[object]) -> np.ndarray:
+    """(wall, process CPU) seconds of one call ``fn(*args)``, its result blocked on."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(*args))
+    return np.array([time.perf_counter() - wall, time.process_time() - cpu])
+
+
+def paired_fastest(fn: Callable[..., object], base: Callable[..., object],
+                   args: Sequence[object], reps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fastest (wall, cpu) seconds of ``fn(*args)`` and of ``base(*args)`` over ``reps``
+    interleaved runs (each compiled first)."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(base(*args))
+    times, base_times = [], []
+    for _ in range(reps):
+        times.append(wall_and_cpu_seconds(fn, args))
+        base_times.append(wall_and_cpu_seconds(base, args))
+    return np.min(times, axis=0), np.min(base_times, axis=0)
+
+
+def jit_forward_backward(attention: Callable[..., object]) -> Callable[..., object]:
+    """jit of ``(q, k, v, dout) -> (out, dq, dk, dv)``: one forward and one backward pass."""
+
+    def run(q, k, v, dout):
+        out, vjp = jax.vjp(attention, q, k, v)
+        return (out,) + vjp(dout)
+
+    return jax.jit(run)
+
+
 def torch_or_none():
     """PyTorch (an optional benchmark dependency) set to use every core, or None."""
     try:
