@@ -22,9 +22,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,28 +70,6 @@ class GLACharLM(nnx.Module):
             block.attn.init_cache(batch_size=batch_size)
 
 
-def train(model, args, train_data, val_set, name: str) -> tuple[list[tuple[int, float]], float]:
-    """train_lm's training loop (same schedule and batches); the validation-loss history."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(50, args.steps // 5 + 1),
-                                                  max(args.steps, 2), args.lr / 10)
-    optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0),
-                                                 optax.adamw(schedule, weight_decay=0.01)),
-                              wrt=nnx.Param)
-    train_batches = train_lm.batches(train_data, args.batch_size, args.seq_len,
-                                     np.random.default_rng(args.seed))
-    evaluate = lambda: float(np.mean([float(train_lm.eval_loss(model, b)) for b in val_set]))
-    history = [(0, evaluate())]
-    bar = train_lm.Progress(args.steps, name)
-    start = time.time()
-    for step in range(1, args.steps + 1):
-        loss = float(train_lm.train_step(model, optimizer, jnp.asarray(next(train_batches))))
-        bar.update(f"loss {loss:.3f}")
-        if step % args.eval_every == 0 or step == args.steps:
-            history.append((step, evaluate()))
-    bar.close()
-    return history, time.time() - start
-
-
 def plot(histories: dict[str, list[tuple[int, float]]], path: str, title: str) -> None:
     try:
         import matplotlib
@@ -140,9 +115,7 @@ def main(argv=None) -> None:
     vocab = train_lm.Vocab(text)
     data = vocab.encode(text)
     split = int(0.9 * len(data))
-    val_batches = train_lm.batches(data[split:], args.batch_size, args.seq_len,
-                                   np.random.default_rng(args.seed + 1))
-    val_set = [jnp.asarray(b) for b, _ in zip(val_batches, range(4))]
+    val_set = train_lm.validation_set(data[split:], args)
     models = {
         "softmax (FlashSelfAttention)": train_lm.make_model(args, len(vocab.chars),
                                                            seed=args.seed),
@@ -156,7 +129,7 @@ def main(argv=None) -> None:
     histories = {}
     for name, model in models.items():
         params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        history, seconds = train(model, args, data[:split], val_set, name)
+        history, seconds = train_lm.train(model, args, data[:split], val_set, name)
         histories[name] = history
         print(f"{name}: {params / 1e6:.2f}M parameters, val loss {history[0][1]:.3f} -> "
               f"{history[-1][1]:.3f} in {seconds:.0f} s")

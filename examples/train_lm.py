@@ -178,6 +178,43 @@ class Progress:
 # --------------------------------------------------------------------------------------------
 
 
+def validation_set(val: np.ndarray, args: argparse.Namespace) -> list[jax.Array]:
+    """The fixed validation batches (4 of them) every model is evaluated on."""
+    rng = np.random.default_rng(args.seed + 1)
+    return [jnp.asarray(b) for b, _ in zip(batches(val, args.batch_size, args.seq_len, rng),
+                                           range(4))]
+
+
+def train(model: nnx.Module, args: argparse.Namespace, train_data: np.ndarray,
+          val_set: list[jax.Array], name: str) -> tuple[list[tuple[int, float]], float]:
+    """AdamW with warmup and cosine decay over ``args.steps`` batches drawn from
+    ``train_data`` (seeded, so every model sees the same ones): the validation-loss history
+    [(step, loss)] and the training seconds."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(50, args.steps // 5 + 1),
+                                                  max(args.steps, 2), args.lr / 10)
+    optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0),
+                                                 optax.adamw(schedule, weight_decay=0.01)),
+                              wrt=nnx.Param)
+    train_batches = batches(train_data, args.batch_size, args.seq_len,
+                            np.random.default_rng(args.seed))
+
+    def validation_loss() -> float:
+        return float(np.mean([float(eval_loss(model, b)) for b in val_set]))
+
+    history = [(0, validation_loss())]
+    bar = Progress(args.steps, name)
+    start = time.time()
+    smooth = None
+    for step in range(1, args.steps + 1):
+        loss = float(train_step(model, optimizer, jnp.asarray(next(train_batches))))
+        smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
+        bar.update(f"loss {smooth:.3f}")
+        if step % args.eval_every == 0 or step == args.steps:
+            history.append((step, validation_loss()))
+    bar.close()
+    return history, time.time() - start
+
+
 @nnx.jit
 def _prefill(model: CharLM, tokens: jax.Array) -> jax.Array:
     """Runs the prompt through the model in one cached call; logits of its last token."""
@@ -357,7 +394,7 @@ def main(argv=None) -> None:
     vocab = Vocab(text)
     data = vocab.encode(text)
     split = int(0.9 * len(data))
-    train, val = data[:split], data[split:]
+    train_data, val_data = data[:split], data[split:]
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device), "
           f"text {args.text.name}: {len(text):,} chars, vocab {len(vocab.chars)}")
 
@@ -366,34 +403,10 @@ def main(argv=None) -> None:
     print(f"model: {args.layers} layers, d_model {args.d_model}, {args.heads} query heads / "
           f"{args.kv_heads} kv heads, RoPE, {n_params / 1e6:.2f}M parameters; "
           f"batch {args.batch_size} x {args.seq_len} chars, {args.steps} steps")
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(50, args.steps // 5 + 1),
-                                                  max(args.steps, 2), args.lr / 10)
-    optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0),
-                                                 optax.adamw(schedule, weight_decay=0.01)),
-                              wrt=nnx.Param)
-    rng = np.random.default_rng(args.seed)
-    train_batches = batches(train, args.batch_size, args.seq_len, rng)
-    val_rng = np.random.default_rng(args.seed + 1)
-    val_set = [jnp.asarray(b) for b, _ in zip(batches(val, args.batch_size, args.seq_len,
-                                                      val_rng), range(4))]
-
-    def validation_loss() -> float:
-        return float(np.mean([float(eval_loss(model, b)) for b in val_set]))
-
-    history = [(0, validation_loss())]
+    val_set = validation_set(val_data, args)
+    history, train_s = train(model, args, train_data, val_set, "training")
     print(f"step     0  val loss {history[0][1]:.3f}  (uniform guess: "
           f"{math.log(len(vocab.chars)):.3f})")
-    bar = Progress(args.steps, "training")
-    t_train = time.time()
-    smooth = None
-    for step in range(1, args.steps + 1):
-        loss = float(train_step(model, optimizer, jnp.asarray(next(train_batches))))
-        smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
-        bar.update(f"loss {smooth:.3f}")
-        if step % args.eval_every == 0 or step == args.steps:
-            history.append((step, validation_loss()))
-    bar.close()
-    train_s = time.time() - t_train
     for step, v in history[1:]:
         print(f"step {step:5d}  val loss {v:.3f}")
     tokens_per_s = args.steps * args.batch_size * args.seq_len / train_s
