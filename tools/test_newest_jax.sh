@@ -7,12 +7,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # A python3.12 on PATH may be a pyenv shim that refuses to run: take the first that runs.
-if [[ $# -ge 1 ]]; then PY312="$1"; else
-  for PY312 in python3.12 python3.13 /root/.pyenv/versions/3.12*/bin/python; do
-    "$PY312" -c "import sys; assert sys.version_info >= (3, 12)" 2> /dev/null && break
+# --find-python only says whether there is one (exit status 1: none).
+find_python() {
+  local candidate
+  for candidate in python3.12 python3.13 python3.14 /root/.pyenv/versions/3.1[2-9]*/bin/python; do
+    if "$candidate" -c "import sys; assert sys.version_info >= (3, 12)" 2> /dev/null; then
+      command -v "$candidate"
+      return 0
+    fi
   done
-fi
-shift || true
+  return 1
+}
+if [[ "${1:-}" == "--find-python" ]]; then find_python; exit; fi
+if [[ $# -ge 1 && "$1" != -* ]]; then PY312="$1"; shift; else PY312="$(find_python)"; fi
 VENV="${JAXATTN_NEW_VENV:-build/venv-jaxnew}"
 if [[ ! -x "$VENV/bin/python" ]]; then
   "$PY312" -m venv "$VENV"
