@@ -632,12 +632,16 @@ _ISA_SCRIPT = textwrap.dedent("""
     from oracle import gla_reference, gla_reference_grad
     assert jaxattn.kernel_isa() == sys.argv[1], jaxattn.kernel_isa()
     rng = np.random.default_rng(0)
-    for (t, hk, hv, decay) in ((3, 5, 7, 1.0), (130, 19, 33, 0.3), (90, 8, 4, 20.0)):
-        q, k = (rng.standard_normal((2, t, 2, hk)).astype(np.float32) for _ in range(2))
-        v = rng.standard_normal((2, t, 2, hv)).astype(np.float32)
-        g = (-decay * rng.random((2, t, 2, hk))).astype(np.float32)
+    cases = ((3, 5, 7, 1.0, 2, False), (130, 19, 33, 0.3, 2, False), (90, 8, 4, 20.0, 2, False),
+             (3, 5, 7, 1.0, 1, True), (130, 19, 33, 0.3, 2, True), (90, 8, 4, 20.0, 1, True))
+    for (t, hk, hv, decay, kv_heads, scalar_gate) in cases:  # 2 query heads
+        q = rng.standard_normal((2, t, 2, hk)).astype(np.float32)
+        k = rng.standard_normal((2, t, kv_heads, hk)).astype(np.float32)
+        v = rng.standard_normal((2, t, kv_heads, hv)).astype(np.float32)
+        g = (-decay * rng.random((2, t, kv_heads) + (() if scalar_gate else (hk,))))
+        g = g.astype(np.float32)
         s0 = rng.standard_normal((2, 2, hk, hv)).astype(np.float32)
-        do = rng.standard_normal(v.shape).astype(np.float32)
+        do = rng.standard_normal((2, t, 2, hv)).astype(np.float32)
         out, fin = jaxattn.gated_linear_attention(q, k, v, g, initial_state=s0,
                                                   return_final_state=True)
         ref, ref_fin = gla_reference(q, k, v, g, initial_state=s0)
@@ -664,17 +668,19 @@ def test_other_instruction_sets(isa):
 # ------------------------------------------------------------------------------- Flax
 
 
-def _layer_reference(params, x, num_heads, normalizer=16.0, eps=1e-5):
-    """The GLA layer in float64 NumPy from its parameters (flash-linear-attention's GLA)."""
+def _layer_reference(params, x, num_heads, normalizer=16.0, eps=1e-5, num_kv_heads=None):
+    """The GLA layer in float64 NumPy from its parameters (flash-linear-attention's GLA; with
+    ``num_kv_heads``, key, value and gate projections of that many heads)."""
     p = {name: {k: np.asarray(v, np.float64) for k, v in d.items()} for name, d in params.items()}
     x = np.asarray(x, np.float64)
     lin = lambda name, h: h @ p[name]["kernel"] + p[name].get("bias", 0.0)
     b, t, _ = x.shape
-    heads = lambda h: h.reshape(b, t, num_heads, -1)
+    heads = lambda h, n=num_heads: h.reshape(b, t, n, -1)
+    kv_heads = lambda h: heads(h, num_kv_heads or num_heads)
     logits = lin("gk_up", lin("gk_down", x))
     log_gate = -np.logaddexp(0.0, -logits) / normalizer
-    o, _ = gla_reference(heads(lin("q_proj", x)), heads(lin("k_proj", x)),
-                         heads(lin("v_proj", x)), heads(log_gate))
+    o, _ = gla_reference(heads(lin("q_proj", x)), kv_heads(lin("k_proj", x)),
+                         kv_heads(lin("v_proj", x)), kv_heads(log_gate))
     o = o / np.sqrt(np.mean(o ** 2, axis=-1, keepdims=True) + eps) * p["g_norm"]["scale"]
     g = heads(lin("g_proj", x))
     o = o * g / (1.0 + np.exp(-g))
@@ -723,6 +729,34 @@ def test_flax_linen_layer_matches_nnx_and_decodes(rng):
     shapes = {name: {k: v[...].shape for k, v in d.items()}
               for name, d in nnx.state(layer, nnx.Param).items()}
     assert shapes == jax.tree.map(lambda a: a.shape, variables["params"])
+
+
+def test_flax_layers_with_kv_heads(rng):
+    """num_kv_heads = 2 of 4 heads: narrower key, value and gate projections; nnx and linen
+    against the reference, and decoding."""
+    from flax import nnx
+    from jaxattn.flax import linen as jl
+    from jaxattn.flax.nnx import GatedLinearAttention
+
+    x = rng.standard_normal((2, 40, 32)).astype(np.float32)
+    layer = GatedLinearAttention(32, 4, num_kv_heads=2, rngs=nnx.Rngs(0))
+    assert layer.k_proj.kernel.shape == (32, 8) and layer.v_proj.kernel.shape == (32, 16)
+    y = layer(x)
+    params = {name: {k: v[...] for k, v in d.items()}
+              for name, d in nnx.state(layer, nnx.Param).items()}
+    assert_close_to_oracle(y, _layer_reference(params, x, 4, num_kv_heads=2), dtype=np.float32,
+                           name="y")
+    layer.init_cache(batch_size=2)
+    assert layer.state[...].shape == (2, 4, 4, 8)
+    steps = [layer(x[:, t:t + 3], decode=True) for t in range(0, 40, 3)]
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), y, rtol=1e-4, atol=1e-5)
+    module = jl.GatedLinearAttention(hidden_size=32, num_heads=4, num_kv_heads=2)
+    variables = module.init(jax.random.key(0), x)
+    assert_close_to_oracle(module.apply(variables, x),
+                           _layer_reference(variables["params"], x, 4, num_kv_heads=2),
+                           dtype=np.float32, name="linen y")
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        GatedLinearAttention(32, 4, num_kv_heads=3, rngs=nnx.Rngs(0))
 
 
 def test_flax_layers_reject_bad_input():
