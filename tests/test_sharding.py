@@ -608,7 +608,7 @@ else:
 
     @pytest.mark.parametrize("spec_name", list(SPECS))
     @pytest.mark.parametrize("scalar_gate", [False, True], ids=["per_dim_gate", "scalar_gate"])
-    def test_gated_linear_attention_runs_per_shard(rng, spec_name, scalar_gate) -> None:
+    def test_gated_linear_attention_kv_heads_per_shard(rng, spec_name, scalar_gate) -> None:
         """Grouped heads (N = 8 query heads, K = 4 kv heads), a per-dim or a scalar gate and
         an initial state: forward, final state and gradients per shard, equal to one device."""
         mesh = make_mesh()

@@ -6,8 +6,8 @@ a low-rank forget gate ``log_gate = log_sigmoid(W_up W_down x + b) / gate_logit_
 RMS normalisation, an output gate ``o * swish(W_g x)``, and ``W_o``. With ``init_cache`` and
 ``decode=True`` the layer carries the float32 state ``[B, N, Hk, Hv]`` between calls instead of
 a growing KV cache. With ``num_kv_heads = K < N`` (flash-linear-attention's option of that name)
-the key, value and gate projections have K heads, each shared by N / K query heads. Exposed as ``jaxattn.flax.nnx.GatedLinearAttention`` and
-``jaxattn.flax.linen.GatedLinearAttention``.
+the key, value and gate projections have K heads, each shared by N / K query heads. Exposed as
+``jaxattn.flax.nnx.GatedLinearAttention`` and ``jaxattn.flax.linen.GatedLinearAttention``.
 """
 
 from __future__ import annotations
