@@ -506,6 +506,20 @@ def test_kv_heads_vmap_jit_and_bad_shapes(rng):
         gla(q, k, v, np.zeros((3, 40, 2, 5), np.float32))
 
 
+def test_kv_heads_vmap_of_grad(rng):
+    q, k, v, g, s0 = make_inputs(rng, 2, 66, 4, 5, 4, state=True, kv_heads=2, scalar_gate=True)
+    qs = np.stack([q, 0.5 * q])
+    loss = lambda q, k, v, g, s: jnp.sum(jaxattn.gated_linear_attention(q, k, v, g,
+                                                                        initial_state=s) ** 2)
+    grads = jax.vmap(jax.grad(loss, argnums=(0, 1, 2, 3, 4)),
+                     in_axes=(0, None, None, None, None))(qs, k, v, g, s0)
+    for i in range(2):
+        expected = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(qs[i], k, v, g, s0)
+        for a, b in zip(grads, expected):
+            assert a[i].shape == b.shape
+            np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-5)
+
+
 def test_scalar_gate_and_kv_heads_export(rng):
     """jax.export round trip of a scalar-gate, grouped-head forward and backward."""
     from jax import export
