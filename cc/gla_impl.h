@@ -25,6 +25,12 @@
 // starts come from a first pass over the sequence (sub-chunk states inside a cut chunk are
 // recomputed from its start).
 //
+// A scalar gate (gate_dim 1: one gate per head and step) has one H_j per row, so A is the
+// masked raw product Q K^T times the [L, L] matrix scale exp(H_j - m) exp(m - H_l)
+// (GlaLoadScalarGateRows, GlaScaleScores): no per-element exponentials or scaled panels. Grouped
+// kv heads: each query head's task reads its kv head's rows (GlaKvRow), the state and the
+// gradients of key, value and gate stay per query head (the caller sums each group).
+//
 // Work is split over (batch, head) pairs, each processed start to end by one task: results are
 // bitwise identical for any thread count. A forward with T <= kGlaRecurrentMaxLen (decoding)
 // runs the recurrence step by step instead, split over (b, n, block of value columns): the
