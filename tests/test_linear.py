@@ -278,10 +278,14 @@ def test_gradients_without_state_or_final(rng):
                                name=f"d{name}")
 
 
-def test_oracle_gradient_by_finite_differences(rng):
-    """The oracle's backward recurrence against central differences of its forward."""
-    q, k, v, g, s0 = (x.astype(np.float64) for x in make_inputs(rng, 1, 9, 2, 3, 4, state=True))
-    do = rng.standard_normal(v.shape)
+@pytest.mark.parametrize("kv_heads,scalar_gate", [(2, False), (1, True), (1, False)],
+                         ids=["per_dim", "scalar_gqa", "gqa"])
+def test_oracle_gradient_by_finite_differences(rng, kv_heads, scalar_gate):
+    """The oracle's backward recurrence against central differences of its forward (with
+    grouped kv heads and scalar gates: the sums over what they were expanded to)."""
+    q, k, v, g, s0 = (x.astype(np.float64) for x in make_inputs(
+        rng, 1, 9, 2, 3, 4, state=True, kv_heads=kv_heads, scalar_gate=scalar_gate))
+    do = rng.standard_normal(q.shape[:3] + v.shape[-1:])
     dfinal = rng.standard_normal(s0.shape)
 
     def loss(q, k, v, g, s0):
