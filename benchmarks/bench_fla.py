@@ -13,7 +13,7 @@ checkout (not ``import fla``: the package's ``__init__`` imports Triton), and re
    functions differentiated by torch.autograd, ours by the kernels' backward), on the issue's
    shapes (B=1, N=8, Hk=Hv in 32, 128, 256), PyTorch with the faster of 1 thread and every
    core for each shape. ``naive_chunk_simple_gla``'s gate is one scalar per head and step:
-   jaxattn runs it as that scalar broadcast over Hk (its general per-dimension kernel).
+   jaxattn takes it as ``[B, T, N, 1]`` and runs its scalar-gate kernels.
 
 Where fla comes from, first found: ``--fla-path DIR`` or ``$JAXATTN_FLA_PATH`` (a directory
 holding ``fla/``: site-packages, a git checkout, an unpacked wheel), else the installed
@@ -95,7 +95,8 @@ def make_inputs(rng, b, t, n, hk, hv, *, scalar_gate=False, strength=16.0, state
 
 
 def ours(q, k, v, g, s0=None):
-    """jaxattn on fla's layout ([B, T, N, H]; a scalar gate [B, T, N] broadcast over Hk)."""
+    """jaxattn on fla's layout ([B, T, N, H]; a scalar gate [B, T, N] as [B, T, N, 1]: the
+    scalar-gate kernels)."""
     if g.ndim == 3:
         g = g[..., None]
     return jaxattn.gated_linear_attention(q, k, v, g, initial_state=s0, return_final_state=True)

@@ -7,9 +7,13 @@ contributions as one batched matmul, and a scan of the [Hk, Hv] states over chun
 gradient is JAX's autodiff of the same code). Ratios > 1 mean jaxattn is faster.
 
     python benchmarks/bench_linear.py [--threads N] [--quick] [--decode | --only-decode]
+                                      [--scalar-gate | --only-scalar-gate]
 
 ``--decode`` also times one decoding step (T = 1 with a state) as state bytes moved (read +
 write) per second against the all-threads copy bandwidth (see ``bench_decode``).
+``--scalar-gate`` also times a scalar gate (one per head and step, ``[B, T, N]``: Mamba-2,
+RetNet, "simple GLA") against the same gate broadcast to ``[B, T, N, Hk]`` (the per-dimension
+kernels): the scalar-gate kernels' speedup.
 ``--threads N`` pins the process to its first N CPUs before XLA sizes its thread pool.
 GLA against causal ``flash_attention`` (the crossover): benchmarks/bench_gla_crossover.py;
 against flash-linear-attention's PyTorch reference functions: benchmarks/bench_fla.py.
@@ -134,6 +138,37 @@ def bench_vs_jax(shapes, dtype, rng, min_seconds):
                                            "rows": rows}
 
 
+def bench_scalar_gate(shapes, dtype, rng, min_seconds):
+    """jaxattn with a scalar gate [B, T, N] against the same gate broadcast to [B, T, N, Hk]
+    (materialised: the per-dimension kernels), forward and forward+backward, in turns."""
+    headers = ["B", "T", "N", "Hk", "Hv", "dtype", "scalar fwd ms", "per-dim fwd ms",
+               "fwd speedup", "scalar fwd+bwd ms", "per-dim fwd+bwd ms", "fwd+bwd speedup"]
+    rows, fwd_ratios, both_ratios = [], [], []
+    gla = lambda q, k, v, g: jaxattn.gated_linear_attention(q, k, v, g)
+    for (b, t, n, hk, hv) in shapes:
+        q, k, v, g = make_inputs(rng, b, t, n, hk, hv, dtype)
+        scalar = g[..., 0]
+        wide = jnp.array(jnp.broadcast_to(scalar[..., None], g.shape))
+        fwd, both = jax.jit(gla), fwd_bwd(gla)
+        np.testing.assert_allclose(np.asarray(fwd(q, k, v, scalar), np.float32),
+                                   np.asarray(fwd(q, k, v, wide), np.float32),
+                                   rtol=2e-2, atol=2e-2)
+        times = interleaved_seconds({
+            "scalar": lambda: fwd(q, k, v, scalar), "wide": lambda: fwd(q, k, v, wide),
+            "scalar_bwd": lambda: both(q, k, v, scalar), "wide_bwd": lambda: both(q, k, v, wide),
+        }, min_seconds=min_seconds)
+        fr, br = times["wide"] / times["scalar"], times["wide_bwd"] / times["scalar_bwd"]
+        fwd_ratios.append(fr)
+        both_ratios.append(br)
+        rows.append([b, t, n, hk, hv, jnp.dtype(dtype).name, 1e3 * times["scalar"],
+                     1e3 * times["wide"], fr, 1e3 * times["scalar_bwd"],
+                     1e3 * times["wide_bwd"], br])
+        print(markdown_table(headers, rows[-1:]).splitlines()[-1], flush=True)
+    return markdown_table(headers, rows), {"scalar_fwd_speedup": geomean(fwd_ratios),
+                                           "scalar_fwd_bwd_speedup": geomean(both_ratios),
+                                           "rows": rows}
+
+
 # [B, N, Hk, Hv] states of 0.125 to 128 MiB: in the caches, then well beyond them.
 DECODE_SHAPES = ((1, 8, 64, 64), (1, 8, 128, 128), (8, 16, 128, 128), (4, 16, 256, 256),
                  (16, 32, 128, 128), (8, 32, 256, 256), (16, 32, 256, 256))
@@ -216,6 +251,10 @@ def main() -> None:
     parser.add_argument("--decode", action="store_true", help="also time decoding steps")
     parser.add_argument("--only-decode", action="store_true",
                         help="time decoding steps only (not the training kernels)")
+    parser.add_argument("--scalar-gate", action="store_true",
+                        help="also time scalar gates against per-dimension ones")
+    parser.add_argument("--only-scalar-gate", action="store_true",
+                        help="time scalar gates against per-dimension ones only")
     parser.add_argument("--json", help="write the summary here")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -225,11 +264,19 @@ def main() -> None:
     if not args.quick:
         shapes += [(4, 1024, 8, 64, 64), (1, 4096, 8, 128, 64)]
     summary = {}
-    for dtype in () if args.only_decode else args.dtypes:
+    only_other = args.only_decode or args.only_scalar_gate
+    for dtype in () if only_other else args.dtypes:
         table, s = bench_vs_jax(shapes, jnp.dtype(dtype), rng, min_seconds)
         print(f"\n{table}\n\ngeomean: forward {s['fwd_vs_jax']:.2f}x, forward+backward "
               f"{s['fwd_bwd_vs_jax']:.2f}x faster than the pure-JAX chunked version\n")
         summary[dtype] = s
+    if args.scalar_gate or args.only_scalar_gate:
+        for dtype in args.dtypes:
+            table, s = bench_scalar_gate(shapes, jnp.dtype(dtype), rng, min_seconds)
+            print(f"\n{table}\n\ngeomean: the scalar gate's kernels are "
+                  f"{s['scalar_fwd_speedup']:.2f}x (forward), {s['scalar_fwd_bwd_speedup']:.2f}x "
+                  f"(forward+backward) faster than the per-dimension ones\n")
+            summary[f"scalar_gate_{dtype}"] = s
     if args.decode or args.only_decode:
         table, summary["decode"] = bench_decode(
             rng, min_seconds, QUICK_DECODE_SHAPES if args.quick else DECODE_SHAPES)

@@ -321,6 +321,12 @@ const char* ValidateGatedLinear(const GatedLinearProblem& p) {
       p.value_dim <= 0) {
     return "batch, heads and head dims must be positive, the length non-negative";
   }
+  if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0) {
+    return "the kv heads (of key, value and log_gate) must divide the query heads";
+  }
+  if (p.gate_dim != p.key_dim && p.gate_dim != 1) {
+    return "log_gate's last dim must be the key head dim or 1";
+  }
   for (int64_t operand_batch : {p.q_batch, p.k_batch, p.v_batch, p.g_batch}) {
     if (operand_batch <= 0 || p.batch % operand_batch != 0) {
       return "operand batch sizes must divide the output batch";

@@ -25,6 +25,12 @@
 // starts come from a first pass over the sequence (sub-chunk states inside a cut chunk are
 // recomputed from its start).
 //
+// A scalar gate (gate_dim 1: one gate per head and step) has one H_j per row, so A is the
+// masked raw product Q K^T times the [L, L] matrix scale exp(H_j - m) exp(m - H_l)
+// (GlaLoadScalarGateRows, GlaScaleScores): no per-element exponentials or scaled panels. Grouped
+// kv heads: each query head's task reads its kv head's rows (GlaKvRow), the state and the
+// gradients of key, value and gate stay per query head (the caller sums each group).
+//
 // Work is split over (batch, head) pairs, each processed start to end by one task: results are
 // bitwise identical for any thread count. A forward with T <= kGlaRecurrentMaxLen (decoding)
 // runs the recurrence step by step instead, split over (b, n, block of value columns): the
@@ -41,6 +47,9 @@ constexpr int64_t kGlaMinBlockColumns = 32;
 struct GlaContext {
   const GatedLinearProblem* p = nullptr;
   int64_t hk = 0, hv = 0, hkp = 0, hvp = 0;  // head dims, rounded up to a vector
+  int64_t group = 1;                         // query heads per kv head
+  bool scalar_gate = false;                  // log_gate [.., 1]: one gate per head and step
+  int64_t gp = 0;  // the stride of the cumulative gates' rows: hkp, or one vector (scalar)
   int64_t cp = 0;                            // kGlaChunk rounded up to a vector
   int64_t num_chunks = 0;
   int64_t column_blocks = 1, block_columns = 0;  // the recurrent kernel's split of Hv
@@ -57,6 +66,14 @@ static inline void GlaFail(const GlaContext& c) {
 static inline int64_t GlaRow(const GatedLinearProblem& p, int64_t operand_batch, int64_t b,
                              int64_t t, int64_t n, int64_t dim) {
   return (((b % operand_batch) * p.seq_len + t) * p.num_heads + n) * dim;
+}
+
+// The same for an operand with kv heads (key, value, log_gate): query head n reads kv head
+// n / group.
+static inline int64_t GlaKvRow(const GlaContext& c, int64_t operand_batch, int64_t b,
+                               int64_t t, int64_t n, int64_t dim) {
+  const GatedLinearProblem& p = *c.p;
+  return (((b % operand_batch) * p.seq_len + t) * p.num_kv_heads + n / c.group) * dim;
 }
 
 // dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols.
@@ -83,18 +100,20 @@ static void GlaPrefetchRows(const GlaContext& c, int64_t b, int64_t n, int64_t t
   t_begin = MaxI(t_begin, 0);
   t_end = MinI(t_end, p.seq_len);
   const int64_t size = DTypeSize(p.dtype), gate_size = DTypeSize(p.gate_dtype);
-  const auto rows = [&](const void* base, int64_t batch, int64_t dim, int64_t elem_size) {
+  const auto rows = [&](const void* base, int64_t batch, int64_t dim, int64_t elem_size,
+                        bool kv) {
     if (base == nullptr) return;
     for (int64_t t = t_begin; t < t_end; ++t) {
-      const char* row = static_cast<const char*>(base) + GlaRow(p, batch, b, t, n, dim) * elem_size;
+      const int64_t at = kv ? GlaKvRow(c, batch, b, t, n, dim) : GlaRow(p, batch, b, t, n, dim);
+      const char* row = static_cast<const char*>(base) + at * elem_size;
       for (int64_t off = 0; off < dim * elem_size; off += 64) __builtin_prefetch(row + off);
     }
   };
-  rows(p.query, p.q_batch, c.hk, size);
-  rows(p.key, p.k_batch, c.hk, size);
-  rows(p.value, p.v_batch, c.hv, size);
-  rows(p.log_gate, p.g_batch, c.hk, gate_size);
-  if (c.bwd != nullptr) rows(c.bwd->dout, p.batch, c.hv, size);
+  rows(p.query, p.q_batch, c.hk, size, false);
+  rows(p.key, p.k_batch, c.hk, size, true);
+  rows(p.value, p.v_batch, c.hv, size, true);
+  rows(p.log_gate, p.g_batch, p.gate_dim, gate_size, true);
+  if (c.bwd != nullptr) rows(c.bwd->dout, p.batch, c.hv, size, false);
 }
 
 // Per-task buffers, float32, zero-initialised, carved from the thread's scratch.
@@ -150,24 +169,78 @@ struct GlaWork {
 // exp factors the backward needs.
 enum GlaLoad { kGlaStateOnly, kGlaForward, kGlaBackward };
 
+// The rows of a sub-chunk with a scalar gate (c.scalar_gate), once GlaLoadChunk has summed the
+// gates (lane 0 of w.h's rows) and set w.ref, w.decay, w.in_ref, w.ref_out (lane 0). The gate
+// is the same on every key dim, so the decay between rows l <= j is one number per pair,
+// exp(H_j - H_l) = e_qm_j e_km_l: the kernels scale the [len, len] score matrix by it
+// (GlaScaleScores) instead of every element of the query and key rows. Kept per row: e_qm,
+// e_km, e_in = exp(g0 + H_j), e_out = exp(H_end - H_j) (the first len entries of those
+// arrays); q and k raw, q_in = scale q e_in and k_out = k e_out for the state terms, and the
+// transposed raw keys in k_intra_t.
+static void GlaLoadScalarGateRows(const GlaContext& c, int64_t b, int64_t n, int64_t t0,
+                                  GlaLoad what, GlaWork& w) {
+  const GatedLinearProblem& p = *c.p;
+  const bool state_only = what == kGlaStateOnly;
+  const int64_t hk = c.hk, hv = c.hv, hkp = c.hkp, hvp = c.hvp, len = w.len;
+  const int64_t lp = RoundUp(len, kVL);
+  const float decay = w.decay[0], ref = w.ref[0];
+  for (int64_t i = 0; i < hkp; ++i) w.decay[i] = decay;  // the state rows' common decay
+  // H_j - m for the rows, 0 past len (the padding lanes' factors stay finite).
+  for (int64_t j = 0; j < lp; ++j) w.e_qm[j] = j < len ? w.h[j * c.gp] - ref : 0.0f;
+  const VF in_ref = Splat(w.in_ref[0]), ref_out = Splat(w.ref_out[0]);
+  for (int64_t j = 0; j < lp; j += kVL) {
+    const VF x = Load(w.e_qm + j), e_qm = Exp(x), e_km = Exp(VF{} - x);
+    Store(w.e_qm + j, e_qm);
+    Store(w.e_km + j, e_km);
+    Store(w.e_in + j, in_ref * e_qm);
+    Store(w.e_out + j, ref_out * e_km);
+  }
+  const float scale = p.scale;
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t t = t0 + j, r = j * hkp;
+    LoadRow(p.dtype, Offset(p.key, p.dtype, GlaKvRow(c, p.k_batch, b, t, n, hk)), hk, 1.0f,
+            w.k + r);
+    LoadRow(p.dtype, Offset(p.value, p.dtype, GlaKvRow(c, p.v_batch, b, t, n, hv)), hv, 1.0f,
+            w.v + j * hvp);
+    const VF e_out = Splat(w.e_out[j]);
+    for (int64_t i = 0; i < hkp; i += kVL) Store(w.k_out + r + i, Load(w.k + r + i) * e_out);
+    if (state_only) continue;
+    LoadRow(p.dtype, Offset(p.query, p.dtype, GlaRow(p, p.q_batch, b, t, n, hk)), hk, 1.0f,
+            w.q + r);
+    const VF e_in = Splat(scale * w.e_in[j]);
+    for (int64_t i = 0; i < hkp; i += kVL) Store(w.q_in + r + i, Load(w.q + r + i) * e_in);
+  }
+  GlaTranspose(w.k_out, len, hk, hkp, w.k_out_t, c.cp);
+  if (!state_only) GlaTranspose(w.k, len, hk, hkp, w.k_intra_t, c.cp);
+  for (int64_t i = 0; i < hk; ++i) {
+    for (int64_t j = len; j < lp; ++j) {
+      w.k_out_t[i * c.cp + j] = 0.0f;
+      w.k_intra_t[i * c.cp + j] = 0.0f;
+    }
+  }
+}
+
 static void GlaLoadChunk(const GlaContext& c, int64_t b, int64_t n, int64_t t0, int64_t limit,
                          GlaLoad what, GlaWork& w) {
   const bool state_only = what == kGlaStateOnly, keep_factors = what == kGlaBackward;
   const GatedLinearProblem& p = *c.p;
   const int64_t hk = c.hk, hv = c.hv, hkp = c.hkp, hvp = c.hvp;
-  LoadRow(p.gate_dtype, Offset(p.log_gate, p.gate_dtype, GlaRow(p, p.g_batch, b, t0, n, hk)),
-          hk, 1.0f, w.g0);
-  for (int64_t i = 0; i < hkp; ++i) w.h[i] = w.lo[i] = w.hi[i] = 0.0f;
+  // The cumulative gates: rows of gp floats, the first gate_dim of them used (a scalar gate
+  // keeps one lane of one vector; the others stay 0 and never cut a sub-chunk).
+  const int64_t gd = p.gate_dim, gp = c.gp;
+  LoadRow(p.gate_dtype, Offset(p.log_gate, p.gate_dtype, GlaKvRow(c, p.g_batch, b, t0, n, gd)),
+          gd, 1.0f, w.g0);
+  for (int64_t i = 0; i < gp; ++i) w.h[i] = w.lo[i] = w.hi[i] = 0.0f;
   int64_t len = 1;
   while (len < limit) {
-    float* row = w.h + len * hkp;
-    const float* prev = row - hkp;
+    float* row = w.h + len * gp;
+    const float* prev = row - gp;
     LoadRow(p.gate_dtype,
-            Offset(p.log_gate, p.gate_dtype, GlaRow(p, p.g_batch, b, t0 + len, n, hk)), hk,
+            Offset(p.log_gate, p.gate_dtype, GlaKvRow(c, p.g_batch, b, t0 + len, n, gd)), gd,
             1.0f, row);
     // Padding lanes stay 0 (row, prev, lo and hi are zero there).
     VI fits = VI{} == 0;
-    for (int64_t i = 0; i < hkp; i += kVL) {
+    for (int64_t i = 0; i < gp; i += kVL) {
       const VF x = Load(prev + i) + Load(row + i), lo = Load(w.lo + i), hi = Load(w.hi + i);
       Store(row + i, x);
       const VF new_lo = x < lo ? x : lo, new_hi = x > hi ? x : hi;
@@ -176,7 +249,7 @@ static void GlaLoadChunk(const GlaContext& c, int64_t b, int64_t n, int64_t t0, 
     bool all_fit = true;
     for (int l = 0; l < kVL; ++l) all_fit = all_fit && fits[l] != 0;
     if (!all_fit) break;
-    for (int64_t i = 0; i < hkp; i += kVL) {
+    for (int64_t i = 0; i < gp; i += kVL) {
       const VF x = Load(row + i), lo = Load(w.lo + i), hi = Load(w.hi + i);
       Store(w.lo + i, x < lo ? x : lo);
       Store(w.hi + i, x > hi ? x : hi);
@@ -184,8 +257,8 @@ static void GlaLoadChunk(const GlaContext& c, int64_t b, int64_t n, int64_t t0, 
     ++len;
   }
   w.len = len;
-  const float* h_end = w.h + (len - 1) * hkp;
-  for (int64_t i = 0; i < hkp; i += kVL) {
+  const float* h_end = w.h + (len - 1) * gp;
+  for (int64_t i = 0; i < gp; i += kVL) {
     const VF ref = (Load(w.lo + i) + Load(w.hi + i)) * 0.5f;
     Store(w.ref + i, ref);
     Store(w.decay + i, Exp(Load(w.g0 + i) + Load(h_end + i)));
@@ -195,12 +268,13 @@ static void GlaLoadChunk(const GlaContext& c, int64_t b, int64_t n, int64_t t0, 
     Store(w.in_ref + i, Exp(Load(w.g0 + i) + ref));
     Store(w.ref_out + i, Exp(Load(h_end + i) - ref));
   }
+  if (c.scalar_gate) return GlaLoadScalarGateRows(c, b, n, t0, what, w);
   const float scale = p.scale;
   for (int64_t j = 0; j < len; ++j) {
     const int64_t t = t0 + j;
-    LoadRow(p.dtype, Offset(p.key, p.dtype, GlaRow(p, p.k_batch, b, t, n, hk)), hk, 1.0f,
+    LoadRow(p.dtype, Offset(p.key, p.dtype, GlaKvRow(c, p.k_batch, b, t, n, hk)), hk, 1.0f,
             w.k + j * hkp);
-    LoadRow(p.dtype, Offset(p.value, p.dtype, GlaRow(p, p.v_batch, b, t, n, hv)), hv, 1.0f,
+    LoadRow(p.dtype, Offset(p.value, p.dtype, GlaKvRow(c, p.v_batch, b, t, n, hv)), hv, 1.0f,
             w.v + j * hvp);
     if (!state_only) {
       LoadRow(p.dtype, Offset(p.query, p.dtype, GlaRow(p, p.q_batch, b, t, n, hk)), hk, 1.0f,
@@ -288,9 +362,27 @@ static void GlaUpperTimes(int64_t len, int64_t n, const float* upper, int64_t ld
   }
 }
 
-// A = lower(Qintra Kintra^T) [len, lp] (zero above the diagonal).
+// m [len, lp] *= scale e_qm_j e_km_l (a scalar gate's decay between rows, with the query
+// scale), on and below the diagonal (m is zero above it).
+static void GlaScaleScores(const GlaContext& c, GlaWork& w, float* m) {
+  for (int64_t j = 0; j < w.len; ++j) {
+    const VF row_factor = Splat(c.p->scale * w.e_qm[j]);
+    float* row = m + j * c.cp;
+    for (int64_t l = 0; l <= j; l += kVL) {
+      Store(row + l, Load(row + l) * row_factor * Load(w.e_km + l));
+    }
+  }
+}
+
+// A = lower(Qintra Kintra^T) [len, lp] (zero above the diagonal); with a scalar gate
+// lower(Q K^T) scaled by the decay between rows.
 static void GlaIntraScores(const GlaContext& c, GlaWork& w) {
-  GlaLowerProduct(w.len, c.hk, w.q_intra, c.hkp, w.k_intra_t, c.cp, w.a, c.cp);
+  if (!c.scalar_gate) {
+    GlaLowerProduct(w.len, c.hk, w.q_intra, c.hkp, w.k_intra_t, c.cp, w.a, c.cp);
+    return;
+  }
+  GlaLowerProduct(w.len, c.hk, w.q, c.hkp, w.k_intra_t, c.cp, w.a, c.cp);
+  GlaScaleScores(c, w, w.a);
 }
 
 static void GlaLoadState(const GlaContext& c, int64_t b, int64_t n, float* state) {
@@ -338,15 +430,18 @@ static void GlaRecurrentTask(void* context, int64_t task) {
   for (int64_t t = 0; t < T; ++t) {
     LoadRow(p.dtype, Offset(p.query, p.dtype, GlaRow(p, p.q_batch, b, t, n, hk)), hk, p.scale,
             q + t * hkp);
-    LoadRow(p.dtype, Offset(p.key, p.dtype, GlaRow(p, p.k_batch, b, t, n, hk)), hk, 1.0f,
+    LoadRow(p.dtype, Offset(p.key, p.dtype, GlaKvRow(c, p.k_batch, b, t, n, hk)), hk, 1.0f,
             k + t * hkp);
-    LoadRow(p.dtype, Offset(p.value, p.dtype, GlaRow(p, p.v_batch, b, t, n, hv)), hv, 1.0f,
+    LoadRow(p.dtype, Offset(p.value, p.dtype, GlaKvRow(c, p.v_batch, b, t, n, hv)), hv, 1.0f,
             v + t * hvp);
-    LoadRow(p.gate_dtype, Offset(p.log_gate, p.gate_dtype, GlaRow(p, p.g_batch, b, t, n, hk)),
-            hk, 1.0f, decay + t * hkp);
-    for (int64_t i = 0; i < hkp; i += kVL) {
-      Store(decay + t * hkp + i, Exp(Load(decay + t * hkp + i)));
+    float* decay_row = decay + t * hkp;
+    LoadRow(p.gate_dtype,
+            Offset(p.log_gate, p.gate_dtype, GlaKvRow(c, p.g_batch, b, t, n, p.gate_dim)),
+            p.gate_dim, 1.0f, decay_row);
+    if (c.scalar_gate) {
+      for (int64_t i = 1; i < hkp; ++i) decay_row[i] = decay_row[0];
     }
+    for (int64_t i = 0; i < hkp; i += kVL) Store(decay_row + i, Exp(Load(decay_row + i)));
   }
   const float* init = p.initial_state == nullptr ? nullptr
       : p.initial_state + ((b % p.state_batch) * p.num_heads + n) * hk * hv;
@@ -427,6 +522,9 @@ static void GlaBackwardChunk(const GlaContext& c, int64_t b, int64_t n, int64_t 
   }
   // dA = mask(dO V^T)
   GlaLowerProduct(len, hv, w.dout, hvp, w.v_t, cp, w.da, cp);
+  // A scalar gate's A is lower(Q K^T) times the decay: dA times the decay is the gradient of
+  // the raw product.
+  if (c.scalar_gate) GlaScaleScores(c, w, w.da);
   GlaTranspose(w.a, len, len, cp, w.a_t, cp);
   GlaTranspose(w.da, len, len, cp, w.da_t, cp);
   // dV = A^T dO + Kout dS
@@ -434,19 +532,37 @@ static void GlaBackwardChunk(const GlaContext& c, int64_t b, int64_t n, int64_t 
   Gemm(len, hvp, hk, w.k_out, hkp, ds, hvp, w.dv, hvp, true);
   // dQ = scale (exp(H - m) (dA Kintra) + exp(g0 + H) (dO S_prev^T))
   GlaTranspose(state_prev, hk, hv, hvp, w.s_t, hkp);
-  GlaLowerTimes(len, hkp, w.da, cp, w.k_intra, hkp, w.x, hkp, false);
+  GlaLowerTimes(len, hkp, w.da, cp, c.scalar_gate ? w.k : w.k_intra, hkp, w.x, hkp, false);
   Gemm(len, hkp, hv, w.dout, hvp, w.s_t, hkp, w.y, hkp, false);
   const float scale = p.scale;
-  for (int64_t r = 0; r < len * hkp; r += kVL) {
-    Store(w.dq + r, (Load(w.e_qm + r) * Load(w.x + r) + Load(w.e_in + r) * Load(w.y + r)) *
-                        scale);
+  if (c.scalar_gate) {  // dQ = (dA * decay) K + scale e_in (dO S_prev^T)
+    for (int64_t j = 0; j < len; ++j) {
+      const VF e_in = Splat(scale * w.e_in[j]);
+      for (int64_t r = j * hkp; r < (j + 1) * hkp; r += kVL) {
+        Store(w.dq + r, Load(w.x + r) + e_in * Load(w.y + r));
+      }
+    }
+  } else {
+    for (int64_t r = 0; r < len * hkp; r += kVL) {
+      Store(w.dq + r, (Load(w.e_qm + r) * Load(w.x + r) + Load(w.e_in + r) * Load(w.y + r)) *
+                          scale);
+    }
   }
   // dK = exp(m - H) (dA^T Qintra) + exp(H_end - H) (V dS^T)
   GlaTranspose(ds, hk, hv, hvp, w.ds_t, hkp);
-  GlaUpperTimes(len, hkp, w.da_t, cp, w.q_intra, hkp, w.x, hkp, false);
+  GlaUpperTimes(len, hkp, w.da_t, cp, c.scalar_gate ? w.q : w.q_intra, hkp, w.x, hkp, false);
   Gemm(len, hkp, hv, w.v, hvp, w.ds_t, hkp, w.y, hkp, false);
-  for (int64_t r = 0; r < len * hkp; r += kVL) {
-    Store(w.dk + r, Load(w.e_km + r) * Load(w.x + r) + Load(w.e_out + r) * Load(w.y + r));
+  if (c.scalar_gate) {  // dK = (dA * decay)^T Q + e_out (V dS^T)
+    for (int64_t j = 0; j < len; ++j) {
+      const VF e_out = Splat(w.e_out[j]);
+      for (int64_t r = j * hkp; r < (j + 1) * hkp; r += kVL) {
+        Store(w.dk + r, Load(w.x + r) + e_out * Load(w.y + r));
+      }
+    }
+  } else {
+    for (int64_t r = 0; r < len * hkp; r += kVL) {
+      Store(w.dk + r, Load(w.e_km + r) * Load(w.x + r) + Load(w.e_out + r) * Load(w.y + r));
+    }
   }
   // dS_prev = diag(exp(g0 + H_end)) dS + Qin^T dO
   GlaTranspose(w.q_in, len, hk, hkp, w.q_in_t, cp);
@@ -456,15 +572,25 @@ static void GlaBackwardChunk(const GlaContext& c, int64_t b, int64_t n, int64_t 
     for (int64_t j = 0; j < hvp; j += kVL) Store(row + j, Load(row + j) * d);
   }
   Gemm(hk, hvp, len, w.q_in_t, cp, w.dout, hvp, ds, hvp, true);
-  // Rows, last first: the gate gradient is a reverse running sum.
+  // Rows, last first: the gate gradient is a reverse running sum (a scalar gate's: summed
+  // over the key dims too, in lane 0).
+  const int64_t gd = p.gate_dim;
   for (int64_t j = len - 1; j >= 0; --j) {
     const int64_t r = j * hkp, t = t0 + j;
-    for (int64_t i = 0; i < hkp; i += kVL) {
-      Store(w.running + i, Load(w.running + i) + Load(w.q + r + i) * Load(w.dq + r + i) -
-                               Load(w.k + r + i) * Load(w.dk + r + i));
+    if (c.scalar_gate) {
+      VF sum{};
+      for (int64_t i = 0; i < hkp; i += kVL) {
+        sum += Load(w.q + r + i) * Load(w.dq + r + i) - Load(w.k + r + i) * Load(w.dk + r + i);
+      }
+      w.running[0] += HorizontalSum(sum);
+    } else {
+      for (int64_t i = 0; i < hkp; i += kVL) {
+        Store(w.running + i, Load(w.running + i) + Load(w.q + r + i) * Load(w.dq + r + i) -
+                                 Load(w.k + r + i) * Load(w.dk + r + i));
+      }
     }
-    StoreRow(p.gate_dtype, w.running, hk, 1.0f,
-             Offset(g.dlog_gate, p.gate_dtype, GlaRow(p, p.batch, b, t, n, hk)));
+    StoreRow(p.gate_dtype, w.running, gd, 1.0f,
+             Offset(g.dlog_gate, p.gate_dtype, GlaRow(p, p.batch, b, t, n, gd)));
     StoreRow(p.dtype, w.dq + r, hk, 1.0f,
              Offset(g.dquery, p.dtype, GlaRow(p, p.batch, b, t, n, hk)));
     StoreRow(p.dtype, w.dk + r, hk, 1.0f,
@@ -512,7 +638,7 @@ static void GlaBackwardTask(void* context, int64_t task) {
       __builtin_memcpy(ds + i * hvp, src + i * hv, hv * sizeof(float));
       float sum = 0.0f;
       for (int64_t j = 0; j < hv; ++j) sum += ds[i * hvp + j] * state[i * hvp + j];
-      w.running[i] = sum;
+      w.running[c.scalar_gate ? 0 : i] += sum;
     }
   } else {
     for (int64_t i = 0; i < state_size; ++i) ds[i] = 0.0f;
@@ -563,6 +689,9 @@ static GlaContext MakeGlaContext(const GatedLinearProblem& p) {
   c.hv = p.value_dim;
   c.hkp = RoundUp(p.key_dim, kVL);
   c.hvp = RoundUp(p.value_dim, kVL);
+  c.group = p.num_heads / p.num_kv_heads;
+  c.scalar_gate = p.gate_dim == 1;
+  c.gp = c.scalar_gate ? kVL : c.hkp;
   c.cp = RoundUp(kGlaChunk, kVL);
   c.num_chunks = CeilDiv(p.seq_len, kGlaChunk);
   return c;

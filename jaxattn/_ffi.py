@@ -484,24 +484,27 @@ def _gla_bwd_abstract(q, k, v, log_gate, initial_state, dout, dfinal_state, **_)
     _expect_ranks("jaxattn_gla_bwd", query=(q, 4), key=(k, 4), value=(v, 4),
                   log_gate=(log_gate, 4))
     b = _output_batch(q, k, v, log_gate, initial_state, dout, dfinal_state)
-    _, _, n, hk = q.shape
+    _, t, n, hk = q.shape
     hv = v.shape[3]
-    return (q.update(shape=(b,) + q.shape[1:], dtype=q.dtype),
-            k.update(shape=(b,) + k.shape[1:], dtype=k.dtype),
-            v.update(shape=(b,) + v.shape[1:], dtype=v.dtype),
-            log_gate.update(shape=(b,) + log_gate.shape[1:], dtype=log_gate.dtype),
+    # dkey, dvalue and dlog_gate per query head: the caller sums each kv head's group.
+    return (q.update(shape=(b, t, n, hk), dtype=q.dtype),
+            k.update(shape=(b, t, n, hk), dtype=k.dtype),
+            v.update(shape=(b, t, n, hv), dtype=v.dtype),
+            log_gate.update(shape=(b, t, n, log_gate.shape[3]), dtype=log_gate.dtype),
             q.update(shape=(b, n, hk, hv), dtype=jnp.float32))
 
 
-# Gated linear attention. Operands: query [B,T,N,Hk], key [B,T,N,Hk], value [B,T,N,Hv],
-# log_gate [B,T,N,Hk], initial_state [B,N,Hk,Hv] float32 (empty: none); attribute: scale.
+# Gated linear attention. Operands: query [B,T,N,Hk], key [B,T,K,Hk], value [B,T,K,Hv],
+# log_gate [B,T,K,Hk] or [B,T,K,1] (one gate per head and step), initial_state [B,N,Hk,Hv]
+# float32 (empty: none), K dividing N (grouped heads); attribute: scale.
 # Results: out [B,T,N,Hv], final_state [B,N,Hk,Hv] float32, aliased to initial_state where
 # the shapes agree: a decoding step updates a donated (or loop-carried) state in place, the
 # state read and written once (the kernels read every element before writing it).
-_GLA_OPERANDS = "btnh,btnh,btnd,btnh,bnhd"
+_GLA_OPERANDS = "btnh,btkh,btkd,btkh,bnhd"
 gla_fwd_p = _define("jaxattn_gla_fwd", "jaxattn_gla_fwd_v1", _gla_fwd_abstract,
                     axes=f"{_GLA_OPERANDS}->btnd,bnhd", aliases={4: 1})
-# ... plus dout, dfinal_state (empty: none) -> dquery, dkey, dvalue, dlog_gate, dinitial_state
+# ... plus dout, dfinal_state (empty: none) -> dquery, dkey, dvalue, dlog_gate, dinitial_state,
+# dkey, dvalue and dlog_gate per query head ([B,T,N,...]: the caller sums each group).
 gla_bwd_p = _define("jaxattn_gla_bwd", "jaxattn_gla_bwd_v1", _gla_bwd_abstract,
                     axes=f"{_GLA_OPERANDS},Btnd,Bnhd->btnh,btnh,btnd,btnh,bnhd")
 

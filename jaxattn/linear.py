@@ -9,7 +9,10 @@ batch element and head::
 
 Special cases: ``log_gate = 0`` everywhere is plain causal linear attention
 (``out_t = scale * q_t sum_{s<=t} k_s^T v_s``); a constant per head, ``log(gamma_n)``
-broadcast over time and the key dim, is RetNet's retention.
+broadcast over time and the key dim, is RetNet's retention. A gate with one value per head and
+step (``[B, T, N]``: Mamba-2, RetNet, flash-linear-attention's "simple GLA") runs kernels that
+decay the chunk's score matrix instead of every query and key element. Key, value and gate may
+have fewer heads than the query (grouped-query attention): each query head reads its group's.
 """
 
 from __future__ import annotations
@@ -34,6 +37,16 @@ from jaxattn._validation import (
 Array = jax.Array
 
 
+def _sum_groups(grad: Array, kv_heads: int) -> Array:
+    """``[B, T, N, H]`` per query head -> ``[B, T, K, H]``: the sum over each kv head's group
+    (in float32)."""
+    b, t, n, h = grad.shape
+    if n == kv_heads:
+        return grad
+    grouped = grad.reshape(b, t, kv_heads, n // kv_heads, h)
+    return grouped.sum(axis=3, dtype=jnp.float32).astype(grad.dtype)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gla(scale: float, q, k, v, log_gate, initial_state):
     out, final_state = _ffi.gla_fwd_p.bind(q, k, v, log_gate, initial_state,
@@ -53,7 +66,9 @@ def _gla_bwd(scale, residuals, cotangents):
         dfinal_state.astype(jnp.float32), scale=np.float32(scale))
     if not initial_state.size:
         dinit = jnp.zeros_like(initial_state)
-    return dq, dk, dv, dg, dinit
+    kv_heads = k.shape[2]
+    return dq, _sum_groups(dk, kv_heads), _sum_groups(dv, kv_heads), \
+        _sum_groups(dg, kv_heads), dinit
 
 
 _gla.defvjp(_gla_fwd, _gla_bwd)
@@ -71,19 +86,33 @@ def gated_linear_attention(
 ) -> Array | tuple[Array, Array]:
     """Gated linear attention: a decaying outer-product state instead of a softmax.
 
-    Per batch element and head, with a float32 state ``S`` of shape ``[Hk, Hv]``::
+    Per batch element and query head, with a float32 state ``S`` of shape ``[Hk, Hv]``::
 
         S_t = diag(exp(log_gate_t)) S_{t-1} + key_t^T value_t,   out_t = (scale * query_t) S_t
 
     ``log_gate = 0`` is plain causal linear attention; a constant per head (``log(gamma)``,
-    broadcast to ``[B, T, N, Hk]``) is RetNet's retention; ``log_gate = log_sigmoid(...)``
-    is GLA's forget gate. Training runs chunked kernels (within a chunk a masked quadratic
+    broadcast to ``[B, T, N]``) is RetNet's retention; ``log_gate = log_sigmoid(...)`` is
+    GLA's forget gate. Training runs chunked kernels (within a chunk a masked quadratic
     product with the gates in log space, between chunks the state); ``T <= 4`` (decoding, with
     ``initial_state`` and ``return_final_state``) runs the recurrence step by step, reading and
     writing the state once: generation carries ``[B, N, Hk, Hv]`` instead of a KV cache.
     The kernel writes ``final_state`` into ``initial_state``'s buffer: donate the state
     (``jax.jit(step, donate_argnums=...)``) or carry it through ``lax.fori_loop``/``scan``
     and each step updates it in place; a state the caller keeps is copied first by XLA.
+
+    **Scalar gates.** A ``log_gate`` of shape ``[B, T, K]`` (or ``[B, T, K, 1]``) is one gate
+    per head and step, the same decay on every key dim (Mamba-2, RetNet, flash-linear-attention's
+    ``chunk_simple_gla``). It equals the per-dimension gate broadcast to ``[B, T, K, Hk]`` (to
+    rounding), runs faster kernels (a chunk's ``[C, C]`` score matrix is scaled by
+    ``exp(G_i - G_j)`` instead of every query and key element) and its gradient is
+    ``[B, T, K]``.
+
+    **Grouped heads (GQA).** ``key``, ``value`` and ``log_gate`` may have ``K`` heads, ``K``
+    dividing the ``N`` query heads: query head ``n`` reads kv head ``n // (N // K)`` (the
+    layout of flash-linear-attention's GLA layer with ``num_kv_heads``, where key, value and
+    gate are repeated over the group, without the repeat). The state stays per query head,
+    ``[B, N, Hk, Hv]``, as after such a repeat; the gradients of key, value and log_gate are
+    summed over each group.
 
     ``log_gate`` should be ``<= 0`` (the log of a forget gate in (0, 1]); ``-inf`` resets the
     state. Positive values are allowed and computed exactly, but make the state grow by
@@ -92,10 +121,13 @@ def gated_linear_attention(
 
     Args:
       query: ``[B, T, N, Hk]`` (or unbatched ``[T, N, Hk]``), float32, bfloat16 or float16.
-      key: ``[B, T, N, Hk]``, the dtype of ``query``.
-      value: ``[B, T, N, Hv]``, the dtype of ``query``; ``Hv`` may differ from ``Hk``.
-      log_gate: broadcastable to ``[B, T, N, Hk]``, float32, bfloat16 or float16 (the cumulative
-        gates are summed in float32 inside the kernels whatever this dtype).
+      key: ``[B, T, K, Hk]``, the dtype of ``query``; ``K`` divides ``N`` (``K = N``: one kv
+        head per query head).
+      value: ``[B, T, K, Hv]``, the dtype of ``query``; ``Hv`` may differ from ``Hk``.
+      log_gate: float32, bfloat16 or float16 (the cumulative gates are summed in float32 inside
+        the kernels whatever this dtype), either per key dim, broadcastable to
+        ``[B, T, K, Hk]``, or one per head and step: ``[B, T, K]`` (a gate of rank one less
+        than ``query``, broadcastable to that) or any gate whose last dim is 1.
       scale: multiplies the query, default ``Hk ** -0.5``.
       initial_state: optional ``[B, N, Hk, Hv]`` (unbatched: ``[N, Hk, Hv]``), any float
         dtype, used as float32.
@@ -120,19 +152,30 @@ def gated_linear_attention(
     if not query.dtype == key.dtype == value.dtype:
         raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, "
                         f"{key.dtype}, {value.dtype}")
-    if key.shape != query.shape:
-        raise ValueError(f"key must have the shape of query {query.shape}, got {key.shape}")
-    if value.shape[:-1] != query.shape[:-1]:
-        raise ValueError(f"value must have shape {query.shape[:-1] + ('Hv',)} (query "
-                         f"{query.shape}), got {value.shape}")
+    if key.shape[:-2] != query.shape[:-2] or key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"key must have shape {query.shape[:-2] + ('K', query.shape[-1])} "
+                         f"(query {query.shape}), got {key.shape}")
+    if value.shape[:-1] != key.shape[:-1]:
+        raise ValueError(f"value must have shape {key.shape[:-1] + ('Hv',)} (key "
+                         f"{key.shape}), got {value.shape}")
+    heads, kv_heads = query.shape[-2], key.shape[-2]
+    if (kv_heads == 0) != (heads == 0) or (kv_heads and heads % kv_heads):
+        raise ValueError(f"key and value have {kv_heads} heads, which must divide the "
+                         f"{heads} heads of query (grouped-query attention)")
     hk, hv = query.shape[-1], value.shape[-1]
     if not (1 <= hk <= MAX_HEAD_DIM and 1 <= hv <= MAX_HEAD_DIM):
         raise ValueError(f"head dims must be in [1, {MAX_HEAD_DIM}], got Hk={hk}, Hv={hv}")
+    if log_gate.ndim == query.ndim - 1:  # [B, T, K]: one gate per head and step
+        log_gate = log_gate[..., None]
+    scalar_gate = log_gate.ndim == 0 or log_gate.shape[-1] == 1
+    gate_shape = key.shape[:-1] + (1 if scalar_gate else hk,)
     try:
-        log_gate = jnp.broadcast_to(log_gate, query.shape)
+        log_gate = jnp.broadcast_to(log_gate, gate_shape)
     except ValueError as e:
-        raise ValueError(f"log_gate of shape {log_gate.shape} is not broadcastable to the query "
-                         f"shape {query.shape}") from e
+        raise ValueError(
+            f"log_gate of shape {log_gate.shape} is not broadcastable to {gate_shape} "
+            f"([B, T, K, Hk] per key dim, or [B, T, K] / [B, T, K, 1] one per head and step; "
+            f"key {key.shape})") from e
     scale = check_scale(scale, hk)
     state_shape = (() if unbatched else query.shape[:1]) + (query.shape[-2], hk, hv)
     if initial_state is not None:

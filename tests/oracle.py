@@ -613,16 +613,40 @@ def _gla_states(q, k, v, log_gate, initial_state):
     return states
 
 
+def _gla_expand(q, k, v, g):
+    """Grouped kv heads repeated to the query's ``N`` (query head n reads kv head
+    n // (N // K)), and a gate of one value per head and step (``[B, T, K]`` or
+    ``[B, T, K, 1]``) broadcast over the key dim: the per-head, per-dim recurrence's operands."""
+    group = q.shape[2] // k.shape[2]
+    if g.ndim == 3:
+        g = g[..., None]
+    g = np.broadcast_to(g, k.shape[:3] + (q.shape[3],))
+    k, v, g = (np.repeat(x, group, axis=2) for x in (k, v, g))
+    return q, k, v, g
+
+
+def _gla_reduce(grad, like):
+    """The gradient of an expanded operand (``_gla_expand``) summed back to ``like``'s shape."""
+    b, t, n, h = grad.shape
+    kv_heads = like.shape[2]
+    grad = grad.reshape(b, t, kv_heads, n // kv_heads, h).sum(axis=3)
+    if like.ndim == 3:
+        return grad.sum(axis=-1)
+    return grad.sum(axis=-1, keepdims=True) if like.shape[-1] == 1 and h != 1 else grad
+
+
 def gla_reference(query: Array, key: Array, value: Array, log_gate: Array, *,
                   scale: float | None = None,
                   initial_state: Array | None = None) -> tuple[Array, Array]:
     """The gated linear attention recurrence step by step in float64.
 
-    ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``, ``out_t = scale q_t S_t``; query, key,
-    log_gate ``[B, T, N, Hk]``, value ``[B, T, N, Hv]``, initial_state ``[B, N, Hk, Hv]``.
+    ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``, ``out_t = scale q_t S_t``; query
+    ``[B, T, N, Hk]``, key and log_gate ``[B, T, K, Hk]``, value ``[B, T, K, Hv]`` (K divides
+    N; query head n reads kv head n // (N // K)), initial_state ``[B, N, Hk, Hv]``; a gate
+    ``[B, T, K]`` or ``[B, T, K, 1]`` is the same on every key dim.
     Returns ``(out [B, T, N, Hv], final_state [B, N, Hk, Hv])``.
     """
-    q, k, v, g = _as_float64(query, key, value, log_gate)
+    q, k, v, g = _gla_expand(*_as_float64(query, key, value, log_gate))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     states = _gla_states(q, k, v, g, initial_state)
     out = np.zeros(q.shape[:3] + (v.shape[-1],))
@@ -639,9 +663,12 @@ def gla_reference_grad(query: Array, key: Array, value: Array, log_gate: Array, 
     With dS the total gradient of the state S_t: dS_t = scale q_t^T dout_t
     + diag(exp(g_{t+1})) dS_{t+1}; then dq_t = scale S_t dout_t, dk_t = dS_t v_t,
     dv_t = dS_t^T k_t, dg_t = rowsum(dS_t * diag(exp(g_t)) S_{t-1}), d initial = the dS before
-    the first step. Returns ``(dq, dk, dv, dlog_gate, dinitial_state)``.
+    the first step; grouped kv heads and scalar gates (see ``gla_reference``) get the sums
+    over what they were expanded to. Returns ``(dq, dk, dv, dlog_gate, dinitial_state)``, each
+    of its operand's shape.
     """
-    q, k, v, g, do = _as_float64(query, key, value, log_gate, dout)
+    q0, k0, v0, g0, do = _as_float64(query, key, value, log_gate, dout)
+    q, k, v, g = _gla_expand(q0, k0, v0, g0)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     states = _gla_states(q, k, v, g, initial_state)
     ds = (np.zeros_like(states[0]) if dfinal_state is None
@@ -656,4 +683,4 @@ def gla_reference_grad(query: Array, key: Array, value: Array, log_gate: Array, 
         decayed = np.exp(g[:, i])[..., None] * states[i]
         dg[:, i] = np.sum(ds * decayed, axis=-1)
         ds = np.exp(g[:, i])[..., None] * ds
-    return dq, dk, dv, dg, ds
+    return dq, _gla_reduce(dk, k0), _gla_reduce(dv, v0), _gla_reduce(dg, g0), ds

@@ -24,12 +24,16 @@ CHUNK = 64  # kGatedLinearChunk (cc/gated_linear.h)
 
 
 def make_inputs(rng, batch, length, heads, key_dim, value_dim, *, decay=1.0, dtype=np.float32,
-                gate_dtype=None, state=False):
-    """Standard-normal q, k, v; log gates uniform in [-decay, 0]; optionally a state."""
+                gate_dtype=None, state=False, kv_heads=None, scalar_gate=False):
+    """Standard-normal q, k, v; log gates uniform in [-decay, 0] (per key dim, or with
+    ``scalar_gate`` one per head and step, [B, T, K]); key, value and gate with ``kv_heads``
+    heads (default: ``heads``); optionally a state."""
+    kv_heads = heads if kv_heads is None else kv_heads
     normal = lambda *shape: rng.standard_normal(shape).astype(dtype)
-    q, k = normal(batch, length, heads, key_dim), normal(batch, length, heads, key_dim)
-    v = normal(batch, length, heads, value_dim)
-    g = (-decay * rng.random((batch, length, heads, key_dim))).astype(gate_dtype or dtype)
+    q, k = normal(batch, length, heads, key_dim), normal(batch, length, kv_heads, key_dim)
+    v = normal(batch, length, kv_heads, value_dim)
+    gate_shape = (batch, length, kv_heads) + (() if scalar_gate else (key_dim,))
+    g = (-decay * rng.random(gate_shape)).astype(gate_dtype or dtype)
     s0 = (rng.standard_normal((batch, heads, key_dim, value_dim)).astype(np.float32)
           if state else None)
     return q, k, v, g, s0
@@ -48,6 +52,8 @@ def check_forward(q, k, v, g, s0=None, *, scale=None, dtype=np.float32, rtol_flo
 
 def check_gradients(q, k, v, g, s0, rng, *, dtype=np.float32, with_final=True, factor=1.0):
     do = rng.standard_normal(q.shape[:3] + v.shape[-1:]).astype(q.dtype)
+    if s0 is None:
+        s0 = np.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), np.float32)
     dfinal = (rng.standard_normal((q.shape[0], q.shape[2], q.shape[3], v.shape[3]))
               .astype(np.float32) if with_final else None)
 
@@ -272,10 +278,14 @@ def test_gradients_without_state_or_final(rng):
                                name=f"d{name}")
 
 
-def test_oracle_gradient_by_finite_differences(rng):
-    """The oracle's backward recurrence against central differences of its forward."""
-    q, k, v, g, s0 = (x.astype(np.float64) for x in make_inputs(rng, 1, 9, 2, 3, 4, state=True))
-    do = rng.standard_normal(v.shape)
+@pytest.mark.parametrize("kv_heads,scalar_gate", [(2, False), (1, True), (1, False)],
+                         ids=["per_dim", "scalar_gqa", "gqa"])
+def test_oracle_gradient_by_finite_differences(rng, kv_heads, scalar_gate):
+    """The oracle's backward recurrence against central differences of its forward (with
+    grouped kv heads and scalar gates: the sums over what they were expanded to)."""
+    q, k, v, g, s0 = (x.astype(np.float64) for x in make_inputs(
+        rng, 1, 9, 2, 3, 4, state=True, kv_heads=kv_heads, scalar_gate=scalar_gate))
+    do = rng.standard_normal(q.shape[:3] + v.shape[-1:])
     dfinal = rng.standard_normal(s0.shape)
 
     def loss(q, k, v, g, s0):
@@ -319,6 +329,213 @@ def test_kernel_gradient_by_finite_differences(rng):
         numeric = (float(loss(*plus)) - float(loss(*minus))) / (2 * eps)
         analytic = float(jnp.sum(grad * direction))
         assert abs(analytic - numeric) <= 2e-3 * (abs(numeric) + 1.0), (i, analytic, numeric)
+
+
+# ------------------------------------------------- scalar gates and grouped kv heads
+
+
+@pytest.mark.parametrize("length", [1, 3, 5, 63, 64, 65, 130])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_scalar_gate_and_kv_heads_forward(rng, length, kv_heads):
+    """log_gate [B, T, K] (one gate per head and step) and K kv heads for N = 4 query heads:
+    lengths through the recurrent kernel (T <= 4), one chunk and several."""
+    check_forward(*make_inputs(rng, 2, length, 4, 17, 9, state=True, kv_heads=kv_heads,
+                               scalar_gate=True))
+
+
+@pytest.mark.parametrize("length", [1, 4, 5, 64, 65, 150])
+@pytest.mark.parametrize("kv_heads,scalar_gate", [(3, True), (1, True), (1, False)],
+                         ids=["scalar", "scalar_gqa", "gqa"])
+def test_scalar_gate_and_kv_heads_gradients(rng, length, kv_heads, scalar_gate):
+    check_gradients(*make_inputs(rng, 2, length, 3, 12, 7, state=True, kv_heads=kv_heads,
+                                 scalar_gate=scalar_gate), rng)
+
+
+@pytest.mark.parametrize("key_dim,value_dim", [(1, 1), (3, 5), (8, 8), (17, 3), (100, 33),
+                                               (256, 16)])
+def test_scalar_gate_head_dims(rng, key_dim, value_dim):
+    inputs = make_inputs(rng, 1, 70, 2, key_dim, value_dim, state=True, scalar_gate=True)
+    check_forward(*inputs)
+    check_gradients(*inputs, rng)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.02, 1.0, 8.0, 200.0])
+def test_scalar_gate_decay_strengths(rng, decay):
+    """As the per-dimension gate: sub-chunks cut where the summed gate spans too much, down to
+    single rows, and an exp that underflows within one step."""
+    inputs = make_inputs(rng, 1, 150, 2, 12, 20, decay=decay, state=True, scalar_gate=True)
+    check_forward(*inputs)
+    check_gradients(*inputs, rng)
+
+
+def test_scalar_gate_equals_broadcast_per_dimension_gate(rng):
+    """A [B, T, K] gate and the same gate broadcast to [B, T, K, Hk] (the other kernels) agree
+    to rounding, gradients included (the scalar gate's is the sum over the key dims)."""
+    q, k, v, g, s0 = make_inputs(rng, 2, 140, 4, 24, 16, decay=2.0, state=True, kv_heads=2,
+                                 scalar_gate=True)
+    wide = np.broadcast_to(g[..., None], g.shape + (24,)).copy()
+    do = rng.standard_normal((2, 140, 4, 16)).astype(np.float32)
+
+    def loss(q, k, v, g, s0):
+        out, final = jaxattn.gated_linear_attention(q, k, v, g, initial_state=s0,
+                                                    return_final_state=True)
+        return jnp.sum(out * do) + jnp.sum(final), (out, final)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
+    (*scalar_grads,), scalar_outs = grad(q, k, v, g, s0)
+    (*wide_grads,), wide_outs = grad(q, k, v, wide, s0)
+    wide_grads[3] = wide_grads[3].sum(-1)
+    for name, a, b in zip(("out", "final", "dq", "dk", "dv", "dg", "ds0"),
+                          (*scalar_outs, *scalar_grads), (*wide_outs, *wide_grads)):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(np.abs(b).max()),
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("gate_shape", [(2, 50, 2, 1), (1, 1, 2, 1), (2, 50, 2), (2, 1), ()],
+                         ids=["BTK1", "11K1", "BTK", "K1", "scalar"])
+def test_scalar_gate_shapes(rng, gate_shape):
+    """Any gate whose last dim is 1, and a gate of rank one less than query ([B, T, K],
+    broadcastable), is one gate per head and step; its gradient has its own shape."""
+    q, k, v, _, s0 = make_inputs(rng, 2, 50, 2, 8, 6, state=True)
+    g = (-rng.random(gate_shape)).astype(np.float32)
+    full = np.broadcast_to(g[..., None] if g.ndim == 3 else g, (2, 50, 2, 1))[..., 0]
+    out = jaxattn.gated_linear_attention(q, k, v, g, initial_state=s0)
+    ref, _ = gla_reference(q, k, v, np.ascontiguousarray(full), initial_state=s0)
+    assert_close_to_oracle(out, ref, dtype=np.float32, name="out")
+    dg = jax.grad(lambda g: jnp.sum(jaxattn.gated_linear_attention(q, k, v, g,
+                                                                   initial_state=s0)))(g)
+    assert dg.shape == g.shape and np.all(np.isfinite(np.asarray(dg)))
+
+
+def test_scalar_gate_full_reset_and_positive_gates(rng):
+    q, k, v, g, s0 = make_inputs(rng, 1, 100, 2, 8, 8, state=True, scalar_gate=True)
+    g[:, 40] = -np.inf
+    out = np.asarray(jaxattn.gated_linear_attention(q, k, v, g, initial_state=s0))
+    g_rest = g[:, 40:].copy()
+    g_rest[:, 0] = 0.0
+    fresh = np.asarray(jaxattn.gated_linear_attention(q[:, 40:], k[:, 40:], v[:, 40:], g_rest))
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[:, 40:], fresh, rtol=1e-5, atol=1e-5)
+    positive = np.abs(g[:, 41:]) * 0.05
+    inputs = (q[:, 41:], k[:, 41:], v[:, 41:], positive, s0)
+    _, final = check_forward(*inputs)
+    assert np.abs(final).max() > 10 * np.abs(s0).max()
+    check_gradients(*inputs, rng)
+
+
+def test_scalar_gate_retnet_retention(rng):
+    """A constant per head, [1, 1, N] against RetNet's parallel form."""
+    b, t, n, h = 2, 100, 4, 16
+    q, k, v, _, _ = make_inputs(rng, b, t, n, h, h)
+    gamma = 1.0 - 2.0 ** (-5.0 - np.arange(n))
+    out = jaxattn.gated_linear_attention(q, k, v, np.log(gamma).astype(np.float32)[None, None])
+    pos = np.arange(t)
+    decay = np.where(pos[:, None] >= pos[None, :],
+                     gamma[:, None, None] ** (pos[:, None] - pos[None, :]), 0.0)
+    scores = np.einsum("btnh,bsnh->bnts", q.astype(np.float64), k.astype(np.float64)) * decay
+    expected = h ** -0.5 * np.einsum("bnts,bsnd->btnd", scores, v.astype(np.float64))
+    assert_close_to_oracle(out, expected, dtype=np.float32, name="out")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("length", [3, 100])
+def test_scalar_gate_and_kv_heads_low_precision(rng, dtype, length):
+    dtype = np.dtype(dtype)
+    q, k, v, g, s0 = make_inputs(rng, 2, length, 4, 24, 40, dtype=dtype, state=True,
+                                 kv_heads=2, scalar_gate=True)
+    check_forward(q, k, v, g, s0, dtype=dtype)
+    check_gradients(q, k, v, g, s0, rng, dtype=dtype)
+    g32 = g.astype(np.float32)
+    check_forward(q, k, v, g32, s0, dtype=dtype)
+    dg = jax.grad(lambda g: jnp.sum(jaxattn.gated_linear_attention(q, k, v, g)
+                                    .astype(jnp.float32)))(g32)
+    assert dg.dtype == jnp.float32 and dg.shape == g32.shape
+
+
+@pytest.mark.parametrize("step", [1, 3, 4, 7])
+@pytest.mark.parametrize("scalar_gate", [True, False], ids=["scalar", "per_dim"])
+def test_kv_heads_decoding_in_steps_matches_one_call(rng, step, scalar_gate):
+    q, k, v, g, s0 = make_inputs(rng, 2, 23, 4, 12, 10, state=True, kv_heads=2,
+                                 scalar_gate=scalar_gate)
+    full, full_state = jaxattn.gated_linear_attention(q, k, v, g, initial_state=s0,
+                                                      return_final_state=True)
+    decode = jax.jit(lambda q, k, v, g, s: jaxattn.gated_linear_attention(
+        q, k, v, g, initial_state=s, return_final_state=True), donate_argnums=4)
+    state, outs = jnp.array(s0), []
+    for t in range(0, 23, step):
+        piece = slice(t, t + step)
+        out, state = decode(q[:, piece], k[:, piece], v[:, piece], g[:, piece], state)
+        outs.append(out)
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(state, full_state, rtol=2e-5, atol=2e-5)
+    check_forward(q[:, :1], k[:, :1], v[:, :1], g[:, :1], s0)
+
+
+def test_kv_heads_equal_repeated_heads(rng):
+    """K kv heads give what repeating key, value and gate over each group of N / K query heads
+    gives (the repeat's gradients summed over the group)."""
+    q, k, v, g, s0 = make_inputs(rng, 2, 90, 6, 8, 5, state=True, kv_heads=2)
+    rep = lambda x: jnp.repeat(x, 3, axis=2)
+    loss = lambda q, k, v, g, s: jnp.sum(jnp.sin(jaxattn.gated_linear_attention(
+        q, k, v, g, initial_state=s)))
+    grouped = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0)
+    repeated = jax.grad(lambda q, k, v, g, s: loss(q, rep(k), rep(v), rep(g), s),
+                        argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0)
+    for a, b in zip(grouped, repeated):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_heads_vmap_jit_and_bad_shapes(rng):
+    q, k, v, g, s0 = make_inputs(rng, 3, 40, 4, 8, 6, state=True, kv_heads=2, scalar_gate=True)
+    f = lambda q, k, v, g, s: jaxattn.gated_linear_attention(q, k, v, g, initial_state=s,
+                                                             return_final_state=True)
+    out, final = jax.jit(jax.vmap(f, in_axes=(0, 0, 0, 0, 0)))(q[:, None], k[:, None],
+                                                               v[:, None], g[:, None],
+                                                               s0[:, None])
+    ref_out, ref_final = gla_reference(q, k, v, g, initial_state=s0)
+    assert_close_to_oracle(out[:, 0], ref_out, dtype=np.float32, name="out")
+    assert_close_to_oracle(final[:, 0], ref_final, dtype=np.float32, name="final")
+    out = jaxattn.gated_linear_attention(q[0], k[0], v[0], g[0], initial_state=s0[0])
+    assert_close_to_oracle(out, ref_out[0], dtype=np.float32, name="unbatched")
+    gla = jaxattn.gated_linear_attention
+    k3, v3 = np.concatenate([k, k[:, :, :1]], 2), np.concatenate([v, v[:, :, :1]], 2)
+    with pytest.raises(ValueError, match="key and value have 3 heads, which must divide"):
+        gla(q, k3, v3, np.concatenate([g, g[:, :, :1]], 2))
+    with pytest.raises(ValueError, match="value"):
+        gla(q, k, v3, g)
+    with pytest.raises(ValueError, match="log_gate"):
+        gla(q, k, v, np.zeros((3, 40, 4), np.float32))  # per query head, not per kv head
+    with pytest.raises(ValueError, match="log_gate"):
+        gla(q, k, v, np.zeros((3, 40, 2, 5), np.float32))
+
+
+def test_kv_heads_vmap_of_grad(rng):
+    q, k, v, g, s0 = make_inputs(rng, 2, 66, 4, 5, 4, state=True, kv_heads=2, scalar_gate=True)
+    qs = np.stack([q, 0.5 * q])
+    loss = lambda q, k, v, g, s: jnp.sum(jaxattn.gated_linear_attention(q, k, v, g,
+                                                                        initial_state=s) ** 2)
+    grads = jax.vmap(jax.grad(loss, argnums=(0, 1, 2, 3, 4)),
+                     in_axes=(0, None, None, None, None))(qs, k, v, g, s0)
+    for i in range(2):
+        expected = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(qs[i], k, v, g, s0)
+        for a, b in zip(grads, expected):
+            assert a[i].shape == b.shape
+            np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-5)
+
+
+def test_scalar_gate_and_kv_heads_export(rng):
+    """jax.export round trip of a scalar-gate, grouped-head forward and backward."""
+    from jax import export
+    q, k, v, g, s0 = make_inputs(rng, 2, 70, 4, 8, 6, state=True, kv_heads=2, scalar_gate=True)
+    f = jax.jit(jax.value_and_grad(lambda q, k, v, g, s: jnp.sum(
+        jaxattn.gated_linear_attention(q, k, v, g, initial_state=s) ** 2),
+        argnums=(0, 1, 2, 3, 4)))
+    exported = export.deserialize(export.export(
+        f, disabled_checks=jaxattn.export_disabled_checks())(q, k, v, g, s0).serialize())
+    for a, b in zip(jax.tree.leaves(exported.call(q, k, v, g, s0)),
+                    jax.tree.leaves(f(q, k, v, g, s0))):
+        np.testing.assert_array_equal(a, b)
 
 
 # ------------------------------------------------------------------- jit, vmap, grad
@@ -433,12 +650,16 @@ _ISA_SCRIPT = textwrap.dedent("""
     from oracle import gla_reference, gla_reference_grad
     assert jaxattn.kernel_isa() == sys.argv[1], jaxattn.kernel_isa()
     rng = np.random.default_rng(0)
-    for (t, hk, hv, decay) in ((3, 5, 7, 1.0), (130, 19, 33, 0.3), (90, 8, 4, 20.0)):
-        q, k = (rng.standard_normal((2, t, 2, hk)).astype(np.float32) for _ in range(2))
-        v = rng.standard_normal((2, t, 2, hv)).astype(np.float32)
-        g = (-decay * rng.random((2, t, 2, hk))).astype(np.float32)
+    cases = ((3, 5, 7, 1.0, 2, False), (130, 19, 33, 0.3, 2, False), (90, 8, 4, 20.0, 2, False),
+             (3, 5, 7, 1.0, 1, True), (130, 19, 33, 0.3, 2, True), (90, 8, 4, 20.0, 1, True))
+    for (t, hk, hv, decay, kv_heads, scalar_gate) in cases:  # 2 query heads
+        q = rng.standard_normal((2, t, 2, hk)).astype(np.float32)
+        k = rng.standard_normal((2, t, kv_heads, hk)).astype(np.float32)
+        v = rng.standard_normal((2, t, kv_heads, hv)).astype(np.float32)
+        g = (-decay * rng.random((2, t, kv_heads) + (() if scalar_gate else (hk,))))
+        g = g.astype(np.float32)
         s0 = rng.standard_normal((2, 2, hk, hv)).astype(np.float32)
-        do = rng.standard_normal(v.shape).astype(np.float32)
+        do = rng.standard_normal((2, t, 2, hv)).astype(np.float32)
         out, fin = jaxattn.gated_linear_attention(q, k, v, g, initial_state=s0,
                                                   return_final_state=True)
         ref, ref_fin = gla_reference(q, k, v, g, initial_state=s0)
@@ -465,17 +686,19 @@ def test_other_instruction_sets(isa):
 # ------------------------------------------------------------------------------- Flax
 
 
-def _layer_reference(params, x, num_heads, normalizer=16.0, eps=1e-5):
-    """The GLA layer in float64 NumPy from its parameters (flash-linear-attention's GLA)."""
+def _layer_reference(params, x, num_heads, normalizer=16.0, eps=1e-5, num_kv_heads=None):
+    """The GLA layer in float64 NumPy from its parameters (flash-linear-attention's GLA; with
+    ``num_kv_heads``, key, value and gate projections of that many heads)."""
     p = {name: {k: np.asarray(v, np.float64) for k, v in d.items()} for name, d in params.items()}
     x = np.asarray(x, np.float64)
     lin = lambda name, h: h @ p[name]["kernel"] + p[name].get("bias", 0.0)
     b, t, _ = x.shape
-    heads = lambda h: h.reshape(b, t, num_heads, -1)
+    heads = lambda h, n=num_heads: h.reshape(b, t, n, -1)
+    kv_heads = lambda h: heads(h, num_kv_heads or num_heads)
     logits = lin("gk_up", lin("gk_down", x))
     log_gate = -np.logaddexp(0.0, -logits) / normalizer
-    o, _ = gla_reference(heads(lin("q_proj", x)), heads(lin("k_proj", x)),
-                         heads(lin("v_proj", x)), heads(log_gate))
+    o, _ = gla_reference(heads(lin("q_proj", x)), kv_heads(lin("k_proj", x)),
+                         kv_heads(lin("v_proj", x)), kv_heads(log_gate))
     o = o / np.sqrt(np.mean(o ** 2, axis=-1, keepdims=True) + eps) * p["g_norm"]["scale"]
     g = heads(lin("g_proj", x))
     o = o * g / (1.0 + np.exp(-g))
@@ -524,6 +747,34 @@ def test_flax_linen_layer_matches_nnx_and_decodes(rng):
     shapes = {name: {k: v[...].shape for k, v in d.items()}
               for name, d in nnx.state(layer, nnx.Param).items()}
     assert shapes == jax.tree.map(lambda a: a.shape, variables["params"])
+
+
+def test_flax_layers_with_kv_heads(rng):
+    """num_kv_heads = 2 of 4 heads: narrower key, value and gate projections; nnx and linen
+    against the reference, and decoding."""
+    from flax import nnx
+    from jaxattn.flax import linen as jl
+    from jaxattn.flax.nnx import GatedLinearAttention
+
+    x = rng.standard_normal((2, 40, 32)).astype(np.float32)
+    layer = GatedLinearAttention(32, 4, num_kv_heads=2, rngs=nnx.Rngs(0))
+    assert layer.k_proj.kernel.shape == (32, 8) and layer.v_proj.kernel.shape == (32, 16)
+    y = layer(x)
+    params = {name: {k: v[...] for k, v in d.items()}
+              for name, d in nnx.state(layer, nnx.Param).items()}
+    assert_close_to_oracle(y, _layer_reference(params, x, 4, num_kv_heads=2), dtype=np.float32,
+                           name="y")
+    layer.init_cache(batch_size=2)
+    assert layer.state[...].shape == (2, 4, 4, 8)
+    steps = [layer(x[:, t:t + 3], decode=True) for t in range(0, 40, 3)]
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), y, rtol=1e-4, atol=1e-5)
+    module = jl.GatedLinearAttention(hidden_size=32, num_heads=4, num_kv_heads=2)
+    variables = module.init(jax.random.key(0), x)
+    assert_close_to_oracle(module.apply(variables, x),
+                           _layer_reference(variables["params"], x, 4, num_kv_heads=2),
+                           dtype=np.float32, name="linen y")
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        GatedLinearAttention(32, 4, num_kv_heads=3, rngs=nnx.Rngs(0))
 
 
 def test_flax_layers_reject_bad_input():

@@ -602,3 +602,35 @@ else:
     def test_views_malformed_is_an_error(views) -> None:
         with pytest.raises(jax.errors.JaxRuntimeError, match="jaxattn"):
             jax.block_until_ready(flash_call(np.asarray(views, np.int64)))
+
+    # ----------------------------------------------------------------------------------------
+    # Gated linear attention
+
+    @pytest.mark.parametrize("spec_name", list(SPECS))
+    @pytest.mark.parametrize("scalar_gate", [False, True], ids=["per_dim_gate", "scalar_gate"])
+    def test_gated_linear_attention_kv_heads_per_shard(rng, spec_name, scalar_gate) -> None:
+        """Grouped heads (N = 8 query heads, K = 4 kv heads), a per-dim or a scalar gate and
+        an initial state: forward, final state and gradients per shard, equal to one device."""
+        mesh = make_mesh()
+        spec = SPECS[spec_name]
+        entries = tuple(spec) + (None,) * (3 - len(spec))
+        q = rng.standard_normal((B, T, N, H), np.float32)
+        k = rng.standard_normal((B, T, K, H), np.float32)
+        v = rng.standard_normal((B, T, K, HV), np.float32)
+        g = -rng.random((B, T, K) if scalar_gate else (B, T, K, H)).astype(np.float32)
+        s0 = rng.standard_normal((B, N, H, HV), np.float32)
+        ct = rng.standard_normal((B, T, N, HV), np.float32)
+
+        def fwd_bwd(q, k, v, g, s0, ct):
+            gla = lambda *a: jaxattn.gated_linear_attention(*a[:4], initial_state=a[4],
+                                                            return_final_state=True)
+            (out, final), pullback = jax.vjp(gla, q, k, v, g, s0)
+            return out, final, pullback((ct, final))
+
+        fn = jax.jit(fwd_bwd)
+        specs = (spec, spec, spec, P(*entries[:g.ndim]), P(entries[0], entries[2]), spec)
+        args = [put(x, mesh, s) for x, s in zip((q, k, v, g, s0, ct), specs)]
+        assert collectives(fn, *args) == []
+        actual = fn(*args)
+        assert_close(actual, fwd_bwd(q, k, v, g, s0, ct), rtol=0, atol=0)
+        assert actual[0].sharding.is_equivalent_to(args[0].sharding, 4)

@@ -19,8 +19,9 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jaxattn::GatedLinearAttrs, StructMember<
 namespace jaxattn {
 namespace {
 
-// query [Bq,T,N,Hk], key [Bk,T,N,Hk], value [Bv,T,N,Hv], log_gate [Bg,T,N,Hk],
-// initial_state [Bs,N,Hk,Hv] float32 (0 elements: none), for outputs of batch `batch`.
+// query [Bq,T,N,Hk], key [Bk,T,K,Hk], value [Bv,T,K,Hv], log_gate [Bg,T,K,Hk] or
+// [Bg,T,K,1] (a scalar gate), initial_state [Bs,N,Hk,Hv] float32 (0 elements: none), for
+// outputs of batch `batch`; K divides N.
 ffi::Error ParseGatedLinear(const ffi::AnyBuffer& query, const ffi::AnyBuffer& key,
                             const ffi::AnyBuffer& value, const ffi::AnyBuffer& log_gate,
                             const ffi::AnyBuffer& initial_state, int64_t batch, float scale,
@@ -43,20 +44,26 @@ ffi::Error ParseGatedLinear(const ffi::AnyBuffer& query, const ffi::AnyBuffer& k
                            "float16");
   }
   for (const auto* d : {&k, &v, &g}) {
-    if ((*d)[1] != q[1] || (*d)[2] != q[2]) {
+    if ((*d)[1] != q[1] || (*d)[2] != k[2]) {
       return InvalidArgument("gated linear attention: inconsistent shapes: query " +
                              ShapeString(q) + ", key " + ShapeString(k) + ", value " +
                              ShapeString(v) + ", log_gate " + ShapeString(g));
     }
   }
-  if (k[3] != q[3] || g[3] != q[3]) {
-    return InvalidArgument("gated linear attention: query, key and log_gate must share the "
-                           "head dim, got " + ShapeString(q) + ", " + ShapeString(k) + ", " +
-                           ShapeString(g));
+  if (k[2] <= 0 || q[2] % k[2] != 0) {
+    return InvalidArgument("gated linear attention: the kv heads of key " + ShapeString(k) +
+                           " must divide the query heads " + ShapeString(q));
+  }
+  if (k[3] != q[3] || (g[3] != q[3] && g[3] != 1)) {
+    return InvalidArgument("gated linear attention: query and key must share the head dim, "
+                           "log_gate have it or 1, got " + ShapeString(q) + ", " +
+                           ShapeString(k) + ", " + ShapeString(g));
   }
   p->batch = batch;
   p->seq_len = q[1];
   p->num_heads = q[2];
+  p->num_kv_heads = k[2];
+  p->gate_dim = g[3];
   p->key_dim = q[3];
   p->value_dim = v[3];
   p->q_batch = q[0];
@@ -124,6 +131,7 @@ ffi::Error GatedLinearBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
   JAXATTN_RETURN_IF_ERROR(
       ParseGatedLinear(query, key, value, log_gate, initial_state, dqd[0], attrs.scale, &p));
   const int64_t B = p.batch, T = p.seq_len, N = p.num_heads, Hk = p.key_dim, Hv = p.value_dim;
+  // dkey, dvalue and dlog_gate per query head (summed over the groups by the caller).
   const auto is = [](const ffi::AnyBuffer& x, ffi::DataType type,
                      std::initializer_list<int64_t> shape) {
     return x.element_type() == type && HasShape(x.dimensions(), shape);
@@ -134,7 +142,7 @@ ffi::Error GatedLinearBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
        !HasShape(dfinal_state.dimensions(), {B, N, Hk, Hv})) ||
       !is(*dquery, dtype, {B, T, N, Hk}) || !is(*dkey, dtype, {B, T, N, Hk}) ||
       !is(*dvalue, dtype, {B, T, N, Hv}) ||
-      !is(*dlog_gate, log_gate.element_type(), {B, T, N, Hk}) ||
+      !is(*dlog_gate, log_gate.element_type(), {B, T, N, p.gate_dim}) ||
       !HasShape(dinitial_state->dimensions(), {B, N, Hk, Hv})) {
     return InvalidArgument("gated linear attention backward: operand shapes do not match the "
                            "inputs");

@@ -1,7 +1,7 @@
 // The gated linear attention kernels (GatedLinearForward / GatedLinearBackward) in the kernel
 // harness: random problems (lengths around the 64-position chunk and the recurrent cut-off,
 // head dims off the vector width, broadcast operand batches, zero to extreme decay, -inf
-// resets, an initial state, a final-state cotangent), each checked against a float64
+// resets, an initial state, a final-state cotangent, grouped kv heads, scalar gates), each checked against a float64
 // recurrence (gated_linear.h) and its backward, serial and thread-pool runs bitwise equal.
 #include <cmath>
 #include <cstdio>
@@ -20,6 +20,8 @@ using jaxattn::GatedLinearProblem;
 struct Case {
   DType dtype = DType::kF32, gate_dtype = DType::kF32;
   int64_t B = 1, T = 1, N = 1, Hk = 1, Hv = 1;
+  int64_t K = 1;             // kv heads of key, value, log_gate (divides N)
+  bool scalar_gate = false;  // log_gate [.., 1]: one gate per head and step
   int64_t q_batch = 1, k_batch = 1, v_batch = 1, g_batch = 1, state_batch = 0;  // 0: none
   double decay = 1.0;  // log gates uniform in [-decay, 0]
   bool resets = false, dfinal = false;
@@ -28,9 +30,10 @@ struct Case {
   std::string Describe() const {
     char buf[300];
     std::snprintf(buf, sizeof(buf),
-                  "%s gate %s B=%ld T=%ld N=%ld Hk=%ld Hv=%ld batches q%ld k%ld v%ld g%ld s%ld "
-                  "decay=%g resets=%d dfinal=%d",
-                  DTypeName(dtype), DTypeName(gate_dtype), long(B), long(T), long(N), long(Hk),
+                  "%s gate %s%s B=%ld T=%ld N=%ld K=%ld Hk=%ld Hv=%ld batches q%ld k%ld v%ld g%ld "
+                  "s%ld decay=%g resets=%d dfinal=%d",
+                  DTypeName(dtype), DTypeName(gate_dtype), scalar_gate ? " (scalar)" : "",
+                  long(B), long(T), long(N), long(K), long(Hk),
                   long(Hv), long(q_batch), long(k_batch), long(v_batch), long(g_batch),
                   long(state_batch), decay, int(resets), int(dfinal));
     return buf;
@@ -41,6 +44,13 @@ int64_t Row(const Case& c, int64_t batch, int64_t b, int64_t t, int64_t n, int64
   return (((b % batch) * c.T + t) * c.N + n) * dim;
 }
 
+// A row of key, value or log_gate: query head n reads kv head n / (N / K).
+int64_t KvRow(const Case& c, int64_t batch, int64_t b, int64_t t, int64_t n, int64_t dim) {
+  return (((b % batch) * c.T + t) * c.K + n / (c.N / c.K)) * dim;
+}
+
+int64_t GateDim(const Case& c) { return c.scalar_gate ? 1 : c.Hk; }
+
 struct Operands {
   Tensor q, k, v, g, state, dout, dfinal;
 };
@@ -48,9 +58,9 @@ struct Operands {
 Operands MakeOperands(const Case& c, uint64_t seed) {
   Random r(seed);
   Operands x{Tensor(c.dtype, {c.q_batch, c.T, c.N, c.Hk}),
-             Tensor(c.dtype, {c.k_batch, c.T, c.N, c.Hk}),
-             Tensor(c.dtype, {c.v_batch, c.T, c.N, c.Hv}),
-             Tensor(c.gate_dtype, {c.g_batch, c.T, c.N, c.Hk}),
+             Tensor(c.dtype, {c.k_batch, c.T, c.K, c.Hk}),
+             Tensor(c.dtype, {c.v_batch, c.T, c.K, c.Hv}),
+             Tensor(c.gate_dtype, {c.g_batch, c.T, c.K, GateDim(c)}),
              Tensor(DType::kF32, {std::max<int64_t>(c.state_batch, 1), c.N, c.Hk, c.Hv}),
              Tensor(c.dtype, {c.B, c.T, c.N, c.Hv}),
              Tensor(DType::kF32, {c.B, c.N, c.Hk, c.Hv})};
@@ -64,19 +74,21 @@ Operands MakeOperands(const Case& c, uint64_t seed) {
   return x;
 }
 
-// The recurrence and its backward in float64 (tests/oracle.py's gla_reference(_grad)).
+// The recurrence and its backward in float64 (tests/oracle.py's gla_reference(_grad)); the
+// gradients of key, value and log_gate per query head, as the kernels write them.
 struct Reference {
   std::vector<double> out, final_state, dq, dk, dv, dg, dstate;
 };
 
 Reference Compute(const Case& c, const Operands& x) {
   const int64_t B = c.B, T = c.T, N = c.N, Hk = c.Hk, Hv = c.Hv, S = Hk * Hv;
+  const int64_t Gd = GateDim(c);
   Reference ref;
   ref.out.assign(B * T * N * Hv, 0.0);
   ref.final_state.assign(B * N * S, 0.0);
   ref.dq.assign(B * T * N * Hk, 0.0);
   ref.dk = ref.dq;
-  ref.dg = ref.dq;
+  ref.dg.assign(B * T * N * Gd, 0.0);
   ref.dv.assign(B * T * N * Hv, 0.0);
   ref.dstate.assign(B * N * S, 0.0);
   for (int64_t b = 0; b < B; ++b) {
@@ -89,11 +101,12 @@ Reference Compute(const Case& c, const Operands& x) {
       }
       for (int64_t t = 0; t < T; ++t) {
         for (int64_t i = 0; i < Hk; ++i) {
-          const double decay = std::exp(x.g.values[Row(c, c.g_batch, b, t, n, Hk) + i]);
-          const double ki = x.k.values[Row(c, c.k_batch, b, t, n, Hk) + i];
+          const double decay =
+              std::exp(x.g.values[KvRow(c, c.g_batch, b, t, n, Gd) + (c.scalar_gate ? 0 : i)]);
+          const double ki = x.k.values[KvRow(c, c.k_batch, b, t, n, Hk) + i];
           for (int64_t j = 0; j < Hv; ++j) {
             states[t + 1][i * Hv + j] = decay * states[t][i * Hv + j] +
-                                        ki * x.v.values[Row(c, c.v_batch, b, t, n, Hv) + j];
+                                        ki * x.v.values[KvRow(c, c.v_batch, b, t, n, Hv) + j];
           }
         }
         for (int64_t j = 0; j < Hv; ++j) {
@@ -113,16 +126,18 @@ Reference Compute(const Case& c, const Operands& x) {
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t rk = Row(c, B, b, t, n, Hk), rv = Row(c, B, b, t, n, Hv);
         const double* q = &x.q.values[Row(c, c.q_batch, b, t, n, Hk)];
-        const double* k = &x.k.values[Row(c, c.k_batch, b, t, n, Hk)];
-        const double* v = &x.v.values[Row(c, c.v_batch, b, t, n, Hv)];
-        const double* g = &x.g.values[Row(c, c.g_batch, b, t, n, Hk)];
+        const double* k = &x.k.values[KvRow(c, c.k_batch, b, t, n, Hk)];
+        const double* v = &x.v.values[KvRow(c, c.v_batch, b, t, n, Hv)];
+        const double* g = &x.g.values[KvRow(c, c.g_batch, b, t, n, Gd)];
+        const int64_t g_step = c.scalar_gate ? 0 : 1;
+        if (c.scalar_gate) ref.dg[Row(c, B, b, t, n, 1)] = 0.0;
         const double* dout = &x.dout.values[rv];
         for (int64_t i = 0; i < Hk; ++i) {
           for (int64_t j = 0; j < Hv; ++j) ds[i * Hv + j] += c.scale * q[i] * dout[j];
         }
         for (int64_t i = 0; i < Hk; ++i) {
           double dq = 0, dk = 0, dg = 0;
-          const double decay = std::exp(g[i]);
+          const double decay = std::exp(g[i * g_step]);
           for (int64_t j = 0; j < Hv; ++j) {
             dq += c.scale * states[t + 1][i * Hv + j] * dout[j];
             dk += ds[i * Hv + j] * v[j];
@@ -130,7 +145,11 @@ Reference Compute(const Case& c, const Operands& x) {
           }
           ref.dq[rk + i] = dq;
           ref.dk[rk + i] = dk;
-          ref.dg[rk + i] = dg;
+          if (c.scalar_gate) {
+            ref.dg[Row(c, B, b, t, n, 1)] += dg;
+          } else {
+            ref.dg[rk + i] = dg;
+          }
         }
         for (int64_t j = 0; j < Hv; ++j) {
           double dv = 0;
@@ -138,7 +157,7 @@ Reference Compute(const Case& c, const Operands& x) {
           ref.dv[rv + j] = dv;
         }
         for (int64_t i = 0; i < Hk; ++i) {
-          const double decay = std::exp(g[i]);
+          const double decay = std::exp(g[i * g_step]);
           for (int64_t j = 0; j < Hv; ++j) ds[i * Hv + j] *= decay;
         }
       }
@@ -155,6 +174,8 @@ GatedLinearProblem MakeProblem(const Case& c, Operands& x) {
   p.batch = c.B;
   p.seq_len = c.T;
   p.num_heads = c.N;
+  p.num_kv_heads = c.K;
+  p.gate_dim = GateDim(c);
   p.key_dim = c.Hk;
   p.value_dim = c.Hv;
   p.q_batch = c.q_batch, p.k_batch = c.k_batch, p.v_batch = c.v_batch, p.g_batch = c.g_batch;
@@ -174,7 +195,7 @@ struct Results {
 Results Run(const Case& c, Operands& x, const jaxattn::Parallel& parallel, Failures* f) {
   Results r{Tensor(c.dtype, {c.B, c.T, c.N, c.Hv}), Tensor(DType::kF32, {c.B, c.N, c.Hk, c.Hv}),
             Tensor(c.dtype, {c.B, c.T, c.N, c.Hk}), Tensor(c.dtype, {c.B, c.T, c.N, c.Hk}),
-            Tensor(c.dtype, {c.B, c.T, c.N, c.Hv}), Tensor(c.gate_dtype, {c.B, c.T, c.N, c.Hk}),
+            Tensor(c.dtype, {c.B, c.T, c.N, c.Hv}), Tensor(c.gate_dtype, {c.B, c.T, c.N, GateDim(c)}),
             Tensor(DType::kF32, {c.B, c.N, c.Hk, c.Hv})};
   const GatedLinearProblem p = MakeProblem(c, x);
   if (const char* m = jaxattn::ValidateGatedLinear(p)) {
@@ -258,7 +279,9 @@ Case RandomCase(Random& r) {
   c.gate_dtype = r.Chance(0.5) ? DType::kF32 : c.dtype;
   c.B = r.Int(1, 3);
   c.T = r.Pick<int64_t>({0, 1, 2, 4, 5, 17, 63, 64, 65, 100, 130});
-  c.N = r.Int(1, 3);
+  c.N = r.Pick<int64_t>({1, 2, 3, 4});
+  c.K = Divisor(r, c.N);
+  c.scalar_gate = r.Chance(0.4);
   c.Hk = r.Pick<int64_t>({1, 3, 8, 16, 17, 33});
   c.Hv = r.Pick<int64_t>({1, 5, 16, 20, 31, 100});  // 100: the decoder splits columns
   c.q_batch = Divisor(r, c.B), c.k_batch = Divisor(r, c.B), c.v_batch = Divisor(r, c.B);
@@ -274,7 +297,8 @@ Case RandomCase(Random& r) {
 void CheckValidation(Failures* f) {
   static float dummy[1];
   GatedLinearProblem p;
-  p.batch = p.seq_len = p.num_heads = p.key_dim = p.value_dim = 1;
+  p.batch = p.seq_len = p.num_heads = p.num_kv_heads = p.key_dim = p.value_dim = 1;
+  p.gate_dim = 1;
   p.q_batch = p.k_batch = p.v_batch = p.g_batch = 1;
   p.query = p.key = p.value = p.log_gate = dummy;
   if (jaxattn::ValidateGatedLinear(p) != nullptr) f->Add("rejected the minimal problem");
@@ -290,6 +314,12 @@ void CheckValidation(Failures* f) {
   bad = p;
   bad.scale = std::nanf("");
   if (jaxattn::ValidateGatedLinear(bad) == nullptr) f->Add("accepted a NaN scale");
+  bad = p;
+  bad.num_heads = 3, bad.num_kv_heads = 2;
+  if (jaxattn::ValidateGatedLinear(bad) == nullptr) f->Add("accepted 2 kv heads for 3 heads");
+  bad = p;
+  bad.key_dim = 4, bad.gate_dim = 2;
+  if (jaxattn::ValidateGatedLinear(bad) == nullptr) f->Add("accepted gate dim 2 for Hk = 4");
   bad = p;
   bad.value_dim = 4096;
   if (jaxattn::ValidateGatedLinear(bad) == nullptr) f->Add("accepted Hv = 4096");
