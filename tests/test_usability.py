@@ -109,3 +109,26 @@ def test_cited_documents_exist() -> None:
     assert "docs/semantics.md" in cited
     missing = {name: sorted(where) for name, where in cited.items() if not (REPO / name).exists()}
     assert not missing, missing
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
+def test_extension_exports_only_its_entry_point() -> None:
+    """The compiled module exports PyInit__jaxattn and nothing else (cc/exports.map): a
+    C++ runtime linked into it must not bind other extensions' to its copy."""
+    from jaxattn import _jaxattn
+
+    listing = subprocess.run(["nm", "-D", "--defined-only", _jaxattn.__file__],
+                             capture_output=True, text=True, check=True).stdout
+    exported = sorted(line.split()[-1] for line in listing.splitlines() if line.strip())
+    assert exported == ["PyInit__jaxattn"]
+
+
+def test_extension_loaded_first_leaves_other_extensions_working() -> None:
+    """The extension loaded before numpy, ml_dtypes and jax (a toolchain that linked
+    libstdc++ into it once made ml_dtypes crash on import after it)."""
+    # jaxattn/__init__.py loads the extension before it imports jax (and so ml_dtypes).
+    script = ("import jaxattn, ml_dtypes, jax.numpy as jnp; "
+              "print(jnp.finfo(ml_dtypes.float4_e2m1fn).max, jnp.ones(3).sum())")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=python_env(), cwd=CWD, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
