@@ -16,8 +16,11 @@
 // and head by head (one sequential stream), and prefetches the V rows in that same order for
 // the value pass. K and V rows are read in place, each once; bf16/f16 are widened in
 // registers (bf16 scores use AVX512-BF16 dot products where the kernels are built for it).
-// Quantized caches (int8, float8) are converted in registers too; their per-row scales
-// multiply the row's score (K) and probability (V), never a dequantised copy of the cache.
+// float8 caches are converted in registers too; int8 caches are never converted to float:
+// their scores and value sums are int16 x int16 dot products (vpmaddwd) against the query
+// and the probabilities rounded to int16 ("int8 caches" below), since the float conversion
+// and FMAs bounded them well below the read bandwidth. Per-row scales multiply the row's
+// score (K) and probability (V), never a dequantised copy of the cache.
 // Scores use a dot-product form (one key row against the rows of a tile, lane partial sums
 // reduced by a transposing shuffle tree) because with few rows a broadcast form would waste
 // most of each vector.
@@ -106,8 +109,9 @@ struct F16Elems {
 
 // Quantized caches (kQuantized): Load2 yields the element divided by a constant kFactor, and
 // the caller multiplies scores and probabilities by the row's scale * kFactor, so the
-// conversion itself needs no multiply. int8: vpmovsxbd + vcvtdq2ps; float8: vpmovsxbw, a few
-// 16-bit shifts and masks, vcvtph2ps (their AVX2 and generic forms on the other kernel sets).
+// conversion itself needs no multiply. float8: vpmovsxbw, a few 16-bit shifts and masks,
+// vcvtph2ps (their AVX2 and generic forms on the other kernel sets); int8 instead stays in
+// integers (Int8Integer).
 typedef int8_t VSBu __attribute__((vector_size(kVL), aligned(1), may_alias));
 typedef int8_t VSB __attribute__((vector_size(kVL)));  // signed bytes
 typedef int16_t VS __attribute__((vector_size(kVL * 2)));
@@ -125,21 +129,10 @@ static inline VF HalfBitsToFloat(VUS h) {
 #endif
 }
 
-struct Int8ToFloat {
+// int8 takes no float conversion: its scores and value sums are integer dot products
+// (kIntegerDot; see "int8 caches" below).
+struct Int8Integer {
   static constexpr float kFactor = 1.0f;
-  static inline VF Convert(VSB x) {
-#if JAXATTN_VL == 16  // GCC 12 scalarises a byte-to-int32 __builtin_convertvector (maskz:
-                      // see F16Elems)
-    return (VF)_mm512_maskz_cvtepi32_ps(0xffff,
-                                        _mm512_maskz_cvtepi8_epi32(0xffff, (__m128i)x));
-#elif JAXATTN_VL == 8
-    int64_t bytes;
-    __builtin_memcpy(&bytes, &x, 8);
-    return (VF)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(bytes)));
-#else
-    return __builtin_convertvector(__builtin_convertvector(x, VI), VF);
-#endif
-  }
 };
 // float8 e4m3fn (bias 7, no infinities, S.1111.111 = NaN) to float16 bits: exponent and
 // mantissa shifted into place give the value times 2^-8 (bias 15), denormals included; NaN
@@ -209,8 +202,8 @@ struct QuantElems {
   typedef int8_t T;
   static constexpr bool kQuantized = true;
   // int8: scores and the value accumulation in 16-bit integer arithmetic (see
-  // KeyPartialsI8), not through a conversion to float.
-  static constexpr bool kIntegerDot = __is_same(C, Int8ToFloat);
+  // KeyPartialsI8), not through a conversion to float (Load2 is never used).
+  static constexpr bool kIntegerDot = __is_same(C, Int8Integer);
   static constexpr float kFactor = C::kFactor;
   static constexpr bool kInterleaved = false;
   static constexpr bool kNativeDot = false;
@@ -224,9 +217,7 @@ struct QuantElems {
     }
   }
 };
-typedef QuantElems<Int8ToFloat> I8Elems;
-struct Int8ToFloatSlow : Int8ToFloat {};  // EXPERIMENT (remove)
-typedef QuantElems<Int8ToFloatSlow> I8FloatElems;
+typedef QuantElems<Int8Integer> I8Elems;
 typedef QuantElems<F8E4M3ToFloat> F8E4M3Elems;
 typedef QuantElems<F8E5M2ToFloat> F8E5M2Elems;
 
@@ -1268,10 +1259,7 @@ static int64_t DecodeImpl(const DecodeAttentionProblem& p, const DecodeResult& r
   }
   TaskFn task = nullptr;
   switch (p.cache_quant) {  // a quantized cache sets the element type; the query keeps its own
-    case CacheQuant::kInt8:  // EXPERIMENT (remove): the float path for A/B timing
-      task = ::getenv("JAXATTN_I8_FLOAT") ? DecodePartitionTask<I8FloatElems>
-                                                  : DecodePartitionTask<I8Elems>;
-      break;
+    case CacheQuant::kInt8: task = DecodePartitionTask<I8Elems>; break;
     case CacheQuant::kF8E4M3: task = DecodePartitionTask<F8E4M3Elems>; break;
     case CacheQuant::kF8E5M2: task = DecodePartitionTask<F8E5M2Elems>; break;
     case CacheQuant::kNone:

@@ -2,7 +2,6 @@
 // JAXATTN_VL and JAXATTN_ISA_NAMESPACE and is compiled with that instruction set's flags.
 // Everything here lives in that namespace, so no two instruction sets share a symbol.
 #include <immintrin.h>  // F16C conversions (decode_impl.h), used under the ISA's flags only
-#include <stdlib.h>  // EXPERIMENT (remove)
 
 #include "attention.h"
 #include "gated_linear.h"

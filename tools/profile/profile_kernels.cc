@@ -19,7 +19,6 @@
 #include <cstring>
 #include <random>
 #include <string>
-#include <time.h>
 #include <vector>
 
 #include "attention.h"
@@ -36,16 +35,7 @@ namespace {
 
 using jaxattn::DType;
 
-// Wall time, or with JAXATTN_PROFILE_CPU_TIME set the thread's CPU time: on a shared machine
-// the time slices others take then stay out of the figures (cache and memory contention
-// do not).
 double Now() {
-  static const bool cpu_time = std::getenv("JAXATTN_PROFILE_CPU_TIME") != nullptr;
-  if (cpu_time) {
-    timespec t;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-    return t.tv_sec + 1e-9 * t.tv_nsec;
-  }
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
@@ -107,8 +97,6 @@ const Case kCases[] = {
     {"decode_f32", Kind::kDecode, DType::kF32, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}},
     {"decode_bf16", Kind::kDecode, DType::kBF16, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}},
     {"decode_int8", Kind::kDecode, DType::kBF16, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}, 0.0f, jaxattn::CacheQuant::kInt8},
-    {"decode_int8_fp", Kind::kDecode, DType::kBF16, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}, 0.0f, jaxattn::CacheQuant::kInt8},
-    {"decode_int8_fp_l2", Kind::kDecode, DType::kBF16, false, {1, 1, 4096, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}, 0.0f, jaxattn::CacheQuant::kInt8},
     {"decode_f8e4m3", Kind::kDecode, DType::kBF16, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}, 0.0f, jaxattn::CacheQuant::kF8E4M3},
     // Cache-resident (1 MiB of K and V bytes for int8, 2 MiB bf16): the compute cost of a
     // key, without DRAM.
@@ -206,10 +194,7 @@ Result RunCase(const Case& c, bool reduced, int reps, double min_seconds) {
       std::exit(1);
     }
     jaxattn::DecodeResult res{out.data(), lse.data()};
-    const bool fp = std::string(c.name).find("_fp") != std::string::npos;  // EXPERIMENT
-    if (fp) setenv("JAXATTN_I8_FLOAT", "1", 1);
     time_it([&] { jaxattn::DecodeForward(p, res, serial); });
-    if (fp) unsetenv("JAXATTN_I8_FLOAT");
     r.flops = 4.0 * B * T * N * S * H;
     const double element_bytes =
         c.quant != jaxattn::CacheQuant::kNone ? 1 : c.dtype == DType::kF32 ? 4 : 2;
