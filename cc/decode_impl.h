@@ -485,6 +485,7 @@ static void AccumulateValues(const float* p, int64_t ldp, int64_t rows,
 // Both roundings are to 16 bits against the row's largest magnitude (relative error below
 // 2^-16 of it), far below the int8 cache's own 2^-8; the results are bitwise deterministic.
 typedef int16_t VW __attribute__((vector_size(kVL * 4)));  // 2 kVL int16 lanes
+typedef int16_t VWu __attribute__((vector_size(kVL * 4), aligned(2), may_alias));
 static_assert(kDecodeBlock % 2 == 0, "keys go in pairs");
 constexpr int kI8Rows = kVL >= 8 ? 4 : 2;  // query rows per pass over a key's int16 lanes
 
@@ -603,7 +604,7 @@ __attribute__((always_inline)) static inline void QkPartialsI8(const int16_t* q,
     const VW kw = WidenBytes(bytes);
 #pragma GCC unroll 4
     for (int r = 0; r < RT; ++r) {
-      acc[r] += MulAddPairs(*reinterpret_cast<const VW*>(q + r * ldq + h), kw);
+      acc[r] += MulAddPairs(*reinterpret_cast<const VWu*>(q + r * ldq + h), kw);
     }
   };
 #pragma GCC unroll 2
@@ -662,7 +663,7 @@ static inline void PvTileI8(const int32_t* wv, int64_t ldw, const float* scale,
     InterleaveRows(vrow[2 * i] + h0, vrow[2 * i + 1] + h0, &vlo, &vhi);
 #pragma GCC unroll 4
     for (int r = 0; r < RT; ++r) {
-      const VW wp = *reinterpret_cast<const VW*>(wv + (r * ldw + i) * kVL);
+      const VW wp = *reinterpret_cast<const VWu*>(wv + (r * ldw + i) * kVL);
       lo[r] += MulAddPairs(vlo, wp);
       hi[r] += MulAddPairs(vhi, wp);
     }
