@@ -7,9 +7,10 @@ Ratios > 1 mean jaxattn is faster.
 
 Quantized caches (``--cache-dtypes int8 float8_e4m3fn``, on by default): a bfloat16 query
 against an int8 / float8 cache (with float32 scales per token and kv head), timed in turns
-with the same query against a bfloat16 cache and with a read of 1 GiB by every thread (numpy
-sums on a thread pool): the figures are the speedup over the bfloat16 cache and the share of
-that all-threads read bandwidth (cache bytes, scales included, per second).
+with the same query against a bfloat16 cache, a float32 query against a float32 cache, and
+a read of 1 GiB by every thread (numpy sums on a thread pool): the figures are the speedup
+over the bfloat16 cache and the share of that all-threads read bandwidth (cache bytes,
+scales included, per second).
 
     python benchmarks/bench_decode.py [--threads N] [--dtypes float32 bfloat16] [--quick]
         [--cache-dtypes int8 float8_e4m3fn] [--only-quantized]
@@ -171,6 +172,10 @@ def run_quantized(shapes, cache_dtypes, query_dtype: str = "bfloat16",
         ours = jax.jit(jaxattn.decode_attention)
         fns = {"read": read, query_dtype: lambda: ours(q, kc, vc, lengths)}
         nbytes = {query_dtype: shape.kv_bytes(qdtype.itemsize)}
+        # The float32 cache (with a float32 query) for scale: twice the bfloat16 bytes.
+        q32, k32, v32 = q.astype(jnp.float32), kc.astype(jnp.float32), vc.astype(jnp.float32)
+        fns["float32"] = lambda: ours(q32, k32, v32, lengths)
+        nbytes["float32"] = shape.kv_bytes(4)
         for name in cache_dtypes:
             (kq, ks), (vq, vs) = jaxattn.quantize_kv(kc, name), jaxattn.quantize_kv(vc, name)
             fns[name] = (lambda kq=kq, vq=vq, ks=ks, vs=vs:
@@ -178,7 +183,7 @@ def run_quantized(shapes, cache_dtypes, query_dtype: str = "bfloat16",
             nbytes[name] = shape.kv_bytes(1) + 2 * ks.nbytes
         times = interleaved_seconds(fns, min_seconds=2.0, min_runs=10)
         read_gbs = read_bytes / times["read"] / 1e9
-        for name in (query_dtype, *cache_dtypes):
+        for name in ("float32", query_dtype, *cache_dtypes):
             gbs = nbytes[name] / times[name] / 1e9
             speedup = times[query_dtype] / times[name]
             rows.append([name, str(shape), times[name] * 1e3, gbs, read_gbs, 100 * gbs / read_gbs,

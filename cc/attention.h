@@ -229,7 +229,9 @@ struct DecodeResult {
   float* lse = nullptr;  // [B,T,N]
 };
 
-// Shapes and options of a decode problem; nullptr or a message.
+// Shapes and options of a decode problem; nullptr or a message. Covers both kernels that
+// run it (for T > kDecodeMaxTokens also what the flash forward requires of the problem
+// CacheAttentionForward builds, ValidateCacheAttention).
 const char* ValidateDecodeProblem(const DecodeAttentionProblem& problem);
 // Every page holding a key below the (clamped) length must be a valid page id.
 const char* ValidateDecodePages(const DecodeAttentionProblem& problem);
@@ -239,7 +241,9 @@ const char* ValidateDecodePages(const DecodeAttentionProblem& problem);
 // Exposed for tests and benchmarks.
 int64_t DecodePartitionSize(const DecodeAttentionProblem& problem);
 // Scratch is sized by what the lengths reach. Returns 0, or the size in bytes of an
-// allocation that failed (the outputs are then incomplete).
+// allocation that failed (the outputs are then incomplete), or kInvalidProblem for a
+// problem ValidateDecodeProblem rejects (nothing is written; callers validate first and
+// report its message).
 int64_t DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
                       const Parallel& parallel);
 // The same problem through the flash forward kernels (tiles of query rows against tiles of
@@ -247,6 +251,13 @@ int64_t DecodeForward(const DecodeAttentionProblem& problem, const DecodeResult&
 // DecodeForward runs for T > kDecodeMaxTokens; any T works. Returns as DecodeForward.
 int64_t CacheAttentionForward(const DecodeAttentionProblem& problem, const DecodeResult& result,
                               const Parallel& parallel);
+// What the flash forward requires of the problem CacheAttentionForward builds from a decode
+// problem (finite scale and soft cap, ...): nullptr or a message. Part of
+// ValidateDecodeProblem for T > kDecodeMaxTokens.
+const char* ValidateCacheAttention(const DecodeAttentionProblem& problem);
+// The return of the kernel entry points for a problem their validation rejects: never a
+// byte count (those are positive).
+constexpr int64_t kInvalidProblem = -1;
 
 // The flash and block-sparse entry points return 0, or the size in bytes of a scratch
 // allocation that failed (the outputs are then incomplete), as DecodeForward.

@@ -16,8 +16,11 @@
 // and head by head (one sequential stream), and prefetches the V rows in that same order for
 // the value pass. K and V rows are read in place, each once; bf16/f16 are widened in
 // registers (bf16 scores use AVX512-BF16 dot products where the kernels are built for it).
-// Quantized caches (int8, float8) are converted in registers too; their per-row scales
-// multiply the row's score (K) and probability (V), never a dequantised copy of the cache.
+// float8 caches are converted in registers too; int8 caches are never converted to float:
+// their scores and value sums are int16 x int16 dot products (vpmaddwd) against the query
+// and the probabilities rounded to int16 ("int8 caches" below), since the float conversion
+// and FMAs bounded them well below the read bandwidth. Per-row scales multiply the row's
+// score (K) and probability (V), never a dequantised copy of the cache.
 // Scores use a dot-product form (one key row against the rows of a tile, lane partial sums
 // reduced by a transposing shuffle tree) because with few rows a broadcast form would waste
 // most of each vector.
@@ -52,6 +55,7 @@ typedef int32_t VIu __attribute__((vector_size(kVL * 4), aligned(4), may_alias))
 // product or an accumulation is unaffected (see PairLane).
 struct F32Elems {
   static constexpr bool kQuantized = false;
+  static constexpr bool kIntegerDot = false;
   static constexpr float kFactor = 1.0f;
   typedef float T;
   static constexpr bool kInterleaved = false;
@@ -64,6 +68,7 @@ struct F32Elems {
 };
 struct BF16Elems {
   static constexpr bool kQuantized = false;
+  static constexpr bool kIntegerDot = false;
   static constexpr float kFactor = 1.0f;
   typedef uint16_t T;
   static constexpr bool kInterleaved = true;
@@ -78,6 +83,7 @@ struct BF16Elems {
 };
 struct F16Elems {
   static constexpr bool kQuantized = false;
+  static constexpr bool kIntegerDot = false;
   static constexpr float kFactor = 1.0f;
   typedef _Float16 T;
   static constexpr bool kInterleaved = false;
@@ -103,8 +109,9 @@ struct F16Elems {
 
 // Quantized caches (kQuantized): Load2 yields the element divided by a constant kFactor, and
 // the caller multiplies scores and probabilities by the row's scale * kFactor, so the
-// conversion itself needs no multiply. int8: vpmovsxbd + vcvtdq2ps; float8: vpmovsxbw, a few
-// 16-bit shifts and masks, vcvtph2ps (their AVX2 and generic forms on the other kernel sets).
+// conversion itself needs no multiply. float8: vpmovsxbw, a few 16-bit shifts and masks,
+// vcvtph2ps (their AVX2 and generic forms on the other kernel sets); int8 instead stays in
+// integers (Int8Integer).
 typedef int8_t VSBu __attribute__((vector_size(kVL), aligned(1), may_alias));
 typedef int8_t VSB __attribute__((vector_size(kVL)));  // signed bytes
 typedef int16_t VS __attribute__((vector_size(kVL * 2)));
@@ -122,21 +129,10 @@ static inline VF HalfBitsToFloat(VUS h) {
 #endif
 }
 
-struct Int8ToFloat {
+// int8 takes no float conversion: its scores and value sums are integer dot products
+// (kIntegerDot; see "int8 caches" below).
+struct Int8Integer {
   static constexpr float kFactor = 1.0f;
-  static inline VF Convert(VSB x) {
-#if JAXATTN_VL == 16  // GCC 12 scalarises a byte-to-int32 __builtin_convertvector (maskz:
-                      // see F16Elems)
-    return (VF)_mm512_maskz_cvtepi32_ps(0xffff,
-                                        _mm512_maskz_cvtepi8_epi32(0xffff, (__m128i)x));
-#elif JAXATTN_VL == 8
-    int64_t bytes;
-    __builtin_memcpy(&bytes, &x, 8);
-    return (VF)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(bytes)));
-#else
-    return __builtin_convertvector(__builtin_convertvector(x, VI), VF);
-#endif
-  }
 };
 // float8 e4m3fn (bias 7, no infinities, S.1111.111 = NaN) to float16 bits: exponent and
 // mantissa shifted into place give the value times 2^-8 (bias 15), denormals included; NaN
@@ -205,6 +201,9 @@ template <class C>
 struct QuantElems {
   typedef int8_t T;
   static constexpr bool kQuantized = true;
+  // int8: scores and the value accumulation in 16-bit integer arithmetic (see
+  // KeyPartialsI8), not through a conversion to float (Load2 is never used).
+  static constexpr bool kIntegerDot = __is_same(C, Int8Integer);
   static constexpr float kFactor = C::kFactor;
   static constexpr bool kInterleaved = false;
   static constexpr bool kNativeDot = false;
@@ -218,7 +217,7 @@ struct QuantElems {
     }
   }
 };
-typedef QuantElems<Int8ToFloat> I8Elems;
+typedef QuantElems<Int8Integer> I8Elems;
 typedef QuantElems<F8E4M3ToFloat> F8E4M3Elems;
 typedef QuantElems<F8E5M2ToFloat> F8E5M2Elems;
 
@@ -468,6 +467,258 @@ static void AccumulateValues(const float* p, int64_t ldp, int64_t rows,
   }
 }
 
+// ---------------------------------------------------------------------- int8 caches
+
+// An int8 cache is decoded in integer arithmetic: converting each byte to float costs two
+// instructions per kVL elements, and the float FMAs of the products alone then bound the
+// step (measured through floats: 1.13-1.42x the bfloat16 cache's speed on 2 AVX2 cores,
+// 1.31-1.35x on 16 Xeon cores, at half its bytes). Instead:
+//  - scores: the scaled query row is rounded to int16 against its largest magnitude (a
+//    row scale), the key bytes are sign-extended to int16 (vpmovsxbw), and vpmaddwd forms
+//    the products of pairs of elements summed in int32 lanes (exact: a lane sums H / kVL
+//    products of at most 128 * 32767, below 2^31 for H <= 1024, the largest head dim
+//    ValidateDecodeProblem admits); score = row scale * key scale * that integer dot.
+//  - values: each row's probabilities times the value rows' scales in a block of
+//    kDecodeBlock keys are rounded to int16 against their largest (a block row scale), the
+//    value bytes of two keys are interleaved and sign-extended (vpunpcklbw, vpmovsxbw), and
+//    vpmaddwd sums the two keys' products in int32 (exact: <= 32767 * 128 * kDecodeBlock),
+//    added to the float output row times the block row scale once per block.
+// Both roundings are to 16 bits against the row's largest magnitude (relative error below
+// 2^-16 of it), far below the int8 cache's own 2^-8; the results are bitwise deterministic.
+typedef int16_t VW __attribute__((vector_size(kVL * 4)));  // 2 kVL int16 lanes
+typedef int16_t VWu __attribute__((vector_size(kVL * 4), aligned(2), may_alias));
+static_assert(kDecodeBlock % 2 == 0, "keys go in pairs");
+constexpr int kI8Rows = kVL >= 8 ? 4 : 2;  // query rows per pass over a key's int16 lanes
+
+// The kPair bytes at x sign-extended to int16.
+static inline VW WidenBytes(const char* x) {
+#if JAXATTN_VL == 16
+  return (VW)_mm512_maskz_cvtepi8_epi16(  // maskz: see F16Elems
+      ~__mmask32{0}, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+#elif JAXATTN_VL == 8
+  return (VW)_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+#else
+  int8_t b[kPair];
+  __builtin_memcpy(b, x, kPair);
+  VW w;
+#pragma GCC unroll 8
+  for (int i = 0; i < kPair; ++i) w[i] = b[i];
+  return w;
+#endif
+}
+
+// Lane i: a[2i] * b[2i] + a[2i + 1] * b[2i + 1] in int32 (vpmaddwd).
+static inline VI MulAddPairs(VW a, VW b) {
+#if JAXATTN_VL == 16
+  return (VI)_mm512_madd_epi16((__m512i)a, (__m512i)b);
+#elif JAXATTN_VL == 8
+  return (VI)_mm256_madd_epi16((__m256i)a, (__m256i)b);
+#else
+  return (VI)_mm_madd_epi16((__m128i)a, (__m128i)b);
+#endif
+}
+
+// Elements [h, h + kPair) of two value rows a and b as interleaved int16 pairs
+// (a[h], b[h], a[h + 1], b[h + 1], ...): *lo holds elements h.. h + kVL, *hi the next kVL.
+static inline void InterleaveRows(const char* a, const char* b, VW* lo, VW* hi) {
+#if JAXATTN_VL == 16
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+  const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+  // Within 128-bit lanes: l = pairs of elements 0-7 | 16-23, h = 8-15 | 24-31.
+  const __m256i l = _mm256_unpacklo_epi8(x, y), h = _mm256_unpackhi_epi8(x, y);
+  *lo = (VW)_mm512_maskz_cvtepi8_epi16(~__mmask32{0}, _mm256_permute2x128_si256(l, h, 0x20));
+  *hi = (VW)_mm512_maskz_cvtepi8_epi16(~__mmask32{0}, _mm256_permute2x128_si256(l, h, 0x31));
+#elif JAXATTN_VL == 8
+  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
+  const __m128i y = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  *lo = (VW)_mm256_cvtepi8_epi16(_mm_unpacklo_epi8(x, y));
+  *hi = (VW)_mm256_cvtepi8_epi16(_mm_unpackhi_epi8(x, y));
+#else
+  int8_t x[kPair], y[kPair];
+  __builtin_memcpy(x, a, kPair);
+  __builtin_memcpy(y, b, kPair);
+#pragma GCC unroll 8
+  for (int i = 0; i < kVL; ++i) {
+    (*lo)[2 * i] = x[i];
+    (*lo)[2 * i + 1] = y[i];
+    (*hi)[2 * i] = x[kVL + i];
+    (*hi)[2 * i + 1] = y[kVL + i];
+  }
+#endif
+}
+
+// Rounds the n floats x (n a multiple of kVL) to int16 against their largest magnitude: out[i] = round(x[i] * 32767 / max |x|), zero padded to
+// `padded`. Returns the scale (max |x| / 32767: out * scale ~ x), 0 when every x is 0, NaN
+// when some x is NaN or infinite (so that it reaches the output as in float arithmetic).
+static inline float RoundToInt16(const float* x, int64_t n, int64_t padded, int16_t* out) {
+  VF mx = VF{};
+  VI bad = VI{};
+  const VF inf = Splat(kInf);
+  for (int64_t i = 0; i < n; i += kVL) {
+    const VF v = Load(x + i);
+    const VF a = v < VF{} ? -v : v;
+    bad |= !(a < inf);  // NaN or infinite
+    mx = a > mx ? a : mx;
+  }
+  const float largest = HorizontalMax(mx);
+  if (AnyLane(bad)) {
+    __builtin_memset(out, 0, padded * sizeof(int16_t));
+    return __builtin_nanf("");
+  }
+  if (largest == 0.0f) {
+    __builtin_memset(out, 0, padded * sizeof(int16_t));
+    return 0.0f;
+  }
+  const VF up = Splat(32767.0f / largest);
+  for (int64_t i = 0; i < n; i += kVL) {
+    // Round to nearest even (vcvtps2dq); |x * up| <= 32767 * (1 + 2^-23) rounds to 32767.
+    const VF y = Load(x + i) * up;
+    VI r;
+#if JAXATTN_VL == 16
+    r = (VI)_mm512_maskz_cvtps_epi32(0xffff, (__m512)y);  // maskz: see F16Elems
+#elif JAXATTN_VL == 8
+    r = (VI)_mm256_cvtps_epi32((__m256)y);
+#else
+    r = (VI)_mm_cvtps_epi32((__m128)y);
+#endif
+#pragma GCC unroll 16
+    for (int l = 0; l < kVL; ++l) out[i + l] = static_cast<int16_t>(r[l]);
+  }
+  for (int64_t i = n; i < padded; ++i) out[i] = 0;
+  return largest / 32767.0f;
+}
+
+// KeyPartials for an int8 key row: lane partial sums of the integer dot products of the
+// int16 query rows (row r at q + r * ldq, zero padded to a multiple of kPair) with key row
+// k (head_dim bytes; a shorter last pair read through a zero-padded copy), converted to
+// float and stored where KeyPartials stores row r's partials for key slot c.
+template <int RT>
+__attribute__((always_inline)) static inline void QkPartialsI8(const int16_t* q, int64_t ldq,
+                                                               int64_t r0, int64_t head_dim,
+                                                               const char* k, int c,
+                                                               float* red) {
+  VI acc[RT];
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r) acc[r] = VI{};
+  const int64_t hf = head_dim / kPair * kPair;
+  auto step = [&](const char* bytes, int64_t h) __attribute__((always_inline)) {
+    const VW kw = WidenBytes(bytes);
+#pragma GCC unroll 4
+    for (int r = 0; r < RT; ++r) {
+      acc[r] += MulAddPairs(*reinterpret_cast<const VWu*>(q + r * ldq + h), kw);
+    }
+  };
+#pragma GCC unroll 2
+  for (int64_t h = 0; h < hf; h += kPair) step(k + h, h);
+  if (hf < head_dim) {
+    char buf[kPair];
+    __builtin_memset(buf, 0, sizeof(buf));
+    __builtin_memcpy(buf, k + hf, head_dim - hf);
+    step(buf, hf);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r) {
+    const int64_t row = r0 + r;
+    float* out = red + ((row / kQkRows) * kVL + c) * kVL + (row % kQkRows) * kQkKeys * kVL;
+    Store(out, __builtin_convertvector(acc[r], VF));
+  }
+}
+
+static void KeyPartialsI8(const int16_t* q, int64_t ldq, int64_t rows, int64_t head_dim,
+                          const char* k, int c, float* red) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kI8Rows) {
+    const int16_t* qr = q + r0 * ldq;
+    switch (MinI(kI8Rows, rows - r0)) {
+      case 1: QkPartialsI8<1>(qr, ldq, r0, head_dim, k, c, red); break;
+      case 2: QkPartialsI8<2>(qr, ldq, r0, head_dim, k, c, red); break;
+#if JAXATTN_VL >= 8
+      case 3: QkPartialsI8<3>(qr, ldq, r0, head_dim, k, c, red); break;
+      case 4: QkPartialsI8<4>(qr, ldq, r0, head_dim, k, c, red); break;
+#endif
+    }
+  }
+}
+
+// The int16 weights w[0, 2 npairs) of a row as npairs vectors, each the pair of keys
+// (2i, 2i + 1) in every int32 lane (so that vpmaddwd takes them from memory).
+static inline void BroadcastPairs(const int16_t* w, int64_t npairs, int32_t* out) {
+  for (int64_t i = 0; i < npairs; ++i) {
+    int32_t pair;
+    __builtin_memcpy(&pair, w + 2 * i, sizeof(pair));
+    *reinterpret_cast<VIu*>(out + i * kVL) = VI{} + pair;
+  }
+}
+
+// o[r * ldo ..] += scale[r] * sum_j w_r[j] v_j[h0 ..] for RT rows and the kPair elements
+// from h0: row r's weights as BroadcastPairs vectors at wv + r * ldw * kVL, npairs pairs;
+// v_j at vrow[j] + h0 (an odd last key is paired with a zero weight).
+template <int RT>
+static inline void PvTileI8(const int32_t* wv, int64_t ldw, const float* scale,
+                            const char* const* vrow, int64_t npairs, int64_t h0, float* o,
+                            int64_t ldo) {
+  VI lo[RT], hi[RT];
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r) lo[r] = hi[r] = VI{};
+  for (int64_t i = 0; i < npairs; ++i) {
+    VW vlo, vhi;
+    InterleaveRows(vrow[2 * i] + h0, vrow[2 * i + 1] + h0, &vlo, &vhi);
+#pragma GCC unroll 4
+    for (int r = 0; r < RT; ++r) {
+      const VW wp = *reinterpret_cast<const VWu*>(wv + (r * ldw + i) * kVL);
+      lo[r] += MulAddPairs(vlo, wp);
+      hi[r] += MulAddPairs(vhi, wp);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RT; ++r) {
+    const VF sc = Splat(scale[r]);
+    float* orow = o + r * ldo;
+    Store(orow, Load(orow) + sc * __builtin_convertvector(lo[r], VF));
+    Store(orow + kVL, Load(orow + kVL) + sc * __builtin_convertvector(hi[r], VF));
+  }
+}
+
+// PvTileI8 over the kPair-element chunks [0, n) (n a multiple of kPair) of `rows` rows.
+static void PvRowsI8(const int32_t* wv, int64_t ldw, const float* scale, int64_t rows,
+                     const char* const* vrow, int64_t npairs, int64_t n, float* o,
+                     int64_t ldo) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kI8Rows) {
+    const int32_t* wr = wv + r0 * ldw * kVL;
+    const float* sr = scale + r0;
+    for (int64_t h0 = 0; h0 < n; h0 += kPair) {
+      float* oc = o + r0 * ldo + h0;
+      switch (MinI(kI8Rows, rows - r0)) {
+        case 1: PvTileI8<1>(wr, ldw, sr, vrow, npairs, h0, oc, ldo); break;
+        case 2: PvTileI8<2>(wr, ldw, sr, vrow, npairs, h0, oc, ldo); break;
+#if JAXATTN_VL >= 8
+        case 3: PvTileI8<3>(wr, ldw, sr, vrow, npairs, h0, oc, ldo); break;
+        case 4: PvTileI8<4>(wr, ldw, sr, vrow, npairs, h0, oc, ldo); break;
+#endif
+      }
+    }
+  }
+}
+
+// The value pass of an int8 cache for `rows` rows (weights as BroadcastPairs vectors, ldw
+// pairs to a row, zero from key nk on; scales [rows]; nk keys; vrow holds a valid row at nk
+// when nk is odd). The last value_dim % kPair elements of each row are read through
+// zero-padded copies in `tail` (kDecodeBlock rows of kPair bytes).
+static void AccumulateValuesI8(const int32_t* w, int64_t ldw, const float* scale, int64_t rows,
+                               const char* const* vrow, int64_t nk, int64_t value_dim,
+                               char* tail, float* o, int64_t ldo) {
+  const int64_t npairs = (nk + 1) / 2, full = value_dim / kPair * kPair;
+  PvRowsI8(w, ldw, scale, rows, vrow, npairs, full, o, ldo);
+  if (full == value_dim) return;
+  const char* tail_rows[kDecodeBlock];
+  for (int64_t j = 0; j < 2 * npairs; ++j) {
+    char* t = tail + j * kPair;
+    __builtin_memset(t, 0, kPair);
+    __builtin_memcpy(t, vrow[j] + full, value_dim - full);
+    tail_rows[j] = t;
+  }
+  PvRowsI8(w, ldw, scale, rows, tail_rows, npairs, kPair, o + full, ldo);
+}
+
 // ---------------------------------------------------------------------- the job
 
 struct DecodeJob {
@@ -648,7 +899,10 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
   // Scratch: the sizes of the Take calls below, in order (Take rounds each up to 16 floats).
   const int64_t sizes[] = {heads * R * hp,  heads * R * hvp, heads * R, heads * R,
                            heads * R * bkp, heads * row_tiles * kVL * kVL, hp + hvp,
-                           (bk + kKeyPrefetch) * 2, bk * 2, R * 2, R * 2, bkp, bkp};
+                           (bk + kKeyPrefetch) * 2, bk * 2, R * 2, R * 2, bkp, bkp,
+                           // int8 (E::kIntegerDot): query row scales, the block's int16
+                           // weights and their row scales, the value tails
+                           heads * R, R * (bk / 2) * kVL + bkp, R, kDecodeBlock * kPair / 4};
   int64_t scratch = kScratchSlack;
   for (int64_t size : sizes) scratch += RoundUp(size, 16);
   float* scratch_data = DecodeScratch(job, scratch);
@@ -667,6 +921,11 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
   int64_t* row_hi = reinterpret_cast<int64_t*>(carve.Take(sizes[10]));
   float* key_mult = carve.Take(sizes[11]);    // quantized caches: scale * kFactor of each key
   float* value_mult = carve.Take(sizes[12]);  // and each value row of the block (0 past nk)
+  float* q_scale = carve.Take(sizes[13]);
+  int32_t* weights = reinterpret_cast<int32_t*>(carve.Take(sizes[14]));
+  int16_t* row_weights = reinterpret_cast<int16_t*>(weights + R * (bk / 2) * kVL);
+  float* weight_scale = carve.Take(sizes[15]);
+  char* value_tail = reinterpret_cast<char*>(carve.Take(sizes[16]));
 
   // Visible keys of row r (token t): [lo, hi) with hi = position + 1; with explicit
   // positions, the range of key positions it sees (keys below len only).
@@ -723,6 +982,11 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
           continue;
         }
         LoadRow(p.dtype, src, p.head_dim, p.scale, tmp);
+        if constexpr (E::kIntegerDot) {  // int16 (2 hp to a row) times a row scale
+          for (int64_t h = p.head_dim; h < hp; ++h) tmp[h] = 0.0f;
+          q_scale[hh * R + r] = RoundToInt16(tmp, hp, hp, reinterpret_cast<int16_t*>(dst));
+          continue;
+        }
         for (int64_t h = 0; h < p.head_dim; ++h) dst[PairLane(E::kInterleaved, h)] = tmp[h];
       }
     }
@@ -784,18 +1048,26 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
         const char* v = value_base + row * p.value_dim * es;
         // The hardware prefetchers alone leave the K stream stalling; a short software
         // distance (measured: 1-3 keys best) in the same order helps.
+        // The task's heads of a key are adjacent rows: one range each for K and V.
         const int64_t jn = j0 + c + kKeyPrefetch;
-        const char* kn = nullptr;
-        if (jn < nk_ahead) kn = key_base + (key_rows[jn] * p.num_kv_heads + kh0) * krow_bytes;
-        for (int64_t hh = 0; hh < heads; ++hh) {
-          const char* vh = v + hh * vrow_bytes;
-          for (int64_t off = 0; off < vrow_bytes; off += 64) __builtin_prefetch(vh + off, 0, 3);
-          if (kn != nullptr) {
-            const char* kh = kn + hh * krow_bytes;
-            for (int64_t off = 0; off < krow_bytes; off += 64) __builtin_prefetch(kh + off, 0, 3);
+        for (int64_t off = 0; off < heads * vrow_bytes; off += 64) {
+          __builtin_prefetch(v + off, 0, 3);
+        }
+        if (jn < nk_ahead) {
+          const char* kn = key_base + (key_rows[jn] * p.num_kv_heads + kh0) * krow_bytes;
+          for (int64_t off = 0; off < heads * krow_bytes; off += 64) {
+            __builtin_prefetch(kn + off, 0, 3);
           }
-          KeyPartials<E>(q + hh * R * hp, hp, R, p.head_dim, k + hh * p.head_dim * es,
-                         static_cast<int>(c), red + hh * row_tiles * kVL * kVL);
+        }
+        for (int64_t hh = 0; hh < heads; ++hh) {
+          if constexpr (E::kIntegerDot) {
+            KeyPartialsI8(reinterpret_cast<const int16_t*>(q + hh * R * hp), 2 * hp, R,
+                          p.head_dim, k + hh * p.head_dim, static_cast<int>(c),
+                          red + hh * row_tiles * kVL * kVL);
+          } else {
+            KeyPartials<E>(q + hh * R * hp, hp, R, p.head_dim, k + hh * p.head_dim * es,
+                           static_cast<int>(c), red + hh * row_tiles * kVL * kVL);
+          }
         }
       }
       for (int64_t hh = 0; hh < heads; ++hh) {
@@ -823,7 +1095,12 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
       }
       for (int64_t r = 0; r < R; ++r) {
         float* sr = sh + r * bkp;
-        if constexpr (E::kQuantized) {  // the key row's scale multiplies its partial score
+        if constexpr (E::kIntegerDot) {  // integer dots: times the query and key scales
+          const VF qs = Splat(q_scale[hh * R + r]);
+          for (int64_t j = 0; j < nkp; j += kVL) {
+            Store(sr + j, Load(sr + j) * (qs * Load(key_mult + j)));
+          }
+        } else if constexpr (E::kQuantized) {  // the key row's scale times its partial score
           for (int64_t j = 0; j < nkp; j += kVL) Store(sr + j, Load(sr + j) * Load(key_mult + j));
         }
         if (has_alibi) {  // after the key scale: the bias applies to the dequantised score
@@ -857,8 +1134,18 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
             Store(sr + j, Load(sr + j) * Load(value_mult + j));
           }
         }
+        if constexpr (E::kIntegerDot) {  // as int16 weights times a row scale
+          weight_scale[r] = RoundToInt16(sr, nkp, nkp, row_weights);
+          BroadcastPairs(row_weights, (nk + 1) / 2, weights + r * (bk / 2) * kVL);
+        }
       }
-      AccumulateValues<E>(sh, bkp, R, vrow, nk, p.value_dim, oh, hvp);
+      if constexpr (E::kIntegerDot) {
+        if (nk % 2 != 0) vrow[nk] = vrow[nk - 1];  // paired with a zero weight
+        AccumulateValuesI8(weights, bk / 2, weight_scale, R, vrow, nk, p.value_dim, value_tail,
+                           oh, hvp);
+      } else {
+        AccumulateValues<E>(sh, bkp, R, vrow, nk, p.value_dim, oh, hvp);
+      }
     }
   }
 

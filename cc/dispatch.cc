@@ -266,6 +266,7 @@ const char* ValidateDecodeProblem(const DecodeAttentionProblem& p) {
   if (p.q_lengths != nullptr && (p.q_lengths_batch <= 0 || p.batch % p.q_lengths_batch != 0)) {
     return "query lengths must have one entry per batch element";
   }
+  if (p.q_len > kDecodeMaxTokens) return ValidateCacheAttention(p);
   return nullptr;
 }
 

@@ -270,6 +270,24 @@ def test_bad_page_id_is_an_error(rng):
             q, pool, pool, np.array([[0, 1, 7, 2]], np.int32), np.array([30], np.int32)))
 
 
+def test_flash_path_validation_error_is_reported(rng):
+    """The FFI target called directly (past the Python checks) with what only the flash
+    tiles reject (T > 16 with an infinite scale or soft cap) reports that, not a failed
+    allocation."""
+    q = normal(rng, (1, 17, 2, 16))
+    k = normal(rng, (1, 20, 1, 16))
+    out_types = (jax.ShapeDtypeStruct((1, 17, 2, 16), np.float32),
+                 jax.ShapeDtypeStruct((1, 17, 2), np.float32))
+    lengths = np.array([20], np.int32)
+    for attrs, message in ((dict(scale=np.float32(np.inf), soft_cap=np.float32(0)),
+                            "scale must be finite"),
+                           (dict(scale=np.float32(0.25), soft_cap=np.float32(np.inf)),
+                            "soft cap must be finite")):
+        with pytest.raises(Exception, match=message):
+            jax.block_until_ready(jax.ffi.ffi_call("jaxattn_decode_fwd_v1", out_types)(
+                q, k, k, lengths, window_left=np.int64(-1), **attrs))
+
+
 # ---------------------------------------------------------------- thread-count invariance
 
 _THREAD_SCRIPT = textwrap.dedent("""

@@ -401,6 +401,15 @@ _THREAD_SCRIPT = textwrap.dedent("""
         tables = (np.arange(b)[:, None] * per + np.arange(per)[None, :]).astype(np.int32)
         out = jaxattn.paged_decode_attention(q, pk, pv, tables, lengths)
         outs.append(np.asarray(out).view(np.uint8).ravel())
+    # Quantized caches (int8: integer dot products; float8: conversions in registers).
+    b, t, s, n, k, h = 2, 3, 4096, 8, 2, 72
+    q = rng.standard_normal((b, t, n, h)).astype(jnp.bfloat16)
+    for cache in (jnp.int8, jnp.float8_e4m3fn):
+        kq, ks = jaxattn.quantize_kv(rng.standard_normal((b, s, k, h)).astype(np.float32), cache)
+        vq, vs = jaxattn.quantize_kv(rng.standard_normal((b, s, k, h)).astype(np.float32), cache)
+        out, lse = jaxattn.decode_attention(q, kq, vq, np.array([4096, 3001], np.int32),
+                                            key_scale=ks, value_scale=vs, return_residual=True)
+        outs += [np.asarray(out).view(np.uint8).ravel(), np.asarray(lse).view(np.uint8).ravel()]
     np.save(sys.argv[1], np.concatenate(outs))
 """)
 

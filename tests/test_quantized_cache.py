@@ -46,6 +46,14 @@ def make_cache(rng, batch, q_len, kv_len, heads, kv_heads, head_dim, value_dim, 
     return q, kq, vq, ks, vs
 
 
+# int8 caches take integer dot products (cc/decode_impl.h): the query rows, and each row's
+# probabilities in a block of 32 keys, are rounded to int16 against their largest magnitude
+# (relative error <= 2^-16 of it). A few such roundings add up in a score or an output; below
+# every low-precision dtype's own rounding, but coarser than float32's: a float32 query is
+# held to 2^-13 of the largest magnitude on top of the float32 floor.
+INT8_FIXED_POINT_RTOL = 2.0**-13
+
+
 def check(q, kq, vq, ks, vs, lengths, out, lse, *, window=None, soft_cap=None):
     """(out, lse) against the oracle on the dequantised cache."""
     k = dequantize(kq, ks) if ks is not None else kq.astype(np.float64)
@@ -60,8 +68,9 @@ def check(q, kq, vq, ks, vs, lengths, out, lse, *, window=None, soft_cap=None):
                                        mask=mask, logits_soft_cap=soft_cap)
     out = np.asarray(out)
     assert out.dtype == dtype
-    assert_close_to_oracle(out, ref_out, naive, dtype=dtype, name="out")
-    assert_close_to_oracle(lse, ref_lse, dtype=np.float32, name="lse")
+    extra = INT8_FIXED_POINT_RTOL if kq.dtype == np.int8 else 0.0
+    assert_close_to_oracle(out, ref_out, naive, dtype=dtype, name="out", extra_rtol=extra)
+    assert_close_to_oracle(lse, ref_lse, dtype=np.float32, name="lse", extra_rtol=extra)
 
 
 def paged(rng, key, value, key_scale, value_scale, page_size, extra_pages=2):
@@ -180,6 +189,42 @@ def test_garbage_past_lengths_is_never_read(rng, cache_dtype):
     check(q, kq if cache_dtype == jnp.int8 else np.asarray(trim(kq.astype(np.float32))).astype(
         cache_dtype), vq if cache_dtype == jnp.int8 else trim(vq.astype(np.float32)).astype(
         cache_dtype), trim(ks), trim(vs), lengths, out, lse)
+
+
+def test_int8_extreme_values_at_the_largest_head_dim(rng):
+    """The integer dot products at their limits: -128 (which quantize_kv never writes, but a
+    cache may hold) in every element of the keys and values, H = Hv = 1024 (the largest head
+    dim), and a query whose every element has the row's largest magnitude: the int32 sums
+    are at their largest and must not overflow. Also random bytes over the full range."""
+    h, kv_len = 1024, 70
+    q = np.full((1, 2, 4, h), -0.03, np.float32)
+    q[:, 1] = rng.standard_normal((1, 4, h)).astype(np.float32)
+    k = np.full((1, kv_len, 2, h), -128, np.int8)
+    v = np.full((1, kv_len, 2, h), -128, np.int8)
+    k[:, 1::3] = rng.integers(-128, 128, (1, len(range(1, kv_len, 3)), 2, h), dtype=np.int8)
+    v[:, 2::3] = rng.integers(-128, 128, (1, len(range(2, kv_len, 3)), 2, h), dtype=np.int8)
+    ks = rng.uniform(0.001, 0.01, (1, kv_len, 2)).astype(np.float32)
+    vs = rng.uniform(0.001, 0.01, (1, kv_len, 2)).astype(np.float32)
+    lengths = np.array([kv_len], np.int32)
+    out, lse = jaxattn.decode_attention(q, k, v, lengths, key_scale=ks, value_scale=vs,
+                                        return_residual=True)
+    check(q, k, v, ks, vs, lengths, out, lse)
+
+
+def test_int8_nan_scale_reaches_the_output(rng):
+    """A NaN scale of a visible key or value row makes its rows' outputs NaN, as float
+    arithmetic would (the integer path must not round it away); other sequences stay
+    finite."""
+    q, kq, vq, ks, vs = make_cache(rng, 3, 1, 100, 4, 2, 32, 32, np.float32, jnp.int8)
+    lengths = np.array([100, 100, 100], np.int32)
+    ks, vs = ks.copy(), vs.copy()
+    ks[0, 40, 1] = np.nan
+    vs[1, 7, 0] = np.nan
+    out = np.asarray(jaxattn.decode_attention(q, kq, vq, lengths, key_scale=ks,
+                                              value_scale=vs))
+    assert np.isnan(out[0, :, 2:]).all() and np.isfinite(out[0, :, :2]).all()
+    assert np.isnan(out[1, :, :2]).all() and np.isfinite(out[1, :, 2:]).all()
+    assert np.isfinite(out[2]).all()
 
 
 # ------------------------------------------------------------------------------------ paged

@@ -12,6 +12,9 @@ ffi::Error ResourceExhausted(const std::string& message) {
 
 ffi::Error ScratchError(const char* op, int64_t failed_bytes) {
   if (failed_bytes == 0) return ffi::Error::Success();
+  if (failed_bytes == kInvalidProblem) {  // the handlers validate first: not reached
+    return InvalidArgument(std::string(op) + ": the kernel rejected the problem as invalid");
+  }
   return ResourceExhausted(std::string(op) + ": could not allocate " +
                            std::to_string(failed_bytes) + " bytes of scratch memory");
 }

@@ -36,7 +36,7 @@ using U32Buffer = ffi::Buffer<ffi::U32>;
 ffi::Error InvalidArgument(const std::string& message);
 ffi::Error ResourceExhausted(const std::string& message);
 // The kernels return the bytes of scratch memory they could not allocate (0: none): success,
-// or a RESOURCE_EXHAUSTED error of `op` naming them.
+// or a RESOURCE_EXHAUSTED error of `op` naming them (kInvalidProblem: INVALID_ARGUMENT).
 ffi::Error ScratchError(const char* op, int64_t failed_bytes);
 
 std::string ShapeString(ffi::AnyBuffer::Dimensions dims);

@@ -515,12 +515,33 @@ void CheckValidation(Failures* f) {
       {"NaN scale", [](P p) { p.scale = std::numeric_limits<float>::quiet_NaN(); }},
       {"negative soft cap", [](P p) { p.soft_cap = -1; }},
       {"huge head dim", [](P p) { p.value_dim = 4096; }},
+      // More than 16 tokens run the flash tiles, which need a finite scale and soft cap.
+      {"infinite scale, T > 16", [](P p) { p.q_len = 17;
+                                           p.scale = std::numeric_limits<float>::infinity(); }},
+      {"infinite soft cap, T > 16", [](P p) { p.q_len = 17;
+                                              p.soft_cap = std::numeric_limits<float>::infinity(); }},
   };
   for (const Bad& b : bad) {
     DecodeAttentionProblem p = valid();
     b.edit(p);
     if (jaxattn::ValidateDecodeProblem(p) == nullptr) {
       f->Add(std::string("ValidateDecodeProblem accepted an invalid problem: ") + b.name);
+    }
+  }
+  // Called anyway, the flash path reports kInvalidProblem (never a byte count) and writes
+  // nothing.
+  {
+    DecodeAttentionProblem p = valid();
+    p.q_len = 17;
+    p.scale = std::numeric_limits<float>::infinity();
+    std::vector<float> out(17, 7.0f), lse(17, 7.0f);
+    const int64_t r = jaxattn::CacheAttentionForward(
+        p, jaxattn::DecodeResult{out.data(), lse.data()}, jaxattn::SerialParallel());
+    if (r != jaxattn::kInvalidProblem) {
+      f->Add("CacheAttentionForward returned " + std::to_string(r) + " for an invalid problem");
+    }
+    for (size_t i = 0; i < out.size(); ++i) {
+      if (out[i] != 7.0f || lse[i] != 7.0f) f->Add("an invalid problem wrote its outputs");
     }
   }
   // Page ids: bad ones among the pages below the length are errors; past it, ignored.

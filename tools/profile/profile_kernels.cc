@@ -73,6 +73,9 @@ struct Case {
   int64_t full[6];
   int64_t reduced[6];
   float soft_cap;  // 0: none
+  // Decode: the cache's element type (int8 / float8 bytes with float32 scales per row and kv
+  // head; the query and output keep `dtype`).
+  jaxattn::CacheQuant quant = jaxattn::CacheQuant::kNone;
 };
 
 const Case kCases[] = {
@@ -93,6 +96,13 @@ const Case kCases[] = {
     {"bwd_f32_causal_cap", Kind::kBackward, DType::kF32, true, {1, 2048, 2048, 8, 8, 128}, {1, 256, 256, 2, 2, 128}, 50.0f},
     {"decode_f32", Kind::kDecode, DType::kF32, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}},
     {"decode_bf16", Kind::kDecode, DType::kBF16, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}},
+    {"decode_int8", Kind::kDecode, DType::kBF16, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}, 0.0f, jaxattn::CacheQuant::kInt8},
+    {"decode_f8e4m3", Kind::kDecode, DType::kBF16, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}, 0.0f, jaxattn::CacheQuant::kF8E4M3},
+    // Cache-resident (1 MiB of K and V bytes for int8, 2 MiB bf16): the compute cost of a
+    // key, without DRAM.
+    {"decode_bf16_l2", Kind::kDecode, DType::kBF16, false, {1, 1, 4096, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}, 0.0f},
+    {"decode_int8_l2", Kind::kDecode, DType::kBF16, false, {1, 1, 4096, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}, 0.0f, jaxattn::CacheQuant::kInt8},
+    {"decode_f8e4m3_l2", Kind::kDecode, DType::kBF16, false, {1, 1, 4096, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}, 0.0f, jaxattn::CacheQuant::kF8E4M3},
 };
 
 struct Result {
@@ -154,6 +164,31 @@ Result RunCase(const Case& c, bool reduced, int reps, double min_seconds) {
     p.kv_lengths = lengths.data();
     p.kv_lengths_batch = B;
     p.scale = 1.0f / std::sqrt(float(H));
+    // A quantized cache: random bytes (int8 in [-127, 127]; float8 any finite pattern) in
+    // place of the bf16 ones, and positive scales per (row, kv head).
+    std::vector<int8_t> kq, vq;
+    std::vector<float> key_scale, value_scale;
+    if (c.quant != jaxattn::CacheQuant::kNone) {
+      std::uniform_int_distribution<int> byte(-127, 127);
+      std::uniform_real_distribution<float> scale(0.005f, 0.02f);
+      kq.resize(B * S * K * H);
+      vq.resize(B * S * K * H);
+      for (auto* x : {&kq, &vq}) {
+        for (int8_t& e : *x) {
+          e = static_cast<int8_t>(byte(gen));
+          if (c.quant == jaxattn::CacheQuant::kF8E4M3 && (e & 0x7f) == 0x7f) e = 0;  // no NaN
+        }
+      }
+      key_scale.resize(B * S * K);
+      value_scale.resize(B * S * K);
+      for (float& f : key_scale) f = scale(gen);
+      for (float& f : value_scale) f = scale(gen);
+      p.cache_quant = c.quant;
+      p.key = kq.data();
+      p.value = vq.data();
+      p.key_scale = key_scale.data();
+      p.value_scale = value_scale.data();
+    }
     if (const char* e = jaxattn::ValidateDecodeProblem(p)) {
       std::fprintf(stderr, "%s: %s\n", c.name, e);
       std::exit(1);
@@ -161,7 +196,9 @@ Result RunCase(const Case& c, bool reduced, int reps, double min_seconds) {
     jaxattn::DecodeResult res{out.data(), lse.data()};
     time_it([&] { jaxattn::DecodeForward(p, res, serial); });
     r.flops = 4.0 * B * T * N * S * H;
-    r.bytes = 2.0 * B * S * K * H * (c.dtype == DType::kF32 ? 4 : 2);
+    const double element_bytes =
+        c.quant != jaxattn::CacheQuant::kNone ? 1 : c.dtype == DType::kF32 ? 4 : 2;
+    r.bytes = 2.0 * B * S * K * (H * element_bytes + (c.quant != jaxattn::CacheQuant::kNone ? 4 : 0));
   } else {
     jaxattn::AttentionProblem p;
     p.dtype = c.dtype;
