@@ -1,30 +1,15 @@
-// Dropout on the attention weights, for one instruction set (included by flash_impl.h inside
-// the ISA namespace, after simd.h).
-//
-// The keep mask is a counter-based hash, so the backward regenerates exactly the mask of the
-// forward, whatever the tiling or thread count: weight (b, n, t, s) is kept where
-//   row0 = Mix(seed0 ^ Mix(t)),  row1 = Mix(seed1 ^ Mix(t + 0x9E3779B9)),
-//   Mix(Mix(row0 ^ s) ^ row1) >= threshold,
-// with (seed0, seed1) = dropout_seeds[b % dropout_batch][n] (derived from the JAX key, the
-// batch and the head in Python: jaxattn/dropout.py, which computes the same mask with jnp),
-// t the query index, s the key index and Mix the lowbias32 bijection of 32-bit words. Kept
-// weights are scaled by 1 / (1 - threshold / 2^32).
+// Dropout on the attention weights, for one instruction set (see simd.h for how this file
+// is included): the keep mask of dropout_hash.h applied to rows and tiles of probabilities.
 //
 // The forward zeroes the dropped probabilities after the online-softmax step (the normaliser
 // sums the undropped ones) and folds the scale into the final division. With O = (P o Z') V
 // and Z' = keep / (1 - rate), the backward needs dP o Z' (dP = dO V^T) in dS = P o (dP o Z' - D),
 // D = rowsum(dO o O) unchanged, and (P o Z')^T dO for dV.
+#pragma once
+#include "dropout_hash.h"
+#include "flash_tiles.h"
 
 typedef uint32_t VU __attribute__((vector_size(kVL * 4)));
-
-static inline uint32_t DropoutMix(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
 
 static inline VU DropoutMix(VU x) {
   x ^= x >> 16;
@@ -33,26 +18,6 @@ static inline VU DropoutMix(VU x) {
   x *= 0x846ca68bu;
   x ^= x >> 16;
   return x;
-}
-
-static inline bool HasDropout(const AttentionProblem& p) { return p.dropout_seeds != nullptr; }
-
-// 1 / keep probability (1 without dropout).
-static inline float DropoutKeepScale(const AttentionProblem& p) {
-  if (!HasDropout(p)) return 1.0f;
-  return static_cast<float>(1.0 / (1.0 - static_cast<double>(p.dropout_threshold) * 0x1p-32));
-}
-
-// The two row keys of query t of head n, batch b.
-struct DropoutRowKey {
-  uint32_t k0, k1;
-};
-static inline DropoutRowKey DropoutRowKeyOf(const AttentionProblem& p, int64_t b, int64_t n,
-                                            int64_t t) {
-  const uint32_t* seed = p.dropout_seeds + ((b % p.dropout_batch) * p.num_heads + n) * 2;
-  const uint32_t tt = static_cast<uint32_t>(t);
-  return DropoutRowKey{DropoutMix(seed[0] ^ DropoutMix(tt)),
-                       DropoutMix(seed[1] ^ DropoutMix(tt + 0x9E3779B9u))};
 }
 
 // All-ones lanes where the weight is kept.
