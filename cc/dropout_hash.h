@@ -41,3 +41,9 @@ static inline DropoutRowKey DropoutRowKeyOf(const AttentionProblem& p, int64_t b
   return DropoutRowKey{DropoutMix(seed[0] ^ DropoutMix(tt)),
                        DropoutMix(seed[1] ^ DropoutMix(tt + 0x9E3779B9u))};
 }
+
+// Whether the weight of a query row (keys `key`) and key s is kept: the hash for one weight
+// (DropoutKeep in dropout.h is the same a vector at a time).
+static inline bool DropoutKept(DropoutRowKey key, int64_t s, uint32_t threshold) {
+  return DropoutMix(DropoutMix(key.k0 ^ static_cast<uint32_t>(s)) ^ key.k1) >= threshold;
+}

@@ -17,14 +17,21 @@ struct BackwardJob {
   // so large that log(l) was rounded away from m + log(l): with a finite bias of -1e9 or
   // finfo.min masking a whole row, lse == m and every P would be 1 instead of 1/S.
   float* norm;
+  // [B, T, N, 2] with dropout: the rows' keys (DropoutRowKeyOf), written by the query pass,
+  // read by the key pass (which would otherwise derive them again for every key tile).
+  uint32_t* dropout_keys;
 };
 
-// dS = P * (dP - D) [* (1 - tanh^2) with a soft cap], in place in dp.
+// dS = P * (dP - D) [* (1 - tanh^2) with a soft cap], in place in dp. With dropout (a query
+// row's line, or nullptr), dP o Z' in place of dP: scaled where kept, 0 where dropped.
 static inline void LogitsGradRow(const float* prob, float* dp, const float* tanh_row,
-                                 int64_t n, float delta_scalar, const float* delta_vec) {
+                                 int64_t n, float delta_scalar, const float* delta_vec,
+                                 const DropoutLine* dropout = nullptr, float keep_scale = 1.0f) {
   for (int64_t j = 0; j < n; j += kVL) {
     const VF d = delta_vec ? Load(delta_vec + j) : Splat(delta_scalar);
-    VF ds = Load(prob + j) * (Load(dp + j) - d);
+    VF dpj = Load(dp + j);
+    if (dropout != nullptr) dpj = DropoutApply(dpj, keep_scale, dropout->Keep(j));
+    VF ds = Load(prob + j) * (dpj - d);
     if (tanh_row != nullptr) {
       const VF th = Load(tanh_row + j);
       ds = ds * (1.0f - th * th);
@@ -78,10 +85,16 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   }
 
   // Rows past q_len: zero gradients, D = 0; dlogits rows are zeroed for the whole tile.
+  // Every row's dropout keys.
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t g = 0; g < c.group; ++g) {
       const int64_t n = kv_head * c.group + g;
       const int64_t row = (b * p.q_len + t) * p.num_heads + n;
+      if (HasDropout(p)) {
+        const DropoutRowKey key = DropoutRowKeyOf(p, b, n, t);
+        job.dropout_keys[2 * row] = key.k0;
+        job.dropout_keys[2 * row + 1] = key.k1;
+      }
       if (a.dlogits != nullptr) {
         __builtin_memset(a.dlogits + ((b * p.num_heads + n) * p.q_len + t) * p.kv_len, 0,
                          p.kv_len * sizeof(float));
@@ -150,11 +163,14 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
         sum += e;
       }
       psum[r] += HorizontalSum(sum);
+      DropoutLine dropout;
       if (HasDropout(p)) {
-        DropoutRow(p, b, rows[r].n, rows[r].t, s0, dp + r * nkp, nkp, DropoutKeepScale(p));
+        const uint32_t* key = job.dropout_keys + 2 * ((b * p.q_len + rows[r].t) * p.num_heads +
+                                                      rows[r].n);
+        dropout = DropoutLineOf(p, DropoutRowKey{key[0], key[1]}, s0);
       }
       LogitsGradRow(sr, dp + r * nkp, has_cap ? th + r * nkp : nullptr, nkp, delta[r],
-                    nullptr);
+                    nullptr, HasDropout(p) ? &dropout : nullptr, DropoutKeepScale(p));
       if (a.dlogits != nullptr) {
         const int64_t t = rows[r].t, n = rows[r].n;
         float* dst = a.dlogits + ((b * p.num_heads + n) * p.q_len + t) * p.kv_len + s0;
@@ -272,10 +288,15 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
           lse[r] = FiniteOrInf(a.lse[row]);
           delta[r] = job.delta[row];
           norm[r] = job.norm[row];
+          if (HasDropout(p)) {
+            row_keys[r] = job.dropout_keys[2 * row];
+            row_keys[rp + r] = job.dropout_keys[2 * row + 1];
+          }
         } else {
           lse[r] = kInf;
           delta[r] = 0.0f;
           norm[r] = 0.0f;
+          if (HasDropout(p)) row_keys[r] = row_keys[rp + r] = 0;
         }
       }
 
@@ -288,22 +309,18 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
           Store(si + j, Exp(Load(si + j) - Load(lse + j) - Load(norm + j)));
         }
       }
+      ProductGemm(c, nk, nrp, p.value_dim, v, DotLd(c, p.value_dim), dot, nrp, dpt, nrp,
+                  false);
+      // Dropout: one mask for P o Z' (dV) and dP o Z' (dS).
       const float* prob_for_v = st;
       if (HasDropout(p)) {
-        DropoutRowKeys(p, b, rows, num_rows, nrp, row_keys, row_keys + rp);
-        DropoutKeyMajor(p, row_keys, row_keys + rp, s0, nk, nrp, st, kept,
-                        DropoutKeepScale(p));
+        DropoutKeyMajor(p, row_keys, row_keys + rp, s0, nk, nrp, DropoutKeepScale(p), st, kept,
+                        dpt);
         prob_for_v = kept;
       }
       int64_t lda;
       const float* prob_t = ComputedOperand(c, prob_for_v, nk, num_rows, nrp, pairs, &lda);
       ProductGemm(c, nk, c.hvp, num_rows, prob_t, lda, dor, c.hvp, dv, c.hvp, true);
-      ProductGemm(c, nk, nrp, p.value_dim, v, DotLd(c, p.value_dim), dot, nrp, dpt, nrp,
-                  false);
-      if (HasDropout(p)) {
-        DropoutKeyMajor(p, row_keys, row_keys + rp, s0, nk, nrp, dpt, dpt,
-                        DropoutKeepScale(p));
-      }
       for (int64_t i = 0; i < nk; ++i) {
         LogitsGradRow(st + i * nrp, dpt + i * nrp, has_cap ? tht + i * nrp : nullptr, nrp,
                       0.0f, delta);
@@ -326,13 +343,16 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
 static int64_t RunBackward(const AttentionProblem& p, const BlockSparseTables* sparse,
                            ProductMode bf16_mode, const FlashBackwardArgs& args,
                            const Parallel& parallel) {
-  BackwardJob job{ContextFor(p, sparse, bf16_mode), args, nullptr, nullptr};
+  BackwardJob job{ContextFor(p, sparse, bf16_mode), args, nullptr, nullptr, nullptr};
   const int64_t row_bytes = MaxI(p.batch * p.q_len * p.num_heads, 1) * sizeof(float);
   job.delta = static_cast<float*>(__builtin_malloc(row_bytes));
   job.norm = static_cast<float*>(__builtin_malloc(row_bytes));
-  if (job.delta == nullptr || job.norm == nullptr) {
+  if (HasDropout(p)) job.dropout_keys = static_cast<uint32_t*>(__builtin_malloc(2 * row_bytes));
+  if (job.delta == nullptr || job.norm == nullptr ||
+      (HasDropout(p) && job.dropout_keys == nullptr)) {
     __builtin_free(job.delta);
     __builtin_free(job.norm);
+    __builtin_free(job.dropout_keys);
     return row_bytes;
   }
   parallel.For(p.batch * p.num_kv_heads * job.c.num_q_tiles, QueryGradTask, &job);
@@ -342,6 +362,7 @@ static int64_t RunBackward(const AttentionProblem& p, const BlockSparseTables* s
   }
   __builtin_free(job.delta);
   __builtin_free(job.norm);
+  __builtin_free(job.dropout_keys);
   return job.c.scratch_failed;
 }
 

@@ -39,6 +39,7 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   int64_t* offsets = nullptr;
   float *q = nullptr, *o = nullptr, *s = nullptr, *m = nullptr, *l = nullptr, *kt = nullptr;
   float *v = nullptr, *block = nullptr, *prob_pairs = nullptr, *cache_rows = nullptr;
+  uint32_t* drop_keys = nullptr;  // dropout: the rows' keys, k0 then k1
   const int64_t cache_tile = KvTileScratch(p, bk, MaxI(p.head_dim, p.value_dim));
   if (!CarveTaskScratch(c, bk, [&](Carver& carve) {
         rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
@@ -53,6 +54,7 @@ static void ForwardTask(void* job_ptr, int64_t task) {
         block = carve.Take(kVL * c.hp);
         prob_pairs = carve.Take(mrp * bkp / 2);
         cache_rows = carve.Take(cache_tile);  // a quantized cache's dequantised tile
+        if (HasDropout(p)) drop_keys = reinterpret_cast<uint32_t*>(carve.Take(2 * max_rows));
       })) {
     return;
   }
@@ -69,6 +71,9 @@ static void ForwardTask(void* job_ptr, int64_t task) {
   }
   if (num_rows == 0) return;
 
+  if (HasDropout(p)) {
+    DropoutRowKeys(p, b, rows, num_rows, num_rows, drop_keys, drop_keys + max_rows);
+  }
   RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
   PackDotRows(c, p.query, offsets, num_rows, p.head_dim, p.scale, q);
   ZeroPaddingRows(c, q, num_rows, DotLd(c, p.head_dim));
@@ -134,10 +139,11 @@ static void ForwardTask(void* job_ptr, int64_t task) {
                           prob_words != nullptr ? prob_words + r * (nkp / 2) : nullptr,
                           transform ? 0.0f : p.soft_cap);
         if (HasDropout(p)) {  // after the normaliser took the undropped weights
+          const DropoutRowKey key{drop_keys[r], drop_keys[max_rows + r]};
           if (prob_words != nullptr) {
-            DropoutRowPairs(p, b, rows[r].n, rows[r].t, s0, prob_words + r * (nkp / 2), nkp / 2);
+            DropoutRowPairs(p, key, s0, prob_words + r * (nkp / 2), nkp / 2);
           } else {
-            DropoutRow(p, b, rows[r].n, rows[r].t, s0, s + r * nkp, nkp, 1.0f);
+            DropoutRow(p, key, s0, s + r * nkp, nkp);
           }
         }
       }
