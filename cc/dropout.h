@@ -31,13 +31,12 @@ static inline VI DropoutKeep(VU k0, VU k1, VU s, VU threshold) {
 struct DropoutLine {
   VU k0, k1, keys, threshold;
   // Lanes of keys s0 + j .. s0 + j + kVL.
-  VI Keep(int64_t j) const { return DropoutKeep(k0, k1, keys + static_cast<uint32_t>(j),
-                                                threshold); }
+  VI Keep(int64_t j) const {
+    return DropoutKeep(k0, k1, keys + static_cast<uint32_t>(j), threshold);
+  }
 };
-static inline DropoutLine DropoutLineOf(const AttentionProblem& p, DropoutRowKey key,
-                                        int64_t s0) {
-  return DropoutLine{VU{} + key.k0, VU{} + key.k1,
-                     (VU)LaneIndices() + static_cast<uint32_t>(s0),
+static inline DropoutLine DropoutLineOf(const AttentionProblem& p, DropoutRowKey key, int64_t s0) {
+  return DropoutLine{VU{} + key.k0, VU{} + key.k1, (VU)LaneIndices() + static_cast<uint32_t>(s0),
                      VU{} + p.dropout_threshold};
 }
 
@@ -60,8 +59,8 @@ static inline void DropoutRowKeys(const AttentionProblem& p, int64_t b, const Ro
 
 // Query-major line (one query row, keys s0 .. s0 + count, count a multiple of kVL): the
 // dropped weights x[j] zeroed (the forward's probabilities).
-static inline void DropoutRow(const AttentionProblem& p, DropoutRowKey key, int64_t s0,
-                              float* x, int64_t count) {
+static inline void DropoutRow(const AttentionProblem& p, DropoutRowKey key, int64_t s0, float* x,
+                              int64_t count) {
   const DropoutLine line = DropoutLineOf(p, key, s0);
   for (int64_t j = 0; j < count; j += kVL) {
     Store(x + j, (VF)((VI)Load(x + j) & line.Keep(j)));
@@ -97,8 +96,8 @@ static inline void DropoutRowPairs(const AttentionProblem& p, DropoutRowKey key,
 // dp[i][j] *= scale (in place) where row j keeps key s0 + i, both 0 where it drops it.
 static inline void DropoutKeyMajor(const AttentionProblem& p, const uint32_t* k0,
                                    const uint32_t* k1, int64_t s0, int64_t num_keys,
-                                   int64_t rows_padded, float scale, const float* prob,
-                                   float* kept, float* dp) {
+                                   int64_t rows_padded, float scale, const float* prob, float* kept,
+                                   float* dp) {
   const VU threshold = VU{} + p.dropout_threshold;
   for (int64_t i = 0; i < num_keys; ++i) {
     const VU s = VU{} + static_cast<uint32_t>(s0 + i);

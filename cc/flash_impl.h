@@ -24,5 +24,5 @@
 //   flash_forward_impl.h, flash_backward_impl.h   the tasks and their entry points
 //   flash_jvp_impl.h  forward-mode derivative; sparse_impl.h block-sparse entry points
 #pragma once
-#include "flash_forward_impl.h"
 #include "flash_backward_impl.h"
+#include "flash_forward_impl.h"

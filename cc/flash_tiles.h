@@ -152,8 +152,8 @@ static inline TileCursor KeyTilesOf(const FlashContext& c, const QueryTileTask& 
 static inline bool NextVisibleKeyTile(const FlashContext& c, const QueryTileTask& qt,
                                       TileCursor* cursor, Tile* tile, TileKind* kind) {
   while (NextTile(cursor, tile)) {
-    *kind = ClassifyTile(*c.p, qt.ti, qt.t0, qt.tv1, tile->start, tile->start + tile->count,
-                         qt.kv_len);
+    *kind =
+        ClassifyTile(*c.p, qt.ti, qt.t0, qt.tv1, tile->start, tile->start + tile->count, qt.kv_len);
     if (*kind != TileKind::kHidden) return true;
   }
   return false;
