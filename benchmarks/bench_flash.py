@@ -12,8 +12,8 @@ is their share of the machine's matrix-product rate in the same dtype (PyTorch's
 with PyTorch timed in that process, and ends with a table comparing the kernel sets per shape.
 --soft-cap adds the cost of a logit soft cap (Gemma 2's, cap 50): jaxattn with and without it
 on Gemma-like shapes, forward and forward+backward, timed in alternating turns.
---dropout adds the cost of dropout on the attention weights (rate 0.1) the same way (the
-quick shapes with --quick).
+--dropout adds the cost of dropout on the attention weights (rate 0.1) the same way, on the
+first two speed shapes (the quick ones with --quick).
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ def main() -> None:
     if args.soft_cap:
         print("\n" + run_soft_cap(args.dtypes))
     if args.dropout:
-        print("\n" + run_overhead(args.dtypes, QUICK_SHAPES[:2] if args.quick else CAP_SHAPES,
+        print("\n" + run_overhead(args.dtypes, (QUICK_SHAPES if args.quick else SHAPES)[:2],
                                   "dropout 0.1", dropout_rate=0.1,
                                   dropout_rng=jax.random.key(0)))
     if args.memory:

@@ -3,6 +3,8 @@
 // (AttentionProblem::kv_cache: pages through a block table, contiguous, quantized). One
 // function gathers a tile's rows for either, so that attention of many query tokens against
 // a paged or quantized cache is the flash forward itself, not a second tiled kernel.
+#pragma once
+#include "simd.h"
 
 // Global row of key (or value) s of batch element b in a decode cache.
 static inline int64_t CacheRow(const KvCacheLayout& c, bool values, int64_t b, int64_t s) {

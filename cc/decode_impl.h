@@ -24,6 +24,9 @@
 // Scores use a dot-product form (one key row against the rows of a tile, lane partial sums
 // reduced by a transposing shuffle tree) because with few rows a broadcast form would waste
 // most of each vector.
+#pragma once
+#include "online_softmax.h"
+#include "scratch.h"
 
 constexpr int64_t kDecodeBlock = 32;         // keys per online-softmax step
 constexpr int64_t kDecodeMinPartition = 256;  // never split finer than this many keys

@@ -5,8 +5,13 @@
 //   c_i = sum_j P_ij dS_ij                           (the tangent of lse)
 //   dO_i = sum_j P_ij dS_ij V_j + sum_j P_ij dV_j - c_i O_i
 // with P = exp(S - lse) recomputed as in the backward's first pass. The map is linear in the
-// tangents; its transpose is the backward pass (flash_impl.h), which is how reverse mode runs.
-// Products are float32 whatever the inputs (the tangent is rarely the hot path).
+// tangents; its transpose is the backward pass (flash_backward_impl.h), which is how reverse
+// mode runs. Products are float32 whatever the inputs (the tangent is rarely the hot path).
+#pragma once
+#include "flash_logits.h"
+#include "flash_products.h"
+#include "flash_tiles.h"
+#include "online_softmax.h"
 
 struct JvpJob {
   FlashContext c;
@@ -22,13 +27,9 @@ static void JvpTask(void* job_ptr, int64_t task) {
   const FlashContext& c = job.c;
   const AttentionProblem& p = *c.p;
   const FlashTangents& tg = job.tangents;
-  const TaskTile tt = TileOfTask(p, task, c.num_q_tiles, /*costliest_last=*/true);
-  const int64_t q_tile = tt.tile, kv_head = tt.kv_head, b = tt.b;
-  const int64_t t0 = q_tile * c.positions_per_tile;
-  const int64_t t1 = MinI(p.q_len, t0 + c.positions_per_tile);
-  const int64_t q_len = QueryLength(p, b), kv_len = KeyLength(p, b);
-  const int64_t tv1 = MaxI(t0, MinI(t1, q_len));
-  const int64_t max_rows = (t1 - t0) * c.group;
+  const QueryTileTask qt = QueryTileOfTask(c, task);
+  const int64_t kv_head = qt.kv_head, b = qt.b, t0 = qt.t0, t1 = qt.t1, tv1 = qt.tv1;
+  const int64_t kv_len = qt.kv_len, max_rows = qt.max_rows;
   const int64_t bk = kKeysPerTile, bkp = RoundUp(bk, kVL);
   const bool has_cap = p.soft_cap > 0.0f;
 
@@ -85,9 +86,9 @@ static void JvpTask(void* job_ptr, int64_t task) {
   const VI lane = LaneIndices();
 
   const int64_t kb = b % p.kv_batch, vb = b % p.value_batch;
-  const TokenInfo ti = TokenInfoOf(p, b);
-  TileCursor tiles = KeyTilesOf(c, kv_head, q_tile, t0, tv1, kv_len);
-  for (Tile tile; NextTile(&tiles, &tile);) {
+  TileCursor tiles = KeyTilesOf(c, qt);
+  TileKind kind;
+  for (Tile tile; NextVisibleKeyTile(c, qt, &tiles, &tile, &kind);) {
     const int64_t s0 = tile.start, nk = tile.count, nkp = RoundUp(nk, kVL);
     KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
     PackColumns(p.dtype, p.key, offsets, nk, p.head_dim, 1.0f, kt, nkp, block);
@@ -105,9 +106,6 @@ static void JvpTask(void* job_ptr, int64_t task) {
     __builtin_memset(dvalues + nk * c.hvp, 0, (nkp - nk) * c.hvp * sizeof(float));
 
     Gemm(num_rows, nkp, p.head_dim, q, c.hp, kt, nkp, s, nkp, false);
-    // The forward's tile classes (positions, segment ids): hidden tiles add nothing.
-    const TileKind kind = ClassifyTile(p, ti, t0, tv1, s0, s0 + nk, kv_len);
-    if (kind == TileKind::kHidden) continue;
     TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, kind == TileKind::kFull,
                            tile.mask, s, nkp, has_cap ? th : nullptr);
     Gemm(num_rows, nkp, p.head_dim, dq, c.hp, kt, nkp, ds, nkp, false);

@@ -5,6 +5,8 @@
 // (BF16Pairs: one vdpbf16ps does two products per lane, twice the FMA's work). AmxGemm
 // multiplies the BF16Pairs layouts on AMX tiles (16 x 16 float32 results per instruction).
 // Part of the per-ISA kernel source (see simd.h).
+#pragma once
+#include "simd.h"
 
 #if JAXATTN_VL >= 16
 constexpr int kMR = 6, kNV = 4;   // 24 of 32 zmm registers
@@ -34,6 +36,13 @@ struct BF16Pairs {
     return (VF)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
   }
 };
+// n floats (a multiple of kVL) rounded to bf16 (nearest even, NaN kept) as n / 2 pairs.
+static inline void RoundToPairs(const float* x, int64_t n, uint32_t* dst) {
+  for (int64_t j = 0; j < n; j += kVL) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + j));
+    __builtin_memcpy(dst + j / 2, &h, sizeof(h));
+  }
+}
 #else
 constexpr bool kHasBF16Pairs = false;
 #endif

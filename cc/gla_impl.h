@@ -1,5 +1,8 @@
 // Gated linear attention for one instruction set (see simd.h for how this file is included;
 // the interface and the recurrence are in gated_linear.h).
+#pragma once
+#include "gemm.h"
+#include "scratch.h"
 //
 // Chunk-parallel form. The sequence is cut into chunks of kGlaChunk positions; a chunk may be
 // cut further into sub-chunks (below). Within a sub-chunk of L rows starting at t0, with
@@ -139,7 +142,7 @@ struct GlaWork {
       total += 2 * row_v + c.hv * c.cp + 3 * C * c.cp + 4 * row_k + c.hk * c.cp +
                2 * c.hv * c.hkp + c.hk * c.hvp + c.hkp;
     }
-    // The thread's grow-only scratch (flash_impl.h), zeroed: padding columns stay zero.
+    // The thread's grow-only scratch (scratch.h), zeroed: padding columns stay zero.
     block = tls_scratch.Get(total + kScratchSlack);
     if (block == nullptr) return;
     __builtin_memset(block, 0, total * sizeof(float));

@@ -1,6 +1,8 @@
 // The kernel source compiled once per instruction set. The including isa_*.cc file defines
 // JAXATTN_VL and JAXATTN_ISA_NAMESPACE and is compiled with that instruction set's flags.
-// Everything here lives in that namespace, so no two instruction sets share a symbol.
+// Everything here lives in that namespace, so no two instruction sets share a symbol. Each
+// header below includes the pieces it uses itself (#pragma once), so the order here only
+// lists the kernel families.
 #include <immintrin.h>  // F16C conversions (decode_impl.h), used under the ISA's flags only
 
 #include "attention.h"

@@ -2,6 +2,7 @@
 // namespace jaxattn::JAXATTN_ISA_NAMESPACE, with JAXATTN_VL (floats per vector) defined and
 // the file compiled for that instruction set. GCC vector extensions produce AVX-512, AVX2
 // or SSE code from the same source; no std:: templates here (see parallel.h).
+#pragma once
 
 constexpr int kVL = JAXATTN_VL;
 typedef float VF __attribute__((vector_size(kVL * 4)));
@@ -12,6 +13,8 @@ static inline VF Load(const float* p) { return *reinterpret_cast<const VFu*>(p);
 static inline void Store(float* p, VF v) { *reinterpret_cast<VFu*>(p) = v; }
 // x - 0 is x for every x (unlike 0 + x for x = -0), so this folds to a single broadcast.
 static inline VF Splat(float x) { return x - VF{}; }
+
+constexpr float kInf = __builtin_inff();
 
 static inline float MaxF(float a, float b) { return a > b ? a : b; }
 static inline int64_t MinI(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -111,6 +114,13 @@ static inline VF Tanh(VF x) {
     y = small != 0 ? y : large;
   }
   return (VF)((VI)y ^ sign);
+}
+
+// The soft cap of one vector of logits, cap * tanh(v / cap); *th receives the tanh. One
+// function for every layout, so that the backward recomputes the forward's logits bitwise.
+static inline VF SoftCap(VF v, float inv_cap, float cap, VF* th) {
+  *th = Tanh(v * inv_cap);
+  return *th * cap;
 }
 
 // Transposes a kVL x kVL block of 32-bit elements held as floats (rows r[0..kVL)) in

@@ -5,6 +5,9 @@
 // two-pass deterministic backward are the dense ones, tile for tile: on the same tile grid
 // (no analytic masks, so flash tiles start at 0 too) the results are bitwise those of flash
 // attention with the dense mask.
+#pragma once
+#include "flash_backward_impl.h"
+#include "flash_forward_impl.h"
 
 static BlockSparseTiling SparseTilingImpl(int64_t group) {
   BlockSparseTiling tiling;

@@ -118,7 +118,7 @@ def test_forced_isa_runs_other_kernels() -> None:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_query_tile_size_does_not_change_results(dtype: str, causal: bool) -> None:
-    """cc/flash_impl.h cuts flash attention into 128-row query tiles when the shape leaves
+    """cc/flash_context.h cuts flash attention into 128-row query tiles when the shape leaves
     >= 64 tasks, else 64-row tiles; every row's result must be bitwise the same either way.
     One batch element alone (2 tasks: 64-row tiles) against the same element inside a batch
     of 40 (80 tasks: 128-row tiles), forward and gradients."""

@@ -1,7 +1,7 @@
 """Values only seen at run time: out-of-range sequence lengths, NaN and Inf, extreme logits.
 
 - Sequence lengths are clamped by the kernels: a length below 0 means 0 and one past T or S
-  means T or S (``QueryLength``/``KeyLength`` in cc/flash_impl.h). Results equal the oracle on
+  means T or S (``QueryLength``/``KeyLength`` in cc/visibility.h). Results equal the oracle on
   the clamped lengths, also when the lengths are traced (the kernels see the raw values).
 - NaN in an input reaches every output it affects (never silently replaced by 0), and only
   those; NaN the semantics never look at (masked bias entries, cotangents of empty rows) stays

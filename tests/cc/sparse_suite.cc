@@ -6,7 +6,9 @@
 // bitwise those of the dense flash kernels given the same mask as an element mask (the same
 // tile routine on the same tile grid; flash_suite.cc checks those against a float64
 // reference), serial and threaded runs must agree bitwise, every output element must be
-// written, and ValidateBlockSparse must accept the tables and reject corrupted ones.
+// written, and ValidateBlockSparse must accept the tables and reject corrupted ones. With
+// dropout on the weights both run the same keep mask (a hash of the batch, head, query and
+// key), so the bitwise comparison covers the sparse tasks' dropout too.
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -29,6 +31,9 @@ struct Case {
   int64_t band = -1;      // >= 0: plus a causal band of this width (full tiles appear)
   double scale = 0.25, soft_cap = 0.0;
   bool backward = true;
+  // Dropout on the weights: seeds [batch, N, 2] (batch 1 or B); empty: none.
+  std::vector<uint32_t> dropout_seeds;
+  uint32_t dropout_threshold = 0;
 
   std::string Describe() const {
     char buf[256];
@@ -37,9 +42,21 @@ struct Case {
                   "band=%ld cap=%g bwd=%d",
                   DTypeName(dtype), long(B), long(T), long(S), long(N), long(K), long(H),
                   long(Hv), int(per_head), density, long(band), soft_cap, int(backward));
-    return buf;
+    std::string s = buf;
+    if (!dropout_seeds.empty()) {
+      s += " dropout(threshold=" + std::to_string(dropout_threshold) +
+           ", seeds=" + std::to_string(dropout_seeds.size()) + ")";
+    }
+    return s;
   }
 };
+
+// Dropout with random seeds for batch 1 or B and a threshold of rate `rate`.
+void SetDropout(Case* c, Random& rng, double rate) {
+  c->dropout_seeds.resize((rng.Chance(0.5) ? c->B : 1) * c->N * 2);
+  for (uint32_t& x : c->dropout_seeds) x = static_cast<uint32_t>(rng.Int(0, 1 << 30)) * 7u;
+  c->dropout_threshold = static_cast<uint32_t>(rate * 4294967296.0);
+}
 
 // A table block of exactly its size (ASan's redzone right after it).
 template <typename T>
@@ -187,6 +204,11 @@ AttentionProblem MakeProblem(const Case& c, Buffers& x, bool with_mask) {
   p.value = x.v.data();
   p.scale = static_cast<float>(c.scale);
   p.soft_cap = static_cast<float>(c.soft_cap);
+  if (!c.dropout_seeds.empty()) {
+    p.dropout_seeds = c.dropout_seeds.data();
+    p.dropout_batch = static_cast<int64_t>(c.dropout_seeds.size()) / (2 * c.N);
+    p.dropout_threshold = c.dropout_threshold;
+  }
   if (with_mask) {
     p.mask.data = x.mask.data();
     p.mask.dims[0] = 1;
@@ -285,6 +307,7 @@ Case RandomCase(Random& rng) {
   c.scale = rng.Pick<double>({0.125, 0.5, 1.0});
   c.soft_cap = rng.Chance(0.3) ? 2.5 : 0.0;
   c.backward = rng.Chance(0.6);
+  if (rng.Chance(0.3)) SetDropout(&c, rng, rng.Pick<double>({0.1, 0.5, 0.95}));
   return c;
 }
 
@@ -349,6 +372,21 @@ void RunSparseSuite(SuiteContext& context) {
   c.dtype = DType::kBF16;
   cases.push_back(c);
   Random rng(context.seed * 7919 + 3);
+  // Dropout: causal band with random blocks (full, partial and empty tiles), per-head masks
+  // and a batch of 2 with seeds per batch row or shared.
+  c.B = 2;
+  c.T = 130;
+  c.S = 200;
+  c.band = 70;
+  c.density = 0.3;
+  c.dtype = DType::kF32;
+  SetDropout(&c, rng, 0.1);
+  cases.push_back(c);
+  c.dtype = DType::kBF16;
+  c.per_head = false;
+  c.soft_cap = 2.5;
+  SetDropout(&c, rng, 0.5);
+  cases.push_back(c);
   for (int64_t i = 0; i < context.num_cases / 4 + 1; ++i) cases.push_back(RandomCase(rng));
   for (size_t i = 0; i < cases.size(); ++i) {
     if (context.verbose) std::printf("  sparse %s\n", cases[i].Describe().c_str());

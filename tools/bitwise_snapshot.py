@@ -1,0 +1,132 @@
+"""Bitwise snapshot of the kernels' outputs, for refactors that must not change a bit.
+
+Runs a fixed set of flash (forward, vjp with an lse cotangent, jvp, bias gradient), block-sparse,
+decode, paged, int8-cache and dropout calls over f32/bf16/f16 and odd shapes, then saves every
+output to an .npz or compares against one bitwise:
+
+    PYTHONPATH=. JAXATTN_ISA=avx2 python tools/bitwise_snapshot.py save /tmp/base_avx2.npz
+    # ... change the kernels, rebuild ...
+    PYTHONPATH=. JAXATTN_ISA=avx2 python tools/bitwise_snapshot.py compare /tmp/base_avx2.npz
+
+Exit status 1 on any difference (the first 20 names are printed). ~2 minutes on 2 cores.
+"""
+import sys
+import numpy as np
+import jax
+import jax.numpy as jnp
+import jaxattn
+
+
+def rnd(key: int, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Standard normal values of `shape` from seed `key`, in `dtype`."""
+    return jax.random.normal(jax.random.key(key), shape, jnp.float32).astype(dtype)
+
+
+def cases() -> dict[str, np.ndarray]:
+    """Every output of the fixed calls, by name (bf16/f16 widened to float32 exactly)."""
+    out = {}
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        dn = jnp.dtype(dtype).name
+        for (B, T, S, N, K, H, Hv) in ((2, 37, 53, 4, 2, 40, 24), (1, 130, 130, 2, 1, 64, 64),
+                                       (1, 300, 300, 8, 2, 32, 32)):
+            q = rnd(1, (B, T, N, H), dtype)
+            k = rnd(2, (B, S, K, H), dtype)
+            v = rnd(3, (B, S, K, Hv), dtype)
+            do = rnd(4, (B, T, N, Hv), dtype)
+            dl = rnd(5, (B, T, N), jnp.float32)
+            bias = rnd(6, (B, 1, T, S), jnp.float32)
+            mask = jax.random.bernoulli(jax.random.key(7), 0.8, (B, N, T, S))
+            qpos = jnp.broadcast_to(jnp.arange(T) * 2 + 3, (B, T))
+            kpos = jnp.broadcast_to(jnp.arange(S) * 2, (B, S))
+            qseg = jnp.broadcast_to((jnp.arange(T) * 3) // T, (B, T))
+            kseg = jnp.broadcast_to((jnp.arange(S) * 3) // S, (B, S))
+            slopes = jnp.linspace(0.1, 0.9, N)
+            variants = {
+                "plain": {},
+                "causal": dict(is_causal=True),
+                "bias_mask_cap": dict(bias=bias, mask=mask, logits_soft_cap=5.0),
+                "window_len": dict(local_window_size=(7, 3), query_seq_lengths=jnp.array([T - 3] * B),
+                                   key_value_seq_lengths=jnp.array([S - 5] * B)),
+                "pos_seg_alibi": dict(is_causal=True, query_positions=qpos, key_value_positions=kpos,
+                                      query_segment_ids=qseg, key_value_segment_ids=kseg,
+                                      alibi_slopes=slopes),
+                "dropout": dict(is_causal=True, dropout_rate=0.1, dropout_rng=jax.random.key(9)),
+                "dropout_cap_bias": dict(bias=bias, logits_soft_cap=4.0, dropout_rate=0.3,
+                                         dropout_rng=jax.random.key(11), dropout_broadcast=True),
+            }
+            for name, kw in variants.items():
+                tag = f"flash/{dn}/{B}x{T}x{S}x{N}x{K}x{H}x{Hv}/{name}"
+
+                def f(q, k, v, kw=kw):
+                    return jaxattn.flash_attention(q, k, v, return_residual=True, **kw)
+                (o, lse), vjp = jax.vjp(f, q, k, v)
+                dq, dk, dv = vjp((do, dl))
+                out[tag + "/o"], out[tag + "/lse"] = o, lse
+                out[tag + "/dq"], out[tag + "/dk"], out[tag + "/dv"] = dq, dk, dv
+                if "dropout_rate" not in kw and "bias" not in kw:
+                    _, (to, tl) = jax.jvp(f, (q, k, v), (rnd(12, q.shape, dtype), rnd(13, k.shape, dtype),
+                                                         rnd(14, v.shape, dtype)))
+                    out[tag + "/jvp_o"], out[tag + "/jvp_lse"] = to, tl
+            # dlogits path: gradient wrt bias
+            g = jax.grad(lambda bias: jnp.sum(jaxattn.flash_attention(q, k, v, bias=bias, is_causal=True)
+                                              .astype(jnp.float32) * do.astype(jnp.float32)))(bias)
+            out[f"flash/{dn}/{B}x{T}x{S}/dbias"] = g
+            # block sparse
+            dense = np.array(jax.random.bernoulli(jax.random.key(15), 0.5, (T, S)))
+            dense[:, :5] = True
+            dense[: T // 2, : S // 2] = True
+            bsm = jaxattn.BlockSparseMask.from_dense(dense)
+            for name, kw in {"plain": {}, "cap": dict(logits_soft_cap=3.0),
+                             "dropout": dict(dropout_rate=0.2, dropout_rng=jax.random.key(17)),
+                             "seg_alibi": dict(query_segment_ids=qseg, key_value_segment_ids=kseg,
+                                               alibi_slopes=slopes)}.items():
+                tag = f"sparse/{dn}/{B}x{T}x{S}x{N}x{K}/{name}"
+
+                def fs(q, k, v, kw=kw):
+                    return jaxattn.block_sparse_attention(q, k, v, bsm, return_residual=True, **kw)
+                (o, lse), vjp = jax.vjp(fs, q, k, v)
+                dq, dk, dv = vjp((do, dl))
+                out[tag + "/o"], out[tag + "/lse"] = o, lse
+                out[tag + "/dq"], out[tag + "/dk"], out[tag + "/dv"] = dq, dk, dv
+        # decode & cache prefill
+        for T in (1, 3, 40):
+            B, Smax, N, K, H = 3, 320, 8, 2, 64
+            q = rnd(21, (B, T, N, H), dtype)
+            kc = rnd(22, (B, Smax, K, H), dtype)
+            vc = rnd(23, (B, Smax, K, H), dtype)
+            lens = jnp.array([T + 5, 170, 300])
+            for name, kw in {"plain": {}, "window_cap": dict(local_window_size=(50, 0), logits_soft_cap=7.0),
+                             "alibi": dict(alibi_slopes=jnp.linspace(0.1, 0.5, N))}.items():
+                o, lse = jaxattn.decode_attention(q, kc, vc, lens, return_residual=True, **kw)
+                out[f"decode/{dn}/T{T}/{name}/o"], out[f"decode/{dn}/T{T}/{name}/lse"] = o, lse
+            page = 16
+            kp = kc.reshape(B * Smax // page, page, K, H)
+            vp = vc.reshape(B * Smax // page, page, K, H)
+            perm = np.random.default_rng(0).permutation(B * Smax // page)
+            kp, vp = kp[perm], vp[perm]
+            inv = np.argsort(perm)
+            tables = jnp.asarray(inv.reshape(B, Smax // page).astype(np.int32))
+            o, lse = jaxattn.paged_decode_attention(q, kp, vp, tables, lens, return_residual=True)
+            out[f"paged/{dn}/T{T}/o"], out[f"paged/{dn}/T{T}/lse"] = o, lse
+            kq, ks = jaxattn.quantize_kv(kc, "int8")
+            vq, vs = jaxattn.quantize_kv(vc, "int8")
+            o = jaxattn.decode_attention(q, kq, vq, lens, key_scale=ks, value_scale=vs)
+            out[f"decode_int8/{dn}/T{T}/o"] = o
+    # dropout mask itself
+    out["dropout_mask"] = jaxattn.dropout_mask(jax.random.key(3), 0.25, 2, 3, 37, 53)
+    return {k: np.asarray(v.astype(jnp.float32) if v.dtype in (jnp.bfloat16, jnp.float16) else v)
+            for k, v in out.items()}
+
+
+if __name__ == "__main__":
+    mode, path = sys.argv[1], sys.argv[2]
+    res = cases()
+    print(jaxattn.kernel_isa(), len(res), "arrays")
+    if mode == "save":
+        np.savez(path, **res)
+    else:
+        ref = np.load(path)
+        assert set(ref.files) == set(res), set(ref.files) ^ set(res)
+        bad = [k for k in ref.files if ref[k].tobytes() != res[k].tobytes()]
+        print("MISMATCH" if bad else "ALL BITWISE EQUAL", bad[:20])
+        sys.exit(1 if bad else 0)
