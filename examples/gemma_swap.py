@@ -13,7 +13,8 @@ Only the middle of gemma's `Attention.__call__` changes (logits, soft cap, masks
 the weighted sum of values); projections, RoPE and cache writes are gemma's, re-stated here
 because gemma has them in the same method. gemma's masks are defined on token positions:
 `attn_mask [B,T,S]` (causal and padding) and, on local layers, `|qp - kp| < W`. jaxattn runs
-them in one of three ways, chosen inside the jitted graph by `lax.cond` from the mask itself:
+them in one of three ways, chosen inside the jitted graph by `lax.switch` from the mask and
+positions themselves (index where it is exact, else positions, else dense):
 
   positions  (jaxattn with `query_positions`): `is_causal` over positions, padding keys given
              a position past every query, window `(W-1, 0)` in positions. Exact for every
@@ -21,7 +22,8 @@ them in one of three ways, chosen inside the jitted graph by `lax.cond` from the
              prefilled partway into a cache. Used when the mask is exactly that.
   index      (any jaxattn): `is_causal` and `local_window_size=(W-1, 0)` over indices, when
              the mask is the plain causal one and positions are indices plus a constant
-             (training and scoring without padding).
+             (training and scoring without padding): the same mask as positions, and faster
+             on the local layers.
   dense      otherwise (e.g. images' bidirectional blocks): gemma's own mask, as a dense
              `[B,1,T,S]` mask. Exact, but slower.
 
@@ -94,6 +96,14 @@ def _is_index_causal(attn_mask, q_pos, kv_pos):
             & jnp.all(kv_pos[:, :t] == q_pos))
 
 
+def _positions_are_indices(q_pos, kv_pos):
+    """Whether query i has position c + i and key j position c + j (one c per row): then
+    causality and the window over positions are those over indices."""
+    offset = q_pos[:, :1]
+    return (jnp.all(q_pos == offset + jnp.arange(q_pos.shape[1]))
+            & jnp.all(kv_pos == offset + jnp.arange(kv_pos.shape[1])))
+
+
 def jaxattn_core(query, key, value, *, q_pos, kv_pos, attn_mask, scale: float,
                  soft_cap: float | None, window: int | None, mode: str = "auto"):
     """gemma's attention core (logits, cap, masks, softmax, values) through jaxattn.
@@ -131,11 +141,21 @@ def jaxattn_core(query, key, value, *, q_pos, kv_pos, attn_mask, scale: float,
         if not HAS_POSITIONS:
             raise ValueError("this jaxattn has no query_positions; use mode='auto'")
         return positions(None)
-    fast_ok = positions_ok if HAS_POSITIONS else _is_index_causal(attn_mask, q_pos, kv_pos)
+    if HAS_POSITIONS:
+        # Where the positions are the indices plus one constant (no padding: training,
+        # scoring), the index route gives the same mask and is faster on local layers (its
+        # kernels mask a narrow band by index ranges; benchmarks/results/gemma_2core.md).
+        # positions_ok already ties the mask to the positions, so this costs O(T + S).
+        index_ok = positions_ok & _positions_are_indices(q_pos, moved_kv_pos)
+        route = jnp.where(index_ok, 2, jnp.where(positions_ok, 1, 0))
+        branches = [dense, positions, index]
+    else:
+        route = jnp.where(_is_index_causal(attn_mask, q_pos, kv_pos), 2, 0)
+        branches = [dense, index, index]  # 1 never taken
     if _SHOW_ROUTES:
         jax.debug.print("  route T={t} S={s} window={w}: {r}", t=query.shape[1], s=key.shape[1],
-                        w=window, r=jnp.where(fast_ok, 1, 0), ordered=True)
-    return jax.lax.cond(fast_ok, positions if HAS_POSITIONS else index, dense, None)
+                        w=window, r=route, ordered=True)
+    return jax.lax.switch(route, branches, None)
 
 
 class JaxattnAttention(_modules.Attention):
@@ -423,7 +443,8 @@ def main(argv=None) -> int:
                         help="force one mask path of the swap (default: chosen per call)")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--show-routes", action="store_true",
-                        help="print, per attention call, 1 if it took the fast route, 0 if dense")
+                        help="print the route of every attention call: 2 index, 1 positions, "
+                             "0 dense")
     parser.add_argument("--timing-only", action="store_true", help="skip the checks")
     parser.add_argument("--timing", default="layer,model",
                         help="what to time: layer (one attention layer), model, or both")

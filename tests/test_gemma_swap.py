@@ -51,6 +51,23 @@ def test_logits_match_gemma(swap, models, left):
     assert ok, msg
 
 
+def test_logits_match_gemma_without_padding(swap, models):
+    """One unpadded prompt per row: the index route (positions are indices)."""
+    ref, new, params = models
+    tokens = swap._random_tokens(np.random.default_rng(1), [48, 48], 48, False)
+    ok, msg = swap.check_logits(ref, new, params, tokens, tol=1e-4)
+    assert ok, msg
+
+
+def test_positions_are_indices(swap):
+    q_pos = jnp.array([[0, 1, 2], [5, 6, 7]])
+    assert bool(swap._positions_are_indices(q_pos, jnp.array([[0, 1, 2, 3], [5, 6, 7, 8]])))
+    # a key moved past every query (padding), or a gap in the query positions: not indices
+    assert not bool(swap._positions_are_indices(q_pos, jnp.array([[0, 1, 2, 2**30],
+                                                                  [5, 6, 7, 8]])))
+    assert not bool(swap._positions_are_indices(jnp.array([[0, 2, 3]]), jnp.array([[0, 2, 3]])))
+
+
 def test_check_detects_a_wrong_mask(swap, models):
     """The index path ignores left padding: the logit check must see it (it can fail)."""
     from gemma import gm
