@@ -19,6 +19,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir, xla
 
 from jaxattn import _jaxattn, _sharding
+from jaxattn._validation import lse_dtype
 
 TARGETS: dict[str, object] = _jaxattn.registrations()
 for _name, _capsule in TARGETS.items():
@@ -214,7 +215,7 @@ def _flash_fwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, *tokens, **_
     b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
-            q.update(shape=(b, t, n), dtype=jnp.float32))
+            q.update(shape=(b, t, n), dtype=lse_dtype(q.dtype)))
 
 
 def _flash_bwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse,
@@ -231,7 +232,7 @@ def _flash_dlogits_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse
     _expect_qkv("jaxattn_flash_dlogits", q, k, v)
     b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse, *tokens)
     _, t, n, _ = q.shape
-    return (q.update(shape=(b, n, t, k.shape[1]), dtype=jnp.float32),)
+    return (q.update(shape=(b, n, t, k.shape[1]), dtype=lse_dtype(q.dtype)),)
 
 
 # Operands: query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths, then
@@ -267,7 +268,7 @@ def _flash_jvp_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dq
                       *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
-            q.update(shape=(b, t, n), dtype=jnp.float32))
+            q.update(shape=(b, t, n), dtype=lse_dtype(q.dtype)))
 
 
 # ... plus out, lse and the tangents dq, dk, dv, dbias (empty: none), then the token operands
@@ -293,14 +294,14 @@ def _decode_abstract(q, k, v, kv_lengths, *tokens, **_):
     b = _output_batch(q, k, v, kv_lengths, *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
-            q.update(shape=(b, t, n), dtype=jnp.float32))
+            q.update(shape=(b, t, n), dtype=lse_dtype(q.dtype)))
 
 
 def _paged_decode_abstract(q, key_pages, value_pages, block_tables, kv_lengths, *tokens, **_):
     b = _output_batch(q, block_tables, kv_lengths, *tokens)  # the pages have no batch axis
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, value_pages.shape[3]), dtype=q.dtype),
-            q.update(shape=(b, t, n), dtype=jnp.float32))
+            q.update(shape=(b, t, n), dtype=lse_dtype(q.dtype)))
 
 
 def _paged_decode_batch_rule(prim: Primitive, operand_axes: Sequence[str],
@@ -429,7 +430,7 @@ def _sparse_fwd_abstract(q, k, v, q_indptr, q_entries, masks, *tokens, **_):
     b = _output_batch(q, k, v, *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
-            q.update(shape=(b, t, n), dtype=jnp.float32))
+            q.update(shape=(b, t, n), dtype=lse_dtype(q.dtype)))
 
 
 def _sparse_bwd_abstract(q, k, v, out, lse, dout, dlse, *tables_and_tokens, **_):

@@ -112,6 +112,10 @@ ffi::Error ParseProblem(const ProblemOperands& in, const TokenOperands& tokens,
   if (p->bias.data != nullptr && !ToAttentionDType(in.bias.element_type(), &p->bias.dtype)) {
     return InvalidArgument("bias must be float32, bfloat16, float16 or float64");
   }
+  if (p->bias.data != nullptr && p->bias.dtype == DType::kF64 && p->dtype != DType::kF64) {
+    return InvalidArgument("a float64 bias needs float64 inputs (the float32 kernels add the "
+                           "bias in float32: pass it as float32)");
+  }
   if (p->mask.data != nullptr && in.mask.element_type() != ffi::DataType::PRED &&
       in.mask.element_type() != ffi::DataType::U8) {
     return InvalidArgument("mask must be boolean");

@@ -142,6 +142,9 @@ ffi::Error FlashJvpImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuff
     if (!ToAttentionDType(dbias.element_type(), &tangents.dbias.dtype)) {
       return InvalidArgument("the bias tangent must be float32, bfloat16, float16 or float64");
     }
+    if (tangents.dbias.dtype == DType::kF64 && p.dtype != DType::kF64) {
+      return InvalidArgument("a float64 bias tangent needs float64 inputs");
+    }
     const int64_t full[4] = {B, N, T, S};
     if (tangents.dbias.dims[0] <= 0 || B % tangents.dbias.dims[0] != 0) {
       return InvalidArgument("the bias tangent's batch must divide B");
