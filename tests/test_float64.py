@@ -319,6 +319,30 @@ def test_merge_attention_states_float64(rng):
     _close(lse, ref_lse, "lse")
 
 
+def test_kernels_check_float64_operands():
+    """The FFI handlers refuse mixed float64/float32 operands (a bypass of the Python checks)
+    with an error instead of reading them at the wrong width."""
+    from jaxattn import _ffi
+
+    q = jnp.ones((1, 4, 2, 8))
+    q32 = q.astype(jnp.float32)
+    empty_i = jnp.zeros((0,), jnp.int32)
+    lens = (empty_i, empty_i)
+    with pytest.raises(Exception, match="float64 bias needs float64 inputs"):
+        jax.block_until_ready(_ffi.flash_fwd_p.bind(
+            q32, q32, q32, jnp.ones((1, 1, 4, 4)), jnp.zeros((0,), bool), *lens,
+            *_ffi.no_tokens(), **_ffi.attention_attrs(1.0, None, False, None)))
+    out, lse = _ffi.flash_fwd_p.bind(q, q, q, jnp.zeros((0,)), jnp.zeros((0,), bool), *lens,
+                                     *_ffi.no_tokens(),
+                                     **_ffi.attention_attrs(1.0, None, False, None))
+    assert out.dtype == lse.dtype == jnp.float64
+    with pytest.raises(Exception, match="must be float64 for float64 inputs"):
+        jax.block_until_ready(_ffi.flash_bwd_p.bind(
+            q, q, q, jnp.zeros((0,)), jnp.zeros((0,), bool), *lens, out,
+            lse.astype(jnp.float32), out, jnp.zeros((0,), jnp.float32), *_ffi.no_tokens(),
+            **_ffi.attention_attrs(1.0, None, False, None)))
+
+
 def test_float64_needs_x64():
     """Without x64 JAX makes float64 inputs float32: the float32 kernels run."""
     with jax.enable_x64(False):
