@@ -64,9 +64,9 @@ static double* F64Scratch(const F64Context& c, int64_t doubles) {
 // One query row of a tile: what its masks and logit terms need.
 struct F64Row {
   int64_t t = 0, n = 0;
-  int64_t position = 0;   // the query's position (clamped), or its index
-  double slope = 0.0;     // ALiBi slope (0: none)
-  bool live = false;      // t below the query length
+  int64_t position = 0;  // the query's position (clamped), or its index
+  double slope = 0.0;    // ALiBi slope (0: none)
+  bool live = false;     // t below the query length
   int64_t bias_at = 0, mask_at = 0, dbias_at = 0;
   DropoutRowKey drop{0u, 0u};
 };
@@ -86,8 +86,8 @@ static inline F64Batch F64BatchOf(const AttentionProblem& p, int64_t b) {
 }
 
 // The rows of query tile q_tile of kv head kv_head: positions [t0, t1) times the G heads.
-static int64_t F64TileRows(const F64Context& c, const F64Batch& fb, int64_t kv_head,
-                           int64_t q_tile, const Broadcast4* dbias, F64Row* rows) {
+static int64_t F64TileRows(const F64Context& c, const F64Batch& fb, int64_t kv_head, int64_t q_tile,
+                           const Broadcast4* dbias, F64Row* rows) {
   const AttentionProblem& p = *c.p;
   const int64_t t0 = q_tile * c.positions, t1 = MinI(p.q_len, t0 + c.positions);
   int64_t r = 0;
@@ -124,8 +124,7 @@ static inline bool F64Visible(const AttentionProblem& p, const F64Batch& fb, con
 }
 
 static inline bool F64Kept(const AttentionProblem& p, const F64Row& row, int64_t s) {
-  const uint32_t h = DropoutMix(DropoutMix(row.drop.k0 ^ static_cast<uint32_t>(s)) ^
-                                row.drop.k1);
+  const uint32_t h = DropoutMix(DropoutMix(row.drop.k0 ^ static_cast<uint32_t>(s)) ^ row.drop.k1);
   return h >= p.dropout_threshold;
 }
 
@@ -200,8 +199,8 @@ static void F64TransformTile(const F64Context& c, const F64Batch& fb, const F64R
 
 // The key tiles a query tile visits: tile starts in *starts and element masks (nullptr:
 // none) in *masks; returns how many. Dense: the tiles the analytic masks leave.
-static int64_t F64KeyTiles(const F64Context& c, const F64Batch& fb, int64_t kv_head,
-                           int64_t q_tile, int64_t* starts, const uint8_t** masks) {
+static int64_t F64KeyTiles(const F64Context& c, const F64Batch& fb, int64_t kv_head, int64_t q_tile,
+                           int64_t* starts, const uint8_t** masks) {
   const AttentionProblem& p = *c.p;
   int64_t count = 0;
   if (c.sparse != nullptr) {
@@ -258,8 +257,8 @@ static void F64ForwardTask(void* job_ptr, int64_t task) {
   const F64Batch fb = F64BatchOf(p, tt.b);
   const int64_t H = p.head_dim, Hv = p.value_dim, R = c.rows;
   const int64_t num_k = c.num_k_tiles;
-  double* scratch = F64Scratch(c, R * (H + Hv + 2 + kF64Keys) + kF64Keys * (H + 2) +
-                                      num_k * 2 + R * kRowDoubles);
+  double* scratch =
+      F64Scratch(c, R * (H + Hv + 2 + kF64Keys) + kF64Keys * (H + 2) + num_k * 2 + R * kRowDoubles);
   if (scratch == nullptr) return;
   double* q = scratch;
   double* o = q + R * H;
@@ -353,9 +352,9 @@ struct F64BackwardJob {
 // p = exp(x - lse) (0 where x is -inf or the row sees nothing), dp = dO V^T (times the
 // dropout scale where kept, 0 where dropped), ds = p (dp - D), times 1 - tanh^2 with a soft
 // cap. On return x holds p with the dropout applied (the weights of O) and dp holds ds.
-static void F64ProbsAndGrads(const F64Context& c, const F64Row* rows, int64_t num_rows,
-                             int64_t s0, int64_t nk, const double* lse, const double* delta,
-                             const double* th, double* x, double* dp) {
+static void F64ProbsAndGrads(const F64Context& c, const F64Row* rows, int64_t num_rows, int64_t s0,
+                             int64_t nk, const double* lse, const double* delta, const double* th,
+                             double* x, double* dp) {
   const AttentionProblem& p = *c.p;
   for (int64_t r = 0; r < num_rows; ++r) {
     double* xr = x + r * kF64Keys;
@@ -387,8 +386,8 @@ static void F64BackwardQueryTask(void* job_ptr, int64_t task) {
   const F64Batch fb = F64BatchOf(p, tt.b);
   const int64_t H = p.head_dim, Hv = p.value_dim, R = c.rows, num_k = c.num_k_tiles;
   const bool has_cap = c.cap > 0.0;
-  double* scratch = F64Scratch(c, R * (H + Hv + H + 2 + 3 * kF64Keys) +
-                                      kF64Keys * (H + Hv + 2) + num_k * 2 + R * kRowDoubles);
+  double* scratch = F64Scratch(c, R * (H + Hv + H + 2 + 3 * kF64Keys) + kF64Keys * (H + Hv + 2) +
+                                      num_k * 2 + R * kRowDoubles);
   if (scratch == nullptr) return;
   double* q = scratch;
   double* dout = q + R * H;
@@ -445,8 +444,8 @@ static void F64BackwardQueryTask(void* job_ptr, int64_t task) {
       for (int64_t r = 0; r < nr; ++r) {
         const double* ds = dp + r * kF64Keys;
         if (a.dlogits != nullptr) {
-          double* g = a.dlogits +
-                      ((tt.b * p.num_heads + rows[r].n) * p.q_len + rows[r].t) * p.kv_len + s0;
+          double* g =
+              a.dlogits + ((tt.b * p.num_heads + rows[r].n) * p.q_len + rows[r].t) * p.kv_len + s0;
           for (int64_t j = 0; j < nk; ++j) g[j] = ds[j];
         }
         double* dqr = dq + r * H;
@@ -509,8 +508,9 @@ static void F64BackwardKeyTask(void* job_ptr, int64_t task) {
   const int64_t H = p.head_dim, Hv = p.value_dim, R = c.rows, num_q = c.num_q_tiles;
   const int64_t s0 = tt.tile * kF64Keys, nk = MinI(kF64Keys, p.kv_len - s0);
   const bool has_cap = c.cap > 0.0;
-  double* scratch = F64Scratch(c, R * (H + Hv + 2 + 3 * kF64Keys) +
-                                      kF64Keys * (2 * H + 2 * Hv + 1) + num_q * 2 + R * kRowDoubles);
+  double* scratch =
+      F64Scratch(c, R * (H + Hv + 2 + 3 * kF64Keys) + kF64Keys * (2 * H + 2 * Hv + 1) + num_q * 2 +
+                        R * kRowDoubles);
   if (scratch == nullptr) return;
   double* q = scratch;
   double* dout = q + R * H;
@@ -618,8 +618,8 @@ static void F64JvpTask(void* job_ptr, int64_t task) {
   const F64Batch fb = F64BatchOf(p, tt.b);
   const int64_t H = p.head_dim, Hv = p.value_dim, R = c.rows, num_k = c.num_k_tiles;
   const bool has_cap = c.cap > 0.0;
-  double* scratch = F64Scratch(c, R * (2 * H + Hv + 2 + 4 * kF64Keys) +
-                                      kF64Keys * (2 * H + 1) + num_k * 2 + R * kRowDoubles);
+  double* scratch = F64Scratch(c, R * (2 * H + Hv + 2 + 4 * kF64Keys) + kF64Keys * (2 * H + 1) +
+                                      num_k * 2 + R * kRowDoubles);
   if (scratch == nullptr) return;
   double* q = scratch;
   double* dq = q + R * H;
@@ -766,8 +766,8 @@ static void F64DecodeTask(void* job_ptr, int64_t task) {
   for (int64_t t = 0; t < T; ++t) {
     const int64_t at = (b * T + t) * p.num_heads + n;
     double* out = job.res.out + at * Hv;
-    const double* q = static_cast<const double*>(p.query) + ((b % p.q_batch) * T * p.num_heads +
-                                                             t * p.num_heads + n) * H;
+    const double* q = static_cast<const double*>(p.query) +
+                      ((b % p.q_batch) * T * p.num_heads + t * p.num_heads + n) * H;
     double m = -__builtin_inf(), l = 0.0;
     for (int64_t e = 0; e < Hv; ++e) o[e] = 0.0;
     const int64_t qp = dp.QueryPosition(t);
@@ -805,8 +805,7 @@ static void F64DecodeTask(void* job_ptr, int64_t task) {
         const double prob = __builtin_exp(x[j] - m_new);
         if (prob == 0.0) continue;
         l += prob;
-        const double* vr =
-            value + ((key_rows[j] + value_shift) * p.num_kv_heads + kv_head) * Hv;
+        const double* vr = value + ((key_rows[j] + value_shift) * p.num_kv_heads + kv_head) * Hv;
         for (int64_t e = 0; e < Hv; ++e) o[e] += prob * vr[e];
       }
     }

@@ -234,6 +234,14 @@ def test_block_sparse_matches_oracle(rng, mask_name, shape):
     ref = attention_reference_grad(q, kk, v, dout, mask=dense, logits_soft_cap=5.0)
     for g, r, name in zip(grads, ref, ("dq", "dk", "dv")):
         _close(g, r, name)
+    # The same tiles as flash attention with the dense mask: bitwise equal, as in float32.
+    flash = jax.grad(lambda *x: jnp.sum(
+        jaxattn.flash_attention(*x, mask=dense[None], logits_soft_cap=5.0) * dout),
+        argnums=(0, 1, 2))(q, kk, v)
+    np.testing.assert_array_equal(out, jaxattn.flash_attention(
+        q, kk, v, mask=dense[None], logits_soft_cap=5.0))
+    for g, f in zip(grads, flash):
+        np.testing.assert_array_equal(g, f)
 
 
 def test_block_sparse_per_head_with_tokens(rng):
