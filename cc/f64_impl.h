@@ -244,6 +244,17 @@ static inline int64_t F64RowOffset(const AttentionProblem& p, int64_t batch_inde
 
 // ---------------------------------------------------------------------------- forward
 
+// The online softmax's new maximum after logits x[0..n): NaN once any logit is NaN (so that
+// the row's output and lse become NaN, as attention over a NaN logit is), else the larger of
+// m and the logits.
+static inline double F64RunningMax(double m, const double* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (x[j] != x[j]) return x[j];
+    m = x[j] > m ? x[j] : m;
+  }
+  return m;
+}
+
 struct F64ForwardJob {
   F64Context c;
   F64ForwardResult res;
@@ -293,9 +304,7 @@ static void F64ForwardTask(void* job_ptr, int64_t task) {
     F64KeyOffsets(p, vb, tt.kv_head, s0, nk, Hv, offsets);
     for (int64_t r = 0; r < nr; ++r) {
       double* xr = x + r * kF64Keys;
-      double tile_max = -__builtin_inf();
-      for (int64_t j = 0; j < nk; ++j) tile_max = xr[j] > tile_max ? xr[j] : tile_max;
-      const double m_new = tile_max > m[r] ? tile_max : m[r];
+      const double m_new = F64RunningMax(m[r], xr, nk);
       if (m_new == -__builtin_inf()) continue;  // nothing visible yet
       const double alpha = __builtin_exp(m[r] - m_new);
       double* orow = o + r * Hv;
@@ -774,7 +783,6 @@ static void F64DecodeTask(void* job_ptr, int64_t task) {
     for (int64_t s0 = 0; t < live && s0 < len; s0 += kF64Keys) {
       const int64_t nk = MinI(kF64Keys, len - s0);
       KeyRows(p, b, s0, nk, key_rows);
-      double tile_max = -__builtin_inf();
       for (int64_t j = 0; j < nk; ++j) {
         const int64_t kp = dp.KeyPosition(s0 + j);
         if (kp > qp || (p.window_left >= 0 && kp < qp - p.window_left)) {
@@ -791,9 +799,8 @@ static void F64DecodeTask(void* job_ptr, int64_t task) {
         }
         if (cap > 0.0) v = cap * __builtin_tanh(v / cap);
         x[j] = v;
-        tile_max = v > tile_max ? v : tile_max;
       }
-      const double m_new = tile_max > m ? tile_max : m;
+      const double m_new = F64RunningMax(m, x, nk);
       if (m_new == -__builtin_inf()) continue;
       const double alpha = __builtin_exp(m - m_new);
       if (alpha != 1.0) {

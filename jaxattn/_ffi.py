@@ -254,7 +254,8 @@ flash_fwd_p = _define("jaxattn_flash_fwd", "jaxattn_flash_fwd_v3", _flash_fwd_ab
 flash_bwd_p = _define("jaxattn_flash_bwd", "jaxattn_flash_bwd_v3", _flash_bwd_abstract,
                       axes=f"{_FLASH_OPERANDS},{_BACKWARD_OPERANDS},{_V3_TOKEN_OPERANDS}"
                            "->btnh,bskh,bskd", dropout=True)
-# ... plus out, lse, dout, dlse -> d loss / d logits [B, N, T, S] float32 (for a bias gradient)
+# ... plus out, lse, dout, dlse -> d loss / d logits [B, N, T, S] (for a bias gradient), float32
+# (float64 for float64 inputs, as the lse: lse_dtype)
 flash_dlogits_p = _define("jaxattn_flash_dlogits", "jaxattn_flash_dlogits_v3",
                           _flash_dlogits_abstract,
                           axes=f"{_FLASH_OPERANDS},{_BACKWARD_OPERANDS},{_V3_TOKEN_OPERANDS}"
@@ -374,8 +375,8 @@ def _quant_decode_batch_rule(prim: Primitive, operand_axes: Sequence[str],
 # caches may differ in batch: a vmap mapping one of them), kv_lengths [B] int32, then
 # query_positions [B,T], key_value_positions [B,Smax] (int32), alibi_slopes [B,N] (float32)
 # and query_lengths [B] (int32), each of batch 1 or B or empty (absent); attributes: scale,
-# soft_cap, window_left, strict_lengths. Results: out [B,T,N,Hv], lse [B,T,N] f32. Any T
-# (beyond 16 tokens the kernel runs the flash tiles over the cache).
+# soft_cap, window_left, strict_lengths. Results: out [B,T,N,Hv], lse [B,T,N] f32 (f64 for
+# f64 inputs). Any T (beyond 16 tokens the kernel runs the flash tiles over the cache).
 decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v3", _decode_abstract,
                        axes="btnh,bskh,bskd,b,bt,bs,bn,b->btnd,btn")
 # Operands: query, key_pages [P,page,K,H], value_pages [P,page,K,Hv], block_tables
