@@ -139,20 +139,92 @@ static void F64Transpose(const double* base, const int64_t* offsets, int64_t nk,
   }
 }
 
-// out[r * kF64Keys + j] = sum_h a[r * dim + h] * bt[h * kF64Keys + j] for r < num_rows.
-static void F64RowsTimesTile(const double* a, int64_t num_rows, int64_t dim, const double* bt,
-                             double* out) {
-  for (int64_t r = 0; r < num_rows; ++r) {
-    double acc[kF64Keys];
-    for (int64_t j = 0; j < kF64Keys; ++j) acc[j] = 0.0;
-    const double* ar = a + r * dim;
-    for (int64_t h = 0; h < dim; ++h) {
-      const double x = ar[h];
-      const double* b = bt + h * kF64Keys;
-      for (int64_t j = 0; j < kF64Keys; ++j) acc[j] += x * b[j];
+// dst[j * dim + h] = element h of row j (j < nk; zero rows up to kF64Keys).
+static void F64GatherRows(const double* base, const int64_t* offsets, int64_t nk, int64_t dim,
+                          double* dst) {
+  for (int64_t j = 0; j < kF64Keys; ++j) {
+    double* d = dst + j * dim;
+    if (j < nk) {
+      __builtin_memcpy(d, base + offsets[j], dim * sizeof(double));
+    } else {
+      for (int64_t h = 0; h < dim; ++h) d[h] = 0.0;
     }
-    for (int64_t j = 0; j < kF64Keys; ++j) out[r * kF64Keys + j] = acc[j];
   }
+}
+
+// dst[j * rows + r] = src[r * kF64Keys + j]: a [rows, kF64Keys] tile transposed.
+static void F64TransposeTile(const double* src, int64_t rows, double* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < kF64Keys; ++j) dst[j * rows + r] = src[r * kF64Keys + j];
+  }
+}
+
+// Vectors of doubles as wide as the instruction set's float vectors.
+constexpr int64_t kVD = kVL / 2;
+typedef double VD __attribute__((vector_size(kVL * 4)));
+typedef double VDu __attribute__((vector_size(kVL * 4), aligned(8), may_alias));
+static inline VD LoadVD(const double* p) { return *reinterpret_cast<const VDu*>(p); }
+static inline void StoreVD(double* p, VD v) { *reinterpret_cast<VDu*>(p) = v; }
+
+// out[i * ldo + j] (+)= sum_p a[i * lda + p] * b[p * ldb + j] for i < m, j < n: blocks of 4
+// rows x 2 vectors of columns in registers (double FMAs), the edges narrower. Each output is
+// one sum in p order, whatever the blocking, so results depend on the shape only.
+static void F64Gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b,
+                    int64_t ldb, double* out, int64_t ldo, bool accumulate) {
+  int64_t j = 0;
+  for (; j + 2 * kVD <= n; j += 2 * kVD) {
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+      VD c[4][2];
+      for (int r = 0; r < 4; ++r) {
+        for (int v = 0; v < 2; ++v) {
+          c[r][v] = accumulate ? LoadVD(out + (i + r) * ldo + j + v * kVD) : VD{};
+        }
+      }
+      for (int64_t p = 0; p < k; ++p) {
+        const VD b0 = LoadVD(b + p * ldb + j), b1 = LoadVD(b + p * ldb + j + kVD);
+        for (int r = 0; r < 4; ++r) {
+          const VD ar = VD{} + a[(i + r) * lda + p];
+          c[r][0] += ar * b0;
+          c[r][1] += ar * b1;
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        for (int v = 0; v < 2; ++v) StoreVD(out + (i + r) * ldo + j + v * kVD, c[r][v]);
+      }
+    }
+    for (; i < m; ++i) {
+      VD c0 = accumulate ? LoadVD(out + i * ldo + j) : VD{};
+      VD c1 = accumulate ? LoadVD(out + i * ldo + j + kVD) : VD{};
+      for (int64_t p = 0; p < k; ++p) {
+        const VD ar = VD{} + a[i * lda + p];
+        c0 += ar * LoadVD(b + p * ldb + j);
+        c1 += ar * LoadVD(b + p * ldb + j + kVD);
+      }
+      StoreVD(out + i * ldo + j, c0);
+      StoreVD(out + i * ldo + j + kVD, c1);
+    }
+  }
+  for (; j + kVD <= n; j += kVD) {
+    for (int64_t i = 0; i < m; ++i) {
+      VD c0 = accumulate ? LoadVD(out + i * ldo + j) : VD{};
+      for (int64_t p = 0; p < k; ++p) c0 += (VD{} + a[i * lda + p]) * LoadVD(b + p * ldb + j);
+      StoreVD(out + i * ldo + j, c0);
+    }
+  }
+  for (; j < n; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      double c0 = accumulate ? out[i * ldo + j] : 0.0;
+      for (int64_t p = 0; p < k; ++p) c0 += a[i * lda + p] * b[p * ldb + j];
+      out[i * ldo + j] = c0;
+    }
+  }
+}
+
+// out[r * kF64Keys + j] = sum_h a[r * dim + h] * bt[h * kF64Keys + j] for r < num_rows.
+static inline void F64RowsTimesTile(const double* a, int64_t num_rows, int64_t dim,
+                                    const double* bt, double* out) {
+  F64Gemm(num_rows, kF64Keys, dim, a, dim, bt, kF64Keys, out, kF64Keys, false);
 }
 
 // Turns raw products x (rows x kF64Keys) into logits: scale, bias, ALiBi, soft cap, then -inf
@@ -164,14 +236,26 @@ static void F64TransformTile(const F64Context& c, const F64Batch& fb, const F64R
   const AttentionProblem& p = *c.p;
   const uint8_t* mask = static_cast<const uint8_t*>(p.mask.data);
   constexpr double kInf64 = __builtin_inf();
+  // Whether the analytic masks, positions and segment ids leave every pair of the live rows
+  // visible (ClassifyTile, as the float32 kernels decide it): then no per-element checks.
+  const int64_t t0 = num_rows > 0 ? rows[0].t : 0;
+  const int64_t t1 = num_rows > 0 ? MinI(fb.q_len, rows[num_rows - 1].t + 1) : 0;
+  const bool full = mask == nullptr && tile_mask == nullptr && t1 > t0 && nk > 0 &&
+                    ClassifyTile(p, fb.ti, t0, t1, s0, s0 + nk, fb.kv_len) == TileKind::kFull;
+  const bool plain =
+      full && p.bias.data == nullptr && fb.ti.slopes == nullptr && c.cap <= 0.0 && c.scale == 1.0;
   for (int64_t r = 0; r < num_rows; ++r) {
     const F64Row& row = rows[r];
     double* xr = x + r * kF64Keys;
     double* thr = th != nullptr ? th + r * kF64Keys : nullptr;
     const uint8_t* tm = tile_mask != nullptr ? tile_mask + r * kF64Keys : nullptr;
+    if (plain && row.live) {  // the logits are the products
+      for (int64_t j = nk; j < kF64Keys; ++j) xr[j] = -kInf64;
+      continue;
+    }
     for (int64_t j = 0; j < kF64Keys; ++j) {
       const int64_t s = s0 + j;
-      bool visible = j < nk && F64Visible(p, fb, row, s);
+      bool visible = j < nk && row.live && (full || F64Visible(p, fb, row, s));
       if (visible && mask != nullptr) visible = mask[row.mask_at + s * c.mask_strides[3]] != 0;
       if (visible && tm != nullptr) visible = tm[j] != 0;
       if (!visible) {
@@ -268,8 +352,8 @@ static void F64ForwardTask(void* job_ptr, int64_t task) {
   const F64Batch fb = F64BatchOf(p, tt.b);
   const int64_t H = p.head_dim, Hv = p.value_dim, R = c.rows;
   const int64_t num_k = c.num_k_tiles;
-  double* scratch =
-      F64Scratch(c, R * (H + Hv + 2 + kF64Keys) + kF64Keys * (H + 2) + num_k * 2 + R * kRowDoubles);
+  double* scratch = F64Scratch(
+      c, R * (H + Hv + 2 + kF64Keys) + kF64Keys * (H + Hv + 2) + num_k * 2 + R * kRowDoubles);
   if (scratch == nullptr) return;
   double* q = scratch;
   double* o = q + R * H;
@@ -277,7 +361,8 @@ static void F64ForwardTask(void* job_ptr, int64_t task) {
   double* l = m + R;
   double* x = l + R;
   double* kt = x + R * kF64Keys;
-  int64_t* offsets = reinterpret_cast<int64_t*>(kt + H * kF64Keys);
+  double* vrows = kt + H * kF64Keys;
+  int64_t* offsets = reinterpret_cast<int64_t*>(vrows + kF64Keys * Hv);
   int64_t* starts = offsets + kF64Keys;
   const uint8_t** tile_masks = reinterpret_cast<const uint8_t**>(starts + num_k);
   F64Row* rows = reinterpret_cast<F64Row*>(tile_masks + num_k);
@@ -301,11 +386,14 @@ static void F64ForwardTask(void* job_ptr, int64_t task) {
     F64Transpose(key, offsets, nk, H, kt);
     F64RowsTimesTile(q, nr, H, kt, x);
     F64TransformTile(c, fb, rows, nr, s0, nk, tile_masks[i], x, nullptr);
-    F64KeyOffsets(p, vb, tt.kv_head, s0, nk, Hv, offsets);
+    // x becomes the tile's weights: exp(x - m) (0 where hidden, past nk or dropped).
     for (int64_t r = 0; r < nr; ++r) {
       double* xr = x + r * kF64Keys;
       const double m_new = F64RunningMax(m[r], xr, nk);
-      if (m_new == -__builtin_inf()) continue;  // nothing visible yet
+      if (m_new == -__builtin_inf()) {  // nothing visible yet
+        for (int64_t j = 0; j < kF64Keys; ++j) xr[j] = 0.0;
+        continue;
+      }
       const double alpha = __builtin_exp(m[r] - m_new);
       double* orow = o + r * Hv;
       if (alpha != 1.0) {
@@ -319,15 +407,17 @@ static void F64ForwardTask(void* job_ptr, int64_t task) {
         sum += prob;
         xr[j] = prob;
       }
+      for (int64_t j = nk; j < kF64Keys; ++j) xr[j] = 0.0;
       l[r] += sum;
-      for (int64_t j = 0; j < nk; ++j) {
-        double prob = xr[j];
-        if (prob == 0.0) continue;
-        if (p.dropout_seeds != nullptr && !F64Kept(p, rows[r], s0 + j)) continue;
-        const double* vr = value + offsets[j];
-        for (int64_t d = 0; d < Hv; ++d) orow[d] += prob * vr[d];
+      if (p.dropout_seeds != nullptr) {
+        for (int64_t j = 0; j < nk; ++j) {
+          if (!F64Kept(p, rows[r], s0 + j)) xr[j] = 0.0;
+        }
       }
     }
+    F64KeyOffsets(p, vb, tt.kv_head, s0, nk, Hv, offsets);
+    F64GatherRows(value, offsets, nk, Hv, vrows);
+    F64Gemm(nr, Hv, kF64Keys, x, kF64Keys, vrows, Hv, o, Hv, true);
   }
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t at = (tt.b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;
@@ -395,8 +485,8 @@ static void F64BackwardQueryTask(void* job_ptr, int64_t task) {
   const F64Batch fb = F64BatchOf(p, tt.b);
   const int64_t H = p.head_dim, Hv = p.value_dim, R = c.rows, num_k = c.num_k_tiles;
   const bool has_cap = c.cap > 0.0;
-  double* scratch = F64Scratch(c, R * (H + Hv + H + 2 + 3 * kF64Keys) + kF64Keys * (H + Hv + 2) +
-                                      num_k * 2 + R * kRowDoubles);
+  double* scratch = F64Scratch(c, R * (2 * H + Hv + 2 + 3 * kF64Keys) +
+                                      kF64Keys * (2 * H + Hv + 2) + num_k * 2 + R * kRowDoubles);
   if (scratch == nullptr) return;
   double* q = scratch;
   double* dout = q + R * H;
@@ -408,7 +498,8 @@ static void F64BackwardQueryTask(void* job_ptr, int64_t task) {
   double* th = dp + R * kF64Keys;
   double* kt = th + R * kF64Keys;
   double* vt = kt + H * kF64Keys;
-  int64_t* offsets = reinterpret_cast<int64_t*>(vt + Hv * kF64Keys);
+  double* krows = vt + Hv * kF64Keys;
+  int64_t* offsets = reinterpret_cast<int64_t*>(krows + kF64Keys * H);
   int64_t* starts = offsets + kF64Keys;
   const uint8_t** tile_masks = reinterpret_cast<const uint8_t**>(starts + num_k);
   F64Row* rows = reinterpret_cast<F64Row*>(tile_masks + num_k);
@@ -449,20 +540,17 @@ static void F64BackwardQueryTask(void* job_ptr, int64_t task) {
       F64Transpose(value, offsets, nk, Hv, vt);
       F64RowsTimesTile(dout, nr, Hv, vt, dp);
       F64ProbsAndGrads(c, rows, nr, s0, nk, lse, delta, has_cap ? th : nullptr, x, dp);
-      F64KeyOffsets(p, kb, tt.kv_head, s0, nk, H, offsets);
-      for (int64_t r = 0; r < nr; ++r) {
-        const double* ds = dp + r * kF64Keys;
-        if (a.dlogits != nullptr) {
+      if (a.dlogits != nullptr) {
+        for (int64_t r = 0; r < nr; ++r) {
           double* g =
               a.dlogits + ((tt.b * p.num_heads + rows[r].n) * p.q_len + rows[r].t) * p.kv_len + s0;
-          for (int64_t j = 0; j < nk; ++j) g[j] = ds[j];
+          for (int64_t j = 0; j < nk; ++j) g[j] = dp[r * kF64Keys + j];
         }
-        double* dqr = dq + r * H;
-        for (int64_t j = 0; j < nk; ++j) {
-          if (ds[j] == 0.0) continue;
-          const double* kr = key + offsets[j];
-          for (int64_t h = 0; h < H; ++h) dqr[h] += ds[j] * kr[h];
-        }
+      }
+      if (a.dq != nullptr) {
+        F64KeyOffsets(p, kb, tt.kv_head, s0, nk, H, offsets);
+        F64GatherRows(key, offsets, nk, H, krows);
+        F64Gemm(nr, H, kF64Keys, dp, kF64Keys, krows, H, dq, H, true);
       }
     }
   }
@@ -518,7 +606,7 @@ static void F64BackwardKeyTask(void* job_ptr, int64_t task) {
   const int64_t s0 = tt.tile * kF64Keys, nk = MinI(kF64Keys, p.kv_len - s0);
   const bool has_cap = c.cap > 0.0;
   double* scratch =
-      F64Scratch(c, R * (H + Hv + 2 + 3 * kF64Keys) + kF64Keys * (2 * H + 2 * Hv + 1) + num_q * 2 +
+      F64Scratch(c, R * (H + Hv + 2 + 4 * kF64Keys) + kF64Keys * (2 * H + 2 * Hv + 1) + num_q * 2 +
                         R * kRowDoubles);
   if (scratch == nullptr) return;
   double* q = scratch;
@@ -532,7 +620,8 @@ static void F64BackwardKeyTask(void* job_ptr, int64_t task) {
   double* vt = kt + H * kF64Keys;
   double* dk = vt + Hv * kF64Keys;
   double* dv = dk + kF64Keys * H;
-  int64_t* offsets = reinterpret_cast<int64_t*>(dv + kF64Keys * Hv);
+  double* tiles_t = dv + kF64Keys * Hv;  // [kF64Keys, R]: the weights, then dS, transposed
+  int64_t* offsets = reinterpret_cast<int64_t*>(tiles_t + kF64Keys * R);
   int64_t* tiles = offsets + kF64Keys;
   const uint8_t** tile_masks = reinterpret_cast<const uint8_t**>(tiles + num_q);
   F64Row* rows = reinterpret_cast<F64Row*>(tile_masks + num_q);
@@ -563,23 +652,11 @@ static void F64BackwardKeyTask(void* job_ptr, int64_t task) {
     F64TransformTile(c, fb, rows, nr, s0, nk, tile_masks[i], x, has_cap ? th : nullptr);
     F64RowsTimesTile(dout, nr, Hv, vt, dp);
     F64ProbsAndGrads(c, rows, nr, s0, nk, lse, delta, has_cap ? th : nullptr, x, dp);
-    // dV[j] += sum_r weight[r][j] dO[r];  dK[j] += sum_r ds[r][j] Q[r]
-    for (int64_t r = 0; r < nr; ++r) {
-      const double* w = x + r * kF64Keys;
-      const double* ds = dp + r * kF64Keys;
-      const double* dor = dout + r * Hv;
-      const double* qr = q + r * H;
-      for (int64_t j = 0; j < nk; ++j) {
-        if (w[j] != 0.0) {
-          double* dvj = dv + j * Hv;
-          for (int64_t e = 0; e < Hv; ++e) dvj[e] += w[j] * dor[e];
-        }
-        if (ds[j] != 0.0) {
-          double* dkj = dk + j * H;
-          for (int64_t h = 0; h < H; ++h) dkj[h] += ds[j] * qr[h];
-        }
-      }
-    }
+    // dV += weights^T dO;  dK += dS^T Q
+    F64TransposeTile(x, nr, tiles_t);
+    F64Gemm(kF64Keys, Hv, nr, tiles_t, nr, dout, Hv, dv, Hv, true);
+    F64TransposeTile(dp, nr, tiles_t);
+    F64Gemm(kF64Keys, H, nr, tiles_t, nr, q, H, dk, H, true);
   }
   for (int64_t j = 0; j < nk; ++j) {
     const int64_t row = (tt.b * p.kv_len + s0 + j) * p.num_kv_heads + tt.kv_head;
@@ -627,8 +704,8 @@ static void F64JvpTask(void* job_ptr, int64_t task) {
   const F64Batch fb = F64BatchOf(p, tt.b);
   const int64_t H = p.head_dim, Hv = p.value_dim, R = c.rows, num_k = c.num_k_tiles;
   const bool has_cap = c.cap > 0.0;
-  double* scratch = F64Scratch(c, R * (2 * H + Hv + 2 + 4 * kF64Keys) + kF64Keys * (2 * H + 1) +
-                                      num_k * 2 + R * kRowDoubles);
+  double* scratch = F64Scratch(c, R * (2 * H + Hv + 2 + 4 * kF64Keys) +
+                                      kF64Keys * (2 * H + Hv + 1) + num_k * 2 + R * kRowDoubles);
   if (scratch == nullptr) return;
   double* q = scratch;
   double* dq = q + R * H;
@@ -641,7 +718,8 @@ static void F64JvpTask(void* job_ptr, int64_t task) {
   double* th = dx2 + R * kF64Keys;
   double* kt = th + R * kF64Keys;
   double* dkt = kt + H * kF64Keys;
-  int64_t* offsets = reinterpret_cast<int64_t*>(dkt + H * kF64Keys);
+  double* vrows = dkt + H * kF64Keys;
+  int64_t* offsets = reinterpret_cast<int64_t*>(vrows + kF64Keys * Hv);
   int64_t* starts = offsets + kF64Keys;
   const uint8_t** tile_masks = reinterpret_cast<const uint8_t**>(starts + num_k);
   F64Row* rows = reinterpret_cast<F64Row*>(tile_masks + num_k);
@@ -696,29 +774,14 @@ static void F64JvpTask(void* job_ptr, int64_t task) {
         dlse[r] += prob * d;
       }
     }
-    // acc += sum_j p_j dS_j V_j + p_j dV_j
+    // acc += sum_j p_j dS_j V_j + p_j dV_j (dx becomes p dS)
+    for (int64_t e = 0; e < nr * kF64Keys; ++e) dx[e] *= x[e];
     F64KeyOffsets(p, vb, tt.kv_head, s0, nk, Hv, offsets);
-    for (int64_t r = 0; r < nr; ++r) {
-      const double* pr = x + r * kF64Keys;
-      const double* dr = dx + r * kF64Keys;
-      double* ar = acc + r * Hv;
-      for (int64_t j = 0; j < nk; ++j) {
-        if (pr[j] == 0.0) continue;
-        const double* vr = value + offsets[j];
-        const double w = pr[j] * dr[j];
-        for (int64_t e = 0; e < Hv; ++e) ar[e] += w * vr[e];
-      }
-    }
+    F64GatherRows(value, offsets, nk, Hv, vrows);
+    F64Gemm(nr, Hv, kF64Keys, dx, kF64Keys, vrows, Hv, acc, Hv, true);
     F64KeyOffsets(p, tt.b % tg.dv_batch, tt.kv_head, s0, nk, Hv, offsets);
-    for (int64_t r = 0; r < nr; ++r) {
-      const double* pr = x + r * kF64Keys;
-      double* ar = acc + r * Hv;
-      for (int64_t j = 0; j < nk; ++j) {
-        if (pr[j] == 0.0) continue;
-        const double* dvr = tv + offsets[j];
-        for (int64_t e = 0; e < Hv; ++e) ar[e] += pr[j] * dvr[e];
-      }
-    }
+    F64GatherRows(tv, offsets, nk, Hv, vrows);
+    F64Gemm(nr, Hv, kF64Keys, x, kF64Keys, vrows, Hv, acc, Hv, true);
   }
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t at = (tt.b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;
