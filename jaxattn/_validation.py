@@ -39,7 +39,12 @@ def any_zero(*dims: Any) -> bool:
     return any(isinstance(d, int) and d == 0 for d in dims)
 
 
-def check_dtype(x: jax.Array, name: str) -> None:
+def check_dtype(x: jax.Array, name: str, float64: bool = True) -> None:
+    """TypeError naming ``name`` unless ``x`` has a dtype the kernels take (``float64``:
+    whether the op has float64 kernels; gated linear attention has none)."""
+    if not float64 and x.dtype not in SUPPORTED_DTYPES[:3]:
+        note = " (this op has no float64 kernels)" if x.dtype == _FLOAT64 else ""
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}{note}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64 (with "
                         f"jax_enable_x64), got {x.dtype}")

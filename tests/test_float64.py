@@ -351,6 +351,12 @@ def test_kernels_check_float64_operands():
             **_ffi.attention_attrs(1.0, None, False, None)))
 
 
+def test_gated_linear_attention_refuses_float64():
+    x = jnp.ones((1, 4, 2, 8))
+    with pytest.raises(TypeError, match="no float64 kernels"):
+        jaxattn.gated_linear_attention(x, x, x, -jnp.ones((1, 4, 2, 8)))
+
+
 def test_float64_needs_x64():
     """Without x64 JAX makes float64 inputs float32: the float32 kernels run."""
     with jax.enable_x64(False):
