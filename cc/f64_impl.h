@@ -221,6 +221,47 @@ static void F64Gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t ld
   }
 }
 
+// exp of kVD doubles to ~1 ulp: 2^k exp(r) with k = round(x / ln 2), |r| <= ln(2) / 2 and a
+// degree-13 Taylor polynomial (truncation ~4e-18). 0 below -708 (results that would be
+// subnormal are flushed: such a weight, next to the row's largest weight 1, changes no sum),
+// +inf above 709, NaN stays NaN.
+static inline VD ExpVD(VD x) {
+  typedef int64_t VL __attribute__((vector_size(kVL * 4)));
+  const VD shifter = VD{} + 0x1.8p52;  // adding it rounds to an integer kept in the low bits
+  VD kd = x * 1.4426950408889634 + shifter;
+  const VL k = (VL)kd;
+  kd -= shifter;
+  VD r = x - kd * 6.93147180369123816490e-01;  // ln 2 in two parts (the first exact in k)
+  r -= kd * 1.90821492927058770002e-10;
+  constexpr double kInverseFactorials[14] = {1.0,
+                                             1.0,
+                                             1.0 / 2,
+                                             1.0 / 6,
+                                             1.0 / 24,
+                                             1.0 / 120,
+                                             1.0 / 720,
+                                             1.0 / 5040,
+                                             1.0 / 40320,
+                                             1.0 / 362880,
+                                             1.0 / 3628800,
+                                             1.0 / 39916800,
+                                             1.0 / 479001600,
+                                             1.0 / 6227020800.0};
+  VD poly = VD{} + kInverseFactorials[13];
+  for (int i = 12; i >= 0; --i) poly = poly * r + kInverseFactorials[i];
+  typedef uint64_t VLU __attribute__((vector_size(kVL * 4)));
+  VD y = poly * (VD)((VLU)(k + 1023) << 52);  // 2^k (unsigned: garbage k of -inf is defined)
+  y = x < -708.0 ? VD{} : y;
+  y = x > 709.0 ? VD{} + __builtin_inf() : y;
+  return y;
+}
+
+// x[j] = exp(x[j] - shift) for j < n (x[j] = -inf gives 0), 0 for n <= j < kF64Keys.
+static inline void F64ExpRow(double* x, double shift, int64_t n) {
+  for (int64_t j = 0; j < kF64Keys; j += kVD) StoreVD(x + j, ExpVD(LoadVD(x + j) - shift));
+  for (int64_t j = n; j < kF64Keys; ++j) x[j] = 0.0;
+}
+
 // out[r * kF64Keys + j] = sum_h a[r * dim + h] * bt[h * kF64Keys + j] for r < num_rows.
 static inline void F64RowsTimesTile(const double* a, int64_t num_rows, int64_t dim,
                                     const double* bt, double* out) {
@@ -402,12 +443,8 @@ static void F64ForwardTask(void* job_ptr, int64_t task) {
       }
       m[r] = m_new;
       double sum = 0.0;
-      for (int64_t j = 0; j < nk; ++j) {
-        const double prob = __builtin_exp(xr[j] - m_new);
-        sum += prob;
-        xr[j] = prob;
-      }
-      for (int64_t j = nk; j < kF64Keys; ++j) xr[j] = 0.0;
+      F64ExpRow(xr, m_new, nk);
+      for (int64_t j = 0; j < nk; ++j) sum += xr[j];
       l[r] += sum;
       if (p.dropout_seeds != nullptr) {
         for (int64_t j = 0; j < nk; ++j) {
@@ -458,9 +495,13 @@ static void F64ProbsAndGrads(const F64Context& c, const F64Row* rows, int64_t nu
   for (int64_t r = 0; r < num_rows; ++r) {
     double* xr = x + r * kF64Keys;
     double* dr = dp + r * kF64Keys;
-    const bool empty = lse[r] == -__builtin_inf();
+    if (lse[r] == -__builtin_inf()) {  // the row sees nothing
+      for (int64_t j = 0; j < kF64Keys; ++j) xr[j] = 0.0;
+    } else {
+      F64ExpRow(xr, lse[r], nk);
+    }
     for (int64_t j = 0; j < kF64Keys; ++j) {
-      const double prob = (j >= nk || empty) ? 0.0 : __builtin_exp(xr[j] - lse[r]);
+      const double prob = xr[j];
       double dprob = dr[j], weight = prob;
       if (p.dropout_seeds != nullptr) {
         const bool kept = j < nk && F64Kept(p, rows[r], s0 + j);
@@ -755,11 +796,15 @@ static void F64JvpTask(void* job_ptr, int64_t task) {
     F64RowsTimesTile(dq, nr, H, kt, dx);
     F64RowsTimesTile(q, nr, H, dkt, dx2);
     for (int64_t r = 0; r < nr; ++r) {
-      const bool empty = lse[r] == -__builtin_inf();
       double* xr = x + r * kF64Keys;
       double* dxr = dx + r * kF64Keys;
+      if (lse[r] == -__builtin_inf()) {  // the row sees nothing
+        for (int64_t j = 0; j < kF64Keys; ++j) xr[j] = 0.0;
+      } else {
+        F64ExpRow(xr, lse[r], nk);
+      }
       for (int64_t j = 0; j < kF64Keys; ++j) {
-        const double prob = (j >= nk || empty) ? 0.0 : __builtin_exp(xr[j] - lse[r]);
+        const double prob = xr[j];
         double d = 0.0;
         if (prob != 0.0) {
           d = (dxr[j] + dx2[r * kF64Keys + j]) * c.scale;
