@@ -13,7 +13,8 @@
 
 namespace jaxattn {
 
-enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+// kF64: the float64 kernels of attention_f64.h only (the entry points below take the others).
+enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2, kF64 = 3 };
 
 // Element type of a quantized KV cache (decoding only); kNone: the cache has the query's dtype.
 // int8 holds round(x / scale) with a float32 scale per (token, kv head); the float8 formats

@@ -317,6 +317,27 @@ int64_t FlashJvp(const AttentionProblem& problem, const FlashTangents& tangents,
   return Kernels().flash_jvp(problem, tangents, out, lse, result, parallel);
 }
 
+int64_t FlashForwardF64(const AttentionProblem& problem, const BlockSparseTables* sparse,
+                        const F64ForwardResult& result, const Parallel& parallel) {
+  return Kernels().f64_forward(problem, sparse, result, parallel);
+}
+
+int64_t FlashBackwardF64(const AttentionProblem& problem, const BlockSparseTables* sparse,
+                         const F64BackwardArgs& args, const Parallel& parallel) {
+  return Kernels().f64_backward(problem, sparse, args, parallel);
+}
+
+int64_t FlashJvpF64(const AttentionProblem& problem, const FlashTangents& tangents,
+                    const double* out, const double* lse, const F64JvpResult& result,
+                    const Parallel& parallel) {
+  return Kernels().f64_jvp(problem, tangents, out, lse, result, parallel);
+}
+
+int64_t DecodeForwardF64(const DecodeAttentionProblem& problem, const F64ForwardResult& result,
+                         const Parallel& parallel) {
+  return Kernels().f64_decode(problem, result, parallel);
+}
+
 const char* ValidateGatedLinear(const GatedLinearProblem& p) {
   if (p.batch <= 0 || p.seq_len < 0 || p.num_heads <= 0 || p.key_dim <= 0 ||
       p.value_dim <= 0) {

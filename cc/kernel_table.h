@@ -2,6 +2,7 @@
 #pragma once
 
 #include "attention.h"
+#include "attention_f64.h"
 #include "gated_linear.h"
 
 namespace jaxattn {
@@ -20,6 +21,15 @@ struct KernelTable {
   int64_t (*decode_partition_size)(const DecodeAttentionProblem&);
   int64_t (*flash_jvp)(const AttentionProblem&, const FlashTangents&, const void*, const float*,
                        const FlashJvpResult&, const Parallel&);
+  // Float64 (attention_f64.h): sparse nullptr for flash attention.
+  int64_t (*f64_forward)(const AttentionProblem&, const BlockSparseTables*,
+                         const F64ForwardResult&, const Parallel&);
+  int64_t (*f64_backward)(const AttentionProblem&, const BlockSparseTables*,
+                          const F64BackwardArgs&, const Parallel&);
+  int64_t (*f64_jvp)(const AttentionProblem&, const FlashTangents&, const double*,
+                     const double*, const F64JvpResult&, const Parallel&);
+  int64_t (*f64_decode)(const DecodeAttentionProblem&, const F64ForwardResult&,
+                        const Parallel&);
   const char* (*gla_forward)(const GatedLinearProblem&, const GatedLinearForwardResult&,
                              const Parallel&);
   const char* (*gla_backward)(const GatedLinearProblem&, const GatedLinearBackwardArgs&,

@@ -20,6 +20,7 @@ namespace JAXATTN_ISA_NAMESPACE {
 #include "sparse_impl.h"
 #include "decode_impl.h"
 #include "gla_impl.h"
+#include "f64_impl.h"
 
 // The kernel table of this instruction set, its bf16 products made by kMode (isa: the table's
 // name). Every entry is set here by name, once for all the sets (a new kernel: one line).
@@ -35,6 +36,10 @@ constexpr KernelTable MakeKernelTable(const char* isa) {
   table.decode_forward = DecodeImpl;
   table.decode_partition_size = DecodePartitionSizeImpl;
   table.flash_jvp = JvpImpl;
+  table.f64_forward = F64ForwardImpl;
+  table.f64_backward = F64BackwardImpl;
+  table.f64_jvp = F64JvpImpl;
+  table.f64_decode = F64DecodeImpl;
   table.gla_forward = GlaForwardImpl;
   table.gla_backward = GlaBackwardImpl;
   return table;

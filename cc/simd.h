@@ -188,6 +188,7 @@ static inline void LoadRow(DType dtype, const void* src, int64_t n, float mult, 
       for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]) * mult;
       break;
     }
+    case DType::kF64: break;  // float64 runs the kernels of attention_f64.h, never these
   }
 }
 
@@ -209,6 +210,7 @@ static inline void StoreRow(DType dtype, const float* src, int64_t n, float mult
       for (int64_t i = 0; i < n; ++i) d[i] = static_cast<_Float16>(src[i] * mult);
       break;
     }
+    case DType::kF64: break;  // float64 runs the kernels of attention_f64.h, never these
   }
 }
 
@@ -217,6 +219,7 @@ static inline float LoadOne(DType dtype, const void* base, int64_t index) {
     case DType::kF32: return static_cast<const float*>(base)[index];
     case DType::kBF16: return BF16ToFloat(static_cast<const uint16_t*>(base)[index]);
     case DType::kF16: return static_cast<float>(static_cast<const _Float16*>(base)[index]);
+    case DType::kF64: return static_cast<float>(static_cast<const double*>(base)[index]);
   }
   return 0.0f;
 }

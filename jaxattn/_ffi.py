@@ -19,6 +19,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir, xla
 
 from jaxattn import _jaxattn, _sharding
+from jaxattn._validation import lse_dtype
 
 TARGETS: dict[str, object] = _jaxattn.registrations()
 for _name, _capsule in TARGETS.items():
@@ -214,7 +215,7 @@ def _flash_fwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, *tokens, **_
     b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
-            q.update(shape=(b, t, n), dtype=jnp.float32))
+            q.update(shape=(b, t, n), dtype=lse_dtype(q.dtype)))
 
 
 def _flash_bwd_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse,
@@ -231,7 +232,7 @@ def _flash_dlogits_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse
     _expect_qkv("jaxattn_flash_dlogits", q, k, v)
     b = _output_batch(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dout, dlse, *tokens)
     _, t, n, _ = q.shape
-    return (q.update(shape=(b, n, t, k.shape[1]), dtype=jnp.float32),)
+    return (q.update(shape=(b, n, t, k.shape[1]), dtype=lse_dtype(q.dtype)),)
 
 
 # Operands: query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths, then
@@ -253,7 +254,8 @@ flash_fwd_p = _define("jaxattn_flash_fwd", "jaxattn_flash_fwd_v3", _flash_fwd_ab
 flash_bwd_p = _define("jaxattn_flash_bwd", "jaxattn_flash_bwd_v3", _flash_bwd_abstract,
                       axes=f"{_FLASH_OPERANDS},{_BACKWARD_OPERANDS},{_V3_TOKEN_OPERANDS}"
                            "->btnh,bskh,bskd", dropout=True)
-# ... plus out, lse, dout, dlse -> d loss / d logits [B, N, T, S] float32 (for a bias gradient)
+# ... plus out, lse, dout, dlse -> d loss / d logits [B, N, T, S] (for a bias gradient), float32
+# (float64 for float64 inputs, as the lse: lse_dtype)
 flash_dlogits_p = _define("jaxattn_flash_dlogits", "jaxattn_flash_dlogits_v3",
                           _flash_dlogits_abstract,
                           axes=f"{_FLASH_OPERANDS},{_BACKWARD_OPERANDS},{_V3_TOKEN_OPERANDS}"
@@ -267,7 +269,7 @@ def _flash_jvp_abstract(q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, dq
                       *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
-            q.update(shape=(b, t, n), dtype=jnp.float32))
+            q.update(shape=(b, t, n), dtype=lse_dtype(q.dtype)))
 
 
 # ... plus out, lse and the tangents dq, dk, dv, dbias (empty: none), then the token operands
@@ -293,14 +295,14 @@ def _decode_abstract(q, k, v, kv_lengths, *tokens, **_):
     b = _output_batch(q, k, v, kv_lengths, *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
-            q.update(shape=(b, t, n), dtype=jnp.float32))
+            q.update(shape=(b, t, n), dtype=lse_dtype(q.dtype)))
 
 
 def _paged_decode_abstract(q, key_pages, value_pages, block_tables, kv_lengths, *tokens, **_):
     b = _output_batch(q, block_tables, kv_lengths, *tokens)  # the pages have no batch axis
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, value_pages.shape[3]), dtype=q.dtype),
-            q.update(shape=(b, t, n), dtype=jnp.float32))
+            q.update(shape=(b, t, n), dtype=lse_dtype(q.dtype)))
 
 
 def _paged_decode_batch_rule(prim: Primitive, operand_axes: Sequence[str],
@@ -373,8 +375,8 @@ def _quant_decode_batch_rule(prim: Primitive, operand_axes: Sequence[str],
 # caches may differ in batch: a vmap mapping one of them), kv_lengths [B] int32, then
 # query_positions [B,T], key_value_positions [B,Smax] (int32), alibi_slopes [B,N] (float32)
 # and query_lengths [B] (int32), each of batch 1 or B or empty (absent); attributes: scale,
-# soft_cap, window_left, strict_lengths. Results: out [B,T,N,Hv], lse [B,T,N] f32. Any T
-# (beyond 16 tokens the kernel runs the flash tiles over the cache).
+# soft_cap, window_left, strict_lengths. Results: out [B,T,N,Hv], lse [B,T,N] f32 (f64 for
+# f64 inputs). Any T (beyond 16 tokens the kernel runs the flash tiles over the cache).
 decode_fwd_p = _define("jaxattn_decode_fwd", "jaxattn_decode_fwd_v3", _decode_abstract,
                        axes="btnh,bskh,bskd,b,bt,bs,bn,b->btnd,btn")
 # Operands: query, key_pages [P,page,K,H], value_pages [P,page,K,Hv], block_tables
@@ -429,7 +431,7 @@ def _sparse_fwd_abstract(q, k, v, q_indptr, q_entries, masks, *tokens, **_):
     b = _output_batch(q, k, v, *tokens)
     _, t, n, _ = q.shape
     return (q.update(shape=(b, t, n, v.shape[3]), dtype=q.dtype),
-            q.update(shape=(b, t, n), dtype=jnp.float32))
+            q.update(shape=(b, t, n), dtype=lse_dtype(q.dtype)))
 
 
 def _sparse_bwd_abstract(q, k, v, out, lse, dout, dlse, *tables_and_tokens, **_):

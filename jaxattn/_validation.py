@@ -10,7 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# float64 arrays exist only with jax_enable_x64 (otherwise JAX makes them float32); the
+# float64 kernels (cc/attention_f64.h) compute and accumulate in float64.
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
+                    jnp.dtype(jnp.float64))
+_FLOAT64 = jnp.dtype(jnp.float64)
 MAX_HEAD_DIM = 1024
 # A window side wider than any sequence bounds nothing; clamping keeps `position + window` far
 # from int64 overflow in the kernels (which also re-clamp).
@@ -35,9 +39,31 @@ def any_zero(*dims: Any) -> bool:
     return any(isinstance(d, int) and d == 0 for d in dims)
 
 
-def check_dtype(x: jax.Array, name: str) -> None:
+def check_dtype(x: jax.Array, name: str, float64: bool = True) -> None:
+    """TypeError naming ``name`` unless ``x`` has a dtype the kernels take (``float64``:
+    whether the op has float64 kernels; gated linear attention has none)."""
+    if not float64 and x.dtype not in SUPPORTED_DTYPES[:3]:
+        note = " (this op has no float64 kernels)" if x.dtype == _FLOAT64 else ""
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}{note}")
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64 (with "
+                        f"jax_enable_x64), got {x.dtype}")
+
+
+def lse_dtype(dtype: Any) -> Any:
+    """The dtype of the log-sum-exp for inputs of ``dtype``: float64 for float64 inputs,
+    float32 otherwise."""
+    return jnp.float64 if jnp.dtype(dtype) == _FLOAT64 else jnp.float32
+
+
+def fold_scale(query: jax.Array, scale: float) -> tuple[jax.Array, float]:
+    """``(query, scale)`` as the kernels take them: for float64 inputs the scale multiplies
+    the query in float64 and the kernels get 1 (their scale attribute is float32, and
+    ``1 / sqrt(H)`` rounded to float32 would cost float64 results 8 digits); otherwise
+    unchanged. Differentiable: the query's gradient gets the scale from JAX."""
+    if query.dtype != _FLOAT64 or scale == 1.0:
+        return query, scale
+    return query * jnp.asarray(scale, jnp.float64), 1.0
 
 
 def check_attention_inputs(query: jax.Array, key: jax.Array, value: jax.Array,

@@ -28,6 +28,8 @@ from jaxattn._validation import (
     check_dtype,
     check_lengths,
     check_scale,
+    fold_scale,
+    lse_dtype,
     check_soft_cap,
     check_token_ids,
     normalize_window,
@@ -141,6 +143,11 @@ def _check_kv(query: Array, key: Array, value: Array, key_name: str, value_name:
         if x.dtype not in QUANTIZED_CACHE_DTYPES:
             check_dtype(x, name)
     if key.dtype in QUANTIZED_CACHE_DTYPES or value.dtype in QUANTIZED_CACHE_DTYPES:
+        if query.dtype == jnp.float64:
+            raise TypeError(f"a quantized {key_name} ({key.dtype}) takes a float32, bfloat16 or "
+                            f"float16 query, got float64: dequantize the cache to float64 "
+                            f"(jaxattn.dequantize_kv(..., dtype=jnp.float64)) or cast the "
+                            f"query")
         if key.dtype != value.dtype:
             raise TypeError(f"a quantized {key_name} and {value_name} must share one dtype, got "
                             f"{key.dtype}, {value.dtype}")
@@ -242,7 +249,7 @@ def _finish(out: Array, lse: Array, return_residual: bool):
 def _empty_result(query: Array, value_dim: int, return_residual: bool):
     b, t, n, _ = query.shape
     out = jnp.zeros((b, t, n, value_dim), query.dtype)
-    return _finish(out, jnp.full((b, t, n), -jnp.inf, jnp.float32), return_residual)
+    return _finish(out, jnp.full((b, t, n), -jnp.inf, lse_dtype(query.dtype)), return_residual)
 
 
 def decode_attention(
@@ -273,7 +280,9 @@ def decode_attention(
     cache).
 
     Args:
-      query: ``[B, T, N, H]``, ``T >= 1``; float32, bfloat16 or float16.
+      query: ``[B, T, N, H]``, ``T >= 1``; float32, bfloat16 or float16, or float64 under
+        ``jax_enable_x64`` (computed in float64, lse float64; the cache must then be float64
+        too: a quantized cache with a float64 query is a ``TypeError``).
       key_cache: ``[B, Smax, K, H]`` in the query dtype, or a quantized cache (``int8``,
         ``float8_e4m3fn`` or ``float8_e5m2``, see ``jaxattn.quantize_kv``) whatever the query
         dtype; ``N % K == 0`` (query head ``n`` uses kv head ``n // (N // K)``; ``K = 1`` is
@@ -341,6 +350,8 @@ def decode_attention(
         out, lse = _quant_decode(options, (query, key_cache, value_cache, *scales, kv_lengths,
                                            *tokens))
         return _finish(out, lse, return_residual)
+    query, scale = fold_scale(query, options.scale)
+    options = dataclasses.replace(options, scale=scale)
     out, lse = _decode(options, query, key_cache, value_cache, kv_lengths, tokens)
     return _finish(out, lse, return_residual)
 
@@ -417,6 +428,8 @@ def paged_decode_attention(
         out, lse = _quant_paged_decode(options, (query, key_pages, value_pages, *scales,
                                                  block_tables, kv_lengths, *tokens))
         return _finish(out, lse, return_residual)
+    query, scale = fold_scale(query, options.scale)
+    options = dataclasses.replace(options, scale=scale)
     out, lse = _paged_decode(options, query, key_pages, value_pages, block_tables, kv_lengths,
                              tokens)
     return _finish(out, lse, return_residual)

@@ -22,6 +22,8 @@ from jaxattn._validation import (
     check_lengths,
     check_scale,
     check_soft_cap,
+    fold_scale,
+    lse_dtype,
     normalize_window,
     check_token_ids,
 )
@@ -103,7 +105,7 @@ def _backward(operands: tuple, attrs: dict, wanted: list[bool],
     kernels' operands (the forward's operands, out, lse, dout, dlse, the token operands and
     the dropout seeds), summed onto ``shapes`` (shape, dtype) of the primal operands."""
     out, lse, dout, dlse = operands[7:11]
-    operands = (*operands[:9], dout.astype(out.dtype), dlse.astype(jnp.float32),
+    operands = (*operands[:9], dout.astype(out.dtype), dlse.astype(lse.dtype),
                 *operands[11:])
     bias = operands[3]
     grads = [None] * 4
@@ -238,12 +240,16 @@ def flash_attention(
     A drop-in for ``jax.nn.dot_product_attention`` on the CPU, plus ``logits_soft_cap``.
 
     Args:
-      query: ``[B, T, N, H]`` (or unbatched ``[T, N, H]``), float32, bfloat16 or float16.
+      query: ``[B, T, N, H]`` (or unbatched ``[T, N, H]``), float32, bfloat16 or float16, or
+        float64 under ``jax_enable_x64`` (then computed and accumulated in float64,
+        forward, backward and forward mode; see docs/semantics.md section 7).
       key: ``[B, S, K, H]`` with ``N % K == 0``; query head ``n`` uses kv head ``n // (N // K)``.
       value: ``[B, S, K, Hv]``; ``Hv`` may differ from ``H``.
       bias: optional, broadcastable to ``[B, N, T, S]``, float32, bfloat16 or float16 (its
         own dtype, independent of the inputs'); added to the scaled float32 logits in float32.
-        Its gradient is summed over the broadcast axes in float32, in a fixed order.
+        Its gradient is summed over the broadcast axes in float32, in a fixed order. With
+        float64 inputs the bias is float64 (any float bias is converted) and so is its
+        gradient.
       mask: optional bool, broadcastable to ``[B, N, T, S]``; True means attend. A rank-3
         mask ``[X, T, S]`` is ``[N, T, S]`` (NumPy broadcasting, shared over the batch) when
         ``X`` is N or 1, and ``[B, T, S]`` shared over heads (as Flax and gemma pass it) when
@@ -257,7 +263,8 @@ def flash_attention(
         ``i - left <= j <= i + right``.
       logits_soft_cap: if set, logits become ``cap * tanh(logits / cap)`` (after the bias,
         before the masks).
-      return_residual: also return the log-sum-exp of the logits, ``[B, T, N]`` float32.
+      return_residual: also return the log-sum-exp of the logits, ``[B, T, N]`` float32
+        (float64 for float64 inputs).
       query_positions: optional int ``[B, T]`` (or ``[T]``, shared): the token position of
         each query. With either positions argument, ``is_causal`` means
         ``key_value_positions[j] <= query_positions[i]`` and the window is measured in
@@ -315,7 +322,9 @@ def flash_attention(
         bias = as_array(bias, "bias")
         if not jnp.issubdtype(bias.dtype, jnp.floating):
             raise TypeError(f"bias must be a floating array, got dtype {bias.dtype}")
-        if bias.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        if query.dtype == jnp.float64:
+            bias = bias.astype(jnp.float64)  # the float64 kernels add it in float64
+        elif bias.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
             bias = bias.astype(jnp.float32)  # float64 (x64), float8: added in float32 anyway
         # The bias keeps its own dtype: the kernels add it to the float32 logits in float32
         # (as jax.nn does), so a float32 bias on bf16 inputs loses nothing.
@@ -344,8 +353,9 @@ def flash_attention(
 
     if any_zero(b, t, n, s):  # nothing to compute or nothing to attend to
         out = jnp.zeros((b, t, n, hv), query.dtype)
-        lse = jnp.full((b, t, n), -jnp.inf, jnp.float32)
+        lse = jnp.full((b, t, n), -jnp.inf, lse_dtype(query.dtype))
     else:
+        query, scale = fold_scale(query, scale)
         options = _Options(float(scale), soft_cap, bool(is_causal), window,
                            dropout_threshold(dropout_rate))
         # Hv = 0: the output is empty but the lse still depends on the logits; the kernels

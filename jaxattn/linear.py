@@ -148,7 +148,7 @@ def gated_linear_attention(
             raise ValueError(f"{name} must have the rank of query ({query.ndim}), got shape "
                              f"{x.shape} (query {query.shape})")
     for x, name in ((query, "query"), (key, "key"), (value, "value"), (log_gate, "log_gate")):
-        check_dtype(x, name)
+        check_dtype(x, name, float64=False)
     if not query.dtype == key.dtype == value.dtype:
         raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, "
                         f"{key.dtype}, {value.dtype}")

@@ -31,7 +31,8 @@ def merge_attention_states(outputs: Any, lses: Any) -> tuple[Array, Array]:
       lses: ``[M, ...]``: their log-sum-exps (the residuals of ``return_residual=True``).
 
     Returns:
-      ``(out [..., Hv] in the outputs' dtype, lse [...] float32)``.
+      ``(out [..., Hv] in the outputs' dtype, lse [...] float32)``; float64 inputs (either
+      array, under ``jax_enable_x64``) are merged in float64 and give a float64 lse.
 
     The contract: docs/semantics.md, section 4.
     """
@@ -46,7 +47,8 @@ def merge_attention_states(outputs: Any, lses: Any) -> tuple[Array, Array]:
                          f"axes, got {outputs.shape} and {lses.shape}")
     if outputs.shape[0] == 0:
         raise ValueError("merge_attention_states needs at least one part (M >= 1)")
-    lses = lses.astype(jnp.float32)
+    work = jnp.float64 if jnp.float64 in (outputs.dtype, lses.dtype) else jnp.float32
+    lses = lses.astype(work)
     # The max only conditions the exponentials: the result does not depend on it, so keep it
     # out of the gradient (ties and -inf would otherwise route gradients through argmax).
     top = jax.lax.stop_gradient(jnp.max(lses, axis=0))
@@ -59,7 +61,7 @@ def merge_attention_states(outputs: Any, lses: Any) -> tuple[Array, Array]:
     nonempty = total != 0  # NaN totals are not empty
     safe_total = jnp.where(nonempty, total, 1.0)
     # An empty part's output may be anything (even NaN): select, don't multiply by zero.
-    parts = jnp.where(live[..., None], outputs.astype(jnp.float32), 0.0)
+    parts = jnp.where(live[..., None], outputs.astype(work), 0.0)
     out = ((weights / safe_total)[..., None] * parts).sum(axis=0)
     lse = jnp.where(nonempty, top + jnp.log(safe_total), -jnp.inf)
     return out.astype(outputs.dtype), lse

@@ -111,7 +111,8 @@ def sequence_parallel_attention(
         ``i`` sees keys ``j <= i`` of the whole sequence).
 
     Returns:
-      ``[B, T, N, Hv]`` (and the lse ``[B, T, N]`` float32 with ``return_residual``).
+      ``[B, T, N, Hv]`` (and the lse ``[B, T, N]`` float32, float64 for float64 inputs, with
+      ``return_residual``).
     """
     query, key, value = (as_array(x, name) for x, name in
                          ((query, "query"), (key, "key"), (value, "value")))

@@ -20,6 +20,8 @@ from jaxattn._validation import (
     check_attention_inputs,
     check_bool,
     check_scale,
+    fold_scale,
+    lse_dtype,
     check_soft_cap,
     check_token_ids,
 )
@@ -63,7 +65,7 @@ def _sparse_bwd(options, residuals, cotangents):
     dout, dlse = cotangents
     bwd_p = _ffi.sparse_bwd_per_head_p if options.per_head else _ffi.sparse_bwd_p
     dq, dk, dv = bwd_p.bind(q, k, v, out, lse, dout.astype(out.dtype),
-                            dlse.astype(jnp.float32), *tables, *tokens, **options.attrs())
+                            dlse.astype(lse.dtype), *tables, *tokens, **options.attrs())
     # The slopes get no gradient (as in flash_attention).
     dtokens = (None, None, None, None, jnp.zeros_like(tokens[4]), None)
     return dq, dk, dv, tuple(None for _ in tables), dtokens
@@ -177,13 +179,14 @@ def block_sparse_attention(
 
     if any_zero(b, n, hv):  # nothing to compute
         out = jnp.zeros((b, t, n, hv), query.dtype)
-        lse = jnp.full((b, t, n), -jnp.inf, jnp.float32)
+        lse = jnp.full((b, t, n), -jnp.inf, lse_dtype(query.dtype))
     else:
         groups = 1 if mask.num_heads == 1 else kv_heads
         tables = tuple(jnp.asarray(x) for x in prepare_tables(mask, n, kv_heads))
         # shard_map: a replicated operand is cast to varying outside the custom_vjp, so that
         # its gradient is summed over the devices.
         query, key, value, *tokens = match_varying((query, key, value, *tokens))
+        query, scale = fold_scale(query, scale)
         options = _Options(scale, soft_cap, groups > 1, dropout_threshold(dropout_rate))
         out, lse = _sparse(options, query, key, value, tables, tuple(tokens))
     if unbatched:

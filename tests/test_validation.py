@@ -129,7 +129,7 @@ FLASH_BAD_INPUTS = [
     # dtypes
     Bad("int_inputs", flash(query=ones(B, T, N, H, dtype=np.int32), key=ones(B, S, K, H, dtype=np.int32),
                             value=ones(B, S, K, H, dtype=np.int32)), TypeError,
-        r"query must be float32, bfloat16 or float16, got int32"),
+        r"query must be float32, bfloat16, float16 or float64 \(with jax_enable_x64\), got int32"),
     Bad("bool_query", flash(query=ones(B, T, N, H, dtype=bool)), TypeError, r"query must be float32"),
     Bad("complex_key", flash(key=ones(B, S, K, H, dtype=np.complex64)), TypeError,
         r"key must be float32"),
@@ -286,11 +286,14 @@ def test_bad_input_raises_naming_the_argument(row: Bad) -> None:
     assert re.search(row.match, message), f"message {message!r} does not match {row.match!r}"
 
 
-def test_float64_inputs_rejected_under_x64() -> None:
-    """With x64 enabled a float64 array stays float64: a TypeError naming the argument."""
+def test_float64_inputs_must_share_one_dtype_under_x64() -> None:
+    """With x64 enabled float64 inputs run the float64 kernels (tests/test_float64.py); a
+    float64 query with float32 keys is a TypeError naming the dtypes."""
     with jax.enable_x64(True):
-        with pytest.raises(TypeError, match=r"query must be float32, bfloat16 or float16, got float64"):
+        with pytest.raises(TypeError, match=r"share one dtype, got float64, float32"):
             jaxattn.flash_attention(jnp.asarray(QUERY, jnp.float64), KEY, VALUE)
+        with pytest.raises(TypeError, match=r"query must be .*float64.* got complex128"):
+            jaxattn.flash_attention(jnp.asarray(QUERY, jnp.complex128), KEY, VALUE)
 
 
 def test_errors_leave_the_process_usable() -> None:
@@ -553,7 +556,7 @@ FLASH_FFI_BAD_BINDS = [
     BadBind("mask_rank2", bind_fwd(mask=ones(T, S, dtype=bool)), r"jaxattn: mask must have rank 4"),
     BadBind("mask_float", bind_fwd(mask=ones(1, 1, T, S)), r"jaxattn: mask must be boolean"),
     BadBind("bias_dtype", bind_fwd(bias=ones(1, 1, T, S, dtype=np.int32)),
-            r"jaxattn: bias must be float32, bfloat16 or float16"),
+            r"jaxattn: bias must be float32, bfloat16, float16 or float64"),
     BadBind("bias_rank3", bind_fwd(bias=ones(1, T, S)), r"jaxattn: bias must have rank 4"),
     BadBind("lengths_float", bind_fwd(kv_lengths=ones(B)), r"S32"),
     BadBind("lengths_batch", bind_fwd(q_lengths=np.ones(3, np.int32)), r"jaxattn: operand batch sizes must divide"),

@@ -78,10 +78,11 @@ ffi::Error ParseQueryKeyValue(const ffi::AnyBuffer& query, const ffi::AnyBuffer&
     return InvalidArgument("query, key and value must have rank 4, got " + ShapeString(q) +
                            ", " + ShapeString(k) + ", " + ShapeString(v));
   }
-  if (!ToDType(query.element_type(), &p->dtype) ||
+  if (!ToAttentionDType(query.element_type(), &p->dtype) ||
       key.element_type() != query.element_type() ||
       value.element_type() != query.element_type()) {
-    return InvalidArgument("query, key and value must share one of float32, bfloat16, float16");
+    return InvalidArgument(
+        "query, key and value must share one of float32, bfloat16, float16, float64");
   }
   if (k[1] != v[1] || k[2] != v[2] || q[3] != k[3]) {
     return InvalidArgument("inconsistent shapes: query " + ShapeString(q) + ", key " +
@@ -108,8 +109,12 @@ ffi::Error ParseProblem(const ProblemOperands& in, const TokenOperands& tokens,
   JAXATTN_RETURN_IF_ERROR(ParseQueryKeyValue(in.query, in.key, in.value, batch, p));
   JAXATTN_RETURN_IF_ERROR(ParseBroadcast(in.bias, "bias", &p->bias));
   JAXATTN_RETURN_IF_ERROR(ParseBroadcast(in.mask, "mask", &p->mask));
-  if (p->bias.data != nullptr && !ToDType(in.bias.element_type(), &p->bias.dtype)) {
-    return InvalidArgument("bias must be float32, bfloat16 or float16");
+  if (p->bias.data != nullptr && !ToAttentionDType(in.bias.element_type(), &p->bias.dtype)) {
+    return InvalidArgument("bias must be float32, bfloat16, float16 or float64");
+  }
+  if (p->bias.data != nullptr && p->bias.dtype == DType::kF64 && p->dtype != DType::kF64) {
+    return InvalidArgument("a float64 bias needs float64 inputs (the float32 kernels add the "
+                           "bias in float32: pass it as float32)");
   }
   if (p->mask.data != nullptr && in.mask.element_type() != ffi::DataType::PRED &&
       in.mask.element_type() != ffi::DataType::U8) {
@@ -140,13 +145,30 @@ ffi::Error ParseProblem(const ProblemOperands& in, const TokenOperands& tokens,
   return ffi::Error::Success();
 }
 
+ffi::Error CheckForwardResults(const AttentionProblem& p, ffi::DataType dtype,
+                               const ffi::AnyBuffer& out, const ffi::AnyBuffer& lse) {
+  if (out.element_type() != dtype || lse.element_type() != LseType(p.dtype) ||
+      !HasShape(out.dimensions(), {p.batch, p.q_len, p.num_heads, p.value_dim}) ||
+      !HasShape(lse.dimensions(), {p.batch, p.q_len, p.num_heads})) {
+    return InvalidArgument("output shapes or dtypes do not match the inputs");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error ParseBackwardArgs(const AttentionProblem& p, ffi::DataType dtype,
-                             const ffi::AnyBuffer& out, const F32Buffer& lse,
-                             const ffi::AnyBuffer& dout, const F32Buffer& dlse,
+                             const ffi::AnyBuffer& out, const ffi::AnyBuffer& lse,
+                             const ffi::AnyBuffer& dout, const ffi::AnyBuffer& dlse,
                              ffi::AnyBuffer* dq, ffi::AnyBuffer* dk, ffi::AnyBuffer* dv,
-                             ffi::Buffer<ffi::F32>* dlogits, FlashBackwardArgs* args,
-                             const char* target) {
+                             ffi::AnyBuffer* dlogits, FlashBackwardArgs* args,
+                             F64BackwardArgs* args64, const char* target) {
   const int64_t B = p.batch, T = p.q_len, N = p.num_heads, S = p.kv_len;
+  const ffi::DataType lse_type = LseType(p.dtype);
+  if (lse.element_type() != lse_type ||
+      (dlse.element_count() != 0 && dlse.element_type() != lse_type) ||
+      (dlogits != nullptr && dlogits->element_type() != lse_type)) {
+    return InvalidArgument(std::string(target) + ": lse, its cotangent and the logits "
+                           "gradient must be float64 for float64 inputs, float32 otherwise");
+  }
   const auto is = [dtype](const ffi::AnyBuffer* x, std::initializer_list<int64_t> shape) {
     return x == nullptr || (x->element_type() == dtype && HasShape(x->dimensions(), shape));
   };
@@ -158,14 +180,26 @@ ffi::Error ParseBackwardArgs(const AttentionProblem& p, ffi::DataType dtype,
       (dlogits != nullptr && !HasShape(dlogits->dimensions(), {B, N, T, S}))) {
     return InvalidArgument(std::string(target) + " operand shapes do not match the inputs");
   }
+  if (p.dtype == DType::kF64) {
+    args64->out = static_cast<const double*>(out.untyped_data());
+    args64->lse = static_cast<const double*>(lse.untyped_data());
+    args64->dout = static_cast<const double*>(dout.untyped_data());
+    args64->dlse = dlse.element_count() ? static_cast<const double*>(dlse.untyped_data())
+                                        : nullptr;
+    args64->dq = dq ? static_cast<double*>(dq->untyped_data()) : nullptr;
+    args64->dk = dk ? static_cast<double*>(dk->untyped_data()) : nullptr;
+    args64->dv = dv ? static_cast<double*>(dv->untyped_data()) : nullptr;
+    args64->dlogits = dlogits ? static_cast<double*>(dlogits->untyped_data()) : nullptr;
+    return ffi::Error::Success();
+  }
   args->out = out.untyped_data();
-  args->lse = lse.typed_data();
+  args->lse = static_cast<const float*>(lse.untyped_data());
   args->dout = dout.untyped_data();
-  args->dlse = dlse.element_count() ? dlse.typed_data() : nullptr;
+  args->dlse = dlse.element_count() ? static_cast<const float*>(dlse.untyped_data()) : nullptr;
   args->dq = dq ? dq->untyped_data() : nullptr;
   args->dk = dk ? dk->untyped_data() : nullptr;
   args->dv = dv ? dv->untyped_data() : nullptr;
-  args->dlogits = dlogits ? dlogits->typed_data() : nullptr;
+  args->dlogits = dlogits ? static_cast<float*>(dlogits->untyped_data()) : nullptr;
   return ffi::Error::Success();
 }
 

@@ -81,13 +81,18 @@ ffi::Error ParseProblem(const ProblemOperands& in, const TokenOperands& tokens,
 
 // Checks what every backward target takes besides the problem (the forward's out and lse,
 // the cotangents dout and dlse) and the gradients it writes (nullptr: not written), and
-// points args at them.
+// points the arguments of the problem's kernels at them: args (float32, bfloat16, float16
+// problems; lse, dlse and dlogits float32) or args64 (float64 problems, all float64).
 ffi::Error ParseBackwardArgs(const AttentionProblem& p, ffi::DataType dtype,
-                             const ffi::AnyBuffer& out, const F32Buffer& lse,
-                             const ffi::AnyBuffer& dout, const F32Buffer& dlse,
+                             const ffi::AnyBuffer& out, const ffi::AnyBuffer& lse,
+                             const ffi::AnyBuffer& dout, const ffi::AnyBuffer& dlse,
                              ffi::AnyBuffer* dq, ffi::AnyBuffer* dk, ffi::AnyBuffer* dv,
-                             ffi::Buffer<ffi::F32>* dlogits, FlashBackwardArgs* args,
-                             const char* target = "backward");
+                             ffi::AnyBuffer* dlogits, FlashBackwardArgs* args,
+                             F64BackwardArgs* args64, const char* target = "backward");
+
+// The forward's results: out in the problem's dtype, lse [B, T, N] in LseType.
+ffi::Error CheckForwardResults(const AttentionProblem& p, ffi::DataType dtype,
+                               const ffi::AnyBuffer& out, const ffi::AnyBuffer& lse);
 
 }  // namespace jaxattn
 

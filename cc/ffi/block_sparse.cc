@@ -110,7 +110,7 @@ template <size_t kTokens, typename Attributes>
 ffi::Error SparseForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                              ffi::AnyBuffer value, S32Buffer q_indptr, S32Buffer q_entries,
                              ffi::AnyBuffer masks, ffi::RemainingArgs token_args,
-                             ffi::Result<ffi::AnyBuffer> out, F32Result lse,
+                             ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                              Attributes attrs) {
   const auto od = out->dimensions();
   if (od.size() != 4) return InvalidArgument("output must have rank 4");
@@ -119,24 +119,30 @@ ffi::Error SparseForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
   tokens.dropout_threshold = DropoutThreshold(attrs);
   AttentionProblem p;
   JAXATTN_RETURN_IF_ERROR(ParseSparseProblem(query, key, value, od[0], attrs, tokens, &p));
-  if (out->element_type() != query.element_type() ||
-      !HasShape(od, {p.batch, p.q_len, p.num_heads, p.value_dim}) ||
-      !HasShape(lse->dimensions(), {p.batch, p.q_len, p.num_heads})) {
-    return InvalidArgument("output shapes do not match the inputs");
-  }
+  JAXATTN_RETURN_IF_ERROR(CheckForwardResults(p, query.element_type(), *out, *lse));
   BlockSparseTables tables;
   JAXATTN_RETURN_IF_ERROR(ParseBlockSparseTables(p, q_indptr, q_entries, nullptr, nullptr,
                                                  masks, nullptr, &tables));
+  if (p.dtype == DType::kF64) {
+    return ScratchError(
+        "block-sparse attention",
+        FlashForwardF64(p, &tables,
+                        F64ForwardResult{static_cast<double*>(out->untyped_data()),
+                                         static_cast<double*>(lse->untyped_data())},
+                        XlaParallel(pool)));
+  }
   return ScratchError(
       "block-sparse attention",
-      BlockSparseForward(p, tables, FlashForwardResult{out->untyped_data(), lse->typed_data()},
+      BlockSparseForward(p, tables,
+                         FlashForwardResult{out->untyped_data(),
+                                            static_cast<float*>(lse->untyped_data())},
                          XlaParallel(pool)));
 }
 
 template <size_t kTokens, typename Attributes>
 ffi::Error SparseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
-                              ffi::AnyBuffer value, ffi::AnyBuffer out, F32Buffer lse,
-                              ffi::AnyBuffer dout, F32Buffer dlse, S32Buffer q_indptr,
+                              ffi::AnyBuffer value, ffi::AnyBuffer out, ffi::AnyBuffer lse,
+                              ffi::AnyBuffer dout, ffi::AnyBuffer dlse, S32Buffer q_indptr,
                               S32Buffer q_entries, S32Buffer k_indptr, S32Buffer k_entries,
                               ffi::AnyBuffer masks, ffi::AnyBuffer masks_t,
                               ffi::RemainingArgs token_args, ffi::Result<ffi::AnyBuffer> dq,
@@ -150,13 +156,16 @@ ffi::Error SparseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::A
   AttentionProblem p;
   JAXATTN_RETURN_IF_ERROR(ParseSparseProblem(query, key, value, dqd[0], attrs, tokens, &p));
   FlashBackwardArgs args;
+  F64BackwardArgs args64;
   JAXATTN_RETURN_IF_ERROR(ParseBackwardArgs(p, query.element_type(), out, lse, dout, dlse,
-                                            &*dq, &*dk, &*dv, nullptr, &args));
+                                            &*dq, &*dk, &*dv, nullptr, &args, &args64));
   BlockSparseTables tables;
   JAXATTN_RETURN_IF_ERROR(ParseBlockSparseTables(p, q_indptr, q_entries, &k_indptr,
                                                  &k_entries, masks, &masks_t, &tables));
   return ScratchError("block-sparse attention backward",
-                      BlockSparseBackward(p, tables, args, XlaParallel(pool)));
+                      p.dtype == DType::kF64
+                          ? FlashBackwardF64(p, &tables, args64, XlaParallel(pool))
+                          : BlockSparseBackward(p, tables, args, XlaParallel(pool)));
 }
 
 template <typename Attributes>
@@ -171,7 +180,7 @@ auto BindForward() {
       .Arg<ffi::AnyBuffer>()         // masks
       .RemainingArgs()               // the token operands (_v2, _v3) or none (_v1)
       .Ret<ffi::AnyBuffer>()         // out
-      .Ret<ffi::Buffer<ffi::F32>>()  // lse
+      .Ret<ffi::AnyBuffer>()         // lse (float32; float64 for float64 inputs)
       .template Attrs<Attributes>();
 }
 
@@ -183,9 +192,9 @@ auto BindBackward() {
       .Arg<ffi::AnyBuffer>()         // key
       .Arg<ffi::AnyBuffer>()         // value
       .Arg<ffi::AnyBuffer>()         // out
-      .Arg<ffi::Buffer<ffi::F32>>()  // lse
+      .Arg<ffi::AnyBuffer>()         // lse (float32; float64 for float64 inputs)
       .Arg<ffi::AnyBuffer>()         // dout
-      .Arg<ffi::Buffer<ffi::F32>>()  // dlse (0 elements: none)
+      .Arg<ffi::AnyBuffer>()         // dlse (0 elements: none), as lse
       .Arg<S32Buffer>()              // q_indptr
       .Arg<S32Buffer>()              // q_entries
       .Arg<S32Buffer>()              // k_indptr

@@ -43,6 +43,14 @@ bool ToDType(ffi::DataType type, DType* dtype) {
   }
 }
 
+bool ToAttentionDType(ffi::DataType type, DType* dtype) {
+  if (type == ffi::DataType::F64) {
+    *dtype = DType::kF64;
+    return true;
+  }
+  return ToDType(type, dtype);
+}
+
 namespace {
 
 void ScheduleOnXlaPool(void* scheduler, void (*work)(void*), void* work_context) {

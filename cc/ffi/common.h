@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "attention_f64.h"
 #include "ffi/targets.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -43,6 +44,13 @@ std::string ShapeString(ffi::AnyBuffer::Dimensions dims);
 bool HasShape(ffi::AnyBuffer::Dimensions dims, std::initializer_list<int64_t> expected);
 // The kernels' float element types; false for any other.
 bool ToDType(ffi::DataType type, DType* dtype);
+// The same plus float64, which the attention ops take (attention_f64.h).
+bool ToAttentionDType(ffi::DataType type, DType* dtype);
+// The element type of an attention problem's log-sum-exps (and of its logits gradient):
+// float64 for a float64 problem, float32 otherwise.
+inline ffi::DataType LseType(DType dtype) {
+  return dtype == DType::kF64 ? ffi::DataType::F64 : ffi::DataType::F32;
+}
 
 // An empty buffer of element type kType: what an absent optional operand looks like (the
 // older target layouts that lack an operand run the newer handler with this in its place).

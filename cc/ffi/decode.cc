@@ -130,7 +130,8 @@ ffi::Error RunDecode(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
                      const ffi::AnyBuffer& key, const ffi::AnyBuffer& value,
                      const S32Buffer* block_tables, const S32Buffer& kv_lengths,
                      const ffi::RemainingArgs& token_args, size_t num_tokens,
-                     ffi::Result<ffi::AnyBuffer>& out, F32Result& lse, const DecodeAttrs& attrs,
+                     ffi::Result<ffi::AnyBuffer>& out, ffi::Result<ffi::AnyBuffer>& lse,
+                     const DecodeAttrs& attrs,
                      const F32Buffer* key_scale = nullptr,
                      const F32Buffer* value_scale = nullptr) {
   const auto q = query.dimensions(), k = key.dimensions(), v = value.dimensions();
@@ -150,12 +151,12 @@ ffi::Error RunDecode(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
                              "float8_e5m2 (keys and values alike) with a float32, bfloat16 or "
                              "float16 query");
     }
-  } else if (!ToDType(query.element_type(), &p.dtype) ||
+  } else if (!ToAttentionDType(query.element_type(), &p.dtype) ||
              key.element_type() != query.element_type() ||
              value.element_type() != query.element_type() ||
              out->element_type() != query.element_type()) {
     return InvalidArgument("decode: query and caches must share one of float32, bfloat16, "
-                           "float16");
+                           "float16, float64");
   }
   // A contiguous value cache may have its own batch (a vmap mapping one cache only).
   const bool value_batch_differs = block_tables == nullptr && k[0] != v[0];
@@ -210,8 +211,9 @@ ffi::Error RunDecode(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
     JAXATTN_RETURN_IF_ERROR(ParseCacheScale(value_scale, "value_scale", p, &p.value_scale));
   }
   if (!HasShape(od, {p.batch, p.q_len, p.num_heads, p.value_dim}) ||
-      !HasShape(lse->dimensions(), {p.batch, p.q_len, p.num_heads})) {
-    return InvalidArgument("decode: output shapes do not match the inputs");
+      !HasShape(lse->dimensions(), {p.batch, p.q_len, p.num_heads}) ||
+      lse->element_type() != LseType(p.dtype)) {
+    return InvalidArgument("decode: output shapes or dtypes do not match the inputs");
   }
   if (attrs.strict_lengths) {
     // Opt-in: a length past the cache (e.g. a KV cache stepped past its end under jit) is an
@@ -230,7 +232,15 @@ ffi::Error RunDecode(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
     return InvalidArgument(std::string("paged decode: ") + message);
   }
   const int64_t failed_bytes =
-      DecodeForward(p, DecodeResult{out->untyped_data(), lse->typed_data()}, XlaParallel(pool));
+      p.dtype == DType::kF64
+          ? DecodeForwardF64(p,
+                             F64ForwardResult{static_cast<double*>(out->untyped_data()),
+                                              static_cast<double*>(lse->untyped_data())},
+                             XlaParallel(pool))
+          : DecodeForward(p,
+                          DecodeResult{out->untyped_data(),
+                                       static_cast<float*>(lse->untyped_data())},
+                          XlaParallel(pool));
   return ScratchError("decode", failed_bytes);
 }
 
@@ -238,7 +248,7 @@ template <size_t kTokens, typename Attrs>
 ffi::Error DecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                              ffi::AnyBuffer value, S32Buffer kv_lengths,
                              ffi::RemainingArgs token_args, ffi::Result<ffi::AnyBuffer> out,
-                             F32Result lse, Attrs attrs) {
+                             ffi::Result<ffi::AnyBuffer> lse, Attrs attrs) {
   return RunDecode(pool, query, key, value, nullptr, kv_lengths, token_args, kTokens, out, lse,
                    ToDecodeAttrs(attrs));
 }
@@ -248,7 +258,8 @@ ffi::Error PagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                   ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
                                   S32Buffer block_tables, S32Buffer kv_lengths,
                                   ffi::RemainingArgs token_args,
-                                  ffi::Result<ffi::AnyBuffer> out, F32Result lse, Attrs attrs) {
+                                  ffi::Result<ffi::AnyBuffer> out,
+                                  ffi::Result<ffi::AnyBuffer> lse, Attrs attrs) {
   return RunDecode(pool, query, key_pages, value_pages, &block_tables, kv_lengths, token_args,
                    kTokens, out, lse, ToDecodeAttrs(attrs));
 }
@@ -259,8 +270,8 @@ ffi::Error QuantDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                   ffi::AnyBuffer key, ffi::AnyBuffer value, F32Buffer key_scale,
                                   F32Buffer value_scale, S32Buffer kv_lengths,
                                   ffi::RemainingArgs token_args,
-                                  ffi::Result<ffi::AnyBuffer> out, F32Result lse,
-                                  DecodeAttrs attrs) {
+                                  ffi::Result<ffi::AnyBuffer> out,
+                                  ffi::Result<ffi::AnyBuffer> lse, DecodeAttrs attrs) {
   return RunDecode(pool, query, key, value, nullptr, kv_lengths, token_args,
                    kTokens, out, lse, attrs, &key_scale, &value_scale);
 }
@@ -271,8 +282,8 @@ ffi::Error QuantPagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer quer
                                        F32Buffer key_scale, F32Buffer value_scale,
                                        S32Buffer block_tables, S32Buffer kv_lengths,
                                        ffi::RemainingArgs token_args,
-                                       ffi::Result<ffi::AnyBuffer> out, F32Result lse,
-                                       DecodeAttrs attrs) {
+                                       ffi::Result<ffi::AnyBuffer> out,
+                                       ffi::Result<ffi::AnyBuffer> lse, DecodeAttrs attrs) {
   return RunDecode(pool, query, key_pages, value_pages, &block_tables, kv_lengths, token_args,
                    kTokens, out, lse, attrs, &key_scale, &value_scale);
 }
@@ -283,7 +294,7 @@ auto BindDecodeResults(Binding binding) {
   return std::move(binding)
       .RemainingArgs()               // the token operands (_v2, _v3, quantized) or none (_v1)
       .template Ret<ffi::AnyBuffer>()         // out
-      .template Ret<ffi::Buffer<ffi::F32>>()  // lse
+      .template Ret<ffi::AnyBuffer>()  // lse (float32; float64 for float64 inputs)
       .template Attrs<Attrs>();
 }
 

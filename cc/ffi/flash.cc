@@ -17,7 +17,7 @@ ffi::Error FlashForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::Any
                             ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                             S32Buffer q_lengths, S32Buffer kv_lengths,
                             ffi::RemainingArgs token_args, ffi::Result<ffi::AnyBuffer> out,
-                            F32Result lse, Attributes attrs) {
+                            ffi::Result<ffi::AnyBuffer> lse, Attributes attrs) {
   const auto od = out->dimensions();
   if (od.size() != 4) return InvalidArgument("output must have rank 4");
   TokenOperands tokens;
@@ -26,21 +26,28 @@ ffi::Error FlashForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::Any
   AttentionProblem p;
   JAXATTN_RETURN_IF_ERROR(ParseProblem({query, key, value, bias, mask, q_lengths, kv_lengths},
                                        tokens, attrs, od[0], &p));
-  if (out->element_type() != query.element_type() ||
-      !HasShape(od, {p.batch, p.q_len, p.num_heads, p.value_dim}) ||
-      !HasShape(lse->dimensions(), {p.batch, p.q_len, p.num_heads})) {
-    return InvalidArgument("output shapes do not match the inputs");
+  JAXATTN_RETURN_IF_ERROR(CheckForwardResults(p, query.element_type(), *out, *lse));
+  if (p.dtype == DType::kF64) {
+    return ScratchError(
+        "flash attention",
+        FlashForwardF64(p, nullptr,
+                        F64ForwardResult{static_cast<double*>(out->untyped_data()),
+                                         static_cast<double*>(lse->untyped_data())},
+                        XlaParallel(pool)));
   }
-  return ScratchError("flash attention",
-                      FlashForward(p, FlashForwardResult{out->untyped_data(), lse->typed_data()},
-                                   XlaParallel(pool)));
+  return ScratchError(
+      "flash attention",
+      FlashForward(p,
+                   FlashForwardResult{out->untyped_data(),
+                                      static_cast<float*>(lse->untyped_data())},
+                   XlaParallel(pool)));
 }
 
 template <size_t kTokens, typename Attributes>
 ffi::Error FlashBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                              ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                              S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
-                             F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
+                             ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
                              ffi::RemainingArgs token_args, ffi::Result<ffi::AnyBuffer> dq,
                              ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                              Attributes attrs) {
@@ -53,19 +60,24 @@ ffi::Error FlashBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
   JAXATTN_RETURN_IF_ERROR(ParseProblem({query, key, value, bias, mask, q_lengths, kv_lengths},
                                        tokens, attrs, dqd[0], &p));
   FlashBackwardArgs args;
+  F64BackwardArgs args64;
   JAXATTN_RETURN_IF_ERROR(ParseBackwardArgs(p, query.element_type(), out, lse, dout, dlse,
-                                            &*dq, &*dk, &*dv, nullptr, &args));
+                                            &*dq, &*dk, &*dv, nullptr, &args, &args64));
   return ScratchError("flash attention backward",
-                      FlashBackward(p, args, XlaParallel(pool)));
+                      p.dtype == DType::kF64
+                          ? FlashBackwardF64(p, nullptr, args64, XlaParallel(pool))
+                          : FlashBackward(p, args, XlaParallel(pool)));
 }
 
-// d loss / d logits [B, N, T, S] in float32, for the gradient of a bias.
+// d loss / d logits [B, N, T, S] in float32 (float64 for float64 inputs), for the gradient of
+// a bias.
 template <size_t kTokens, typename Attributes>
 ffi::Error FlashLogitsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                                ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                                S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
-                               F32Buffer lse, ffi::AnyBuffer dout, F32Buffer dlse,
-                               ffi::RemainingArgs token_args, F32Result dlogits,
+                               ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
+                               ffi::RemainingArgs token_args,
+                               ffi::Result<ffi::AnyBuffer> dlogits,
                                Attributes attrs) {
   const auto gd = dlogits->dimensions();
   if (gd.size() != 4) return InvalidArgument("dlogits must have rank 4");
@@ -76,11 +88,14 @@ ffi::Error FlashLogitsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
   JAXATTN_RETURN_IF_ERROR(ParseProblem({query, key, value, bias, mask, q_lengths, kv_lengths},
                                        tokens, attrs, gd[0], &p));
   FlashBackwardArgs args;
+  F64BackwardArgs args64;
   JAXATTN_RETURN_IF_ERROR(ParseBackwardArgs(p, query.element_type(), out, lse, dout, dlse,
                                             nullptr, nullptr, nullptr, &*dlogits, &args,
-                                            "logits-gradient"));
+                                            &args64, "logits-gradient"));
   return ScratchError("flash attention backward",
-                      FlashBackward(p, args, XlaParallel(pool)));
+                      p.dtype == DType::kF64
+                          ? FlashBackwardF64(p, nullptr, args64, XlaParallel(pool))
+                          : FlashBackward(p, args, XlaParallel(pool)));
 }
 
 // The tangent of (out, lse) in the direction of (dq, dk, dv, dbias), for forward-mode AD.
@@ -88,9 +103,10 @@ ffi::Error FlashLogitsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
 ffi::Error FlashJvpImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                         ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                         S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
-                        F32Buffer lse, ffi::AnyBuffer dq, ffi::AnyBuffer dk, ffi::AnyBuffer dv,
-                        ffi::AnyBuffer dbias, ffi::RemainingArgs token_args,
-                        ffi::Result<ffi::AnyBuffer> dout, F32Result dlse, FlashAttrs attrs) {
+                        ffi::AnyBuffer lse, ffi::AnyBuffer dq, ffi::AnyBuffer dk,
+                        ffi::AnyBuffer dv, ffi::AnyBuffer dbias, ffi::RemainingArgs token_args,
+                        ffi::Result<ffi::AnyBuffer> dout, ffi::Result<ffi::AnyBuffer> dlse,
+                        FlashAttrs attrs) {
   const auto od = dout->dimensions();
   if (od.size() != 4) return InvalidArgument("the output tangent must have rank 4");
   TokenOperands tokens;
@@ -110,7 +126,8 @@ ffi::Error FlashJvpImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuff
       !tangent_ok(dv, S, K, p.value_dim) || out.element_type() != dtype ||
       !HasShape(out.dimensions(), {B, T, N, p.value_dim}) ||
       !HasShape(lse.dimensions(), {B, T, N}) || dout->element_type() != dtype ||
-      !HasShape(od, {B, T, N, p.value_dim}) || !HasShape(dlse->dimensions(), {B, T, N})) {
+      !HasShape(od, {B, T, N, p.value_dim}) || !HasShape(dlse->dimensions(), {B, T, N}) ||
+      lse.element_type() != LseType(p.dtype) || dlse->element_type() != LseType(p.dtype)) {
     return InvalidArgument("jvp operand shapes do not match the inputs");
   }
   FlashTangents tangents;
@@ -122,8 +139,11 @@ ffi::Error FlashJvpImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuff
   tangents.dv_batch = dv.dimensions()[0];
   JAXATTN_RETURN_IF_ERROR(ParseBroadcast(dbias, "bias tangent", &tangents.dbias));
   if (tangents.dbias.data != nullptr) {
-    if (!ToDType(dbias.element_type(), &tangents.dbias.dtype)) {
-      return InvalidArgument("the bias tangent must be float32, bfloat16 or float16");
+    if (!ToAttentionDType(dbias.element_type(), &tangents.dbias.dtype)) {
+      return InvalidArgument("the bias tangent must be float32, bfloat16, float16 or float64");
+    }
+    if (tangents.dbias.dtype == DType::kF64 && p.dtype != DType::kF64) {
+      return InvalidArgument("a float64 bias tangent needs float64 inputs");
     }
     const int64_t full[4] = {B, N, T, S};
     if (tangents.dbias.dims[0] <= 0 || B % tangents.dbias.dims[0] != 0) {
@@ -135,9 +155,20 @@ ffi::Error FlashJvpImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuff
       }
     }
   }
+  if (p.dtype == DType::kF64) {
+    return ScratchError(
+        "flash attention jvp",
+        FlashJvpF64(p, tangents, static_cast<const double*>(out.untyped_data()),
+                    static_cast<const double*>(lse.untyped_data()),
+                    F64JvpResult{static_cast<double*>(dout->untyped_data()),
+                                 static_cast<double*>(dlse->untyped_data())},
+                    XlaParallel(pool)));
+  }
   return ScratchError("flash attention jvp",
-                      FlashJvp(p, tangents, out.untyped_data(), lse.typed_data(),
-                               FlashJvpResult{dout->untyped_data(), dlse->typed_data()},
+                      FlashJvp(p, tangents, out.untyped_data(),
+                               static_cast<const float*>(lse.untyped_data()),
+                               FlashJvpResult{dout->untyped_data(),
+                                              static_cast<float*>(dlse->untyped_data())},
                                XlaParallel(pool)));
 }
 
@@ -157,20 +188,20 @@ auto BindProblem() {
 template <typename Attributes>
 auto BindForward() {
   return BindProblem()
-      .RemainingArgs()               // the token operands (_v2, _v3) or none (_v1)
-      .Ret<ffi::AnyBuffer>()         // out
-      .Ret<ffi::Buffer<ffi::F32>>()  // lse
+      .RemainingArgs()        // the token operands (_v2, _v3) or none (_v1)
+      .Ret<ffi::AnyBuffer>()  // out
+      .Ret<ffi::AnyBuffer>()  // lse (float32; float64 for float64 inputs)
       .template Attrs<Attributes>();
 }
 
 // The forward's results and their cotangents, then the token operands.
 auto BindBackwardOperands() {
   return BindProblem()
-      .Arg<ffi::AnyBuffer>()          // out
-      .Arg<ffi::Buffer<ffi::F32>>()   // lse
-      .Arg<ffi::AnyBuffer>()          // dout
-      .Arg<ffi::Buffer<ffi::F32>>()   // dlse (0 elements: none)
-      .RemainingArgs();               // the token operands (_v2, _v3) or none (_v1)
+      .Arg<ffi::AnyBuffer>()  // out
+      .Arg<ffi::AnyBuffer>()  // lse (float32; float64 for float64 inputs)
+      .Arg<ffi::AnyBuffer>()  // dout
+      .Arg<ffi::AnyBuffer>()  // dlse (0 elements: none), as lse
+      .RemainingArgs();       // the token operands (_v2, _v3) or none (_v1)
 }
 
 template <typename Attributes>
@@ -185,21 +216,21 @@ auto BindBackward() {
 template <typename Attributes>
 auto BindLogitsGrad() {
   return BindBackwardOperands()
-      .Ret<ffi::Buffer<ffi::F32>>()  // dlogits
+      .Ret<ffi::AnyBuffer>()  // dlogits, as lse
       .template Attrs<Attributes>();
 }
 
 auto BindJvp() {
   return BindProblem()
-      .Arg<ffi::AnyBuffer>()         // out
-      .Arg<ffi::Buffer<ffi::F32>>()  // lse
-      .Arg<ffi::AnyBuffer>()         // dq (tangent)
-      .Arg<ffi::AnyBuffer>()         // dk
-      .Arg<ffi::AnyBuffer>()         // dv
-      .Arg<ffi::AnyBuffer>()         // dbias (0 elements: none)
-      .RemainingArgs()               // the token operands
-      .Ret<ffi::AnyBuffer>()         // dout
-      .Ret<ffi::Buffer<ffi::F32>>()  // dlse
+      .Arg<ffi::AnyBuffer>()  // out
+      .Arg<ffi::AnyBuffer>()  // lse (float32; float64 for float64 inputs)
+      .Arg<ffi::AnyBuffer>()  // dq (tangent)
+      .Arg<ffi::AnyBuffer>()  // dk
+      .Arg<ffi::AnyBuffer>()  // dv
+      .Arg<ffi::AnyBuffer>()  // dbias (0 elements: none)
+      .RemainingArgs()        // the token operands
+      .Ret<ffi::AnyBuffer>()  // dout
+      .Ret<ffi::AnyBuffer>()  // dlse, as lse
       .Attrs<FlashAttrs>();
 }
 

@@ -139,8 +139,10 @@ def attention_fn(
         batch and the heads. The masks are jaxattn's own (``jaxattn.dropout_mask``), not
         the bits ``jax.random.bernoulli`` would draw from the same key.
       dtype: computation dtype; inputs are promoted to it (default: their common dtype). Must
-        end up float32, bfloat16 or float16.
-      precision: accepted for compatibility; the kernels always accumulate in float32.
+        end up float32, bfloat16 or float16, or float64 under ``jax_enable_x64`` (then the
+        float64 kernels run).
+      precision: accepted for compatibility; the kernels always accumulate in float32
+        (float64 for float64 inputs).
       module: if given, the attention weights are also computed the way Flax does and sown into
         it (``sow_weights=True``); the output still comes from the fused kernel.
       promote_dtype: optional Flax-style ``promote_dtype((q, k, v), dtype=dtype)`` function.
@@ -164,7 +166,8 @@ def attention_fn(
         if x is not None and jnp.iscomplexobj(x):
             raise TypeError(f"jaxattn.flax.attention_fn: {name} is complex "
                             f"({jnp.asarray(x).dtype}); "
-                            "the kernels take real float32, bfloat16 or float16 inputs")
+                            "the kernels take real float32, bfloat16, float16 or float64 "
+                            "inputs")
 
     if promote_dtype is not None:
         query, key, value = promote_dtype((query, key, value), dtype=dtype)
