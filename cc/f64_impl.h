@@ -1,8 +1,9 @@
-// Float64 attention for one instruction set (see simd.h for how this file is included; it
-// comes after flash_impl.h, dropout.h and decode_impl.h, whose scalar semantic helpers it
-// reuses: QueryLength / KeyLength, TokenInfo (positions, segment ids, slopes), KeyRange /
-// QueryRange / ClassifyTile (which tiles can hold a visible pair), BroadcastOffset, the
-// dropout hash, DecodePositions / DecodePage). Interface: attention_f64.h.
+// Float64 attention for one instruction set (see simd.h for how this file is included). It
+// reuses the scalar semantic helpers of the float32 kernels: QueryLength / KeyLength,
+// TokenInfo (positions, segment ids, slopes), KeyRange / QueryRange / ClassifyTile (which
+// tiles can hold a visible pair), BroadcastOffset (visibility.h), the dropout hash
+// (dropout_hash.h), the block-sparse tiling (sparse_impl.h), DecodePositions / DecodePage
+// (decode_impl.h). Interface: attention_f64.h.
 //
 // Tiles are those of the block-sparse tiling (SparseTilingImpl): a query tile is the rows
 // (position, head of one GQA group), row r = (t - t0) * G + g, against tiles of kKeysPerTile
@@ -13,6 +14,12 @@
 // docs/semantics.md. Forward: online softmax. Backward, as the float32 kernels (flash_impl.h):
 // pass 1 per query tile (D, dQ, dlogits), pass 2 per key tile (dK, dV), so no two tasks write
 // one element and results do not depend on the thread count.
+#pragma once
+#include "decode_impl.h"
+#include "dropout_hash.h"
+#include "simd.h"
+#include "sparse_impl.h"
+#include "visibility.h"
 
 constexpr int64_t kF64Keys = kKeysPerTile;
 
@@ -121,11 +128,6 @@ static inline bool F64Visible(const AttentionProblem& p, const F64Batch& fb, con
   if (p.window_right >= 0 && kp > qp + p.window_right) return false;
   if (fb.ti.q_seg != nullptr && fb.ti.q_seg[row.t] != fb.ti.kv_seg[s]) return false;
   return true;
-}
-
-static inline bool F64Kept(const AttentionProblem& p, const F64Row& row, int64_t s) {
-  const uint32_t h = DropoutMix(DropoutMix(row.drop.k0 ^ static_cast<uint32_t>(s)) ^ row.drop.k1);
-  return h >= p.dropout_threshold;
 }
 
 // dst[h * kF64Keys + j] = element h of row j (j < nk; zero up to kF64Keys), rows at
@@ -448,7 +450,7 @@ static void F64ForwardTask(void* job_ptr, int64_t task) {
       l[r] += sum;
       if (p.dropout_seeds != nullptr) {
         for (int64_t j = 0; j < nk; ++j) {
-          if (!F64Kept(p, rows[r], s0 + j)) xr[j] = 0.0;
+          if (!DropoutKept(rows[r].drop, s0 + j, p.dropout_threshold)) xr[j] = 0.0;
         }
       }
     }
@@ -504,7 +506,7 @@ static void F64ProbsAndGrads(const F64Context& c, const F64Row* rows, int64_t nu
       const double prob = xr[j];
       double dprob = dr[j], weight = prob;
       if (p.dropout_seeds != nullptr) {
-        const bool kept = j < nk && F64Kept(p, rows[r], s0 + j);
+        const bool kept = j < nk && DropoutKept(rows[r].drop, s0 + j, p.dropout_threshold);
         dprob = kept ? dprob * c.keep_scale : 0.0;
         weight = kept ? prob * c.keep_scale : 0.0;
       }
