@@ -166,11 +166,10 @@ static inline bool NextVisibleKeyTile(const FlashContext& c, const QueryTileTask
   return false;
 }
 
-// The query tiles key tile k_tile (keys [s0, s1), below batch element b's key length, whose
+// The query tiles key tile k_tile (keys [s0, s1), below its batch element's key length, whose
 // positions and ids ti holds) is seen by, likewise.
-static inline TileCursor QueryTilesOf(const FlashContext& c, const TokenInfo& ti,
-                                      int64_t kv_head, int64_t k_tile, int64_t s0, int64_t s1,
-                                      int64_t q_len) {
+static inline TileCursor QueryTilesOf(const FlashContext& c, const TokenInfo& ti, int64_t kv_head,
+                                      int64_t k_tile, int64_t s0, int64_t s1, int64_t q_len) {
   if (c.sparse != nullptr) {
     const BlockSparseTables& st = *c.sparse;
     const int64_t row = (kv_head % st.groups) * st.num_k_tiles + k_tile;

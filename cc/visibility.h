@@ -192,9 +192,8 @@ static inline int64_t FirstAtLeast(const int32_t* positions, int64_t n, int64_t 
 // [t0, t1) hidden, by position: the causal mask and window bound the key positions by the
 // tile's smallest and largest query position, and non-decreasing key positions (the caller
 // checked them over [0, kv_len)) turn those bounds into indices by binary search.
-static inline void KeyRangeByPosition(const AttentionProblem& p, const TokenInfo& ti,
-                                      int64_t t0, int64_t t1, int64_t kv_len, int64_t* lo,
-                                      int64_t* hi) {
+static inline void KeyRangeByPosition(const AttentionProblem& p, const TokenInfo& ti, int64_t t0,
+                                      int64_t t1, int64_t kv_len, int64_t* lo, int64_t* hi) {
   *lo = 0;
   *hi = kv_len;
   if (t1 <= t0) return;
@@ -209,9 +208,8 @@ static inline void KeyRangeByPosition(const AttentionProblem& p, const TokenInfo
 
 // Queries [*lo, *hi) (below q_len) outside which ClassifyTile finds every tile hidden from
 // keys [s0, s1) (s1 <= the key length), likewise from non-decreasing query positions.
-static inline void QueryRangeByPosition(const AttentionProblem& p, const TokenInfo& ti,
-                                        int64_t s0, int64_t s1, int64_t q_len, int64_t* lo,
-                                        int64_t* hi) {
+static inline void QueryRangeByPosition(const AttentionProblem& p, const TokenInfo& ti, int64_t s0,
+                                        int64_t s1, int64_t q_len, int64_t* lo, int64_t* hi) {
   *lo = 0;
   *hi = q_len;
   if (s1 <= s0) return;
