@@ -57,8 +57,11 @@ def positions_overhead(args: argparse.Namespace) -> None:
     def by_index(q, k, v):
         return jaxattn.flash_attention(q, k, v, is_causal=True, local_window_size=window)
 
-    np.testing.assert_array_equal(np.asarray(jax.jit(by_position)(q, k, v)),
-                                  np.asarray(jax.jit(by_index)(q, k, v)))
+    # Bitwise equal without a window; with one, indices start the key tiles at the window's
+    # first key and positions on the grid from key 0, so the sums round differently.
+    np.testing.assert_allclose(np.asarray(jax.jit(by_position)(q, k, v)),
+                               np.asarray(jax.jit(by_index)(q, k, v)),
+                               rtol=0 if window is None else 1e-5, atol=0 if window is None else 1e-5)
     print(describe_machine())
     print(f"B={b} T=S={t} N={n} K={kh} H={h} {dtype.name} causal, window={window}, "
           f"reps={args.reps} (fastest); "
