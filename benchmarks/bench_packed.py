@@ -14,10 +14,13 @@ equal first.
 
 With --positions: causal attention with monotone token positions (a prefill offset of 100,
 query_positions and key_value_positions given) against plain is_causal on indices, which
-skip the same tiles: the cost of cutting tiles by positions (should be ~1x).
+skip the same tiles: the cost of cutting tiles by positions (should be ~1x). --window W adds a
+local window of W - 1 keys back (Gemma's local layers: W = 100), --kv-heads K grouped heads.
 
     PYTHONPATH=. python benchmarks/bench_packed.py [--seq 8192] [--docs 8] [--reps 5]
     PYTHONPATH=. python benchmarks/bench_packed.py --positions [--seq 4096]
+    PYTHONPATH=. python benchmarks/bench_packed.py --positions --seq 2048 --heads 8 \
+        --kv-heads 4 --head-dim 256 --window 100
 """
 
 from __future__ import annotations
@@ -39,22 +42,29 @@ import jaxattn  # noqa: E402
 def positions_overhead(args: argparse.Namespace) -> None:
     """Monotone positions against indices, causal: the same tiles, the same result."""
     b, t, n, h = args.batch, args.seq, args.heads, args.head_dim
+    kh = args.kv_heads or n
     dtype = jnp.dtype(args.dtype)
     rng = np.random.default_rng(0)
-    q, k, v, dout = (jnp.asarray(rng.standard_normal((b, t, n, h)), dtype) for _ in range(4))
+    q, dout = (jnp.asarray(rng.standard_normal((b, t, n, h)), dtype) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((b, t, kh, h)), dtype) for _ in range(2))
     pos = jnp.arange(t, dtype=jnp.int32) + 100
+    window = (args.window - 1, 0) if args.window > 0 else None
 
     def by_position(q, k, v):
-        return jaxattn.flash_attention(q, k, v, is_causal=True, query_positions=pos,
-                                       key_value_positions=pos)
+        return jaxattn.flash_attention(q, k, v, is_causal=True, local_window_size=window,
+                                       query_positions=pos, key_value_positions=pos)
 
     def by_index(q, k, v):
-        return jaxattn.flash_attention(q, k, v, is_causal=True)
+        return jaxattn.flash_attention(q, k, v, is_causal=True, local_window_size=window)
 
-    np.testing.assert_array_equal(np.asarray(jax.jit(by_position)(q, k, v)),
-                                  np.asarray(jax.jit(by_index)(q, k, v)))
+    # Bitwise equal without a window; with one, indices start the key tiles at the window's
+    # first key and positions on the grid from key 0, so the sums round differently.
+    np.testing.assert_allclose(np.asarray(jax.jit(by_position)(q, k, v)),
+                               np.asarray(jax.jit(by_index)(q, k, v)),
+                               rtol=0 if window is None else 1e-5, atol=0 if window is None else 1e-5)
     print(describe_machine())
-    print(f"B={b} T=S={t} N=K={n} H={h} {dtype.name} causal, reps={args.reps} (fastest); "
+    print(f"B={b} T=S={t} N={n} K={kh} H={h} {dtype.name} causal, window={window}, "
+          f"reps={args.reps} (fastest); "
           "machine may be shared")
     print("| pass | positions (ms, wall / cpu) | indices (ms, wall / cpu) | ratio wall | "
           "ratio cpu |")
@@ -80,6 +90,9 @@ def main() -> None:
     parser.add_argument("--no-causal", action="store_true")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--positions", action="store_true")
+    parser.add_argument("--kv-heads", type=int, default=0, help="--positions: K (0: = heads)")
+    parser.add_argument("--window", type=int, default=0,
+                        help="--positions: local window of this many keys (0: none)")
     args = parser.parse_args()
     if args.positions:
         positions_overhead(args)

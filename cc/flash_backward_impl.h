@@ -269,7 +269,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
     PackDotRows(c, p.value, offsets, nk, p.value_dim, 1.0f, v);
     ZeroPaddingRows(c, v, nk, DotLd(c, p.value_dim));
     const TokenInfo ti = TokenInfoOf(p, b);
-    TileCursor tiles = QueryTilesOf(c, kv_head, k_tile, s0, sv1, q_len);
+    TileCursor tiles = QueryTilesOf(c, ti, kv_head, k_tile, s0, sv1, q_len);
     for (Tile tile; NextTile(&tiles, &tile);) {
       const int64_t t0 = tile.start, t1 = t0 + tile.count;
       const TileKind kind = ClassifyTile(p, ti, t0, t1, s0, sv1, kv_len);

@@ -40,6 +40,10 @@ struct FlashContext {
   const float* packed_keys = nullptr;    // [kv_batch, K, blocks] x key_block_floats
   const float* packed_values = nullptr;  // [value_batch, K, blocks] x value_block_floats
   int64_t key_block_floats = 0, value_block_floats = 0;
+  // Flash attention by position: whether every batch element's key (query) positions never
+  // decrease within its key (query) length, checked once per call. KeyTilesOf (QueryTilesOf)
+  // then skips the hidden tiles by binary search instead of classifying every tile.
+  bool keys_monotone = false, queries_monotone = false;
   // Bytes of scratch memory a task could not allocate (0: none; CarveTaskScratch), set
   // atomically: the call returns it, an error, instead of results.
   mutable int64_t scratch_failed = 0;
@@ -112,6 +116,14 @@ static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTable
   if (c.mode == ProductMode::kAmxTiles && sparse == nullptr && p.mask.data == nullptr &&
       !token_masks) {
     c.keys_per_tile = kAmxKeysPerTile;
+  }
+  if (sparse == nullptr && (p.q_positions != nullptr || p.kv_positions != nullptr)) {
+    c.keys_monotone = c.queries_monotone = true;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const TokenInfo ti = TokenInfoOf(p, b);
+      c.keys_monotone = c.keys_monotone && NonDecreasing(ti.kv_pos, KeyLength(p, b));
+      c.queries_monotone = c.queries_monotone && NonDecreasing(ti.q_pos, QueryLength(p, b));
+    }
   }
   return c;
 }

@@ -108,10 +108,11 @@ static void ForwardTask(void* job_ptr, int64_t task) {
     }
 
     const bool full = kind == TileKind::kFull;
-    // Without bias, masks, positions, segment ids or ALiBi the softmax scales the logits and
-    // applies the soft cap itself (one pass over the tile less).
+    // Without bias, masks, segment ids or ALiBi, on a tile ClassifyTile found fully visible
+    // (by index or by position), the softmax scales the logits and applies the soft cap
+    // itself (one pass over the tile less; the same operations, so the same bits).
     const bool transform = p.bias.data != nullptr || p.mask.data != nullptr || !full ||
-                           tile.mask != nullptr || qt.ti.by_position || qt.ti.q_seg != nullptr ||
+                           tile.mask != nullptr || qt.ti.q_seg != nullptr ||
                            qt.ti.slopes != nullptr;
     // Bf16 pairs: P is rounded to pairs as it is computed (the rows past num_rows, which
     // AMX multiplies, are zero). Float32: P in place of the logits.

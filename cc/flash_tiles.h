@@ -142,6 +142,13 @@ static inline TileCursor KeyTilesOf(const FlashContext& c, const QueryTileTask& 
   }
   int64_t lo, hi;
   KeyRange(*c.p, qt.t0, qt.tv1, qt.kv_len, &lo, &hi);
+  if (qt.ti.by_position && c.keys_monotone) {
+    // Only tiles ClassifyTile finds hidden are left out: the rest keep the grid from key 0
+    // and their lengths, so the results stay bitwise those of visiting every tile.
+    KeyRangeByPosition(*c.p, qt.ti, qt.t0, qt.tv1, qt.kv_len, &lo, &hi);
+    lo -= lo % c.keys_per_tile;
+    hi = MinI(qt.kv_len, RoundUp(hi, c.keys_per_tile));
+  }
   // AMX: on the grid of the packed blocks (a window's first tile then starts masked).
   if (c.mode == ProductMode::kAmxTiles) lo -= lo % c.keys_per_tile;
   return DenseTiles(lo, hi, c.keys_per_tile);
@@ -159,9 +166,10 @@ static inline bool NextVisibleKeyTile(const FlashContext& c, const QueryTileTask
   return false;
 }
 
-// The query tiles key tile k_tile (keys [s0, s1)) is seen by, likewise.
-static inline TileCursor QueryTilesOf(const FlashContext& c, int64_t kv_head, int64_t k_tile,
-                                      int64_t s0, int64_t s1, int64_t q_len) {
+// The query tiles key tile k_tile (keys [s0, s1), below its batch element's key length, whose
+// positions and ids ti holds) is seen by, likewise.
+static inline TileCursor QueryTilesOf(const FlashContext& c, const TokenInfo& ti, int64_t kv_head,
+                                      int64_t k_tile, int64_t s0, int64_t s1, int64_t q_len) {
   if (c.sparse != nullptr) {
     const BlockSparseTables& st = *c.sparse;
     const int64_t row = (kv_head % st.groups) * st.num_k_tiles + k_tile;
@@ -170,5 +178,10 @@ static inline TileCursor QueryTilesOf(const FlashContext& c, int64_t kv_head, in
   }
   int64_t lo, hi;
   QueryRange(*c.p, s0, s1, q_len, &lo, &hi);
+  if (ti.by_position && c.queries_monotone) {  // on the grid from query 0, as KeyTilesOf
+    QueryRangeByPosition(*c.p, ti, s0, s1, q_len, &lo, &hi);
+    lo -= lo % c.positions_per_tile;
+    hi = MinI(q_len, RoundUp(hi, c.positions_per_tile));
+  }
   return DenseTiles(lo, hi, c.positions_per_tile);
 }

@@ -38,7 +38,9 @@ static inline bool Visible(const AttentionProblem& p, int64_t t, int64_t s, int6
 // Keys [*lo, *hi) that some query in [t0, t1) may see.
 static inline void KeyRange(const AttentionProblem& p, int64_t t0, int64_t t1, int64_t kv_len,
                             int64_t* lo, int64_t* hi) {
-  if (p.q_positions != nullptr || p.kv_positions != nullptr) {  // ClassifyTile cuts tiles
+  // By position: KeyRangeByPosition where the key positions never decrease, else every
+  // tile, which ClassifyTile cuts.
+  if (p.q_positions != nullptr || p.kv_positions != nullptr) {
     *lo = 0;
     *hi = kv_len;
     return;
@@ -116,11 +118,21 @@ static inline IntRange RangeOf(const int32_t* x, int64_t begin, int64_t end) {
   return IntRange{lo, hi};
 }
 
+// Smallest and largest position of queries (keys) [begin, end) (end > begin), clamped as
+// TokenInfo clamps each one; of the indices when positions is nullptr.
+static inline IntRange PositionRangeOf(const int32_t* positions, int64_t begin, int64_t end) {
+  const IntRange r = RangeOf(positions, begin, end);
+  if (positions == nullptr) return r;
+  return IntRange{ClampPosition(static_cast<int32_t>(r.lo)),
+                  ClampPosition(static_cast<int32_t>(r.hi))};
+}
+
 // What the analytic masks, positions and segment ids leave of the tile of queries [t0, t1)
 // and keys [s0, s1): nothing (never computed), all of it (no mask work) or a part. From the
 // ranges of the tile's positions and ids, so it is exact for monotone positions and
 // conservative (partial) otherwise. Without positions or ids the index ranges (KeyRange,
-// QueryRange) have already dropped the hidden tiles.
+// QueryRange) have already dropped the hidden tiles; with monotone positions the ranges by
+// position (KeyRangeByPosition, QueryRangeByPosition) have dropped most of them.
 enum class TileKind { kHidden, kPartial, kFull };
 static inline TileKind ClassifyTile(const AttentionProblem& p, const TokenInfo& ti, int64_t t0,
                                     int64_t t1, int64_t s0, int64_t s1, int64_t kv_len) {
@@ -131,12 +143,8 @@ static inline TileKind ClassifyTile(const AttentionProblem& p, const TokenInfo& 
   if (se <= s0 || t1 <= t0) return TileKind::kHidden;
   bool full = s1 <= kv_len;
   if (ti.by_position) {
-    const IntRange q = RangeOf(ti.q_pos, t0, t1), k = RangeOf(ti.kv_pos, s0, se);
-    const int64_t qlo = q.lo, qhi = q.hi;  // clamp the extremes as the positions are clamped
-    const int64_t q_min = ti.q_pos ? ClampPosition(static_cast<int32_t>(qlo)) : qlo;
-    const int64_t q_max = ti.q_pos ? ClampPosition(static_cast<int32_t>(qhi)) : qhi;
-    const int64_t k_min = ti.kv_pos ? ClampPosition(static_cast<int32_t>(k.lo)) : k.lo;
-    const int64_t k_max = ti.kv_pos ? ClampPosition(static_cast<int32_t>(k.hi)) : k.hi;
+    const IntRange q = PositionRangeOf(ti.q_pos, t0, t1), k = PositionRangeOf(ti.kv_pos, s0, se);
+    const int64_t q_min = q.lo, q_max = q.hi, k_min = k.lo, k_max = k.hi;
     if (p.causal && k_min > q_max) return TileKind::kHidden;
     if (p.window_left >= 0 && k_max < q_min - p.window_left) return TileKind::kHidden;
     if (p.window_right >= 0 && k_min > q_max + p.window_right) return TileKind::kHidden;
@@ -152,6 +160,66 @@ static inline TileKind ClassifyTile(const AttentionProblem& p, const TokenInfo& 
     full = full && q.lo == q.hi && k.lo == k.hi && q.lo == k.lo;
   }
   return full ? TileKind::kFull : TileKind::kPartial;
+}
+
+// ------------------------------------------------ tile ranges from monotone positions
+// Whether positions[0, n) never decrease (nullptr: the indices, which do not).
+static inline bool NonDecreasing(const int32_t* positions, int64_t n) {
+  if (positions == nullptr) return true;
+  for (int64_t i = 1; i < n; ++i) {
+    if (positions[i] < positions[i - 1]) return false;
+  }
+  return true;
+}
+
+// The first i in [0, n) whose clamped position is at least `bound` (n: none), positions[0, n)
+// non-decreasing (nullptr: the indices).
+static inline int64_t FirstAtLeast(const int32_t* positions, int64_t n, int64_t bound) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    const int64_t at = positions != nullptr ? ClampPosition(positions[mid]) : mid;
+    if (at < bound) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Keys [*lo, *hi) (below kv_len) outside which ClassifyTile finds every tile of queries
+// [t0, t1) hidden, by position: the causal mask and window bound the key positions by the
+// tile's smallest and largest query position, and non-decreasing key positions (the caller
+// checked them over [0, kv_len)) turn those bounds into indices by binary search.
+static inline void KeyRangeByPosition(const AttentionProblem& p, const TokenInfo& ti, int64_t t0,
+                                      int64_t t1, int64_t kv_len, int64_t* lo, int64_t* hi) {
+  *lo = 0;
+  *hi = kv_len;
+  if (t1 <= t0) return;
+  const IntRange q = PositionRangeOf(ti.q_pos, t0, t1);
+  if (p.window_left >= 0) *lo = FirstAtLeast(ti.kv_pos, kv_len, q.lo - p.window_left);
+  const int64_t unbounded = int64_t{1} << 62;
+  int64_t upper = unbounded;  // the largest key position some query may see
+  if (p.causal) upper = q.hi;
+  if (p.window_right >= 0) upper = MinI(upper, q.hi + p.window_right);
+  if (upper < unbounded) *hi = FirstAtLeast(ti.kv_pos, kv_len, upper + 1);
+}
+
+// Queries [*lo, *hi) (below q_len) outside which ClassifyTile finds every tile hidden from
+// keys [s0, s1) (s1 <= the key length), likewise from non-decreasing query positions.
+static inline void QueryRangeByPosition(const AttentionProblem& p, const TokenInfo& ti, int64_t s0,
+                                        int64_t s1, int64_t q_len, int64_t* lo, int64_t* hi) {
+  *lo = 0;
+  *hi = q_len;
+  if (s1 <= s0) return;
+  const IntRange k = PositionRangeOf(ti.kv_pos, s0, s1);
+  const int64_t unbounded = int64_t{1} << 62;
+  int64_t lower = -unbounded;  // the smallest query position that may see some key
+  if (p.causal) lower = k.lo;
+  if (p.window_right >= 0) lower = MaxI(lower, k.lo - p.window_right);
+  if (lower > -unbounded) *lo = FirstAtLeast(ti.q_pos, q_len, lower);
+  if (p.window_left >= 0) *hi = FirstAtLeast(ti.q_pos, q_len, k.hi + p.window_left + 1);
 }
 
 // Clamps an int64 bound into the int32 range of the vector comparisons (positions are

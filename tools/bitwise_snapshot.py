@@ -22,6 +22,78 @@ def rnd(key: int, shape: tuple[int, ...], dtype) -> jax.Array:
     return jax.random.normal(jax.random.key(key), shape, jnp.float32).astype(dtype)
 
 
+def position_cases() -> dict[str, np.ndarray]:
+    """Flash calls with query/key positions: monotone (left padding, gaps, prefill partway into a
+    cache, windows), monotone only within the lengths, and non-monotone."""
+    out = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        dn = jnp.dtype(dtype).name
+        for (B, T, S, N, K, H) in ((2, 37, 53, 4, 2, 40), (2, 300, 300, 8, 2, 32),
+                                   (2, 100, 520, 4, 4, 16)):
+            q = rnd(31, (B, T, N, H), dtype)
+            k = rnd(32, (B, S, K, H), dtype)
+            v = rnd(33, (B, S, K, H), dtype)
+            do = rnd(34, (B, T, N, H), dtype)
+            dl = rnd(35, (B, T, N), jnp.float32)
+            pad = S // 3
+            # row 0: left padding (repeated position 0, then -1s), row 1: no padding
+            leftpad_k = np.stack([np.concatenate([np.zeros(pad), np.arange(S - pad)]),
+                                  np.arange(S)]).astype(np.int32)
+            leftpad_k[0, : pad // 2] = -1
+            leftpad_q = leftpad_k[:, S - T:] if T <= S else np.stack([np.arange(T)] * B).astype(np.int32)
+            gaps_k = np.stack([np.arange(S) + 40 * (np.arange(S) >= S // 2), np.arange(S) * 3]).astype(np.int32)
+            prefill_q = np.stack([np.arange(T) + S - T + 5, np.arange(T) * 2 + 7]).astype(np.int32)
+            rng = np.random.default_rng(41)
+            shuffled_k = np.stack([rng.permutation(S), rng.permutation(S)]).astype(np.int32)
+            shuffled_q = np.stack([rng.permutation(T), rng.permutation(T) + S - T]).astype(np.int32)
+            tail_k = np.stack([np.arange(S), np.arange(S)]).astype(np.int32)
+            tail_k[:, S - 7:] = 0  # right padding: monotone within the key lengths only
+            klen = jnp.array([S - 7, S - 20])
+            seg_q = jnp.broadcast_to((jnp.arange(T) * 2) // T, (B, T))
+            seg_k = jnp.broadcast_to((jnp.arange(S) * 2) // S, (B, S))
+            variants = {
+                "mono_causal_window": dict(is_causal=True, local_window_size=(19, 0),
+                                           query_positions=jnp.asarray(leftpad_q),
+                                           key_value_positions=jnp.asarray(leftpad_k)),
+                "mono_leftpad_cap": dict(is_causal=True, logits_soft_cap=3.0,
+                                         query_positions=jnp.asarray(leftpad_q),
+                                         key_value_positions=jnp.asarray(leftpad_k)),
+                "gaps_prefill_window": dict(is_causal=True, local_window_size=(30, 0),
+                                            query_positions=jnp.asarray(prefill_q),
+                                            key_value_positions=jnp.asarray(gaps_k)),
+                "gaps_window_lr": dict(local_window_size=(9, 4),
+                                       query_positions=jnp.asarray(prefill_q),
+                                       key_value_positions=jnp.asarray(gaps_k)),
+                "query_only_causal": dict(is_causal=True, local_window_size=(25, 0),
+                                          query_positions=jnp.asarray(prefill_q)),
+                "key_only_window": dict(local_window_size=(12, 12),
+                                        key_value_positions=jnp.asarray(gaps_k)),
+                "mono_in_lengths_seg": dict(is_causal=True, local_window_size=(40, 2),
+                                            key_value_positions=jnp.asarray(tail_k),
+                                            key_value_seq_lengths=klen,
+                                            query_segment_ids=seg_q, key_value_segment_ids=seg_k),
+                "shuffled_causal_window": dict(is_causal=True, local_window_size=(50, 0),
+                                               query_positions=jnp.asarray(shuffled_q),
+                                               key_value_positions=jnp.asarray(shuffled_k)),
+                "shuffled_keys_cap": dict(is_causal=True, logits_soft_cap=4.0,
+                                          query_positions=jnp.asarray(prefill_q),
+                                          key_value_positions=jnp.asarray(shuffled_k)),
+            }
+            for name, kw in variants.items():
+                tag = f"positions/{dn}/{B}x{T}x{S}x{N}x{K}x{H}/{name}"
+
+                def f(q, k, v, kw=kw):
+                    return jaxattn.flash_attention(q, k, v, return_residual=True, **kw)
+                (o, lse), vjp = jax.vjp(f, q, k, v)
+                dq, dk, dv = vjp((do, dl))
+                out[tag + "/o"], out[tag + "/lse"] = o, lse
+                out[tag + "/dq"], out[tag + "/dk"], out[tag + "/dv"] = dq, dk, dv
+                _, (to, tl) = jax.jvp(f, (q, k, v), (rnd(36, q.shape, dtype), rnd(37, k.shape, dtype),
+                                                     rnd(38, v.shape, dtype)))
+                out[tag + "/jvp_o"], out[tag + "/jvp_lse"] = to, tl
+    return out
+
+
 def cases() -> dict[str, np.ndarray]:
     """Every output of the fixed calls, by name (bf16/f16 widened to float32 exactly)."""
     out = {}
@@ -112,6 +184,7 @@ def cases() -> dict[str, np.ndarray]:
             vq, vs = jaxattn.quantize_kv(vc, "int8")
             o = jaxattn.decode_attention(q, kq, vq, lens, key_scale=ks, value_scale=vs)
             out[f"decode_int8/{dn}/T{T}/o"] = o
+    out.update(position_cases())
     # dropout mask itself
     out["dropout_mask"] = jaxattn.dropout_mask(jax.random.key(3), 0.25, 2, 3, 37, 53)
     return {k: np.asarray(v.astype(jnp.float32) if v.dtype in (jnp.bfloat16, jnp.float16) else v)
@@ -120,7 +193,12 @@ def cases() -> dict[str, np.ndarray]:
 
 if __name__ == "__main__":
     mode, path = sys.argv[1], sys.argv[2]
-    res = cases()
+    # An optional third argument keeps only the outputs whose names start with it (save and
+    # compare with the same one), e.g. "positions/" for position_cases alone.
+    prefix = sys.argv[3] if len(sys.argv) > 3 else ""
+    res = position_cases() if prefix.startswith("positions/") else cases()
+    res = {k: np.asarray(v.astype(jnp.float32) if v.dtype in (jnp.bfloat16, jnp.float16) else v)
+           for k, v in res.items() if k.startswith(prefix)}
     print(jaxattn.kernel_isa(), len(res), "arrays")
     if mode == "save":
         np.savez(path, **res)
