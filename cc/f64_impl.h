@@ -425,8 +425,10 @@ static void F64ForwardTask(void* job_ptr, int64_t task) {
   const int64_t kb = tt.b % p.kv_batch, vb = tt.b % p.value_batch;
   for (int64_t i = 0; i < tiles; ++i) {
     const int64_t s0 = starts[i], nk = MinI(kF64Keys, p.kv_len - s0);
+    // Rows past the batch element's key length are never read (they may hold NaN).
+    const int64_t live = MinI(nk, MaxI(int64_t{0}, fb.kv_len - s0));
     F64KeyOffsets(p, kb, tt.kv_head, s0, nk, H, offsets);
-    F64Transpose(key, offsets, nk, H, kt);
+    F64Transpose(key, offsets, live, H, kt);
     F64RowsTimesTile(q, nr, H, kt, x);
     F64TransformTile(c, fb, rows, nr, s0, nk, tile_masks[i], x, nullptr);
     // x becomes the tile's weights: exp(x - m) (0 where hidden, past nk or dropped).
@@ -455,7 +457,7 @@ static void F64ForwardTask(void* job_ptr, int64_t task) {
       }
     }
     F64KeyOffsets(p, vb, tt.kv_head, s0, nk, Hv, offsets);
-    F64GatherRows(value, offsets, nk, Hv, vrows);
+    F64GatherRows(value, offsets, live, Hv, vrows);
     F64Gemm(nr, Hv, kF64Keys, x, kF64Keys, vrows, Hv, o, Hv, true);
   }
   for (int64_t r = 0; r < nr; ++r) {
@@ -575,12 +577,14 @@ static void F64BackwardQueryTask(void* job_ptr, int64_t task) {
     const int64_t kb = tt.b % p.kv_batch, vb = tt.b % p.value_batch;
     for (int64_t i = 0; i < tiles; ++i) {
       const int64_t s0 = starts[i], nk = MinI(kF64Keys, p.kv_len - s0);
+      // Rows past the batch element's key length are never read (they may hold NaN).
+      const int64_t live = MinI(nk, MaxI(int64_t{0}, fb.kv_len - s0));
       F64KeyOffsets(p, kb, tt.kv_head, s0, nk, H, offsets);
-      F64Transpose(key, offsets, nk, H, kt);
+      F64Transpose(key, offsets, live, H, kt);
       F64RowsTimesTile(q, nr, H, kt, x);
       F64TransformTile(c, fb, rows, nr, s0, nk, tile_masks[i], x, has_cap ? th : nullptr);
       F64KeyOffsets(p, vb, tt.kv_head, s0, nk, Hv, offsets);
-      F64Transpose(value, offsets, nk, Hv, vt);
+      F64Transpose(value, offsets, live, Hv, vt);
       F64RowsTimesTile(dout, nr, Hv, vt, dp);
       F64ProbsAndGrads(c, rows, nr, s0, nk, lse, delta, has_cap ? th : nullptr, x, dp);
       if (a.dlogits != nullptr) {
@@ -592,7 +596,7 @@ static void F64BackwardQueryTask(void* job_ptr, int64_t task) {
       }
       if (a.dq != nullptr) {
         F64KeyOffsets(p, kb, tt.kv_head, s0, nk, H, offsets);
-        F64GatherRows(key, offsets, nk, H, krows);
+        F64GatherRows(key, offsets, live, H, krows);
         F64Gemm(nr, H, kF64Keys, dp, kF64Keys, krows, H, dq, H, true);
       }
     }
@@ -647,6 +651,8 @@ static void F64BackwardKeyTask(void* job_ptr, int64_t task) {
   const F64Batch fb = F64BatchOf(p, tt.b);
   const int64_t H = p.head_dim, Hv = p.value_dim, R = c.rows, num_q = c.num_q_tiles;
   const int64_t s0 = tt.tile * kF64Keys, nk = MinI(kF64Keys, p.kv_len - s0);
+  // Rows past the batch element's key length are never read (they may hold NaN).
+  const int64_t live = MinI(nk, MaxI(int64_t{0}, fb.kv_len - s0));
   const bool has_cap = c.cap > 0.0;
   double* scratch =
       F64Scratch(c, R * (H + Hv + 2 + 4 * kF64Keys) + kF64Keys * (2 * H + 2 * Hv + 1) + num_q * 2 +
@@ -674,9 +680,9 @@ static void F64BackwardKeyTask(void* job_ptr, int64_t task) {
   const double* value = static_cast<const double*>(p.value);
   const int64_t kb = tt.b % p.kv_batch, vb = tt.b % p.value_batch;
   F64KeyOffsets(p, kb, tt.kv_head, s0, nk, H, offsets);
-  F64Transpose(key, offsets, nk, H, kt);
+  F64Transpose(key, offsets, live, H, kt);
   F64KeyOffsets(p, vb, tt.kv_head, s0, nk, Hv, offsets);
-  F64Transpose(value, offsets, nk, Hv, vt);
+  F64Transpose(value, offsets, live, Hv, vt);
   for (int64_t i = 0; i < kF64Keys * H; ++i) dk[i] = 0.0;
   for (int64_t i = 0; i < kF64Keys * Hv; ++i) dv[i] = 0.0;
 
@@ -686,10 +692,12 @@ static void F64BackwardKeyTask(void* job_ptr, int64_t task) {
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t at = (tt.b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;
       const double* src = query + F64RowOffset(p, tt.b % p.q_batch, rows[r], H);
-      for (int64_t h = 0; h < H; ++h) q[r * H + h] = src[h];
-      for (int64_t e = 0; e < Hv; ++e) dout[r * Hv + e] = a.dout[at * Hv + e];
+      // A row past its query length sees nothing and is never read (it may hold NaN).
+      const bool live = rows[r].live;
+      for (int64_t h = 0; h < H; ++h) q[r * H + h] = live ? src[h] : 0.0;
+      for (int64_t e = 0; e < Hv; ++e) dout[r * Hv + e] = live ? a.dout[at * Hv + e] : 0.0;
       lse[r] = a.lse[at];
-      delta[r] = job.delta[at];
+      delta[r] = live ? job.delta[at] : 0.0;
     }
     F64RowsTimesTile(q, nr, H, kt, x);
     F64TransformTile(c, fb, rows, nr, s0, nk, tile_masks[i], x, has_cap ? th : nullptr);
@@ -789,10 +797,12 @@ static void F64JvpTask(void* job_ptr, int64_t task) {
   const int64_t kb = tt.b % p.kv_batch, vb = tt.b % p.value_batch;
   for (int64_t i = 0; i < tiles; ++i) {
     const int64_t s0 = starts[i], nk = MinI(kF64Keys, p.kv_len - s0);
+    // Rows past the batch element's key length are never read (they may hold NaN).
+    const int64_t live = MinI(nk, MaxI(int64_t{0}, fb.kv_len - s0));
     F64KeyOffsets(p, kb, tt.kv_head, s0, nk, H, offsets);
-    F64Transpose(key, offsets, nk, H, kt);
+    F64Transpose(key, offsets, live, H, kt);
     F64KeyOffsets(p, tt.b % tg.dk_batch, tt.kv_head, s0, nk, H, offsets);
-    F64Transpose(tk, offsets, nk, H, dkt);
+    F64Transpose(tk, offsets, live, H, dkt);
     F64RowsTimesTile(q, nr, H, kt, x);
     F64TransformTile(c, fb, rows, nr, s0, nk, tile_masks[i], x, has_cap ? th : nullptr);
     F64RowsTimesTile(dq, nr, H, kt, dx);
@@ -824,10 +834,10 @@ static void F64JvpTask(void* job_ptr, int64_t task) {
     // acc += sum_j p_j dS_j V_j + p_j dV_j (dx becomes p dS)
     for (int64_t e = 0; e < nr * kF64Keys; ++e) dx[e] *= x[e];
     F64KeyOffsets(p, vb, tt.kv_head, s0, nk, Hv, offsets);
-    F64GatherRows(value, offsets, nk, Hv, vrows);
+    F64GatherRows(value, offsets, live, Hv, vrows);
     F64Gemm(nr, Hv, kF64Keys, dx, kF64Keys, vrows, Hv, acc, Hv, true);
     F64KeyOffsets(p, tt.b % tg.dv_batch, tt.kv_head, s0, nk, Hv, offsets);
-    F64GatherRows(tv, offsets, nk, Hv, vrows);
+    F64GatherRows(tv, offsets, live, Hv, vrows);
     F64Gemm(nr, Hv, kF64Keys, x, kF64Keys, vrows, Hv, acc, Hv, true);
   }
   for (int64_t r = 0; r < nr; ++r) {

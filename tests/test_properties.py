@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxattn
+from jaxattn.dropout import dropout_threshold
 from oracle import (
     Shape,
     assert_close_to_oracle,
@@ -45,6 +46,7 @@ PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "jaxattn-ci")
 F32 = np.dtype(np.float32)
 BF16 = np.dtype(jnp.bfloat16)
 F16 = np.dtype(np.float16)
+F64 = np.dtype(np.float64)
 DIFFERENTIABLE = ("query", "key", "value", "bias")
 # Broadcast patterns (over "BNTS1", see Shape.resolve); batched-only ones start with B.
 BATCHED_PATTERNS = ["BNTS", "B1TS", "B11S", "B1T1"]
@@ -74,8 +76,8 @@ class Problem:
 
 
 @st.composite
-def problems(draw: st.DrawFn) -> Problem:
-    dtype = draw(st.sampled_from([F32, BF16, F16]))
+def problems(draw: st.DrawFn, dtypes: tuple[np.dtype, ...] = (F32, BF16, F16)) -> Problem:
+    dtype = draw(st.sampled_from(dtypes))
     num_kv_heads = draw(st.integers(1, 2))
     shape = Shape(
         batch=draw(st.integers(1, 2)),
@@ -152,6 +154,19 @@ def make_inputs(problem: Problem) -> tuple[dict[str, np.ndarray | None], dict[st
 @settings(settings.get_profile(PROFILE))
 @given(problems())
 def test_flash_matches_oracle(problem: Problem) -> None:
+    check_flash_against_oracle(problem)
+
+
+@settings(settings.get_profile(PROFILE))
+@given(problems(dtypes=(F64,)))
+def test_float64_flash_matches_oracle(problem: Problem) -> None:
+    """The same problems in float64 (x64 on for the example only): the float64 kernels."""
+    with jax.enable_x64(True):
+        check_flash_against_oracle(problem)
+
+
+def check_flash_against_oracle(problem: Problem) -> None:
+    """Forward, lse and (when drawn) gradients of one problem against the float64 oracle."""
     inputs, oracle_inputs = make_inputs(problem)
     dtype, options = problem.dtype, dict(problem.options)
     present = [n for n in DIFFERENTIABLE if inputs[n] is not None]
@@ -162,7 +177,10 @@ def test_flash_matches_oracle(problem: Problem) -> None:
         shape = problem.shape
         keep = jaxattn.dropout_mask(key, problem.dropout, shape.batch, shape.num_heads,
                                     shape.q_len, shape.kv_len)
-        options["dropout_multiplier"] = np.asarray(keep, np.float64) / (1 - problem.dropout)
+        # Kept weights are scaled by 1 / keep probability, that of the kernels' 32-bit
+        # threshold (the rate rounded to a multiple of 2^-32: visible in float64).
+        kept_fraction = 1 - dropout_threshold(problem.dropout) * 2.0**-32
+        options["dropout_multiplier"] = np.asarray(keep, np.float64) / kept_fraction
 
     def attend(diff: dict[str, jax.Array]):
         return jaxattn.flash_attention(**{**inputs, **diff}, **flash_options,
@@ -174,7 +192,9 @@ def test_flash_matches_oracle(problem: Problem) -> None:
     naive_out, naive_lse = naive_low_precision(q, k, v, dtype, b, m, **options)
     assert out.dtype == dtype and out.shape == ref_out.shape
     assert_close_to_oracle(out, ref_out, naive_out, dtype=dtype, name="out")
-    assert_close_to_oracle(lse, ref_lse, naive_lse, dtype=F32, name="lse")
+    # The lse is float32, or float64 for float64 inputs.
+    assert_close_to_oracle(lse, ref_lse, naive_lse, dtype=F64 if dtype == F64 else F32,
+                           name="lse")
     if not problem.gradients:
         return
     dout = np.random.default_rng(problem.seed + 1).standard_normal(ref_out.shape).astype(dtype)
