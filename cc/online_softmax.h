@@ -22,15 +22,19 @@ static inline void OnlineSoftmaxStep(float* sr, int64_t nk, int64_t nkp, float* 
   for (int64_t j = 0; j < nkp; j += kVL) {
     VF x = Load(sr + j);
     const bool tail = j + kVL > nk;
-    if (prescale != 1.0f) x = x * prescale;
+    if (prescale != 1.0f) x = RoundedProduct(x, prescale);
     if (soft_cap > 0.0f) {  // as TransformLogits applies it (the backward recomputes that)
       VF th;
       x = SoftCap(x, inv_cap, soft_cap, &th);
     }
     if (tail) x = lane + static_cast<int32_t>(j) < static_cast<int32_t>(nk) ? x : Splat(-kInf);
-    if (prescale != 1.0f || soft_cap > 0.0f || tail) Store(sr + j, x);
+    // Only capped logits and the tail are stored: the exp pass scales the rest itself (the
+    // same product again, a store and a load fewer).
+    if (soft_cap > 0.0f || tail) Store(sr + j, x);
     mv = x > mv ? x : mv;
   }
+  // Vectors [0, scaled_end) still hold unscaled logits.
+  const int64_t scaled_end = prescale != 1.0f && soft_cap <= 0.0f ? nk / kVL * kVL : 0;
   const float m_new = MaxF(*m, HorizontalMax(mv));
   if (m_new == -kInf) {
     for (int64_t j = 0; j < nk; ++j) {
@@ -43,7 +47,9 @@ static inline void OnlineSoftmaxStep(float* sr, int64_t nk, int64_t nkp, float* 
   const VF mnv = Splat(m_new);
   VF sum = VF{};
   for (int64_t j = 0; j < nkp; j += kVL) {
-    const VF e = Exp(Load(sr + j) - mnv);
+    VF x = Load(sr + j);
+    if (j < scaled_end) x = RoundedProduct(x, prescale);
+    const VF e = Exp(x - mnv);
 #if JAXATTN_VL == 16
     if (pairs_out != nullptr) {
       RoundToPairs(reinterpret_cast<const float*>(&e), kVL, pairs_out + j / 2);

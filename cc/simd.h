@@ -53,6 +53,15 @@ static inline float HorizontalSum(VF v) {
   return v[0];
 }
 
+// x * y rounded to float32, as if stored: the empty asm keeps the compiler from fusing the
+// product into a following add (an fma rounds once), where a later pass must recompute the
+// stored value bitwise.
+static inline VF RoundedProduct(VF x, float y) {
+  VF product = x * y;
+  __asm__("" : "+v"(product));
+  return product;
+}
+
 // Whether some lane of a comparison result (lanes 0 or -1) is set: a mask test (vptestmd
 // and kortest, or vmovmskps), not a reduction through shuffles.
 static inline bool AnyLane(VI m) {
@@ -67,12 +76,23 @@ static inline bool AnyLane(VI m) {
 
 // exp(x) with ~2 ulp error; exactly 0 for x below -87.3 (and for -inf), as masked logits need.
 static inline VF Exp(VF x) {
+#if JAXATTN_VL == 16
+  // AVX-512: vscalefps multiplies by 2^n and its zero-mask drops the tiny lanes, in place of
+  // building 2^n from bits and two blends (a third fewer instructions in the softmax's inner
+  // loop). The same rounding steps, so the same bits as the form below for every x < 88.37;
+  // above it exp overflows to inf here only where it truly does (x > 88.72).
+  const __mmask16 keep =  // x >= -87.3, or NaN (which then passes through)
+      _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-87.3365447504f), _CMP_NLT_UQ);
+  const VF hi = Splat(89.0f);
+  x = hi < x ? hi : x;  // vminps(hi, x): NaN stays
+#else
   // Clamps written so that NaN passes through unchanged.
   const VF hi = Splat(88.3762626647949f);
   x = x > hi ? hi : x;
   const VF underflow = Splat(-87.3365447504f);
   const VI is_tiny = x < underflow;
   x = is_tiny ? underflow : x;
+#endif
   // n = round(x / ln2) through the float magic-number trick (exact for |n| < 2^22).
   const VF magic = Splat(12582912.0f);
   const VF n = (x * 1.44269504088896341f + magic) - magic;
@@ -84,10 +104,13 @@ static inline VF Exp(VF x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  VF y = p * r * r + r + 1.0f;
+  const VF y = p * r * r + r + 1.0f;
+#if JAXATTN_VL == 16
+  return (VF)_mm512_maskz_scalef_ps(keep, (__m512)y, (__m512)n);
+#else
   const VI exponent = (__builtin_convertvector(n, VI) + 127) << 23;
-  y = y * (VF)exponent;  // same-size vector cast: a bit cast
-  return is_tiny ? VF{} : y;
+  return is_tiny ? VF{} : y * (VF)exponent;  // same-size vector cast: a bit cast
+#endif
 }
 
 // tanh to 1.15 ulp (max over a scan of every 61st float32): below |x| = 0.85 the odd
