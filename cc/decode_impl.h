@@ -41,8 +41,15 @@ constexpr int64_t kDecodeMinTasks = 32;       // tasks wanted before heads are s
 constexpr int64_t kDecodeQueryBytes = 16384;  // query rows of a task's heads kept in L1
 constexpr int64_t kKeyPrefetch = 2;           // keys ahead that K rows are prefetched
 constexpr int kQkKeys = 4;                   // keys per score micro-tile
-// K rows located ahead of a block: int8 caches prefetch a group of kQkKeys keys ahead.
-constexpr int64_t kKeysAhead = kKeyPrefetch > kQkKeys ? kKeyPrefetch : kQkKeys;
+// int8 caches: keys ahead that K rows are prefetched, into L2 (prefetcht1, as their V rows):
+// one core streaming B=1 S=32768 N=32 K=8 H=128 from DRAM (AMD EPYC, AVX-512) took 48 ns
+// per key and kv head with K 4 keys ahead and K and V into L1, 33-36 ns like this (the
+// 8.5 GB/s of a one-core read): a block's 64 keys of V rows are more than L1 holds, and L1
+// prefetches tie up its few miss buffers.
+constexpr int64_t kI8KeyPrefetch = 16;
+constexpr int kI8PrefetchLocality = 2;  // __builtin_prefetch's: prefetcht1
+// K rows located ahead of a block, for the prefetches.
+constexpr int64_t kKeysAhead = kKeyPrefetch > kI8KeyPrefetch ? kKeyPrefetch : kI8KeyPrefetch;
 constexpr int kPair = 2 * kVL;               // elements per paired load (two vectors)
 constexpr int kLog2VL = kVL == 16 ? 4 : kVL == 8 ? 3 : 2;
 #if JAXATTN_VL >= 16
@@ -1055,7 +1062,8 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
                            value_shift * p.num_kv_heads * p.value_dim * es;
 
   const bool has_alibi = dp.slopes != nullptr;
-  int32_t key_pos[kDecodeBlock > kI8Block ? kDecodeBlock : kI8Block];  // the block's key positions (by position or with ALiBi)
+  // The block's key positions (by position or with ALiBi).
+  int32_t key_pos[kDecodeBlock > kI8Block ? kDecodeBlock : kI8Block];
   for (int64_t s0 = begin; s0 < end; s0 += bk) {
     const int64_t nk = MinI(bk, end - s0), nkp = RoundUp(nk, kVL);
     bool full = false;
@@ -1075,7 +1083,7 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
       }
     }
     // Rows known, for prefetching the K rows ahead.
-    const int64_t nk_ahead = MinI(bk + (E::kIntegerDot ? kQkKeys : kKeyPrefetch), end - s0);
+    const int64_t nk_ahead = MinI(bk + (E::kIntegerDot ? kI8KeyPrefetch : kKeyPrefetch), end - s0);
     KeyRows(p, b, s0, nk_ahead, key_rows);
     // Rows whose visible range covers the whole block need no mask.
     if (!by_position) full = live == R && row_lo[R - 1] <= s0 && s0 + nk <= row_hi[0];
@@ -1083,23 +1091,23 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
     // Scores of every head. K is read strictly in memory order (key by key, the heads of a
     // key are adjacent) so the hardware prefetchers see one sequential stream; the V rows
     // are prefetched in the same order for the value pass below. int8: the scores of
-    // kQkKeys keys of a head at once (QkTileI8), the task's heads in turn: the group's K rows
-    // (kQkKeys x heads adjacent rows of a contiguous cache) were prefetched one group ahead.
+    // kQkKeys keys of a head at once (QkTileI8), the task's heads in turn, the K rows
+    // prefetched kI8KeyPrefetch keys ahead.
     if constexpr (E::kIntegerDot) {
       for (int64_t j0 = 0; j0 < nk; j0 += kQkKeys) {
         const int64_t nc = MinI(kQkKeys, nk - j0);
         for (int64_t c = 0; c < kQkKeys; ++c) {
-          const int64_t jn = j0 + kQkKeys + c;
+          const int64_t jn = j0 + kI8KeyPrefetch + c;
           if (c < nc) {
             const char* v = value_base + (key_rows[j0 + c] * p.num_kv_heads + kh0) * vrow_bytes;
             for (int64_t off = 0; off < heads * vrow_bytes; off += 64) {
-              __builtin_prefetch(v + off, 0, 3);
+              __builtin_prefetch(v + off, 0, kI8PrefetchLocality);
             }
           }
           if (jn < nk_ahead) {
             const char* kn = key_base + (key_rows[jn] * p.num_kv_heads + kh0) * krow_bytes;
             for (int64_t off = 0; off < heads * krow_bytes; off += 64) {
-              __builtin_prefetch(kn + off, 0, 3);
+              __builtin_prefetch(kn + off, 0, kI8PrefetchLocality);
             }
           }
         }
