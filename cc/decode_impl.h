@@ -29,12 +29,27 @@
 #include "scratch.h"
 
 constexpr int64_t kDecodeBlock = 32;         // keys per online-softmax step
+// int8 caches: keys per step (a multiple of kDecodeBlock: partitions are cut in those). The
+// per-block work of each row (its max and sum, the output's rescaling, the int16 rounding
+// of its probabilities and the int32 value sums' conversion) is a larger share of their
+// cheaper keys: measured 64 keys faster than 32.
+constexpr int64_t kI8Block = 64;
+static_assert(kI8Block % kDecodeBlock == 0, "partitions hold whole blocks");
 constexpr int64_t kDecodeMinPartition = 256;  // never split finer than this many keys
 constexpr int64_t kDecodeTargetTasks = 512;   // enough (batch, head, partition) work items
 constexpr int64_t kDecodeMinTasks = 32;       // tasks wanted before heads are split up
 constexpr int64_t kDecodeQueryBytes = 16384;  // query rows of a task's heads kept in L1
 constexpr int64_t kKeyPrefetch = 2;           // keys ahead that K rows are prefetched
 constexpr int kQkKeys = 4;                   // keys per score micro-tile
+// int8 caches: keys ahead that K rows are prefetched, into L2 (prefetcht1, as their V rows):
+// one core streaming B=1 S=32768 N=32 K=8 H=128 from DRAM (AMD EPYC, AVX-512) took 48 ns
+// per key and kv head with K 4 keys ahead and K and V into L1, 33-36 ns like this (the
+// 8.5 GB/s of a one-core read): a block's 64 keys of V rows are more than L1 holds, and L1
+// prefetches tie up its few miss buffers.
+constexpr int64_t kI8KeyPrefetch = 16;
+constexpr int kI8PrefetchLocality = 2;  // __builtin_prefetch's: prefetcht1
+// K rows located ahead of a block, for the prefetches.
+constexpr int64_t kKeysAhead = kKeyPrefetch > kI8KeyPrefetch ? kKeyPrefetch : kI8KeyPrefetch;
 constexpr int kPair = 2 * kVL;               // elements per paired load (two vectors)
 constexpr int kLog2VL = kVL == 16 ? 4 : kVL == 8 ? 3 : 2;
 #if JAXATTN_VL >= 16
@@ -205,7 +220,7 @@ struct QuantElems {
   typedef int8_t T;
   static constexpr bool kQuantized = true;
   // int8: scores and the value accumulation in 16-bit integer arithmetic (see
-  // KeyPartialsI8), not through a conversion to float (Load2 is never used).
+  // QkTileI8), not through a conversion to float (Load2 is never used).
   static constexpr bool kIntegerDot = __is_same(C, Int8Integer);
   static constexpr float kFactor = C::kFactor;
   static constexpr bool kInterleaved = false;
@@ -263,8 +278,10 @@ static constexpr FoldMasks MakeFoldMasks() {
 }
 static constexpr FoldMasks kFoldMasks = MakeFoldMasks();
 
-// Returns r with r[i] = sum of the lanes of v[i], for kVL vectors (v is overwritten).
-static inline VF TransposeSum(VF* v) {
+// Returns r with r[i] = sum of the lanes of v[i], for kVL vectors (v is overwritten): float
+// vectors, or int32 ones (exact while no partial sum leaves int32).
+template <class V>
+static inline V TransposeSum(V* v) {
   int n = kVL;
 #pragma GCC unroll 8
   for (int level = 0; level < kLog2VL; ++level) {
@@ -272,7 +289,7 @@ static inline VF TransposeSum(VF* v) {
     const VI hi = *reinterpret_cast<const VIu*>(kFoldMasks.masks[level][1]);
 #pragma GCC unroll 16
     for (int i = 0; i < n / 2; ++i) {
-      const VF a = v[2 * i], b = v[2 * i + 1];
+      const V a = v[2 * i], b = v[2 * i + 1];
       v[i] = __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
     }
     n /= 2;
@@ -477,21 +494,27 @@ static void AccumulateValues(const float* p, int64_t ldp, int64_t rows,
 // step (measured through floats: 1.13-1.42x the bfloat16 cache's speed on 2 AVX2 cores,
 // 1.31-1.35x on 16 Xeon cores, at half its bytes). Instead:
 //  - scores: the scaled query row is rounded to int16 against its largest magnitude (a
-//    row scale), the key bytes are sign-extended to int16 (vpmovsxbw), and vpmaddwd forms
-//    the products of pairs of elements summed in int32 lanes (exact: a lane sums H / kVL
-//    products of at most 128 * 32767, below 2^31 for H <= 1024, the largest head dim
-//    ValidateDecodeProblem admits); score = row scale * key scale * that integer dot.
+//    row scale), the key bytes are sign-extended to int16 (vpmovsxbw), and vpdpwssd
+//    (AVX512-VNNI; vpmaddwd + vpaddd on the other kernel sets) adds the products of pairs of
+//    elements to int32 lanes. A tile of kQkRows query rows x kQkKeys keys accumulates in
+//    registers (each key row widened once for the tile's rows) and is reduced by one
+//    TransposeSum to a vector of the tile's scores: in int32, exact while head_dim <=
+//    kI8ExactDim (a score is at most head_dim * 128 * 32767 in magnitude), else in float.
+//    score = row scale * key scale * that integer dot.
 //  - values: each row's probabilities times the value rows' scales in a block of
-//    kDecodeBlock keys are rounded to int16 against their largest (a block row scale), the
-//    value bytes of two keys are interleaved and sign-extended (vpunpcklbw, vpmovsxbw), and
-//    vpmaddwd sums the two keys' products in int32 (exact: <= 32767 * 128 * kDecodeBlock),
-//    added to the float output row times the block row scale once per block.
+//    kI8Block keys are rounded to int16 against their largest (a block row scale), the
+//    value bytes of two keys are sign-extended and interleaved (vpmovsxbw, vpunpck*wd), and
+//    vpdpwssd adds the two keys' products, times the pair of weights broadcast from memory,
+//    to int32 lanes (exact: <= 32767 * 128 * kI8Block), added to the float output row
+//    times the block row scale once per block. On AVX-512 the 16-bit unpacks work within
+//    128-bit lanes, so the output rows hold the elements in I8Lane order, put back when a
+//    row is written (FinishRow).
 // Both roundings are to 16 bits against the row's largest magnitude (relative error below
 // 2^-16 of it), far below the int8 cache's own 2^-8; the results are bitwise deterministic.
 typedef int16_t VW __attribute__((vector_size(kVL * 4)));  // 2 kVL int16 lanes
 typedef int16_t VWu __attribute__((vector_size(kVL * 4), aligned(2), may_alias));
-static_assert(kDecodeBlock % 2 == 0, "keys go in pairs");
-constexpr int kI8Rows = kVL >= 8 ? 4 : 2;  // query rows per pass over a key's int16 lanes
+static_assert(kI8Block % 2 == 0, "keys go in pairs");
+constexpr int64_t kI8ExactDim = 512;  // 512 * 128 * 32767 < 2^31
 
 // The kPair bytes at x sign-extended to int16.
 static inline VW WidenBytes(const char* x) {
@@ -510,27 +533,32 @@ static inline VW WidenBytes(const char* x) {
 #endif
 }
 
-// Lane i: a[2i] * b[2i] + a[2i + 1] * b[2i + 1] in int32 (vpmaddwd).
-static inline VI MulAddPairs(VW a, VW b) {
+// acc + (lane i: a[2i] * b[2i] + a[2i + 1] * b[2i + 1]) in int32 (vpdpwssd, or vpmaddwd and
+// vpaddd; both wrap, and no sum here leaves int32).
+static inline VI DotPairs(VI acc, VW a, VW b) {
 #if JAXATTN_VL == 16
-  return (VI)_mm512_madd_epi16((__m512i)a, (__m512i)b);
+  return (VI)_mm512_dpwssd_epi32((__m512i)acc, (__m512i)a, (__m512i)b);
 #elif JAXATTN_VL == 8
-  return (VI)_mm256_madd_epi16((__m256i)a, (__m256i)b);
+  return acc + (VI)_mm256_madd_epi16((__m256i)a, (__m256i)b);
 #else
-  return (VI)_mm_madd_epi16((__m128i)a, (__m128i)b);
+  return acc + (VI)_mm_madd_epi16((__m128i)a, (__m128i)b);
 #endif
 }
 
-// Elements [h, h + kPair) of two value rows a and b as interleaved int16 pairs
-// (a[h], b[h], a[h + 1], b[h + 1], ...): *lo holds elements h.. h + kVL, *hi the next kVL.
+// The int16 pair w[0], w[1] in every int32 lane (vpdpwssd takes it as a broadcast operand).
+static inline VW BroadcastPair(const int16_t* w) {
+  int32_t pair;
+  __builtin_memcpy(&pair, w, sizeof(pair));
+  return (VW)(VI{} + pair);
+}
+
+// Elements [h, h + kPair) of two value rows a and b as interleaved int16 pairs (a[e], b[e])
+// in the int32 lanes of *lo and *hi, element e of the kPair at lane I8Lane(e) of the two.
 static inline void InterleaveRows(const char* a, const char* b, VW* lo, VW* hi) {
 #if JAXATTN_VL == 16
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
-  const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
-  // Within 128-bit lanes: l = pairs of elements 0-7 | 16-23, h = 8-15 | 24-31.
-  const __m256i l = _mm256_unpacklo_epi8(x, y), h = _mm256_unpackhi_epi8(x, y);
-  *lo = (VW)_mm512_maskz_cvtepi8_epi16(~__mmask32{0}, _mm256_permute2x128_si256(l, h, 0x20));
-  *hi = (VW)_mm512_maskz_cvtepi8_epi16(~__mmask32{0}, _mm256_permute2x128_si256(l, h, 0x31));
+  const __m512i x = (__m512i)WidenBytes(a), y = (__m512i)WidenBytes(b);
+  *lo = (VW)_mm512_unpacklo_epi16(x, y);  // per 128-bit lane: elements 0-3 | 8-11 | ...
+  *hi = (VW)_mm512_unpackhi_epi16(x, y);  // 4-7 | 12-15 | ...
 #elif JAXATTN_VL == 8
   const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
   const __m128i y = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
@@ -550,9 +578,19 @@ static inline void InterleaveRows(const char* a, const char* b, VW* lo, VW* hi) 
 #endif
 }
 
-// Rounds the n floats x (n a multiple of kVL) to int16 against their largest magnitude: out[i] = round(x[i] * 32767 / max |x|), zero padded to
-// `padded`. Returns the scale (max |x| / 32767: out * scale ~ x), 0 when every x is 0, NaN
-// when some x is NaN or infinite (so that it reaches the output as in float arithmetic).
+// Where element h of a value row sits in the output rows of an int8 cache's value pass
+// (InterleaveRows' lanes: lo then hi of each kPair elements).
+constexpr bool kI8LanesPermuted = kVL == 16;
+static inline int64_t I8Lane(int64_t h) {
+  if (!kI8LanesPermuted) return h;
+  const int64_t w = h % kPair, within = w % 8;
+  return h - w + (within < 4 ? 0 : kVL) + (w / 8) * 4 + within % 4;
+}
+
+// Rounds the n floats x (n a multiple of kVL) to int16 against their largest magnitude:
+// out[i] = round(x[i] * 32767 / max |x|), zero padded to `padded`. Returns the scale
+// (max |x| / 32767: out * scale ~ x), 0 when every x is 0, NaN when some x is NaN or
+// infinite (so that it reaches the output as in float arithmetic).
 static inline float RoundToInt16(const float* x, int64_t n, int64_t padded, int16_t* out) {
   VF mx = VF{};
   VI bad = VI{};
@@ -591,72 +629,85 @@ static inline float RoundToInt16(const float* x, int64_t n, int64_t padded, int1
   return largest / 32767.0f;
 }
 
-// KeyPartials for an int8 key row: lane partial sums of the integer dot products of the
-// int16 query rows (row r at q + r * ldq, zero padded to a multiple of kPair) with key row
-// k (head_dim bytes; a shorter last pair read through a zero-padded copy), converted to
-// float and stored where KeyPartials stores row r's partials for key slot c.
-template <int RT>
-__attribute__((always_inline)) static inline void QkPartialsI8(const int16_t* q, int64_t ldq,
-                                                               int64_t r0, int64_t head_dim,
-                                                               const char* k, int c,
-                                                               float* red) {
-  VI acc[RT];
+// Integer dot products of RT <= kQkRows int16 query rows (row r at q + r * ldq, zero padded
+// to a multiple of kPair) with the kQkKeys int8 key rows k[c] (head_dim bytes; a shorter last
+// pair read through zero-padded copies): s[r * lds + c], as floats. kExact: head_dim <=
+// kI8ExactDim, the lane sums are reduced in int32.
+template <int RT, bool kExact>
+__attribute__((always_inline)) static inline void QkTileI8(const int16_t* q, int64_t ldq,
+                                                           int64_t head_dim,
+                                                           const char* const* k, float* s,
+                                                           int64_t lds) {
+  VI acc[kVL];  // row r, key c at r * kQkKeys + c (TransposeSum's order); rows past RT: 0
+#pragma GCC unroll 16
+  for (int i = 0; i < kVL; ++i) acc[i] = VI{};
+  auto step = [&](const char* const* rows, int64_t h, int64_t qh) __attribute__((always_inline)) {
+    VW kw[kQkKeys];
 #pragma GCC unroll 4
-  for (int r = 0; r < RT; ++r) acc[r] = VI{};
-  const int64_t hf = head_dim / kPair * kPair;
-  auto step = [&](const char* bytes, int64_t h) __attribute__((always_inline)) {
-    const VW kw = WidenBytes(bytes);
+    for (int c = 0; c < kQkKeys; ++c) kw[c] = WidenBytes(rows[c] + h);
 #pragma GCC unroll 4
     for (int r = 0; r < RT; ++r) {
-      acc[r] += MulAddPairs(*reinterpret_cast<const VWu*>(q + r * ldq + h), kw);
+      const VW qv = *reinterpret_cast<const VWu*>(q + r * ldq + qh);
+#pragma GCC unroll 4
+      for (int c = 0; c < kQkKeys; ++c) {
+        acc[r * kQkKeys + c] = DotPairs(acc[r * kQkKeys + c], qv, kw[c]);
+      }
     }
   };
-#pragma GCC unroll 2
-  for (int64_t h = 0; h < hf; h += kPair) step(k + h, h);
+  const int64_t hf = head_dim / kPair * kPair;
+  for (int64_t h = 0; h < hf; h += kPair) step(k, h, h);
   if (hf < head_dim) {
-    char buf[kPair];
-    __builtin_memset(buf, 0, sizeof(buf));
-    __builtin_memcpy(buf, k + hf, head_dim - hf);
-    step(buf, hf);
+    char buf[kQkKeys][kPair];
+    const char* rows[kQkKeys];
+    for (int c = 0; c < kQkKeys; ++c) {
+      __builtin_memset(buf[c], 0, kPair);
+      __builtin_memcpy(buf[c], k[c] + hf, head_dim - hf);
+      rows[c] = buf[c];
+    }
+    step(rows, 0, hf);
+  }
+  float lanes[kVL];
+  if constexpr (kExact) {
+    Store(lanes, __builtin_convertvector(TransposeSum(acc), VF));
+  } else {
+    VF f[kVL];
+#pragma GCC unroll 16
+    for (int i = 0; i < kVL; ++i) f[i] = __builtin_convertvector(acc[i], VF);
+    Store(lanes, TransposeSum(f));
   }
 #pragma GCC unroll 4
   for (int r = 0; r < RT; ++r) {
-    const int64_t row = r0 + r;
-    float* out = red + ((row / kQkRows) * kVL + c) * kVL + (row % kQkRows) * kQkKeys * kVL;
-    Store(out, __builtin_convertvector(acc[r], VF));
+    __builtin_memcpy(s + r * lds, lanes + r * kQkKeys, sizeof(float) * kQkKeys);
   }
 }
 
-static void KeyPartialsI8(const int16_t* q, int64_t ldq, int64_t rows, int64_t head_dim,
-                          const char* k, int c, float* red) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kI8Rows) {
+// QkTileI8 for `rows` rows (row tiles of kQkRows).
+template <bool kExact>
+static void KeyScoresI8(const int16_t* q, int64_t ldq, int64_t rows, int64_t head_dim,
+                        const char* const* k, float* s, int64_t lds) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kQkRows) {
     const int16_t* qr = q + r0 * ldq;
-    switch (MinI(kI8Rows, rows - r0)) {
-      case 1: QkPartialsI8<1>(qr, ldq, r0, head_dim, k, c, red); break;
-      case 2: QkPartialsI8<2>(qr, ldq, r0, head_dim, k, c, red); break;
+    float* sr = s + r0 * lds;
+    switch (MinI(kQkRows, rows - r0)) {
+      case 1: QkTileI8<1, kExact>(qr, ldq, head_dim, k, sr, lds); break;
 #if JAXATTN_VL >= 8
-      case 3: QkPartialsI8<3>(qr, ldq, r0, head_dim, k, c, red); break;
-      case 4: QkPartialsI8<4>(qr, ldq, r0, head_dim, k, c, red); break;
+      case 2: QkTileI8<2, kExact>(qr, ldq, head_dim, k, sr, lds); break;
+#endif
+#if JAXATTN_VL >= 16
+      case 3: QkTileI8<3, kExact>(qr, ldq, head_dim, k, sr, lds); break;
+      case 4: QkTileI8<4, kExact>(qr, ldq, head_dim, k, sr, lds); break;
 #endif
     }
   }
 }
 
-// The int16 weights w[0, 2 npairs) of a row as npairs vectors, each the pair of keys
-// (2i, 2i + 1) in every int32 lane (so that vpmaddwd takes them from memory).
-static inline void BroadcastPairs(const int16_t* w, int64_t npairs, int32_t* out) {
-  for (int64_t i = 0; i < npairs; ++i) {
-    int32_t pair;
-    __builtin_memcpy(&pair, w + 2 * i, sizeof(pair));
-    *reinterpret_cast<VIu*>(out + i * kVL) = VI{} + pair;
-  }
-}
+constexpr int kI8Rows = kVL >= 8 ? 4 : 2;  // query rows per pass over a value chunk
 
 // o[r * ldo ..] += scale[r] * sum_j w_r[j] v_j[h0 ..] for RT rows and the kPair elements
-// from h0: row r's weights as BroadcastPairs vectors at wv + r * ldw * kVL, npairs pairs;
-// v_j at vrow[j] + h0 (an odd last key is paired with a zero weight).
+// from h0 (in I8Lane order): row r's int16 weights at w + r * ldw, 2 npairs of them; v_j at
+// vrow[j] + h0 (an odd last key is paired with a zero weight).
 template <int RT>
-static inline void PvTileI8(const int32_t* wv, int64_t ldw, const float* scale,
+static inline void PvTileI8(const int16_t* w, int64_t ldw, const float* scale,
                             const char* const* vrow, int64_t npairs, int64_t h0, float* o,
                             int64_t ldo) {
   VI lo[RT], hi[RT];
@@ -667,9 +718,9 @@ static inline void PvTileI8(const int32_t* wv, int64_t ldw, const float* scale,
     InterleaveRows(vrow[2 * i] + h0, vrow[2 * i + 1] + h0, &vlo, &vhi);
 #pragma GCC unroll 4
     for (int r = 0; r < RT; ++r) {
-      const VW wp = *reinterpret_cast<const VWu*>(wv + (r * ldw + i) * kVL);
-      lo[r] += MulAddPairs(vlo, wp);
-      hi[r] += MulAddPairs(vhi, wp);
+      const VW wp = BroadcastPair(w + r * ldw + 2 * i);
+      lo[r] = DotPairs(lo[r], vlo, wp);
+      hi[r] = DotPairs(hi[r], vhi, wp);
     }
   }
 #pragma GCC unroll 4
@@ -682,11 +733,11 @@ static inline void PvTileI8(const int32_t* wv, int64_t ldw, const float* scale,
 }
 
 // PvTileI8 over the kPair-element chunks [0, n) (n a multiple of kPair) of `rows` rows.
-static void PvRowsI8(const int32_t* wv, int64_t ldw, const float* scale, int64_t rows,
+static void PvRowsI8(const int16_t* w, int64_t ldw, const float* scale, int64_t rows,
                      const char* const* vrow, int64_t npairs, int64_t n, float* o,
                      int64_t ldo) {
   for (int64_t r0 = 0; r0 < rows; r0 += kI8Rows) {
-    const int32_t* wr = wv + r0 * ldw * kVL;
+    const int16_t* wr = w + r0 * ldw;
     const float* sr = scale + r0;
     for (int64_t h0 = 0; h0 < n; h0 += kPair) {
       float* oc = o + r0 * ldo + h0;
@@ -702,17 +753,17 @@ static void PvRowsI8(const int32_t* wv, int64_t ldw, const float* scale, int64_t
   }
 }
 
-// The value pass of an int8 cache for `rows` rows (weights as BroadcastPairs vectors, ldw
-// pairs to a row, zero from key nk on; scales [rows]; nk keys; vrow holds a valid row at nk
-// when nk is odd). The last value_dim % kPair elements of each row are read through
-// zero-padded copies in `tail` (kDecodeBlock rows of kPair bytes).
-static void AccumulateValuesI8(const int32_t* w, int64_t ldw, const float* scale, int64_t rows,
+// The value pass of an int8 cache for `rows` rows (int16 weights, ldw to a row, zero from
+// key nk on; scales [rows]; nk keys; vrow holds a valid row at nk when nk is odd). The last
+// value_dim % kPair elements of each row are read through zero-padded copies in `tail`
+// (kI8Block rows of kPair bytes).
+static void AccumulateValuesI8(const int16_t* w, int64_t ldw, const float* scale, int64_t rows,
                                const char* const* vrow, int64_t nk, int64_t value_dim,
                                char* tail, float* o, int64_t ldo) {
   const int64_t npairs = (nk + 1) / 2, full = value_dim / kPair * kPair;
   PvRowsI8(w, ldw, scale, rows, vrow, npairs, full, o, ldo);
   if (full == value_dim) return;
-  const char* tail_rows[kDecodeBlock];
+  const char* tail_rows[kI8Block];
   for (int64_t j = 0; j < 2 * npairs; ++j) {
     char* t = tail + j * kPair;
     __builtin_memset(t, 0, kPair);
@@ -730,7 +781,9 @@ struct DecodeJob {
   int64_t group = 1;        // G = N / K
   int64_t rows = 1;         // T * G, row r = t * G + g
   int64_t hp = 0, hvp = 0;  // head dims rounded up to a paired load
-  bool interleaved = false;  // rows are in bf16 Load2 lane order (PairLane)
+  // The order of the elements in the output rows accumulated: as in the value row, bf16
+  // Load2 lane order (PairLane), or an int8 cache's value pass order (I8Lane).
+  enum class Lanes { kNatural, kBF16Pairs, kInt8Pairs } lanes = Lanes::kNatural;
   int64_t capacity = 0;     // max_pages * page_size
   int64_t partition = 0;    // keys per partition (DecodePartitionSize)
   int64_t heads_per_task = 1, head_groups = 1;
@@ -871,8 +924,11 @@ static void FinishRow(const DecodeJob& job, const float* o, float m, float l, in
   void* out_row = Offset(job.res.out, p.dtype, row * p.value_dim);
   if (l > 0.0f || l != l) {
     const float* src = o;
-    if (job.interleaved) {
+    if (job.lanes == DecodeJob::Lanes::kBF16Pairs) {
       for (int64_t h = 0; h < p.value_dim; ++h) tmp[h] = o[PairLane(true, h)];
+      src = tmp;
+    } else if (job.lanes == DecodeJob::Lanes::kInt8Pairs) {
+      for (int64_t h = 0; h < p.value_dim; ++h) tmp[h] = o[I8Lane(h)];
       src = tmp;
     }
     StoreRow(p.dtype, src, p.value_dim, 1.0f / l, out_row);
@@ -895,17 +951,18 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
   const int64_t kh0 = hgroup * job.heads_per_task;
   const int64_t heads = MinI(job.heads_per_task, p.num_kv_heads - kh0);
   const int64_t T = p.q_len, G = job.group, R = job.rows;
-  const int64_t hp = job.hp, hvp = job.hvp, bk = kDecodeBlock, bkp = RoundUp(bk, kVL);
+  const int64_t bk = E::kIntegerDot ? kI8Block : kDecodeBlock;  // keys per block
+  const int64_t hp = job.hp, hvp = job.hvp, bkp = RoundUp(bk, kVL);
   const int64_t es = sizeof(typename E::T);
 
   const int64_t row_tiles = CeilDiv(R, kQkRows);
   // Scratch: the sizes of the Take calls below, in order (Take rounds each up to 16 floats).
   const int64_t sizes[] = {heads * R * hp,  heads * R * hvp, heads * R, heads * R,
                            heads * R * bkp, heads * row_tiles * kVL * kVL, hp + hvp,
-                           (bk + kKeyPrefetch) * 2, bk * 2, R * 2, R * 2, bkp, bkp,
+                           (bk + kKeysAhead) * 2, bk * 2, R * 2, R * 2, bkp, bkp,
                            // int8 (E::kIntegerDot): query row scales, the block's int16
                            // weights and their row scales, the value tails
-                           heads * R, R * (bk / 2) * kVL + bkp, R, kDecodeBlock * kPair / 4};
+                           heads * R, R * bkp / 2, R, kI8Block * kPair / 4};
   int64_t scratch = kScratchSlack;
   for (int64_t size : sizes) scratch += RoundUp(size, 16);
   float* scratch_data = DecodeScratch(job, scratch);
@@ -925,8 +982,7 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
   float* key_mult = carve.Take(sizes[11]);    // quantized caches: scale * kFactor of each key
   float* value_mult = carve.Take(sizes[12]);  // and each value row of the block (0 past nk)
   float* q_scale = carve.Take(sizes[13]);
-  int32_t* weights = reinterpret_cast<int32_t*>(carve.Take(sizes[14]));
-  int16_t* row_weights = reinterpret_cast<int16_t*>(weights + R * (bk / 2) * kVL);
+  int16_t* weights = reinterpret_cast<int16_t*>(carve.Take(sizes[14]));  // [R, bkp]
   float* weight_scale = carve.Take(sizes[15]);
   char* value_tail = reinterpret_cast<char*>(carve.Take(sizes[16]));
 
@@ -1006,7 +1062,8 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
                            value_shift * p.num_kv_heads * p.value_dim * es;
 
   const bool has_alibi = dp.slopes != nullptr;
-  int32_t key_pos[kDecodeBlock];  // the block's key positions (by position or with ALiBi)
+  // The block's key positions (by position or with ALiBi).
+  int32_t key_pos[kDecodeBlock > kI8Block ? kDecodeBlock : kI8Block];
   for (int64_t s0 = begin; s0 < end; s0 += bk) {
     const int64_t nk = MinI(bk, end - s0), nkp = RoundUp(nk, kVL);
     bool full = false;
@@ -1025,57 +1082,90 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
         for (int64_t r = 0; r < R; r += G) full = full && row_lo[r] <= k_min && k_max < row_hi[r];
       }
     }
-    const int64_t nk_ahead = MinI(bk + kKeyPrefetch, end - s0);  // rows known, for prefetching
+    // Rows known, for prefetching the K rows ahead.
+    const int64_t nk_ahead = MinI(bk + (E::kIntegerDot ? kI8KeyPrefetch : kKeyPrefetch), end - s0);
     KeyRows(p, b, s0, nk_ahead, key_rows);
     // Rows whose visible range covers the whole block need no mask.
     if (!by_position) full = live == R && row_lo[R - 1] <= s0 && s0 + nk <= row_hi[0];
 
     // Scores of every head. K is read strictly in memory order (key by key, the heads of a
     // key are adjacent) so the hardware prefetchers see one sequential stream; the V rows
-    // are prefetched in the same order for the value pass below.
-    for (int64_t j0 = 0; j0 < nk; j0 += kQkKeys) {
-      const int64_t nc = MinI(kQkKeys, nk - j0);
-      for (int64_t c = 0; c < kQkKeys; ++c) {
-        if (c >= nc) {  // a short last group: zero partials, sliced away with the padding
-          for (int64_t hh = 0; hh < heads; ++hh) {
-            for (int64_t tile = 0; tile < row_tiles; ++tile) {
-              for (int64_t i = c; i < kVL; i += kQkKeys) {
-                Store(red + ((hh * row_tiles + tile) * kVL + i) * kVL, VF{});
-              }
+    // are prefetched in the same order for the value pass below. int8: the scores of
+    // kQkKeys keys of a head at once (QkTileI8), the task's heads in turn, the K rows
+    // prefetched kI8KeyPrefetch keys ahead.
+    if constexpr (E::kIntegerDot) {
+      for (int64_t j0 = 0; j0 < nk; j0 += kQkKeys) {
+        const int64_t nc = MinI(kQkKeys, nk - j0);
+        for (int64_t c = 0; c < kQkKeys; ++c) {
+          const int64_t jn = j0 + kI8KeyPrefetch + c;
+          if (c < nc) {
+            const char* v = value_base + (key_rows[j0 + c] * p.num_kv_heads + kh0) * vrow_bytes;
+            for (int64_t off = 0; off < heads * vrow_bytes; off += 64) {
+              __builtin_prefetch(v + off, 0, kI8PrefetchLocality);
             }
           }
-          continue;
-        }
-        const int64_t row = key_rows[j0 + c] * p.num_kv_heads + kh0;
-        const char* k = key_base + row * p.head_dim * es;
-        const char* v = value_base + row * p.value_dim * es;
-        // The hardware prefetchers alone leave the K stream stalling; a short software
-        // distance (measured: 1-3 keys best) in the same order helps.
-        // The task's heads of a key are adjacent rows: one range each for K and V.
-        const int64_t jn = j0 + c + kKeyPrefetch;
-        for (int64_t off = 0; off < heads * vrow_bytes; off += 64) {
-          __builtin_prefetch(v + off, 0, 3);
-        }
-        if (jn < nk_ahead) {
-          const char* kn = key_base + (key_rows[jn] * p.num_kv_heads + kh0) * krow_bytes;
-          for (int64_t off = 0; off < heads * krow_bytes; off += 64) {
-            __builtin_prefetch(kn + off, 0, 3);
+          if (jn < nk_ahead) {
+            const char* kn = key_base + (key_rows[jn] * p.num_kv_heads + kh0) * krow_bytes;
+            for (int64_t off = 0; off < heads * krow_bytes; off += 64) {
+              __builtin_prefetch(kn + off, 0, kI8PrefetchLocality);
+            }
           }
         }
         for (int64_t hh = 0; hh < heads; ++hh) {
-          if constexpr (E::kIntegerDot) {
-            KeyPartialsI8(reinterpret_cast<const int16_t*>(q + hh * R * hp), 2 * hp, R,
-                          p.head_dim, k + hh * p.head_dim, static_cast<int>(c),
-                          red + hh * row_tiles * kVL * kVL);
+          // A short last group repeats its last key: scores past nk are masked below.
+          const char* k[kQkKeys];
+          for (int64_t c = 0; c < kQkKeys; ++c) {
+            k[c] = key_base +
+                   (key_rows[j0 + MinI(c, nc - 1)] * p.num_kv_heads + kh0 + hh) * krow_bytes;
+          }
+          const int16_t* qh = reinterpret_cast<const int16_t*>(q + hh * R * hp);
+          float* sh = s + hh * R * bkp + j0;
+          if (p.head_dim <= kI8ExactDim) {
+            KeyScoresI8<true>(qh, 2 * hp, R, p.head_dim, k, sh, bkp);
           } else {
+            KeyScoresI8<false>(qh, 2 * hp, R, p.head_dim, k, sh, bkp);
+          }
+        }
+      }
+    } else {
+      for (int64_t j0 = 0; j0 < nk; j0 += kQkKeys) {
+        const int64_t nc = MinI(kQkKeys, nk - j0);
+        for (int64_t c = 0; c < kQkKeys; ++c) {
+          if (c >= nc) {  // a short last group: zero partials, sliced away with the padding
+            for (int64_t hh = 0; hh < heads; ++hh) {
+              for (int64_t tile = 0; tile < row_tiles; ++tile) {
+                for (int64_t i = c; i < kVL; i += kQkKeys) {
+                  Store(red + ((hh * row_tiles + tile) * kVL + i) * kVL, VF{});
+                }
+              }
+            }
+            continue;
+          }
+          const int64_t row = key_rows[j0 + c] * p.num_kv_heads + kh0;
+          const char* k = key_base + row * p.head_dim * es;
+          const char* v = value_base + row * p.value_dim * es;
+          // The hardware prefetchers alone leave the K stream stalling; a short software
+          // distance (measured: 1-3 keys best) in the same order helps.
+          // The task's heads of a key are adjacent rows: one range each for K and V.
+          const int64_t jn = j0 + c + kKeyPrefetch;
+          for (int64_t off = 0; off < heads * vrow_bytes; off += 64) {
+            __builtin_prefetch(v + off, 0, 3);
+          }
+          if (jn < nk_ahead) {
+            const char* kn = key_base + (key_rows[jn] * p.num_kv_heads + kh0) * krow_bytes;
+            for (int64_t off = 0; off < heads * krow_bytes; off += 64) {
+              __builtin_prefetch(kn + off, 0, 3);
+            }
+          }
+          for (int64_t hh = 0; hh < heads; ++hh) {
             KeyPartials<E>(q + hh * R * hp, hp, R, p.head_dim, k + hh * p.head_dim * es,
                            static_cast<int>(c), red + hh * row_tiles * kVL * kVL);
           }
         }
-      }
-      for (int64_t hh = 0; hh < heads; ++hh) {
-        ReducePartials(red + hh * row_tiles * kVL * kVL, R, E::kNativeDot ? p.scale : 1.0f,
-                       s + hh * R * bkp + j0, bkp);
+        for (int64_t hh = 0; hh < heads; ++hh) {
+          ReducePartials(red + hh * row_tiles * kVL * kVL, R, E::kNativeDot ? p.scale : 1.0f,
+                         s + hh * R * bkp + j0, bkp);
+        }
       }
     }
 
@@ -1138,13 +1228,12 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
           }
         }
         if constexpr (E::kIntegerDot) {  // as int16 weights times a row scale
-          weight_scale[r] = RoundToInt16(sr, nkp, nkp, row_weights);
-          BroadcastPairs(row_weights, (nk + 1) / 2, weights + r * (bk / 2) * kVL);
+          weight_scale[r] = RoundToInt16(sr, nkp, nkp, weights + r * bkp);
         }
       }
       if constexpr (E::kIntegerDot) {
         if (nk % 2 != 0) vrow[nk] = vrow[nk - 1];  // paired with a zero weight
-        AccumulateValuesI8(weights, bk / 2, weight_scale, R, vrow, nk, p.value_dim, value_tail,
+        AccumulateValuesI8(weights, bkp, weight_scale, R, vrow, nk, p.value_dim, value_tail,
                            oh, hvp);
       } else {
         AccumulateValues<E>(sh, bkp, R, vrow, nk, p.value_dim, oh, hvp);
@@ -1226,8 +1315,12 @@ static int64_t DecodeImpl(const DecodeAttentionProblem& p, const DecodeResult& r
   job.rows = p.q_len * job.group;
   job.hp = RoundUp(p.head_dim, kPair);
   job.hvp = RoundUp(p.value_dim, kPair);
-  job.interleaved = p.cache_quant == CacheQuant::kNone && p.dtype == DType::kBF16 &&
-                    BF16Elems::kInterleaved;
+  if (p.cache_quant == CacheQuant::kNone && p.dtype == DType::kBF16 &&
+      BF16Elems::kInterleaved) {
+    job.lanes = DecodeJob::Lanes::kBF16Pairs;
+  } else if (p.cache_quant == CacheQuant::kInt8 && kI8LanesPermuted) {
+    job.lanes = DecodeJob::Lanes::kInt8Pairs;
+  }
   job.capacity = p.max_pages * p.page_size;
   job.partition = PartitionSize(p, LongestLength(p));
 

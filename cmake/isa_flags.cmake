@@ -3,8 +3,9 @@
 # the profiling build (tools/profile) include this file. cc/isa_generic.cc gets none (the
 # x86-64 baseline). Never -march=native: the kernel set is picked at run time (dispatch.cc).
 set(JAXATTN_AVX2_FLAGS -mavx2 -mfma -mf16c)
-set(JAXATTN_AVX512_FLAGS -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mamx-tile
-    -mamx-bf16 -mavx2 -mfma -mf16c -mprefer-vector-width=512)
+# AVX512-VNNI (vpdpwssd: int8 KV caches) comes with every CPU that has AVX512-BF16.
+set(JAXATTN_AVX512_FLAGS -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mavx512vnni
+    -mamx-tile -mamx-bf16 -mavx2 -mfma -mf16c -mprefer-vector-width=512)
 
 # Source properties are per directory: each CMakeLists.txt that compiles the ISA files calls
 # this with the repository root.

@@ -10,7 +10,8 @@ import ctypes
 import functools
 import platform
 
-AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "f16c", "fma"}
+AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni",
+                "f16c", "fma"}
 AMX_FLAGS = {"amx_tile", "amx_bf16"}
 
 _SYS_ARCH_PRCTL = 158  # x86-64

@@ -191,12 +191,14 @@ def test_garbage_past_lengths_is_never_read(rng, cache_dtype):
         cache_dtype), trim(ks), trim(vs), lengths, out, lse)
 
 
-def test_int8_extreme_values_at_the_largest_head_dim(rng):
+@pytest.mark.parametrize("h", [512, 1024])
+def test_int8_extreme_values_at_the_largest_head_dim(rng, h):
     """The integer dot products at their limits: -128 (which quantize_kv never writes, but a
     cache may hold) in every element of the keys and values, H = Hv = 1024 (the largest head
-    dim), and a query whose every element has the row's largest magnitude: the int32 sums
-    are at their largest and must not overflow. Also random bytes over the full range."""
-    h, kv_len = 1024, 70
+    dim) or 512 (the largest whose scores are summed in int32, cc/decode_impl.h kI8ExactDim),
+    and a query whose every element has the row's largest magnitude: the int32 sums are at
+    their largest and must not overflow. Also random bytes over the full range."""
+    kv_len = 70
     q = np.full((1, 2, 4, h), -0.03, np.float32)
     q[:, 1] = rng.standard_normal((1, 4, h)).astype(np.float32)
     k = np.full((1, kv_len, 2, h), -128, np.int8)
