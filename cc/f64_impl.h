@@ -877,8 +877,31 @@ struct F64DecodeJob {
   mutable int64_t scratch_failed = 0;
 };
 
-// One (batch, query head): every query token against the sequence's visible cache entries,
-// online softmax over the keys in order.
+// sum_h a[h] * b[h] for h < n: vectors of kVD products in two partial sums, their lanes and
+// the scalar tail added in a fixed order (the result depends on n and the instruction set
+// only).
+static inline double F64Dot(const double* a, const double* b, int64_t n) {
+  VD acc0 = VD{}, acc1 = VD{};
+  int64_t h = 0;
+  for (; h + 2 * kVD <= n; h += 2 * kVD) {
+    acc0 += LoadVD(a + h) * LoadVD(b + h);
+    acc1 += LoadVD(a + h + kVD) * LoadVD(b + h + kVD);
+  }
+  if (h + kVD <= n) {
+    acc0 += LoadVD(a + h) * LoadVD(b + h);
+    h += kVD;
+  }
+  acc0 += acc1;
+  double sum = 0.0;
+  for (int64_t lane = 0; lane < kVD; ++lane) sum += acc0[lane];
+  for (; h < n; ++h) sum += a[h] * b[h];
+  return sum;
+}
+
+// One (batch, query head): its T query tokens against the sequence's visible cache entries,
+// online softmax over tiles of kF64Keys keys in order, as the flash forward: per tile the
+// visible logits (vector dot products, F64Dot), the weights from ExpVD, then the value rows of
+// the kept weights accumulated (a vector loop along the value dim).
 static void F64DecodeTask(void* job_ptr, int64_t task) {
   const F64DecodeJob& job = *static_cast<const F64DecodeJob*>(job_ptr);
   const DecodeAttentionProblem& p = *job.p;
@@ -887,69 +910,82 @@ static void F64DecodeTask(void* job_ptr, int64_t task) {
   const int64_t H = p.head_dim, Hv = p.value_dim, T = p.q_len;
   const int64_t capacity = p.max_pages * p.page_size;
   const int64_t len = DecodeLength(p, capacity, b);
+  // Tokens past the sequence's query count see no key (they output 0).
   const int64_t live = DecodeQueryCount(p, b);
   const DecodePositions dp = DecodePositionsOf(p, b, len);
   const double scale = p.scale, cap = p.soft_cap;
   const double slope = dp.slopes != nullptr ? static_cast<double>(dp.slopes[n]) : 0.0;
-  float* raw = tls_scratch.Get(2 * (Hv + kF64Keys) + 2 * kF64Keys);
+  const int64_t doubles = T * (Hv + 2 + kF64Keys) + kF64Keys;
+  float* raw = tls_scratch.Get(2 * doubles);
   if (raw == nullptr) {
-    __atomic_store_n(&const_cast<F64DecodeJob&>(job).scratch_failed,
-                     int64_t{8} * (Hv + 2 * kF64Keys), __ATOMIC_RELAXED);
+    __atomic_store_n(&const_cast<F64DecodeJob&>(job).scratch_failed, int64_t{8} * doubles,
+                     __ATOMIC_RELAXED);
     return;
   }
   double* o = reinterpret_cast<double*>(raw);
-  double* x = o + Hv;
-  int64_t* key_rows = reinterpret_cast<int64_t*>(x + kF64Keys);
+  double* m = o + T * Hv;
+  double* l = m + T;
+  double* x = l + T;
+  int64_t* key_rows = reinterpret_cast<int64_t*>(x + T * kF64Keys);
+  for (int64_t i = 0; i < T * Hv; ++i) o[i] = 0.0;
+  for (int64_t t = 0; t < T; ++t) {
+    m[t] = -__builtin_inf();
+    l[t] = 0.0;
+  }
+  const double* query =
+      static_cast<const double*>(p.query) + ((b % p.q_batch) * T * p.num_heads + n) * H;
   const double* key = static_cast<const double*>(p.key);
   const double* value = static_cast<const double*>(p.value);
   const int64_t value_shift = DecodeValueShift(p, b);
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t at = (b * T + t) * p.num_heads + n;
-    double* out = job.res.out + at * Hv;
-    const double* q = static_cast<const double*>(p.query) +
-                      ((b % p.q_batch) * T * p.num_heads + t * p.num_heads + n) * H;
-    double m = -__builtin_inf(), l = 0.0;
-    for (int64_t e = 0; e < Hv; ++e) o[e] = 0.0;
-    const int64_t qp = dp.QueryPosition(t);
-    for (int64_t s0 = 0; t < live && s0 < len; s0 += kF64Keys) {
-      const int64_t nk = MinI(kF64Keys, len - s0);
-      KeyRows(p, b, s0, nk, key_rows);
-      for (int64_t j = 0; j < nk; ++j) {
-        const int64_t kp = dp.KeyPosition(s0 + j);
-        if (kp > qp || (p.window_left >= 0 && kp < qp - p.window_left)) {
-          x[j] = -__builtin_inf();
+  for (int64_t s0 = 0; live > 0 && s0 < len; s0 += kF64Keys) {
+    const int64_t nk = MinI(kF64Keys, len - s0);
+    KeyRows(p, b, s0, nk, key_rows);
+    for (int64_t t = 0; t < live; ++t) {
+      const double* q = query + t * p.num_heads * H;
+      double* xr = x + t * kF64Keys;
+      const int64_t qp = dp.QueryPosition(t);
+      for (int64_t j = 0; j < kF64Keys; ++j) {
+        const int64_t kp = j < nk ? dp.KeyPosition(s0 + j) : 0;
+        if (j >= nk || kp > qp || (p.window_left >= 0 && kp < qp - p.window_left)) {
+          xr[j] = -__builtin_inf();
           continue;
         }
-        const double* kr = key + (key_rows[j] * p.num_kv_heads + kv_head) * H;
-        double dot = 0.0;
-        for (int64_t h = 0; h < H; ++h) dot += q[h] * kr[h];
-        double v = dot * scale;
+        double v = F64Dot(q, key + (key_rows[j] * p.num_kv_heads + kv_head) * H, H) * scale;
         if (dp.slopes != nullptr) {
           const int64_t d = qp - kp;
           v -= slope * static_cast<double>(d < 0 ? -d : d);
         }
         if (cap > 0.0) v = cap * __builtin_tanh(v / cap);
-        x[j] = v;
+        xr[j] = v;
       }
-      const double m_new = F64RunningMax(m, x, nk);
-      if (m_new == -__builtin_inf()) continue;
-      const double alpha = __builtin_exp(m - m_new);
+      // xr becomes the tile's weights exp(x - m) (0 where hidden or past nk).
+      const double m_new = F64RunningMax(m[t], xr, nk);
+      if (m_new == -__builtin_inf()) continue;  // nothing visible yet
+      double* ot = o + t * Hv;
+      const double alpha = __builtin_exp(m[t] - m_new);
       if (alpha != 1.0) {
-        l *= alpha;
-        for (int64_t e = 0; e < Hv; ++e) o[e] *= alpha;
+        l[t] *= alpha;
+        for (int64_t e = 0; e < Hv; ++e) ot[e] *= alpha;
       }
-      m = m_new;
+      m[t] = m_new;
+      F64ExpRow(xr, m_new, nk);
+      double sum = 0.0;
+      for (int64_t j = 0; j < nk; ++j) sum += xr[j];
+      l[t] += sum;
       for (int64_t j = 0; j < nk; ++j) {
-        const double prob = __builtin_exp(x[j] - m_new);
+        const double prob = xr[j];
         if (prob == 0.0) continue;
-        l += prob;
         const double* vr = value + ((key_rows[j] + value_shift) * p.num_kv_heads + kv_head) * Hv;
-        for (int64_t e = 0; e < Hv; ++e) o[e] += prob * vr[e];
+        for (int64_t e = 0; e < Hv; ++e) ot[e] += prob * vr[e];
       }
     }
-    if (l > 0.0 || l != l) {
-      for (int64_t e = 0; e < Hv; ++e) out[e] = o[e] / l;
-      job.res.lse[at] = m + __builtin_log(l);
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t at = (b * T + t) * p.num_heads + n;
+    double* out = job.res.out + at * Hv;
+    if (l[t] > 0.0 || l[t] != l[t]) {
+      for (int64_t e = 0; e < Hv; ++e) out[e] = o[t * Hv + e] / l[t];
+      job.res.lse[at] = m[t] + __builtin_log(l[t]);
     } else {
       for (int64_t e = 0; e < Hv; ++e) out[e] = 0.0;
       job.res.lse[at] = -__builtin_inf();
