@@ -27,23 +27,15 @@ import os
 import sys
 
 
-def _pin_threads_from_argv() -> None:
-    """Applies --threads before jax (imported below) can size its thread pool."""
-    for i, arg in enumerate(sys.argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--threads=") else (
-            sys.argv[i + 1] if arg == "--threads" and i + 1 < len(sys.argv) else None)
-        if value is not None:
-            cpus = sorted(os.sched_getaffinity(0))[: max(1, int(value))]
-            os.sched_setaffinity(0, cpus)
+sys.path.insert(0, os.path.dirname(__file__))
+from pin_threads import pin_threads_from_argv  # noqa: E402
 
-
-_pin_threads_from_argv()
+pin_threads_from_argv()  # before jax (imported below) sizes its thread pool
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
 from common import (copy_workload, describe_machine, geomean, interleaved_seconds,  # noqa: E402
                     markdown_table)
 

@@ -11,14 +11,11 @@
 
 typedef uint32_t VU __attribute__((vector_size(kVL * 4)));
 
-static inline VU DropoutMix(VU x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
+// DropoutMix (dropout_hash.h) on kVL words at once.
+template <>
+struct DropoutWord<VU> {
+  static constexpr bool kValid = true;
+};
 
 // All-ones lanes where the weight of row keys (k0, k1) and keys s is kept: DropoutKept a
 // vector at a time (the unsigned compare is a min and an equality test).

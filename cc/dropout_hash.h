@@ -1,6 +1,6 @@
 // The dropout keep mask's hash, for one instruction set (see simd.h for how this file is
-// included). Scalar and type-independent (no vector types): the vector forms are in
-// dropout.h.
+// included). The hash itself (DropoutMix) serves scalar words and vectors of words; the rest
+// is scalar and type-independent (no vector types): the vector forms are in dropout.h.
 //
 // The keep mask is a counter-based hash, so the backward regenerates exactly the mask of the
 // forward, whatever the tiling or thread count: weight (b, n, t, s) is kept where
@@ -13,7 +13,22 @@
 #pragma once
 #include "simd.h"
 
-static inline uint32_t DropoutMix(uint32_t x) {
+// The words DropoutMix hashes: uint32_t here, the vector of them in dropout.h. Any other type
+// is refused at compile time: an int or int64_t argument would otherwise be hashed as a
+// signed or wider word (other bits, and signed overflow) instead of converting to uint32_t.
+template <typename Word>
+struct DropoutWord {
+  static constexpr bool kValid = false;
+};
+template <>
+struct DropoutWord<uint32_t> {
+  static constexpr bool kValid = true;
+};
+
+// lowbias32, on one word or on each lane of a vector of words.
+template <typename Word>
+static inline Word DropoutMix(Word x) {
+  static_assert(DropoutWord<Word>::kValid, "DropoutMix hashes uint32_t words (cast first)");
   x ^= x >> 16;
   x *= 0x7feb352du;
   x ^= x >> 15;

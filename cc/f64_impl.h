@@ -369,6 +369,58 @@ static inline int64_t F64RowOffset(const AttentionProblem& p, int64_t batch_inde
   return ((batch_index * p.q_len + row.t) * p.num_heads + row.n) * dim;
 }
 
+// Keys [s0, s0 + nk) of batch element b and kv head kv_head, nk <= kF64Keys: the first `live`
+// are below the element's key length, the rest are never read (they may hold NaN) and come
+// out as zeros. `offsets` is kF64Keys of the task's scratch.
+struct F64KeyTile {
+  const AttentionProblem* p;
+  int64_t b, kv_head, s0, nk, live;
+  int64_t* offsets;
+
+  // The tile's rows of `operand` ([batch, S, K, dim], batch element b % batch) transposed:
+  // dst[h * kF64Keys + j] = element h of key s0 + j.
+  void Transposed(const void* operand, int64_t batch, int64_t dim, double* dst) const {
+    F64KeyOffsets(*p, b % batch, kv_head, s0, nk, dim, offsets);
+    F64Transpose(static_cast<const double*>(operand), offsets, live, dim, dst);
+  }
+  // The same rows as they are: dst[j * dim + h].
+  void Rows(const void* operand, int64_t batch, int64_t dim, double* dst) const {
+    F64KeyOffsets(*p, b % batch, kv_head, s0, nk, dim, offsets);
+    F64GatherRows(static_cast<const double*>(operand), offsets, live, dim, dst);
+  }
+};
+
+static inline F64KeyTile F64KeyTileOf(const AttentionProblem& p, const F64Batch& fb,
+                                      int64_t kv_head, int64_t s0, int64_t* offsets) {
+  const int64_t nk = MinI(kF64Keys, p.kv_len - s0);
+  return F64KeyTile{&p, fb.b, kv_head, s0, nk, MinI(nk, MaxI(int64_t{0}, fb.kv_len - s0)),
+                    offsets};
+}
+
+// The logits of a tile's query rows q ([num_rows, H]) against key tile `tile` (kt: its keys
+// transposed): products, then F64TransformTile (th: tanh(logit / cap) with a soft cap).
+static inline void F64TileLogits(const F64Context& c, const F64Batch& fb, const F64Row* rows,
+                                 int64_t num_rows, const double* q, const double* kt,
+                                 const F64KeyTile& tile, const uint8_t* tile_mask, double* x,
+                                 double* th) {
+  F64RowsTimesTile(q, num_rows, c.p->head_dim, kt, x);
+  F64TransformTile(c, fb, rows, num_rows, tile.s0, tile.nk, tile_mask, x, th);
+}
+
+// Logits x ([num_rows, kF64Keys]) to the softmax weights of rows whose log-sum-exp the
+// forward gave: exp(x - lse), 0 where x is -inf, past nk, or in a row that sees nothing.
+static inline void F64WeightsFromLse(const double* lse, int64_t num_rows, int64_t nk,
+                                     double* x) {
+  for (int64_t r = 0; r < num_rows; ++r) {
+    double* xr = x + r * kF64Keys;
+    if (lse[r] == -__builtin_inf()) {  // the row sees nothing
+      for (int64_t j = 0; j < kF64Keys; ++j) xr[j] = 0.0;
+    } else {
+      F64ExpRow(xr, lse[r], nk);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------- forward
 
 // The online softmax's new maximum after logits x[0..n): NaN once any logit is NaN (so that
@@ -412,8 +464,6 @@ static void F64ForwardTask(void* job_ptr, int64_t task) {
 
   const int64_t nr = F64TileRows(c, fb, tt.kv_head, tt.tile, nullptr, rows);
   const double* query = static_cast<const double*>(p.query);
-  const double* key = static_cast<const double*>(p.key);
-  const double* value = static_cast<const double*>(p.value);
   for (int64_t r = 0; r < nr; ++r) {
     const double* src = query + F64RowOffset(p, tt.b % p.q_batch, rows[r], H);
     for (int64_t h = 0; h < H; ++h) q[r * H + h] = src[h];
@@ -422,15 +472,11 @@ static void F64ForwardTask(void* job_ptr, int64_t task) {
     l[r] = 0.0;
   }
   const int64_t tiles = F64KeyTiles(c, fb, tt.kv_head, tt.tile, starts, tile_masks);
-  const int64_t kb = tt.b % p.kv_batch, vb = tt.b % p.value_batch;
   for (int64_t i = 0; i < tiles; ++i) {
-    const int64_t s0 = starts[i], nk = MinI(kF64Keys, p.kv_len - s0);
-    // Rows past the batch element's key length are never read (they may hold NaN).
-    const int64_t live = MinI(nk, MaxI(int64_t{0}, fb.kv_len - s0));
-    F64KeyOffsets(p, kb, tt.kv_head, s0, nk, H, offsets);
-    F64Transpose(key, offsets, live, H, kt);
-    F64RowsTimesTile(q, nr, H, kt, x);
-    F64TransformTile(c, fb, rows, nr, s0, nk, tile_masks[i], x, nullptr);
+    const F64KeyTile tile = F64KeyTileOf(p, fb, tt.kv_head, starts[i], offsets);
+    const int64_t s0 = tile.s0, nk = tile.nk;
+    tile.Transposed(p.key, p.kv_batch, H, kt);
+    F64TileLogits(c, fb, rows, nr, q, kt, tile, tile_masks[i], x, nullptr);
     // x becomes the tile's weights: exp(x - m) (0 where hidden, past nk or dropped).
     for (int64_t r = 0; r < nr; ++r) {
       double* xr = x + r * kF64Keys;
@@ -456,8 +502,7 @@ static void F64ForwardTask(void* job_ptr, int64_t task) {
         }
       }
     }
-    F64KeyOffsets(p, vb, tt.kv_head, s0, nk, Hv, offsets);
-    F64GatherRows(value, offsets, live, Hv, vrows);
+    tile.Rows(p.value, p.value_batch, Hv, vrows);
     F64Gemm(nr, Hv, kF64Keys, x, kF64Keys, vrows, Hv, o, Hv, true);
   }
   for (int64_t r = 0; r < nr; ++r) {
@@ -496,14 +541,10 @@ static void F64ProbsAndGrads(const F64Context& c, const F64Row* rows, int64_t nu
                              int64_t nk, const double* lse, const double* delta, const double* th,
                              double* x, double* dp) {
   const AttentionProblem& p = *c.p;
+  F64WeightsFromLse(lse, num_rows, nk, x);
   for (int64_t r = 0; r < num_rows; ++r) {
     double* xr = x + r * kF64Keys;
     double* dr = dp + r * kF64Keys;
-    if (lse[r] == -__builtin_inf()) {  // the row sees nothing
-      for (int64_t j = 0; j < kF64Keys; ++j) xr[j] = 0.0;
-    } else {
-      F64ExpRow(xr, lse[r], nk);
-    }
     for (int64_t j = 0; j < kF64Keys; ++j) {
       const double prob = xr[j];
       double dprob = dr[j], weight = prob;
@@ -551,8 +592,6 @@ static void F64BackwardQueryTask(void* job_ptr, int64_t task) {
 
   const int64_t nr = F64TileRows(c, fb, tt.kv_head, tt.tile, nullptr, rows);
   const double* query = static_cast<const double*>(p.query);
-  const double* key = static_cast<const double*>(p.key);
-  const double* value = static_cast<const double*>(p.value);
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t at = (tt.b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;
     const double* src = query + F64RowOffset(p, tt.b % p.q_batch, rows[r], H);
@@ -574,17 +613,12 @@ static void F64BackwardQueryTask(void* job_ptr, int64_t task) {
   }
   if (a.dq != nullptr || a.dlogits != nullptr) {
     const int64_t tiles = F64KeyTiles(c, fb, tt.kv_head, tt.tile, starts, tile_masks);
-    const int64_t kb = tt.b % p.kv_batch, vb = tt.b % p.value_batch;
     for (int64_t i = 0; i < tiles; ++i) {
-      const int64_t s0 = starts[i], nk = MinI(kF64Keys, p.kv_len - s0);
-      // Rows past the batch element's key length are never read (they may hold NaN).
-      const int64_t live = MinI(nk, MaxI(int64_t{0}, fb.kv_len - s0));
-      F64KeyOffsets(p, kb, tt.kv_head, s0, nk, H, offsets);
-      F64Transpose(key, offsets, live, H, kt);
-      F64RowsTimesTile(q, nr, H, kt, x);
-      F64TransformTile(c, fb, rows, nr, s0, nk, tile_masks[i], x, has_cap ? th : nullptr);
-      F64KeyOffsets(p, vb, tt.kv_head, s0, nk, Hv, offsets);
-      F64Transpose(value, offsets, live, Hv, vt);
+      const F64KeyTile tile = F64KeyTileOf(p, fb, tt.kv_head, starts[i], offsets);
+      const int64_t s0 = tile.s0, nk = tile.nk;
+      tile.Transposed(p.key, p.kv_batch, H, kt);
+      F64TileLogits(c, fb, rows, nr, q, kt, tile, tile_masks[i], x, has_cap ? th : nullptr);
+      tile.Transposed(p.value, p.value_batch, Hv, vt);
       F64RowsTimesTile(dout, nr, Hv, vt, dp);
       F64ProbsAndGrads(c, rows, nr, s0, nk, lse, delta, has_cap ? th : nullptr, x, dp);
       if (a.dlogits != nullptr) {
@@ -595,8 +629,7 @@ static void F64BackwardQueryTask(void* job_ptr, int64_t task) {
         }
       }
       if (a.dq != nullptr) {
-        F64KeyOffsets(p, kb, tt.kv_head, s0, nk, H, offsets);
-        F64GatherRows(key, offsets, live, H, krows);
+        tile.Rows(p.key, p.kv_batch, H, krows);
         F64Gemm(nr, H, kF64Keys, dp, kF64Keys, krows, H, dq, H, true);
       }
     }
@@ -650,9 +683,6 @@ static void F64BackwardKeyTask(void* job_ptr, int64_t task) {
   const TaskTile tt = TileOfTask(p, task, c.num_k_tiles, /*costliest_last=*/false);
   const F64Batch fb = F64BatchOf(p, tt.b);
   const int64_t H = p.head_dim, Hv = p.value_dim, R = c.rows, num_q = c.num_q_tiles;
-  const int64_t s0 = tt.tile * kF64Keys, nk = MinI(kF64Keys, p.kv_len - s0);
-  // Rows past the batch element's key length are never read (they may hold NaN).
-  const int64_t live = MinI(nk, MaxI(int64_t{0}, fb.kv_len - s0));
   const bool has_cap = c.cap > 0.0;
   double* scratch =
       F64Scratch(c, R * (H + Hv + 2 + 4 * kF64Keys) + kF64Keys * (2 * H + 2 * Hv + 1) + num_q * 2 +
@@ -676,13 +706,10 @@ static void F64BackwardKeyTask(void* job_ptr, int64_t task) {
   F64Row* rows = reinterpret_cast<F64Row*>(tile_masks + num_q);
 
   const double* query = static_cast<const double*>(p.query);
-  const double* key = static_cast<const double*>(p.key);
-  const double* value = static_cast<const double*>(p.value);
-  const int64_t kb = tt.b % p.kv_batch, vb = tt.b % p.value_batch;
-  F64KeyOffsets(p, kb, tt.kv_head, s0, nk, H, offsets);
-  F64Transpose(key, offsets, live, H, kt);
-  F64KeyOffsets(p, vb, tt.kv_head, s0, nk, Hv, offsets);
-  F64Transpose(value, offsets, live, Hv, vt);
+  const F64KeyTile tile = F64KeyTileOf(p, fb, tt.kv_head, tt.tile * kF64Keys, offsets);
+  const int64_t s0 = tile.s0, nk = tile.nk;
+  tile.Transposed(p.key, p.kv_batch, H, kt);
+  tile.Transposed(p.value, p.value_batch, Hv, vt);
   for (int64_t i = 0; i < kF64Keys * H; ++i) dk[i] = 0.0;
   for (int64_t i = 0; i < kF64Keys * Hv; ++i) dv[i] = 0.0;
 
@@ -699,8 +726,7 @@ static void F64BackwardKeyTask(void* job_ptr, int64_t task) {
       lse[r] = a.lse[at];
       delta[r] = live ? job.delta[at] : 0.0;
     }
-    F64RowsTimesTile(q, nr, H, kt, x);
-    F64TransformTile(c, fb, rows, nr, s0, nk, tile_masks[i], x, has_cap ? th : nullptr);
+    F64TileLogits(c, fb, rows, nr, q, kt, tile, tile_masks[i], x, has_cap ? th : nullptr);
     F64RowsTimesTile(dout, nr, Hv, vt, dp);
     F64ProbsAndGrads(c, rows, nr, s0, nk, lse, delta, has_cap ? th : nullptr, x, dp);
     // dV += weights^T dO;  dK += dS^T Q
@@ -777,11 +803,7 @@ static void F64JvpTask(void* job_ptr, int64_t task) {
 
   const int64_t nr = F64TileRows(c, fb, tt.kv_head, tt.tile, &tg.dbias, rows);
   const double* query = static_cast<const double*>(p.query);
-  const double* key = static_cast<const double*>(p.key);
-  const double* value = static_cast<const double*>(p.value);
   const double* tq = static_cast<const double*>(tg.dq);
-  const double* tk = static_cast<const double*>(tg.dk);
-  const double* tv = static_cast<const double*>(tg.dv);
   for (int64_t r = 0; r < nr; ++r) {
     const double* src = query + F64RowOffset(p, tt.b % p.q_batch, rows[r], H);
     const double* dsrc = tq + F64RowOffset(p, tt.b % tg.dq_batch, rows[r], H);
@@ -794,27 +816,18 @@ static void F64JvpTask(void* job_ptr, int64_t task) {
     dlse[r] = 0.0;
   }
   const int64_t tiles = F64KeyTiles(c, fb, tt.kv_head, tt.tile, starts, tile_masks);
-  const int64_t kb = tt.b % p.kv_batch, vb = tt.b % p.value_batch;
   for (int64_t i = 0; i < tiles; ++i) {
-    const int64_t s0 = starts[i], nk = MinI(kF64Keys, p.kv_len - s0);
-    // Rows past the batch element's key length are never read (they may hold NaN).
-    const int64_t live = MinI(nk, MaxI(int64_t{0}, fb.kv_len - s0));
-    F64KeyOffsets(p, kb, tt.kv_head, s0, nk, H, offsets);
-    F64Transpose(key, offsets, live, H, kt);
-    F64KeyOffsets(p, tt.b % tg.dk_batch, tt.kv_head, s0, nk, H, offsets);
-    F64Transpose(tk, offsets, live, H, dkt);
-    F64RowsTimesTile(q, nr, H, kt, x);
-    F64TransformTile(c, fb, rows, nr, s0, nk, tile_masks[i], x, has_cap ? th : nullptr);
+    const F64KeyTile tile = F64KeyTileOf(p, fb, tt.kv_head, starts[i], offsets);
+    const int64_t s0 = tile.s0;
+    tile.Transposed(p.key, p.kv_batch, H, kt);
+    tile.Transposed(tg.dk, tg.dk_batch, H, dkt);
+    F64TileLogits(c, fb, rows, nr, q, kt, tile, tile_masks[i], x, has_cap ? th : nullptr);
     F64RowsTimesTile(dq, nr, H, kt, dx);
     F64RowsTimesTile(q, nr, H, dkt, dx2);
+    F64WeightsFromLse(lse, nr, tile.nk, x);
     for (int64_t r = 0; r < nr; ++r) {
       double* xr = x + r * kF64Keys;
       double* dxr = dx + r * kF64Keys;
-      if (lse[r] == -__builtin_inf()) {  // the row sees nothing
-        for (int64_t j = 0; j < kF64Keys; ++j) xr[j] = 0.0;
-      } else {
-        F64ExpRow(xr, lse[r], nk);
-      }
       for (int64_t j = 0; j < kF64Keys; ++j) {
         const double prob = xr[j];
         double d = 0.0;
@@ -833,11 +846,9 @@ static void F64JvpTask(void* job_ptr, int64_t task) {
     }
     // acc += sum_j p_j dS_j V_j + p_j dV_j (dx becomes p dS)
     for (int64_t e = 0; e < nr * kF64Keys; ++e) dx[e] *= x[e];
-    F64KeyOffsets(p, vb, tt.kv_head, s0, nk, Hv, offsets);
-    F64GatherRows(value, offsets, live, Hv, vrows);
+    tile.Rows(p.value, p.value_batch, Hv, vrows);
     F64Gemm(nr, Hv, kF64Keys, dx, kF64Keys, vrows, Hv, acc, Hv, true);
-    F64KeyOffsets(p, tt.b % tg.dv_batch, tt.kv_head, s0, nk, Hv, offsets);
-    F64GatherRows(tv, offsets, live, Hv, vrows);
+    tile.Rows(tg.dv, tg.dv_batch, Hv, vrows);
     F64Gemm(nr, Hv, kF64Keys, x, kF64Keys, vrows, Hv, acc, Hv, true);
   }
   for (int64_t r = 0; r < nr; ++r) {
@@ -866,8 +877,31 @@ struct F64DecodeJob {
   mutable int64_t scratch_failed = 0;
 };
 
-// One (batch, query head): every query token against the sequence's visible cache entries,
-// online softmax over the keys in order.
+// sum_h a[h] * b[h] for h < n: vectors of kVD products in two partial sums, their lanes and
+// the scalar tail added in a fixed order (the result depends on n and the instruction set
+// only).
+static inline double F64Dot(const double* a, const double* b, int64_t n) {
+  VD acc0 = VD{}, acc1 = VD{};
+  int64_t h = 0;
+  for (; h + 2 * kVD <= n; h += 2 * kVD) {
+    acc0 += LoadVD(a + h) * LoadVD(b + h);
+    acc1 += LoadVD(a + h + kVD) * LoadVD(b + h + kVD);
+  }
+  if (h + kVD <= n) {
+    acc0 += LoadVD(a + h) * LoadVD(b + h);
+    h += kVD;
+  }
+  acc0 += acc1;
+  double sum = 0.0;
+  for (int64_t lane = 0; lane < kVD; ++lane) sum += acc0[lane];
+  for (; h < n; ++h) sum += a[h] * b[h];
+  return sum;
+}
+
+// One (batch, query head): its T query tokens against the sequence's visible cache entries,
+// online softmax over tiles of kF64Keys keys in order, as the flash forward: per tile the
+// visible logits (vector dot products, F64Dot), the weights from ExpVD, then the value rows of
+// the kept weights accumulated (a vector loop along the value dim).
 static void F64DecodeTask(void* job_ptr, int64_t task) {
   const F64DecodeJob& job = *static_cast<const F64DecodeJob*>(job_ptr);
   const DecodeAttentionProblem& p = *job.p;
@@ -876,69 +910,82 @@ static void F64DecodeTask(void* job_ptr, int64_t task) {
   const int64_t H = p.head_dim, Hv = p.value_dim, T = p.q_len;
   const int64_t capacity = p.max_pages * p.page_size;
   const int64_t len = DecodeLength(p, capacity, b);
+  // Tokens past the sequence's query count see no key (they output 0).
   const int64_t live = DecodeQueryCount(p, b);
   const DecodePositions dp = DecodePositionsOf(p, b, len);
   const double scale = p.scale, cap = p.soft_cap;
   const double slope = dp.slopes != nullptr ? static_cast<double>(dp.slopes[n]) : 0.0;
-  float* raw = tls_scratch.Get(2 * (Hv + kF64Keys) + 2 * kF64Keys);
+  const int64_t doubles = T * (Hv + 2 + kF64Keys) + kF64Keys;
+  float* raw = tls_scratch.Get(2 * doubles);
   if (raw == nullptr) {
-    __atomic_store_n(&const_cast<F64DecodeJob&>(job).scratch_failed,
-                     int64_t{8} * (Hv + 2 * kF64Keys), __ATOMIC_RELAXED);
+    __atomic_store_n(&const_cast<F64DecodeJob&>(job).scratch_failed, int64_t{8} * doubles,
+                     __ATOMIC_RELAXED);
     return;
   }
   double* o = reinterpret_cast<double*>(raw);
-  double* x = o + Hv;
-  int64_t* key_rows = reinterpret_cast<int64_t*>(x + kF64Keys);
+  double* m = o + T * Hv;
+  double* l = m + T;
+  double* x = l + T;
+  int64_t* key_rows = reinterpret_cast<int64_t*>(x + T * kF64Keys);
+  for (int64_t i = 0; i < T * Hv; ++i) o[i] = 0.0;
+  for (int64_t t = 0; t < T; ++t) {
+    m[t] = -__builtin_inf();
+    l[t] = 0.0;
+  }
+  const double* query =
+      static_cast<const double*>(p.query) + ((b % p.q_batch) * T * p.num_heads + n) * H;
   const double* key = static_cast<const double*>(p.key);
   const double* value = static_cast<const double*>(p.value);
   const int64_t value_shift = DecodeValueShift(p, b);
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t at = (b * T + t) * p.num_heads + n;
-    double* out = job.res.out + at * Hv;
-    const double* q = static_cast<const double*>(p.query) +
-                      ((b % p.q_batch) * T * p.num_heads + t * p.num_heads + n) * H;
-    double m = -__builtin_inf(), l = 0.0;
-    for (int64_t e = 0; e < Hv; ++e) o[e] = 0.0;
-    const int64_t qp = dp.QueryPosition(t);
-    for (int64_t s0 = 0; t < live && s0 < len; s0 += kF64Keys) {
-      const int64_t nk = MinI(kF64Keys, len - s0);
-      KeyRows(p, b, s0, nk, key_rows);
-      for (int64_t j = 0; j < nk; ++j) {
-        const int64_t kp = dp.KeyPosition(s0 + j);
-        if (kp > qp || (p.window_left >= 0 && kp < qp - p.window_left)) {
-          x[j] = -__builtin_inf();
+  for (int64_t s0 = 0; live > 0 && s0 < len; s0 += kF64Keys) {
+    const int64_t nk = MinI(kF64Keys, len - s0);
+    KeyRows(p, b, s0, nk, key_rows);
+    for (int64_t t = 0; t < live; ++t) {
+      const double* q = query + t * p.num_heads * H;
+      double* xr = x + t * kF64Keys;
+      const int64_t qp = dp.QueryPosition(t);
+      for (int64_t j = 0; j < kF64Keys; ++j) {
+        const int64_t kp = j < nk ? dp.KeyPosition(s0 + j) : 0;
+        if (j >= nk || kp > qp || (p.window_left >= 0 && kp < qp - p.window_left)) {
+          xr[j] = -__builtin_inf();
           continue;
         }
-        const double* kr = key + (key_rows[j] * p.num_kv_heads + kv_head) * H;
-        double dot = 0.0;
-        for (int64_t h = 0; h < H; ++h) dot += q[h] * kr[h];
-        double v = dot * scale;
+        double v = F64Dot(q, key + (key_rows[j] * p.num_kv_heads + kv_head) * H, H) * scale;
         if (dp.slopes != nullptr) {
           const int64_t d = qp - kp;
           v -= slope * static_cast<double>(d < 0 ? -d : d);
         }
         if (cap > 0.0) v = cap * __builtin_tanh(v / cap);
-        x[j] = v;
+        xr[j] = v;
       }
-      const double m_new = F64RunningMax(m, x, nk);
-      if (m_new == -__builtin_inf()) continue;
-      const double alpha = __builtin_exp(m - m_new);
+      // xr becomes the tile's weights exp(x - m) (0 where hidden or past nk).
+      const double m_new = F64RunningMax(m[t], xr, nk);
+      if (m_new == -__builtin_inf()) continue;  // nothing visible yet
+      double* ot = o + t * Hv;
+      const double alpha = __builtin_exp(m[t] - m_new);
       if (alpha != 1.0) {
-        l *= alpha;
-        for (int64_t e = 0; e < Hv; ++e) o[e] *= alpha;
+        l[t] *= alpha;
+        for (int64_t e = 0; e < Hv; ++e) ot[e] *= alpha;
       }
-      m = m_new;
+      m[t] = m_new;
+      F64ExpRow(xr, m_new, nk);
+      double sum = 0.0;
+      for (int64_t j = 0; j < nk; ++j) sum += xr[j];
+      l[t] += sum;
       for (int64_t j = 0; j < nk; ++j) {
-        const double prob = __builtin_exp(x[j] - m_new);
+        const double prob = xr[j];
         if (prob == 0.0) continue;
-        l += prob;
         const double* vr = value + ((key_rows[j] + value_shift) * p.num_kv_heads + kv_head) * Hv;
-        for (int64_t e = 0; e < Hv; ++e) o[e] += prob * vr[e];
+        for (int64_t e = 0; e < Hv; ++e) ot[e] += prob * vr[e];
       }
     }
-    if (l > 0.0 || l != l) {
-      for (int64_t e = 0; e < Hv; ++e) out[e] = o[e] / l;
-      job.res.lse[at] = m + __builtin_log(l);
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t at = (b * T + t) * p.num_heads + n;
+    double* out = job.res.out + at * Hv;
+    if (l[t] > 0.0 || l[t] != l[t]) {
+      for (int64_t e = 0; e < Hv; ++e) out[e] = o[t * Hv + e] / l[t];
+      job.res.lse[at] = m[t] + __builtin_log(l[t]);
     } else {
       for (int64_t e = 0; e < Hv; ++e) out[e] = 0.0;
       job.res.lse[at] = -__builtin_inf();

@@ -84,8 +84,8 @@ static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* row
   // Line buffers: bias values (floats), mask bytes, ALiBi terms (floats), and along the
   // line's axis: positions (key-major the rows' query positions, query-major the keys'),
   // segment ids and (key-major) the rows' slopes.
-  // Reserved by the task (CarveTaskScratch): the grow-only block is there already.
-  float* scratch = tls_line_scratch.Get(LineScratchFloats(length));
+  // Reserved by the task (CarveTaskScratch, for its longest line).
+  float* scratch = tls_line_scratch.Reserved(LineScratchFloats(length));
   float* bias_line = scratch;
   uint8_t* mask_line = reinterpret_cast<uint8_t*>(scratch + padded + 16);
   int32_t* pos_line = reinterpret_cast<int32_t*>(scratch + 2 * padded + 32);

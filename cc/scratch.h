@@ -26,6 +26,17 @@ struct Scratch {
     }
     return data;
   }
+  // The block a task reserved with Get, for a use of `floats` of it: no allocation, so nothing
+  // to fail or check at the use (a sanitizer build's Get would otherwise hand each use a fresh
+  // block). A use past the reservation is a bug of the task's request: sanitizer builds trap.
+  float* Reserved(int64_t floats) const {
+#ifdef JAXATTN_EXACT_SCRATCH
+    if (data == nullptr || floats > capacity) __builtin_trap();
+#else
+    (void)floats;
+#endif
+    return data;
+  }
 };
 static thread_local Scratch tls_scratch;
 

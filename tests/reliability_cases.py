@@ -6,11 +6,14 @@ function returning named outputs (forward results and gradients), and a check of
 against the float64 oracle. The tests in ``test_determinism.py`` and ``test_concurrency.py`` run
 every row of ``CASES``; ``reliability_worker.py`` runs them in subprocesses (other thread
 counts, other ``JAXATTN_ISA``). To cover a new op (decode, paged decode, block-sparse, merge),
-write a builder like ``flash_case`` and append its rows to ``CASES``.
+write a builder like ``flash_case`` and append its rows to ``CASES``. Float64 rows run with
+x64 on (``OpCase.x64``: ``run`` and ``compiled`` turn it on around the call, in the calling
+thread), so that their arrays stay float64 and the float64 kernels run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -41,6 +44,7 @@ from oracle import (
 F32 = np.dtype(np.float32)
 BF16 = np.dtype(jnp.bfloat16)
 F16 = np.dtype(np.float16)
+F64 = np.dtype(np.float64)
 
 Outputs = dict[str, np.ndarray]
 WORKER = Path(__file__).resolve().parent / "reliability_worker.py"
@@ -60,12 +64,25 @@ class OpCase:
     make_args: Callable[[], tuple[Any, ...]]
     fn: Callable[..., dict[str, jax.Array]]
     check: Callable[[tuple[Any, ...], Outputs], None]
+    x64: bool = False  # float64 operands: calls run with jax_enable_x64
+
+    def compiled(self) -> Callable[..., dict[str, jax.Array]]:
+        """``jax.jit(fn)``, called with x64 on for a float64 row (the flag is per thread)."""
+        fn = jax.jit(self.fn)
+        if not self.x64:
+            return fn
+
+        def call(*args: Any) -> dict[str, jax.Array]:
+            with jax.enable_x64(True):
+                return fn(*args)
+        return call
 
     def run(self, *, jit: bool = True, args: tuple[Any, ...] | None = None) -> Outputs:
         """Outputs as NumPy arrays (``args`` defaults to ``make_args()``)."""
         args = self.make_args() if args is None else args
-        fn = jax.jit(self.fn) if jit else self.fn
-        return {name: np.asarray(x) for name, x in fn(*args).items()}
+        fn = self.compiled() if jit else self.fn
+        with jax.enable_x64(True) if self.x64 else contextlib.nullcontext():
+            return {name: np.asarray(x) for name, x in fn(*args).items()}
 
 
 def assert_bitwise_equal(a: Outputs, b: Outputs, what: str) -> None:
@@ -148,7 +165,8 @@ def flash_case(name: str, shape: Shape, dtype: np.dtype, *, bias: str | None = N
         out, lse = attention_reference(q, k, v, b, m, **options)
         naive_out, naive_lse = naive_low_precision(q, k, v, dtype, b, m, **options)
         assert_close_to_oracle(outputs["out"], out, naive_out, dtype=dtype, name=f"{name}: out")
-        assert_close_to_oracle(outputs["lse"], lse, naive_lse, dtype=F32, name=f"{name}: lse")
+        assert_close_to_oracle(outputs["lse"], lse, naive_lse, dtype=_lse_dtype(dtype),
+                               name=f"{name}: lse")
         grads = attention_reference_grad(q, k, v, dout, b, m, **options)
         naive = naive_low_precision_grad(q, k, v, dout, dtype, b, m, **options)
         for arg, ref, low in zip(_DIFFERENTIABLE, grads, naive):
@@ -156,7 +174,12 @@ def flash_case(name: str, shape: Shape, dtype: np.dtype, *, bias: str | None = N
                 assert_close_to_oracle(outputs[f"d{arg}"], ref, low, dtype=dtype,
                                        name=f"{name}: d{arg}")
 
-    return OpCase(name, make_args, fn, check)
+    return OpCase(name, make_args, fn, check, x64=dtype == F64)
+
+
+def _lse_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype of the kernels' lse: float64 for float64 inputs, float32 otherwise."""
+    return F64 if dtype == F64 else F32
 
 
 def _lengths(*values: int) -> np.ndarray:
@@ -233,9 +256,10 @@ def decode_case(name: str, shape: Shape, dtype: np.dtype, lengths: np.ndarray, *
         out, lse = attention_reference(q, k, v, mask=mask, **cap)
         naive_out, naive_lse = naive_low_precision(q, k, v, dtype, mask=mask, **cap)
         assert_close_to_oracle(outputs["out"], out, naive_out, dtype=dtype, name=f"{name}: out")
-        assert_close_to_oracle(outputs["lse"], lse, naive_lse, dtype=F32, name=f"{name}: lse")
+        assert_close_to_oracle(outputs["lse"], lse, naive_lse, dtype=_lse_dtype(dtype),
+                               name=f"{name}: lse")
 
-    return OpCase(name, make_args, fn, check)
+    return OpCase(name, make_args, fn, check, x64=dtype == F64)
 
 
 def merge_case(name: str, shape: Shape, parts: int, seed: int = 0) -> OpCase:
@@ -325,5 +349,18 @@ CASES: list[OpCase] = [
                 local_window_size=600, logits_soft_cap=20.0, seed=11),
     decode_case("paged_decode_f16_e5m2_cache_page5", Shape(1, 2, 900, 8, 4, 40), F16,
                 _lengths(851), page_size=5, cache_dtype=jnp.float8_e5m2, seed=12),
+    # Float64 (x64 on): the float64 kernels' own tiling, backward passes and decode loop.
+    flash_case("flash_f64_gqa_causal_window_cap_lengths", Shape(2, 130, 150, 4, 2, 40), F64,
+               is_causal=True, local_window_size=(60, 0), logits_soft_cap=5.0,
+               key_value_seq_lengths=_lengths(150, 77), seed=15),
+    # Rate 1/4: the keep threshold is exactly 2^30, so the oracle's 1 / (1 - rate) is the
+    # kernels' keep scale to the last bit.
+    flash_case("flash_f64_bias_grad_dropout", Shape(1, 97, 97, 4, 4, 17, value_head_dim=9), F64,
+               bias="1NTS", dropout_rate=0.25, seed=16),
+    decode_case("decode_f64_gqa_long", Shape(2, 1, 3000, 4, 2, 33), F64, _lengths(3000, 1100),
+                seed=17),
+    decode_case("paged_decode_f64_page7_t5_window_cap", Shape(2, 5, 700, 4, 1, 17), F64,
+                _lengths(690, 3), page_size=7, local_window_size=200, logits_soft_cap=10.0,
+                seed=18),
 ]
 CASES_BY_NAME: dict[str, OpCase] = {case.name: case for case in CASES}

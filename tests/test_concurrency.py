@@ -45,7 +45,7 @@ def run_in_threads(work: list, timeout: float = 300) -> list:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_one_jitted_function_from_many_threads(case: OpCase) -> None:
     args = case.make_args()
-    fn = jax.jit(case.fn)
+    fn = case.compiled()
     reference = {k: jax.device_get(v) for k, v in fn(*args).items()}
     case.check(args, reference)
 
@@ -59,7 +59,7 @@ def test_one_jitted_function_from_many_threads(case: OpCase) -> None:
 
 def test_different_ops_from_many_threads_at_once() -> None:
     """Every case in its own thread (forward and backward kernels interleaved), twice over."""
-    prepared = [(case, case.make_args(), jax.jit(case.fn)) for case in CASES]
+    prepared = [(case, case.make_args(), case.compiled()) for case in CASES]
     references = [{k: jax.device_get(v) for k, v in fn(*args).items()} for _, args, fn in prepared]
     work = [lambda fn=fn, args=args: {k: jax.device_get(v) for k, v in fn(*args).items()}
             for _, args, fn in prepared] * 2

@@ -1,16 +1,19 @@
 """Bitwise snapshot of the kernels' outputs, for refactors that must not change a bit.
 
 Runs a fixed set of flash (forward, vjp with an lse cotangent, jvp, bias gradient), block-sparse,
-decode, paged, int8-cache and dropout calls over f32/bf16/f16 and odd shapes, then saves every
-output to an .npz or compares against one bitwise:
+decode, paged, int8-cache and dropout calls over f32/bf16/f16 and float64 (x64 on) and odd shapes,
+then saves every output to an .npz or compares against one bitwise:
 
     PYTHONPATH=. JAXATTN_ISA=avx2 python tools/bitwise_snapshot.py save /tmp/base_avx2.npz
     # ... change the kernels, rebuild ...
     PYTHONPATH=. JAXATTN_ISA=avx2 python tools/bitwise_snapshot.py compare /tmp/base_avx2.npz
 
-Exit status 1 on any difference (the first 20 names are printed). ~2 minutes on 2 cores.
+Exit status 1 on any difference (the first 20 names are printed). ~2 minutes on 2 cores. A third
+argument keeps the outputs whose names start with it: "positions/" and "float64/" run only those
+cases (seconds), e.g. `... save /tmp/f64.npz float64/`.
 """
 import sys
+from functools import partial
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,28 @@ import jaxattn
 def rnd(key: int, shape: tuple[int, ...], dtype) -> jax.Array:
     """Standard normal values of `shape` from seed `key`, in `dtype`."""
     return jax.random.normal(jax.random.key(key), shape, jnp.float32).astype(dtype)
+
+
+def sparse_attention(q, k, v, *, mask, **kw):
+    """block_sparse_attention with the mask as a keyword (for functools.partial)."""
+    return jaxattn.block_sparse_attention(q, k, v, mask, **kw)
+
+
+def record_flash(out: dict, tag: str, attention, qkv: tuple, cotangents: tuple,
+                 tangent_seed: int | None = None) -> None:
+    """Stores under `tag` the outputs and lse of attention(q, k, v, return_residual=True), the
+    (dq, dk, dv) of the cotangents (dout, dlse) and, with a tangent_seed, the jvp of random
+    tangents from seeds tangent_seed, + 1, + 2."""
+    def f(q, k, v):
+        return attention(q, k, v, return_residual=True)
+    (o, lse), vjp = jax.vjp(f, *qkv)
+    dq, dk, dv = vjp(cotangents)
+    out[tag + "/o"], out[tag + "/lse"] = o, lse
+    out[tag + "/dq"], out[tag + "/dk"], out[tag + "/dv"] = dq, dk, dv
+    if tangent_seed is not None:
+        tangents = tuple(rnd(tangent_seed + i, x.shape, x.dtype) for i, x in enumerate(qkv))
+        _, (to, tl) = jax.jvp(f, qkv, tangents)
+        out[tag + "/jvp_o"], out[tag + "/jvp_lse"] = to, tl
 
 
 def position_cases() -> dict[str, np.ndarray]:
@@ -80,18 +105,76 @@ def position_cases() -> dict[str, np.ndarray]:
                                           key_value_positions=jnp.asarray(shuffled_k)),
             }
             for name, kw in variants.items():
-                tag = f"positions/{dn}/{B}x{T}x{S}x{N}x{K}x{H}/{name}"
-
-                def f(q, k, v, kw=kw):
-                    return jaxattn.flash_attention(q, k, v, return_residual=True, **kw)
-                (o, lse), vjp = jax.vjp(f, q, k, v)
-                dq, dk, dv = vjp((do, dl))
-                out[tag + "/o"], out[tag + "/lse"] = o, lse
-                out[tag + "/dq"], out[tag + "/dk"], out[tag + "/dv"] = dq, dk, dv
-                _, (to, tl) = jax.jvp(f, (q, k, v), (rnd(36, q.shape, dtype), rnd(37, k.shape, dtype),
-                                                     rnd(38, v.shape, dtype)))
-                out[tag + "/jvp_o"], out[tag + "/jvp_lse"] = to, tl
+                record_flash(out, f"positions/{dn}/{B}x{T}x{S}x{N}x{K}x{H}/{name}",
+                             partial(jaxattn.flash_attention, **kw), (q, k, v), (do, dl),
+                             tangent_seed=36)
     return out
+
+
+def float64_cases() -> dict[str, np.ndarray]:
+    """The float64 kernels (x64 on): flash forward, vjp and jvp over the options, the bias
+    gradient, block-sparse, contiguous and paged decoding, at odd shapes."""
+    out = {}
+    with jax.enable_x64(True):
+        dtype = jnp.float64
+        for (B, T, S, N, K, H, Hv) in ((2, 37, 53, 4, 2, 17, 9), (1, 70, 29, 3, 1, 100, 100)):
+            q = rnd(51, (B, T, N, H), dtype)
+            k = rnd(52, (B, S, K, H), dtype)
+            v = rnd(53, (B, S, K, Hv), dtype)
+            do = rnd(54, (B, T, N, Hv), dtype)
+            dl = rnd(55, (B, T, N), dtype)
+            bias = rnd(56, (B, 1, T, S), dtype)
+            mask = jax.random.bernoulli(jax.random.key(57), 0.8, (B, 1, T, S))
+            qpos = jnp.broadcast_to(jnp.arange(T)[::-1] * 2, (B, T))
+            kpos = jnp.broadcast_to(jnp.arange(S), (B, S))
+            qseg = jnp.broadcast_to((jnp.arange(T) * 3) // T, (B, T))
+            kseg = jnp.broadcast_to((jnp.arange(S) * 3) // S, (B, S))
+            variants = {
+                "plain": {},
+                "causal_window_cap": dict(is_causal=True, local_window_size=(9, 0),
+                                          logits_soft_cap=4.0),
+                "lengths_scale": dict(query_seq_lengths=jnp.array([T - 3, 0][:B]),
+                                      key_value_seq_lengths=jnp.array([S - 5, 7][:B]), scale=0.3),
+                "pos_seg_alibi": dict(is_causal=True, query_positions=qpos,
+                                      key_value_positions=kpos, query_segment_ids=qseg,
+                                      key_value_segment_ids=kseg,
+                                      alibi_slopes=jnp.linspace(0.1, 0.9, N, dtype=jnp.float32)),
+                "bias_mask": dict(bias=bias, mask=mask, logits_soft_cap=3.0),
+                "dropout": dict(is_causal=True, dropout_rate=0.25, dropout_rng=jax.random.key(58)),
+            }
+            for name, kw in variants.items():
+                record_flash(out, f"float64/flash/{B}x{T}x{S}x{N}x{K}x{H}x{Hv}/{name}",
+                             partial(jaxattn.flash_attention, **kw), (q, k, v), (do, dl),
+                             tangent_seed=60 if "dropout_rate" not in kw and "bias" not in kw
+                             else None)
+            out[f"float64/flash/{B}x{T}x{S}/dbias"] = jax.grad(lambda bias: jnp.sum(
+                jaxattn.flash_attention(q, k, v, bias=bias, is_causal=True) * do))(bias)
+            dense = np.array(jax.random.bernoulli(jax.random.key(59), 0.5, (T, S)))
+            dense[:, :5] = True
+            bsm = jaxattn.BlockSparseMask.from_dense(dense)
+            record_flash(out, f"float64/sparse/{B}x{T}x{S}x{N}x{K}",
+                         partial(sparse_attention, mask=bsm, logits_soft_cap=5.0), (q, k, v),
+                         (do, dl))
+        for T in (1, 3, 20):
+            B, Smax, N, K, H, Hv, page = 3, 30, 4, 2, 17, 9, 5
+            q = rnd(61, (B, T, N, H), dtype)
+            kc = rnd(62, (B, Smax, K, H), dtype)
+            vc = rnd(63, (B, Smax, K, Hv), dtype)
+            lens = jnp.array([Smax, 21, T])
+            kw = dict(local_window_size=(11, 0), logits_soft_cap=6.0)
+            o, lse = jaxattn.decode_attention(q, kc, vc, lens, return_residual=True, **kw)
+            out[f"float64/decode/T{T}/o"], out[f"float64/decode/T{T}/lse"] = o, lse
+            o, lse = jaxattn.decode_attention(q, kc, vc, lens, return_residual=True,
+                                              alibi_slopes=jnp.linspace(0.1, 0.5, N))
+            out[f"float64/decode/T{T}/alibi/o"], out[f"float64/decode/T{T}/alibi/lse"] = o, lse
+            perm = np.random.default_rng(1).permutation(B * Smax // page)
+            kp = kc.reshape(B * Smax // page, page, K, H)[perm]
+            vp = vc.reshape(B * Smax // page, page, K, Hv)[perm]
+            tables = jnp.asarray(np.argsort(perm).reshape(B, Smax // page).astype(np.int32))
+            o, lse = jaxattn.paged_decode_attention(q, kp, vp, tables, lens, return_residual=True,
+                                                    **kw)
+            out[f"float64/paged/T{T}/o"], out[f"float64/paged/T{T}/lse"] = o, lse
+        return {name: np.asarray(x) for name, x in out.items()}
 
 
 def cases() -> dict[str, np.ndarray]:
@@ -127,18 +210,10 @@ def cases() -> dict[str, np.ndarray]:
                                          dropout_rng=jax.random.key(11), dropout_broadcast=True),
             }
             for name, kw in variants.items():
-                tag = f"flash/{dn}/{B}x{T}x{S}x{N}x{K}x{H}x{Hv}/{name}"
-
-                def f(q, k, v, kw=kw):
-                    return jaxattn.flash_attention(q, k, v, return_residual=True, **kw)
-                (o, lse), vjp = jax.vjp(f, q, k, v)
-                dq, dk, dv = vjp((do, dl))
-                out[tag + "/o"], out[tag + "/lse"] = o, lse
-                out[tag + "/dq"], out[tag + "/dk"], out[tag + "/dv"] = dq, dk, dv
-                if "dropout_rate" not in kw and "bias" not in kw:
-                    _, (to, tl) = jax.jvp(f, (q, k, v), (rnd(12, q.shape, dtype), rnd(13, k.shape, dtype),
-                                                         rnd(14, v.shape, dtype)))
-                    out[tag + "/jvp_o"], out[tag + "/jvp_lse"] = to, tl
+                record_flash(out, f"flash/{dn}/{B}x{T}x{S}x{N}x{K}x{H}x{Hv}/{name}",
+                             partial(jaxattn.flash_attention, **kw), (q, k, v), (do, dl),
+                             tangent_seed=12 if "dropout_rate" not in kw and "bias" not in kw
+                             else None)
             # dlogits path: gradient wrt bias
             g = jax.grad(lambda bias: jnp.sum(jaxattn.flash_attention(q, k, v, bias=bias, is_causal=True)
                                               .astype(jnp.float32) * do.astype(jnp.float32)))(bias)
@@ -152,14 +227,8 @@ def cases() -> dict[str, np.ndarray]:
                              "dropout": dict(dropout_rate=0.2, dropout_rng=jax.random.key(17)),
                              "seg_alibi": dict(query_segment_ids=qseg, key_value_segment_ids=kseg,
                                                alibi_slopes=slopes)}.items():
-                tag = f"sparse/{dn}/{B}x{T}x{S}x{N}x{K}/{name}"
-
-                def fs(q, k, v, kw=kw):
-                    return jaxattn.block_sparse_attention(q, k, v, bsm, return_residual=True, **kw)
-                (o, lse), vjp = jax.vjp(fs, q, k, v)
-                dq, dk, dv = vjp((do, dl))
-                out[tag + "/o"], out[tag + "/lse"] = o, lse
-                out[tag + "/dq"], out[tag + "/dk"], out[tag + "/dv"] = dq, dk, dv
+                record_flash(out, f"sparse/{dn}/{B}x{T}x{S}x{N}x{K}/{name}",
+                             partial(sparse_attention, mask=bsm, **kw), (q, k, v), (do, dl))
         # decode & cache prefill
         for T in (1, 3, 40):
             B, Smax, N, K, H = 3, 320, 8, 2, 64
@@ -185,6 +254,7 @@ def cases() -> dict[str, np.ndarray]:
             o = jaxattn.decode_attention(q, kq, vq, lens, key_scale=ks, value_scale=vs)
             out[f"decode_int8/{dn}/T{T}/o"] = o
     out.update(position_cases())
+    out.update(float64_cases())
     # dropout mask itself
     out["dropout_mask"] = jaxattn.dropout_mask(jax.random.key(3), 0.25, 2, 3, 37, 53)
     return {k: np.asarray(v.astype(jnp.float32) if v.dtype in (jnp.bfloat16, jnp.float16) else v)
@@ -196,7 +266,12 @@ if __name__ == "__main__":
     # An optional third argument keeps only the outputs whose names start with it (save and
     # compare with the same one), e.g. "positions/" for position_cases alone.
     prefix = sys.argv[3] if len(sys.argv) > 3 else ""
-    res = position_cases() if prefix.startswith("positions/") else cases()
+    if prefix.startswith("positions/"):
+        res = position_cases()
+    elif prefix.startswith("float64/"):
+        res = float64_cases()
+    else:
+        res = cases()
     res = {k: np.asarray(v.astype(jnp.float32) if v.dtype in (jnp.bfloat16, jnp.float16) else v)
            for k, v in res.items() if k.startswith(prefix)}
     print(jaxattn.kernel_isa(), len(res), "arrays")

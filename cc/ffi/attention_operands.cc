@@ -203,4 +203,29 @@ ffi::Error ParseBackwardArgs(const AttentionProblem& p, ffi::DataType dtype,
   return ffi::Error::Success();
 }
 
+ffi::Error RunAttentionForward(const char* op, const AttentionProblem& p,
+                               const BlockSparseTables* tables, const ffi::AnyBuffer& out,
+                               const ffi::AnyBuffer& lse, ffi::ThreadPool pool) {
+  const XlaParallel parallel(pool);
+  if (p.dtype == DType::kF64) {
+    const F64ForwardResult result{static_cast<double*>(out.untyped_data()),
+                                  static_cast<double*>(lse.untyped_data())};
+    return ScratchError(op, FlashForwardF64(p, tables, result, parallel));
+  }
+  const FlashForwardResult result{out.untyped_data(), static_cast<float*>(lse.untyped_data())};
+  return ScratchError(op, tables != nullptr ? BlockSparseForward(p, *tables, result, parallel)
+                                            : FlashForward(p, result, parallel));
+}
+
+ffi::Error RunAttentionBackward(const char* op, const AttentionProblem& p,
+                                const BlockSparseTables* tables, const FlashBackwardArgs& args,
+                                const F64BackwardArgs& args64, ffi::ThreadPool pool) {
+  const XlaParallel parallel(pool);
+  if (p.dtype == DType::kF64) {
+    return ScratchError(op, FlashBackwardF64(p, tables, args64, parallel));
+  }
+  return ScratchError(op, tables != nullptr ? BlockSparseBackward(p, *tables, args, parallel)
+                                            : FlashBackward(p, args, parallel));
+}
+
 }  // namespace jaxattn

@@ -94,6 +94,19 @@ ffi::Error ParseBackwardArgs(const AttentionProblem& p, ffi::DataType dtype,
 ffi::Error CheckForwardResults(const AttentionProblem& p, ffi::DataType dtype,
                                const ffi::AnyBuffer& out, const ffi::AnyBuffer& lse);
 
+// Runs the forward of a checked problem into out and lse (CheckForwardResults): the float64
+// kernels for a float64 problem, else the block-sparse kernels over `tables` or, without
+// tables (nullptr), the dense flash kernels. Out of scratch memory: the error of `op`.
+ffi::Error RunAttentionForward(const char* op, const AttentionProblem& p,
+                               const BlockSparseTables* tables, const ffi::AnyBuffer& out,
+                               const ffi::AnyBuffer& lse, ffi::ThreadPool pool);
+
+// The backward likewise, with the arguments ParseBackwardArgs filled in (args64 for a
+// float64 problem, args otherwise).
+ffi::Error RunAttentionBackward(const char* op, const AttentionProblem& p,
+                                const BlockSparseTables* tables, const FlashBackwardArgs& args,
+                                const F64BackwardArgs& args64, ffi::ThreadPool pool);
+
 }  // namespace jaxattn
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jaxattn::FlashAttrs, StructMember<float>("scale"),

@@ -123,20 +123,7 @@ ffi::Error SparseForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
   BlockSparseTables tables;
   JAXATTN_RETURN_IF_ERROR(ParseBlockSparseTables(p, q_indptr, q_entries, nullptr, nullptr,
                                                  masks, nullptr, &tables));
-  if (p.dtype == DType::kF64) {
-    return ScratchError(
-        "block-sparse attention",
-        FlashForwardF64(p, &tables,
-                        F64ForwardResult{static_cast<double*>(out->untyped_data()),
-                                         static_cast<double*>(lse->untyped_data())},
-                        XlaParallel(pool)));
-  }
-  return ScratchError(
-      "block-sparse attention",
-      BlockSparseForward(p, tables,
-                         FlashForwardResult{out->untyped_data(),
-                                            static_cast<float*>(lse->untyped_data())},
-                         XlaParallel(pool)));
+  return RunAttentionForward("block-sparse attention", p, &tables, *out, *lse, pool);
 }
 
 template <size_t kTokens, typename Attributes>
@@ -162,10 +149,8 @@ ffi::Error SparseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::A
   BlockSparseTables tables;
   JAXATTN_RETURN_IF_ERROR(ParseBlockSparseTables(p, q_indptr, q_entries, &k_indptr,
                                                  &k_entries, masks, &masks_t, &tables));
-  return ScratchError("block-sparse attention backward",
-                      p.dtype == DType::kF64
-                          ? FlashBackwardF64(p, &tables, args64, XlaParallel(pool))
-                          : BlockSparseBackward(p, tables, args, XlaParallel(pool)));
+  return RunAttentionBackward("block-sparse attention backward", p, &tables, args, args64,
+                              pool);
 }
 
 template <typename Attributes>

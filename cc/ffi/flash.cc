@@ -27,20 +27,7 @@ ffi::Error FlashForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::Any
   JAXATTN_RETURN_IF_ERROR(ParseProblem({query, key, value, bias, mask, q_lengths, kv_lengths},
                                        tokens, attrs, od[0], &p));
   JAXATTN_RETURN_IF_ERROR(CheckForwardResults(p, query.element_type(), *out, *lse));
-  if (p.dtype == DType::kF64) {
-    return ScratchError(
-        "flash attention",
-        FlashForwardF64(p, nullptr,
-                        F64ForwardResult{static_cast<double*>(out->untyped_data()),
-                                         static_cast<double*>(lse->untyped_data())},
-                        XlaParallel(pool)));
-  }
-  return ScratchError(
-      "flash attention",
-      FlashForward(p,
-                   FlashForwardResult{out->untyped_data(),
-                                      static_cast<float*>(lse->untyped_data())},
-                   XlaParallel(pool)));
+  return RunAttentionForward("flash attention", p, nullptr, *out, *lse, pool);
 }
 
 template <size_t kTokens, typename Attributes>
@@ -63,10 +50,7 @@ ffi::Error FlashBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
   F64BackwardArgs args64;
   JAXATTN_RETURN_IF_ERROR(ParseBackwardArgs(p, query.element_type(), out, lse, dout, dlse,
                                             &*dq, &*dk, &*dv, nullptr, &args, &args64));
-  return ScratchError("flash attention backward",
-                      p.dtype == DType::kF64
-                          ? FlashBackwardF64(p, nullptr, args64, XlaParallel(pool))
-                          : FlashBackward(p, args, XlaParallel(pool)));
+  return RunAttentionBackward("flash attention backward", p, nullptr, args, args64, pool);
 }
 
 // d loss / d logits [B, N, T, S] in float32 (float64 for float64 inputs), for the gradient of
@@ -92,10 +76,7 @@ ffi::Error FlashLogitsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
   JAXATTN_RETURN_IF_ERROR(ParseBackwardArgs(p, query.element_type(), out, lse, dout, dlse,
                                             nullptr, nullptr, nullptr, &*dlogits, &args,
                                             &args64, "logits-gradient"));
-  return ScratchError("flash attention backward",
-                      p.dtype == DType::kF64
-                          ? FlashBackwardF64(p, nullptr, args64, XlaParallel(pool))
-                          : FlashBackward(p, args, XlaParallel(pool)));
+  return RunAttentionBackward("flash attention backward", p, nullptr, args, args64, pool);
 }
 
 // The tangent of (out, lse) in the direction of (dq, dk, dv, dbias), for forward-mode AD.

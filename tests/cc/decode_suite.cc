@@ -6,7 +6,8 @@
 // be read. Serial and thread-pool runs must agree bitwise; bad page ids must be rejected.
 // Quantized caches (int8, float8 e4m3fn / e5m2 bytes with float32 scales per row and kv head)
 // are checked against the reference on the dequantised values, decoded here independently.
-// More than 16 query tokens run the flash tiles over the cache (same semantics).
+// More than 16 query tokens run the flash tiles over the cache (same semantics). Float64
+// queries and caches run the float64 kernels (DecodeForwardF64; no quantized caches).
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -15,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_f64.h"
 #include "harness.h"
 
 namespace jaxattn_harness {
@@ -322,6 +324,8 @@ Reference ComputeReference(const Case& c, const Buffers& x) {
 }
 
 double Tolerance(const Case& c, const Reference& r) {
+  // Float64 accumulates in float64: a few ulps of the largest magnitude.
+  if (c.dtype == DType::kF64) return 1e-11;
   double tol = c.dtype == DType::kF32 ? 5e-5 : c.dtype == DType::kBF16 ? 2e-2 : 4e-3;
   return tol + 4 * std::ldexp(1.0, -24) * r.max_logit * std::sqrt(double(c.H));
 }
@@ -332,12 +336,20 @@ struct Outputs {
 
 Outputs Run(const Case& c, Buffers& x, const jaxattn::Parallel& parallel) {
   Outputs o;
+  const bool f64 = c.dtype == DType::kF64;
   o.out = Tensor(c.dtype, {c.B, c.T, c.N, c.Hv});
-  o.lse = Tensor(DType::kF32, {c.B, c.T, c.N});
+  o.lse = Tensor(f64 ? DType::kF64 : DType::kF32, {c.B, c.T, c.N});
   o.out.Fill(0xff);  // NaN: every element must be written
   o.lse.Fill(0xff);
-  jaxattn::DecodeForward(MakeProblem(c, x), {o.out.data(), static_cast<float*>(o.lse.data())},
-                         parallel);
+  if (f64) {
+    jaxattn::DecodeForwardF64(MakeProblem(c, x),
+                              {static_cast<double*>(o.out.data()),
+                               static_cast<double*>(o.lse.data())},
+                              parallel);
+  } else {
+    jaxattn::DecodeForward(MakeProblem(c, x), {o.out.data(), static_cast<float*>(o.lse.data())},
+                           parallel);
+  }
   return o;
 }
 
@@ -363,7 +375,8 @@ void RunCase(const Case& c, uint64_t seed, ThreadPool* pool, Failures* f) {
   const Reference r = ComputeReference(c, x);
   const double tol = Tolerance(c, r);
   Compare("out", a.out, r.out, tol, f);
-  Compare("lse", a.lse, r.lse, c.dtype == DType::kF32 ? tol : tol / 10, f);
+  Compare("lse", a.lse, r.lse, c.dtype == DType::kF32 || c.dtype == DType::kF64 ? tol : tol / 10,
+          f);
 }
 
 std::vector<int32_t> RandomLengths(Random& rng, int64_t count, int64_t capacity, int64_t T) {
@@ -384,7 +397,7 @@ std::vector<int32_t> RandomLengths(Random& rng, int64_t count, int64_t capacity,
 
 Case RandomCase(Random& rng) {
   Case c;
-  c.dtype = rng.Pick({DType::kF32, DType::kF32, DType::kBF16, DType::kF16});
+  c.dtype = rng.Pick({DType::kF32, DType::kF32, DType::kBF16, DType::kF16, DType::kF64});
   c.B = rng.Int(1, 3);
   c.T = rng.Pick<int64_t>({1, 1, 2, 3, 4, 16});
   c.K = rng.Int(1, 3);
@@ -404,7 +417,7 @@ Case RandomCase(Random& rng) {
   c.scale = rng.Pick({1.0 / std::sqrt(double(c.H)), 0.05, 0.5});
   if (rng.Chance(0.25)) c.soft_cap = rng.Pick({1.0, 5.0, 30.0});
   if (rng.Chance(0.3)) c.window_left = rng.Int(0, c.S);
-  if (rng.Chance(0.4)) {
+  if (rng.Chance(0.4) && c.dtype != DType::kF64) {  // float64 takes no quantized cache
     c.quant = rng.Pick({CacheQuant::kInt8, CacheQuant::kF8E4M3, CacheQuant::kF8E5M2});
     if (c.quant != CacheQuant::kInt8) {
       c.key_scales = rng.Chance(0.7);
@@ -447,7 +460,7 @@ std::vector<Case> EdgeCases() {
     cases.push_back(c);
   };
   // A long cache split into many partitions, full and partial; every dtype.
-  for (DType d : {DType::kF32, DType::kBF16, DType::kF16}) {
+  for (DType d : {DType::kF32, DType::kBF16, DType::kF16, DType::kF64}) {
     add(d, 2, 1, 8, 2, 64, 64, 4096, 0, {4096, 1000});
     add(d, 2, 4, 4, 1, 40, 24, 2048, 16, {2048, 513});
   }
@@ -473,6 +486,9 @@ std::vector<Case> EdgeCases() {
   cases.back().quant = CacheQuant::kInt8;
   add(DType::kF32, 1, 17, 4, 2, 32, 32, 200, 8, {150});
   cases.back().quant = CacheQuant::kF8E4M3;
+  // Float64: page size 1, lengths 0 and below T, T past 16, odd dims.
+  add(DType::kF64, 3, 20, 6, 2, 17, 9, 45, 1, {45, 5, 0});
+  add(DType::kF64, 2, 5, 3, 3, 33, 1, 90, 0, {90, 2});
   return cases;
 }
 

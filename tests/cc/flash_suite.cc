@@ -298,24 +298,12 @@ struct Semantics {
     return c.kv_positions.empty() ? s
                                   : Clamp(Row(c.kv_positions, b, c.S, s), -(1 << 30), 1 << 30);
   }
-  // Dropout: the multiplier of weight (b, n, t, s), keep / (1 - rate) or 0 (1 without), from
-  // the hash cc/dropout.h documents, computed here independently of the kernels.
-  static uint32_t Mix(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x846ca68bu;
-    x ^= x >> 16;
-    return x;
-  }
+  // Dropout: the multiplier of weight (b, n, t, s), keep / (1 - rate) or 0 (1 without).
   double Dropout(int64_t b, int64_t n, int64_t t, int64_t s) const {
     if (c.dropout_seeds.empty()) return 1.0;
     const int64_t batch = static_cast<int64_t>(c.dropout_seeds.size()) / (2 * c.N);
     const uint32_t* seed = &c.dropout_seeds[((b % batch) * c.N + n) * 2];
-    const uint32_t tt = static_cast<uint32_t>(t);
-    const uint32_t row0 = Mix(seed[0] ^ Mix(tt)), row1 = Mix(seed[1] ^ Mix(tt + 0x9E3779B9u));
-    const uint32_t word = Mix(Mix(row0 ^ static_cast<uint32_t>(s)) ^ row1);
-    if (word < c.dropout_threshold) return 0.0;
+    if (!ReferenceDropoutKept(seed, t, s, c.dropout_threshold)) return 0.0;
     return 1.0 / (1.0 - static_cast<double>(c.dropout_threshold) * std::ldexp(1.0, -32));
   }
   // -slope * |qp - kp| (0 without ALiBi).

@@ -105,9 +105,12 @@ inline float RoundBF16(float x) {
   return x;
 }
 
-inline size_t DTypeSize(DType d) { return d == DType::kF32 ? 4 : 2; }
+inline size_t DTypeSize(DType d) { return d == DType::kF64 ? 8 : d == DType::kF32 ? 4 : 2; }
 inline const char* DTypeName(DType d) {
-  return d == DType::kF32 ? "f32" : d == DType::kBF16 ? "bf16" : "f16";
+  return d == DType::kF64   ? "f64"
+         : d == DType::kF32 ? "f32"
+         : d == DType::kBF16 ? "bf16"
+                             : "f16";
 }
 
 // An operand in its own heap block of exactly its size (so ASan's redzone starts right after
@@ -146,6 +149,11 @@ struct Tensor {
   void* data() { return bytes.get(); }
   const void* data() const { return bytes.get(); }
   void Set(int64_t i, double x) {
+    if (dtype == DType::kF64) {
+      std::memcpy(bytes.get() + 8 * i, &x, 8);
+      values[i] = x;
+      return;
+    }
     const float f = static_cast<float>(x);
     switch (dtype) {
       case DType::kF32: std::memcpy(bytes.get() + 4 * i, &f, 4); values[i] = f; return;
@@ -164,7 +172,7 @@ struct Tensor {
         values[i] = static_cast<double>(h);
         return;
       }
-      case DType::kF64: return;  // float64 operands are f64_suite.cc's own (Doubles)
+      case DType::kF64: return;  // above
     }
   }
   double Get(int64_t i) const {
@@ -179,7 +187,7 @@ struct Tensor {
         return f;
       }
       case DType::kF16: { _Float16 h; std::memcpy(&h, bytes.get() + 2 * i, 2); return h; }
-      case DType::kF64: break;
+      case DType::kF64: { double d; std::memcpy(&d, bytes.get() + 8 * i, 8); return d; }
     }
     return 0.0;
   }
@@ -217,6 +225,33 @@ void Compare(const std::string& what, const Tensor& actual, const std::vector<do
              double tol, Failures* f);
 // a and b hold the same bytes (results of a serial and a thread-pool run).
 void CompareBitwise(const std::string& what, const Tensor& a, const Tensor& b, Failures* f);
+
+// Whether dropout keeps weight (query t, key s) of the head whose seed pair is seed[0..1],
+// with keep threshold `threshold`: the hash cc/dropout_hash.h documents, written out here
+// independently of the kernels (the references' dropout).
+bool ReferenceDropoutKept(const uint32_t* seed, int64_t t, int64_t s, uint32_t threshold);
+
+// Block-sparse tables of an element mask for the kernels' tiling (BlockSparseTilingFor), each
+// table in a heap block of exactly its size (so that ASan sees a read past one).
+template <typename T>
+struct Exact {
+  std::unique_ptr<T[]> data;
+  int64_t size = 0;
+  explicit Exact(const std::vector<T>& v)
+      : data(new T[std::max<size_t>(1, v.size())]), size(static_cast<int64_t>(v.size())) {
+    if (!v.empty()) std::memcpy(data.get(), v.data(), v.size() * sizeof(T));
+  }
+};
+struct CompiledTables {
+  std::unique_ptr<Exact<int32_t>> q_indptr, q_entries, k_indptr, k_entries;
+  std::unique_ptr<Exact<uint8_t>> masks, masks_t;
+  jaxattn::BlockSparseTables tables;  // pointing into the blocks above
+};
+// The tables of `mask` ([N or 1, T, S] bytes: per query head when per_head, then one table
+// group per kv head, else one mask for all heads) for N query heads over K kv heads. Tiles
+// with no visible element are left out, tiles all visible (within T and S) are full.
+CompiledTables CompileBlockSparseTables(int64_t T, int64_t S, int64_t N, int64_t K,
+                                        bool per_head, const std::vector<uint8_t>& mask);
 
 // Runs `jobs` copies of job(pool, failures) on the workers of a 2-thread pool at once, so
 // that every worker is busy when the kernels inside schedule their helpers on that same pool:

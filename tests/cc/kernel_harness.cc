@@ -72,6 +72,108 @@ void CompareBitwise(const std::string& what, const Tensor& a, const Tensor& b, F
   }
 }
 
+bool ReferenceDropoutKept(const uint32_t* seed, int64_t t, int64_t s, uint32_t threshold) {
+  auto mix = [](uint32_t x) {  // lowbias32
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+  };
+  const uint32_t tt = static_cast<uint32_t>(t);
+  const uint32_t row0 = mix(seed[0] ^ mix(tt)), row1 = mix(seed[1] ^ mix(tt + 0x9E3779B9u));
+  return mix(mix(row0 ^ static_cast<uint32_t>(s)) ^ row1) >= threshold;
+}
+
+CompiledTables CompileBlockSparseTables(int64_t T, int64_t S, int64_t N, int64_t K,
+                                        bool per_head, const std::vector<uint8_t>& mask) {
+  const int64_t G = N / K;
+  const jaxattn::BlockSparseTiling tiling = jaxattn::BlockSparseTilingFor(G);
+  const int64_t P = tiling.positions, rows = tiling.rows, kt = tiling.keys;
+  const int64_t rp = tiling.rows_padded;
+  const int64_t groups = per_head ? K : 1;
+  const int64_t nqt = (T + P - 1) / P, nkt = (S + kt - 1) / kt;
+  auto visible = [&](int64_t group, int64_t g, int64_t t, int64_t s) {
+    const int64_t head = per_head ? group * G + g : 0;
+    return mask[(head * T + t) * S + s] != 0;
+  };
+  std::vector<int32_t> q_indptr{0}, q_entries, k_indptr{0}, k_entries;
+  std::vector<uint8_t> masks;
+  // tile_id[(group * nqt + a) * nkt + b]: -2 empty, -1 full, else a mask index.
+  std::vector<int32_t> tile_id(groups * nqt * nkt, -2);
+  int32_t num_masks = 0;
+  for (int64_t group = 0; group < groups; ++group) {
+    for (int64_t a = 0; a < nqt; ++a) {
+      for (int64_t b = 0; b < nkt; ++b) {
+        std::vector<uint8_t> tile(rows * kt, 0);
+        int64_t count = 0, area = 0;
+        for (int64_t t = a * P; t < std::min(T, (a + 1) * P); ++t) {
+          for (int64_t g = 0; g < G; ++g) {
+            for (int64_t s = b * kt; s < std::min(S, (b + 1) * kt); ++s) {
+              const bool v = visible(group, g, t, s);
+              tile[((t - a * P) * G + g) * kt + (s - b * kt)] = v;
+              count += v;
+              ++area;
+            }
+          }
+        }
+        if (count == 0) continue;
+        int32_t id = -1;
+        if (count < area) {
+          id = num_masks++;
+          masks.insert(masks.end(), tile.begin(), tile.end());
+        }
+        tile_id[(group * nqt + a) * nkt + b] = id;
+        q_entries.push_back(static_cast<int32_t>(b));
+        q_entries.push_back(id);
+      }
+      q_indptr.push_back(static_cast<int32_t>(q_entries.size() / 2));
+    }
+  }
+  for (int64_t group = 0; group < groups; ++group) {
+    for (int64_t b = 0; b < nkt; ++b) {
+      for (int64_t a = 0; a < nqt; ++a) {
+        const int32_t id = tile_id[(group * nqt + a) * nkt + b];
+        if (id == -2) continue;
+        k_entries.push_back(static_cast<int32_t>(a));
+        k_entries.push_back(id);
+      }
+      k_indptr.push_back(static_cast<int32_t>(k_entries.size() / 2));
+    }
+  }
+  std::vector<uint8_t> masks_t(num_masks * kt * rp, 0);
+  for (int64_t m = 0; m < num_masks; ++m) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t s = 0; s < kt; ++s) {
+        masks_t[(m * kt + s) * rp + r] = masks[(m * rows + r) * kt + s];
+      }
+    }
+  }
+  CompiledTables out;
+  out.q_indptr.reset(new Exact<int32_t>(q_indptr));
+  out.q_entries.reset(new Exact<int32_t>(q_entries));
+  out.k_indptr.reset(new Exact<int32_t>(k_indptr));
+  out.k_entries.reset(new Exact<int32_t>(k_entries));
+  out.masks.reset(new Exact<uint8_t>(masks));
+  out.masks_t.reset(new Exact<uint8_t>(masks_t));
+  jaxattn::BlockSparseTables& t = out.tables;
+  t.groups = groups;
+  t.num_q_tiles = nqt;
+  t.num_k_tiles = nkt;
+  t.q_indptr = out.q_indptr->data.get();
+  t.q_entries = out.q_entries->data.get();
+  t.q_nnz = static_cast<int64_t>(q_entries.size() / 2);
+  t.k_indptr = out.k_indptr->data.get();
+  t.k_entries = out.k_entries->data.get();
+  t.k_nnz = static_cast<int64_t>(k_entries.size() / 2);
+  t.masks = num_masks ? out.masks->data.get() : nullptr;
+  t.num_masks = num_masks;
+  t.masks_t = num_masks ? out.masks_t->data.get() : nullptr;
+  return out;
+}
+
+
 void CheckNestedJoin(const char* what, int jobs,
                      const std::function<void(ThreadPool* pool, int job, Failures* f)>& job,
                      Failures* f) {

@@ -58,108 +58,6 @@ void SetDropout(Case* c, Random& rng, double rate) {
   c->dropout_threshold = static_cast<uint32_t>(rate * 4294967296.0);
 }
 
-// A table block of exactly its size (ASan's redzone right after it).
-template <typename T>
-struct Exact {
-  std::unique_ptr<T[]> data;
-  int64_t size = 0;
-  explicit Exact(const std::vector<T>& v) : data(new T[std::max<size_t>(1, v.size())]),
-                                            size(static_cast<int64_t>(v.size())) {
-    if (!v.empty()) std::memcpy(data.get(), v.data(), v.size() * sizeof(T));
-  }
-};
-
-struct Compiled {
-  std::unique_ptr<Exact<int32_t>> q_indptr, q_entries, k_indptr, k_entries;
-  std::unique_ptr<Exact<uint8_t>> masks, masks_t;
-  BlockSparseTables tables;  // pointing into the blocks above
-};
-
-// The tables of `mask` ([N or 1, T, S] bytes) for the kernels' tiling of group size G.
-Compiled CompileTables(const Case& c, const std::vector<uint8_t>& mask) {
-  const int64_t G = c.N / c.K;
-  const jaxattn::BlockSparseTiling tiling = jaxattn::BlockSparseTilingFor(G);
-  const int64_t P = tiling.positions, rows = tiling.rows, kt = tiling.keys;
-  const int64_t rp = tiling.rows_padded;
-  const int64_t groups = c.per_head ? c.K : 1;
-  const int64_t nqt = (c.T + P - 1) / P, nkt = (c.S + kt - 1) / kt;
-  auto visible = [&](int64_t group, int64_t g, int64_t t, int64_t s) {
-    const int64_t head = c.per_head ? group * G + g : 0;
-    return mask[(head * c.T + t) * c.S + s] != 0;
-  };
-  std::vector<int32_t> q_indptr{0}, q_entries, k_indptr{0}, k_entries;
-  std::vector<uint8_t> masks;
-  // tile_id[(group * nqt + a) * nkt + b]: -2 empty, -1 full, else a mask index.
-  std::vector<int32_t> tile_id(groups * nqt * nkt, -2);
-  int32_t num_masks = 0;
-  for (int64_t group = 0; group < groups; ++group) {
-    for (int64_t a = 0; a < nqt; ++a) {
-      for (int64_t b = 0; b < nkt; ++b) {
-        std::vector<uint8_t> tile(rows * kt, 0);
-        int64_t count = 0, area = 0;
-        for (int64_t t = a * P; t < std::min(c.T, (a + 1) * P); ++t) {
-          for (int64_t g = 0; g < G; ++g) {
-            for (int64_t s = b * kt; s < std::min(c.S, (b + 1) * kt); ++s) {
-              const bool v = visible(group, g, t, s);
-              tile[((t - a * P) * G + g) * kt + (s - b * kt)] = v;
-              count += v;
-              ++area;
-            }
-          }
-        }
-        if (count == 0) continue;
-        int32_t id = -1;
-        if (count < area) {
-          id = num_masks++;
-          masks.insert(masks.end(), tile.begin(), tile.end());
-        }
-        tile_id[(group * nqt + a) * nkt + b] = id;
-        q_entries.push_back(static_cast<int32_t>(b));
-        q_entries.push_back(id);
-      }
-      q_indptr.push_back(static_cast<int32_t>(q_entries.size() / 2));
-    }
-  }
-  for (int64_t group = 0; group < groups; ++group) {
-    for (int64_t b = 0; b < nkt; ++b) {
-      for (int64_t a = 0; a < nqt; ++a) {
-        const int32_t id = tile_id[(group * nqt + a) * nkt + b];
-        if (id == -2) continue;
-        k_entries.push_back(static_cast<int32_t>(a));
-        k_entries.push_back(id);
-      }
-      k_indptr.push_back(static_cast<int32_t>(k_entries.size() / 2));
-    }
-  }
-  std::vector<uint8_t> masks_t(num_masks * kt * rp, 0);
-  for (int64_t m = 0; m < num_masks; ++m) {
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t s = 0; s < kt; ++s) masks_t[(m * kt + s) * rp + r] = masks[(m * rows + r) * kt + s];
-    }
-  }
-  Compiled out;
-  out.q_indptr.reset(new Exact<int32_t>(q_indptr));
-  out.q_entries.reset(new Exact<int32_t>(q_entries));
-  out.k_indptr.reset(new Exact<int32_t>(k_indptr));
-  out.k_entries.reset(new Exact<int32_t>(k_entries));
-  out.masks.reset(new Exact<uint8_t>(masks));
-  out.masks_t.reset(new Exact<uint8_t>(masks_t));
-  BlockSparseTables& t = out.tables;
-  t.groups = groups;
-  t.num_q_tiles = nqt;
-  t.num_k_tiles = nkt;
-  t.q_indptr = out.q_indptr->data.get();
-  t.q_entries = out.q_entries->data.get();
-  t.q_nnz = static_cast<int64_t>(q_entries.size() / 2);
-  t.k_indptr = out.k_indptr->data.get();
-  t.k_entries = out.k_entries->data.get();
-  t.k_nnz = static_cast<int64_t>(k_entries.size() / 2);
-  t.masks = num_masks ? out.masks->data.get() : nullptr;
-  t.num_masks = num_masks;
-  t.masks_t = num_masks ? out.masks_t->data.get() : nullptr;
-  return out;
-}
-
 struct Buffers {
   Tensor q, k, v, dout, mask;
   std::vector<uint8_t> mask_bytes;
@@ -267,7 +165,8 @@ void RunCase(const Case& c, uint64_t seed, ThreadPool* pool, Failures* f) {
   Random rng(seed);
   Buffers x;
   MakeInputs(c, rng, &x);
-  const Compiled compiled = CompileTables(c, x.mask_bytes);
+  const CompiledTables compiled =
+      CompileBlockSparseTables(c.T, c.S, c.N, c.K, c.per_head, x.mask_bytes);
   const AttentionProblem p = MakeProblem(c, x, false);
   if (const char* m = jaxattn::ValidateBlockSparse(p, compiled.tables)) {
     f->Add(std::string("ValidateBlockSparse rejected valid tables: ") + m);
@@ -322,7 +221,8 @@ void CheckValidation(Failures* f) {
   Random rng(5);
   Buffers x;
   MakeInputs(c, rng, &x);
-  const Compiled compiled = CompileTables(c, x.mask_bytes);
+  const CompiledTables compiled =
+      CompileBlockSparseTables(c.T, c.S, c.N, c.K, c.per_head, x.mask_bytes);
   const AttentionProblem p = MakeProblem(c, x, false);
   if (jaxattn::ValidateBlockSparse(p, compiled.tables) != nullptr) {
     f->Add("rejected valid tables");
