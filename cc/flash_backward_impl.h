@@ -20,15 +20,6 @@ struct BackwardJob {
   // [B, T, N, 2] with dropout: the rows' keys (DropoutRowKeyOf), written by the query pass,
   // read by the key pass (which would otherwise derive them again for every key tile).
   uint32_t* dropout_keys;
-  // How the key pass splits its work (KeyPassSplitOf) and, with query chunks, each chunk's
-  // unscaled dK and dV sums: [chunks, B, K, kv_len] rows of c.hp (dK) and c.hvp (dV) floats.
-  struct KeyPassSplit {
-    int64_t tiles_per_task = 1;  // key tiles per task
-    int64_t chunks = 1;          // query chunks, each a task of its own
-    int64_t chunk_positions = 0; // query positions per chunk (whole query tiles)
-  } split;
-  float* partial_dk;
-  float* partial_dv;
 };
 
 // dS = P * (dP - D) [* (1 - tanh^2) with a soft cap], in place in dp. With dropout (a query
@@ -211,43 +202,20 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   }
 }
 
-// Pass 2, per block of up to kMaxKeyTilesPerTask key tiles (and query chunk): dK and dV over
-// every query (of the chunk) that sees them. The block's key tiles go through their query tiles side by side, and a query
+// Pass 2, per block of up to kMaxKeyTilesPerTask key tiles: dK and dV over every query that
+// sees them. The block's key tiles go through their query tiles side by side, and a query
 // tile that several of them see at once (same start and length) is packed once for all of
 // them: the packing of Q and dO (both ways) is paid per block, not per key tile. Each key
 // tile still visits exactly its own query tiles in increasing order, with the same products,
-// so (without query chunks, below) every dK and dV element is bitwise what a task per key
-// tile computes.
+// so every dK and dV element is bitwise what a task per key tile computes.
 constexpr int64_t kMaxKeyTilesPerTask = 2;
 
-//
-// Few (batch, kv head) pairs and short key ranges (GQA at short lengths) leave too few key
-// blocks to keep the threads busy: the query range is then cut into chunks of whole query
-// tiles, each chunk a task that sums its own dK and dV, and a last pass adds the chunks'
-// sums in chunk order. Where the split comes from: the shape only, never the thread count,
-// so the results are the same for any number of threads.
-static BackwardJob::KeyPassSplit KeyPassSplitOf(const FlashContext& c) {
-  const AttentionProblem& p = *c.p;
-  BackwardJob::KeyPassSplit split;
-  const int64_t num_k_tiles = CeilDiv(p.kv_len, c.keys_per_tile);
-  split.tiles_per_task = MinI(kMaxKeyTilesPerTask, MaxI(num_k_tiles, 1));
-  const int64_t tasks = p.batch * p.num_kv_heads * CeilDiv(num_k_tiles, split.tiles_per_task);
-  const int64_t q_tiles = CeilDiv(p.q_len, c.positions_per_tile);
-  // Chunks of at least two query tiles; their partial sums cost memory traffic, so no more
-  // of them than the task count needs.
-  while (tasks * split.chunks < kLargeTileMinTasks && split.chunks * 4 <= q_tiles) {
-    split.chunks *= 2;
-  }
-  split.chunk_positions = CeilDiv(q_tiles, split.chunks) * c.positions_per_tile;
-  split.chunks = CeilDiv(p.q_len, split.chunk_positions);
-  return split;
-}
-
-// Tasks of the key pass.
-static inline int64_t KeyPassTasks(const AttentionProblem& p, const BackwardJob& job) {
-  const int64_t num_k_tiles = CeilDiv(p.kv_len, job.c.keys_per_tile);
-  return p.batch * p.num_kv_heads * CeilDiv(num_k_tiles, job.split.tiles_per_task) *
-         job.split.chunks;
+// Key tiles per key-pass task: kMaxKeyTilesPerTask where that still leaves
+// kLargeTileMinTasks tasks, else 1. The shape decides, never the thread count (the results
+// do not depend on it anyway, see above).
+static inline int64_t KeyTilesPerTask(const AttentionProblem& p, int64_t num_k_tiles) {
+  const int64_t tasks = p.batch * p.num_kv_heads * CeilDiv(num_k_tiles, kMaxKeyTilesPerTask);
+  return tasks >= kLargeTileMinTasks ? kMaxKeyTilesPerTask : 1;
 }
 
 static void KeyValueGradTask(void* job_ptr, int64_t task) {
@@ -256,16 +224,11 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   const AttentionProblem& p = *c.p;
   const FlashBackwardArgs& a = job.args;
   const int64_t bk = c.keys_per_tile, num_k_tiles = CeilDiv(p.kv_len, bk);
-  const int64_t per_task = job.split.tiles_per_task, chunks = job.split.chunks;
-  // A head's tasks go block by block, the chunks of a block side by side (they share its K
-  // and V).
-  const TaskTile tt = TileOfTask(p, task, CeilDiv(num_k_tiles, per_task) * chunks,
+  const int64_t per_task = KeyTilesPerTask(p, num_k_tiles);
+  const TaskTile tt = TileOfTask(p, task, CeilDiv(num_k_tiles, per_task),
                                  /*costliest_last=*/false);
-  const int64_t kv_head = tt.kv_head, b = tt.b, chunk = tt.tile % chunks;
-  const int64_t first_tile = tt.tile / chunks * per_task;
-  // The query tiles of this chunk: those that start in [chunk_t0, chunk_t1).
-  const int64_t chunk_t0 = chunk * job.split.chunk_positions;
-  const int64_t chunk_t1 = chunk_t0 + job.split.chunk_positions;
+  const int64_t kv_head = tt.kv_head, b = tt.b;
+  const int64_t first_tile = tt.tile * per_task;
   const int64_t num_tiles = MinI(per_task, num_k_tiles - first_tile);
   const int64_t q_len = QueryLength(p, b), kv_len = KeyLength(p, b);
   const int64_t max_rows = c.positions_per_tile * c.group, rp = PaddedInner(c, max_rows);
@@ -344,10 +307,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
     PackDotRows(c, p.value, offsets, kt.nk, p.value_dim, 1.0f, kt.v);
     ZeroPaddingRows(c, kt.v, kt.nk, DotLd(c, p.value_dim));
     kt.cursor = QueryTilesOf(c, ti, kv_head, kt.k_tile, kt.s0, kt.sv1, q_len);
-    do {
-      kt.pending = NextTile(&kt.cursor, &kt.next);
-    } while (kt.pending && kt.next.start < chunk_t0);
-    kt.pending = kt.pending && kt.next.start < chunk_t1;
+    kt.pending = NextTile(&kt.cursor, &kt.next);
   }
 
   for (;;) {
@@ -366,7 +326,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
       KeyTileState& kt = key_tiles[i];
       if (!kt.pending || kt.next.start != t0 || kt.next.count != count) continue;
       const Tile tile = kt.next;
-      kt.pending = NextTile(&kt.cursor, &kt.next) && kt.next.start < chunk_t1;
+      kt.pending = NextTile(&kt.cursor, &kt.next);
       const int64_t s0 = kt.s0, nk = kt.nk;
       const TileKind kind = ClassifyTile(p, ti, t0, t1, s0, kt.sv1, kv_len);
       if (kind == TileKind::kHidden) continue;
@@ -428,18 +388,6 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
       ProductGemm(c, nk, c.hp, num_rows, ds_t, lda, qr, c.hp, kt.dk, c.hp, true);
     }
   }
-  if (chunks > 1) {  // this chunk's sums, for KeyValueChunkSumTask
-    const int64_t rows_of_chunk = p.batch * p.num_kv_heads * p.kv_len;
-    const int64_t first = chunk * rows_of_chunk + (b * p.num_kv_heads + kv_head) * p.kv_len;
-    for (int64_t i = 0; i < num_tiles; ++i) {
-      const KeyTileState& kt = key_tiles[i];
-      const int64_t n = kt.s1 - kt.s0;
-      __builtin_memcpy(job.partial_dk + (first + kt.s0) * c.hp, kt.dk, n * c.hp * sizeof(float));
-      __builtin_memcpy(job.partial_dv + (first + kt.s0) * c.hvp, kt.dv,
-                       n * c.hvp * sizeof(float));
-    }
-    return;
-  }
   for (int64_t i = 0; i < num_tiles; ++i) {
     const KeyTileState& kt = key_tiles[i];
     for (int64_t j = 0; j < kt.s1 - kt.s0; ++j) {
@@ -452,49 +400,12 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   }
 }
 
-// After a key pass in query chunks, per (batch, kv head, key tile): dK and dV as the sums of
-// the chunks' sums, added in chunk order.
-static void KeyValueChunkSumTask(void* job_ptr, int64_t task) {
-  const BackwardJob& job = *static_cast<const BackwardJob*>(job_ptr);
-  const FlashContext& c = job.c;
-  const AttentionProblem& p = *c.p;
-  const FlashBackwardArgs& a = job.args;
-  const int64_t bk = c.keys_per_tile, num_k_tiles = CeilDiv(p.kv_len, bk);
-  const TaskTile tt = TileOfTask(p, task, num_k_tiles, /*costliest_last=*/false);
-  const int64_t s0 = tt.tile * bk, s1 = MinI(p.kv_len, s0 + bk);
-  const int64_t rows_of_chunk = p.batch * p.num_kv_heads * p.kv_len;
-  const int64_t first = (tt.b * p.num_kv_heads + tt.kv_head) * p.kv_len;
-  float* sum = nullptr;
-  if (!CarveTaskScratch(c, 0, [&](Carver& carve) { sum = carve.Take(MaxI(c.hp, c.hvp)); })) {
-    return;
-  }
-  for (int64_t s = s0; s < s1; ++s) {
-    const int64_t row = (tt.b * p.kv_len + s) * p.num_kv_heads + tt.kv_head;
-    for (int64_t which = 0; which < 2; ++which) {
-      const int64_t width = which == 0 ? c.hp : c.hvp;
-      const float* partial = which == 0 ? job.partial_dk : job.partial_dv;
-      const float* x = partial + (first + s) * width;
-      for (int64_t h = 0; h < width; h += kVL) Store(sum + h, Load(x + h));
-      for (int64_t chunk = 1; chunk < job.split.chunks; ++chunk) {
-        const float* y = x + chunk * rows_of_chunk * width;
-        for (int64_t h = 0; h < width; h += kVL) Store(sum + h, Load(sum + h) + Load(y + h));
-      }
-      if (which == 0) {
-        StoreRow(p.dtype, sum, p.head_dim, p.scale, Offset(a.dk, p.dtype, row * p.head_dim));
-      } else {
-        StoreRow(p.dtype, sum, p.value_dim, 1.0f, Offset(a.dv, p.dtype, row * p.value_dim));
-      }
-    }
-  }
-}
-
 // Returns the bytes of memory that could not be allocated (0: none, the gradients are
 // written).
 static int64_t RunBackward(const AttentionProblem& p, const BlockSparseTables* sparse,
                            ProductMode bf16_mode, const FlashBackwardArgs& args,
                            const Parallel& parallel) {
-  BackwardJob job{ContextFor(p, sparse, bf16_mode), args, nullptr, nullptr, nullptr,
-                  {}, nullptr, nullptr};
+  BackwardJob job{ContextFor(p, sparse, bf16_mode), args, nullptr, nullptr, nullptr};
   const int64_t row_bytes = MaxI(p.batch * p.q_len * p.num_heads, 1) * sizeof(float);
   job.delta = static_cast<float*>(__builtin_malloc(row_bytes));
   job.norm = static_cast<float*>(__builtin_malloc(row_bytes));
@@ -506,35 +417,16 @@ static int64_t RunBackward(const AttentionProblem& p, const BlockSparseTables* s
     __builtin_free(job.dropout_keys);
     return row_bytes;
   }
-  const bool key_pass = args.dk != nullptr && args.dv != nullptr;
-  int64_t failed = 0;
-  if (key_pass) {
-    job.split = KeyPassSplitOf(job.c);
-    if (job.split.chunks > 1) {
-      const int64_t rows = job.split.chunks * p.batch * p.num_kv_heads * p.kv_len;
-      const int64_t dk_bytes = rows * job.c.hp * sizeof(float);
-      const int64_t dv_bytes = rows * job.c.hvp * sizeof(float);
-      job.partial_dk = static_cast<float*>(__builtin_malloc(dk_bytes));
-      job.partial_dv = static_cast<float*>(__builtin_malloc(dv_bytes));
-      if (job.partial_dk == nullptr || job.partial_dv == nullptr) failed = dk_bytes + dv_bytes;
-    }
-  }
-  if (failed == 0) {
-    parallel.For(p.batch * p.num_kv_heads * job.c.num_q_tiles, QueryGradTask, &job);
-  }
-  if (failed == 0 && key_pass && job.c.scratch_failed == 0) {
-    parallel.For(KeyPassTasks(p, job), KeyValueGradTask, &job);
-    if (job.split.chunks > 1 && job.c.scratch_failed == 0) {
-      const int64_t k_tiles = CeilDiv(p.kv_len, job.c.keys_per_tile);
-      parallel.For(p.batch * p.num_kv_heads * k_tiles, KeyValueChunkSumTask, &job);
-    }
+  parallel.For(p.batch * p.num_kv_heads * job.c.num_q_tiles, QueryGradTask, &job);
+  if (args.dk != nullptr && args.dv != nullptr && job.c.scratch_failed == 0) {
+    const int64_t k_tiles = CeilDiv(p.kv_len, job.c.keys_per_tile);
+    const int64_t blocks = CeilDiv(k_tiles, KeyTilesPerTask(p, k_tiles));
+    parallel.For(p.batch * p.num_kv_heads * blocks, KeyValueGradTask, &job);
   }
   __builtin_free(job.delta);
   __builtin_free(job.norm);
   __builtin_free(job.dropout_keys);
-  __builtin_free(job.partial_dk);
-  __builtin_free(job.partial_dv);
-  return failed != 0 ? failed : job.c.scratch_failed;
+  return job.c.scratch_failed;
 }
 
 template <ProductMode kBF16Mode>
