@@ -7,6 +7,9 @@ is their share of the machine's matrix-product rate in the same dtype (PyTorch's
 
     python benchmarks/bench_flash.py [--quick] [--dtypes float32 bfloat16] [--memory]
         [--passes fwd fwd+bwd] [--isas amx avx512] [--soft-cap] [--dropout]
+        [--shapes 2x512x8x2x128 1x2048x16x16x128c]
+
+--shapes replaces the speed shapes: BxTxNxKxH (T = S), a trailing "c" for causal.
 
 --isas runs the benchmark once per jaxattn kernel set (JAXATTN_ISA), each in its own process
 with PyTorch timed in that process, and ends with a table comparing the kernel sets per shape.
@@ -69,6 +72,13 @@ SHAPES = (Shape(1, 2048, 16, 16, 128, True), Shape(4, 512, 12, 12, 64, False),
           Shape(1, 4096, 8, 2, 128, True))
 QUICK_SHAPES = (Shape(1, 1024, 8, 8, 128, True), Shape(2, 512, 8, 8, 64, False),
                 Shape(1, 1024, 8, 2, 128, True))
+
+
+def parse_shape(text: str) -> Shape:
+    """``BxTxNxKxH`` (T = S), ``c`` appended for causal: ``2x512x8x2x128``, ``1x2048x16x16x128c``."""
+    causal = text.endswith("c")
+    b, t, n, k, h = (int(x) for x in text.rstrip("c").split("x"))
+    return Shape(b, t, n, k, h, causal)
 
 
 def inputs(shape: Shape, dtype):
@@ -242,6 +252,8 @@ def main() -> None:
                         choices=["fwd", "fwd+bwd"])
     parser.add_argument("--isas", nargs="+",
                         help="jaxattn kernel sets to compare (JAXATTN_ISA), one process each")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape,
+                        help="speed shapes instead of the default ones: BxTxNxKxH[c]")
     args = parser.parse_args()
     if args.isas:
         compare_isas(args)
@@ -254,8 +266,8 @@ def main() -> None:
           f"{torch.__version__ if torch else 'not installed'}\n")
     summary = {}
     if not args.only_overheads:
-        table, summary = run_speed(QUICK_SHAPES if args.quick else SHAPES, args.dtypes, torch,
-                                   args.passes)
+        shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+        table, summary = run_speed(shapes, args.dtypes, torch, args.passes)
         print("torch.mm 4096^3: " + ", ".join(f"{d} {g:.0f} GFLOP/s"
                                               for d, g in summary["matmul_gflops"].items()) + "\n")
         print(table)
@@ -272,6 +284,12 @@ def main() -> None:
             json.dump({"machine": fig, "summary": summary}, f, indent=1)
 
 
+def shape_arg(shape: Shape) -> str:
+    """The --shapes text of ``shape``."""
+    return (f"{shape.b}x{shape.t}x{shape.n}x{shape.k}x{shape.h}"
+            f"{'c' if shape.causal else ''}")
+
+
 def compare_isas(args) -> None:
     """Runs this benchmark once per kernel set in args.isas (fresh processes: the kernel set
     is chosen once per process), then compares them per shape. Each process times PyTorch
@@ -284,6 +302,8 @@ def compare_isas(args) -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, __file__, "--dtypes", *args.dtypes, "--passes", *args.passes,
                    "--json", f.name] + (["--quick"] if args.quick else []) + (
+                       ["--shapes", *(shape_arg(s) for s in args.shapes)]
+                       if args.shapes else []) + (
                        ["--no-torch"] if args.no_torch else [])
             print(f"## JAXATTN_ISA={isa}\n", flush=True)
             subprocess.run(cmd, check=True, env={**os.environ, "JAXATTN_ISA": isa})

@@ -202,20 +202,35 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
   }
 }
 
-// Pass 2, per key tile: dK and dV over every query that sees the tile.
+// Pass 2, per block of up to kMaxKeyTilesPerTask key tiles: dK and dV over every query that
+// sees them. The block's key tiles go through their query tiles side by side, and a query
+// tile that several of them see at once (same start and length) is packed once for all of
+// them: the packing of Q and dO (both ways) is paid per block, not per key tile. Each key
+// tile still visits exactly its own query tiles in increasing order, with the same products,
+// so every dK and dV element is bitwise what a task per key tile computes.
+constexpr int64_t kMaxKeyTilesPerTask = 2;
+
+// Key tiles per key-pass task: kMaxKeyTilesPerTask where that still leaves
+// kLargeTileMinTasks tasks, else 1. The shape decides, never the thread count (the results
+// do not depend on it anyway, see above).
+static inline int64_t KeyTilesPerTask(const AttentionProblem& p, int64_t num_k_tiles) {
+  const int64_t tasks = p.batch * p.num_kv_heads * CeilDiv(num_k_tiles, kMaxKeyTilesPerTask);
+  return tasks >= kLargeTileMinTasks ? kMaxKeyTilesPerTask : 1;
+}
+
 static void KeyValueGradTask(void* job_ptr, int64_t task) {
   const BackwardJob& job = *static_cast<const BackwardJob*>(job_ptr);
   const FlashContext& c = job.c;
   const AttentionProblem& p = *c.p;
   const FlashBackwardArgs& a = job.args;
   const int64_t bk = c.keys_per_tile, num_k_tiles = CeilDiv(p.kv_len, bk);
-  const TaskTile tt = TileOfTask(p, task, num_k_tiles, /*costliest_last=*/false);
-  const int64_t k_tile = tt.tile, kv_head = tt.kv_head, b = tt.b;
-  const int64_t s0 = k_tile * bk;
-  const int64_t s1 = MinI(p.kv_len, s0 + bk);
+  const int64_t per_task = KeyTilesPerTask(p, num_k_tiles);
+  const TaskTile tt = TileOfTask(p, task, CeilDiv(num_k_tiles, per_task),
+                                 /*costliest_last=*/false);
+  const int64_t kv_head = tt.kv_head, b = tt.b;
+  const int64_t first_tile = tt.tile * per_task;
+  const int64_t num_tiles = MinI(per_task, num_k_tiles - first_tile);
   const int64_t q_len = QueryLength(p, b), kv_len = KeyLength(p, b);
-  const int64_t sv1 = MaxI(s0, MinI(s1, kv_len));
-  const int64_t nk = sv1 - s0;
   const int64_t max_rows = c.positions_per_tile * c.group, rp = PaddedInner(c, max_rows);
   const bool has_cap = p.soft_cap > 0.0f;
   AmxTaskTiles amx_tiles(c.mode == ProductMode::kAmxTiles);
@@ -230,10 +245,11 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
   if (!CarveTaskScratch(c, max_rows, [&](Carver& carve) {
         rows = reinterpret_cast<RowInfo*>(carve.Take(max_rows * 4));
         offsets = reinterpret_cast<int64_t*>(carve.Take(MaxI(max_rows, bk) * 2));
-        k = carve.Take(bk * c.hp);
-        v = carve.Take(bk * c.hvp);
-        dk = carve.Take(bk * c.hp);
-        dv = carve.Take(bk * c.hvp);
+        // Per key tile of the block: K, V packed (left operands) and the dK, dV sums.
+        k = carve.Take(num_tiles * bk * c.hp);
+        v = carve.Take(num_tiles * bk * c.hvp);
+        dk = carve.Take(num_tiles * bk * c.hp);
+        dv = carve.Take(num_tiles * bk * c.hvp);
         st = carve.Take(bk * rp);
         dpt = carve.Take(bk * rp);
         tht = carve.Take(bk * rp);
@@ -255,61 +271,104 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
     return;
   }
 
-  __builtin_memset(dk, 0, bk * c.hp * sizeof(float));
-  __builtin_memset(dv, 0, bk * c.hvp * sizeof(float));
+  __builtin_memset(dk, 0, num_tiles * bk * c.hp * sizeof(float));
+  __builtin_memset(dv, 0, num_tiles * bk * c.hvp * sizeof(float));
   const int64_t kb = b % p.kv_batch, vb = b % p.value_batch;
-  if (nk > 0) {
-    KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
+  const TokenInfo ti = TokenInfoOf(p, b);
+  // Per key tile i of the block: keys [s0, s1), visible up to sv1 (nk of them), its query
+  // tiles (cursor) and the next of them not yet visited (pending).
+  struct KeyTileState {
+    int64_t k_tile, s0, s1, sv1, nk;
+    TileCursor cursor;
+    Tile next;
+    bool pending;
+    float *k, *v, *dk, *dv;
+  } key_tiles[kMaxKeyTilesPerTask];
+  for (int64_t i = 0; i < num_tiles; ++i) {
+    KeyTileState& kt = key_tiles[i];
+    kt.k_tile = first_tile + i;
+    kt.s0 = kt.k_tile * bk;
+    kt.s1 = MinI(p.kv_len, kt.s0 + bk);
+    kt.sv1 = MaxI(kt.s0, MinI(kt.s1, kv_len));
+    kt.nk = kt.sv1 - kt.s0;
+    kt.k = k + i * bk * c.hp;
+    kt.v = v + i * bk * c.hvp;
+    kt.dk = dk + i * bk * c.hp;
+    kt.dv = dv + i * bk * c.hvp;
+    kt.pending = false;
+    if (kt.nk == 0) continue;
+    KeyOffsets(kt.s0, kt.nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
     // Unscaled keys and scaled queries, as in the forward pass: the logits recomputed here
     // are then bitwise those whose lse the forward saved (scaling the keys instead rounds
     // differently, and with logits ~1e4 P = exp(s - lse) was off by ~1e-3 relative).
-    PackDotRows(c, p.key, offsets, nk, p.head_dim, 1.0f, k);
-    ZeroPaddingRows(c, k, nk, DotLd(c, p.head_dim));
-    KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
-    PackDotRows(c, p.value, offsets, nk, p.value_dim, 1.0f, v);
-    ZeroPaddingRows(c, v, nk, DotLd(c, p.value_dim));
-    const TokenInfo ti = TokenInfoOf(p, b);
-    TileCursor tiles = QueryTilesOf(c, ti, kv_head, k_tile, s0, sv1, q_len);
-    for (Tile tile; NextTile(&tiles, &tile);) {
-      const int64_t t0 = tile.start, t1 = t0 + tile.count;
-      const TileKind kind = ClassifyTile(p, ti, t0, t1, s0, sv1, kv_len);
+    PackDotRows(c, p.key, offsets, kt.nk, p.head_dim, 1.0f, kt.k);
+    ZeroPaddingRows(c, kt.k, kt.nk, DotLd(c, p.head_dim));
+    KeyOffsets(kt.s0, kt.nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
+    PackDotRows(c, p.value, offsets, kt.nk, p.value_dim, 1.0f, kt.v);
+    ZeroPaddingRows(c, kt.v, kt.nk, DotLd(c, p.value_dim));
+    kt.cursor = QueryTilesOf(c, ti, kv_head, kt.k_tile, kt.s0, kt.sv1, q_len);
+    kt.pending = NextTile(&kt.cursor, &kt.next);
+  }
+
+  for (;;) {
+    // The earliest pending query tile; every key tile pending on the same one shares its
+    // packing.
+    int64_t t0 = -1, count = 0;
+    for (int64_t i = 0; i < num_tiles; ++i) {
+      const KeyTileState& kt = key_tiles[i];
+      if (kt.pending && (t0 < 0 || kt.next.start < t0)) t0 = kt.next.start, count = kt.next.count;
+    }
+    if (t0 < 0) break;
+    const int64_t t1 = t0 + count;
+    int64_t num_rows = 0, nrp = 0;
+    bool packed = false;
+    for (int64_t i = 0; i < num_tiles; ++i) {
+      KeyTileState& kt = key_tiles[i];
+      if (!kt.pending || kt.next.start != t0 || kt.next.count != count) continue;
+      const Tile tile = kt.next;
+      kt.pending = NextTile(&kt.cursor, &kt.next);
+      const int64_t s0 = kt.s0, nk = kt.nk;
+      const TileKind kind = ClassifyTile(p, ti, t0, t1, s0, kt.sv1, kv_len);
       if (kind == TileKind::kHidden) continue;
-      const int64_t num_rows = QueryTileRows(c, kv_head, t0, t1, rows);
-      const int64_t nrp = PaddedInner(c, num_rows);
-      RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
-      PackAcrossRows(c, p.query, offsets, num_rows, p.head_dim, qr);
-      PackDotColumns(c, p.query, offsets, num_rows, p.head_dim, p.scale, qt, nrp, block);
-      RowOffsets(rows, num_rows, b, p.q_len, p.num_heads, p.value_dim, offsets);
-      PackAcrossRows(c, a.dout, offsets, num_rows, p.value_dim, dor);
-      PackDotColumns(c, a.dout, offsets, num_rows, p.value_dim, 1.0f, dot, nrp, block);
-      for (int64_t r = 0; r < nrp; ++r) {
-        if (r < num_rows) {
-          const int64_t row = (b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;
-          lse[r] = FiniteOrInf(a.lse[row]);
-          delta[r] = job.delta[row];
-          norm[r] = job.norm[row];
-          if (HasDropout(p)) {
-            row_keys[r] = job.dropout_keys[2 * row];
-            row_keys[rp + r] = job.dropout_keys[2 * row + 1];
+      if (!packed) {
+        packed = true;
+        num_rows = QueryTileRows(c, kv_head, t0, t1, rows);
+        nrp = PaddedInner(c, num_rows);
+        RowOffsets(rows, num_rows, b % p.q_batch, p.q_len, p.num_heads, p.head_dim, offsets);
+        PackAcrossRows(c, p.query, offsets, num_rows, p.head_dim, qr);
+        PackDotColumns(c, p.query, offsets, num_rows, p.head_dim, p.scale, qt, nrp, block);
+        RowOffsets(rows, num_rows, b, p.q_len, p.num_heads, p.value_dim, offsets);
+        PackAcrossRows(c, a.dout, offsets, num_rows, p.value_dim, dor);
+        PackDotColumns(c, a.dout, offsets, num_rows, p.value_dim, 1.0f, dot, nrp, block);
+        for (int64_t r = 0; r < nrp; ++r) {
+          if (r < num_rows) {
+            const int64_t row = (b * p.q_len + rows[r].t) * p.num_heads + rows[r].n;
+            lse[r] = FiniteOrInf(a.lse[row]);
+            delta[r] = job.delta[row];
+            norm[r] = job.norm[row];
+            if (HasDropout(p)) {
+              row_keys[r] = job.dropout_keys[2 * row];
+              row_keys[rp + r] = job.dropout_keys[2 * row + 1];
+            }
+          } else {
+            lse[r] = kInf;
+            delta[r] = 0.0f;
+            norm[r] = 0.0f;
+            if (HasDropout(p)) row_keys[r] = row_keys[rp + r] = 0;
           }
-        } else {
-          lse[r] = kInf;
-          delta[r] = 0.0f;
-          norm[r] = 0.0f;
-          if (HasDropout(p)) row_keys[r] = row_keys[rp + r] = 0;
         }
       }
 
-      LogitsGemm(c, nk, nrp, k, qt, nrp, st, nrp);
+      LogitsGemm(c, nk, nrp, kt.k, qt, nrp, st, nrp);
       TransformLogits<true>(c, b, rows, num_rows, s0, nk, kv_len, kind == TileKind::kFull,
                             tile.mask, st, nrp, has_cap ? tht : nullptr);
-      for (int64_t i = 0; i < nk; ++i) {
-        float* si = st + i * nrp;
+      for (int64_t r = 0; r < nk; ++r) {
+        float* sr = st + r * nrp;
         for (int64_t j = 0; j < nrp; j += kVL) {
-          Store(si + j, Exp(Load(si + j) - Load(lse + j) - Load(norm + j)));
+          Store(sr + j, Exp(Load(sr + j) - Load(lse + j) - Load(norm + j)));
         }
       }
-      ProductGemm(c, nk, nrp, p.value_dim, v, DotLd(c, p.value_dim), dot, nrp, dpt, nrp,
+      ProductGemm(c, nk, nrp, p.value_dim, kt.v, DotLd(c, p.value_dim), dot, nrp, dpt, nrp,
                   false);
       // Dropout: one mask for P o Z' (dV) and dP o Z' (dS).
       const float* prob_for_v = st;
@@ -320,21 +379,24 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
       }
       int64_t lda;
       const float* prob_t = ComputedOperand(c, prob_for_v, nk, num_rows, nrp, pairs, &lda);
-      ProductGemm(c, nk, c.hvp, num_rows, prob_t, lda, dor, c.hvp, dv, c.hvp, true);
-      for (int64_t i = 0; i < nk; ++i) {
-        LogitsGradRow(st + i * nrp, dpt + i * nrp, has_cap ? tht + i * nrp : nullptr, nrp,
+      ProductGemm(c, nk, c.hvp, num_rows, prob_t, lda, dor, c.hvp, kt.dv, c.hvp, true);
+      for (int64_t r = 0; r < nk; ++r) {
+        LogitsGradRow(st + r * nrp, dpt + r * nrp, has_cap ? tht + r * nrp : nullptr, nrp,
                       0.0f, delta);
       }
       const float* ds_t = ComputedOperand(c, dpt, nk, num_rows, nrp, pairs, &lda);
-      ProductGemm(c, nk, c.hp, num_rows, ds_t, lda, qr, c.hp, dk, c.hp, true);
+      ProductGemm(c, nk, c.hp, num_rows, ds_t, lda, qr, c.hp, kt.dk, c.hp, true);
     }
   }
-  for (int64_t j = 0; j < s1 - s0; ++j) {
-    const int64_t row = (b * p.kv_len + s0 + j) * p.num_kv_heads + kv_head;
-    StoreRow(p.dtype, dk + j * c.hp, p.head_dim, p.scale,
-             Offset(a.dk, p.dtype, row * p.head_dim));
-    StoreRow(p.dtype, dv + j * c.hvp, p.value_dim, 1.0f,
-             Offset(a.dv, p.dtype, row * p.value_dim));
+  for (int64_t i = 0; i < num_tiles; ++i) {
+    const KeyTileState& kt = key_tiles[i];
+    for (int64_t j = 0; j < kt.s1 - kt.s0; ++j) {
+      const int64_t row = (b * p.kv_len + kt.s0 + j) * p.num_kv_heads + kv_head;
+      StoreRow(p.dtype, kt.dk + j * c.hp, p.head_dim, p.scale,
+               Offset(a.dk, p.dtype, row * p.head_dim));
+      StoreRow(p.dtype, kt.dv + j * c.hvp, p.value_dim, 1.0f,
+               Offset(a.dv, p.dtype, row * p.value_dim));
+    }
   }
 }
 
@@ -358,7 +420,8 @@ static int64_t RunBackward(const AttentionProblem& p, const BlockSparseTables* s
   parallel.For(p.batch * p.num_kv_heads * job.c.num_q_tiles, QueryGradTask, &job);
   if (args.dk != nullptr && args.dv != nullptr && job.c.scratch_failed == 0) {
     const int64_t k_tiles = CeilDiv(p.kv_len, job.c.keys_per_tile);
-    parallel.For(p.batch * p.num_kv_heads * k_tiles, KeyValueGradTask, &job);
+    const int64_t blocks = CeilDiv(k_tiles, KeyTilesPerTask(p, k_tiles));
+    parallel.For(p.batch * p.num_kv_heads * blocks, KeyValueGradTask, &job);
   }
   __builtin_free(job.delta);
   __builtin_free(job.norm);

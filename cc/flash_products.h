@@ -274,8 +274,51 @@ static void RowDots(const FlashContext& c, const void* base, const int64_t* offs
     return;
   }
   (void)scratch;
-  for (int64_t r = 0; r < num_rows; ++r) {
-    PackDotRows(c, base, offsets + r, 1, n, 1.0f, block);
-    dots[r] = RowDot(c, a + r * lda, block, n);
+  if (Pairs(c)) {
+    for (int64_t r = 0; r < num_rows; ++r) {
+      PackDotRows(c, base, offsets + r, 1, n, 1.0f, block);
+      dots[r] = RowDot(c, a + r * lda, block, n);
+    }
+    return;
+  }
+  // Float32: kVL rows at once, one per lane. Each lane runs GemmDot's chain (p = 0..n-1,
+  // a multiply-add each, contracted as in the micro-kernel) on its row: the same bits, with
+  // kVL independent chains in flight instead of one latency-bound scalar chain.
+  const int64_t width = RoundUp(n, kVL);
+  alignas(64) float a_rows[kVL * kVL];
+  alignas(64) float a_cols[kVL * kVL];
+  alignas(64) float b_cols[kVL * kVL];
+  for (int64_t r0 = 0; r0 < num_rows; r0 += kVL) {
+    const int64_t m = MinI(kVL, num_rows - r0);
+    for (int64_t i = 0; i < kVL; ++i) {
+      float* row = block + i * width;
+      if (i < m) {
+        LoadRow(c.p->dtype, Offset(base, c.p->dtype, offsets[r0 + i]), n, 1.0f, row);
+        for (int64_t h = n; h < width; ++h) row[h] = 0.0f;
+      } else {
+        __builtin_memset(row, 0, width * sizeof(float));
+      }
+    }
+    VF acc = VF{};
+    for (int64_t j = 0; j < n; j += kVL) {
+      const float* a_block = a + r0 * lda + j;
+      int64_t a_ld = lda;
+      if (m < kVL) {  // rows past num_rows are not ours to read
+        for (int64_t i = 0; i < kVL; ++i) {
+          for (int64_t h = 0; h < kVL; ++h) {
+            a_rows[i * kVL + h] = i < m ? a_block[i * lda + h] : 0.0f;
+          }
+        }
+        a_block = a_rows;
+        a_ld = kVL;
+      }
+      TransposeBlock(a_block, a_ld, a_cols, kVL);
+      TransposeBlock(block + j, width, b_cols, kVL);
+      const int64_t steps = MinI(kVL, n - j);
+      for (int64_t h = 0; h < steps; ++h) {
+        acc = acc + Load(a_cols + h * kVL) * Load(b_cols + h * kVL);
+      }
+    }
+    for (int64_t i = 0; i < m; ++i) dots[r0 + i] = acc[i];
   }
 }

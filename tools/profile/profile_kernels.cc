@@ -90,6 +90,8 @@ const Case kCases[] = {
     {"fwd_f32_short", Kind::kForward, DType::kF32, false, {4, 512, 512, 12, 12, 64}, {1, 256, 256, 2, 2, 64}},
     {"fwd_bf16_short", Kind::kForward, DType::kBF16, false, {4, 512, 512, 12, 12, 64}, {1, 256, 256, 2, 2, 64}},
     {"bwd_f32_short", Kind::kBackward, DType::kF32, false, {4, 512, 512, 12, 12, 64}, {1, 256, 256, 2, 2, 64}},
+    // Few (batch, kv head) pairs at a short length: GQA groups of 4.
+    {"bwd_f32_gqa_short", Kind::kBackward, DType::kF32, false, {2, 512, 512, 8, 2, 128}, {1, 256, 256, 4, 1, 128}},
     {"bwd_bf16_short", Kind::kBackward, DType::kBF16, false, {4, 512, 512, 12, 12, 64}, {1, 256, 256, 2, 2, 64}},
     {"fwd_f32_causal_cap", Kind::kForward, DType::kF32, true, {1, 2048, 2048, 8, 8, 128}, {1, 512, 512, 2, 2, 128}, 50.0f},
     {"fwd_bf16_causal_cap", Kind::kForward, DType::kBF16, true, {1, 2048, 2048, 8, 8, 128}, {1, 512, 512, 2, 2, 128}, 50.0f},
