@@ -182,7 +182,7 @@ struct DecodeAttentionProblem {
   DType dtype = DType::kF32;
   int64_t batch = 0;  // B of the outputs
   int64_t q_len = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0, value_dim = 0;
-  int64_t q_batch = 0;  // divides batch
+  int64_t q_batch = 0;          // divides batch
   const void* query = nullptr;  // [q_batch, T, N, H]
   const void* key = nullptr;    // [num_pages, page_size, K, H]
   const void* value = nullptr;  // [num_pages, page_size, K, Hv]
@@ -195,8 +195,8 @@ struct DecodeAttentionProblem {
   const int32_t* kv_lengths = nullptr;  // [kv_lengths_batch]
   int64_t kv_lengths_batch = 1;
   float scale = 1.0f;
-  float soft_cap = 0.0f;        // 0: off
-  int64_t window_left = -1;     // -1: unbounded
+  float soft_cap = 0.0f;     // 0: off
+  int64_t window_left = -1;  // -1: unbounded
   // A quantized cache: key/value hold cache_quant elements, dequantised in registers as
   // element * scale[row * K + kv head] with row the global row (page * page_size + offset),
   // i.e. scales [num_pages, page_size, K]; nullptr: scale 1.

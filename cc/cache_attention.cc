@@ -85,12 +85,9 @@ int64_t CacheAttentionForward(const DecodeAttentionProblem& d, const DecodeResul
                               const Parallel& parallel) {
   if (ValidateCacheAttention(d) != nullptr) return kInvalidProblem;
   const int64_t capacity = d.max_pages * d.page_size;
-  auto length = [&](int64_t b) {
-    return Clamp(d.kv_lengths[b % d.kv_lengths_batch], 0, capacity);
-  };
+  auto length = [&](int64_t b) { return Clamp(d.kv_lengths[b % d.kv_lengths_batch], 0, capacity); };
   auto query_count = [&](int64_t b) {
-    return d.q_lengths == nullptr ? d.q_len
-                                  : Clamp(d.q_lengths[b % d.q_lengths_batch], 0, d.q_len);
+    return d.q_lengths == nullptr ? d.q_len : Clamp(d.q_lengths[b % d.q_lengths_batch], 0, d.q_len);
   };
   int64_t longest = 0;
   for (int64_t b = 0; b < d.batch; ++b) longest = std::max(longest, length(b));

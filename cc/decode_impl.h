@@ -28,7 +28,7 @@
 #include "online_softmax.h"
 #include "scratch.h"
 
-constexpr int64_t kDecodeBlock = 32;         // keys per online-softmax step
+constexpr int64_t kDecodeBlock = 32;  // keys per online-softmax step
 // int8 caches: keys per step (a multiple of kDecodeBlock: partitions are cut in those). The
 // per-block work of each row (its max and sum, the output's rescaling, the int16 rounding
 // of its probabilities and the int32 value sums' conversion) is a larger share of their
@@ -40,7 +40,7 @@ constexpr int64_t kDecodeTargetTasks = 512;   // enough (batch, head, partition)
 constexpr int64_t kDecodeMinTasks = 32;       // tasks wanted before heads are split up
 constexpr int64_t kDecodeQueryBytes = 16384;  // query rows of a task's heads kept in L1
 constexpr int64_t kKeyPrefetch = 2;           // keys ahead that K rows are prefetched
-constexpr int kQkKeys = 4;                   // keys per score micro-tile
+constexpr int kQkKeys = 4;                    // keys per score micro-tile
 // int8 caches: keys ahead that K rows are prefetched, into L2 (prefetcht1, as their V rows):
 // one core streaming B=1 S=32768 N=32 K=8 H=128 from DRAM (AMD EPYC, AVX-512) took 48 ns
 // per key and kv head with K 4 keys ahead and K and V into L1, 33-36 ns like this (the
@@ -50,7 +50,7 @@ constexpr int64_t kI8KeyPrefetch = 16;
 constexpr int kI8PrefetchLocality = 2;  // __builtin_prefetch's: prefetcht1
 // K rows located ahead of a block, for the prefetches.
 constexpr int64_t kKeysAhead = kKeyPrefetch > kI8KeyPrefetch ? kKeyPrefetch : kI8KeyPrefetch;
-constexpr int kPair = 2 * kVL;               // elements per paired load (two vectors)
+constexpr int kPair = 2 * kVL;  // elements per paired load (two vectors)
 constexpr int kLog2VL = kVL == 16 ? 4 : kVL == 8 ? 3 : 2;
 #if JAXATTN_VL >= 16
 constexpr int kQkRows = 4, kPvRows = 4, kPvPairs = 2;
@@ -173,7 +173,7 @@ struct F8E4M3ToFloat {
   static constexpr float kFactor = 256.0f;
   static inline VF Convert(VSB x) {
     // Sign-extend, shift, and clear bit 14 (a copy of the sign).
-    const VUS h = ((VUS)__builtin_convertvector(x, VS) << 7) & 0xbf80;
+    const VUS h = ((VUS) __builtin_convertvector(x, VS) << 7) & 0xbf80;
     const VUS nan = (VUS)((h & 0x3f80) == 0x3f80);
     return HalfBitsToFloat(h | (nan & 0x7c00));
   }
@@ -182,16 +182,16 @@ struct F8E4M3ToFloat {
     const uint16_t* t = kF8E4M3Halves.half;
     const __m512i w =
         _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
-    const __m512i lo = _mm512_permutex2var_epi16(_mm512_loadu_si512(t), w,
-                                                 _mm512_loadu_si512(t + 32));
-    const __m512i hi = _mm512_permutex2var_epi16(_mm512_loadu_si512(t + 64), w,
-                                                 _mm512_loadu_si512(t + 96));
+    const __m512i lo =
+        _mm512_permutex2var_epi16(_mm512_loadu_si512(t), w, _mm512_loadu_si512(t + 32));
+    const __m512i hi =
+        _mm512_permutex2var_epi16(_mm512_loadu_si512(t + 64), w, _mm512_loadu_si512(t + 96));
     const __mmask32 upper = _mm512_test_epi16_mask(w, _mm512_set1_epi16(0x40));
     // magnitude | (sign << 8): vpternlog picks bit 15 from the shifted byte.
-    const __m512i h = _mm512_ternarylogic_epi32(_mm512_mask_blend_epi16(upper, lo, hi),
-                                                _mm512_slli_epi16(w, 8),
-                                                _mm512_set1_epi16(static_cast<int16_t>(0x8000)),
-                                                0xf8);  // a | (b & c)
+    const __m512i h =
+        _mm512_ternarylogic_epi32(_mm512_mask_blend_epi16(upper, lo, hi), _mm512_slli_epi16(w, 8),
+                                  _mm512_set1_epi16(static_cast<int16_t>(0x8000)),
+                                  0xf8);  // a | (b & c)
     *a = (VF)_mm512_maskz_cvtph_ps(0xffff, _mm512_maskz_extracti64x4_epi64(0xff, h, 0));
     *b = (VF)_mm512_maskz_cvtph_ps(0xffff, _mm512_maskz_extracti64x4_epi64(0xff, h, 1));
   }
@@ -201,7 +201,7 @@ struct F8E4M3ToFloat {
 struct F8E5M2ToFloat {
   static constexpr float kFactor = 1.0f;
   static inline VF Convert(VSB x) {
-    return HalfBitsToFloat((VUS)__builtin_convertvector(x, VS) << 8);
+    return HalfBitsToFloat((VUS) __builtin_convertvector(x, VS) << 8);
   }
 };
 
@@ -383,8 +383,8 @@ __attribute__((always_inline)) static inline void QkPartials(const float* q, int
 // Lane partial sums for `rows` rows against one key row: red holds, per tile of kQkRows rows,
 // kVL vectors ordered (row, key slot); the key goes to slot c.
 template <class E>
-static void KeyPartials(const float* q, int64_t ldq, int64_t rows, int64_t head_dim,
-                        const char* k, int c, float* red) {
+static void KeyPartials(const float* q, int64_t ldq, int64_t rows, int64_t head_dim, const char* k,
+                        int c, float* red) {
   for (int64_t r0 = 0, tile = 0; r0 < rows; r0 += kQkRows, ++tile) {
     const float* qr = q + r0 * ldq;
     float* rt = red + (tile * kVL + c) * kVL;
@@ -403,8 +403,7 @@ static void KeyPartials(const float* q, int64_t ldq, int64_t rows, int64_t head_
 
 // s[r * lds + c] = scale * the sums of the partials of KeyPartials for key slots
 // c < kQkKeys: one TransposeSum per tile of kQkRows rows.
-static void ReducePartials(const float* red, int64_t rows, float scale, float* s,
-                           int64_t lds) {
+static void ReducePartials(const float* red, int64_t rows, float scale, float* s, int64_t lds) {
   for (int64_t r0 = 0, tile = 0; r0 < rows; r0 += kQkRows, ++tile) {
     VF v[kVL];
 #pragma GCC unroll 16
@@ -470,9 +469,8 @@ static inline void PvRows(const float* p, int64_t ldp, const char* const* vrow, 
 
 // o[r] += sum_j p[r, j] v_j for `rows` rows.
 template <class E>
-static void AccumulateValues(const float* p, int64_t ldp, int64_t rows,
-                             const char* const* vrow, int64_t nk, int64_t value_dim, float* o,
-                             int64_t ldo) {
+static void AccumulateValues(const float* p, int64_t ldp, int64_t rows, const char* const* vrow,
+                             int64_t nk, int64_t value_dim, float* o, int64_t ldo) {
   for (int64_t r0 = 0; r0 < rows; r0 += kPvRows) {
     const float* pr = p + r0 * ldp;
     float* orow = o + r0 * ldo;
@@ -635,9 +633,8 @@ static inline float RoundToInt16(const float* x, int64_t n, int64_t padded, int1
 // kI8ExactDim, the lane sums are reduced in int32.
 template <int RT, bool kExact>
 __attribute__((always_inline)) static inline void QkTileI8(const int16_t* q, int64_t ldq,
-                                                           int64_t head_dim,
-                                                           const char* const* k, float* s,
-                                                           int64_t lds) {
+                                                           int64_t head_dim, const char* const* k,
+                                                           float* s, int64_t lds) {
   VI acc[kVL];  // row r, key c at r * kQkKeys + c (TransposeSum's order); rows past RT: 0
 #pragma GCC unroll 16
   for (int i = 0; i < kVL; ++i) acc[i] = VI{};
@@ -734,8 +731,7 @@ static inline void PvTileI8(const int16_t* w, int64_t ldw, const float* scale,
 
 // PvTileI8 over the kPair-element chunks [0, n) (n a multiple of kPair) of `rows` rows.
 static void PvRowsI8(const int16_t* w, int64_t ldw, const float* scale, int64_t rows,
-                     const char* const* vrow, int64_t npairs, int64_t n, float* o,
-                     int64_t ldo) {
+                     const char* const* vrow, int64_t npairs, int64_t n, float* o, int64_t ldo) {
   for (int64_t r0 = 0; r0 < rows; r0 += kI8Rows) {
     const int16_t* wr = w + r0 * ldw;
     const float* sr = scale + r0;
@@ -758,8 +754,8 @@ static void PvRowsI8(const int16_t* w, int64_t ldw, const float* scale, int64_t 
 // value_dim % kPair elements of each row are read through zero-padded copies in `tail`
 // (kI8Block rows of kPair bytes).
 static void AccumulateValuesI8(const int16_t* w, int64_t ldw, const float* scale, int64_t rows,
-                               const char* const* vrow, int64_t nk, int64_t value_dim,
-                               char* tail, float* o, int64_t ldo) {
+                               const char* const* vrow, int64_t nk, int64_t value_dim, char* tail,
+                               float* o, int64_t ldo) {
   const int64_t npairs = (nk + 1) / 2, full = value_dim / kPair * kPair;
   PvRowsI8(w, ldw, scale, rows, vrow, npairs, full, o, ldo);
   if (full == value_dim) return;
@@ -784,17 +780,17 @@ struct DecodeJob {
   // The order of the elements in the output rows accumulated: as in the value row, bf16
   // Load2 lane order (PairLane), or an int8 cache's value pass order (I8Lane).
   enum class Lanes { kNatural, kBF16Pairs, kInt8Pairs } lanes = Lanes::kNatural;
-  int64_t capacity = 0;     // max_pages * page_size
-  int64_t partition = 0;    // keys per partition (DecodePartitionSize)
+  int64_t capacity = 0;   // max_pages * page_size
+  int64_t partition = 0;  // keys per partition (DecodePartitionSize)
   int64_t heads_per_task = 1, head_groups = 1;
   // Partitions are laid out by what the lengths reach, not by the capacity: sequence b has
   // part_count[b] = max(1, ceil(len_b / partition)) partitions, numbered from part_start[b]
   // in one list; task t covers partition part_of_task[t / head_groups].
   const int64_t* part_start = nullptr;  // [B + 1]
   const int64_t* part_seq = nullptr;    // [total partitions]: the sequence of each
-  float* part_o = nullptr;   // [partitions, K, rows, hvp] unnormalised outputs
-  float* part_ml = nullptr;  // [partitions, K, rows, 2] running max and sum
-  int64_t scratch_failed = 0;  // bytes a task could not allocate (0: none), set atomically
+  float* part_o = nullptr;              // [partitions, K, rows, hvp] unnormalised outputs
+  float* part_ml = nullptr;             // [partitions, K, rows, 2] running max and sum
+  int64_t scratch_failed = 0;           // bytes a task could not allocate (0: none), set atomically
 };
 
 static inline int64_t PartCount(const DecodeJob& job, int64_t b) {
@@ -812,8 +808,7 @@ static float* DecodeScratch(const DecodeJob& job, int64_t floats) {
   return data;
 }
 
-static inline int64_t DecodeLength(const DecodeAttentionProblem& p, int64_t capacity,
-                                   int64_t b) {
+static inline int64_t DecodeLength(const DecodeAttentionProblem& p, int64_t capacity, int64_t b) {
   return MinI(capacity, MaxI(0, p.kv_lengths[b % p.kv_lengths_batch]));
 }
 
@@ -852,8 +847,7 @@ static inline DecodePositions DecodePositionsOf(const DecodeAttentionProblem& p,
   return dp;
 }
 
-static inline int64_t DecodePage(const DecodeAttentionProblem& p, int64_t b,
-                                 int64_t page_index) {
+static inline int64_t DecodePage(const DecodeAttentionProblem& p, int64_t b, int64_t page_index) {
   if (p.block_tables == nullptr) return b % p.num_pages;
   const int64_t page = p.block_tables[(b % p.block_tables_batch) * p.max_pages + page_index];
   return MinI(p.num_pages - 1, MaxI(0, page));  // ValidateDecodePages rejected these already
@@ -957,9 +951,9 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
 
   const int64_t row_tiles = CeilDiv(R, kQkRows);
   // Scratch: the sizes of the Take calls below, in order (Take rounds each up to 16 floats).
-  const int64_t sizes[] = {heads * R * hp,  heads * R * hvp, heads * R, heads * R,
-                           heads * R * bkp, heads * row_tiles * kVL * kVL, hp + hvp,
-                           (bk + kKeysAhead) * 2, bk * 2, R * 2, R * 2, bkp, bkp,
+  const int64_t sizes[] = {heads * R * hp, heads * R * hvp, heads * R, heads * R, heads * R * bkp,
+                           heads * row_tiles * kVL * kVL, hp + hvp, (bk + kKeysAhead) * 2, bk * 2,
+                           R * 2, R * 2, bkp, bkp,
                            // int8 (E::kIntegerDot): query row scales, the block's int16
                            // weights and their row scales, the value tails
                            heads * R, R * bkp / 2, R, kI8Block * kPair / 4};
@@ -1017,8 +1011,7 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
   // Row 0 sees the earliest keys, the last row the latest (by index); by position every key
   // below len is a candidate and blocks are cut by their positions below.
   const int64_t begin = by_position || live == 0 ? part_begin : MaxI(part_begin, row_lo[0]);
-  const int64_t end = live == 0 ? begin
-                      : by_position ? part_end : MinI(part_end, row_hi[live - 1]);
+  const int64_t end = live == 0 ? begin : by_position ? part_end : MinI(part_end, row_hi[live - 1]);
 
   for (int64_t i = 0; i < heads * R; ++i) {
     m[i] = -kInf;
@@ -1058,8 +1051,8 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
   // A contiguous value cache of another batch than the key cache (a vmap mapping one of
   // them): its rows sit this many rows from the key rows.
   const int64_t value_shift = DecodeValueShift(p, b);
-  const char* value_base = static_cast<const char*>(p.value) +
-                           value_shift * p.num_kv_heads * p.value_dim * es;
+  const char* value_base =
+      static_cast<const char*>(p.value) + value_shift * p.num_kv_heads * p.value_dim * es;
 
   const bool has_alibi = dp.slopes != nullptr;
   // The block's key positions (by position or with ALiBi).
@@ -1233,8 +1226,8 @@ static void DecodePartitionTask(void* job_ptr, int64_t task) {
       }
       if constexpr (E::kIntegerDot) {
         if (nk % 2 != 0) vrow[nk] = vrow[nk - 1];  // paired with a zero weight
-        AccumulateValuesI8(weights, bkp, weight_scale, R, vrow, nk, p.value_dim, value_tail,
-                           oh, hvp);
+        AccumulateValuesI8(weights, bkp, weight_scale, R, vrow, nk, p.value_dim, value_tail, oh,
+                           hvp);
       } else {
         AccumulateValues<E>(sh, bkp, R, vrow, nk, p.value_dim, oh, hvp);
       }
@@ -1315,8 +1308,7 @@ static int64_t DecodeImpl(const DecodeAttentionProblem& p, const DecodeResult& r
   job.rows = p.q_len * job.group;
   job.hp = RoundUp(p.head_dim, kPair);
   job.hvp = RoundUp(p.value_dim, kPair);
-  if (p.cache_quant == CacheQuant::kNone && p.dtype == DType::kBF16 &&
-      BF16Elems::kInterleaved) {
+  if (p.cache_quant == CacheQuant::kNone && p.dtype == DType::kBF16 && BF16Elems::kInterleaved) {
     job.lanes = DecodeJob::Lanes::kBF16Pairs;
   } else if (p.cache_quant == CacheQuant::kInt8 && kI8LanesPermuted) {
     job.lanes = DecodeJob::Lanes::kInt8Pairs;

@@ -67,10 +67,8 @@ struct KernelSet {
   bool (*cpu_runs)();
 };
 const KernelSet kKernelSets[] = {
-    {&kGenericKernels, CpuRunsAnything},
-    {&kAvx2Kernels, CpuHasAvx2},
-    {&kAvx512Kernels, CpuHasAvx512},
-    {&kAvx512BF16Kernels, CpuHasAvx512},
+    {&kGenericKernels, CpuRunsAnything}, {&kAvx2Kernels, CpuHasAvx2},
+    {&kAvx512Kernels, CpuHasAvx512},     {&kAvx512BF16Kernels, CpuHasAvx512},
     {&kAmxKernels, CpuHasAmx},
 };
 
@@ -108,8 +106,8 @@ std::vector<KernelIsaInfo> KernelIsas() {
 }
 
 const char* ValidateProblem(const AttentionProblem& p) {
-  if (p.batch <= 0 || p.q_len <= 0 || p.kv_len <= 0 || p.num_heads <= 0 ||
-      p.num_kv_heads <= 0 || p.head_dim <= 0 || p.value_dim <= 0) {
+  if (p.batch <= 0 || p.q_len <= 0 || p.kv_len <= 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 ||
+      p.head_dim <= 0 || p.value_dim <= 0) {
     return "every dimension must be positive";
   }
   // Positions are compared as int32 vectors (TransformLogits).
@@ -119,8 +117,8 @@ const char* ValidateProblem(const AttentionProblem& p) {
   if (p.num_heads % p.num_kv_heads != 0) {
     return "the number of query heads must be a multiple of the number of kv heads";
   }
-  if (p.q_batch <= 0 || p.batch % p.q_batch != 0 || p.kv_batch <= 0 ||
-      p.batch % p.kv_batch != 0 || p.value_batch <= 0 || p.batch % p.value_batch != 0) {
+  if (p.q_batch <= 0 || p.batch % p.q_batch != 0 || p.kv_batch <= 0 || p.batch % p.kv_batch != 0 ||
+      p.value_batch <= 0 || p.batch % p.value_batch != 0) {
     return "operand batch sizes must divide the output batch";
   }
   if (p.q_lengths != nullptr && (p.q_lengths_batch <= 0 || p.batch % p.q_lengths_batch)) {
@@ -154,8 +152,8 @@ const char* ValidateProblem(const AttentionProblem& p) {
   };
   if (!divides(p.q_positions, p.q_positions_batch) ||
       !divides(p.kv_positions, p.kv_positions_batch) ||
-      !divides(p.q_segments, p.q_segments_batch) ||
-      !divides(p.kv_segments, p.kv_segments_batch) || !divides(p.alibi_slopes, p.alibi_batch)) {
+      !divides(p.q_segments, p.q_segments_batch) || !divides(p.kv_segments, p.kv_segments_batch) ||
+      !divides(p.alibi_slopes, p.alibi_batch)) {
     return "positions, segment ids and ALiBi slopes must have batch 1 or B";
   }
   if ((p.q_segments == nullptr) != (p.kv_segments == nullptr)) {
@@ -213,8 +211,8 @@ const char* ValidateBlockSparse(const AttentionProblem& p, const BlockSparseTabl
   if (t.k_indptr != nullptr) {
     if (t.k_nnz != t.q_nnz) return "the transposed table must have as many entries";
     if (t.num_masks > 0 && t.masks_t == nullptr) return "transposed masks missing";
-    return CheckTable(t.k_indptr, t.groups * t.num_k_tiles, t.k_entries, t.k_nnz,
-                      t.num_q_tiles, t.num_masks);
+    return CheckTable(t.k_indptr, t.groups * t.num_k_tiles, t.k_entries, t.k_nnz, t.num_q_tiles,
+                      t.num_masks);
   }
   return nullptr;
 }
@@ -230,9 +228,8 @@ int64_t BlockSparseBackward(const AttentionProblem& problem, const BlockSparseTa
 }
 
 const char* ValidateDecodeProblem(const DecodeAttentionProblem& p) {
-  if (p.batch <= 0 || p.q_len <= 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 ||
-      p.head_dim <= 0 || p.value_dim <= 0 || p.num_pages <= 0 || p.page_size <= 0 ||
-      p.max_pages <= 0) {
+  if (p.batch <= 0 || p.q_len <= 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 || p.head_dim <= 0 ||
+      p.value_dim <= 0 || p.num_pages <= 0 || p.page_size <= 0 || p.max_pages <= 0) {
     return "every dimension must be positive";
   }
   if (p.num_heads % p.num_kv_heads != 0) {
@@ -339,8 +336,7 @@ int64_t DecodeForwardF64(const DecodeAttentionProblem& problem, const F64Forward
 }
 
 const char* ValidateGatedLinear(const GatedLinearProblem& p) {
-  if (p.batch <= 0 || p.seq_len < 0 || p.num_heads <= 0 || p.key_dim <= 0 ||
-      p.value_dim <= 0) {
+  if (p.batch <= 0 || p.seq_len < 0 || p.num_heads <= 0 || p.key_dim <= 0 || p.value_dim <= 0) {
     return "batch, heads and head dims must be positive, the length non-negative";
   }
   if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0) {

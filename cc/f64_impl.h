@@ -393,8 +393,7 @@ struct F64KeyTile {
 static inline F64KeyTile F64KeyTileOf(const AttentionProblem& p, const F64Batch& fb,
                                       int64_t kv_head, int64_t s0, int64_t* offsets) {
   const int64_t nk = MinI(kF64Keys, p.kv_len - s0);
-  return F64KeyTile{&p, fb.b, kv_head, s0, nk, MinI(nk, MaxI(int64_t{0}, fb.kv_len - s0)),
-                    offsets};
+  return F64KeyTile{&p, fb.b, kv_head, s0, nk, MinI(nk, MaxI(int64_t{0}, fb.kv_len - s0)), offsets};
 }
 
 // The logits of a tile's query rows q ([num_rows, H]) against key tile `tile` (kt: its keys
@@ -409,8 +408,7 @@ static inline void F64TileLogits(const F64Context& c, const F64Batch& fb, const 
 
 // Logits x ([num_rows, kF64Keys]) to the softmax weights of rows whose log-sum-exp the
 // forward gave: exp(x - lse), 0 where x is -inf, past nk, or in a row that sees nothing.
-static inline void F64WeightsFromLse(const double* lse, int64_t num_rows, int64_t nk,
-                                     double* x) {
+static inline void F64WeightsFromLse(const double* lse, int64_t num_rows, int64_t nk, double* x) {
   for (int64_t r = 0; r < num_rows; ++r) {
     double* xr = x + r * kF64Keys;
     if (lse[r] == -__builtin_inf()) {  // the row sees nothing

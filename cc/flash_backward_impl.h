@@ -24,8 +24,8 @@ struct BackwardJob {
 
 // dS = P * (dP - D) [* (1 - tanh^2) with a soft cap], in place in dp. With dropout (a query
 // row's line, or nullptr), dP o Z' in place of dP: scaled where kept, 0 where dropped.
-static inline void LogitsGradRow(const float* prob, float* dp, const float* tanh_row,
-                                 int64_t n, float delta_scalar, const float* delta_vec,
+static inline void LogitsGradRow(const float* prob, float* dp, const float* tanh_row, int64_t n,
+                                 float delta_scalar, const float* delta_vec,
                                  const DropoutLine* dropout = nullptr, float keep_scale = 1.0f) {
   for (int64_t j = 0; j < n; j += kVL) {
     const VF d = delta_vec ? Load(delta_vec + j) : Splat(delta_scalar);
@@ -149,8 +149,8 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
     PackDotColumns(c, p.value, offsets, nk, p.value_dim, 1.0f, vt, nkp, block);
 
     LogitsGemm(c, num_rows, nkp, q, kt, nkp, s, nkp);
-    TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, kind == TileKind::kFull,
-                           tile.mask, s, nkp, has_cap ? th : nullptr);
+    TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, kind == TileKind::kFull, tile.mask,
+                           s, nkp, has_cap ? th : nullptr);
     ProductGemm(c, num_rows, nkp, p.value_dim, dout, ld_dout, vt, nkp, dp, nkp, false);
     for (int64_t r = 0; r < num_rows; ++r) {
       float* sr = s + r * nkp;
@@ -165,12 +165,12 @@ static void QueryGradTask(void* job_ptr, int64_t task) {
       psum[r] += HorizontalSum(sum);
       DropoutLine dropout;
       if (HasDropout(p)) {
-        const uint32_t* key = job.dropout_keys + 2 * ((b * p.q_len + rows[r].t) * p.num_heads +
-                                                      rows[r].n);
+        const uint32_t* key =
+            job.dropout_keys + 2 * ((b * p.q_len + rows[r].t) * p.num_heads + rows[r].n);
         dropout = DropoutLineOf(p, DropoutRowKey{key[0], key[1]}, s0);
       }
-      LogitsGradRow(sr, dp + r * nkp, has_cap ? th + r * nkp : nullptr, nkp, delta[r],
-                    nullptr, HasDropout(p) ? &dropout : nullptr, DropoutKeepScale(p));
+      LogitsGradRow(sr, dp + r * nkp, has_cap ? th + r * nkp : nullptr, nkp, delta[r], nullptr,
+                    HasDropout(p) ? &dropout : nullptr, DropoutKeepScale(p));
       if (a.dlogits != nullptr) {
         const int64_t t = rows[r].t, n = rows[r].n;
         float* dst = a.dlogits + ((b * p.num_heads + n) * p.q_len + t) * p.kv_len + s0;
@@ -368,8 +368,7 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
           Store(sr + j, Exp(Load(sr + j) - Load(lse + j) - Load(norm + j)));
         }
       }
-      ProductGemm(c, nk, nrp, p.value_dim, kt.v, DotLd(c, p.value_dim), dot, nrp, dpt, nrp,
-                  false);
+      ProductGemm(c, nk, nrp, p.value_dim, kt.v, DotLd(c, p.value_dim), dot, nrp, dpt, nrp, false);
       // Dropout: one mask for P o Z' (dV) and dP o Z' (dS).
       const float* prob_for_v = st;
       if (HasDropout(p)) {
@@ -381,8 +380,8 @@ static void KeyValueGradTask(void* job_ptr, int64_t task) {
       const float* prob_t = ComputedOperand(c, prob_for_v, nk, num_rows, nrp, pairs, &lda);
       ProductGemm(c, nk, c.hvp, num_rows, prob_t, lda, dor, c.hvp, kt.dv, c.hvp, true);
       for (int64_t r = 0; r < nk; ++r) {
-        LogitsGradRow(st + r * nrp, dpt + r * nrp, has_cap ? tht + r * nrp : nullptr, nrp,
-                      0.0f, delta);
+        LogitsGradRow(st + r * nrp, dpt + r * nrp, has_cap ? tht + r * nrp : nullptr, nrp, 0.0f,
+                      delta);
       }
       const float* ds_t = ComputedOperand(c, dpt, nk, num_rows, nrp, pairs, &lda);
       ProductGemm(c, nk, c.hp, num_rows, ds_t, lda, qr, c.hp, kt.dk, c.hp, true);

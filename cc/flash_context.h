@@ -107,17 +107,16 @@ static FlashContext ContextFor(const AttentionProblem& p, const BlockSparseTable
   }
   FlashContext c = MakeContext(p, rows);
   c.sparse = sparse;
-  if (p.dtype == DType::kBF16 &&
-      ((bf16_mode == ProductMode::kBF16Pairs && kHasBF16Pairs) ||
-       (bf16_mode == ProductMode::kAmxTiles && kHasAmxTiles))) {
+  if (p.dtype == DType::kBF16 && ((bf16_mode == ProductMode::kBF16Pairs && kHasBF16Pairs) ||
+                                  (bf16_mode == ProductMode::kAmxTiles && kHasAmxTiles))) {
     c.mode = bf16_mode;
   }
   // A dense mask keeps the block-sparse tables' grid: block-sparse attention then stays
   // bitwise equal to flash attention with its mask materialised (sparse_impl.h). So do
   // positions and segment ids: their tile skipping (ClassifyTile) is finer there, and equals
   // the dense mask they stand for bitwise.
-  const bool token_masks = p.q_positions != nullptr || p.kv_positions != nullptr ||
-                           p.q_segments != nullptr;
+  const bool token_masks =
+      p.q_positions != nullptr || p.kv_positions != nullptr || p.q_segments != nullptr;
   if (c.mode == ProductMode::kAmxTiles && sparse == nullptr && p.mask.data == nullptr &&
       !token_masks) {
     c.keys_per_tile = kAmxKeysPerTile;
@@ -151,8 +150,7 @@ static bool CarveTaskScratch(const FlashContext& c, int64_t line_length, CarveFn
   float* data = tls_scratch.Get(sizing.used);
   if (data == nullptr) {
     failed = sizing.used;
-  } else if (line_length > 0 &&
-             tls_line_scratch.Get(LineScratchFloats(line_length)) == nullptr) {
+  } else if (line_length > 0 && tls_line_scratch.Get(LineScratchFloats(line_length)) == nullptr) {
     failed = LineScratchFloats(line_length);
   }
   if (failed != 0) {

@@ -95,10 +95,10 @@ static void ForwardTask(void* job_ptr, int64_t task) {
     int64_t ld_keys = nkp;
     if (c.packed_keys != nullptr && s0 % bk == 0 && nk == MinI(bk, p.kv_len - s0)) {
       const int64_t blocks = CeilDiv(p.kv_len, bk), block = s0 / bk;
-      key_columns = c.packed_keys +
-          ((kb * p.num_kv_heads + kv_head) * blocks + block) * c.key_block_floats;
+      key_columns =
+          c.packed_keys + ((kb * p.num_kv_heads + kv_head) * blocks + block) * c.key_block_floats;
       value_pairs = c.packed_values +
-          ((vb * p.num_kv_heads + kv_head) * blocks + block) * c.value_block_floats;
+                    ((vb * p.num_kv_heads + kv_head) * blocks + block) * c.value_block_floats;
       ld_keys = bk;
     } else {
       const void* keys = KvTileRows(p, false, kb, s0, nk, kv_head, offsets, cache_rows);
@@ -131,8 +131,8 @@ static void ForwardTask(void* job_ptr, int64_t task) {
                  /*scaled=*/transform);
       if (transform) {
         TransformLogits<false>(c, b, rows + r0, nr, s0, nk, kv_len, full,
-                               tile.mask != nullptr ? tile.mask + r0 * kKeysPerTile : nullptr,
-                               ss, nkp, nullptr);
+                               tile.mask != nullptr ? tile.mask + r0 * kKeysPerTile : nullptr, ss,
+                               nkp, nullptr);
       }
       for (int64_t r = r0; r < r0 + nr; ++r) {
         OnlineSoftmaxStep(s + r * nkp, nk, nkp, &m[r], &l[r], o + r * c.hvp, c.hvp,
@@ -149,8 +149,8 @@ static void ForwardTask(void* job_ptr, int64_t task) {
         }
       }
       const float* prob = prob_words != nullptr ? prob_pairs + r0 * (nkp / 2) : ss;
-      ProductGemm(c, nr, c.hvp, nk, prob, prob_words != nullptr ? nkp / 2 : nkp, value_pairs,
-                  c.hvp, o + r0 * c.hvp, c.hvp, true);
+      ProductGemm(c, nr, c.hvp, nk, prob, prob_words != nullptr ? nkp / 2 : nkp, value_pairs, c.hvp,
+                  o + r0 * c.hvp, c.hvp, true);
     }
   }
 
@@ -226,8 +226,7 @@ static int64_t RunForward(const AttentionProblem& p, const BlockSparseTables* sp
     if (packed != nullptr) {  // else every task packs its own tiles
       c.packed_keys = packed;
       c.packed_values = packed + key_floats;
-      parallel.For((p.kv_batch + p.value_batch) * p.num_kv_heads * blocks, PackKeyValueTask,
-                   &c);
+      parallel.For((p.kv_batch + p.value_batch) * p.num_kv_heads * blocks, PackKeyValueTask, &c);
     }
   }
   if (c.scratch_failed == 0) {

@@ -92,13 +92,11 @@ static void JvpTask(void* job_ptr, int64_t task) {
     const int64_t s0 = tile.start, nk = tile.count, nkp = RoundUp(nk, kVL);
     KeyOffsets(s0, nk, kb, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
     PackColumns(p.dtype, p.key, offsets, nk, p.head_dim, 1.0f, kt, nkp, block);
-    KeyOffsets(s0, nk, b % tg.dk_batch, p.kv_len, kv_head, p.num_kv_heads, p.head_dim,
-               offsets);
+    KeyOffsets(s0, nk, b % tg.dk_batch, p.kv_len, kv_head, p.num_kv_heads, p.head_dim, offsets);
     PackColumns(p.dtype, tg.dk, offsets, nk, p.head_dim, 1.0f, dkt, nkp, block);
     KeyOffsets(s0, nk, vb, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
     PackRows(p.dtype, p.value, offsets, nk, p.value_dim, 1.0f, values, c.hvp);
-    KeyOffsets(s0, nk, b % tg.dv_batch, p.kv_len, kv_head, p.num_kv_heads, p.value_dim,
-               offsets);
+    KeyOffsets(s0, nk, b % tg.dv_batch, p.kv_len, kv_head, p.num_kv_heads, p.value_dim, offsets);
     float* dvalues = values + nkp * c.hvp;
     PackRows(p.dtype, tg.dv, offsets, nk, p.value_dim, 1.0f, dvalues, c.hvp);
     // Padding keys have zero weights, but 0 * NaN is NaN: zero their rows too.
@@ -106,14 +104,13 @@ static void JvpTask(void* job_ptr, int64_t task) {
     __builtin_memset(dvalues + nk * c.hvp, 0, (nkp - nk) * c.hvp * sizeof(float));
 
     Gemm(num_rows, nkp, p.head_dim, q, c.hp, kt, nkp, s, nkp, false);
-    TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, kind == TileKind::kFull,
-                           tile.mask, s, nkp, has_cap ? th : nullptr);
+    TransformLogits<false>(c, b, rows, num_rows, s0, nk, kv_len, kind == TileKind::kFull, tile.mask,
+                           s, nkp, has_cap ? th : nullptr);
     Gemm(num_rows, nkp, p.head_dim, dq, c.hp, kt, nkp, ds, nkp, false);
     Gemm(num_rows, nkp, p.head_dim, q, c.hp, dkt, nkp, ds, nkp, true);
     if (tg.dbias.data != nullptr) {
       for (int64_t r = 0; r < num_rows; ++r) {
-        LoadBroadcastRow(tg.dbias, job.dbias_strides, b, rows[r].n, rows[r].t, s0, nk,
-                         dbias_row);
+        LoadBroadcastRow(tg.dbias, job.dbias_strides, b, rows[r].n, rows[r].t, s0, nk, dbias_row);
         for (int64_t j = 0; j < nk; ++j) ds[r * nkp + j] += dbias_row[j];
       }
     }
@@ -156,8 +153,7 @@ static void JvpTask(void* job_ptr, int64_t task) {
     for (int64_t h = 0; h < p.value_dim; ++h) {
       out_row[h] = acc[r * c.hvp + h] * inv - dlse * out_row[h];
     }
-    StoreRow(p.dtype, out_row, p.value_dim, 1.0f, Offset(job.res.dout, p.dtype,
-                                                          row * p.value_dim));
+    StoreRow(p.dtype, out_row, p.value_dim, 1.0f, Offset(job.res.dout, p.dtype, row * p.value_dim));
     job.res.dlse[row] = dlse;
   }
 }
@@ -178,8 +174,7 @@ static int64_t RunJvp(const AttentionProblem& p, const BlockSparseTables* sparse
   return job.c.scratch_failed;
 }
 
-static int64_t JvpImpl(const AttentionProblem& p, const FlashTangents& tangents,
-                       const void* out, const float* lse, const FlashJvpResult& res,
-                       const Parallel& parallel) {
+static int64_t JvpImpl(const AttentionProblem& p, const FlashTangents& tangents, const void* out,
+                       const float* lse, const FlashJvpResult& res, const Parallel& parallel) {
   return RunJvp(p, nullptr, tangents, out, lse, res, parallel);
 }

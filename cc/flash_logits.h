@@ -61,10 +61,9 @@ static void LoadBroadcastRow(const Broadcast4& x, const int64_t* strides, int64_
 // transformed too and stay harmless). The two layouts compute every logit with the same
 // operations, so the backward passes reproduce the forward's logits bitwise.
 template <bool kKeysMajor>
-static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* rows,
-                            int64_t num_rows, int64_t s0, int64_t num_keys, int64_t kv_len,
-                            bool analytic_full, const uint8_t* tile_mask, float* x,
-                            int64_t ld, float* tanh_out) {
+static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* rows, int64_t num_rows,
+                            int64_t s0, int64_t num_keys, int64_t kv_len, bool analytic_full,
+                            const uint8_t* tile_mask, float* x, int64_t ld, float* tanh_out) {
   const AttentionProblem& p = *c.p;
   const bool has_bias = p.bias.data != nullptr, has_mask = p.mask.data != nullptr;
   const bool has_cap = p.soft_cap > 0.0f, has_alibi = p.alibi_slopes != nullptr;
@@ -166,13 +165,14 @@ static void TransformLogits(const FlashContext& c, int64_t b, const RowInfo* row
         const int64_t s = s0 + i;
         for (int64_t r = 0; r < length; ++r) {
           if (has_bias) {
-            bias_line[r] = LoadOne(p.bias.dtype, p.bias.data,
-                                   BroadcastOffset(p.bias, c.bias_strides, b, rows[r].n,
-                                                   rows[r].t) + s * c.bias_strides[3]);
+            bias_line[r] =
+                LoadOne(p.bias.dtype, p.bias.data,
+                        BroadcastOffset(p.bias, c.bias_strides, b, rows[r].n, rows[r].t) +
+                            s * c.bias_strides[3]);
           }
           if (has_mask) {
-            mask_line[r] = mask[BroadcastOffset(p.mask, c.mask_strides, b, rows[r].n,
-                                                rows[r].t) + s * c.mask_strides[3]];
+            mask_line[r] = mask[BroadcastOffset(p.mask, c.mask_strides, b, rows[r].n, rows[r].t) +
+                                s * c.mask_strides[3]];
           }
         }
       }

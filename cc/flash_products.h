@@ -18,8 +18,8 @@ static void PackRows(DType dtype, const void* base, const int64_t* offsets, int6
 // kVL rows at a time into block (kVL * width floats), which are then transposed a kVL x kVL
 // block at a time. Rows num_rows..ld are zero.
 template <class FillRow>
-static void TransposeRows(int64_t num_rows, int64_t width, float* dst, int64_t ld,
-                          float* block, FillRow fill_row) {
+static void TransposeRows(int64_t num_rows, int64_t width, float* dst, int64_t ld, float* block,
+                          FillRow fill_row) {
   for (int64_t r0 = 0; r0 < ld; r0 += kVL) {
     for (int64_t i = 0; i < kVL; ++i) {
       float* row = block + i * width;
@@ -37,9 +37,8 @@ static void TransposeRows(int64_t num_rows, int64_t width, float* dst, int64_t l
 
 // dst[h * ld + r] = mult * row r, h < RoundUp(n, kVL) (zero from n), columns num_rows..ld
 // zero; ld a multiple of kVL. block holds kVL * RoundUp(n, kVL) floats.
-static void PackColumns(DType dtype, const void* base, const int64_t* offsets,
-                        int64_t num_rows, int64_t n, float mult, float* dst, int64_t ld,
-                        float* block) {
+static void PackColumns(DType dtype, const void* base, const int64_t* offsets, int64_t num_rows,
+                        int64_t n, float mult, float* dst, int64_t ld, float* block) {
   const int64_t width = RoundUp(n, kVL);
   TransposeRows(num_rows, width, dst, ld, block, [&](int64_t r, float* row) {
     LoadRow(dtype, Offset(base, dtype, offsets[r]), n, mult, row);
@@ -69,8 +68,8 @@ static void PackPairRows(const void* base, const int64_t* offsets, int64_t num_r
 // The pairs of row r as column r: dst[w * ld + r] for w < RoundUp(CeilDiv(n, 2), kVL), zero
 // past the row's pairs and in columns num_rows..ld; ld a multiple of kVL. block holds
 // kVL * RoundUp(CeilDiv(n, 2), kVL) words.
-static void PackPairColumns(const void* base, const int64_t* offsets, int64_t num_rows,
-                            int64_t n, float* dst, int64_t ld, float* block) {
+static void PackPairColumns(const void* base, const int64_t* offsets, int64_t num_rows, int64_t n,
+                            float* dst, int64_t ld, float* block) {
   const int64_t width = RoundUp(CeilDiv(n, 2), kVL);
   TransposeRows(num_rows, width, dst, ld, block, [&](int64_t r, float* row) {
     __builtin_memset(row, 0, width * sizeof(float));
@@ -83,11 +82,11 @@ static void PackPairColumns(const void* base, const int64_t* offsets, int64_t nu
 static void PackRowPairs(const void* base, const int64_t* offsets, int64_t num_rows, int64_t n,
                          uint32_t* dst, int64_t ld) {
   for (int64_t i = 0; 2 * i < num_rows; ++i) {
-    const uint16_t* lo =
-        static_cast<const uint16_t*>(Offset(base, DType::kBF16, offsets[2 * i]));
-    const uint16_t* hi = 2 * i + 1 < num_rows
-        ? static_cast<const uint16_t*>(Offset(base, DType::kBF16, offsets[2 * i + 1]))
-        : nullptr;
+    const uint16_t* lo = static_cast<const uint16_t*>(Offset(base, DType::kBF16, offsets[2 * i]));
+    const uint16_t* hi =
+        2 * i + 1 < num_rows
+            ? static_cast<const uint16_t*>(Offset(base, DType::kBF16, offsets[2 * i + 1]))
+            : nullptr;
     uint32_t* d = dst + i * ld;
     int64_t h = 0;
     typedef uint16_t VH __attribute__((vector_size(kVL * 2)));
@@ -168,8 +167,8 @@ static void PackAcrossRows(const FlashContext& c, const void* base, const int64_
 // whole tiles, so there everything past n is zero, and the rows up to PaddedRows(c, m)
 // (whatever x holds there: the soft cap's tanh is not written past n). *lda receives its
 // row length in storage units.
-static const float* ComputedOperand(const FlashContext& c, const float* x, int64_t m,
-                                    int64_t n, int64_t ld, float* pairs, int64_t* lda) {
+static const float* ComputedOperand(const FlashContext& c, const float* x, int64_t m, int64_t n,
+                                    int64_t ld, float* pairs, int64_t* lda) {
 #if JAXATTN_VL == 16
   if (Pairs(c)) {
     uint32_t* words = reinterpret_cast<uint32_t*>(pairs);
@@ -194,9 +193,9 @@ static const float* ComputedOperand(const FlashContext& c, const float* x, int64
 // out[m, n] (+)= a b over `inner` elements, with the operands packed as above. For AMX the
 // operands are padded to whole tiles (PaddedRows, PaddedInner, DotLd) and rows
 // m..PaddedRows(c, m) of out are written too.
-static void ProductGemm(const FlashContext& c, int64_t m, int64_t n, int64_t inner,
-                        const float* a, int64_t lda, const float* b, int64_t ldb, float* out,
-                        int64_t ldo, bool accumulate) {
+static void ProductGemm(const FlashContext& c, int64_t m, int64_t n, int64_t inner, const float* a,
+                        int64_t lda, const float* b, int64_t ldb, float* out, int64_t ldo,
+                        bool accumulate) {
 #ifdef JAXATTN_AMX
   if (c.mode == ProductMode::kAmxTiles) {
     AmxGemm(m, n, RoundUp(CeilDiv(inner, 2), 16), reinterpret_cast<const uint32_t*>(a), lda,
@@ -218,9 +217,8 @@ static void ProductGemm(const FlashContext& c, int64_t m, int64_t n, int64_t inn
 // out[m, n] = scaled logits of packed query (or key) rows a against packed key (or query)
 // columns b (n columns of ldb). With scaled = false bf16 pairs are left unscaled: the caller
 // multiplies by PairsScale(c) itself.
-static void LogitsGemm(const FlashContext& c, int64_t m, int64_t n, const float* a,
-                       const float* b, int64_t ldb, float* out, int64_t ldo,
-                       bool scaled = true) {
+static void LogitsGemm(const FlashContext& c, int64_t m, int64_t n, const float* a, const float* b,
+                       int64_t ldb, float* out, int64_t ldo, bool scaled = true) {
   ProductGemm(c, m, n, c.p->head_dim, a, DotLd(c, c.p->head_dim), b, ldb, out, ldo, false);
   if (!Pairs(c) || !scaled) return;  // the float32 queries were scaled when packed
   const VF scale = Splat(c.p->scale);

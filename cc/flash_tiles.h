@@ -76,9 +76,9 @@ static inline TileCursor DenseTiles(int64_t lo, int64_t hi, int64_t step) {
 }
 
 // Row `row` of a block-sparse table (indptr, entries) over tiles of `step` positions.
-static inline TileCursor TableTiles(const int32_t* indptr, const int32_t* entries,
-                                    int64_t row, int64_t step, int64_t length,
-                                    const uint8_t* masks, int64_t mask_size) {
+static inline TileCursor TableTiles(const int32_t* indptr, const int32_t* entries, int64_t row,
+                                    int64_t step, int64_t length, const uint8_t* masks,
+                                    int64_t mask_size) {
   TileCursor cursor;
   cursor.next = indptr[row];
   cursor.end = indptr[row + 1];
@@ -173,8 +173,8 @@ static inline TileCursor QueryTilesOf(const FlashContext& c, const TokenInfo& ti
   if (c.sparse != nullptr) {
     const BlockSparseTables& st = *c.sparse;
     const int64_t row = (kv_head % st.groups) * st.num_k_tiles + k_tile;
-    return TableTiles(st.k_indptr, st.k_entries, row, c.positions_per_tile, c.p->q_len,
-                      st.masks_t, kKeysPerTile * c.rows_padded);
+    return TableTiles(st.k_indptr, st.k_entries, row, c.positions_per_tile, c.p->q_len, st.masks_t,
+                      kKeysPerTile * c.rows_padded);
   }
   int64_t lo, hi;
   QueryRange(*c.p, s0, s1, q_len, &lo, &hi);

@@ -28,14 +28,14 @@ struct GatedLinearProblem {
   DType gate_dtype = DType::kF32;  // log_gate
   int64_t batch = 0;               // B of the outputs; every operand batch divides it
   int64_t seq_len = 0, num_heads = 0, key_dim = 0, value_dim = 0;
-  int64_t num_kv_heads = 0;        // K heads of key, value, log_gate; divides num_heads
-  int64_t gate_dim = 0;            // log_gate's last dim: key_dim, or 1 (a scalar gate)
+  int64_t num_kv_heads = 0;  // K heads of key, value, log_gate; divides num_heads
+  int64_t gate_dim = 0;      // log_gate's last dim: key_dim, or 1 (a scalar gate)
   int64_t q_batch = 0, k_batch = 0, v_batch = 0, g_batch = 0, state_batch = 0;
-  const void* query = nullptr;          // [q_batch, T, N, Hk]
-  const void* key = nullptr;            // [k_batch, T, K, Hk]
-  const void* value = nullptr;          // [v_batch, T, K, Hv]
-  const void* log_gate = nullptr;       // [g_batch, T, K, gate_dim], gate_dtype
-  const float* initial_state = nullptr; // [state_batch, N, Hk, Hv]; nullptr: zero
+  const void* query = nullptr;           // [q_batch, T, N, Hk]
+  const void* key = nullptr;             // [k_batch, T, K, Hk]
+  const void* value = nullptr;           // [v_batch, T, K, Hv]
+  const void* log_gate = nullptr;        // [g_batch, T, K, gate_dim], gate_dtype
+  const float* initial_state = nullptr;  // [state_batch, N, Hk, Hv]; nullptr: zero
   float scale = 1.0f;
 };
 

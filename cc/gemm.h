@@ -9,11 +9,11 @@
 #include "simd.h"
 
 #if JAXATTN_VL >= 16
-constexpr int kMR = 6, kNV = 4;   // 24 of 32 zmm registers
+constexpr int kMR = 6, kNV = 4;  // 24 of 32 zmm registers
 #elif JAXATTN_VL == 8
-constexpr int kMR = 4, kNV = 3;   // 12 of 16 ymm registers
+constexpr int kMR = 4, kNV = 3;  // 12 of 16 ymm registers
 #else
-constexpr int kMR = 4, kNV = 2;   // 8 of 16 xmm registers
+constexpr int kMR = 4, kNV = 2;  // 8 of 16 xmm registers
 #endif
 
 struct F32Fma {
@@ -189,8 +189,8 @@ static inline void MicroKernel(int64_t k, const E* a, int64_t lda, const E* b, i
 }
 
 template <class Op, int NV, class E = typename Op::Elem>
-static inline void RowPanel(int64_t m, int64_t k, const E* a, int64_t lda, const E* b,
-                            int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+static inline void RowPanel(int64_t m, int64_t k, const E* a, int64_t lda, const E* b, int64_t ldb,
+                            float* c, int64_t ldc, bool accumulate) {
   int64_t i = 0;
   for (; i + kMR <= m; i += kMR) {
     MicroKernel<Op, kMR, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate);
@@ -212,8 +212,8 @@ static inline void RowPanel(int64_t m, int64_t k, const E* a, int64_t lda, const
 // n must be a multiple of kVL; a, c row-major with leading dims lda, ldc; k, lda, ldb count
 // Op's elements (pairs, for BF16Pairs).
 template <class Op = F32Fma, class E = typename Op::Elem>
-static void Gemm(int64_t m, int64_t n, int64_t k, const E* a, int64_t lda, const E* b,
-                 int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+static void Gemm(int64_t m, int64_t n, int64_t k, const E* a, int64_t lda, const E* b, int64_t ldb,
+                 float* c, int64_t ldc, bool accumulate) {
   if (m <= 0 || n <= 0) return;
   if (k <= 0) {
     if (!accumulate) {

@@ -53,7 +53,7 @@ struct GlaContext {
   int64_t group = 1;                         // query heads per kv head
   bool scalar_gate = false;                  // log_gate [.., 1]: one gate per head and step
   int64_t gp = 0;  // the stride of the cumulative gates' rows: hkp, or one vector (scalar)
-  int64_t cp = 0;                            // kGlaChunk rounded up to a vector
+  int64_t cp = 0;  // kGlaChunk rounded up to a vector
   int64_t num_chunks = 0;
   int64_t column_blocks = 1, block_columns = 0;  // the recurrent kernel's split of Hv
   const GatedLinearForwardResult* fwd = nullptr;
@@ -73,8 +73,8 @@ static inline int64_t GlaRow(const GatedLinearProblem& p, int64_t operand_batch,
 
 // The same for an operand with kv heads (key, value, log_gate): query head n reads kv head
 // n / group.
-static inline int64_t GlaKvRow(const GlaContext& c, int64_t operand_batch, int64_t b,
-                               int64_t t, int64_t n, int64_t dim) {
+static inline int64_t GlaKvRow(const GlaContext& c, int64_t operand_batch, int64_t b, int64_t t,
+                               int64_t n, int64_t dim) {
   const GatedLinearProblem& p = *c.p;
   return (((b % operand_batch) * p.seq_len + t) * p.num_kv_heads + n / c.group) * dim;
 }
@@ -89,7 +89,8 @@ static void GlaTranspose(const float* src, int64_t rows, int64_t cols, int64_t l
     }
   }
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = i < rows_full ? cols_full : 0; j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
+    for (int64_t j = i < rows_full ? cols_full : 0; j < cols; ++j)
+      dst[j * ldd + i] = src[i * lds + j];
   }
 }
 
@@ -103,8 +104,7 @@ static void GlaPrefetchRows(const GlaContext& c, int64_t b, int64_t n, int64_t t
   t_begin = MaxI(t_begin, 0);
   t_end = MinI(t_end, p.seq_len);
   const int64_t size = DTypeSize(p.dtype), gate_size = DTypeSize(p.gate_dtype);
-  const auto rows = [&](const void* base, int64_t batch, int64_t dim, int64_t elem_size,
-                        bool kv) {
+  const auto rows = [&](const void* base, int64_t batch, int64_t dim, int64_t elem_size, bool kv) {
     if (base == nullptr) return;
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t at = kv ? GlaKvRow(c, batch, b, t, n, dim) : GlaRow(p, batch, b, t, n, dim);
@@ -125,10 +125,10 @@ struct GlaWork {
   // [kGlaChunk, hkp] rows of the sub-chunk
   float *q, *k, *h, *e_in, *e_qm, *e_km, *e_out, *q_in, *q_intra, *k_intra, *k_out;
   float *g0, *ref, *lo, *hi, *decay, *in_ref, *ref_out;  // [hkp]
-  float *k_intra_t, *k_out_t;         // [hk, cp]
-  float *v, *o;                       // [kGlaChunk, hvp]
-  float* a;                           // [kGlaChunk, cp]
-  float* state;                       // [hk, hvp]
+  float *k_intra_t, *k_out_t;                            // [hk, cp]
+  float *v, *o;                                          // [kGlaChunk, hvp]
+  float* a;                                              // [kGlaChunk, cp]
+  float* state;                                          // [hk, hvp]
   // Backward only.
   float *dout, *dv, *v_t, *da, *a_t, *da_t, *x, *y, *dq, *dk, *q_in_t, *s_t, *ds_t, *dstate;
   float* running;  // [hkp]
@@ -136,18 +136,21 @@ struct GlaWork {
 
   GlaWork(const GlaContext& c, bool backward) {
     const int64_t C = kGlaChunk, row_k = C * c.hkp, row_v = C * c.hvp;
-    int64_t total = 11 * row_k + 7 * c.hkp + 2 * c.hk * c.cp + 2 * row_v + C * c.cp +
-                    c.hk * c.hvp;
+    int64_t total = 11 * row_k + 7 * c.hkp + 2 * c.hk * c.cp + 2 * row_v + C * c.cp + c.hk * c.hvp;
     if (backward) {
-      total += 2 * row_v + c.hv * c.cp + 3 * C * c.cp + 4 * row_k + c.hk * c.cp +
-               2 * c.hv * c.hkp + c.hk * c.hvp + c.hkp;
+      total += 2 * row_v + c.hv * c.cp + 3 * C * c.cp + 4 * row_k + c.hk * c.cp + 2 * c.hv * c.hkp +
+               c.hk * c.hvp + c.hkp;
     }
     // The thread's grow-only scratch (scratch.h), zeroed: padding columns stay zero.
     block = tls_scratch.Get(total + kScratchSlack);
     if (block == nullptr) return;
     __builtin_memset(block, 0, total * sizeof(float));
     float* at = block;
-    auto take = [&at](int64_t n) { float* r = at; at += n; return r; };
+    auto take = [&at](int64_t n) {
+      float* r = at;
+      at += n;
+      return r;
+    };
     q = take(row_k), k = take(row_k), h = take(row_k), e_in = take(row_k);
     e_qm = take(row_k), e_km = take(row_k), e_out = take(row_k), q_in = take(row_k);
     q_intra = take(row_k), k_intra = take(row_k), k_out = take(row_k);
@@ -231,16 +234,16 @@ static void GlaLoadChunk(const GlaContext& c, int64_t b, int64_t n, int64_t t0, 
   // The cumulative gates: rows of gp floats, the first gate_dim of them used (a scalar gate
   // keeps one lane of one vector; the others stay 0 and never cut a sub-chunk).
   const int64_t gd = p.gate_dim, gp = c.gp;
-  LoadRow(p.gate_dtype, Offset(p.log_gate, p.gate_dtype, GlaKvRow(c, p.g_batch, b, t0, n, gd)),
-          gd, 1.0f, w.g0);
+  LoadRow(p.gate_dtype, Offset(p.log_gate, p.gate_dtype, GlaKvRow(c, p.g_batch, b, t0, n, gd)), gd,
+          1.0f, w.g0);
   for (int64_t i = 0; i < gp; ++i) w.h[i] = w.lo[i] = w.hi[i] = 0.0f;
   int64_t len = 1;
   while (len < limit) {
     float* row = w.h + len * gp;
     const float* prev = row - gp;
     LoadRow(p.gate_dtype,
-            Offset(p.log_gate, p.gate_dtype, GlaKvRow(c, p.g_batch, b, t0 + len, n, gd)), gd,
-            1.0f, row);
+            Offset(p.log_gate, p.gate_dtype, GlaKvRow(c, p.g_batch, b, t0 + len, n, gd)), gd, 1.0f,
+            row);
     // Padding lanes stay 0 (row, prev, lo and hi are zero there).
     VI fits = VI{} == 0;
     for (int64_t i = 0; i < gp; i += kVL) {
@@ -332,8 +335,8 @@ static void GlaUpdateState(const GlaContext& c, GlaWork& w, float* state) {
 constexpr int64_t kGlaRowBlock = 16;  // a multiple of every kVL
 
 // out [len, lp] = lower(a [len, k] b [k, lp]): zero above the diagonal.
-static void GlaLowerProduct(int64_t len, int64_t k, const float* a, int64_t lda,
-                            const float* b, int64_t ldb, float* out, int64_t ldo) {
+static void GlaLowerProduct(int64_t len, int64_t k, const float* a, int64_t lda, const float* b,
+                            int64_t ldb, float* out, int64_t ldo) {
   const int64_t lp = RoundUp(len, kVL);
   for (int64_t r0 = 0; r0 < len; r0 += kGlaRowBlock) {
     const int64_t r1 = MinI(len, r0 + kGlaRowBlock);
@@ -345,9 +348,8 @@ static void GlaLowerProduct(int64_t len, int64_t k, const float* a, int64_t lda,
 }
 
 // out [len, n] (+)= lower [len, len] b [len, n], lower zero above the diagonal.
-static void GlaLowerTimes(int64_t len, int64_t n, const float* lower, int64_t ldl,
-                          const float* b, int64_t ldb, float* out, int64_t ldo,
-                          bool accumulate) {
+static void GlaLowerTimes(int64_t len, int64_t n, const float* lower, int64_t ldl, const float* b,
+                          int64_t ldb, float* out, int64_t ldo, bool accumulate) {
   for (int64_t r0 = 0; r0 < len; r0 += kGlaRowBlock) {
     const int64_t r1 = MinI(len, r0 + kGlaRowBlock);
     Gemm(r1 - r0, n, r1, lower + r0 * ldl, ldl, b, ldb, out + r0 * ldo, ldo, accumulate);
@@ -355,13 +357,12 @@ static void GlaLowerTimes(int64_t len, int64_t n, const float* lower, int64_t ld
 }
 
 // out [len, n] (+)= upper [len, len] b [len, n], upper zero below the diagonal.
-static void GlaUpperTimes(int64_t len, int64_t n, const float* upper, int64_t ldu,
-                          const float* b, int64_t ldb, float* out, int64_t ldo,
-                          bool accumulate) {
+static void GlaUpperTimes(int64_t len, int64_t n, const float* upper, int64_t ldu, const float* b,
+                          int64_t ldb, float* out, int64_t ldo, bool accumulate) {
   for (int64_t r0 = 0; r0 < len; r0 += kGlaRowBlock) {
     const int64_t r1 = MinI(len, r0 + kGlaRowBlock);
-    Gemm(r1 - r0, n, len - r0, upper + r0 * ldu + r0, ldu, b + r0 * ldb, ldb, out + r0 * ldo,
-         ldo, accumulate);
+    Gemm(r1 - r0, n, len - r0, upper + r0 * ldu + r0, ldu, b + r0 * ldb, ldb, out + r0 * ldo, ldo,
+         accumulate);
   }
 }
 
@@ -446,8 +447,9 @@ static void GlaRecurrentTask(void* context, int64_t task) {
     }
     for (int64_t i = 0; i < hkp; i += kVL) Store(decay_row + i, Exp(Load(decay_row + i)));
   }
-  const float* init = p.initial_state == nullptr ? nullptr
-      : p.initial_state + ((b % p.state_batch) * p.num_heads + n) * hk * hv;
+  const float* init = p.initial_state == nullptr
+                          ? nullptr
+                          : p.initial_state + ((b % p.state_batch) * p.num_heads + n) * hk * hv;
   float* final_state = c.fwd->final_state + (b * p.num_heads + n) * hk * hv;
   for (int64_t i = 0; i < hk; ++i) {
     const float* src = init == nullptr ? nullptr : init + i * hv;
@@ -547,8 +549,8 @@ static void GlaBackwardChunk(const GlaContext& c, int64_t b, int64_t n, int64_t 
     }
   } else {
     for (int64_t r = 0; r < len * hkp; r += kVL) {
-      Store(w.dq + r, (Load(w.e_qm + r) * Load(w.x + r) + Load(w.e_in + r) * Load(w.y + r)) *
-                          scale);
+      Store(w.dq + r,
+            (Load(w.e_qm + r) * Load(w.x + r) + Load(w.e_in + r) * Load(w.y + r)) * scale);
     }
   }
   // dK = exp(m - H) (dA^T Qintra) + exp(H_end - H) (V dS^T)
@@ -596,8 +598,7 @@ static void GlaBackwardChunk(const GlaContext& c, int64_t b, int64_t n, int64_t 
              Offset(g.dlog_gate, p.gate_dtype, GlaRow(p, p.batch, b, t, n, gd)));
     StoreRow(p.dtype, w.dq + r, hk, 1.0f,
              Offset(g.dquery, p.dtype, GlaRow(p, p.batch, b, t, n, hk)));
-    StoreRow(p.dtype, w.dk + r, hk, 1.0f,
-             Offset(g.dkey, p.dtype, GlaRow(p, p.batch, b, t, n, hk)));
+    StoreRow(p.dtype, w.dk + r, hk, 1.0f, Offset(g.dkey, p.dtype, GlaRow(p, p.batch, b, t, n, hk)));
     StoreRow(p.dtype, w.dv + j * hvp, hv, 1.0f,
              Offset(g.dvalue, p.dtype, GlaRow(p, p.batch, b, t, n, hv)));
   }
@@ -612,8 +613,8 @@ static void GlaBackwardTask(void* context, int64_t task) {
   GlaWork w(c, true);
   // The state at every chunk start, then (grown on demand) at the sub-chunk starts of a chunk
   // cut by a strong decay.
-  float* starts = static_cast<float*>(__builtin_malloc(MaxI(1, c.num_chunks) * state_size *
-                                                       sizeof(float)));
+  float* starts =
+      static_cast<float*>(__builtin_malloc(MaxI(1, c.num_chunks) * state_size * sizeof(float)));
   float* sub_states = nullptr;
   int64_t sub_capacity = 0;
   int64_t sub_t0[kGlaChunk];
@@ -702,8 +703,8 @@ static GlaContext MakeGlaContext(const GatedLinearProblem& p) {
 
 static const char* kGlaOutOfMemory = "gated linear attention: out of memory for the work buffers";
 
-static const char* GlaForwardImpl(const GatedLinearProblem& p,
-                                  const GatedLinearForwardResult& res, const Parallel& parallel) {
+static const char* GlaForwardImpl(const GatedLinearProblem& p, const GatedLinearForwardResult& res,
+                                  const Parallel& parallel) {
   GlaContext c = MakeGlaContext(p);
   c.fwd = &res;
   if (p.seq_len > kGlaRecurrentMaxLen) {
@@ -723,8 +724,8 @@ static const char* GlaForwardImpl(const GatedLinearProblem& p,
   return __atomic_load_n(&c.failed, __ATOMIC_RELAXED) ? kGlaOutOfMemory : nullptr;
 }
 
-static const char* GlaBackwardImpl(const GatedLinearProblem& p,
-                                   const GatedLinearBackwardArgs& args, const Parallel& parallel) {
+static const char* GlaBackwardImpl(const GatedLinearProblem& p, const GatedLinearBackwardArgs& args,
+                                   const Parallel& parallel) {
   GlaContext c = MakeGlaContext(p);
   c.bwd = &args;
   parallel.For(p.batch * p.num_heads, GlaBackwardTask, &c);

@@ -22,14 +22,13 @@ struct KernelTable {
   int64_t (*flash_jvp)(const AttentionProblem&, const FlashTangents&, const void*, const float*,
                        const FlashJvpResult&, const Parallel&);
   // Float64 (attention_f64.h): sparse nullptr for flash attention.
-  int64_t (*f64_forward)(const AttentionProblem&, const BlockSparseTables*,
-                         const F64ForwardResult&, const Parallel&);
-  int64_t (*f64_backward)(const AttentionProblem&, const BlockSparseTables*,
-                          const F64BackwardArgs&, const Parallel&);
-  int64_t (*f64_jvp)(const AttentionProblem&, const FlashTangents&, const double*,
-                     const double*, const F64JvpResult&, const Parallel&);
-  int64_t (*f64_decode)(const DecodeAttentionProblem&, const F64ForwardResult&,
-                        const Parallel&);
+  int64_t (*f64_forward)(const AttentionProblem&, const BlockSparseTables*, const F64ForwardResult&,
+                         const Parallel&);
+  int64_t (*f64_backward)(const AttentionProblem&, const BlockSparseTables*, const F64BackwardArgs&,
+                          const Parallel&);
+  int64_t (*f64_jvp)(const AttentionProblem&, const FlashTangents&, const double*, const double*,
+                     const F64JvpResult&, const Parallel&);
+  int64_t (*f64_decode)(const DecodeAttentionProblem&, const F64ForwardResult&, const Parallel&);
   const char* (*gla_forward)(const GatedLinearProblem&, const GatedLinearForwardResult&,
                              const Parallel&);
   const char* (*gla_backward)(const GatedLinearProblem&, const GatedLinearBackwardArgs&,
@@ -40,6 +39,6 @@ extern const KernelTable kGenericKernels;
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;
 extern const KernelTable kAvx512BF16Kernels;  // avx512 with bf16 products on bf16 pairs
-extern const KernelTable kAmxKernels;  // avx512 with bf16 products on AMX tiles
+extern const KernelTable kAmxKernels;         // avx512 with bf16 products on AMX tiles
 
 }  // namespace jaxattn

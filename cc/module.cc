@@ -32,8 +32,9 @@ NB_MODULE(_jaxattn, m) {
       },
       "The kernels' tile for GQA group size G: (query positions, rows, keys, rows rounded up "
       "to vectors) per tile.");
-  m.def("kernel_isa", [] { return std::string(jaxattn::KernelIsa()); },
-        "The kernel set the kernels run with (one of the names kernel_isas() lists).");
+  m.def(
+      "kernel_isa", [] { return std::string(jaxattn::KernelIsa()); },
+      "The kernel set the kernels run with (one of the names kernel_isas() lists).");
   m.def(
       "kernel_isas",
       [] {

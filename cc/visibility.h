@@ -8,8 +8,7 @@
 
 static inline int64_t BroadcastOffset(const Broadcast4& x, const int64_t* strides, int64_t b,
                                       int64_t n, int64_t t) {
-  return (b % x.dims[0]) * strides[0] + (n % x.dims[1]) * strides[1] +
-         (t % x.dims[2]) * strides[2];
+  return (b % x.dims[0]) * strides[0] + (n % x.dims[1]) * strides[1] + (t % x.dims[2]) * strides[2];
 }
 
 static void StridesOf(const Broadcast4& x, int64_t* strides) {
@@ -63,8 +62,8 @@ static inline void QueryRange(const AttentionProblem& p, int64_t s0, int64_t s1,
 }
 
 // True when every (t, s) of the tile passes the analytic masks.
-static inline bool TileFullyVisible(const AttentionProblem& p, int64_t t0, int64_t t1,
-                                    int64_t s0, int64_t s1, int64_t kv_len) {
+static inline bool TileFullyVisible(const AttentionProblem& p, int64_t t0, int64_t t1, int64_t s0,
+                                    int64_t s1, int64_t kv_len) {
   return s1 <= kv_len && (!p.causal || s1 - 1 <= t0) &&
          (p.window_left < 0 || s0 >= t1 - 1 - p.window_left) &&
          (p.window_right < 0 || s1 - 1 <= t0 + p.window_right);
@@ -225,6 +224,7 @@ static inline void QueryRangeByPosition(const AttentionProblem& p, const TokenIn
 // Clamps an int64 bound into the int32 range of the vector comparisons (positions are
 // below 2^31, ValidateProblem checks it).
 static inline int32_t ClampToI32(int64_t x) {
-  return static_cast<int32_t>(x < -(int64_t{1} << 31) ? -(int64_t{1} << 31)
-                              : x > (int64_t{1} << 31) - 1 ? (int64_t{1} << 31) - 1 : x);
+  return static_cast<int32_t>(x<-(int64_t{1} << 31) ? -(int64_t{1} << 31) : x>(int64_t{1} << 31) - 1
+                                  ? (int64_t{1} << 31) - 1
+                                  : x);
 }

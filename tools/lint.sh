@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Linters, as CI runs them: `ruff check` (configured in pyproject.toml; fails on any finding)
-# and clang-format (.clang-format) over the C++ sources. clang-format only reports, file by
-# file, how many lines it would change, until the C++ is reformatted once; --cpp-strict makes
-# any difference fail too. The pinned tools live in build/lint-venv (created on first use).
+# Linters, as CI runs them: `ruff check` (configured in pyproject.toml) and clang-format
+# (.clang-format) over the C++ sources; any finding or formatting difference fails (the files
+# and how many lines clang-format would change are listed). Fix the C++ with
+#   git ls-files '*.cc' '*.h' | xargs build/lint-venv/bin/clang-format -i --style=file
+# The pinned tools live in build/lint-venv (created on first use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cpp_strict=0
-[[ "${1:-}" == "--cpp-strict" ]] && cpp_strict=1
 
 TOOLS=build/lint-venv
 if [[ ! -x "$TOOLS/bin/ruff" || ! -x "$TOOLS/bin/clang-format" ]]; then
@@ -31,4 +30,4 @@ while IFS= read -r file; do
 done < <(git ls-files '*.cc' '*.h' ':!:third_party/*')
 total=$(git ls-files '*.cc' '*.h' ':!:third_party/*' | xargs cat | wc -l)
 echo "lint: clang-format would change $changed_lines of $total lines in $changed_files files"
-if [[ "$cpp_strict" == 1 && "$changed_lines" -gt 0 ]]; then exit 1; fi
+if [[ "$changed_lines" -gt 0 ]]; then exit 1; fi

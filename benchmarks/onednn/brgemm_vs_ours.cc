@@ -50,11 +50,10 @@ struct BFloat16;
 namespace at {
 namespace native {
 namespace cpublas {
-void brgemm(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c,
-            bool add_C, const float* A, const float* B, float* C, bool is_vnni);
-void brgemm(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c,
-            bool add_C, const c10::BFloat16* A, const c10::BFloat16* B, float* C,
-            bool is_vnni);
+void brgemm(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c, bool add_C,
+            const float* A, const float* B, float* C, bool is_vnni);
+void brgemm(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c, bool add_C,
+            const c10::BFloat16* A, const c10::BFloat16* B, float* C, bool is_vnni);
 void brgemm_release(bool is_vnni);
 }  // namespace cpublas
 }  // namespace native
@@ -95,8 +94,7 @@ inline void Bf16Micro(int64_t k, const uint16_t* a, int64_t lda, const uint16_t*
   for (int64_t p = 0; p < k / 2; ++p) {
     __m512bh bv[NV];
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j)
-      bv[j] = (__m512bh)_mm512_loadu_si512(b + (p * ldb + j * 16) * 2);
+    for (int j = 0; j < NV; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + (p * ldb + j * 16) * 2);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       uint32_t pair;
@@ -113,10 +111,11 @@ inline void Bf16Micro(int64_t k, const uint16_t* a, int64_t lda, const uint16_t*
 }
 
 template <int NV>
-void Bf16Panel(int64_t m, int64_t k, const uint16_t* a, int64_t lda, const uint16_t* b,
-               int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+void Bf16Panel(int64_t m, int64_t k, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+               float* c, int64_t ldc, bool accumulate) {
   int64_t i = 0;
-  for (; i + 6 <= m; i += 6) Bf16Micro<6, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate);
+  for (; i + 6 <= m; i += 6)
+    Bf16Micro<6, NV>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate);
   a += i * lda;
   c += i * ldc;
   switch (m - i) {
@@ -129,8 +128,8 @@ void Bf16Panel(int64_t m, int64_t k, const uint16_t* a, int64_t lda, const uint1
 }
 
 // n a multiple of 16, k even.
-void Bf16Gemm(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda,
-              const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+void Bf16Gemm(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda, const uint16_t* b,
+              int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   for (int64_t j = 0; j < n;) {
     const int64_t nv = std::min<int64_t>(4, (n - j) / 16);
     switch (nv) {
@@ -144,8 +143,8 @@ void Bf16Gemm(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda,
 }
 
 // "ours bf16": the production kernel where the included gemm.h has it.
-void OursBf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda,
-              const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+void OursBf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda, const uint16_t* b,
+              int64_t ldb, float* c, int64_t ldc, bool accumulate) {
 #ifdef JAXATTN_HAVE_BF16PAIRS
   // BF16Pairs counts 32-bit pairs: k and lda halve; a VNNI-2 row of B holds ldb pairs.
   ours::Gemm<ours::BF16Pairs>(m, n, k / 2, reinterpret_cast<const uint32_t*>(a), lda / 2,
@@ -181,8 +180,10 @@ void PackV_vnni(int64_t k, int64_t n, const uint16_t* v, uint16_t* out) {
       // Interleave 16-bit elements of x0, x1: lo/hi unpack work per 128-bit lane, so
       // permute lanes back into order afterwards.
       const __m512i lo = _mm512_unpacklo_epi16(x0, x1), hi = _mm512_unpackhi_epi16(x0, x1);
-      const __m512i i0 = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), hi);
-      const __m512i i1 = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4), hi);
+      const __m512i i0 =
+          _mm512_permutex2var_epi64(lo, _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), hi);
+      const __m512i i1 =
+          _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4), hi);
       _mm512_storeu_si512(o + 2 * j, i0);
       _mm512_storeu_si512(o + 2 * j + 1, i1);
     }
@@ -237,15 +238,17 @@ int main(int argc, char** argv) {
   typedef const c10::BFloat16* BP;
 
   const Shape shapes[] = {
-      {"S=QK^T d=64", 64, 64, 64, false, true},   {"S=QK^T d=128", 64, 64, 128, false, true},
-      {"O+=PV dv=64", 64, 64, 64, true, false},   {"O+=PV dv=128", 64, 128, 64, true, false},
+      {"S=QK^T d=64", 64, 64, 64, false, true},     {"S=QK^T d=128", 64, 64, 128, false, true},
+      {"O+=PV dv=64", 64, 64, 64, true, false},     {"O+=PV dv=128", 64, 128, 64, true, false},
       {"S=QK^T d=128", 128, 128, 128, false, true}, {"O+=PV dv=128", 128, 128, 128, true, false},
       {"tiny (overhead)", 16, 16, 16, false, true},
   };
 
-  printf("| shape | M | N | K | ours f32 | oneDNN f32 | ours bf16 | oneDNN bf16 | f32 pack | bf16 pack |"
-         " ours bf16 +pack | oneDNN bf16 +pack | oneDNN 1st call (JIT) f32 / bf16 |"
-         " max diff f32 / bf16 |\n");
+  printf(
+      "| shape | M | N | K | ours f32 | oneDNN f32 | ours bf16 | oneDNN bf16 | f32 pack | bf16 "
+      "pack |"
+      " ours bf16 +pack | oneDNN bf16 +pack | oneDNN 1st call (JIT) f32 / bf16 |"
+      " max diff f32 / bf16 |\n");
   printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Shape& s : shapes) {
     const int64_t M = s.m, N = s.n, K = s.k;
@@ -271,12 +274,16 @@ int main(int argc, char** argv) {
       bsrc[i] = FromBF16(bsrc16[i]);
     }
     auto pack_f32 = [&] {
-      if (s.from_k) PackKT_f32(N, K, bsrc, bf);
-      else memcpy(bf, bsrc, K * N * sizeof(float));  // V is already row-major [K][N]
+      if (s.from_k)
+        PackKT_f32(N, K, bsrc, bf);
+      else
+        memcpy(bf, bsrc, K * N * sizeof(float));  // V is already row-major [K][N]
     };
     auto pack_bf16 = [&] {
-      if (s.from_k) PackKT_vnni(N, K, bsrc16, bv16);
-      else PackV_vnni(K, N, bsrc16, bv16);
+      if (s.from_k)
+        PackKT_vnni(N, K, bsrc16, bv16);
+      else
+        PackV_vnni(K, N, bsrc16, bv16);
     };
     pack_f32();
     pack_bf16();
@@ -330,33 +337,54 @@ int main(int argc, char** argv) {
     const double o = Median(t_ours), d = Median(t_dnnl), o16 = Median(t_ours16),
                  d16t = Median(t_dnnl16), p32 = Median(t_pack32), p16 = Median(t_pack16);
     auto gf = [&](double t) { return flops / t * 1e-9; };
-    printf("| %s | %ld | %ld | %ld | %.1f | %.1f (%.2fx) | %.1f | %.1f (%.2fx) | %.2f us | %.2f us |"
-           " %.1f | %.1f | %.0f / %.0f us | %.1e / %.1e (bf16 vs f32 %.1e) |\n",
-           s.what, (long)M, (long)N, (long)K, gf(o), gf(d), o / d, gf(o16), gf(d16t), o16 / d16t,
-           p32 * 1e6, p16 * 1e6, gf(o16 + p16), gf(d16t + p16), jit_f32 * 1e6, jit_bf16 * 1e6,
-           d32, d16, d16v32);
+    printf(
+        "| %s | %ld | %ld | %ld | %.1f | %.1f (%.2fx) | %.1f | %.1f (%.2fx) | %.2f us | %.2f us |"
+        " %.1f | %.1f | %.0f / %.0f us | %.1e / %.1e (bf16 vs f32 %.1e) |\n",
+        s.what, (long)M, (long)N, (long)K, gf(o), gf(d), o / d, gf(o16), gf(d16t), o16 / d16t,
+        p32 * 1e6, p16 * 1e6, gf(o16 + p16), gf(d16t + p16), jit_f32 * 1e6, jit_bf16 * 1e6, d32,
+        d16, d16v32);
     if (s.m == 16) {
-      printf("\nper-call time, tiny 16x16x16: ours f32 %.0f ns, oneDNN f32 %.0f ns, ours bf16 %.0f ns,"
-             " oneDNN bf16 %.0f ns\n", o * 1e9, d * 1e9, o16 * 1e9, d16t * 1e9);
+      printf(
+          "\nper-call time, tiny 16x16x16: ours f32 %.0f ns, oneDNN f32 %.0f ns, ours bf16 %.0f ns,"
+          " oneDNN bf16 %.0f ns\n",
+          o * 1e9, d * 1e9, o16 * 1e9, d16t * 1e9);
     }
-    free(a); free(bsrc); free(bf); free(a16); free(bsrc16); free(bv16);
-    free(c_ours); free(c_dnnl); free(c_ours16); free(c_dnnl16);
+    free(a);
+    free(bsrc);
+    free(bf);
+    free(a16);
+    free(bsrc16);
+    free(bv16);
+    free(c_ours);
+    free(c_dnnl);
+    free(c_ours16);
+    free(c_dnnl16);
   }
 
   // The flash inner loop: per key block, S = Q K^T (no accumulate) then O += P V, i.e. two
   // different kernels alternate (oneDNN switches its current kernel, set_hw_context, each time).
-  printf("\n| flash tile pair (S=QK^T then O+=PV), M=64 keys=64 | ours f32 | oneDNN f32 | ours bf16 | oneDNN bf16 |\n");
+  printf(
+      "\n| flash tile pair (S=QK^T then O+=PV), M=64 keys=64 | ours f32 | oneDNN f32 | ours bf16 | "
+      "oneDNN bf16 |\n");
   printf("|---|---|---|---|---|\n");
   for (int64_t d : {64, 128}) {
     const int64_t M = 64, NK = 64, DV = d;
     const double flops = 2.0 * M * NK * d + 2.0 * M * DV * NK;
-    float* q = Alloc<float>(M * d); float* kt = Alloc<float>(d * NK); float* v = Alloc<float>(NK * DV);
-    float* sbuf = Alloc<float>(M * NK); float* o = Alloc<float>(M * DV);
-    uint16_t* q16 = Alloc<uint16_t>(M * d); uint16_t* kt16 = Alloc<uint16_t>(d * NK);
-    uint16_t* v16 = Alloc<uint16_t>(NK * DV); uint16_t* p16 = Alloc<uint16_t>(M * NK);
-    for (int64_t i = 0; i < M * d; ++i) q[i] = FromBF16(q16[i] = ToBF16(rand() / (float)RAND_MAX - 0.5f));
-    for (int64_t i = 0; i < d * NK; ++i) kt[i] = FromBF16(kt16[i] = ToBF16(rand() / (float)RAND_MAX - 0.5f));
-    for (int64_t i = 0; i < NK * DV; ++i) v[i] = FromBF16(v16[i] = ToBF16(rand() / (float)RAND_MAX - 0.5f));
+    float* q = Alloc<float>(M * d);
+    float* kt = Alloc<float>(d * NK);
+    float* v = Alloc<float>(NK * DV);
+    float* sbuf = Alloc<float>(M * NK);
+    float* o = Alloc<float>(M * DV);
+    uint16_t* q16 = Alloc<uint16_t>(M * d);
+    uint16_t* kt16 = Alloc<uint16_t>(d * NK);
+    uint16_t* v16 = Alloc<uint16_t>(NK * DV);
+    uint16_t* p16 = Alloc<uint16_t>(M * NK);
+    for (int64_t i = 0; i < M * d; ++i)
+      q[i] = FromBF16(q16[i] = ToBF16(rand() / (float)RAND_MAX - 0.5f));
+    for (int64_t i = 0; i < d * NK; ++i)
+      kt[i] = FromBF16(kt16[i] = ToBF16(rand() / (float)RAND_MAX - 0.5f));
+    for (int64_t i = 0; i < NK * DV; ++i)
+      v[i] = FromBF16(v16[i] = ToBF16(rand() / (float)RAND_MAX - 0.5f));
     for (int64_t i = 0; i < M * NK; ++i) p16[i] = ToBF16(rand() / (float)RAND_MAX);
     auto ours32 = [&] {
       ours::Gemm(M, NK, d, q, d, kt, NK, sbuf, NK, false);
@@ -375,7 +403,10 @@ int main(int argc, char** argv) {
       brgemm(M, NK, d, d, NK, NK, false, (BP)q16, (BP)kt16, sbuf, true);
       brgemm(M, DV, NK, NK, DV, DV, true, (BP)p16, (BP)v16, o, true);
     };
-    ours32(); dnnl32(); ours16(); dnnl16();
+    ours32();
+    dnnl32();
+    ours16();
+    dnnl16();
     const int64_t iters = std::max<int64_t>(1, (int64_t)(target_s * 50e9 / flops));
     std::vector<double> t[4];
     for (int r = 0; r < reps; ++r) {
@@ -388,7 +419,15 @@ int main(int argc, char** argv) {
     auto gf = [&](int i) { return flops / Median(t[i]) * 1e-9; };
     printf("| head_dim=%ld | %.1f | %.1f (%.2fx) | %.1f | %.1f (%.2fx) |\n", (long)d, gf(0), gf(1),
            gf(1) / gf(0), gf(2), gf(3), gf(3) / gf(2));
-    free(q); free(kt); free(v); free(sbuf); free(o); free(q16); free(kt16); free(v16); free(p16);
+    free(q);
+    free(kt);
+    free(v);
+    free(sbuf);
+    free(o);
+    free(q16);
+    free(kt16);
+    free(v16);
+    free(p16);
   }
   at::native::cpublas::brgemm_release(true);
   return 0;

@@ -19,14 +19,17 @@ int main() {
     matmul mm(pd);
     auto t3 = std::chrono::steady_clock::now();
     memory A(a, eng), B(a, eng), C(a, eng);
-    mm.execute(s, {{DNNL_ARG_SRC, A}, {DNNL_ARG_WEIGHTS, B}, {DNNL_ARG_DST, C}}); s.wait();
+    mm.execute(s, {{DNNL_ARG_SRC, A}, {DNNL_ARG_WEIGHTS, B}, {DNNL_ARG_DST, C}});
+    s.wait();
     int it = 2000;
     auto t4 = std::chrono::steady_clock::now();
-    for (int i = 0; i < it; ++i) mm.execute(s, {{DNNL_ARG_SRC, A}, {DNNL_ARG_WEIGHTS, B}, {DNNL_ARG_DST, C}});
+    for (int i = 0; i < it; ++i)
+      mm.execute(s, {{DNNL_ARG_SRC, A}, {DNNL_ARG_WEIGHTS, B}, {DNNL_ARG_DST, C}});
     s.wait();
     auto t5 = std::chrono::steady_clock::now();
     double us = std::chrono::duration<double, std::micro>(t5 - t4).count() / it;
     printf("n=%d create %.1f ms, exec %.2f us = %.1f GFLOP/s impl=%s\n", n,
-           std::chrono::duration<double, std::milli>(t3 - t2).count(), us, 2.0*n*n*n/us*1e-3, pd.impl_info_str());
+           std::chrono::duration<double, std::milli>(t3 - t2).count(), us,
+           2.0 * n * n * n / us * 1e-3, pd.impl_info_str());
   }
 }

@@ -16,11 +16,10 @@ ffi::Error ParseBroadcast(const ffi::AnyBuffer& buffer, const char* name, Broadc
   return ffi::Error::Success();
 }
 
-ffi::Error ParseTokenOperands(const ffi::RemainingArgs& rest, size_t count,
-                              TokenOperands* tokens) {
+ffi::Error ParseTokenOperands(const ffi::RemainingArgs& rest, size_t count, TokenOperands* tokens) {
   return ParseTrailingOperands(rest, count, &tokens->q_positions, &tokens->kv_positions,
-                               &tokens->q_segments, &tokens->kv_segments,
-                               &tokens->alibi_slopes, &tokens->dropout_seeds);
+                               &tokens->q_segments, &tokens->kv_segments, &tokens->alibi_slopes,
+                               &tokens->dropout_seeds);
 }
 
 ffi::Error ParseTokens(const TokenOperands& in, AttentionProblem* p) {
@@ -36,14 +35,14 @@ ffi::Error ParseTokens(const TokenOperands& in, AttentionProblem* p) {
     *batch = d[0];
     return ffi::Error::Success();
   };
-  JAXATTN_RETURN_IF_ERROR(rows(in.q_positions, "query_positions", p->q_len, &p->q_positions,
-                               &p->q_positions_batch));
-  JAXATTN_RETURN_IF_ERROR(rows(in.kv_positions, "key_value_positions", p->kv_len,
-                               &p->kv_positions, &p->kv_positions_batch));
-  JAXATTN_RETURN_IF_ERROR(rows(in.q_segments, "query_segment_ids", p->q_len, &p->q_segments,
-                               &p->q_segments_batch));
-  JAXATTN_RETURN_IF_ERROR(rows(in.kv_segments, "key_value_segment_ids", p->kv_len,
-                               &p->kv_segments, &p->kv_segments_batch));
+  JAXATTN_RETURN_IF_ERROR(
+      rows(in.q_positions, "query_positions", p->q_len, &p->q_positions, &p->q_positions_batch));
+  JAXATTN_RETURN_IF_ERROR(rows(in.kv_positions, "key_value_positions", p->kv_len, &p->kv_positions,
+                               &p->kv_positions_batch));
+  JAXATTN_RETURN_IF_ERROR(
+      rows(in.q_segments, "query_segment_ids", p->q_len, &p->q_segments, &p->q_segments_batch));
+  JAXATTN_RETURN_IF_ERROR(rows(in.kv_segments, "key_value_segment_ids", p->kv_len, &p->kv_segments,
+                               &p->kv_segments_batch));
   if (in.alibi_slopes.element_count() != 0) {
     const auto d = in.alibi_slopes.dimensions();
     if (d.size() != 2 || d[1] != p->num_heads) {
@@ -75,12 +74,11 @@ ffi::Error ParseQueryKeyValue(const ffi::AnyBuffer& query, const ffi::AnyBuffer&
                               const ffi::AnyBuffer& value, int64_t batch, AttentionProblem* p) {
   const auto q = query.dimensions(), k = key.dimensions(), v = value.dimensions();
   if (q.size() != 4 || k.size() != 4 || v.size() != 4) {
-    return InvalidArgument("query, key and value must have rank 4, got " + ShapeString(q) +
-                           ", " + ShapeString(k) + ", " + ShapeString(v));
+    return InvalidArgument("query, key and value must have rank 4, got " + ShapeString(q) + ", " +
+                           ShapeString(k) + ", " + ShapeString(v));
   }
   if (!ToAttentionDType(query.element_type(), &p->dtype) ||
-      key.element_type() != query.element_type() ||
-      value.element_type() != query.element_type()) {
+      key.element_type() != query.element_type() || value.element_type() != query.element_type()) {
     return InvalidArgument(
         "query, key and value must share one of float32, bfloat16, float16, float64");
   }
@@ -113,8 +111,9 @@ ffi::Error ParseProblem(const ProblemOperands& in, const TokenOperands& tokens,
     return InvalidArgument("bias must be float32, bfloat16, float16 or float64");
   }
   if (p->bias.data != nullptr && p->bias.dtype == DType::kF64 && p->dtype != DType::kF64) {
-    return InvalidArgument("a float64 bias needs float64 inputs (the float32 kernels add the "
-                           "bias in float32: pass it as float32)");
+    return InvalidArgument(
+        "a float64 bias needs float64 inputs (the float32 kernels add the "
+        "bias in float32: pass it as float32)");
   }
   if (p->mask.data != nullptr && in.mask.element_type() != ffi::DataType::PRED &&
       in.mask.element_type() != ffi::DataType::U8) {
@@ -139,8 +138,7 @@ ffi::Error ParseProblem(const ProblemOperands& in, const TokenOperands& tokens,
   const int64_t left_max = by_position ? int64_t{1} << 31 : p->q_len;
   const int64_t right_max = by_position ? int64_t{1} << 31 : p->kv_len;
   p->window_left = attrs.window_left < 0 ? -1 : std::min<int64_t>(attrs.window_left, left_max);
-  p->window_right =
-      attrs.window_right < 0 ? -1 : std::min<int64_t>(attrs.window_right, right_max);
+  p->window_right = attrs.window_right < 0 ? -1 : std::min<int64_t>(attrs.window_right, right_max);
   if (const char* message = ValidateProblem(*p)) return InvalidArgument(message);
   return ffi::Error::Success();
 }
@@ -166,7 +164,8 @@ ffi::Error ParseBackwardArgs(const AttentionProblem& p, ffi::DataType dtype,
   if (lse.element_type() != lse_type ||
       (dlse.element_count() != 0 && dlse.element_type() != lse_type) ||
       (dlogits != nullptr && dlogits->element_type() != lse_type)) {
-    return InvalidArgument(std::string(target) + ": lse, its cotangent and the logits "
+    return InvalidArgument(std::string(target) +
+                           ": lse, its cotangent and the logits "
                            "gradient must be float64 for float64 inputs, float32 otherwise");
   }
   const auto is = [dtype](const ffi::AnyBuffer* x, std::initializer_list<int64_t> shape) {
@@ -184,8 +183,7 @@ ffi::Error ParseBackwardArgs(const AttentionProblem& p, ffi::DataType dtype,
     args64->out = static_cast<const double*>(out.untyped_data());
     args64->lse = static_cast<const double*>(lse.untyped_data());
     args64->dout = static_cast<const double*>(dout.untyped_data());
-    args64->dlse = dlse.element_count() ? static_cast<const double*>(dlse.untyped_data())
-                                        : nullptr;
+    args64->dlse = dlse.element_count() ? static_cast<const double*>(dlse.untyped_data()) : nullptr;
     args64->dq = dq ? static_cast<double*>(dq->untyped_data()) : nullptr;
     args64->dk = dk ? static_cast<double*>(dk->untyped_data()) : nullptr;
     args64->dv = dv ? static_cast<double*>(dv->untyped_data()) : nullptr;

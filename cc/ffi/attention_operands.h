@@ -30,8 +30,7 @@ constexpr size_t kDropoutTokenOperands = 6;  // the _v3 layouts: the _v2 ones, t
 
 // The token operands among the trailing operands `rest`: the first `count` of them
 // (kNoTokenOperands, kNumTokenOperands or kDropoutTokenOperands); the rest stay absent.
-ffi::Error ParseTokenOperands(const ffi::RemainingArgs& rest, size_t count,
-                              TokenOperands* tokens);
+ffi::Error ParseTokenOperands(const ffi::RemainingArgs& rest, size_t count, TokenOperands* tokens);
 
 // The operands every flash target starts with.
 struct ProblemOperands {
@@ -61,9 +60,7 @@ struct FlashDropoutAttrs : FlashAttrs {
 
 // The dropout threshold an attribute struct carries (0 for the layouts without dropout).
 inline int64_t DropoutThreshold(const FlashAttrs&) { return 0; }
-inline int64_t DropoutThreshold(const FlashDropoutAttrs& attrs) {
-  return attrs.dropout_threshold;
-}
+inline int64_t DropoutThreshold(const FlashDropoutAttrs& attrs) { return attrs.dropout_threshold; }
 
 // An optional [B', N', T', S'] operand; zero elements means absent.
 ffi::Error ParseBroadcast(const ffi::AnyBuffer& buffer, const char* name, Broadcast4* out);

@@ -24,16 +24,13 @@ struct SparseDropoutAttrs : SparseAttrs {
 };
 
 inline int64_t DropoutThreshold(const SparseAttrs&) { return 0; }
-inline int64_t DropoutThreshold(const SparseDropoutAttrs& attrs) {
-  return attrs.dropout_threshold;
-}
+inline int64_t DropoutThreshold(const SparseDropoutAttrs& attrs) { return attrs.dropout_threshold; }
 
 }  // namespace jaxattn
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jaxattn::SparseAttrs, StructMember<float>("scale"),
                                       StructMember<float>("soft_cap"));
-XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jaxattn::SparseDropoutAttrs,
-                                      StructMember<float>("scale"),
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jaxattn::SparseDropoutAttrs, StructMember<float>("scale"),
                                       StructMember<float>("soft_cap"),
                                       StructMember<int64_t>("dropout_threshold"));
 
@@ -52,8 +49,7 @@ ffi::Error ParseBlockSparseTables(const AttentionProblem& p, const S32Buffer& q_
   const auto qi = q_indptr.dimensions(), qe = q_entries.dimensions(), md = masks.dimensions();
   if (qi.size() != 1 || (qi[0] - 1) % t->num_q_tiles != 0) {
     return InvalidArgument("block-sparse q_indptr must have groups * " +
-                           std::to_string(t->num_q_tiles) + " + 1 entries, got " +
-                           ShapeString(qi));
+                           std::to_string(t->num_q_tiles) + " + 1 entries, got " + ShapeString(qi));
   }
   t->groups = (qi[0] - 1) / t->num_q_tiles;
   if (qe.size() != 2 || qe[1] != 2) {
@@ -72,8 +68,7 @@ ffi::Error ParseBlockSparseTables(const AttentionProblem& p, const S32Buffer& q_
   t->num_masks = md[0];
   if (k_indptr != nullptr) {
     const auto ki = k_indptr->dimensions(), ke = k_entries->dimensions();
-    if (ki.size() != 1 || ki[0] != t->groups * t->num_k_tiles + 1 || ke.size() != 2 ||
-        ke[1] != 2) {
+    if (ki.size() != 1 || ki[0] != t->groups * t->num_k_tiles + 1 || ke.size() != 2 || ke[1] != 2) {
       return InvalidArgument("block-sparse k_indptr/k_entries have the wrong shape: " +
                              ShapeString(ki) + ", " + ShapeString(ke));
     }
@@ -81,8 +76,8 @@ ffi::Error ParseBlockSparseTables(const AttentionProblem& p, const S32Buffer& q_
     t->k_entries = k_entries->typed_data();
     t->k_nnz = ke[0];
     const auto mt = masks_t->dimensions();
-    if (mt.size() != 3 || mt[0] != md[0] || mt[1] != tiling.keys ||
-        mt[2] != tiling.rows_padded || masks_t->element_type() != masks.element_type()) {
+    if (mt.size() != 3 || mt[0] != md[0] || mt[1] != tiling.keys || mt[2] != tiling.rows_padded ||
+        masks_t->element_type() != masks.element_type()) {
       return InvalidArgument("block-sparse transposed masks must be bool [M, " +
                              std::to_string(tiling.keys) + ", " +
                              std::to_string(tiling.rows_padded) + "], got " + ShapeString(mt));
@@ -95,9 +90,8 @@ ffi::Error ParseBlockSparseTables(const AttentionProblem& p, const S32Buffer& q_
 
 // The problem of a block-sparse target: no bias, mask, lengths or flags (the tables mask).
 ffi::Error ParseSparseProblem(const ffi::AnyBuffer& query, const ffi::AnyBuffer& key,
-                              const ffi::AnyBuffer& value, int64_t batch,
-                              const SparseAttrs& attrs, const TokenOperands& tokens,
-                              AttentionProblem* p) {
+                              const ffi::AnyBuffer& value, int64_t batch, const SparseAttrs& attrs,
+                              const TokenOperands& tokens, AttentionProblem* p) {
   JAXATTN_RETURN_IF_ERROR(ParseQueryKeyValue(query, key, value, batch, p));
   JAXATTN_RETURN_IF_ERROR(ParseTokens(tokens, p));
   p->scale = attrs.scale;
@@ -121,8 +115,8 @@ ffi::Error SparseForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
   JAXATTN_RETURN_IF_ERROR(ParseSparseProblem(query, key, value, od[0], attrs, tokens, &p));
   JAXATTN_RETURN_IF_ERROR(CheckForwardResults(p, query.element_type(), *out, *lse));
   BlockSparseTables tables;
-  JAXATTN_RETURN_IF_ERROR(ParseBlockSparseTables(p, q_indptr, q_entries, nullptr, nullptr,
-                                                 masks, nullptr, &tables));
+  JAXATTN_RETURN_IF_ERROR(
+      ParseBlockSparseTables(p, q_indptr, q_entries, nullptr, nullptr, masks, nullptr, &tables));
   return RunAttentionForward("block-sparse attention", p, &tables, *out, *lse, pool);
 }
 
@@ -144,28 +138,27 @@ ffi::Error SparseBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::A
   JAXATTN_RETURN_IF_ERROR(ParseSparseProblem(query, key, value, dqd[0], attrs, tokens, &p));
   FlashBackwardArgs args;
   F64BackwardArgs args64;
-  JAXATTN_RETURN_IF_ERROR(ParseBackwardArgs(p, query.element_type(), out, lse, dout, dlse,
-                                            &*dq, &*dk, &*dv, nullptr, &args, &args64));
+  JAXATTN_RETURN_IF_ERROR(ParseBackwardArgs(p, query.element_type(), out, lse, dout, dlse, &*dq,
+                                            &*dk, &*dv, nullptr, &args, &args64));
   BlockSparseTables tables;
-  JAXATTN_RETURN_IF_ERROR(ParseBlockSparseTables(p, q_indptr, q_entries, &k_indptr,
-                                                 &k_entries, masks, &masks_t, &tables));
-  return RunAttentionBackward("block-sparse attention backward", p, &tables, args, args64,
-                              pool);
+  JAXATTN_RETURN_IF_ERROR(ParseBlockSparseTables(p, q_indptr, q_entries, &k_indptr, &k_entries,
+                                                 masks, &masks_t, &tables));
+  return RunAttentionBackward("block-sparse attention backward", p, &tables, args, args64, pool);
 }
 
 template <typename Attributes>
 auto BindForward() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::AnyBuffer>()         // query
-      .Arg<ffi::AnyBuffer>()         // key
-      .Arg<ffi::AnyBuffer>()         // value
-      .Arg<S32Buffer>()              // q_indptr
-      .Arg<S32Buffer>()              // q_entries
-      .Arg<ffi::AnyBuffer>()         // masks
-      .RemainingArgs()               // the token operands (_v2, _v3) or none (_v1)
-      .Ret<ffi::AnyBuffer>()         // out
-      .Ret<ffi::AnyBuffer>()         // lse (float32; float64 for float64 inputs)
+      .Arg<ffi::AnyBuffer>()  // query
+      .Arg<ffi::AnyBuffer>()  // key
+      .Arg<ffi::AnyBuffer>()  // value
+      .Arg<S32Buffer>()       // q_indptr
+      .Arg<S32Buffer>()       // q_entries
+      .Arg<ffi::AnyBuffer>()  // masks
+      .RemainingArgs()        // the token operands (_v2, _v3) or none (_v1)
+      .Ret<ffi::AnyBuffer>()  // out
+      .Ret<ffi::AnyBuffer>()  // lse (float32; float64 for float64 inputs)
       .template Attrs<Attributes>();
 }
 
@@ -173,23 +166,23 @@ template <typename Attributes>
 auto BindBackward() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::AnyBuffer>()         // query
-      .Arg<ffi::AnyBuffer>()         // key
-      .Arg<ffi::AnyBuffer>()         // value
-      .Arg<ffi::AnyBuffer>()         // out
-      .Arg<ffi::AnyBuffer>()         // lse (float32; float64 for float64 inputs)
-      .Arg<ffi::AnyBuffer>()         // dout
-      .Arg<ffi::AnyBuffer>()         // dlse (0 elements: none), as lse
-      .Arg<S32Buffer>()              // q_indptr
-      .Arg<S32Buffer>()              // q_entries
-      .Arg<S32Buffer>()              // k_indptr
-      .Arg<S32Buffer>()              // k_entries
-      .Arg<ffi::AnyBuffer>()         // masks
-      .Arg<ffi::AnyBuffer>()         // masks_t (transposed)
-      .RemainingArgs()               // the token operands (_v2, _v3) or none (_v1)
-      .Ret<ffi::AnyBuffer>()         // dq
-      .Ret<ffi::AnyBuffer>()         // dk
-      .Ret<ffi::AnyBuffer>()         // dv
+      .Arg<ffi::AnyBuffer>()  // query
+      .Arg<ffi::AnyBuffer>()  // key
+      .Arg<ffi::AnyBuffer>()  // value
+      .Arg<ffi::AnyBuffer>()  // out
+      .Arg<ffi::AnyBuffer>()  // lse (float32; float64 for float64 inputs)
+      .Arg<ffi::AnyBuffer>()  // dout
+      .Arg<ffi::AnyBuffer>()  // dlse (0 elements: none), as lse
+      .Arg<S32Buffer>()       // q_indptr
+      .Arg<S32Buffer>()       // q_entries
+      .Arg<S32Buffer>()       // k_indptr
+      .Arg<S32Buffer>()       // k_entries
+      .Arg<ffi::AnyBuffer>()  // masks
+      .Arg<ffi::AnyBuffer>()  // masks_t (transposed)
+      .RemainingArgs()        // the token operands (_v2, _v3) or none (_v1)
+      .Ret<ffi::AnyBuffer>()  // dq
+      .Ret<ffi::AnyBuffer>()  // dk
+      .Ret<ffi::AnyBuffer>()  // dv
       .template Attrs<Attributes>();
 }
 

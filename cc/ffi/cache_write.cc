@@ -31,7 +31,8 @@ ffi::Error CacheWriteImpl(ffi::AnyBuffer pool, ffi::AnyBuffer rows, S32Buffer pa
   w.num_pages = pd[0];
   w.page_size = pd[1];
   w.row_bytes = w.num_pages * w.page_size == 0
-                    ? 0 : static_cast<int64_t>(pool.size_bytes()) / (w.num_pages * w.page_size);
+                    ? 0
+                    : static_cast<int64_t>(pool.size_bytes()) / (w.num_pages * w.page_size);
   w.pool = out->untyped_data();
   // XLA hands the aliased operand's buffer in as the result (copied first unless donated).
   if (w.pool != pool.untyped_data()) std::memcpy(w.pool, pool.untyped_data(), pool.size_bytes());
@@ -48,11 +49,11 @@ ffi::Error CacheWriteImpl(ffi::AnyBuffer pool, ffi::AnyBuffer rows, S32Buffer pa
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     CacheWriteHandler, CacheWriteImpl,
     ffi::Ffi::Bind()
-        .Arg<ffi::AnyBuffer>()     // pool [P, L, ...] (aliased to the result)
-        .Arg<ffi::AnyBuffer>()     // rows [B, T, ...]
-        .Arg<S32Buffer>()          // pages [B, T]
-        .Arg<S32Buffer>()          // slots [B, T]
-        .Ret<ffi::AnyBuffer>());   // the pool
+        .Arg<ffi::AnyBuffer>()    // pool [P, L, ...] (aliased to the result)
+        .Arg<ffi::AnyBuffer>()    // rows [B, T, ...]
+        .Arg<S32Buffer>()         // pages [B, T]
+        .Arg<S32Buffer>()         // slots [B, T]
+        .Ret<ffi::AnyBuffer>());  // the pool
 
 std::vector<FfiTarget> CacheWriteTargets() {
   return {{"jaxattn_cache_write_v1", reinterpret_cast<void*>(CacheWriteHandler)}};

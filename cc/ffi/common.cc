@@ -54,9 +54,7 @@ bool ToAttentionDType(ffi::DataType type, DType* dtype) {
 namespace {
 
 void ScheduleOnXlaPool(void* scheduler, void (*work)(void*), void* work_context) {
-  static_cast<ffi::ThreadPool*>(scheduler)->Schedule([work, work_context] {
-    work(work_context);
-  });
+  static_cast<ffi::ThreadPool*>(scheduler)->Schedule([work, work_context] { work(work_context); });
 }
 
 }  // namespace

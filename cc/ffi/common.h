@@ -26,11 +26,11 @@ using F32Result = ffi::Result<ffi::Buffer<ffi::F32>>;
 using U32Buffer = ffi::Buffer<ffi::U32>;
 
 // Evaluates `expr` (an ffi::Error) and returns it from the calling function if it failed.
-#define JAXATTN_RETURN_IF_ERROR(expr)                              \
-  do {                                                             \
+#define JAXATTN_RETURN_IF_ERROR(expr)                                          \
+  do {                                                                         \
     if (::xla::ffi::Error jaxattn_error_ = (expr); jaxattn_error_.failure()) { \
-      return jaxattn_error_;                                       \
-    }                                                              \
+      return jaxattn_error_;                                                   \
+    }                                                                          \
   } while (false)
 
 // Errors carry the "jaxattn: " prefix so that a failure in a large program names its source.
@@ -57,8 +57,12 @@ inline ffi::DataType LseType(DType dtype) {
 template <ffi::DataType kType>
 ffi::Buffer<kType> AbsentBuffer() {
   static int64_t zero_dims[1] = {0};
-  static const XLA_FFI_Buffer empty{XLA_FFI_Buffer_STRUCT_SIZE, nullptr,
-                                    static_cast<XLA_FFI_DataType>(kType), nullptr, 1, zero_dims};
+  static const XLA_FFI_Buffer empty{XLA_FFI_Buffer_STRUCT_SIZE,
+                                    nullptr,
+                                    static_cast<XLA_FFI_DataType>(kType),
+                                    nullptr,
+                                    1,
+                                    zero_dims};
   return ffi::Buffer<kType>(&empty);
 }
 
@@ -70,8 +74,7 @@ template <typename... Buffers>
 ffi::Error ParseTrailingOperands(const ffi::RemainingArgs& rest, size_t count,
                                  Buffers*... buffers) {
   if (count > sizeof...(Buffers)) {
-    return InvalidArgument("a layout of " + std::to_string(count) +
-                           " trailing operands; at most " +
+    return InvalidArgument("a layout of " + std::to_string(count) + " trailing operands; at most " +
                            std::to_string(sizeof...(Buffers)) + " exist");
   }
   if (rest.size() != count) {
@@ -109,10 +112,10 @@ class XlaParallel final : public Parallel {
 };
 
 // Each op family's targets, defined in its own file; targets.cc lists them all.
-std::vector<FfiTarget> FlashTargets();          // flash.cc
-std::vector<FfiTarget> BlockSparseTargets();    // block_sparse.cc
-std::vector<FfiTarget> DecodeTargets();         // decode.cc
-std::vector<FfiTarget> CacheWriteTargets();     // cache_write.cc
-std::vector<FfiTarget> GatedLinearTargets();    // gated_linear.cc
+std::vector<FfiTarget> FlashTargets();        // flash.cc
+std::vector<FfiTarget> BlockSparseTargets();  // block_sparse.cc
+std::vector<FfiTarget> DecodeTargets();       // decode.cc
+std::vector<FfiTarget> CacheWriteTargets();   // cache_write.cc
+std::vector<FfiTarget> GatedLinearTargets();  // gated_linear.cc
 
 }  // namespace jaxattn

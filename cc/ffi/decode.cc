@@ -59,8 +59,10 @@ ffi::Error ParseCacheScale(const F32Buffer* scale, const char* name,
                            const DecodeAttentionProblem& p, const float** out) {
   if (scale == nullptr || scale->element_count() == 0) return ffi::Error::Success();
   if (!HasShape(scale->dimensions(), {p.num_pages, p.page_size, p.num_kv_heads})) {
-    return InvalidArgument(std::string("decode: ") + name + " must have the cache's shape "
-                           "without its last axis, got " + ShapeString(scale->dimensions()));
+    return InvalidArgument(std::string("decode: ") + name +
+                           " must have the cache's shape "
+                           "without its last axis, got " +
+                           ShapeString(scale->dimensions()));
   }
   *out = scale->typed_data();
   return ffi::Error::Success();
@@ -78,9 +80,9 @@ struct DecodeTokenOperands {
   F32Buffer alibi_slopes = AbsentBuffer<ffi::F32>();
   S32Buffer q_lengths = AbsentBuffer<ffi::S32>();
 };
-constexpr size_t kNoDecodeTokenOperands = 0;       // the _v1 layouts
-constexpr size_t kNumDecodeTokenOperands = 3;      // _v2; quantized _v1
-constexpr size_t kQueryLengthTokenOperands = 4;    // _v3; quantized _v2: and query_lengths
+constexpr size_t kNoDecodeTokenOperands = 0;     // the _v1 layouts
+constexpr size_t kNumDecodeTokenOperands = 3;    // _v2; quantized _v1
+constexpr size_t kQueryLengthTokenOperands = 4;  // _v3; quantized _v2: and query_lengths
 
 ffi::Error ParseDecodeTokens(const DecodeTokenOperands& in, DecodeAttentionProblem* p) {
   const auto rows = [](const ffi::AnyBuffer::Dimensions d, int64_t len) {
@@ -126,14 +128,12 @@ ffi::Error ParseDecodeTokens(const DecodeTokenOperands& in, DecodeAttentionProbl
 }
 
 // The quantized targets pass key_scale / value_scale (possibly empty); the others nullptr.
-ffi::Error RunDecode(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
-                     const ffi::AnyBuffer& key, const ffi::AnyBuffer& value,
-                     const S32Buffer* block_tables, const S32Buffer& kv_lengths,
-                     const ffi::RemainingArgs& token_args, size_t num_tokens,
-                     ffi::Result<ffi::AnyBuffer>& out, ffi::Result<ffi::AnyBuffer>& lse,
-                     const DecodeAttrs& attrs,
-                     const F32Buffer* key_scale = nullptr,
-                     const F32Buffer* value_scale = nullptr) {
+ffi::Error RunDecode(ffi::ThreadPool pool, const ffi::AnyBuffer& query, const ffi::AnyBuffer& key,
+                     const ffi::AnyBuffer& value, const S32Buffer* block_tables,
+                     const S32Buffer& kv_lengths, const ffi::RemainingArgs& token_args,
+                     size_t num_tokens, ffi::Result<ffi::AnyBuffer>& out,
+                     ffi::Result<ffi::AnyBuffer>& lse, const DecodeAttrs& attrs,
+                     const F32Buffer* key_scale = nullptr, const F32Buffer* value_scale = nullptr) {
   const auto q = query.dimensions(), k = key.dimensions(), v = value.dimensions();
   const auto od = out->dimensions();
   if (q.size() != 4 || k.size() != 4 || v.size() != 4 || od.size() != 4) {
@@ -143,20 +143,21 @@ ffi::Error RunDecode(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
   DecodeAttentionProblem p;
   const bool quantized = key_scale != nullptr;
   if (quantized) {
-    if (!ToDType(query.element_type(), &p.dtype) ||
-        out->element_type() != query.element_type() ||
+    if (!ToDType(query.element_type(), &p.dtype) || out->element_type() != query.element_type() ||
         !ToCacheQuant(key.element_type(), &p.cache_quant) ||
         value.element_type() != key.element_type()) {
-      return InvalidArgument("decode: a quantized cache must be int8, float8_e4m3fn or "
-                             "float8_e5m2 (keys and values alike) with a float32, bfloat16 or "
-                             "float16 query");
+      return InvalidArgument(
+          "decode: a quantized cache must be int8, float8_e4m3fn or "
+          "float8_e5m2 (keys and values alike) with a float32, bfloat16 or "
+          "float16 query");
     }
   } else if (!ToAttentionDType(query.element_type(), &p.dtype) ||
              key.element_type() != query.element_type() ||
              value.element_type() != query.element_type() ||
              out->element_type() != query.element_type()) {
-    return InvalidArgument("decode: query and caches must share one of float32, bfloat16, "
-                           "float16, float64");
+    return InvalidArgument(
+        "decode: query and caches must share one of float32, bfloat16, "
+        "float16, float64");
   }
   // A contiguous value cache may have its own batch (a vmap mapping one cache only).
   const bool value_batch_differs = block_tables == nullptr && k[0] != v[0];
@@ -180,8 +181,7 @@ ffi::Error RunDecode(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
   if (block_tables != nullptr) {
     const auto bt = block_tables->dimensions();
     if (bt.size() != 2 || bt[0] <= 0 || bt[1] <= 0) {
-      return InvalidArgument("decode: block_tables must be [B, max_pages], got " +
-                             ShapeString(bt));
+      return InvalidArgument("decode: block_tables must be [B, max_pages], got " + ShapeString(bt));
     }
     p.block_tables = block_tables->typed_data();
     p.block_tables_batch = bt[0];
@@ -221,9 +221,10 @@ ffi::Error RunDecode(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
     const int64_t capacity = p.max_pages * p.page_size;
     for (int64_t b = 0; b < p.kv_lengths_batch; ++b) {
       if (p.kv_lengths[b] < 0 || p.kv_lengths[b] > capacity) {
-        return InvalidArgument("decode: kv_lengths[" + std::to_string(b) + "] = " +
-                               std::to_string(p.kv_lengths[b]) + " is outside [0, " +
-                               std::to_string(capacity) + "], the cache length (the KV cache "
+        return InvalidArgument("decode: kv_lengths[" + std::to_string(b) +
+                               "] = " + std::to_string(p.kv_lengths[b]) + " is outside [0, " +
+                               std::to_string(capacity) +
+                               "], the cache length (the KV cache "
                                "overflowed: a step past its max_length?)");
       }
     }
@@ -237,10 +238,9 @@ ffi::Error RunDecode(ffi::ThreadPool pool, const ffi::AnyBuffer& query,
                              F64ForwardResult{static_cast<double*>(out->untyped_data()),
                                               static_cast<double*>(lse->untyped_data())},
                              XlaParallel(pool))
-          : DecodeForward(p,
-                          DecodeResult{out->untyped_data(),
-                                       static_cast<float*>(lse->untyped_data())},
-                          XlaParallel(pool));
+          : DecodeForward(
+                p, DecodeResult{out->untyped_data(), static_cast<float*>(lse->untyped_data())},
+                XlaParallel(pool));
   return ScratchError("decode", failed_bytes);
 }
 
@@ -257,8 +257,7 @@ template <size_t kTokens, typename Attrs>
 ffi::Error PagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
                                   ffi::AnyBuffer key_pages, ffi::AnyBuffer value_pages,
                                   S32Buffer block_tables, S32Buffer kv_lengths,
-                                  ffi::RemainingArgs token_args,
-                                  ffi::Result<ffi::AnyBuffer> out,
+                                  ffi::RemainingArgs token_args, ffi::Result<ffi::AnyBuffer> out,
                                   ffi::Result<ffi::AnyBuffer> lse, Attrs attrs) {
   return RunDecode(pool, query, key_pages, value_pages, &block_tables, kv_lengths, token_args,
                    kTokens, out, lse, ToDecodeAttrs(attrs));
@@ -266,14 +265,13 @@ ffi::Error PagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
 
 // Quantized caches: the _v2 (_v3) targets plus key_scale and value_scale after the caches.
 template <size_t kTokens>
-ffi::Error QuantDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
-                                  ffi::AnyBuffer key, ffi::AnyBuffer value, F32Buffer key_scale,
-                                  F32Buffer value_scale, S32Buffer kv_lengths,
-                                  ffi::RemainingArgs token_args,
-                                  ffi::Result<ffi::AnyBuffer> out,
-                                  ffi::Result<ffi::AnyBuffer> lse, DecodeAttrs attrs) {
-  return RunDecode(pool, query, key, value, nullptr, kv_lengths, token_args,
-                   kTokens, out, lse, attrs, &key_scale, &value_scale);
+ffi::Error QuantDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                                  ffi::AnyBuffer value, F32Buffer key_scale, F32Buffer value_scale,
+                                  S32Buffer kv_lengths, ffi::RemainingArgs token_args,
+                                  ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                                  DecodeAttrs attrs) {
+  return RunDecode(pool, query, key, value, nullptr, kv_lengths, token_args, kTokens, out, lse,
+                   attrs, &key_scale, &value_scale);
 }
 
 template <size_t kTokens>
@@ -292,8 +290,8 @@ ffi::Error QuantPagedDecodeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer quer
 template <typename Attrs, typename Binding>
 auto BindDecodeResults(Binding binding) {
   return std::move(binding)
-      .RemainingArgs()               // the token operands (_v2, _v3, quantized) or none (_v1)
-      .template Ret<ffi::AnyBuffer>()         // out
+      .RemainingArgs()                 // the token operands (_v2, _v3, quantized) or none (_v1)
+      .template Ret<ffi::AnyBuffer>()  // out
       .template Ret<ffi::AnyBuffer>()  // lse (float32; float64 for float64 inputs)
       .template Attrs<Attrs>();
 }
@@ -342,40 +340,39 @@ auto BindQuantPaged() {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    DecodeForwardHandler, (DecodeForwardImpl<kNoDecodeTokenOperands, DecodeAttrsV1>),
-    BindDecodeResults<DecodeAttrsV1>(BindContiguous()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    DecodeForwardV2Handler, (DecodeForwardImpl<kNumDecodeTokenOperands, DecodeAttrs>),
-    BindDecodeResults<DecodeAttrs>(BindContiguous()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    PagedDecodeForwardHandler, (PagedDecodeForwardImpl<kNoDecodeTokenOperands, DecodeAttrsV1>),
-    BindDecodeResults<DecodeAttrsV1>(BindPaged()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    PagedDecodeForwardV2Handler, (PagedDecodeForwardImpl<kNumDecodeTokenOperands, DecodeAttrs>),
-    BindDecodeResults<DecodeAttrs>(BindPaged()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    QuantDecodeForwardHandler, QuantDecodeForwardImpl<kNumDecodeTokenOperands>,
-    BindDecodeResults<DecodeAttrs>(BindQuantContiguous()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    QuantPagedDecodeForwardHandler, QuantPagedDecodeForwardImpl<kNumDecodeTokenOperands>,
-    BindDecodeResults<DecodeAttrs>(BindQuantPaged()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeForwardHandler,
+                              (DecodeForwardImpl<kNoDecodeTokenOperands, DecodeAttrsV1>),
+                              BindDecodeResults<DecodeAttrsV1>(BindContiguous()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeForwardV2Handler,
+                              (DecodeForwardImpl<kNumDecodeTokenOperands, DecodeAttrs>),
+                              BindDecodeResults<DecodeAttrs>(BindContiguous()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedDecodeForwardHandler,
+                              (PagedDecodeForwardImpl<kNoDecodeTokenOperands, DecodeAttrsV1>),
+                              BindDecodeResults<DecodeAttrsV1>(BindPaged()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedDecodeForwardV2Handler,
+                              (PagedDecodeForwardImpl<kNumDecodeTokenOperands, DecodeAttrs>),
+                              BindDecodeResults<DecodeAttrs>(BindPaged()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantDecodeForwardHandler,
+                              QuantDecodeForwardImpl<kNumDecodeTokenOperands>,
+                              BindDecodeResults<DecodeAttrs>(BindQuantContiguous()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantPagedDecodeForwardHandler,
+                              QuantPagedDecodeForwardImpl<kNumDecodeTokenOperands>,
+                              BindDecodeResults<DecodeAttrs>(BindQuantPaged()));
 
 // _v3 / quantized _v2: query_lengths [B] int32 (0 elements: T each) after the token operands;
 // any T (beyond 16 tokens the flash kernels run over the cache).
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    DecodeForwardV3Handler, (DecodeForwardImpl<kQueryLengthTokenOperands, DecodeAttrs>),
-    BindDecodeResults<DecodeAttrs>(BindContiguous()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    PagedDecodeForwardV3Handler,
-    (PagedDecodeForwardImpl<kQueryLengthTokenOperands, DecodeAttrs>),
-    BindDecodeResults<DecodeAttrs>(BindPaged()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    QuantDecodeForwardV2Handler, QuantDecodeForwardImpl<kQueryLengthTokenOperands>,
-    BindDecodeResults<DecodeAttrs>(BindQuantContiguous()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    QuantPagedDecodeForwardV2Handler, QuantPagedDecodeForwardImpl<kQueryLengthTokenOperands>,
-    BindDecodeResults<DecodeAttrs>(BindQuantPaged()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeForwardV3Handler,
+                              (DecodeForwardImpl<kQueryLengthTokenOperands, DecodeAttrs>),
+                              BindDecodeResults<DecodeAttrs>(BindContiguous()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedDecodeForwardV3Handler,
+                              (PagedDecodeForwardImpl<kQueryLengthTokenOperands, DecodeAttrs>),
+                              BindDecodeResults<DecodeAttrs>(BindPaged()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantDecodeForwardV2Handler,
+                              QuantDecodeForwardImpl<kQueryLengthTokenOperands>,
+                              BindDecodeResults<DecodeAttrs>(BindQuantContiguous()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantPagedDecodeForwardV2Handler,
+                              QuantPagedDecodeForwardImpl<kQueryLengthTokenOperands>,
+                              BindDecodeResults<DecodeAttrs>(BindQuantPaged()));
 
 std::vector<FfiTarget> DecodeTargets() {
   return {

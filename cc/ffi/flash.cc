@@ -48,8 +48,8 @@ ffi::Error FlashBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::An
                                        tokens, attrs, dqd[0], &p));
   FlashBackwardArgs args;
   F64BackwardArgs args64;
-  JAXATTN_RETURN_IF_ERROR(ParseBackwardArgs(p, query.element_type(), out, lse, dout, dlse,
-                                            &*dq, &*dk, &*dv, nullptr, &args, &args64));
+  JAXATTN_RETURN_IF_ERROR(ParseBackwardArgs(p, query.element_type(), out, lse, dout, dlse, &*dq,
+                                            &*dk, &*dv, nullptr, &args, &args64));
   return RunAttentionBackward("flash attention backward", p, nullptr, args, args64, pool);
 }
 
@@ -60,8 +60,7 @@ ffi::Error FlashLogitsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
                                ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                                S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
                                ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
-                               ffi::RemainingArgs token_args,
-                               ffi::Result<ffi::AnyBuffer> dlogits,
+                               ffi::RemainingArgs token_args, ffi::Result<ffi::AnyBuffer> dlogits,
                                Attributes attrs) {
   const auto gd = dlogits->dimensions();
   if (gd.size() != 4) return InvalidArgument("dlogits must have rank 4");
@@ -73,9 +72,9 @@ ffi::Error FlashLogitsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
                                        tokens, attrs, gd[0], &p));
   FlashBackwardArgs args;
   F64BackwardArgs args64;
-  JAXATTN_RETURN_IF_ERROR(ParseBackwardArgs(p, query.element_type(), out, lse, dout, dlse,
-                                            nullptr, nullptr, nullptr, &*dlogits, &args,
-                                            &args64, "logits-gradient"));
+  JAXATTN_RETURN_IF_ERROR(ParseBackwardArgs(p, query.element_type(), out, lse, dout, dlse, nullptr,
+                                            nullptr, nullptr, &*dlogits, &args, &args64,
+                                            "logits-gradient"));
   return RunAttentionBackward("flash attention backward", p, nullptr, args, args64, pool);
 }
 
@@ -84,8 +83,8 @@ ffi::Error FlashLogitsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::
 ffi::Error FlashJvpImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
                         ffi::AnyBuffer value, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
                         S32Buffer q_lengths, S32Buffer kv_lengths, ffi::AnyBuffer out,
-                        ffi::AnyBuffer lse, ffi::AnyBuffer dq, ffi::AnyBuffer dk,
-                        ffi::AnyBuffer dv, ffi::AnyBuffer dbias, ffi::RemainingArgs token_args,
+                        ffi::AnyBuffer lse, ffi::AnyBuffer dq, ffi::AnyBuffer dk, ffi::AnyBuffer dv,
+                        ffi::AnyBuffer dbias, ffi::RemainingArgs token_args,
                         ffi::Result<ffi::AnyBuffer> dout, ffi::Result<ffi::AnyBuffer> dlse,
                         FlashAttrs attrs) {
   const auto od = dout->dimensions();
@@ -100,8 +99,8 @@ ffi::Error FlashJvpImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuff
   // A tangent's batch divides B (vmap over tangents only folds into theirs).
   const auto tangent_ok = [&](const ffi::AnyBuffer& x, int64_t d1, int64_t d2, int64_t d3) {
     const auto d = x.dimensions();
-    return x.element_type() == dtype && d.size() == 4 && d[0] > 0 && B % d[0] == 0 &&
-           d[1] == d1 && d[2] == d2 && d[3] == d3;
+    return x.element_type() == dtype && d.size() == 4 && d[0] > 0 && B % d[0] == 0 && d[1] == d1 &&
+           d[2] == d2 && d[3] == d3;
   };
   if (!tangent_ok(dq, T, N, p.head_dim) || !tangent_ok(dk, S, K, p.head_dim) ||
       !tangent_ok(dv, S, K, p.value_dim) || out.element_type() != dtype ||
@@ -137,20 +136,18 @@ ffi::Error FlashJvpImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuff
     }
   }
   if (p.dtype == DType::kF64) {
-    return ScratchError(
-        "flash attention jvp",
-        FlashJvpF64(p, tangents, static_cast<const double*>(out.untyped_data()),
-                    static_cast<const double*>(lse.untyped_data()),
-                    F64JvpResult{static_cast<double*>(dout->untyped_data()),
-                                 static_cast<double*>(dlse->untyped_data())},
-                    XlaParallel(pool)));
+    return ScratchError("flash attention jvp",
+                        FlashJvpF64(p, tangents, static_cast<const double*>(out.untyped_data()),
+                                    static_cast<const double*>(lse.untyped_data()),
+                                    F64JvpResult{static_cast<double*>(dout->untyped_data()),
+                                                 static_cast<double*>(dlse->untyped_data())},
+                                    XlaParallel(pool)));
   }
-  return ScratchError("flash attention jvp",
-                      FlashJvp(p, tangents, out.untyped_data(),
-                               static_cast<const float*>(lse.untyped_data()),
-                               FlashJvpResult{dout->untyped_data(),
-                                              static_cast<float*>(dlse->untyped_data())},
-                               XlaParallel(pool)));
+  return ScratchError(
+      "flash attention jvp",
+      FlashJvp(p, tangents, out.untyped_data(), static_cast<const float*>(lse.untyped_data()),
+               FlashJvpResult{dout->untyped_data(), static_cast<float*>(dlse->untyped_data())},
+               XlaParallel(pool)));
 }
 
 // The operands every flash target starts with, in order.

@@ -29,19 +29,21 @@ ffi::Error ParseGatedLinear(const ffi::AnyBuffer& query, const ffi::AnyBuffer& k
   const auto q = query.dimensions(), k = key.dimensions(), v = value.dimensions(),
              g = log_gate.dimensions();
   if (q.size() != 4 || k.size() != 4 || v.size() != 4 || g.size() != 4) {
-    return InvalidArgument("gated linear attention: query, key, value and log_gate must have "
-                           "rank 4, got " + ShapeString(q) + ", " + ShapeString(k) + ", " +
-                           ShapeString(v) + ", " + ShapeString(g));
+    return InvalidArgument(
+        "gated linear attention: query, key, value and log_gate must have "
+        "rank 4, got " +
+        ShapeString(q) + ", " + ShapeString(k) + ", " + ShapeString(v) + ", " + ShapeString(g));
   }
-  if (!ToDType(query.element_type(), &p->dtype) ||
-      key.element_type() != query.element_type() ||
+  if (!ToDType(query.element_type(), &p->dtype) || key.element_type() != query.element_type() ||
       value.element_type() != query.element_type()) {
-    return InvalidArgument("gated linear attention: query, key and value must share one of "
-                           "float32, bfloat16, float16");
+    return InvalidArgument(
+        "gated linear attention: query, key and value must share one of "
+        "float32, bfloat16, float16");
   }
   if (!ToDType(log_gate.element_type(), &p->gate_dtype)) {
-    return InvalidArgument("gated linear attention: log_gate must be float32, bfloat16 or "
-                           "float16");
+    return InvalidArgument(
+        "gated linear attention: log_gate must be float32, bfloat16 or "
+        "float16");
   }
   for (const auto* d : {&k, &v, &g}) {
     if ((*d)[1] != q[1] || (*d)[2] != k[2]) {
@@ -55,9 +57,10 @@ ffi::Error ParseGatedLinear(const ffi::AnyBuffer& query, const ffi::AnyBuffer& k
                            " must divide the query heads " + ShapeString(q));
   }
   if (k[3] != q[3] || (g[3] != q[3] && g[3] != 1)) {
-    return InvalidArgument("gated linear attention: query and key must share the head dim, "
-                           "log_gate have it or 1, got " + ShapeString(q) + ", " +
-                           ShapeString(k) + ", " + ShapeString(g));
+    return InvalidArgument(
+        "gated linear attention: query and key must share the head dim, "
+        "log_gate have it or 1, got " +
+        ShapeString(q) + ", " + ShapeString(k) + ", " + ShapeString(g));
   }
   p->batch = batch;
   p->seq_len = q[1];
@@ -79,10 +82,11 @@ ffi::Error ParseGatedLinear(const ffi::AnyBuffer& query, const ffi::AnyBuffer& k
     const auto s = initial_state.dimensions();
     if (initial_state.element_type() != ffi::DataType::F32 || s.size() != 4 ||
         s[1] != p->num_heads || s[2] != p->key_dim || s[3] != p->value_dim) {
-      return InvalidArgument("gated linear attention: initial_state must be float32 [B, N, "
-                             "Hk, Hv] = [B, " + std::to_string(p->num_heads) + ", " +
-                             std::to_string(p->key_dim) + ", " + std::to_string(p->value_dim) +
-                             "], got " + ShapeString(s));
+      return InvalidArgument(
+          "gated linear attention: initial_state must be float32 [B, N, "
+          "Hk, Hv] = [B, " +
+          std::to_string(p->num_heads) + ", " + std::to_string(p->key_dim) + ", " +
+          std::to_string(p->value_dim) + "], got " + ShapeString(s));
     }
     p->initial_state = static_cast<const float*>(initial_state.untyped_data());
     p->state_batch = s[0];
@@ -93,11 +97,10 @@ ffi::Error ParseGatedLinear(const ffi::AnyBuffer& query, const ffi::AnyBuffer& k
   return ffi::Error::Success();
 }
 
-ffi::Error GatedLinearForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
-                                  ffi::AnyBuffer key, ffi::AnyBuffer value,
-                                  ffi::AnyBuffer log_gate, ffi::AnyBuffer initial_state,
-                                  ffi::Result<ffi::AnyBuffer> out, F32Result final_state,
-                                  GatedLinearAttrs attrs) {
+ffi::Error GatedLinearForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                                  ffi::AnyBuffer value, ffi::AnyBuffer log_gate,
+                                  ffi::AnyBuffer initial_state, ffi::Result<ffi::AnyBuffer> out,
+                                  F32Result final_state, GatedLinearAttrs attrs) {
   const auto od = out->dimensions();
   if (od.size() != 4) return InvalidArgument("gated linear attention: out must have rank 4");
   GatedLinearProblem p;
@@ -116,15 +119,14 @@ ffi::Error GatedLinearForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
   return ffi::Error::Success();
 }
 
-ffi::Error GatedLinearBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
-                                   ffi::AnyBuffer key, ffi::AnyBuffer value,
-                                   ffi::AnyBuffer log_gate, ffi::AnyBuffer initial_state,
-                                   ffi::AnyBuffer dout, F32Buffer dfinal_state,
-                                   ffi::Result<ffi::AnyBuffer> dquery,
+ffi::Error GatedLinearBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer key,
+                                   ffi::AnyBuffer value, ffi::AnyBuffer log_gate,
+                                   ffi::AnyBuffer initial_state, ffi::AnyBuffer dout,
+                                   F32Buffer dfinal_state, ffi::Result<ffi::AnyBuffer> dquery,
                                    ffi::Result<ffi::AnyBuffer> dkey,
                                    ffi::Result<ffi::AnyBuffer> dvalue,
-                                   ffi::Result<ffi::AnyBuffer> dlog_gate,
-                                   F32Result dinitial_state, GatedLinearAttrs attrs) {
+                                   ffi::Result<ffi::AnyBuffer> dlog_gate, F32Result dinitial_state,
+                                   GatedLinearAttrs attrs) {
   const auto dqd = dquery->dimensions();
   if (dqd.size() != 4) return InvalidArgument("gated linear attention: dquery must have rank 4");
   GatedLinearProblem p;
@@ -138,14 +140,14 @@ ffi::Error GatedLinearBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer query,
   };
   const ffi::DataType dtype = query.element_type();
   if (!is(dout, dtype, {B, T, N, Hv}) ||
-      (dfinal_state.element_count() != 0 &&
-       !HasShape(dfinal_state.dimensions(), {B, N, Hk, Hv})) ||
+      (dfinal_state.element_count() != 0 && !HasShape(dfinal_state.dimensions(), {B, N, Hk, Hv})) ||
       !is(*dquery, dtype, {B, T, N, Hk}) || !is(*dkey, dtype, {B, T, N, Hk}) ||
       !is(*dvalue, dtype, {B, T, N, Hv}) ||
       !is(*dlog_gate, log_gate.element_type(), {B, T, N, p.gate_dim}) ||
       !HasShape(dinitial_state->dimensions(), {B, N, Hk, Hv})) {
-    return InvalidArgument("gated linear attention backward: operand shapes do not match the "
-                           "inputs");
+    return InvalidArgument(
+        "gated linear attention backward: operand shapes do not match the "
+        "inputs");
   }
   GatedLinearBackwardArgs args;
   args.dout = dout.untyped_data();

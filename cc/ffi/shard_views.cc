@@ -132,8 +132,7 @@ XLA_FFI_Error* CallWithViews(XLA_FFI_Handler* handler, XLA_FFI_CallFrame* frame)
   int64_t found = -1;
   for (int64_t i = 0; i < attrs.size; ++i) {
     const XLA_FFI_ByteSpan* name = attrs.names[i];
-    if (name->len == sizeof(kViewsAttr) - 1 &&
-        std::memcmp(name->ptr, kViewsAttr, name->len) == 0) {
+    if (name->len == sizeof(kViewsAttr) - 1 && std::memcmp(name->ptr, kViewsAttr, name->len) == 0) {
       found = i;
       break;
     }
@@ -185,8 +184,7 @@ XLA_FFI_Error* ViewTrampoline(XLA_FFI_CallFrame* frame) {
 }
 
 template <size_t... I>
-constexpr std::array<XLA_FFI_Handler*, sizeof...(I)> MakeTrampolines(
-    std::index_sequence<I...>) {
+constexpr std::array<XLA_FFI_Handler*, sizeof...(I)> MakeTrampolines(std::index_sequence<I...>) {
   return {&ViewTrampoline<I>...};
 }
 

@@ -7,9 +7,8 @@ namespace jaxattn {
 
 std::vector<FfiTarget> FfiTargets() {
   std::vector<FfiTarget> all;
-  for (std::vector<FfiTarget> (*family)() :
-       {&FlashTargets, &DecodeTargets, &CacheWriteTargets, &BlockSparseTargets,
-        &GatedLinearTargets}) {
+  for (std::vector<FfiTarget> (*family)() : {&FlashTargets, &DecodeTargets, &CacheWriteTargets,
+                                             &BlockSparseTargets, &GatedLinearTargets}) {
     const std::vector<FfiTarget> targets = family();
     all.insert(all.end(), targets.begin(), targets.end());
   }

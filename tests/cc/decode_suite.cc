@@ -51,13 +51,13 @@ struct Case {
   DType dtype = DType::kF32;
   int64_t B = 1, T = 1, N = 1, K = 1, H = 1, Hv = 1;
   int64_t q_batch = 1;
-  int64_t S = 1;           // contiguous: Smax; paged: max_pages * page_size
-  int64_t page_size = 0;   // 0: contiguous cache [kv_batch, S, K, H]
-  int64_t kv_batch = 1;    // contiguous only: the cache batch (divides B)
+  int64_t S = 1;          // contiguous: Smax; paged: max_pages * page_size
+  int64_t page_size = 0;  // 0: contiguous cache [kv_batch, S, K, H]
+  int64_t kv_batch = 1;   // contiguous only: the cache batch (divides B)
   std::vector<int32_t> lengths;
   double scale = 1.0, soft_cap = 0.0;
   int64_t window_left = -1;
-  CacheQuant quant = CacheQuant::kNone;  // a quantized cache (the query keeps dtype)
+  CacheQuant quant = CacheQuant::kNone;         // a quantized cache (the query keeps dtype)
   bool key_scales = true, value_scales = true;  // quantized: scales given (else 1)
   // Token positions ([B, T] and [B, S] flattened) and ALiBi slopes [N]; empty: absent.
   std::vector<int32_t> q_positions, kv_positions;
@@ -74,18 +74,16 @@ struct Case {
   }
 
   int64_t MaxPages() const { return page_size ? S / page_size : 1; }
-  int64_t Length(int64_t b) const {
-    return std::min<int64_t>(S, std::max<int64_t>(0, lengths[b]));
-  }
+  int64_t Length(int64_t b) const { return std::min<int64_t>(S, std::max<int64_t>(0, lengths[b])); }
   std::string Describe() const {
     char buf[360];
     std::snprintf(buf, sizeof(buf),
                   "%s cache=%s%s%s B=%ld T=%ld N=%ld K=%ld H=%ld Hv=%ld qb=%ld S=%ld page=%ld "
                   "kvb=%ld scale=%g cap=%g window=%ld lengths=[",
                   DTypeName(dtype), QuantName(quant), key_scales ? "" : " no-kscale",
-                  value_scales ? "" : " no-vscale", long(B), long(T), long(N), long(K),
-                  long(H), long(Hv), long(q_batch), long(S), long(page_size), long(kv_batch),
-                  scale, soft_cap, long(window_left));
+                  value_scales ? "" : " no-vscale", long(B), long(T), long(N), long(K), long(H),
+                  long(Hv), long(q_batch), long(S), long(page_size), long(kv_batch), scale,
+                  soft_cap, long(window_left));
     std::string s = buf;
     for (size_t i = 0; i < lengths.size(); ++i) s += (i ? "," : "") + std::to_string(lengths[i]);
     s += "]";
@@ -100,7 +98,7 @@ struct Buffers {
   Tensor q, k, v;  // k, v: the pool [pages, page_size, K, H|Hv]; quantized: bytes whose
                    // values are the dequantised elements
   std::vector<float> k_scale, v_scale;  // quantized: [pages * page_size, K] (empty: none)
-  std::vector<int32_t> tables;  // [B, max_pages] (paged)
+  std::vector<int32_t> tables;          // [B, max_pages] (paged)
   std::unique_ptr<int32_t[]> tables_block, lengths_block;  // exactly sized copies
 };
 
@@ -149,8 +147,9 @@ void MakeQuantizedCache(const Case& c, Random& rng, int64_t rows, Buffers* x) {
       t->values[i] = kNaN;
     }
   }
-  const double largest = c.quant == CacheQuant::kInt8 ? 127 : c.quant == CacheQuant::kF8E4M3
-                                                                      ? 448 : 57344;
+  const double largest = c.quant == CacheQuant::kInt8     ? 127
+                         : c.quant == CacheQuant::kF8E4M3 ? 448
+                                                          : 57344;
   x->k_scale.assign(c.key_scales ? rows * c.K : 0, std::numeric_limits<float>::quiet_NaN());
   x->v_scale.assign(c.value_scales ? rows * c.K : 0, std::numeric_limits<float>::quiet_NaN());
   std::vector<bool> done(rows, false);
@@ -342,10 +341,9 @@ Outputs Run(const Case& c, Buffers& x, const jaxattn::Parallel& parallel) {
   o.out.Fill(0xff);  // NaN: every element must be written
   o.lse.Fill(0xff);
   if (f64) {
-    jaxattn::DecodeForwardF64(MakeProblem(c, x),
-                              {static_cast<double*>(o.out.data()),
-                               static_cast<double*>(o.lse.data())},
-                              parallel);
+    jaxattn::DecodeForwardF64(
+        MakeProblem(c, x), {static_cast<double*>(o.out.data()), static_cast<double*>(o.lse.data())},
+        parallel);
   } else {
     jaxattn::DecodeForward(MakeProblem(c, x), {o.out.data(), static_cast<float*>(o.lse.data())},
                            parallel);
@@ -384,11 +382,13 @@ std::vector<int32_t> RandomLengths(Random& rng, int64_t count, int64_t capacity,
   for (int32_t& x : out) {
     switch (rng.Int(0, 6)) {
       case 0: x = static_cast<int32_t>(capacity); break;
-      case 1: x = static_cast<int32_t>(rng.Int(0, T)); break;  // shorter than T
+      case 1: x = static_cast<int32_t>(rng.Int(0, T)); break;              // shorter than T
       case 2: x = static_cast<int32_t>(capacity + rng.Int(1, 50)); break;  // clamped
       case 3: x = static_cast<int32_t>(-rng.Int(1, 5)); break;             // clamped to 0
-      case 4: x = rng.Chance(0.5) ? std::numeric_limits<int32_t>::max()
-                                  : std::numeric_limits<int32_t>::min(); break;
+      case 4:
+        x = rng.Chance(0.5) ? std::numeric_limits<int32_t>::max()
+                            : std::numeric_limits<int32_t>::min();
+        break;
       default: x = static_cast<int32_t>(rng.Int(1, capacity)); break;
     }
   }
@@ -453,8 +453,16 @@ std::vector<Case> EdgeCases() {
                  int64_t S, int64_t page, std::vector<int32_t> lengths) {
     Case c;
     c.dtype = d;
-    c.B = B; c.T = T; c.N = N; c.K = K; c.H = H; c.Hv = Hv; c.S = S; c.page_size = page;
-    c.q_batch = B; c.kv_batch = page ? 1 : B;
+    c.B = B;
+    c.T = T;
+    c.N = N;
+    c.K = K;
+    c.H = H;
+    c.Hv = Hv;
+    c.S = S;
+    c.page_size = page;
+    c.q_batch = B;
+    c.kv_batch = page ? 1 : B;
     c.lengths = std::move(lengths);
     c.scale = 1.0 / std::sqrt(double(H));
     cases.push_back(c);
@@ -516,26 +524,61 @@ void CheckValidation(Failures* f) {
   };
   const std::vector<Bad> bad = {
       {"zero batch", [](P p) { p.batch = 0; }},
-      {"query lengths batch", [](P p) { static int32_t q[1] = {1}; p.batch = 2; p.q_batch = 2;
-                                        p.num_pages = 2; p.kv_lengths_batch = 2;
-                                        p.q_lengths = q; p.q_lengths_batch = 3; }},
-      {"N % K", [](P p) { p.num_heads = 3; p.num_kv_heads = 2; }},
-      {"q_batch not dividing", [](P p) { p.batch = 3; p.q_batch = 2; }},
+      {"query lengths batch",
+       [](P p) {
+         static int32_t q[1] = {1};
+         p.batch = 2;
+         p.q_batch = 2;
+         p.num_pages = 2;
+         p.kv_lengths_batch = 2;
+         p.q_lengths = q;
+         p.q_lengths_batch = 3;
+       }},
+      {"N % K",
+       [](P p) {
+         p.num_heads = 3;
+         p.num_kv_heads = 2;
+       }},
+      {"q_batch not dividing",
+       [](P p) {
+         p.batch = 3;
+         p.q_batch = 2;
+       }},
       {"no lengths", [](P p) { p.kv_lengths = nullptr; }},
-      {"lengths batch", [](P p) { p.batch = 2; p.q_batch = 2; p.num_pages = 2;
-                                  p.kv_lengths_batch = 3; }},
-      {"cache batch not dividing", [](P p) { p.batch = 3; p.q_batch = 3; p.num_pages = 2;
-                                             p.kv_lengths_batch = 3; }},
+      {"lengths batch",
+       [](P p) {
+         p.batch = 2;
+         p.q_batch = 2;
+         p.num_pages = 2;
+         p.kv_lengths_batch = 3;
+       }},
+      {"cache batch not dividing",
+       [](P p) {
+         p.batch = 3;
+         p.q_batch = 3;
+         p.num_pages = 2;
+         p.kv_lengths_batch = 3;
+       }},
       {"zero page size", [](P p) { p.page_size = 0; }},
-      {"table batch", [](P p) { p.block_tables = tables; p.block_tables_batch = 0; }},
+      {"table batch",
+       [](P p) {
+         p.block_tables = tables;
+         p.block_tables_batch = 0;
+       }},
       {"NaN scale", [](P p) { p.scale = std::numeric_limits<float>::quiet_NaN(); }},
       {"negative soft cap", [](P p) { p.soft_cap = -1; }},
       {"huge head dim", [](P p) { p.value_dim = 4096; }},
       // More than 16 tokens run the flash tiles, which need a finite scale and soft cap.
-      {"infinite scale, T > 16", [](P p) { p.q_len = 17;
-                                           p.scale = std::numeric_limits<float>::infinity(); }},
-      {"infinite soft cap, T > 16", [](P p) { p.q_len = 17;
-                                              p.soft_cap = std::numeric_limits<float>::infinity(); }},
+      {"infinite scale, T > 16",
+       [](P p) {
+         p.q_len = 17;
+         p.scale = std::numeric_limits<float>::infinity();
+       }},
+      {"infinite soft cap, T > 16",
+       [](P p) {
+         p.q_len = 17;
+         p.soft_cap = std::numeric_limits<float>::infinity();
+       }},
   };
   for (const Bad& b : bad) {
     DecodeAttentionProblem p = valid();
@@ -566,8 +609,8 @@ void CheckValidation(Failures* f) {
   p.num_pages = 2;
   p.block_tables = bad_tables;
   p.max_pages = 4;
-  static int32_t short_length[1] = {8};  // pages 0 and 1: fine
-  static int32_t long_length[1] = {9};   // reaches page id -1
+  static int32_t short_length[1] = {8};                                   // pages 0 and 1: fine
+  static int32_t long_length[1] = {9};                                    // reaches page id -1
   static int32_t huge_length[1] = {std::numeric_limits<int32_t>::max()};  // clamped: all pages
   p.kv_lengths = short_length;
   if (jaxattn::ValidateDecodePages(p) != nullptr) f->Add("rejected unused bad page ids");
@@ -597,12 +640,19 @@ void RunDecodeSuite(SuiteContext& context) {
   }
   // Kernels called from every worker of a busy pool that they also schedule on.
   Case c;
-  c.B = 1; c.T = 2; c.N = 8; c.K = 2; c.H = 32; c.Hv = 32; c.S = 3000; c.lengths = {2900};
+  c.B = 1;
+  c.T = 2;
+  c.N = 8;
+  c.K = 2;
+  c.H = 32;
+  c.Hv = 32;
+  c.S = 3000;
+  c.lengths = {2900};
   c.scale = 0.2;
   Failures f;
-  CheckNestedJoin("decode nested join", 4, [&c](ThreadPool* pool, int job, Failures* jf) {
-    RunCase(c, 2000 + job, pool, jf);
-  }, &f);
+  CheckNestedJoin(
+      "decode nested join", 4,
+      [&c](ThreadPool* pool, int job, Failures* jf) { RunCase(c, 2000 + job, pool, jf); }, &f);
   context.Record("nested join", f);
 }
 

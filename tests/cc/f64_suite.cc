@@ -50,9 +50,8 @@ struct Case {
                   (long long)B, (long long)T, (long long)S, (long long)N, (long long)K,
                   (long long)H, (long long)Hv, causal ? " causal" : "", bias ? " bias" : "",
                   mask ? " mask" : "", lengths ? " lengths" : "", positions ? " positions" : "",
-                  segments ? " segments" : "", alibi ? " alibi" : "",
-                  dropout ? " dropout" : "", sparse ? " sparse" : "", (long long)left,
-                  (long long)right, cap);
+                  segments ? " segments" : "", alibi ? " alibi" : "", dropout ? " dropout" : "",
+                  sparse ? " sparse" : "", (long long)left, (long long)right, cap);
     return s;
   }
 };
@@ -85,10 +84,10 @@ Case RandomCase(Random& rng) {
 
 struct Inputs {
   Tensor q, k, v, bias, dout, dlse;
-  std::vector<uint8_t> mask;            // [B, 1, T, S]
+  std::vector<uint8_t> mask;  // [B, 1, T, S]
   std::vector<int32_t> q_lengths, kv_lengths, q_pos, kv_pos, q_seg, kv_seg;
-  std::vector<float> slopes;            // [1, N]
-  std::vector<uint32_t> seeds;          // [B, N, 2]
+  std::vector<float> slopes;    // [1, N]
+  std::vector<uint32_t> seeds;  // [B, N, 2]
   uint32_t threshold = 0;
   // Block-sparse: the element mask [T, S] (shared by the heads) and its tables.
   std::vector<uint8_t> sparse_dense;
@@ -237,8 +236,7 @@ Reference ComputeReference(const Case& c, const Inputs& x) {
         for (int64_t s = 0; s < c.S; ++s) {
           const int64_t kp = c.positions ? x.kv_pos[s] : s;
           bool visible = t < q_len && s < kv_len && (!c.causal || kp <= qp) &&
-                         (c.left < 0 || kp >= qp - c.left) &&
-                         (c.right < 0 || kp <= qp + c.right);
+                         (c.left < 0 || kp >= qp - c.left) && (c.right < 0 || kp <= qp + c.right);
           if (c.mask) visible = visible && x.mask[(b * c.T + t) * c.S + s];
           if (c.segments) visible = visible && x.q_seg[t] == x.kv_seg[s];
           if (c.sparse) visible = visible && x.sparse_dense[t * c.S + s];

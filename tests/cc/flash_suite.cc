@@ -45,8 +45,8 @@ struct Case {
                   "%s B=%ld T=%ld S=%ld N=%ld K=%ld H=%ld Hv=%ld qb=%ld kvb=%ld bias=%s mask=%s "
                   "qlen=%zu kvlen=%zu scale=%g cap=%g causal=%d win=(%ld,%ld) bwd=%d dlse=%d "
                   "dlogits=%d",
-                  DTypeName(dtype), long(B), long(T), long(S), long(N), long(K), long(H),
-                  long(Hv), long(q_batch), long(kv_batch), has_bias ? Dims(bias_dims).c_str() : "-",
+                  DTypeName(dtype), long(B), long(T), long(S), long(N), long(K), long(H), long(Hv),
+                  long(q_batch), long(kv_batch), has_bias ? Dims(bias_dims).c_str() : "-",
                   has_mask ? Dims(mask_dims).c_str() : "-", q_lengths.size(), kv_lengths.size(),
                   scale, soft_cap, int(causal), long(window_left), long(window_right),
                   int(backward), int(with_dlse), int(logits_grad));
@@ -82,10 +82,12 @@ std::vector<int32_t> RandomLengths(Random& rng, int64_t count, int64_t len) {
     switch (rng.Int(0, 5)) {
       case 0: x = 0; break;
       case 1: x = static_cast<int32_t>(len); break;
-      case 2: x = static_cast<int32_t>(len + rng.Int(1, 100)); break;   // past the end: clamped
-      case 3: x = static_cast<int32_t>(-rng.Int(1, 5)); break;          // negative: clamped to 0
-      case 4: x = rng.Chance(0.5) ? std::numeric_limits<int32_t>::max()
-                                  : std::numeric_limits<int32_t>::min(); break;
+      case 2: x = static_cast<int32_t>(len + rng.Int(1, 100)); break;  // past the end: clamped
+      case 3: x = static_cast<int32_t>(-rng.Int(1, 5)); break;         // negative: clamped to 0
+      case 4:
+        x = rng.Chance(0.5) ? std::numeric_limits<int32_t>::max()
+                            : std::numeric_limits<int32_t>::min();
+        break;
       default: x = static_cast<int32_t>(rng.Int(0, len)); break;
     }
   }
@@ -102,11 +104,16 @@ std::vector<int32_t> RandomPositions(Random& rng, int64_t batch, int64_t len) {
     for (int64_t i = 0; i < len; ++i) {
       int32_t& x = out[b * len + i];
       switch (kind) {
-        case 0: pos += rng.Int(0, 2); x = static_cast<int32_t>(pos); break;  // ties and gaps
-        case 1: x = static_cast<int32_t>(rng.Int(-10, len + 30)); break;      // any order
-        case 2: x = rng.Chance(0.2) ? (rng.Chance(0.5) ? std::numeric_limits<int32_t>::max()
-                                                        : std::numeric_limits<int32_t>::min())
-                                     : static_cast<int32_t>(i); break;
+        case 0:
+          pos += rng.Int(0, 2);
+          x = static_cast<int32_t>(pos);
+          break;                                                          // ties and gaps
+        case 1: x = static_cast<int32_t>(rng.Int(-10, len + 30)); break;  // any order
+        case 2:
+          x = rng.Chance(0.2) ? (rng.Chance(0.5) ? std::numeric_limits<int32_t>::max()
+                                                 : std::numeric_limits<int32_t>::min())
+                              : static_cast<int32_t>(i);
+          break;
         default: x = static_cast<int32_t>(i + 7); break;
       }
     }
@@ -186,9 +193,8 @@ Case RandomCase(Random& rng) {
     const bool runs = rng.Chance(0.7);
     const int64_t batch = rng.Chance(0.7) ? c.B : 1;
     c.q_segments = RandomSegments(rng, batch, c.T, runs);
-    c.kv_segments = runs && c.T == c.S && rng.Chance(0.5)
-                        ? c.q_segments
-                        : RandomSegments(rng, batch, c.S, runs);
+    c.kv_segments = runs && c.T == c.S && rng.Chance(0.5) ? c.q_segments
+                                                          : RandomSegments(rng, batch, c.S, runs);
   }
   if (rng.Chance(0.15)) {
     c.alibi.resize((rng.Chance(0.5) ? c.B : 1) * c.N);
@@ -215,10 +221,18 @@ std::vector<Case> EdgeCases() {
   for (DType d : {DType::kF32, DType::kBF16, DType::kF16}) {
     Case c;
     c.dtype = d;
-    add(c);  // 1x1x1x1
+    add(c);       // 1x1x1x1
     Case packed;  // packed documents over several tiles, causal, with positions and ALiBi
-    packed.dtype = d; packed.B = 2; packed.T = 200; packed.S = 200; packed.N = 4; packed.K = 2;
-    packed.H = 32; packed.Hv = 32; packed.scale = 0.2; packed.causal = true;
+    packed.dtype = d;
+    packed.B = 2;
+    packed.T = 200;
+    packed.S = 200;
+    packed.N = 4;
+    packed.K = 2;
+    packed.H = 32;
+    packed.Hv = 32;
+    packed.scale = 0.2;
+    packed.causal = true;
     for (int64_t b = 0; b < 2; ++b) {
       for (int64_t i = 0; i < 200; ++i) {
         packed.q_segments.push_back(static_cast<int32_t>(i / (b ? 70 : 30)));
@@ -229,17 +243,36 @@ std::vector<Case> EdgeCases() {
     packed.kv_positions = packed.q_positions;
     packed.alibi = {0.5f, 0.25f, 0.125f, 0.0625f};
     add(packed);
-    c.T = 130; c.S = 129; c.H = 256; c.Hv = 256; c.N = 2; c.K = 1;
+    c.T = 130;
+    c.S = 129;
+    c.H = 256;
+    c.Hv = 256;
+    c.N = 2;
+    c.K = 1;
     c.scale = 1 / 16.0;
     add(c);
     c.causal = true;
     add(c);
     Case g;  // group of 80 query heads: more rows than a tile
-    g.dtype = d; g.N = 80; g.K = 1; g.T = 3; g.S = 70; g.H = 17; g.Hv = 9; g.scale = 0.2;
+    g.dtype = d;
+    g.N = 80;
+    g.K = 1;
+    g.T = 3;
+    g.S = 70;
+    g.H = 17;
+    g.Hv = 9;
+    g.scale = 0.2;
     g.causal = true;
     add(g);
     Case e;  // every length zero: every row empty
-    e.dtype = d; e.B = 2; e.T = 9; e.S = 65; e.N = 2; e.K = 2; e.H = 8; e.Hv = 8;
+    e.dtype = d;
+    e.B = 2;
+    e.T = 9;
+    e.S = 65;
+    e.N = 2;
+    e.K = 2;
+    e.H = 8;
+    e.Hv = 8;
     e.q_lengths = {0, 0};
     e.kv_lengths = {0, 0};
     add(e);
@@ -247,12 +280,22 @@ std::vector<Case> EdgeCases() {
     e.kv_lengths = {std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max()};
     add(e);
     Case big;  // large logits: no overflow to NaN
-    big.dtype = d; big.T = 40; big.S = 70; big.N = 2; big.K = 1; big.H = 64; big.Hv = 64;
+    big.dtype = d;
+    big.T = 40;
+    big.S = 70;
+    big.N = 2;
+    big.K = 1;
+    big.H = 64;
+    big.Hv = 64;
     big.scale = 200.0;
     big.soft_cap = 0.0;
     add(big);
     Case w;  // windows far wider than the sequence (no int64 overflow)
-    w.dtype = d; w.T = 33; w.S = 65; w.H = 16; w.Hv = 16;
+    w.dtype = d;
+    w.T = 33;
+    w.S = 65;
+    w.H = 16;
+    w.Hv = 16;
     w.window_left = std::numeric_limits<int64_t>::max() / 4;
     w.window_right = std::numeric_limits<int64_t>::max() / 4;
     add(w);
@@ -280,8 +323,7 @@ struct Semantics {
     if (c.kv_lengths.empty()) return c.S;
     return Clamp(c.kv_lengths[b % c.kv_lengths.size()], 0, c.S);
   }
-  static int64_t BroadcastIndex(const int64_t* dims, int64_t b, int64_t n, int64_t t,
-                                int64_t s) {
+  static int64_t BroadcastIndex(const int64_t* dims, int64_t b, int64_t n, int64_t t, int64_t s) {
     const int64_t i[4] = {dims[0] == 1 ? 0 : b, dims[1] == 1 ? 0 : n, dims[2] == 1 ? 0 : t,
                           dims[3] == 1 ? 0 : s};
     return ((i[0] * dims[1] + i[1]) * dims[2] + i[2]) * dims[3] + i[3];
@@ -295,8 +337,7 @@ struct Semantics {
     return c.q_positions.empty() ? t : Clamp(Row(c.q_positions, b, c.T, t), -(1 << 30), 1 << 30);
   }
   int64_t KeyPosition(int64_t b, int64_t s) const {
-    return c.kv_positions.empty() ? s
-                                  : Clamp(Row(c.kv_positions, b, c.S, s), -(1 << 30), 1 << 30);
+    return c.kv_positions.empty() ? s : Clamp(Row(c.kv_positions, b, c.S, s), -(1 << 30), 1 << 30);
   }
   // Dropout: the multiplier of weight (b, n, t, s), keep / (1 - rate) or 0 (1 without).
   double Dropout(int64_t b, int64_t n, int64_t t, int64_t s) const {
@@ -495,8 +536,8 @@ Reference ComputeReference(const Case& c, const Buffers& x, const Tensor* rounde
         for (int64_t s = 0; s < c.S; ++s) {
           vis[s] = sem.AnalyticVisible(b, t, s);
           if (c.has_mask) {
-            vis[s] = vis[s] &&
-                     x.mask.values[Semantics::BroadcastIndex(c.mask_dims, b, n, t, s)] != 0;
+            vis[s] =
+                vis[s] && x.mask.values[Semantics::BroadcastIndex(c.mask_dims, b, n, t, s)] != 0;
           }
           if (!vis[s]) continue;
           const double* k = &x.k.values[((kb * c.S + s) * c.K + kh) * c.H];
@@ -619,9 +660,8 @@ Outputs Run(const Case& c, Buffers& x, const jaxattn::Parallel& parallel) {
 // (q, k, v) and the cotangents (dout, dlse), <jvp(t), (dout, dlse)> = <t, vjp(dout, dlse)>.
 // Tangent entries no output may depend on are NaN (dead rows, as the inputs'); serial and
 // threaded runs must agree bitwise.
-void CheckJvp(const Case& c, Buffers& x, const Outputs& primal, const Reference& r,
-              Random& rng, const jaxattn::Parallel& serial, const jaxattn::Parallel& threaded,
-              Failures* f) {
+void CheckJvp(const Case& c, Buffers& x, const Outputs& primal, const Reference& r, Random& rng,
+              const jaxattn::Parallel& serial, const jaxattn::Parallel& threaded, Failures* f) {
   const Tensor* like[3] = {&x.q, &x.k, &x.v};
   Tensor tangent[3];
   for (int i = 0; i < 3; ++i) {
@@ -764,16 +804,40 @@ void CheckValidation(Failures* f) {
       {"negative q_len", [](P p) { p.q_len = -1; }},
       {"zero kv_len", [](P p) { p.kv_len = 0; }},
       {"zero head_dim", [](P p) { p.head_dim = 0; }},
-      {"N % K", [](P p) { p.num_heads = 3; p.num_kv_heads = 2; }},
+      {"N % K",
+       [](P p) {
+         p.num_heads = 3;
+         p.num_kv_heads = 2;
+       }},
       {"q_batch 0", [](P p) { p.q_batch = 0; }},
-      {"q_batch not dividing", [](P p) { p.batch = 3; p.q_batch = 2; p.kv_batch = 3; }},
-      {"kv_lengths batch", [](P p) {
-         p.batch = 2; p.q_batch = p.kv_batch = 2; p.kv_lengths = lengths;
+      {"q_batch not dividing",
+       [](P p) {
+         p.batch = 3;
+         p.q_batch = 2;
+         p.kv_batch = 3;
+       }},
+      {"kv_lengths batch",
+       [](P p) {
+         p.batch = 2;
+         p.q_batch = p.kv_batch = 2;
+         p.kv_lengths = lengths;
          p.kv_lengths_batch = 3;
        }},
-      {"q_lengths batch 0", [](P p) { p.q_lengths = lengths; p.q_lengths_batch = 0; }},
-      {"mask dims", [](P p) { p.mask.data = mask; p.mask.dims[3] = 2; }},
-      {"bias batch 0", [](P p) { p.bias.data = mask; p.bias.dims[0] = 0; }},
+      {"q_lengths batch 0",
+       [](P p) {
+         p.q_lengths = lengths;
+         p.q_lengths_batch = 0;
+       }},
+      {"mask dims",
+       [](P p) {
+         p.mask.data = mask;
+         p.mask.dims[3] = 2;
+       }},
+      {"bias batch 0",
+       [](P p) {
+         p.bias.data = mask;
+         p.bias.dims[0] = 0;
+       }},
       {"NaN scale", [](P p) { p.scale = std::numeric_limits<float>::quiet_NaN(); }},
       {"inf scale", [=](P p) { p.scale = kFloatInf; }},
       {"negative soft cap", [](P p) { p.soft_cap = -1; }},
@@ -844,12 +908,20 @@ void RunFlashSuite(SuiteContext& context) {
   }
   // Kernels called from every worker of a busy pool that they also schedule on.
   Case c;
-  c.B = 2; c.T = 130; c.S = 130; c.N = 4; c.K = 2; c.H = 32; c.Hv = 32; c.causal = true;
-  c.scale = 0.2; c.backward = true;
+  c.B = 2;
+  c.T = 130;
+  c.S = 130;
+  c.N = 4;
+  c.K = 2;
+  c.H = 32;
+  c.Hv = 32;
+  c.causal = true;
+  c.scale = 0.2;
+  c.backward = true;
   Failures f;
-  CheckNestedJoin("flash nested join", 4, [&c](ThreadPool* pool, int job, Failures* jf) {
-    RunCase(c, 1000 + job, pool, jf);
-  }, &f);
+  CheckNestedJoin(
+      "flash nested join", 4,
+      [&c](ThreadPool* pool, int job, Failures* jf) { RunCase(c, 1000 + job, pool, jf); }, &f);
   context.Record("nested join", f);
 }
 

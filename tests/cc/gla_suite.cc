@@ -1,8 +1,9 @@
 // The gated linear attention kernels (GatedLinearForward / GatedLinearBackward) in the kernel
 // harness: random problems (lengths around the 64-position chunk and the recurrent cut-off,
 // head dims off the vector width, broadcast operand batches, zero to extreme decay, -inf
-// resets, an initial state, a final-state cotangent, grouped kv heads, scalar gates), each checked against a float64
-// recurrence (gated_linear.h) and its backward, serial and thread-pool runs bitwise equal.
+// resets, an initial state, a final-state cotangent, grouped kv heads, scalar gates), each checked
+// against a float64 recurrence (gated_linear.h) and its backward, serial and thread-pool runs
+// bitwise equal.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -32,10 +33,9 @@ struct Case {
     std::snprintf(buf, sizeof(buf),
                   "%s gate %s%s B=%ld T=%ld N=%ld K=%ld Hk=%ld Hv=%ld batches q%ld k%ld v%ld g%ld "
                   "s%ld decay=%g resets=%d dfinal=%d",
-                  DTypeName(dtype), DTypeName(gate_dtype), scalar_gate ? " (scalar)" : "",
-                  long(B), long(T), long(N), long(K), long(Hk),
-                  long(Hv), long(q_batch), long(k_batch), long(v_batch), long(g_batch),
-                  long(state_batch), decay, int(resets), int(dfinal));
+                  DTypeName(dtype), DTypeName(gate_dtype), scalar_gate ? " (scalar)" : "", long(B),
+                  long(T), long(N), long(K), long(Hk), long(Hv), long(q_batch), long(k_batch),
+                  long(v_batch), long(g_batch), long(state_batch), decay, int(resets), int(dfinal));
     return buf;
   }
 };
@@ -193,10 +193,11 @@ struct Results {
 };
 
 Results Run(const Case& c, Operands& x, const jaxattn::Parallel& parallel, Failures* f) {
-  Results r{Tensor(c.dtype, {c.B, c.T, c.N, c.Hv}), Tensor(DType::kF32, {c.B, c.N, c.Hk, c.Hv}),
-            Tensor(c.dtype, {c.B, c.T, c.N, c.Hk}), Tensor(c.dtype, {c.B, c.T, c.N, c.Hk}),
-            Tensor(c.dtype, {c.B, c.T, c.N, c.Hv}), Tensor(c.gate_dtype, {c.B, c.T, c.N, GateDim(c)}),
-            Tensor(DType::kF32, {c.B, c.N, c.Hk, c.Hv})};
+  Results r{
+      Tensor(c.dtype, {c.B, c.T, c.N, c.Hv}),     Tensor(DType::kF32, {c.B, c.N, c.Hk, c.Hv}),
+      Tensor(c.dtype, {c.B, c.T, c.N, c.Hk}),     Tensor(c.dtype, {c.B, c.T, c.N, c.Hk}),
+      Tensor(c.dtype, {c.B, c.T, c.N, c.Hv}),     Tensor(c.gate_dtype, {c.B, c.T, c.N, GateDim(c)}),
+      Tensor(DType::kF32, {c.B, c.N, c.Hk, c.Hv})};
   const GatedLinearProblem p = MakeProblem(c, x);
   if (const char* m = jaxattn::ValidateGatedLinear(p)) {
     f->Add(std::string("ValidateGatedLinear rejected a valid problem: ") + m);
@@ -245,8 +246,8 @@ void RunCase(const Case& c, uint64_t seed, ThreadPool* pool, Failures* f) {
   const Results a = Run(c, x, serial, f);
   const double tol = c.dtype == DType::kF32 ? 2e-4 : c.dtype == DType::kBF16 ? 2e-2 : 4e-3;
   // The gate gradient sums over the sequence: its error grows with T.
-  const double gate_tol = tol * (1.0 + std::sqrt(double(c.T))) *
-                          (c.gate_dtype == DType::kBF16 ? 4.0 : 1.0);
+  const double gate_tol =
+      tol * (1.0 + std::sqrt(double(c.T))) * (c.gate_dtype == DType::kBF16 ? 4.0 : 1.0);
   Compare("out", a.out, ref.out, tol, f);
   Compare("final_state", a.final_state, ref.final_state, 2e-4 * (c.dtype == DType::kF32 ? 1 : 4),
           f);
@@ -347,9 +348,9 @@ void RunGlaSuite(SuiteContext& context) {
   Case c;
   c.B = 2, c.T = 70, c.N = 4, c.Hk = 16, c.Hv = 16, c.state_batch = 2, c.dfinal = true;
   Failures f;
-  CheckNestedJoin("gla nested join", 4, [&c](ThreadPool* pool, int job, Failures* jf) {
-    RunCase(c, 3000 + job, pool, jf);
-  }, &f);
+  CheckNestedJoin(
+      "gla nested join", 4,
+      [&c](ThreadPool* pool, int job, Failures* jf) { RunCase(c, 3000 + job, pool, jf); }, &f);
   context.Record("nested join", f);
 }
 

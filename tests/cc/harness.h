@@ -107,10 +107,7 @@ inline float RoundBF16(float x) {
 
 inline size_t DTypeSize(DType d) { return d == DType::kF64 ? 8 : d == DType::kF32 ? 4 : 2; }
 inline const char* DTypeName(DType d) {
-  return d == DType::kF64   ? "f64"
-         : d == DType::kF32 ? "f32"
-         : d == DType::kBF16 ? "bf16"
-                             : "f16";
+  return d == DType::kF64 ? "f64" : d == DType::kF32 ? "f32" : d == DType::kBF16 ? "bf16" : "f16";
 }
 
 // An operand in its own heap block of exactly its size (so ASan's redzone starts right after
@@ -156,7 +153,10 @@ struct Tensor {
     }
     const float f = static_cast<float>(x);
     switch (dtype) {
-      case DType::kF32: std::memcpy(bytes.get() + 4 * i, &f, 4); values[i] = f; return;
+      case DType::kF32:
+        std::memcpy(bytes.get() + 4 * i, &f, 4);
+        values[i] = f;
+        return;
       case DType::kBF16: {
         const float r = RoundBF16(f);
         uint32_t bits;
@@ -177,7 +177,11 @@ struct Tensor {
   }
   double Get(int64_t i) const {
     switch (dtype) {
-      case DType::kF32: { float f; std::memcpy(&f, bytes.get() + 4 * i, 4); return f; }
+      case DType::kF32: {
+        float f;
+        std::memcpy(&f, bytes.get() + 4 * i, 4);
+        return f;
+      }
       case DType::kBF16: {
         uint16_t h;
         std::memcpy(&h, bytes.get() + 2 * i, 2);
@@ -186,8 +190,16 @@ struct Tensor {
         std::memcpy(&f, &bits, 4);
         return f;
       }
-      case DType::kF16: { _Float16 h; std::memcpy(&h, bytes.get() + 2 * i, 2); return h; }
-      case DType::kF64: { double d; std::memcpy(&d, bytes.get() + 8 * i, 8); return d; }
+      case DType::kF16: {
+        _Float16 h;
+        std::memcpy(&h, bytes.get() + 2 * i, 2);
+        return h;
+      }
+      case DType::kF64: {
+        double d;
+        std::memcpy(&d, bytes.get() + 8 * i, 8);
+        return d;
+      }
     }
     return 0.0;
   }
@@ -250,8 +262,8 @@ struct CompiledTables {
 // The tables of `mask` ([N or 1, T, S] bytes: per query head when per_head, then one table
 // group per kv head, else one mask for all heads) for N query heads over K kv heads. Tiles
 // with no visible element are left out, tiles all visible (within T and S) are full.
-CompiledTables CompileBlockSparseTables(int64_t T, int64_t S, int64_t N, int64_t K,
-                                        bool per_head, const std::vector<uint8_t>& mask);
+CompiledTables CompileBlockSparseTables(int64_t T, int64_t S, int64_t N, int64_t K, bool per_head,
+                                        const std::vector<uint8_t>& mask);
 
 // Runs `jobs` copies of job(pool, failures) on the workers of a 2-thread pool at once, so
 // that every worker is busy when the kernels inside schedule their helpers on that same pool:
@@ -266,8 +278,8 @@ void CheckNestedJoin(const char* what, int jobs,
 struct SuiteContext {
   int64_t num_cases;  // random cases to draw (hand-picked edge cases come on top)
   uint64_t seed;
-  ThreadPool* pool;   // for the threaded runs (compared bitwise with serial ones)
-  bool verbose;       // print each case before running it
+  ThreadPool* pool;  // for the threaded runs (compared bitwise with serial ones)
+  bool verbose;      // print each case before running it
   int64_t cases_run = 0;
   int64_t cases_failed = 0;
   Failures failures;

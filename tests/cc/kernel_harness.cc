@@ -66,8 +66,7 @@ void Compare(const std::string& what, const Tensor& actual, const std::vector<do
 
 void CompareBitwise(const std::string& what, const Tensor& a, const Tensor& b, Failures* f) {
   const size_t bytes = a.size_bytes();
-  if (bytes != b.size_bytes() ||
-      (bytes && std::memcmp(a.bytes.get(), b.bytes.get(), bytes) != 0)) {
+  if (bytes != b.size_bytes() || (bytes && std::memcmp(a.bytes.get(), b.bytes.get(), bytes) != 0)) {
     f->Add(what + ": serial and thread-pool results differ bitwise");
   }
 }
@@ -86,8 +85,8 @@ bool ReferenceDropoutKept(const uint32_t* seed, int64_t t, int64_t s, uint32_t t
   return mix(mix(row0 ^ static_cast<uint32_t>(s)) ^ row1) >= threshold;
 }
 
-CompiledTables CompileBlockSparseTables(int64_t T, int64_t S, int64_t N, int64_t K,
-                                        bool per_head, const std::vector<uint8_t>& mask) {
+CompiledTables CompileBlockSparseTables(int64_t T, int64_t S, int64_t N, int64_t K, bool per_head,
+                                        const std::vector<uint8_t>& mask) {
   const int64_t G = N / K;
   const jaxattn::BlockSparseTiling tiling = jaxattn::BlockSparseTilingFor(G);
   const int64_t P = tiling.positions, rows = tiling.rows, kt = tiling.keys;
@@ -173,7 +172,6 @@ CompiledTables CompileBlockSparseTables(int64_t T, int64_t S, int64_t N, int64_t
   return out;
 }
 
-
 void CheckNestedJoin(const char* what, int jobs,
                      const std::function<void(ThreadPool* pool, int job, Failures* f)>& job,
                      Failures* f) {
@@ -193,8 +191,10 @@ void CheckNestedJoin(const char* what, int jobs,
   {
     std::unique_lock<std::mutex> lock(mutex);
     if (!done_cv.wait_for(lock, std::chrono::seconds(120), [&] { return done == jobs; })) {
-      std::fprintf(stderr, "FAIL %s: kernels called from busy pool workers did not finish in "
-                           "120 s (deadlock)\n", what);
+      std::fprintf(stderr,
+                   "FAIL %s: kernels called from busy pool workers did not finish in "
+                   "120 s (deadlock)\n",
+                   what);
       std::fflush(stderr);
       std::_Exit(3);
     }
@@ -228,14 +228,21 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (arg == "--cases") num_cases = std::atoll(next());
-    else if (arg == "--seed") seed = std::strtoull(next(), nullptr, 10);
-    else if (arg == "--threads") threads = std::atoi(next());
-    else if (arg == "--suite") only = next();
-    else if (arg == "--verbose") verbose = true;
+    if (arg == "--cases")
+      num_cases = std::atoll(next());
+    else if (arg == "--seed")
+      seed = std::strtoull(next(), nullptr, 10);
+    else if (arg == "--threads")
+      threads = std::atoi(next());
+    else if (arg == "--suite")
+      only = next();
+    else if (arg == "--verbose")
+      verbose = true;
     else {
-      std::fprintf(stderr, "usage: %s [--cases N] [--seed S] [--threads T] [--suite NAME] "
-                           "[--verbose]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--cases N] [--seed S] [--threads T] [--suite NAME] "
+                   "[--verbose]\n",
+                   argv[0]);
       return 2;
     }
   }

@@ -40,8 +40,8 @@ struct Case {
     std::snprintf(buf, sizeof(buf),
                   "%s B=%ld T=%ld S=%ld N=%ld K=%ld H=%ld Hv=%ld per_head=%d density=%g "
                   "band=%ld cap=%g bwd=%d",
-                  DTypeName(dtype), long(B), long(T), long(S), long(N), long(K), long(H),
-                  long(Hv), int(per_head), density, long(band), soft_cap, int(backward));
+                  DTypeName(dtype), long(B), long(T), long(S), long(N), long(K), long(H), long(Hv),
+                  int(per_head), density, long(band), soft_cap, int(backward));
     std::string s = buf;
     if (!dropout_seeds.empty()) {
       s += " dropout(threshold=" + std::to_string(dropout_threshold) +

@@ -11,8 +11,7 @@ namespace profile {
 
 namespace {
 double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 }  // namespace
 
@@ -75,9 +74,8 @@ double FmaGflops() {
 // pipes exceeds that of the FMA.
 double Dpbf16Gflops() {
   const __m512bh a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(2e-3f));
-  return PeakGflops<24>(64.0, a, a, [](__m512 c, __m512bh x, __m512bh y) {
-    return _mm512_dpbf16_ps(c, x, y);
-  });
+  return PeakGflops<24>(64.0, a, a,
+                        [](__m512 c, __m512bh x, __m512bh y) { return _mm512_dpbf16_ps(c, x, y); });
 }
 
 // Single-thread read bandwidth from DRAM in GB/s: summing a buffer far larger than L3.

@@ -36,8 +36,7 @@ namespace {
 using jaxattn::DType;
 
 double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 // A host buffer of n elements of dtype, filled with uniform values in [-1, 1).
@@ -79,32 +78,154 @@ struct Case {
 };
 
 const Case kCases[] = {
-    {"fwd_f32", Kind::kForward, DType::kF32, false, {1, 2048, 2048, 8, 8, 128}, {1, 512, 512, 2, 2, 128}},
-    {"fwd_f32_causal", Kind::kForward, DType::kF32, true, {1, 2048, 2048, 8, 8, 128}, {1, 512, 512, 2, 2, 128}},
-    {"fwd_bf16", Kind::kForward, DType::kBF16, false, {1, 2048, 2048, 8, 8, 128}, {1, 512, 512, 2, 2, 128}},
-    {"fwd_bf16_causal", Kind::kForward, DType::kBF16, true, {1, 2048, 2048, 8, 8, 128}, {1, 512, 512, 2, 2, 128}},
-    {"bwd_f32", Kind::kBackward, DType::kF32, false, {1, 2048, 2048, 8, 8, 128}, {1, 256, 256, 2, 2, 128}},
-    {"bwd_f32_causal", Kind::kBackward, DType::kF32, true, {1, 2048, 2048, 8, 8, 128}, {1, 256, 256, 2, 2, 128}},
-    {"bwd_bf16", Kind::kBackward, DType::kBF16, false, {1, 2048, 2048, 8, 8, 128}, {1, 256, 256, 2, 2, 128}},
+    {"fwd_f32",
+     Kind::kForward,
+     DType::kF32,
+     false,
+     {1, 2048, 2048, 8, 8, 128},
+     {1, 512, 512, 2, 2, 128}},
+    {"fwd_f32_causal",
+     Kind::kForward,
+     DType::kF32,
+     true,
+     {1, 2048, 2048, 8, 8, 128},
+     {1, 512, 512, 2, 2, 128}},
+    {"fwd_bf16",
+     Kind::kForward,
+     DType::kBF16,
+     false,
+     {1, 2048, 2048, 8, 8, 128},
+     {1, 512, 512, 2, 2, 128}},
+    {"fwd_bf16_causal",
+     Kind::kForward,
+     DType::kBF16,
+     true,
+     {1, 2048, 2048, 8, 8, 128},
+     {1, 512, 512, 2, 2, 128}},
+    {"bwd_f32",
+     Kind::kBackward,
+     DType::kF32,
+     false,
+     {1, 2048, 2048, 8, 8, 128},
+     {1, 256, 256, 2, 2, 128}},
+    {"bwd_f32_causal",
+     Kind::kBackward,
+     DType::kF32,
+     true,
+     {1, 2048, 2048, 8, 8, 128},
+     {1, 256, 256, 2, 2, 128}},
+    {"bwd_bf16",
+     Kind::kBackward,
+     DType::kBF16,
+     false,
+     {1, 2048, 2048, 8, 8, 128},
+     {1, 256, 256, 2, 2, 128}},
     // bench_flash.py's short shape (softmax- and packing-bound), and Gemma 2's soft cap.
-    {"fwd_f32_short", Kind::kForward, DType::kF32, false, {4, 512, 512, 12, 12, 64}, {1, 256, 256, 2, 2, 64}},
-    {"fwd_bf16_short", Kind::kForward, DType::kBF16, false, {4, 512, 512, 12, 12, 64}, {1, 256, 256, 2, 2, 64}},
-    {"bwd_f32_short", Kind::kBackward, DType::kF32, false, {4, 512, 512, 12, 12, 64}, {1, 256, 256, 2, 2, 64}},
+    {"fwd_f32_short",
+     Kind::kForward,
+     DType::kF32,
+     false,
+     {4, 512, 512, 12, 12, 64},
+     {1, 256, 256, 2, 2, 64}},
+    {"fwd_bf16_short",
+     Kind::kForward,
+     DType::kBF16,
+     false,
+     {4, 512, 512, 12, 12, 64},
+     {1, 256, 256, 2, 2, 64}},
+    {"bwd_f32_short",
+     Kind::kBackward,
+     DType::kF32,
+     false,
+     {4, 512, 512, 12, 12, 64},
+     {1, 256, 256, 2, 2, 64}},
     // Few (batch, kv head) pairs at a short length: GQA groups of 4.
-    {"bwd_f32_gqa_short", Kind::kBackward, DType::kF32, false, {2, 512, 512, 8, 2, 128}, {1, 256, 256, 4, 1, 128}},
-    {"bwd_bf16_short", Kind::kBackward, DType::kBF16, false, {4, 512, 512, 12, 12, 64}, {1, 256, 256, 2, 2, 64}},
-    {"fwd_f32_causal_cap", Kind::kForward, DType::kF32, true, {1, 2048, 2048, 8, 8, 128}, {1, 512, 512, 2, 2, 128}, 50.0f},
-    {"fwd_bf16_causal_cap", Kind::kForward, DType::kBF16, true, {1, 2048, 2048, 8, 8, 128}, {1, 512, 512, 2, 2, 128}, 50.0f},
-    {"bwd_f32_causal_cap", Kind::kBackward, DType::kF32, true, {1, 2048, 2048, 8, 8, 128}, {1, 256, 256, 2, 2, 128}, 50.0f},
-    {"decode_f32", Kind::kDecode, DType::kF32, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}},
-    {"decode_bf16", Kind::kDecode, DType::kBF16, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}},
-    {"decode_int8", Kind::kDecode, DType::kBF16, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}, 0.0f, jaxattn::CacheQuant::kInt8},
-    {"decode_f8e4m3", Kind::kDecode, DType::kBF16, false, {1, 1, 32768, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}, 0.0f, jaxattn::CacheQuant::kF8E4M3},
+    {"bwd_f32_gqa_short",
+     Kind::kBackward,
+     DType::kF32,
+     false,
+     {2, 512, 512, 8, 2, 128},
+     {1, 256, 256, 4, 1, 128}},
+    {"bwd_bf16_short",
+     Kind::kBackward,
+     DType::kBF16,
+     false,
+     {4, 512, 512, 12, 12, 64},
+     {1, 256, 256, 2, 2, 64}},
+    {"fwd_f32_causal_cap",
+     Kind::kForward,
+     DType::kF32,
+     true,
+     {1, 2048, 2048, 8, 8, 128},
+     {1, 512, 512, 2, 2, 128},
+     50.0f},
+    {"fwd_bf16_causal_cap",
+     Kind::kForward,
+     DType::kBF16,
+     true,
+     {1, 2048, 2048, 8, 8, 128},
+     {1, 512, 512, 2, 2, 128},
+     50.0f},
+    {"bwd_f32_causal_cap",
+     Kind::kBackward,
+     DType::kF32,
+     true,
+     {1, 2048, 2048, 8, 8, 128},
+     {1, 256, 256, 2, 2, 128},
+     50.0f},
+    {"decode_f32",
+     Kind::kDecode,
+     DType::kF32,
+     false,
+     {1, 1, 32768, 32, 8, 128},
+     {1, 1, 4096, 32, 8, 128}},
+    {"decode_bf16",
+     Kind::kDecode,
+     DType::kBF16,
+     false,
+     {1, 1, 32768, 32, 8, 128},
+     {1, 1, 4096, 32, 8, 128}},
+    {"decode_int8",
+     Kind::kDecode,
+     DType::kBF16,
+     false,
+     {1, 1, 32768, 32, 8, 128},
+     {1, 1, 4096, 32, 8, 128},
+     0.0f,
+     jaxattn::CacheQuant::kInt8},
+    {"decode_f8e4m3",
+     Kind::kDecode,
+     DType::kBF16,
+     false,
+     {1, 1, 32768, 32, 8, 128},
+     {1, 1, 4096, 32, 8, 128},
+     0.0f,
+     jaxattn::CacheQuant::kF8E4M3},
     // Cache-resident (1 MiB of K and V bytes for int8, 2 MiB bf16): the compute cost of a
     // key, without DRAM.
-    {"decode_bf16_l2", Kind::kDecode, DType::kBF16, false, {1, 1, 4096, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}, 0.0f},
-    {"decode_int8_l2", Kind::kDecode, DType::kBF16, false, {1, 1, 4096, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}, 0.0f, jaxattn::CacheQuant::kInt8},
-    {"decode_f8e4m3_l2", Kind::kDecode, DType::kBF16, false, {1, 1, 4096, 32, 8, 128}, {1, 1, 4096, 32, 8, 128}, 0.0f, jaxattn::CacheQuant::kF8E4M3},
+    {"decode_bf16_l2",
+     Kind::kDecode,
+     DType::kBF16,
+     false,
+     {1, 1, 4096, 32, 8, 128},
+     {1, 1, 4096, 32, 8, 128},
+     0.0f},
+    {"decode_int8_l2",
+     Kind::kDecode,
+     DType::kBF16,
+     false,
+     {1, 1, 4096, 32, 8, 128},
+     {1, 1, 4096, 32, 8, 128},
+     0.0f,
+     jaxattn::CacheQuant::kInt8},
+    {"decode_f8e4m3_l2",
+     Kind::kDecode,
+     DType::kBF16,
+     false,
+     {1, 1, 4096, 32, 8, 128},
+     {1, 1, 4096, 32, 8, 128},
+     0.0f,
+     jaxattn::CacheQuant::kF8E4M3},
 };
 
 struct Result {
@@ -129,8 +250,8 @@ Result RunCase(const Case& c, bool reduced, int reps, double min_seconds) {
   const jaxattn::SerialParallel serial;
   Result r{};
   char shape[128];
-  std::snprintf(shape, sizeof(shape), "B=%ld T=%ld S=%ld N=%ld K=%ld H=%ld%s%s", long(B),
-                long(T), long(S), long(N), long(K), long(H), c.causal ? " causal" : "",
+  std::snprintf(shape, sizeof(shape), "B=%ld T=%ld S=%ld N=%ld K=%ld H=%ld%s%s", long(B), long(T),
+                long(S), long(N), long(K), long(H), c.causal ? " causal" : "",
                 c.soft_cap > 0 ? " cap 50" : "");
   r.shape = shape;
   std::vector<double> times;
@@ -198,9 +319,11 @@ Result RunCase(const Case& c, bool reduced, int reps, double min_seconds) {
     jaxattn::DecodeResult res{out.data(), lse.data()};
     time_it([&] { jaxattn::DecodeForward(p, res, serial); });
     r.flops = 4.0 * B * T * N * S * H;
-    const double element_bytes =
-        c.quant != jaxattn::CacheQuant::kNone ? 1 : c.dtype == DType::kF32 ? 4 : 2;
-    r.bytes = 2.0 * B * S * K * (H * element_bytes + (c.quant != jaxattn::CacheQuant::kNone ? 4 : 0));
+    const double element_bytes = c.quant != jaxattn::CacheQuant::kNone ? 1
+                                 : c.dtype == DType::kF32              ? 4
+                                                                       : 2;
+    r.bytes =
+        2.0 * B * S * K * (H * element_bytes + (c.quant != jaxattn::CacheQuant::kNone ? 4 : 0));
   } else {
     jaxattn::AttentionProblem p;
     p.dtype = c.dtype;
@@ -257,17 +380,23 @@ int main(int argc, char** argv) {
   double min_seconds = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    if (arg == "--cases" && i + 1 < argc) only = "," + std::string(argv[++i]) + ",";
-    else if (arg == "--reduced") reduced = true;
-    else if (arg == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
-    else if (arg == "--min-seconds" && i + 1 < argc) min_seconds = std::atof(argv[++i]);
-    else if (arg == "--peak") peak = true;
+    if (arg == "--cases" && i + 1 < argc)
+      only = "," + std::string(argv[++i]) + ",";
+    else if (arg == "--reduced")
+      reduced = true;
+    else if (arg == "--reps" && i + 1 < argc)
+      reps = std::atoi(argv[++i]);
+    else if (arg == "--min-seconds" && i + 1 < argc)
+      min_seconds = std::atof(argv[++i]);
+    else if (arg == "--peak")
+      peak = true;
     else if (arg == "--list") {
       for (const Case& c : kCases) std::printf("%s\n", c.name);
       return 0;
     } else {
-      std::fprintf(stderr, "usage: %s [--cases a,b] [--reduced] [--reps N] [--min-seconds S] [--peak] "
-                           "[--list]\n",
+      std::fprintf(stderr,
+                   "usage: %s [--cases a,b] [--reduced] [--reps N] [--min-seconds S] [--peak] "
+                   "[--list]\n",
                    argv[0]);
       return 2;
     }
