@@ -88,11 +88,6 @@ static FlashContext MakeContext(const AttentionProblem& p, int64_t rows_per_tile
 // accumulates this many keys into its output tiles per load and store, and the backward's
 // key pass packs each query tile once per this many keys.
 constexpr int64_t kAmxKeysPerTile = 256;
-// The AMX forward's keys per tile and query rows per slab (a multiple of the 16-row tile),
-// chosen by measurement on a 16-core Xeon (benchmarks/results/amx_forward_tiles.md): longer
-// key tiles than the backward's, whose key pass would be left with too few tasks.
-constexpr int64_t kAmxForwardKeysPerTile = 512;
-constexpr int64_t kAmxSlabRows = 16;
 
 // The context of a flash (sparse == nullptr) or block-sparse call. bf16_mode: how bf16
 // inputs are multiplied (the kernel table picks what the CPU does fastest).

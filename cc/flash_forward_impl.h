@@ -121,9 +121,9 @@ static void ForwardTask(void* job_ptr, int64_t task) {
       __builtin_memset(prob_words + num_rows * (nkp / 2), 0,
                        (PaddedRows(c, num_rows) - num_rows) * (nkp / 2) * sizeof(uint32_t));
     }
-    // AMX: a slab of rows at a time, so that its logits stay in the L1 cache from the
-    // product through the softmax to the P V product. Results do not depend on it.
-    const int64_t slab = c.mode == ProductMode::kAmxTiles ? kAmxSlabRows : num_rows;
+    // AMX: 32 rows at a time (two row tiles), so that a slab's logits stay in the L1 cache
+    // from the product through the softmax to the P V product. Results do not depend on it.
+    int64_t slab = c.mode == ProductMode::kAmxTiles ? 32 : num_rows;
     for (int64_t r0 = 0; r0 < num_rows; r0 += slab) {
       const int64_t nr = MinI(slab, num_rows - r0);
       float* ss = s + r0 * nkp;
@@ -210,11 +210,6 @@ static int64_t RunForward(const AttentionProblem& p, const BlockSparseTables* sp
                           const Parallel& parallel) {
   ForwardJob job{ContextFor(p, sparse, bf16_mode), res};
   FlashContext& c = job.c;
-  // ContextFor chose AMX tiles of kAmxKeysPerTile keys (no dense mask): the forward takes
-  // longer ones, unless a local window would then visit many hidden keys.
-  if (c.keys_per_tile == kAmxKeysPerTile && p.window_left < 0 && p.window_right < 0) {
-    c.keys_per_tile = kAmxForwardKeysPerTile;
-  }
   float* packed = nullptr;
   if (c.mode == ProductMode::kAmxTiles) {
     const int64_t bk = c.keys_per_tile, blocks = CeilDiv(p.kv_len, bk);
