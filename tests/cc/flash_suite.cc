@@ -104,10 +104,10 @@ std::vector<int32_t> RandomPositions(Random& rng, int64_t batch, int64_t len) {
     for (int64_t i = 0; i < len; ++i) {
       int32_t& x = out[b * len + i];
       switch (kind) {
-        case 0:
+        case 0:  // ties and gaps
           pos += rng.Int(0, 2);
           x = static_cast<int32_t>(pos);
-          break;                                                          // ties and gaps
+          break;
         case 1: x = static_cast<int32_t>(rng.Int(-10, len + 30)); break;  // any order
         case 2:
           x = rng.Chance(0.2) ? (rng.Chance(0.5) ? std::numeric_limits<int32_t>::max()
